@@ -1,0 +1,140 @@
+// unitsface::bank_update_ — argument checks (shared with CUDA) and the CPU kernel.
+//
+//   bank[labels[i]]       = x[i] / max(||x[i]||, 1e-5)   computed in fp32 (fp64 for fp64 x),
+//                                                         then cast to bank.dtype
+//   bank_valid[labels[i]] = true
+//
+// Deterministic: when a label occurs several times, the LAST occurrence wins. Both
+// backends find the winners the same way: a stable sort of the labels, after which the
+// last element of each run of equal labels is the winner (it has the largest row index).
+// Every winner writes a distinct bank row, so the rows are written in parallel without
+// races, and nothing depends on thread scheduling.
+#include <algorithm>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace unitsface {
+
+void check_bank_update_args(const at::Tensor& bank, const at::Tensor& bank_valid,
+                            const at::Tensor& x, const at::Tensor& labels) {
+  // Ranks and shapes.
+  TORCH_CHECK_VALUE(bank.dim() == 2, "bank_update_: bank must be 2-D (C, D), got shape ",
+                    bank.sizes());
+  TORCH_CHECK_VALUE(bank_valid.dim() == 1 && bank_valid.size(0) == bank.size(0),
+                    "bank_update_: bank_valid must have shape (C,) = (", bank.size(0),
+                    ",) like bank's rows, got shape ", bank_valid.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2, "bank_update_: x must be 2-D (B, D), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(labels.dim() == 1, "bank_update_: labels must be 1-D (B,), got shape ",
+                    labels.sizes());
+  TORCH_CHECK_VALUE(labels.size(0) == x.size(0), "bank_update_: labels has ", labels.size(0),
+                    " entries but x has ", x.size(0), " rows");
+  TORCH_CHECK_VALUE(x.size(1) == bank.size(1), "bank_update_: D mismatch: x has D = ",
+                    x.size(1), " but bank has D = ", bank.size(1));
+
+  // Devices.
+  TORCH_CHECK_VALUE(bank_valid.device() == bank.device(),
+                    "bank_update_: bank_valid is on ", bank_valid.device(),
+                    " but bank is on ", bank.device());
+  TORCH_CHECK_VALUE(x.device() == bank.device(), "bank_update_: x is on ", x.device(),
+                    " but bank is on ", bank.device());
+  TORCH_CHECK_VALUE(labels.device() == bank.device(), "bank_update_: labels is on ",
+                    labels.device(), " but bank is on ", bank.device());
+
+  // Dtypes.
+  const auto bt = bank.scalar_type();
+  TORCH_CHECK_TYPE(bt == at::kFloat || bt == at::kBFloat16 || bt == at::kHalf ||
+                       bt == at::kDouble,
+                   "bank_update_: bank must be float32, bfloat16, float16 or float64, got ", bt);
+  TORCH_CHECK_TYPE(bank_valid.scalar_type() == at::kBool,
+                   "bank_update_: bank_valid must be a bool tensor, got ",
+                   bank_valid.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
+                   "bank_update_: x must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
+                   "bank_update_: labels must be an integer tensor (int64 or int32), got ",
+                   labels.scalar_type());
+
+  // Layout: the bank and the mask are written in place, so they cannot be copied to make
+  // them contiguous; x and labels are read only and are made contiguous by the kernels.
+  TORCH_CHECK_VALUE(bank.is_contiguous(),
+                    "bank_update_: bank must be contiguous (it is updated in place)");
+  TORCH_CHECK_VALUE(bank_valid.is_contiguous(),
+                    "bank_update_: bank_valid must be contiguous (it is updated in place)");
+  const auto overlap = at::get_overlap_status(bank, x);
+  TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full &&
+                        overlap != at::MemOverlapStatus::Partial,
+                    "bank_update_: x must not share memory with bank (pass x.clone())");
+}
+
+namespace {
+
+template <typename x_t, typename bank_t>
+void bank_update_cpu_kernel(bank_t* bank, bool* valid, const x_t* x, const int64_t* sorted,
+                            const int64_t* order, int64_t B, int64_t D) {
+  using acc_t = at::opmath_type<x_t>;  // float for fp32/bf16/fp16, double for fp64
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(D, 1));
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t c = sorted[k];
+      if (k + 1 < B && sorted[k + 1] == c) continue;  // a later row has the same label
+      const x_t* xi = x + order[k] * D;
+      acc_t sum_sq = 0;
+      for (int64_t j = 0; j < D; ++j) {
+        const acc_t v = static_cast<acc_t>(xi[j]);
+        sum_sq += v * v;
+      }
+      const acc_t den = norm_denominator<acc_t>(sum_sq);
+      bank_t* row = bank + c * D;
+      for (int64_t j = 0; j < D; ++j) {
+        row[j] = static_cast<bank_t>(static_cast<acc_t>(xi[j]) / den);
+      }
+      valid[c] = true;
+    }
+  });
+}
+
+void bank_update_cpu(const at::Tensor& bank, const at::Tensor& bank_valid, const at::Tensor& x,
+                     const at::Tensor& labels) {
+  check_bank_update_args(bank, bank_valid, x, labels);
+  TORCH_CHECK_VALUE(bank.device().is_cpu(), "bank_update_: the CPU kernel got bank on ",
+                    bank.device());
+  const int64_t B = x.size(0), C = bank.size(0), D = bank.size(1);
+  if (B == 0) return;
+
+  const at::Tensor lab = labels.to(at::kLong).contiguous();
+  const int64_t* lp = lab.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK_VALUE(lp[i] >= 0 && lp[i] < C, "bank_update_: labels must be in [0, C) = [0, ",
+                      C, "), got labels[", i, "] = ", lp[i]);
+  }
+  // (no structured binding: lambdas may not capture one before C++20, and older torch
+  // builds extensions as C++17)
+  at::Tensor sorted, order;
+  std::tie(sorted, order) = at::sort(lab, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor xc = x.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "bank_update_cpu", [&] {
+    using x_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bank.scalar_type(), "bank_update_cpu", [&] {
+      using bank_t = scalar_t;
+      bank_update_cpu_kernel<x_t, bank_t>(bank.data_ptr<bank_t>(), bank_valid.data_ptr<bool>(),
+                                          xc.const_data_ptr<x_t>(), sorted.const_data_ptr<int64_t>(),
+                                          order.const_data_ptr<int64_t>(), B, D);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(unitsface, CPU, m) {
+  m.impl("bank_update_", &bank_update_cpu);
+}
+
+}  // namespace unitsface

@@ -1,0 +1,382 @@
+"""fused_uss_loss: every backend against the float64 reference (DESIGN.md §1.1, §5, §7)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from helpers import (DTYPES, LargestAllocation, all_backends, assert_close_grad,
+                     assert_close_loss, fused_backends)
+from unitsface_kernels import fused_uss_loss, reference, uss_bias_init
+
+MODES = ["bank", "inbatch", "centres"]
+FORMS = ["pairs", "lse"]
+
+
+def make_case(b, n, d, mode, dtype, device, *, num_labels=None, seed=0, vector_bias=False,
+              valid_rate=0.8):
+    """Inputs of one USS case. bank: ref = a memory bank with l_j = j and some empty slots;
+    inbatch: ref = None; centres: ref = class centres that take a gradient (l_j = j)."""
+    g = torch.Generator().manual_seed(seed)
+    num_labels = num_labels or (max(2, b // 4) if mode == "inbatch" else n)
+    x = torch.randn(b, d, generator=g).to(dtype)
+    labels = torch.randint(0, num_labels, (b,), generator=g)
+    case = dict(x=x, labels=labels, ref=None, ref_valid=None)
+    if mode != "inbatch":
+        case["ref"] = torch.randn(n, d, generator=g).to(dtype)
+        if mode == "bank":
+            case["ref_valid"] = torch.rand(n, generator=g) < valid_rate
+    n_ref = b if mode == "inbatch" else n
+    case["bias"] = (torch.rand(n_ref if vector_bias else 1, generator=g) * 20).to(dtype)
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+
+
+def grad_inputs(case, mode):
+    names = ["x", "bias"] + (["ref"] if mode == "centres" else [])
+    return names
+
+
+def run(case, mode, backend, reduction="mean", **kw):
+    """Loss and gradients of `grad_inputs` for one backend; the inputs are leaf copies."""
+    leaves = {k: (v.detach().clone().requires_grad_(k in grad_inputs(case, mode))
+                  if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+              for k, v in case.items()}
+    loss = fused_uss_loss(leaves["x"], leaves["labels"], leaves["bias"], leaves["ref"], None,
+                          leaves["ref_valid"], reduction=reduction, backend=backend, **kw)
+    weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)).to(loss)
+    grads = torch.autograd.grad((loss * weights).sum(), [leaves[k] for k in grad_inputs(case, mode)],
+                                allow_unused=True)
+    return loss.detach(), dict(zip(grad_inputs(case, mode), grads))
+
+
+def check_against_float64(case, mode, backend, dtype, reduction="mean", **kw):
+    loss, grads = run(case, mode, backend, reduction, **kw)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    ref_case = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                for k, v in case.items()}
+    ref_loss, ref_grads = run(ref_case, mode, "reference", reduction, **kw)
+    assert_close_loss(loss, ref_loss, dtype)
+    for name in grads:
+        assert_close_grad(grads[name], ref_grads[name], dtype, name,
+                          scalar_scale=float(ref_loss.abs().sum()))
+    return loss
+
+
+SHAPES = [(b, n, d) for b, n, d in itertools.product([1, 37], [1, 53, 300], [8, 70, 130])]
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("b,n,d", SHAPES)
+def test_shapes_fp32(backend, form, mode, b, n, d):
+    if mode == "inbatch" and n != 53:
+        pytest.skip("in-batch pairs: the reference set is the batch, N does not vary")
+    case = make_case(b, n, d, mode, torch.float32, "cpu", seed=b * n + d)
+    check_against_float64(case, mode, backend, torch.float32, form=form)
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("official_clamp", [False, True])
+def test_dtypes(backend, dtype, form, mode, official_clamp):
+    case = make_case(37, 53, 70, mode, dtype, "cpu", seed=3)
+    check_against_float64(case, mode, backend, dtype, form=form, official_clamp=official_clamp,
+                          scale=32.0)
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mode", ["bank", "centres"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_vector_bias_and_reductions(backend, form, mode, reduction):
+    case = make_case(29, 61, 40, mode, torch.float32, "cpu", vector_bias=True, seed=5)
+    loss = check_against_float64(case, mode, backend, torch.float32, reduction=reduction,
+                                 form=form)
+    assert loss.shape == ((29,) if reduction == "none" else ())
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mode", MODES)
+def test_all_same_labels(backend, form, mode):
+    """One class for the whole batch: in-batch mode has no negatives at all."""
+    case = make_case(37, 53, 24, mode, torch.float32, "cpu", num_labels=1)
+    check_against_float64(case, mode, backend, torch.float32, form=form)
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
+@pytest.mark.parametrize("form", FORMS)
+def test_rows_without_positives(backend, form):
+    """Labels whose bank slot is empty, and in-batch singletons, have no positive pair."""
+    case = make_case(40, 53, 24, "bank", torch.float32, "cpu")
+    case["ref_valid"][case["labels"][:20]] = False
+    check_against_float64(case, "bank", backend, torch.float32, form=form)
+    case = make_case(40, 0, 24, "inbatch", torch.float32, "cpu", num_labels=1000)
+    check_against_float64(case, "inbatch", backend, torch.float32, form=form)
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
+@pytest.mark.parametrize("form", FORMS)
+def test_all_invalid_bank(backend, form):
+    case = make_case(37, 53, 24, "bank", torch.float32, "cpu")
+    case["ref_valid"][:] = False
+    loss, grads = run(case, "bank", backend, form=form)
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(grads["x"]) == 0 and torch.count_nonzero(grads["bias"]) == 0
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_embeddings(backend, mode):
+    """A zero row is legal (x̂ = x / eps = 0): its cosines are 0 and its gradient finite."""
+    case = make_case(37, 53, 24, mode, torch.float32, "cpu")
+    case["x"][[0, 5]] = 0.0
+    if mode != "inbatch":
+        case["ref"][[1, 7]] = 0.0
+    check_against_float64(case, mode, backend, torch.float32, form="pairs")
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
+@pytest.mark.parametrize("form", FORMS)
+def test_nan_propagates(backend, form):
+    case = make_case(37, 53, 24, "bank", torch.float32, "cpu")
+    case["x"][3, 2] = float("nan")
+    loss = fused_uss_loss(case["x"], case["labels"], case["bias"], case["ref"], form=form,
+                          reduction="none", backend=backend)
+    assert torch.isnan(loss[3]) and torch.isfinite(torch.cat([loss[:3], loss[4:]])).all()
+
+
+@pytest.mark.parametrize("backend", fused_backends("cpu", "uss"))
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("official_clamp", [False, True])
+@pytest.mark.parametrize("mode,vector_bias", [("bank", False), ("bank", True),
+                                              ("inbatch", False), ("centres", True)])
+def test_gradcheck(backend, form, official_clamp, mode, vector_bias):
+    case = make_case(9, 13, 6, mode, torch.float64, "cpu", vector_bias=vector_bias,
+                     num_labels=3 if mode == "inbatch" else None)
+    names = grad_inputs(case, mode)
+
+    def f(*tensors):
+        kw = dict(case, **dict(zip(names, tensors)))
+        return fused_uss_loss(kw["x"], kw["labels"], kw["bias"], kw["ref"], None, kw["ref_valid"],
+                              scale=16.0, form=form, official_clamp=official_clamp,
+                              reduction="none", backend=backend)
+
+    inputs = [case[k].detach().clone().requires_grad_() for k in names]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
+@pytest.mark.parametrize("mode", MODES)
+def test_bias_init(backend, mode):
+    case = make_case(37, 53, 24, mode, torch.float32, "cpu")
+    got = uss_bias_init(case["x"], case["labels"], case["ref"], ref_valid=case["ref_valid"],
+                        backend=backend)
+    # the official formula on dense cosines (head.py's Unified_Threshold... first call)
+    xh = reference.normalize(case["x"].double())
+    rh = xh if mode == "inbatch" else reference.normalize(case["ref"].double())
+    ref_labels = case["labels"] if mode == "inbatch" else torch.arange(53)
+    valid = case["ref_valid"] if case["ref_valid"] is not None else torch.ones(len(rh), dtype=bool)
+    neg = (case["labels"][:, None] != ref_labels[None, :]) & valid[None, :]
+    lse = torch.logsumexp((64 * xh @ rh.T).masked_fill(~neg, -float("inf")), dim=1)
+    expected = lse[torch.isfinite(lse)].mean()
+    assert abs(float(got) - float(expected)) <= 1e-5 * abs(float(expected))
+
+
+@pytest.mark.parametrize("backend", fused_backends("cpu", "uss"))
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mode", MODES)
+def test_no_bxn_allocation(backend, form, mode):
+    """Nothing of B·N elements is created in forward or backward, where B·N ≫ (B+N)·D."""
+    b, n, d = 64, 2048, 16
+    case = make_case(b, n, d, mode, torch.float32, "cpu", vector_bias=mode == "centres")
+    n_ref = b if mode == "inbatch" else n
+    limit = b * n_ref
+    x = case["x"].requires_grad_()
+    bias = case["bias"].requires_grad_()
+    ref = case["ref"].requires_grad_() if mode == "centres" else case["ref"]
+    with LargestAllocation() as mode_all:
+        loss = fused_uss_loss(x, case["labels"], bias, ref, None, case["ref_valid"], form=form,
+                              backend=backend)
+        loss.backward()
+    assert mode_all.largest < min(limit, n * b), (mode_all.largest, mode_all.where)
+    # inside the custom ops' bodies too (the mode does not see through a custom op call)
+    from unitsface_kernels.triton.uss import uss_backward, uss_forward
+
+    if backend == "triton":
+        ref_t = x.detach() if mode == "inbatch" else ref.detach()
+        ref_labels = case["labels"] if mode == "inbatch" else torch.arange(n)
+        with LargestAllocation() as inner:
+            rows, stats, nx, nr = uss_forward(x.detach(), ref_t, case["labels"], ref_labels,
+                                              case["ref_valid"], bias.detach(), 64.0, 0.1,
+                                              form == "lse", False, mode == "inbatch")
+            uss_backward(torch.ones_like(rows), x.detach(), ref_t, case["labels"], ref_labels,
+                         case["ref_valid"], bias.detach(), nx, nr, stats, 64.0, 0.1,
+                         form == "lse", False, mode == "inbatch", True, mode == "centres", True)
+        assert inner.largest < limit, (inner.largest, inner.where)
+
+
+def test_allocation_detector_sees_the_reference_matrix():
+    """The eager reference does form B×N: the detector above would catch a fused backend that
+    did."""
+    case = make_case(64, 2048, 16, "bank", torch.float32, "cpu")
+    with LargestAllocation() as mode_all:
+        fused_uss_loss(case["x"], case["labels"], case["bias"], case["ref"], backend="reference")
+    assert mode_all.largest >= 64 * 2048
+
+
+def test_torch_compile_fullgraph():
+    backend = "triton" if fused_backends("cpu", "uss")[0] == "triton" else "reference"
+    case = make_case(21, 45, 16, "bank", torch.float32, "cpu")
+
+    def f(x, bias):
+        return fused_uss_loss(x, case["labels"], bias, case["ref"], ref_valid=case["ref_valid"],
+                              form="lse", backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x = case["x"].clone().requires_grad_()
+    bias = case["bias"].clone().requires_grad_()
+    loss = compiled(x, bias)
+    loss.backward()
+    x2 = case["x"].clone().requires_grad_()
+    bias2 = case["bias"].clone().requires_grad_()
+    f(x2, bias2).backward()
+    torch.testing.assert_close(loss, f(x2.detach(), bias2.detach()))
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(bias.grad, bias2.grad)
+
+
+def test_reference_hand_computed():
+    """Two rows, two bank rows, unit vectors at known angles; s = 2, m = 0.1, b = 0.5."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    bank = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=torch.float64)
+    labels = torch.tensor([0, 1])
+    sp = lambda z: torch.log1p(torch.exp(torch.tensor(z, dtype=torch.float64)))  # noqa: E731
+    # row 0: positive j=0 (cos 1), negative j=1 (cos 0.6); row 1: negative j=0 (cos 0),
+    # positive j=1 (cos 0.8)
+    row0 = sp(0.5 - 2 * (1 - 0.1)) + sp(2 * 0.6 - 0.5)
+    row1 = sp(2 * 0 - 0.5) + sp(0.5 - 2 * (0.8 - 0.1))
+    got = reference.uss_loss(x, labels, torch.tensor(0.5), bank, scale=2.0, margin=0.1,
+                             reduction="none")
+    torch.testing.assert_close(got, torch.stack([row0, row1]))
+    # lse form with one member per set is the same as pairs
+    got_lse = reference.uss_loss(x, labels, torch.tensor(0.5), bank, scale=2.0, margin=0.1,
+                                 form="lse", reduction="none")
+    torch.testing.assert_close(got_lse, got)
+
+
+def test_reference_matches_official_formula():
+    """The official UniTSFace head (its USS forward, restated): clamp, log(1+exp), one-hot
+    masks, sum over the bank, mean over rows."""
+    g = torch.Generator().manual_seed(0)
+    x, feat_mem = torch.randn(16, 32, generator=g), torch.randn(40, 32, generator=g)
+    labels, bias, s, m = torch.randint(0, 40, (16,), generator=g), torch.tensor([7.5]), 64.0, 0.1
+    cos = torch.nn.functional.linear(torch.nn.functional.normalize(x, eps=1e-5),
+                                     torch.nn.functional.normalize(feat_mem, eps=1e-5))
+    one_hot = torch.zeros(16, 40, dtype=torch.bool).scatter_(1, labels[:, None], True)
+    p = torch.log(1 + torch.exp(-(s * (cos - m) - bias).clamp(-s, s)))
+    n = torch.log(1 + torch.exp((s * cos - bias).clamp(-s, s)))
+    official = (one_hot * p + (~one_hot) * n).sum(1).mean()
+    ours = reference.uss_loss(x, labels, bias, feat_mem, scale=s, margin=m, official_clamp=True)
+    torch.testing.assert_close(ours, official)
+    # the per-class bias of the official sample-to-sample BCE head
+    vec = torch.rand(1, 40, generator=g) * 10
+    p = torch.log(1 + torch.exp(-(s * (cos - m) - vec).clamp(-s, s)))
+    n = torch.log(1 + torch.exp((s * cos - vec).clamp(-s, s)))
+    official = (one_hot * p + (~one_hot) * n).sum(1).mean()
+    ours = reference.uss_loss(x, labels, vec, feat_mem, scale=s, margin=m, official_clamp=True)
+    torch.testing.assert_close(ours, official)
+
+
+# ---------------------------------------------------------------- bad input (DESIGN.md §5)
+
+def _good():
+    return make_case(8, 12, 6, "bank", torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda c: c.update(x=c["x"][0]), "x must be 2-D"),
+    (lambda c: c.update(x=c["x"][:0], labels=c["labels"][:0]), "x is empty"),
+    (lambda c: c.update(x=c["x"].long()), "x must be float16"),
+    (lambda c: c.update(labels=c["labels"][:-1]), r"labels must have shape \(8,\)"),
+    (lambda c: c.update(labels=c["labels"].float()), "labels must be an integer tensor"),
+    (lambda c: c.update(labels=c["labels"] + 100), r"labels must lie in \[0, 12\)"),
+    (lambda c: c.update(labels=c["labels"] - 100), r"labels must lie in \[0, 12\)"),
+    (lambda c: c.update(ref=c["ref"][:, :5]), "ref has embedding size 5 but x has 6"),
+    (lambda c: c.update(ref=c["ref"].double()), "ref has dtype torch.float64"),
+    (lambda c: c.update(ref=c["ref"][:0]), "ref has no rows"),
+    (lambda c: c.update(ref_valid=c["ref_valid"].long()), "ref_valid must be a bool tensor"),
+    (lambda c: c.update(ref_valid=c["ref_valid"][:3]), r"ref_valid must have shape \(12,\)"),
+    (lambda c: c.update(bias=torch.zeros(5)), "bias must hold 1 value"),
+    (lambda c: c.update(bias=torch.zeros(1, dtype=torch.long)), "bias must be a floating"),
+    (lambda c: c.update(bias="b"), "bias must be a torch.Tensor"),
+])
+def test_bad_inputs(mutate, match):
+    case = _good()
+    mutate(case)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fused_uss_loss(case["x"], case["labels"], case["bias"], case["ref"], None,
+                       case["ref_valid"], backend="reference")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(form="cosine"), "form must be one of"),
+    (dict(reduction="max"), "reduction must be one of"),
+    (dict(backend="cuda"), "backend must be one of"),
+    (dict(scale=0.0), "scale must be a positive number"),
+    (dict(margin="0.1"), "margin must be a real number"),
+])
+def test_bad_options(kw, match):
+    case = _good()
+    with pytest.raises((ValueError, TypeError), match=match):
+        fused_uss_loss(case["x"], case["labels"], case["bias"], case["ref"], **kw)
+
+
+def test_bad_ref_labels_and_in_batch_options():
+    case = _good()
+    with pytest.raises(ValueError, match="ref_labels must have shape"):
+        fused_uss_loss(case["x"], case["labels"], case["bias"], case["ref"],
+                       ref_labels=torch.arange(5))
+    with pytest.raises(ValueError, match="ref_labels and ref_valid need ref"):
+        fused_uss_loss(case["x"], case["labels"], case["bias"], ref_valid=case["ref_valid"])
+
+
+def test_non_contiguous_inputs_are_accepted():
+    case = _good()
+    x_t = case["x"].t().contiguous().t()  # same values, column-major
+    assert not x_t.is_contiguous()
+    a = fused_uss_loss(x_t, case["labels"], case["bias"], case["ref"], backend="reference")
+    b = fused_uss_loss(case["x"], case["labels"], case["bias"], case["ref"], backend="reference")
+    torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- CUDA (skipped without a GPU)
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", fused_backends("cuda", "uss"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("b,n,d", [(1, 1000, 512), (300, 5003, 512), (257, 777, 130)])
+def test_cuda_parity(backend, dtype, form, mode, b, n, d):
+    case = make_case(b, n, d, mode, dtype, "cuda", vector_bias=mode == "centres")
+    check_against_float64(case, mode, backend, dtype, form=form)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", fused_backends("cuda", "uss"))
+@pytest.mark.parametrize("form", FORMS)
+def test_cuda_gradcheck(backend, form):
+    case = make_case(9, 13, 6, "centres", torch.float64, "cuda", vector_bias=True)
+
+    def f(x, bias, ref):
+        return fused_uss_loss(x, case["labels"], bias, ref, scale=16.0, form=form,
+                              reduction="none", backend=backend)
+
+    inputs = [case[k].detach().clone().requires_grad_() for k in ("x", "bias", "ref")]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -1,0 +1,16 @@
+"""Fused Triton kernels and C++/CUDA ops for the UniTSFace face-recognition losses.
+
+    from unitsface_kernels import fused_uss_loss
+
+DESIGN.md §4 lists the public names; :mod:`unitsface_kernels.reference` holds the eager
+formulas every backend is tested against.
+"""
+
+from . import library as _library  # noqa: F401  (registers the custom ops)
+from . import reference
+from .ops import (bank_update_, fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss,
+                  sample_classes, uss_bias_init)
+
+__all__ = ["fused_uss_loss", "fused_margin_softmax_loss", "fused_unitsface_loss",
+           "sample_classes", "bank_update_", "uss_bias_init", "reference"]
+__version__ = "0.1.0"
