@@ -16,7 +16,9 @@ import triton
 import triton.language as tl
 
 EPS = 1e-5
-NEG_BIG = -1.0e30  # the running max of an empty set: finite, so exp(m_old - m_new) stays defined
+# The running max of an empty set: finite, so exp(m_old - m_new) stays defined (a constexpr,
+# since jitted code may only read constexpr globals).
+NEG_BIG = tl.constexpr(-1.0e30)
 
 
 def interpreting() -> bool:
@@ -60,49 +62,103 @@ def gather_tile(ptr, ids, ok, D, DP: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def gather_chunk(ptr, ids, ok, D, d0, DC: tl.constexpr, UPCAST: tl.constexpr):
+    """Features [d0, d0 + DC) of rows `ids` (see :func:`gather_tile`)."""
+    offs_d = d0 + tl.arange(0, DC)
+    mask = ok[:, None] & (offs_d[None, :] < D)
+    t = tl.load(ptr + ids[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask, other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def feature_chunk(tile, ptr, ids, ok, D, d0, DP: tl.constexpr, DC: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """Features [d0, d0 + DC) of a full-width tile of rows `ids`: the tile itself when one
+    chunk covers D, else reloaded (an L1/L2 hit: the tile was just read), since Triton
+    cannot slice a tile."""
+    if DC == DP:
+        return tile
+    return gather_chunk(ptr, ids, ok, D, d0, DC, UPCAST)
+
+
+@triton.jit
 def load_tile(ptr, rows, n_rows, D, DP: tl.constexpr, UPCAST: tl.constexpr):
     """Rows `rows` of a row-major (n_rows × D) matrix; see :func:`gather_tile`."""
     return gather_tile(ptr, rows, rows < n_rows, D, DP, UPCAST)
 
 
 @triton.jit
+def mma(a, b, acc):
+    """acc + a @ b with fp32 accumulation (fp64 for fp64); 'ieee' keeps fp32 out of TF32.
+    Triton's fp64 ``tl.dot`` does not compile for sm_90 beyond tiny K (triton 3.8), so fp64
+    (used for gradcheck) multiplies by broadcasting instead."""
+    if a.dtype == tl.float64:
+        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    return tl.dot(a, b, acc=acc, input_precision="ieee")
+
+
+@triton.jit
 def cos_tile(x_tile, r_tile, inv_x, inv_r):
-    """cos_ij = (x_i · r_j) / (max(||x_i||, eps) · max(||r_j||, eps)), accumulated in fp32
-    (fp64 for fp64 inputs); 'ieee' keeps fp32 inputs out of TF32."""
-    dots = tl.dot(x_tile, tl.trans(r_tile), input_precision="ieee")
-    return dots * inv_x[:, None] * inv_r[None, :]
+    """cos_ij = (x_i · r_j) / (max(||x_i||, eps) · max(||r_j||, eps))."""
+    zero = tl.zeros((x_tile.shape[0], r_tile.shape[0]), inv_x.dtype)
+    return mma(x_tile, tl.trans(r_tile), zero) * inv_x[:, None] * inv_r[None, :]
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
     block_m: int
     block_n: int
-    dp: int
+    dp: int  # the embedding width padded to a power of two: cosine tiles use all of it
+    dc: int  # the width of one gradient-accumulator chunk (a divisor of dp)
     num_warps: int
     num_stages: int
 
 
-def launch_config(d: int, device: torch.device) -> LaunchConfig:
-    """Tile sizes for embedding width d: full-width tiles must fit in registers and shared
-    memory, so the wider the embedding the smaller the row and reference blocks."""
+def launch_config(d: int, device: torch.device, dtype: torch.dtype) -> LaunchConfig:
+    """Tile sizes for embedding width d. Hopper's wgmma needs 64-row blocks; full-width
+    tiles must fit shared memory (x tile + two reference tiles per pipeline stage), and the
+    backward's gradient accumulator (rows × dc fp32) must fit registers: it is cut into
+    feature chunks of at most 256 columns (2-byte dtypes) so that ptxas does not spill."""
     dp = max(16, triton.next_power_of_2(d))
     if device.type != "cuda":
         # The interpreter runs programs one after another: big tiles are fastest, and 32 keeps
-        # the tests' odd shapes (37 rows, 53 references) spanning several partial blocks.
-        return LaunchConfig(32, 32, dp, 4, 1)
-    if dp <= 128:
-        return LaunchConfig(64, 64, dp, 4, 3)
-    if dp <= 256:
-        return LaunchConfig(64, 64, dp, 8, 2)
-    if dp <= 512:
-        return LaunchConfig(64, 32, dp, 8, 2)
-    if dp <= 1024:
-        return LaunchConfig(32, 32, dp, 8, 1)
-    return LaunchConfig(16, 16, dp, 8, 1)
+        # the tests' odd shapes (37 rows, 53 references) spanning several partial blocks;
+        # chunking D (dc < dp when dp > 64) exercises the feature-chunk path too.
+        return LaunchConfig(32, 32, dp, min(dp, 64), 4, 1)
+    override = os.environ.get("UNITSFACE_TRITON_TILES")
+    if override:  # a tuning knob: "block_m,block_n,dc,num_warps,num_stages"
+        bm, bn, dc, warps, stages = (int(v) for v in override.split(","))
+        return LaunchConfig(bm, bn, dp, min(dc, dp), warps, stages)
+    if dtype == torch.float64:  # gradcheck sizes: small blocks for the broadcast product
+        return LaunchConfig(16, 16, dp, dp, 4, 1)
+    esize = torch.empty((), dtype=dtype).element_size()
+    row_bytes = dp * esize
+    block_m = 64 if row_bytes <= 1024 else 32 if row_bytes <= 2048 else 16
+    block_n = 64 if row_bytes <= 512 else 32 if row_bytes <= 1024 else 16
+    dc = min(dp, 512 // esize)
+    stages = 2 if block_n * row_bytes <= 32768 else 1
+    return LaunchConfig(block_m, block_n, dp, dc, 8 if dp >= 256 else 4, stages)
 
 
-MAX_D = 4096
-"""Widest embedding the full-width tiles support; wider ones belong to the native backend."""
+MAX_ROW_BYTES = 4096
+"""Widest embedding row (padded width × element size) whose full-width tiles fit shared
+memory: D ≤ 2048 for 2-byte dtypes, 1024 for fp32; wider ones belong to the native backend."""
+
+
+MAX_D_FP64_CUDA = 64
+"""float64 multiplies by broadcasting on GPUs (see :func:`mma`): for gradcheck-sized inputs."""
+
+
+def check_width(d: int, dtype: torch.dtype, device: torch.device) -> None:
+    dp = max(16, triton.next_power_of_2(d))
+    if dp * torch.empty((), dtype=dtype).element_size() > MAX_ROW_BYTES:
+        raise ValueError(f"the triton backend supports embeddings up to {MAX_ROW_BYTES} bytes "
+                         f"per padded row; D={d} in {dtype} is wider: use backend='native'")
+    if dtype == torch.float64 and device.type == "cuda" and d > MAX_D_FP64_CUDA:
+        raise ValueError(f"the triton backend runs float64 on GPUs only up to "
+                         f"D={MAX_D_FP64_CUDA} (it exists for gradcheck); use backend='native'")
 
 
 def num_splits(row_blocks: int, n_tiles: int, device: torch.device) -> int:

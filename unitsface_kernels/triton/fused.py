@@ -22,13 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MAX_D, NEG_BIG, cos_tile, gather_tile, inv_norm, launch_config, load_tile,
-                     num_splits, softplus, upcast_tiles)
+from .common import (NEG_BIG, check_width, cos_tile, mma, feature_chunk, gather_tile, inv_norm,
+                     launch_config, load_tile, num_splits, softplus, upcast_tiles)
 from .margin_softmax import softmax_grad, softmax_logits
 from .norms import row_norms
 from .uss import acc_dtype, lse_rows, merge_lse, normalised_grad, online_lse, uss_grad, uss_terms
 
-_NEG_BIG = tl.constexpr(NEG_BIG)
 # params: scale, m3, cos m2, sin m2, m2·sin m2, USS margin, USS weight λ
 # per row: lse of the softmax, the USS lse statistics (A, σA, B, σB), the target logit and
 # the USS loss; the kernels read the first five, the rest serve class-parallel training
@@ -68,7 +67,7 @@ def _fwd_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
     x_tile = load_tile(x_ptr, rows, B, D, DP, UPCAST)
     inv_x = inv_norm(tl.load(nx_ptr + rows, mask=row_ok, other=1.0))
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
-    scale, m3, cos_m2, sin_m2, mm, uss_m, _ = _params(params_ptr)
+    scale, m3, cos_m2, sin_m2, mm, uss_m, uss_w = _params(params_ptr)
     m = tl.full((BLOCK_M,), NEG_BIG, inv_x.dtype)
     se = tl.zeros((BLOCK_M,), inv_x.dtype)
     zt = tl.zeros((BLOCK_M,), inv_x.dtype)
@@ -83,8 +82,8 @@ def _fwd_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
         w_tile = gather_tile(w_ptr, cls, col_ok, D, DP, UPCAST)
         inv_w = inv_norm(tl.load(nw_ptr + cols, mask=col_ok, other=1.0))
         is_target = y[:, None] == cls[None, :]
-        _, z = softmax_logits(cos_tile(x_tile, w_tile, inv_x, inv_w), is_target, scale, m3,
-                              cos_m2, sin_m2, mm, ARC)
+        cos_c, z = softmax_logits(cos_tile(x_tile, w_tile, inv_x, inv_w), is_target, scale,
+                                  m3, cos_m2, sin_m2, mm, ARC)
         m, se = online_lse(m, se, z, col_ok[None, :])
         zt += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         if HAS_USS:
@@ -127,10 +126,12 @@ def _bwd_rows_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_
                      HAS_INDEX: tl.constexpr, ARC: tl.constexpr, HAS_USS: tl.constexpr,
                      USS_LSE: tl.constexpr, HAS_VALID: tl.constexpr, NEED_DX: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
-                     UPCAST: tl.constexpr):
-    """Per slice: G_i (g_out), h_i = Σ g·cos over both losses and Σ_j g'_ij of USS (hs_out)."""
+                     DC: tl.constexpr, UPCAST: tl.constexpr):
+    """Per slice: G_i (g_out), h_i = Σ g·cos over both losses and Σ_j g'_ij of USS (hs_out).
+    Program (·, ·, k) accumulates features [k·DC, (k+1)·DC) of G_i (cosines need all D)."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
+    d0 = tl.program_id(2) * DC
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
     x_tile = load_tile(x_ptr, rows, B, D, DP, UPCAST)
@@ -139,7 +140,7 @@ def _bwd_rows_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_
     go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
     lse, a, fa, bn, fb = _row_stats(stats_ptr, rows, row_ok, B)
     scale, m3, cos_m2, sin_m2, mm, uss_m, uss_w = _params(params_ptr)
-    acc_g = tl.zeros((BLOCK_M, DP), inv_x.dtype)
+    acc_g = tl.zeros((BLOCK_M, DC), inv_x.dtype)
     h = tl.zeros((BLOCK_M,), inv_x.dtype)
     gsum = tl.zeros((BLOCK_M,), inv_x.dtype)
     col0 = split * tiles_per_split * BLOCK_N
@@ -155,8 +156,8 @@ def _bwd_rows_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_
                          cos_m2, sin_m2, ARC) * go[:, None]
         h += tl.sum(g * cos_w, axis=1)
         if NEED_DX:
-            acc_g = tl.dot((g * inv_w[None, :]).to(w_tile.dtype), w_tile, acc=acc_g,
-                           input_precision="ieee")
+            w_part = feature_chunk(w_tile, w_ptr, cls, col_ok, D, d0, DP, DC, UPCAST)
+            acc_g = mma((g * inv_w[None, :]).to(w_tile.dtype), w_part, acc_g)
         if HAS_USS:
             b_tile = gather_tile(bank_ptr, cls, col_ok, D, DP, UPCAST)
             inv_b = inv_norm(tl.load(nb_ptr + cols, mask=col_ok, other=1.0))
@@ -169,14 +170,15 @@ def _bwd_rows_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_
             h += tl.sum(gu * cos_b, axis=1)
             gsum += tl.sum(gu, axis=1)
             if NEED_DX:
-                acc_g = tl.dot((gu * inv_b[None, :]).to(b_tile.dtype), b_tile, acc=acc_g,
-                               input_precision="ieee")
+                b_part = feature_chunk(b_tile, bank_ptr, cls, col_ok, D, d0, DP, DC, UPCAST)
+                acc_g = mma((gu * inv_b[None, :]).to(b_tile.dtype), b_part, acc_g)
     if NEED_DX:
-        offs_d = tl.arange(0, DP)
+        offs_d = d0 + tl.arange(0, DC)
         g_ptrs = g_out_ptr + (split * B + rows[:, None]).to(tl.int64) * D + offs_d[None, :]
         tl.store(g_ptrs, acc_g, mask=row_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(hs_out_ptr + split * 2 * B + rows, h, mask=row_ok)
-    tl.store(hs_out_ptr + split * 2 * B + B + rows, gsum, mask=row_ok)
+    first = d0 == 0  # every feature chunk computes h and Σg; the first one writes them
+    tl.store(hs_out_ptr + split * 2 * B + rows, h, mask=row_ok & first)
+    tl.store(hs_out_ptr + split * 2 * B + B + rows, gsum, mask=row_ok & first)
 
 
 @triton.jit
@@ -186,10 +188,12 @@ def _bwd_cols_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_
                      HAS_INDEX: tl.constexpr, ARC: tl.constexpr, HAS_USS: tl.constexpr,
                      USS_LSE: tl.constexpr, HAS_VALID: tl.constexpr, NEED_DW: tl.constexpr,
                      NEED_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     DP: tl.constexpr, UPCAST: tl.constexpr):
+                     DP: tl.constexpr, DC: tl.constexpr, UPCAST: tl.constexpr):
     """∂W[c] = (Σ_i g_ic x̂_i − (Σ_i g_ic cos_ic)·ŵ_c) / max(||w_c||, eps) for the classes of
-    this column block, and ∂b_c = −(1/s)·Σ_i g'_ic for a per-class USS threshold."""
+    this column block (features [k·DC, (k+1)·DC) in program (·, k)), and
+    ∂b_c = −(1/s)·Σ_i g'_ic for a per-class USS threshold."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d0 = tl.program_id(1) * DC
     cls, col_ok = _class_ids(idx_ptr, cols, S, HAS_INDEX)
     w_tile = gather_tile(w_ptr, cls, col_ok, D, DP, UPCAST)
     nw = tl.load(nw_ptr + cols, mask=col_ok, other=1.0)
@@ -198,7 +202,7 @@ def _bwd_cols_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_
         b_tile = gather_tile(bank_ptr, cls, col_ok, D, DP, UPCAST)
         inv_b = inv_norm(tl.load(nb_ptr + cols, mask=col_ok, other=1.0))
     scale, m3, cos_m2, sin_m2, mm, uss_m, uss_w = _params(params_ptr)
-    acc_g = tl.zeros((BLOCK_N, DP), inv_w.dtype)
+    acc_g = tl.zeros((BLOCK_N, DC), inv_w.dtype)
     h = tl.zeros((BLOCK_N,), inv_w.dtype)
     gsum = tl.zeros((BLOCK_N,), inv_w.dtype)
     for m0 in range(0, B, BLOCK_M):
@@ -216,8 +220,8 @@ def _bwd_cols_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_
             g = softmax_grad(cos_w, c, z, is_target, row_ok[:, None] & col_ok[None, :], lse,
                              scale, cos_m2, sin_m2, ARC) * go[:, None]
             h += tl.sum(g * cos_w, axis=0)
-            acc_g = tl.dot(tl.trans((g * inv_x[:, None]).to(x_tile.dtype)), x_tile, acc=acc_g,
-                           input_precision="ieee")
+            x_part = feature_chunk(x_tile, x_ptr, rows, row_ok, D, d0, DP, DC, UPCAST)
+            acc_g = mma(tl.trans((g * inv_x[:, None]).to(x_tile.dtype)), x_part, acc_g)
         if NEED_DBIAS:
             pos, neg, z_pos, z_neg = uss_terms(cos_tile(x_tile, b_tile, inv_x, inv_b), y, cls,
                                                cls, rows, cols, B, S, valid_ptr, bias_ptr,
@@ -227,13 +231,14 @@ def _bwd_cols_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_
             gsum += tl.sum(gu, axis=0)
     if NEED_DW:
         proj = tl.where(nw >= 1e-5, h, 0.0) * inv_w
-        dw = inv_w[:, None] * (acc_g - proj[:, None] * w_tile.to(acc_g.dtype))
-        offs_d = tl.arange(0, DP)
+        w_part = feature_chunk(w_tile, w_ptr, cls, col_ok, D, d0, DP, DC, UPCAST)
+        dw = inv_w[:, None] * (acc_g - proj[:, None] * w_part.to(acc_g.dtype))
+        offs_d = d0 + tl.arange(0, DC)
         dw_ptrs = dw_ptr + cls[:, None].to(tl.int64) * D + offs_d[None, :]
         tl.store(dw_ptrs, dw.to(dw_ptr.dtype.element_ty),
                  mask=col_ok[:, None] & (offs_d[None, :] < D))
     if NEED_DBIAS:
-        tl.store(dbias_ptr + cls, -gsum / scale, mask=col_ok)
+        tl.store(dbias_ptr + cls, -gsum / scale, mask=col_ok & (d0 == 0))
 
 
 def _setup(x, centres, bank, index, bank_valid, bias, scale, margin_arc, margin_cos,
@@ -262,16 +267,14 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, scale, marg
 
     Returns (rows, stats [5, B], ||x_i||, ||W[S_j]||, ||bank[S_j]|| (empty without USS))."""
     bsz, d = x.shape
-    if d > MAX_D:
-        raise ValueError(f"the triton backend supports embeddings up to D={MAX_D}, got D={d}; "
-                         "use backend='native'")
+    check_width(d, x.dtype, x.device)
     a = _setup(x, centres, bank, index, bank_valid, bias, scale, margin_arc, margin_cos,
                uss_margin, uss_weight)
     n_cls = a["n_classes"]
     nx = row_norms(x)
     nw = row_norms(centres, index)
     nb = row_norms(bank, index) if bank is not None else nx.new_empty(0)
-    cfg = launch_config(d, x.device)
+    cfg = launch_config(d, x.device, x.dtype)
     row_blocks = triton.cdiv(bsz, cfg.block_m)
     n_tiles = triton.cdiv(n_cls, cfg.block_n)
     splits = num_splits(row_blocks, n_tiles, x.device)
@@ -303,7 +306,7 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
     a = _setup(x, centres, bank, index, bank_valid, bias, scale, margin_arc, margin_cos,
                uss_margin, uss_weight)
     n_cls = a["n_classes"]
-    cfg = launch_config(d, x.device)
+    cfg = launch_config(d, x.device, x.dtype)
     go = grad_rows.to(nx.dtype).contiguous()
     nb_arg = nb if bank is not None else nw
     common = (x, centres, a["bank"], nx, nw, nb_arg, labels, a["idx"], a["valid"], a["bias"],
@@ -318,9 +321,9 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
         splits = num_splits(row_blocks, n_tiles, x.device)
         g_part = torch.empty(splits if need_dx else 0, bsz, d, dtype=nx.dtype, device=x.device)
         hs = torch.empty(splits, 2, bsz, dtype=nx.dtype, device=x.device)
-        _bwd_rows_kernel[(row_blocks, splits)](*common, g_part, hs, bsz, n_cls, d,
-                                               triton.cdiv(n_tiles, splits), NEED_DX=need_dx,
-                                               **launch)
+        _bwd_rows_kernel[(row_blocks, splits, cfg.dp // cfg.dc if need_dx else 1)](
+            *common, g_part, hs, bsz, n_cls, d, triton.cdiv(n_tiles, splits), NEED_DX=need_dx,
+            DC=cfg.dc if need_dx else cfg.dp, **launch)
         hs = hs.sum(dim=0)
         if need_dx:
             dx = normalised_grad(g_part.sum(dim=0), hs[0], x, nx).to(x.dtype)
@@ -331,8 +334,10 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
         dw = (torch.zeros_like(centres) if index is not None else torch.empty_like(centres)) \
             if need_dw else centres.new_empty(0)
         db = torch.zeros(bias.numel() if need_dbias_vec else 0, dtype=nx.dtype, device=x.device)
-        _bwd_cols_kernel[(triton.cdiv(n_cls, cfg.block_n),)](
-            *common, dw, db, bsz, n_cls, d, NEED_DW=need_dw, NEED_DBIAS=need_dbias_vec, **launch)
+        grid = (triton.cdiv(n_cls, cfg.block_n), cfg.dp // cfg.dc if need_dw else 1)
+        _bwd_cols_kernel[grid](
+            *common, dw, db, bsz, n_cls, d, NEED_DW=need_dw, NEED_DBIAS=need_dbias_vec,
+            DC=cfg.dc if need_dw else cfg.dp, **launch)
         if need_dbias_vec:
             dbias = db.reshape(bias.shape).to(bias.dtype)
         if not need_dw:

@@ -28,11 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MAX_D, NEG_BIG, cos_tile, inv_norm, launch_config, load_tile, num_splits,
-                     sigmoid, softplus, upcast_tiles)
+from .common import (NEG_BIG, check_width, cos_tile, mma, feature_chunk, inv_norm, launch_config,
+                     load_tile, num_splits, sigmoid, softplus, upcast_tiles)
 from .norms import row_norms
 
-_NEG_BIG = tl.constexpr(NEG_BIG)
 
 
 @triton.jit
@@ -70,7 +69,7 @@ def _uss_tile(x_tile, r_tile, nx, nr, y, l, rows, cols, B, N, valid_ptr, bias_pt
 @triton.jit
 def online_lse(m, s, z, mask):
     """Merge the masked entries of a tile into the running (max, Σ exp(z − max)) per row."""
-    zm = tl.where(mask, z, _NEG_BIG)
+    zm = tl.where(mask, z, NEG_BIG)
     m_new = tl.maximum(m, tl.max(zm, axis=1))
     s_new = s * tl.exp(m - m_new) + tl.sum(tl.where(mask, tl.exp(zm - m_new[:, None]), 0.0), axis=1)
     return m_new, s_new
@@ -148,10 +147,12 @@ def _uss_bwd_rows_kernel(x_ptr, r_ptr, nx_ptr, nr_ptr, y_ptr, l_ptr, valid_ptr, 
                          LSE: tl.constexpr, CLAMP: tl.constexpr, IN_BATCH: tl.constexpr,
                          HAS_VALID: tl.constexpr, NEED_DX: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
-                         UPCAST: tl.constexpr):
-    """Per slice: G_i = Σ_j g_ij r̂_j (g_out), h_i = Σ_j g_ij cos_ij and Σ_j g_ij (hs_out)."""
+                         DC: tl.constexpr, UPCAST: tl.constexpr):
+    """Per slice: G_i = Σ_j g_ij r̂_j (g_out; features [k·DC, (k+1)·DC) in program (·, ·, k)),
+    h_i = Σ_j g_ij cos_ij and Σ_j g_ij (hs_out)."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
+    d0 = tl.program_id(2) * DC
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
     x_tile = load_tile(x_ptr, rows, B, D, DP, UPCAST)
@@ -164,7 +165,7 @@ def _uss_bwd_rows_kernel(x_ptr, r_ptr, nx_ptr, nr_ptr, y_ptr, l_ptr, valid_ptr, 
     fb = tl.load(stats_ptr + 3 * B + rows, mask=row_ok, other=0.0)
     scale = tl.load(params_ptr)
     margin = tl.load(params_ptr + 1)
-    acc_g = tl.zeros((BLOCK_M, DP), nx.dtype)
+    acc_g = tl.zeros((BLOCK_M, DC), nx.dtype)
     h = tl.zeros((BLOCK_M,), nx.dtype)
     gsum = tl.zeros((BLOCK_M,), nx.dtype)
     col0 = split * tiles_per_split * BLOCK_N
@@ -181,13 +182,15 @@ def _uss_bwd_rows_kernel(x_ptr, r_ptr, nx_ptr, nr_ptr, y_ptr, l_ptr, valid_ptr, 
         gsum += tl.sum(g, axis=1)
         if NEED_DX:
             gr = (g * inv_norm(nr)[None, :]).to(r_tile.dtype)
-            acc_g = tl.dot(gr, r_tile, acc=acc_g, input_precision="ieee")
+            r_part = feature_chunk(r_tile, r_ptr, cols, cols < N, D, d0, DP, DC, UPCAST)
+            acc_g = mma(gr, r_part, acc_g)
     if NEED_DX:
-        offs_d = tl.arange(0, DP)
+        offs_d = d0 + tl.arange(0, DC)
         g_ptrs = g_out_ptr + (split * B + rows[:, None]).to(tl.int64) * D + offs_d[None, :]
         tl.store(g_ptrs, acc_g, mask=row_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(hs_out_ptr + split * 2 * B + rows, h, mask=row_ok)
-    tl.store(hs_out_ptr + split * 2 * B + B + rows, gsum, mask=row_ok)
+    first = d0 == 0  # every feature chunk computes h and Σg; the first one writes them
+    tl.store(hs_out_ptr + split * 2 * B + rows, h, mask=row_ok & first)
+    tl.store(hs_out_ptr + split * 2 * B + B + rows, gsum, mask=row_ok & first)
 
 
 @triton.jit
@@ -197,16 +200,18 @@ def _uss_bwd_cols_kernel(x_ptr, r_ptr, nx_ptr, nr_ptr, y_ptr, l_ptr, valid_ptr, 
                          LSE: tl.constexpr, CLAMP: tl.constexpr, IN_BATCH: tl.constexpr,
                          HAS_VALID: tl.constexpr, NEED_DR: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
-                         UPCAST: tl.constexpr):
-    """Per reference row: G_j = Σ_i g_ij x̂_i (g_out), h_j = Σ_i g_ij cos_ij and Σ_i g_ij."""
+                         DC: tl.constexpr, UPCAST: tl.constexpr):
+    """Per reference row: G_j = Σ_i g_ij x̂_i (g_out; features [k·DC, (k+1)·DC) in program
+    (·, k)), h_j = Σ_i g_ij cos_ij and Σ_i g_ij."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d0 = tl.program_id(1) * DC
     col_ok = cols < N
     r_tile = load_tile(r_ptr, cols, N, D, DP, UPCAST)
     nr = tl.load(nr_ptr + cols, mask=col_ok, other=1.0)
     l = tl.load(l_ptr + cols, mask=col_ok, other=-1)
     scale = tl.load(params_ptr)
     margin = tl.load(params_ptr + 1)
-    acc_g = tl.zeros((BLOCK_N, DP), nr.dtype)
+    acc_g = tl.zeros((BLOCK_N, DC), nr.dtype)
     h = tl.zeros((BLOCK_N,), nr.dtype)
     gsum = tl.zeros((BLOCK_N,), nr.dtype)
     for m0 in range(0, B, BLOCK_M):
@@ -228,13 +233,15 @@ def _uss_bwd_cols_kernel(x_ptr, r_ptr, nx_ptr, nr_ptr, y_ptr, l_ptr, valid_ptr, 
         gsum += tl.sum(g, axis=0)
         if NEED_DR:
             gx = (g * inv_norm(nx)[:, None]).to(x_tile.dtype)
-            acc_g = tl.dot(tl.trans(gx), x_tile, acc=acc_g, input_precision="ieee")
+            x_part = feature_chunk(x_tile, x_ptr, rows, row_ok, D, d0, DP, DC, UPCAST)
+            acc_g = mma(tl.trans(gx), x_part, acc_g)
     if NEED_DR:
-        offs_d = tl.arange(0, DP)
+        offs_d = d0 + tl.arange(0, DC)
         g_ptrs = g_out_ptr + cols[:, None].to(tl.int64) * D + offs_d[None, :]
         tl.store(g_ptrs, acc_g, mask=col_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(hs_out_ptr + cols, h, mask=col_ok)
-    tl.store(hs_out_ptr + N + cols, gsum, mask=col_ok)
+    first = d0 == 0
+    tl.store(hs_out_ptr + cols, h, mask=col_ok & first)
+    tl.store(hs_out_ptr + N + cols, gsum, mask=col_ok & first)
 
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -267,12 +274,10 @@ def uss_forward(x, ref, labels, ref_labels, ref_valid, bias, scale, margin, lse,
     """
     bsz, d = x.shape
     n = ref.shape[0]
-    if d > MAX_D:
-        raise ValueError(f"the triton backend supports embeddings up to D={MAX_D}, got D={d}; "
-                         "use backend='native'")
+    check_width(d, x.dtype, x.device)
     nx = row_norms(x)
     nr = row_norms(ref)  # also in in-batch mode: the op's outputs must not alias each other
-    cfg = launch_config(d, x.device)
+    cfg = launch_config(d, x.device, x.dtype)
     row_blocks = triton.cdiv(bsz, cfg.block_m)
     n_tiles = triton.cdiv(n, cfg.block_n)
     splits = num_splits(row_blocks, n_tiles, x.device)
@@ -320,7 +325,7 @@ def uss_backward(grad_rows, x, ref, labels, ref_labels, ref_valid, bias, nx, nr,
     """(∂x, ∂ref, ∂bias) for the per-row upstream gradient ``grad_rows``; None where not needed."""
     bsz, d = x.shape
     n = ref.shape[0]
-    cfg = launch_config(d, x.device)
+    cfg = launch_config(d, x.device, x.dtype)
     params, b, b_stride, valid = _common_args(x, labels, ref_valid, bias, scale, margin)
     go = grad_rows.to(nx.dtype).contiguous()
     flags = dict(LSE=lse, CLAMP=clamp, IN_BATCH=in_batch, HAS_VALID=ref_valid is not None,
@@ -336,9 +341,10 @@ def uss_backward(grad_rows, x, ref, labels, ref_labels, ref_valid, bias, nx, nr,
         tiles_per_split = triton.cdiv(n_tiles, splits)
         g_part = torch.empty(splits if need_dx else 0, bsz, d, dtype=nx.dtype, device=x.device)
         hs = torch.empty(splits, 2, bsz, dtype=nx.dtype, device=x.device)
-        _uss_bwd_rows_kernel[(row_blocks, splits)](
+        _uss_bwd_rows_kernel[(row_blocks, splits, cfg.dp // cfg.dc if need_dx else 1)](
             x, ref, nx, nr, labels, ref_labels, valid, b, b_stride, params, go, stats,
-            g_part, hs, bsz, n, d, tiles_per_split, NEED_DX=need_dx, **flags)
+            g_part, hs, bsz, n, d, tiles_per_split, NEED_DX=need_dx,
+            DC=cfg.dc if need_dx else cfg.dp, **flags)
         hs = hs.sum(dim=0)
         if need_dx:
             dx = normalised_grad(g_part.sum(dim=0), hs[0], x, nx).to(x.dtype)
@@ -347,9 +353,11 @@ def uss_backward(grad_rows, x, ref, labels, ref_labels, ref_valid, bias, nx, nr,
     if need_dref or (need_dbias and vector_bias):
         g_ref = torch.empty(n if need_dref else 0, d, dtype=nx.dtype, device=x.device)
         hs_ref = torch.empty(2, n, dtype=nx.dtype, device=x.device)
-        _uss_bwd_cols_kernel[(triton.cdiv(n, cfg.block_n),)](
+        grid = (triton.cdiv(n, cfg.block_n), cfg.dp // cfg.dc if need_dref else 1)
+        _uss_bwd_cols_kernel[grid](
             x, ref, nx, nr, labels, ref_labels, valid, b, b_stride, params, go, stats,
-            g_ref, hs_ref, bsz, n, d, NEED_DR=need_dref, **flags)
+            g_ref, hs_ref, bsz, n, d, NEED_DR=need_dref, DC=cfg.dc if need_dref else cfg.dp,
+            **flags)
         if need_dref:
             dref = normalised_grad(g_ref, hs_ref[0], ref, nr).to(ref.dtype)
         if need_dbias and vector_bias:

@@ -1,0 +1,95 @@
+"""Every Triton kernel compiles for Hopper (sm_90) ahead of time, without a GPU.
+
+The interpreter runs kernels as Python and forgives what the compiler does not (non-constexpr
+globals, dtype clashes in tl.dot, shared memory beyond the chip's limit), so this compiles the
+launch configurations the GPU uses, with triton's bundled ptxas, and checks shared memory.
+The compiler cannot see kernels that were loaded under TRITON_INTERPRET=1, so each case runs
+in a fresh interpreter without it (`python tests/test_triton_compile.py DTYPE D`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+SMEM_LIMIT = 232448  # bytes of shared memory one block may opt into on an H100/H200
+
+_TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+       torch.float64: "fp64"}
+_EMBEDDINGS = {"x_ptr", "r_ptr", "w_ptr", "bank_ptr", "t_ptr", "dw_ptr"}
+_LABELS = {"y_ptr", "l_ptr", "idx_ptr"}
+
+
+def _compile(kernel, dtype, constexprs, cfg):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    """Compile `kernel` for sm_90: pointers to embeddings in `dtype`, statistics in the
+    accumulation dtype, labels int64, masks bool, every other argument an int32."""
+    acc = "fp64" if dtype == torch.float64 else "fp32"
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _EMBEDDINGS:
+            signature[name] = "*" + _TL[dtype]
+        elif name in _LABELS:
+            signature[name] = "*i64"
+        elif name == "valid_ptr":
+            signature[name] = "*i1"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + acc
+        else:
+            signature[name] = "i32"
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+CASES = [(torch.bfloat16, 512), (torch.float16, 512), (torch.float32, 512), (torch.bfloat16, 128),
+         (torch.float32, 1024), (torch.float64, 8)]
+
+
+def compile_all(dtype, d):
+    """Compile every kernel in the configuration the launchers pick for width d."""
+    from unitsface_kernels.triton import fused, norms, uss
+    from unitsface_kernels.triton.common import launch_config
+
+    cfg = launch_config(d, torch.device("cuda"), dtype)
+    tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DP=cfg.dp, UPCAST=False)
+    uss_flags = dict(LSE=True, CLAMP=True, IN_BATCH=False, HAS_VALID=True, **tiles)
+    fused_flags = dict(HAS_INDEX=True, ARC=True, HAS_USS=True, USS_LSE=False, HAS_VALID=True,
+                       **tiles)
+    kernels = [
+        (uss._uss_fwd_kernel, uss_flags),
+        (uss._uss_bwd_rows_kernel, dict(uss_flags, NEED_DX=True, DC=cfg.dc)),
+        (uss._uss_bwd_cols_kernel, dict(uss_flags, NEED_DR=True, DC=cfg.dc)),
+        (fused._fwd_kernel, fused_flags),
+        (fused._bwd_rows_kernel, dict(fused_flags, NEED_DX=True, DC=cfg.dc)),
+        (fused._bwd_cols_kernel, dict(fused_flags, NEED_DW=True, NEED_DBIAS=True, DC=cfg.dc)),
+        (norms._row_norms_kernel, dict(HAS_INDEX=True, BLOCK_R=32, BLOCK_D=256)),
+    ]
+    for kernel, flags in kernels:
+        shared = _compile(kernel, dtype, flags, cfg).metadata.shared
+        print(f"{kernel.fn.__name__}: {shared} bytes of shared memory")
+        assert shared <= SMEM_LIMIT, (kernel.fn.__name__, shared)
+
+
+@pytest.mark.parametrize("dtype,d", CASES, ids=[f"{_TL[t]}-D{d}" for t, d in CASES])
+def test_kernels_compile_for_sm90(dtype, d):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, __file__, _TL[dtype], str(d)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+if __name__ == "__main__":
+    compile_all({v: k for k, v in _TL.items()}[sys.argv[1]], int(sys.argv[2]))

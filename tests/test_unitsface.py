@@ -1,0 +1,211 @@
+"""fused_unitsface_loss (DESIGN.md §1.3): the one-pass objective against the float64
+reference, its equality with the two losses computed apart, partial FC and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import (DTYPES, LargestAllocation, all_backends, assert_close_grad,
+                     assert_close_loss, fused_backends)
+from unitsface_kernels import (fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss,
+                               sample_classes)
+
+FORMS = ["pairs", "lse"]
+
+
+def make_case(b, c, d, dtype, device, *, sampled, vector_bias=False, seed=0, rate=0.4,
+              valid_rate=0.7):
+    g = torch.Generator().manual_seed(seed)
+    case = dict(
+        x=torch.randn(b, d, generator=g).to(dtype),
+        centres=torch.randn(c, d, generator=g).to(dtype),
+        bank=torch.nn.functional.normalize(torch.randn(c, d, generator=g)).to(dtype),
+        bank_valid=torch.rand(c, generator=g) < valid_rate,
+        labels=torch.randint(0, c, (b,), generator=g),
+        bias=(torch.rand(c if vector_bias else 1, generator=g) * 20).to(dtype),
+    )
+    case["index"] = (sample_classes(case["labels"], c, max(1, int(rate * c)), generator=g)
+                     if sampled else None)
+    return {k: (v.to(device) if v is not None else None) for k, v in case.items()}
+
+
+GRAD_NAMES = ("x", "centres", "bias")
+
+
+def run(case, backend, reduction="mean", **kw):
+    leaves = {k: (v.detach().clone().requires_grad_(k in GRAD_NAMES) if v is not None else None)
+              for k, v in case.items()}
+    loss = fused_unitsface_loss(leaves["x"], leaves["labels"], leaves["centres"], leaves["bank"],
+                                leaves["bias"], bank_valid=leaves["bank_valid"],
+                                index=leaves["index"], reduction=reduction, backend=backend,
+                                **kw)
+    weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)).to(loss)
+    grads = torch.autograd.grad((loss * weights).sum(), [leaves[k] for k in GRAD_NAMES])
+    return loss.detach(), dict(zip(GRAD_NAMES, grads))
+
+
+def check(case, backend, dtype, **kw):
+    loss, grads = run(case, backend, **kw)
+    ref_case = {k: (v.double() if v is not None and v.is_floating_point() else v)
+                for k, v in case.items()}
+    ref_loss, ref_grads = run(ref_case, "reference", **kw)
+    assert_close_loss(loss, ref_loss, dtype)
+    for name in grads:
+        assert_close_grad(grads[name], ref_grads[name], dtype, name,
+                          scalar_scale=float(ref_loss.abs().sum()))
+    if case["index"] is not None:
+        unsampled = ~torch.isin(torch.arange(case["centres"].shape[0], device=loss.device),
+                                case["index"])
+        assert torch.count_nonzero(grads["centres"][unsampled]) == 0
+        if case["bias"].numel() > 1:
+            assert torch.count_nonzero(grads["bias"][unsampled]) == 0
+    return loss, grads
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("vector_bias", [False, True])
+@pytest.mark.parametrize("b,c,d", [(1, 1, 8), (37, 301, 70), (37, 1000, 130), (1, 301, 70)])
+def test_parity_fp32(backend, form, sampled, vector_bias, b, c, d):
+    case = make_case(b, c, d, torch.float32, "cpu", sampled=sampled, vector_bias=vector_bias,
+                     seed=b + c)
+    check(case, backend, torch.float32, uss_form=form, margin_arc=0.2, uss_weight=0.7)
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("margins", [(0.0, 0.4), (0.5, 0.0)])
+def test_dtypes(backend, dtype, form, margins):
+    case = make_case(37, 301, 70, dtype, "cpu", sampled=True, seed=4)
+    check(case, backend, dtype, uss_form=form, margin_arc=margins[0], margin_cos=margins[1])
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
+@pytest.mark.parametrize("form", FORMS)
+def test_equals_the_two_losses_apart(backend, form):
+    """One pass = softmax(W[S]) + λ·USS(bank[S], l_j = S_j, valid[S]) computed separately."""
+    case = make_case(37, 301, 40, torch.float64, "cpu", sampled=True, vector_bias=True)
+    idx = case["index"]
+    together = fused_unitsface_loss(case["x"], case["labels"], case["centres"], case["bank"],
+                                    case["bias"], bank_valid=case["bank_valid"], index=idx,
+                                    uss_form=form, uss_weight=0.3, reduction="none",
+                                    backend=backend)
+    soft = fused_margin_softmax_loss(case["x"], case["centres"], case["labels"], index=idx,
+                                     reduction="none", backend=backend)
+    uss = fused_uss_loss(case["x"], case["labels"], case["bias"][idx], case["bank"][idx], idx,
+                         case["bank_valid"][idx], form=form, reduction="none", backend=backend)
+    torch.testing.assert_close(together, soft + 0.3 * uss)
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
+def test_empty_bank_is_softmax_alone(backend):
+    case = make_case(37, 301, 24, torch.float32, "cpu", sampled=True)
+    case["bank_valid"][:] = False
+    loss, grads = check(case, backend, torch.float32)
+    soft = fused_margin_softmax_loss(case["x"], case["centres"], case["labels"],
+                                     index=case["index"], backend=backend)
+    torch.testing.assert_close(loss, soft)
+    assert torch.count_nonzero(grads["bias"]) == 0
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
+def test_all_same_labels_zero_rows(backend):
+    case = make_case(37, 301, 24, torch.float32, "cpu", sampled=True)
+    case["labels"][:] = case["index"][0]
+    case["x"][[2, 9]] = 0.0
+    case["bank"][case["index"][:4]] = 0.0
+    check(case, backend, torch.float32, uss_form="lse")
+
+
+@pytest.mark.parametrize("backend", fused_backends("cpu", "unitsface"))
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("vector_bias", [False, True])
+def test_gradcheck(backend, form, vector_bias):
+    case = make_case(7, 17, 6, torch.float64, "cpu", sampled=True, vector_bias=vector_bias,
+                     rate=0.6)
+
+    def f(x, w, bias):
+        return fused_unitsface_loss(x, case["labels"], w, case["bank"], bias,
+                                    bank_valid=case["bank_valid"], index=case["index"],
+                                    scale=8.0, margin_arc=0.3, margin_cos=0.1, uss_form=form,
+                                    uss_weight=0.5, reduction="none", backend=backend)
+
+    inputs = [case[k].clone().requires_grad_() for k in GRAD_NAMES]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", fused_backends("cpu", "unitsface"))
+@pytest.mark.parametrize("form", FORMS)
+def test_no_bxs_allocation(backend, form):
+    b, c, d = 64, 4096, 16
+    case = make_case(b, c, d, torch.float32, "cpu", sampled=True, vector_bias=True, rate=0.5)
+    s = case["index"].numel()
+    leaves = {k: case[k].requires_grad_() for k in GRAD_NAMES}
+    with LargestAllocation() as seen:
+        fused_unitsface_loss(leaves["x"], case["labels"], leaves["centres"], case["bank"],
+                             leaves["bias"], bank_valid=case["bank_valid"], index=case["index"],
+                             uss_form=form, backend=backend).backward()
+    assert seen.largest < b * s, (seen.largest, seen.where)
+
+
+# ---------------------------------------------------------------- bad input (DESIGN.md §5)
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda c: c.update(bank=c["bank"][:-1]), "bank has 300 rows but centres has 301"),
+    (lambda c: c.update(bank=c["bank"][:, :3]), "bank has embedding size 3"),
+    (lambda c: c.update(bank=c["bank"].double()), "bank has dtype torch.float64"),
+    (lambda c: c.update(bank_valid=c["bank_valid"][:5]), r"bank_valid must have shape \(301,\)"),
+    (lambda c: c.update(bias=torch.zeros(7)), "bias must hold 1 value"),
+    (lambda c: c.update(index=c["index"][c["index"] != c["labels"][0]]), "are missing from index"),
+    (lambda c: c.update(labels=c["labels"] - 400), r"labels must lie in \[0, 301\)"),
+])
+def test_bad_inputs(mutate, match):
+    case = make_case(37, 301, 12, torch.float32, "cpu", sampled=True)
+    mutate(case)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fused_unitsface_loss(case["x"], case["labels"], case["centres"], case["bank"],
+                             case["bias"], bank_valid=case["bank_valid"], index=case["index"])
+
+
+def test_bad_options():
+    case = make_case(5, 11, 4, torch.float32, "cpu", sampled=False)
+    args = (case["x"], case["labels"], case["centres"], case["bank"], case["bias"])
+    with pytest.raises(ValueError, match="uss_form must be one of"):
+        fused_unitsface_loss(*args, uss_form="softmax")
+    with pytest.raises(TypeError, match="uss_weight must be a real number"):
+        fused_unitsface_loss(*args, uss_weight=None)
+
+
+# ---------------------------------------------------------------- CUDA (skipped without a GPU)
+
+CUDA_CASES = [(torch.bfloat16, 512, 20011, 512), (torch.float32, 512, 20011, 512),
+              (torch.bfloat16, 1, 3001, 512), (torch.float16, 257, 999, 130)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", fused_backends("cuda", "unitsface"))
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("dtype,b,c,d", CUDA_CASES)
+def test_cuda_parity(backend, dtype, form, sampled, b, c, d):
+    case = make_case(b, c, d, dtype, "cuda", sampled=sampled, vector_bias=sampled)
+    check(case, backend, dtype, uss_form=form)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", fused_backends("cuda", "unitsface"))
+@pytest.mark.parametrize("form", FORMS)
+def test_cuda_gradcheck(backend, form):
+    case = make_case(7, 17, 6, torch.float64, "cuda", sampled=True, vector_bias=True, rate=0.6)
+
+    def f(x, w, bias):
+        return fused_unitsface_loss(x, case["labels"], w, case["bank"], bias,
+                                    bank_valid=case["bank_valid"], index=case["index"],
+                                    scale=8.0, margin_arc=0.3, uss_form=form,
+                                    reduction="none", backend=backend)
+
+    inputs = [case[k].clone().requires_grad_() for k in GRAD_NAMES]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
