@@ -8,6 +8,7 @@ formulas every backend is tested against.
 
 from . import library as _library  # noqa: F401  (registers the custom ops)
 from . import reference
+from . import nn  # noqa: F401  (modules: UniTSFaceHead, PartialFC, USSLoss)
 from .ops import (bank_update_, fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss,
                   sample_classes, uss_bias_init)
 

@@ -241,7 +241,7 @@ def sample_classes(labels, num_classes, num_sample, generator=None):
     """Partial-FC class sampling (An et al., CVPR 2022): every class present in `labels` plus
     uniformly random others, `num_sample` classes in all (all positives when they alone
     exceed it, all classes when num_sample ≥ num_classes), as a sorted int64 index on the
-    labels' device. Reproducible under `generator` (a CPU torch.Generator)."""
+    labels' device. Reproducible under `generator` (on any device)."""
     if not isinstance(labels, torch.Tensor) or labels.dtype not in check.INT_DTYPES:
         raise TypeError("labels must be an integer tensor")
     num_classes = int(check.positive_number(num_classes, "num_classes"))
@@ -251,7 +251,8 @@ def sample_classes(labels, num_classes, num_sample, generator=None):
     positives = torch.unique(labels)
     k = min(num_classes, max(num_sample, positives.numel()))
     # random scores in [0, 1) for all classes; positives get 2 so that top-k keeps them all
-    scores = torch.rand(num_classes, generator=generator).to(labels.device)
+    device = generator.device if generator is not None else labels.device
+    scores = torch.rand(num_classes, generator=generator, device=device).to(labels.device)
     scores[positives] = 2.0
     return torch.topk(scores, k, sorted=False).indices.sort().values
 
