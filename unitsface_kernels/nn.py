@@ -27,14 +27,23 @@ Conventions shared by the three modules:
   b ← mean_i logsumexp_{j∈N_i}(s·cos_ij) over the reference rows the loss uses (the valid bank
   rows of the sampled classes, or the batch itself in in-batch mode). When there is no
   negative yet (an empty bank) b is left at 0 and the next call tries again.
-* **Compilation / DDP.** The loss functions are custom ops, so ``torch.compile`` (non-fullgraph)
+* **Compilation.** The loss functions are custom ops, so ``torch.compile`` (non-fullgraph)
   traces them; the partial-FC sampling, the ``b ≤ 0`` test and the bank update are excluded
-  from the graph (``torch.compiler.disable``: clean graph breaks). The modules are
-  single-process: with several data-parallel ranks, the head's parameters need their
-  gradients all-reduced like the backbone's — wrap backbone and head in DDP together, with
-  ``broadcast_buffers=False`` so that each rank keeps the bank of the features it saw (the
-  default would overwrite every bank with rank 0's at each forward). When USS is off,
-  ``bias`` still gets a (zero) gradient, so DDP never sees an unused parameter.
+  from the graph (``torch.compiler.disable``: clean graph breaks). When USS is off, ``bias``
+  still gets a (zero) gradient, so DDP never sees an unused parameter.
+* **Class-parallel training** (insightface's PartialFC_V2 layout, :mod:`.distributed`). When
+  torch.distributed is initialised with more than one rank (or ``class_parallel=True``), the
+  memory-bank modules shard the classes: rank r holds only the rows [class_start,
+  class_start + num_local) of ``weight``, ``bank`` and ``bank_valid`` (insightface's split).
+  Each call all-gathers the ranks' embeddings and labels, returns the loss over the global
+  batch (the same value on every rank), samples partial FC from the rank's own shard, and
+  writes the bank rows of its shard from the gathered batch. Gradients: ``weight`` gets
+  exactly ∂L/∂W of its rows, ``bias`` the full ∂L/∂b on every rank, and the embeddings
+  w·∂L/∂x (insightface's convention) — so wrap the *backbone only* in DDP (which averages),
+  never the head: its parameters are shards, not replicas. ``state_dict`` holds the shard.
+  ``class_parallel=False`` keeps a replicated single-process head under DDP: wrap backbone
+  and head together, with ``broadcast_buffers=False`` so that each rank keeps the bank of the
+  features it saw. In-batch ``USSLoss`` is never sharded.
 """
 
 from __future__ import annotations
@@ -46,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import reference
+from . import distributed, reference
+from .distributed import ClassShard, gather_batch
 from .ops import (BACKENDS, FORMS, bank_update_, fused_margin_softmax_loss, fused_unitsface_loss,
                   fused_uss_loss, sample_classes, uss_bias_init)
 
@@ -102,6 +112,15 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def _class_shard(num_classes: int, class_parallel: Optional[bool], group) -> Optional[ClassShard]:
+    """This rank's ClassShard when class-parallel (None: auto, i.e. torch.distributed is
+    initialised with more than one rank in ``group``), else None (one process holds all)."""
+    if class_parallel is None:
+        class_parallel = (torch.distributed.is_available() and torch.distributed.is_initialized()
+                          and torch.distributed.get_world_size(group) > 1)
+    return ClassShard.from_group(num_classes, group) if class_parallel else None
+
+
 def pair_cosine(a: Tensor, b: Tensor) -> Tensor:
     """cos(a_i, b_i) row-wise in float32 (float64 for float64 inputs), with the eps rule of
     the losses: x̂ = x / max(||x||, 1e-5)."""
@@ -145,6 +164,19 @@ class _UnifiedThreshold(nn.Module):
         if bool(torch.isfinite(b0)):  # NaN: no negative yet (empty bank); try again next call
             self.bias.copy_(b0.reshape(1).to(self.bias.dtype))
 
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _maybe_init_bias_sharded(self, x_all: Tensor, labels_all: Tensor, bank: Tensor,
+                                 valid: Tensor, index: Optional[Tensor]) -> None:
+        """The same over the sharded bank (the gathered batch; b₀ is equal on every rank)."""
+        if not self.training or not bool(self.bias.detach().le(0).all()):
+            return
+        b0 = distributed.uss_bias_init(x_all, labels_all, bank, self.shard, bank_valid=valid,
+                                       index=index, scale=self.scale, backend=self.backend,
+                                       gathered=True)
+        if bool(torch.isfinite(b0)):
+            self.bias.copy_(b0.reshape(1).to(self.bias.dtype))
+
 
 class _MemoryBank(nn.Module):
     """Buffers ``bank`` (C×D, normalised rows) and ``bank_valid`` (C, bool)."""
@@ -159,7 +191,8 @@ class _MemoryBank(nn.Module):
         them for the backward pass, so when the training-mode update would overwrite these
         very tensors before the backward runs, the loss gets a snapshot instead."""
         bank, valid = _as(self.bank, x.dtype), self.bank_valid
-        if self.training and self.backend != "reference" and _needs_graph(x, *grad_inputs):
+        saves = self.backend != "reference" or getattr(self, "shard", None) is not None
+        if self.training and saves and _needs_graph(x, *grad_inputs):
             if bank is self.bank:
                 bank = bank.clone()
             valid = valid.clone()
@@ -168,8 +201,13 @@ class _MemoryBank(nn.Module):
     @torch.compiler.disable
     @torch.no_grad()
     def _update_bank(self, x: Tensor, labels: Tensor) -> None:
-        """bank[y_i] ← x̂_i, bank_valid[y_i] ← True, last occurrence wins (training only)."""
-        if self.training:
+        """bank[y_i] ← x̂_i, bank_valid[y_i] ← True, last occurrence wins (training only).
+        Class-parallel: x, labels are the gathered batch; this rank writes its shard's rows."""
+        if not self.training:
+            return
+        if getattr(self, "shard", None) is not None:
+            distributed.bank_update_(self.bank, self.bank_valid, x, labels, self.shard)
+        else:
             bank_update_(self.bank, self.bank_valid, x.detach(), labels)
 
     @torch.no_grad()
@@ -188,6 +226,15 @@ def _partial_fc_index(module, labels: Tensor) -> Optional[Tensor]:
     return sample_classes(labels, module.num_local, module.num_sample)
 
 
+@torch.compiler.disable
+def _shard_index(module, labels_all: Tensor) -> Optional[Tensor]:
+    """Partial FC on this rank's shard: LOCAL class ids holding every class of the gathered
+    batch that falls in the shard, plus random others (None: all the shard's classes)."""
+    if not module.training or module.num_sample >= module.num_local:
+        return None
+    return module.shard.sample(labels_all, module.num_sample)
+
+
 # ----------------------------------------------------------------------------- modules
 
 class PartialFC(nn.Module):
@@ -201,20 +248,24 @@ class PartialFC(nn.Module):
     (all classes of the batch plus random others, :func:`~unitsface_kernels.sample_classes`);
     the other rows of ``weight`` get exactly zero gradient. In eval mode all classes are used.
 
-    Single process: the module owns classes ``[class_start, class_start + num_local)`` =
-    ``[0, num_classes)``; a class-parallel version shards that range (labels outside it then
-    have no target on this rank).
+    The module owns classes ``[class_start, class_start + num_local)``: all of them in one
+    process; under torch.distributed (``class_parallel``, see the module docstring) this
+    rank's shard, with ``sample_rate`` applied to the shard as in insightface
+    (``int(sample_rate·num_local)`` classes per rank). ``process_group``: the ranks sharing
+    the classes (None: the default group).
     """
 
     def __init__(self, embedding_size: int, num_classes: int, sample_rate: float = 1.0, *,
                  scale: float = 64.0, margin_cos: float = 0.4, margin_arc: float = 0.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", class_parallel: Optional[bool] = None,
+                 process_group=None):
         super().__init__()
         self.embedding_size = _positive_int(embedding_size, "embedding_size")
         self.num_classes = _positive_int(num_classes, "num_classes")
         self.sample_rate = _sample_rate(sample_rate)
-        self.class_start = 0
-        self.num_local = self.num_classes
+        self.shard = _class_shard(self.num_classes, class_parallel, process_group)
+        self.class_start = self.shard.start if self.shard is not None else 0
+        self.num_local = self.shard.num_local if self.shard is not None else self.num_classes
         self.num_sample = max(1, int(self.sample_rate * self.num_local))
         self.scale = float(scale)
         self.margin_cos = float(margin_cos)
@@ -227,11 +278,20 @@ class PartialFC(nn.Module):
         nn.init.normal_(self.weight, 0.0, 0.01)
 
     def local_labels(self, labels: Tensor) -> Tensor:
-        """Global class ids → rows of this module's ``weight`` (identity in one process)."""
-        return labels - self.class_start if self.class_start else labels
+        """Global class ids → rows of this module's ``weight`` (identity in one process;
+        −1 for classes of other shards)."""
+        return self.shard.local_labels(labels) if self.shard is not None else labels
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        labels = self.local_labels(_flat_labels(labels))
+        labels = _flat_labels(labels)
+        if self.shard is not None:
+            x_all, y_all = gather_batch(embeddings, labels, self.shard)
+            index = _shard_index(self, y_all)
+            with _no_autocast(embeddings.device):
+                return distributed.margin_softmax_loss(
+                    x_all, _as(self.weight, x_all.dtype), y_all, self.shard, scale=self.scale,
+                    margin_arc=self.margin_arc, margin_cos=self.margin_cos, index=index,
+                    backend=self.backend, gathered=True)
         index = _partial_fc_index(self, labels)
         with _no_autocast(embeddings.device):
             return fused_margin_softmax_loss(
@@ -243,7 +303,7 @@ class PartialFC(nn.Module):
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"sample_rate={self.sample_rate}, scale={self.scale}, "
                 f"margin_cos={self.margin_cos}, margin_arc={self.margin_arc}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}{_shard_repr(self)}")
 
 
 class USSLoss(_UnifiedThreshold, _MemoryBank):
@@ -253,12 +313,16 @@ class USSLoss(_UnifiedThreshold, _MemoryBank):
     mode="bank": the reference set is the module's memory bank (``bank``, ``bank_valid``;
         needs embedding_size and num_classes), updated with the batch after the loss.
     mode="inbatch": the reference set is the batch itself (pairs i ≠ j); no state but b.
+
+    In bank mode under torch.distributed the bank is class-sharded (``class_parallel``,
+    ``process_group``: see the module docstring); the in-batch mode stays per rank.
     """
 
     def __init__(self, embedding_size: Optional[int] = None, num_classes: Optional[int] = None,
                  *, scale: float = 64.0, margin: float = 0.1, form: str = "pairs",
                  official_clamp: bool = False, mode: str = "bank",
-                 bank_dtype: torch.dtype = torch.float32, backend: str = "auto"):
+                 bank_dtype: torch.dtype = torch.float32, backend: str = "auto",
+                 class_parallel: Optional[bool] = None, process_group=None):
         super().__init__()
         self.mode = _choice(mode, ("bank", "inbatch"), "mode")
         self.form = _choice(form, FORMS, "form")
@@ -268,13 +332,18 @@ class USSLoss(_UnifiedThreshold, _MemoryBank):
         self._init_threshold(scale)
         self.embedding_size = embedding_size
         self.num_classes = num_classes
+        self.shard = None
         if self.mode == "bank":
             if embedding_size is None or num_classes is None:
                 raise ValueError("mode='bank' needs embedding_size and num_classes (one bank "
                                  "row per class); mode='inbatch' needs neither")
             self.embedding_size = _positive_int(embedding_size, "embedding_size")
             self.num_classes = _positive_int(num_classes, "num_classes")
-            self._init_bank(self.num_classes, self.embedding_size, bank_dtype)
+            self.shard = _class_shard(self.num_classes, class_parallel, process_group)
+            self.class_start = self.shard.start if self.shard is not None else 0
+            self.num_local = (self.shard.num_local if self.shard is not None
+                              else self.num_classes)
+            self._init_bank(self.num_local, self.embedding_size, bank_dtype)
 
     def forward(self, x: Tensor, labels: Tensor) -> Tensor:
         labels = _flat_labels(labels)
@@ -284,10 +353,18 @@ class USSLoss(_UnifiedThreshold, _MemoryBank):
             self._maybe_init_bias(x, labels)
             with _no_autocast(x.device):
                 return fused_uss_loss(x, labels, self.bias, **opts)
-        bank, valid = self._bank_for_loss(x, self.bias)
-        self._maybe_init_bias(x, labels, bank, None, valid)
-        with _no_autocast(x.device):
-            loss = fused_uss_loss(x, labels, self.bias, bank, None, valid, **opts)
+        if self.shard is not None:
+            x, labels = gather_batch(x, labels, self.shard)
+            bank, valid = self._bank_for_loss(x, self.bias)
+            self._maybe_init_bias_sharded(x, labels, bank, valid, None)
+            with _no_autocast(x.device):
+                loss = distributed.uss_loss(x, labels, self.bias, bank, self.shard,
+                                            bank_valid=valid, gathered=True, **opts)
+        else:
+            bank, valid = self._bank_for_loss(x, self.bias)
+            self._maybe_init_bias(x, labels, bank, None, valid)
+            with _no_autocast(x.device):
+                loss = fused_uss_loss(x, labels, self.bias, bank, None, valid, **opts)
         self._update_bank(x, labels)
         return loss
 
@@ -296,7 +373,7 @@ class USSLoss(_UnifiedThreshold, _MemoryBank):
                 if self.mode == "bank" else "")
         return (f"{size}mode={self.mode!r}, scale={self.scale}, margin={self.margin}, "
                 f"form={self.form!r}, official_clamp={self.official_clamp}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}{_shard_repr(self)}")
 
 
 class UniTSFaceHead(_UnifiedThreshold, _MemoryBank):
@@ -319,18 +396,24 @@ class UniTSFaceHead(_UnifiedThreshold, _MemoryBank):
         scale, margin_cos, margin_arc: s and the CosFace m3 (0.4, UniTSFace's) / ArcFace m2.
         uss_margin, uss_form, uss_weight: USS's positive margin m, "pairs" (official) or
             "lse", and its weight λ.
+        class_parallel, process_group: class-parallel training under torch.distributed
+            (None: automatic when initialised with several ranks; see the module docstring):
+            this rank then holds the rows [class_start, class_start + num_local) of weight and
+            bank, and samples int(sample_rate·num_local) classes of its shard per step.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, *, sample_rate: float = 1.0,
                  scale: float = 64.0, margin_cos: float = 0.4, margin_arc: float = 0.0,
                  uss_margin: float = 0.1, uss_form: str = "pairs", uss_weight: float = 1.0,
-                 bank_dtype: torch.dtype = torch.float32, backend: str = "auto"):
+                 bank_dtype: torch.dtype = torch.float32, backend: str = "auto",
+                 class_parallel: Optional[bool] = None, process_group=None):
         super().__init__()
         self.embedding_size = _positive_int(embedding_size, "embedding_size")
         self.num_classes = _positive_int(num_classes, "num_classes")
         self.sample_rate = _sample_rate(sample_rate)
-        self.class_start = 0
-        self.num_local = self.num_classes
+        self.shard = _class_shard(self.num_classes, class_parallel, process_group)
+        self.class_start = self.shard.start if self.shard is not None else 0
+        self.num_local = self.shard.num_local if self.shard is not None else self.num_classes
         self.num_sample = max(1, int(self.sample_rate * self.num_local))
         self.margin_cos = float(margin_cos)
         self.margin_arc = float(margin_arc)
@@ -352,6 +435,8 @@ class UniTSFaceHead(_UnifiedThreshold, _MemoryBank):
 
     def forward(self, x: Tensor, labels: Tensor, with_uss: bool = True) -> Tensor:
         labels = _flat_labels(labels)
+        if self.shard is not None:
+            return self._forward_sharded(x, labels, with_uss)
         index = _partial_fc_index(self, labels)
         weight = _as(self.weight, x.dtype)
         common = dict(scale=self.scale, margin_arc=self.margin_arc, margin_cos=self.margin_cos,
@@ -372,6 +457,29 @@ class UniTSFaceHead(_UnifiedThreshold, _MemoryBank):
                 loss = fused_margin_softmax_loss(x, weight, labels, **common)
             loss = loss + 0.0 * self.bias.sum()  # b takes part (zero gradient): DDP-friendly
         self._update_bank(x, labels)
+        return loss
+
+    def _forward_sharded(self, x: Tensor, labels: Tensor, with_uss: bool) -> Tensor:
+        """Class-parallel: the loss over every rank's batch from this rank's class shard."""
+        x_all, y_all = gather_batch(x, labels, self.shard)
+        index = _shard_index(self, y_all)
+        weight = _as(self.weight, x_all.dtype)
+        common = dict(scale=self.scale, margin_arc=self.margin_arc, margin_cos=self.margin_cos,
+                      index=index, backend=self.backend, gathered=True)
+        if with_uss:
+            bank, valid = self._bank_for_loss(x_all, self.weight, self.bias)
+            self._maybe_init_bias_sharded(x_all, y_all, bank, valid, index)
+            with _no_autocast(x.device):
+                loss = distributed.unitsface_loss(
+                    x_all, y_all, weight, bank, self.bias, self.shard, bank_valid=valid,
+                    uss_margin=self.uss_margin, uss_form=self.uss_form,
+                    uss_weight=self.uss_weight, **common)
+        else:
+            with _no_autocast(x.device):
+                loss = distributed.margin_softmax_loss(x_all, weight, y_all, self.shard,
+                                                       **common)
+            loss = loss + 0.0 * self.bias.sum()
+        self._update_bank(x_all, y_all)
         return loss
 
     # --------------------------------------------------------------- the official checkpoint
@@ -398,6 +506,8 @@ class UniTSFaceHead(_UnifiedThreshold, _MemoryBank):
         ``{"state_dict": ...}`` is unwrapped. The bank stores the normalised rows of
         ``feat_mem``; rows with a zero (or non-finite) norm stay invalid. The weight is
         required; a missing feat_mem or bias leaves that part as it is. Returns self.
+        A class-parallel head takes the full C×D tensors (and keeps its shard's rows) or
+        its shard's rows.
         """
         if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
             state_dict = state_dict["state_dict"]
@@ -405,13 +515,13 @@ class UniTSFaceHead(_UnifiedThreshold, _MemoryBank):
                 for short, full in self._OFFICIAL.items()}
         if keys["weight"] is None:
             raise KeyError("state_dict has no 'sample_to_class_loss.weight' (or 'weight') entry")
-        weight = state_dict[keys["weight"]]
+        weight = self._shard_rows(state_dict[keys["weight"]])
         if tuple(weight.shape) != tuple(self.weight.shape):
             raise ValueError(f"{keys['weight']} has shape {tuple(weight.shape)}, this head's "
                              f"weight is {tuple(self.weight.shape)}")
         feat = None
         if keys["feat_mem"] is not None:
-            feat = state_dict[keys["feat_mem"]]
+            feat = self._shard_rows(state_dict[keys["feat_mem"]])
             if tuple(feat.shape) != tuple(self.bank.shape):
                 raise ValueError(f"{keys['feat_mem']} has shape {tuple(feat.shape)}, this "
                                  f"head's bank is {tuple(self.bank.shape)}")
@@ -436,10 +546,22 @@ class UniTSFaceHead(_UnifiedThreshold, _MemoryBank):
             self.bank_valid.copy_(valid)
         return self
 
+    def _shard_rows(self, t: Tensor) -> Tensor:
+        """A full C×D checkpoint tensor → this shard's rows (class-parallel heads)."""
+        if (self.shard is not None and t.dim() == 2 and t.shape[0] == self.num_classes
+                and self.num_local != self.num_classes):
+            return t[self.shard.start:self.shard.stop]
+        return t
+
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"sample_rate={self.sample_rate}, scale={self.scale}, "
                 f"margin_cos={self.margin_cos}, margin_arc={self.margin_arc}, "
                 f"uss_margin={self.uss_margin}, uss_form={self.uss_form!r}, "
                 f"uss_weight={self.uss_weight}, bank_dtype={self.bank.dtype}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}{_shard_repr(self)}")
+
+
+def _shard_repr(module) -> str:
+    shard = getattr(module, "shard", None)
+    return "" if shard is None else f", shard=[{shard.start}, {shard.stop})"

@@ -79,7 +79,7 @@ def _uss_inputs(x, labels, bias, ref, ref_labels, ref_valid):
 
 def fused_uss_loss(x, labels, bias, ref=None, ref_labels=None, ref_valid=None, *, scale=64.0,
                    margin=0.1, form="pairs", official_clamp=False, reduction="mean",
-                   backend="auto"):
+                   backend="auto", shard=None):
     """The unified-threshold sample-to-sample loss (DESIGN.md §1.1) without a B×N matrix.
 
     pairs: L_i = Σ_{P_i} softplus(b − s(cos_ij − m)) + Σ_{N_i} softplus(s·cos_ij − b)
@@ -97,9 +97,24 @@ def fused_uss_loss(x, labels, bias, ref=None, ref_labels=None, ref_valid=None, *
         official_clamp: clamp each softplus argument to [−s, s] as the official code does.
         reduction: "mean" over rows, "sum", or "none" (per-row losses).
         backend: "auto", "triton", "native" or "reference".
+        shard: a :class:`~unitsface_kernels.distributed.ClassShard` for class-parallel
+            training (memory-bank mode only): ``ref`` and ``ref_valid`` (and a per-class bias)
+            are then this rank's rows [start, stop), ``ref_labels`` must be None, and the
+            loss is over the batches of all ranks (see :mod:`unitsface_kernels.distributed`).
 
     Returns the loss in float32 (float64 for float64 inputs).
     """
+    if shard is not None:
+        if ref is None or ref_labels is not None:
+            raise ValueError("shard= is the class-parallel memory-bank mode: pass the shard's "
+                             "bank rows as ref and leave ref_labels=None (in-batch pairs and "
+                             "labelled reference sets are not class-sharded)")
+        from . import distributed
+
+        return distributed.uss_loss(x, labels, bias, ref, shard, bank_valid=ref_valid,
+                                    scale=scale, margin=margin, form=form,
+                                    official_clamp=official_clamp, reduction=reduction,
+                                    backend=backend)
     check.choice(form, FORMS, "form")
     check.choice(reduction, REDUCTIONS, "reduction")
     scale = check.positive_number(scale, "scale")
@@ -164,7 +179,7 @@ def _class_inputs(x, centres, labels, index):
 
 
 def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0, margin_cos=0.4,
-                              index=None, reduction="mean", backend="auto"):
+                              index=None, reduction="mean", backend="auto", shard=None):
     """CosFace / ArcFace softmax over normalised class centres (DESIGN.md §1.2), optionally
     over a partial-FC index S, without a B×C (or B×|S|) matrix:
 
@@ -177,7 +192,17 @@ def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0,
             label (see :func:`sample_classes`); rows of W outside it get exactly zero gradient.
         scale: s. margin_arc: m2 (ArcFace 0.5). margin_cos: m3 (CosFace 0.4, UniTSFace's).
         reduction: "mean", "sum" or "none". backend: "auto", "triton", "native", "reference".
+        shard: a :class:`~unitsface_kernels.distributed.ClassShard` for class-parallel
+            training: ``centres`` are this rank's rows [start, stop), ``index`` holds LOCAL
+            class ids, and the loss is over the batches of all ranks
+            (see :mod:`unitsface_kernels.distributed`).
     """
+    if shard is not None:
+        from . import distributed
+
+        return distributed.margin_softmax_loss(
+            x, centres, labels, shard, scale=scale, margin_arc=margin_arc,
+            margin_cos=margin_cos, index=index, reduction=reduction, backend=backend)
     check.choice(reduction, REDUCTIONS, "reduction")
     scale, margin_arc, margin_cos = _margins(scale, margin_arc, margin_cos)
     x, centres, labels, index = _class_inputs(x, centres, labels, index)
@@ -195,7 +220,8 @@ def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0,
 
 def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, index=None,
                          scale=64.0, margin_arc=0.0, margin_cos=0.4, uss_margin=0.1,
-                         uss_form="pairs", uss_weight=1.0, reduction="mean", backend="auto"):
+                         uss_form="pairs", uss_weight=1.0, reduction="mean", backend="auto",
+                         shard=None):
     """The UniTSFace objective in one pass over the classes (DESIGN.md §1.3):
 
         L_i = L_softmax,i(x; W[S], m2, m3) + λ·L_uss,i(x; bank[S], b, bank_valid[S])
@@ -210,7 +236,18 @@ def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, ind
         bank_valid: (C,) bool, slots written so far; None → all valid.
         index: partial-FC classes (sorted, unique, holding every label), shared by both parts.
         uss_margin: m of USS. uss_form: "pairs" or "lse". uss_weight: λ.
+        shard: a :class:`~unitsface_kernels.distributed.ClassShard` for class-parallel
+            training: centres, bank, bank_valid (and a per-class bias) are this rank's rows
+            [start, stop), ``index`` holds LOCAL class ids, a scalar bias is replicated, and
+            the loss is over the batches of all ranks (see :mod:`unitsface_kernels.distributed`).
     """
+    if shard is not None:
+        from . import distributed
+
+        return distributed.unitsface_loss(
+            x, labels, centres, bank, bias, shard, bank_valid=bank_valid, index=index,
+            scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, uss_margin=uss_margin,
+            uss_form=uss_form, uss_weight=uss_weight, reduction=reduction, backend=backend)
     check.choice(reduction, REDUCTIONS, "reduction")
     check.choice(uss_form, FORMS, "uss_form")
     scale, margin_arc, margin_cos = _margins(scale, margin_arc, margin_cos)

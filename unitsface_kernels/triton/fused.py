@@ -85,7 +85,7 @@ def _fwd_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
         cos_c, z = softmax_logits(cos_tile(x_tile, w_tile, inv_x, inv_w), is_target, scale,
                                   m3, cos_m2, sin_m2, mm, ARC)
         m, se = online_lse(m, se, z, col_ok[None, :])
-        zt += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+        zt += tl.sum(tl.where(is_target & col_ok[None, :], z, 0.0), axis=1)  # −1: padding
         if HAS_USS:
             b_tile = gather_tile(bank_ptr, cls, col_ok, D, DP, UPCAST)
             inv_b = inv_norm(tl.load(nb_ptr + cols, mask=col_ok, other=1.0))
