@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import (DTYPES, LargestAllocation, all_backends, assert_close_grad,
-                     assert_close_loss, fused_backends)
+                     assert_close_loss, fp64_backends, fused_backends)
 from unitsface_kernels import fused_margin_softmax_loss, reference, sample_classes
 
 MARGINS = {"cosface": (0.0, 0.4), "arcface": (0.5, 0.0), "combined": (0.3, 0.2)}
@@ -245,7 +245,7 @@ def test_cuda_parity(backend, dtype, margin, sampled, b, c, d):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", fused_backends("cuda", "unitsface"))
+@pytest.mark.parametrize("backend", fp64_backends("cuda", "unitsface"))
 @pytest.mark.parametrize("margin", list(MARGINS))
 def test_cuda_gradcheck(backend, margin):
     case = make_case(7, 19, 6, torch.float64, "cuda", sampled=True, rate=0.5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import (DTYPES, LargestAllocation, all_backends, assert_close_grad,
-                     assert_close_loss, fused_backends)
+                     assert_close_loss, fp64_backends, fused_backends)
 from unitsface_kernels import (fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss,
                                sample_classes)
 
@@ -196,7 +196,7 @@ def test_cuda_parity(backend, dtype, form, sampled, b, c, d):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", fused_backends("cuda", "unitsface"))
+@pytest.mark.parametrize("backend", fp64_backends("cuda", "unitsface"))
 @pytest.mark.parametrize("form", FORMS)
 def test_cuda_gradcheck(backend, form):
     case = make_case(7, 17, 6, torch.float64, "cuda", sampled=True, vector_bias=True, rate=0.6)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import (DTYPES, LargestAllocation, all_backends, assert_close_grad,
-                     assert_close_loss, fused_backends)
+                     assert_close_loss, fp64_backends, fused_backends)
 from unitsface_kernels import fused_uss_loss, reference, uss_bias_init
 
 MODES = ["bank", "inbatch", "centres"]
@@ -373,7 +373,7 @@ def test_cuda_parity(backend, dtype, form, mode, b, n, d):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", fused_backends("cuda", "uss"))
+@pytest.mark.parametrize("backend", fp64_backends("cuda", "uss"))
 @pytest.mark.parametrize("form", FORMS)
 def test_cuda_gradcheck(backend, form):
     case = make_case(9, 13, 6, "centres", torch.float64, "cuda", vector_bias=True)
@@ -384,3 +384,10 @@ def test_cuda_gradcheck(backend, form):
 
     inputs = [case[k].detach().clone().requires_grad_() for k in ("x", "bias", "ref")]
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_triton_refuses_float64():
+    case = make_case(9, 13, 6, "bank", torch.float64, "cuda")
+    with pytest.raises(TypeError, match="no float64 kernels for GPUs"):
+        fused_uss_loss(case["x"], case["labels"], case["bias"], case["ref"], backend="triton")

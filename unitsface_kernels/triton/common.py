@@ -91,11 +91,7 @@ def load_tile(ptr, rows, n_rows, D, DP: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def mma(a, b, acc):
-    """acc + a @ b with fp32 accumulation (fp64 for fp64); 'ieee' keeps fp32 out of TF32.
-    Triton's fp64 ``tl.dot`` does not compile for sm_90 beyond tiny K (triton 3.8), so fp64
-    (used for gradcheck) multiplies by broadcasting instead."""
-    if a.dtype == tl.float64:
-        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    """acc + a @ b with fp32 accumulation (fp64 for fp64); 'ieee' keeps fp32 out of TF32."""
     return tl.dot(a, b, acc=acc, input_precision="ieee")
 
 
@@ -131,15 +127,16 @@ def launch_config(d: int, device: torch.device, dtype: torch.dtype) -> LaunchCon
     if override:  # a tuning knob: "block_m,block_n,dc,num_warps,num_stages"
         bm, bn, dc, warps, stages = (int(v) for v in override.split(","))
         return LaunchConfig(bm, bn, dp, min(dc, dp), warps, stages)
-    if dtype == torch.float64:  # gradcheck sizes: small blocks for the broadcast product
-        return LaunchConfig(16, 16, dp, dp, 4, 1)
     esize = torch.empty((), dtype=dtype).element_size()
     row_bytes = dp * esize
     block_m = 64 if row_bytes <= 1024 else 32 if row_bytes <= 2048 else 16
     block_n = 64 if row_bytes <= 512 else 32 if row_bytes <= 1024 else 16
     dc = min(dp, 512 // esize)
-    stages = 2 if block_n * row_bytes <= 32768 else 1
-    return LaunchConfig(block_m, block_n, dp, dc, 8 if dp >= 256 else 4, stages)
+    # Measured on an H200 with triton 3.6 (benchmarks/results/NOTES.md): at D=512 in bf16 the
+    # pipelined (2-stage) backward kernels ask for 266 KB of shared memory (> 227 KB), and
+    # 4 warps beat 8 (6.8 ms against 9.4 ms for the objective's fwd+bwd at C=100k).
+    stages = 2 if block_n * row_bytes < 32768 else 1
+    return LaunchConfig(block_m, block_n, dp, dc, 8 if dp > 512 else 4, stages)
 
 
 MAX_ROW_BYTES = 4096
@@ -147,18 +144,16 @@ MAX_ROW_BYTES = 4096
 memory: D ≤ 2048 for 2-byte dtypes, 1024 for fp32; wider ones belong to the native backend."""
 
 
-MAX_D_FP64_CUDA = 64
-"""float64 multiplies by broadcasting on GPUs (see :func:`mma`): for gradcheck-sized inputs."""
-
-
 def check_width(d: int, dtype: torch.dtype, device: torch.device) -> None:
+    """The shapes and dtypes the compiled kernels support (the interpreter runs any)."""
     dp = max(16, triton.next_power_of_2(d))
     if dp * torch.empty((), dtype=dtype).element_size() > MAX_ROW_BYTES:
         raise ValueError(f"the triton backend supports embeddings up to {MAX_ROW_BYTES} bytes "
                          f"per padded row; D={d} in {dtype} is wider: use backend='native'")
-    if dtype == torch.float64 and device.type == "cuda" and d > MAX_D_FP64_CUDA:
-        raise ValueError(f"the triton backend runs float64 on GPUs only up to "
-                         f"D={MAX_D_FP64_CUDA} (it exists for gradcheck); use backend='native'")
+    if dtype == torch.float64 and device.type == "cuda":
+        # Triton's fp64 tl.dot fails to compile for these tiles (triton 3.6 and 3.8, sm_90).
+        raise TypeError("the triton backend has no float64 kernels for GPUs (float64 is for "
+                        "gradcheck: run it on the CPU, or use backend='native' on the GPU)")
 
 
 def num_splits(row_blocks: int, n_tiles: int, device: torch.device) -> int:

@@ -1,0 +1,1 @@
+"""Benchmarks of unitsface_kernels: ``python -m benchmarks`` (see benchmarks/README.md)."""

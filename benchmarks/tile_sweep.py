@@ -1,0 +1,81 @@
+"""Tile-size sweep of the Triton UniTSFace objective on a GPU (a tuning aid, not a headline).
+
+    python -m benchmarks.tile_sweep [--batch 512 --dim 512 --classes 100000]
+
+For each candidate "block_m,block_n,dc,num_warps,num_stages" (UNITSFACE_TRITON_TILES) it times
+the forward and forward+backward of fused_unitsface_loss in bf16 and prints them next to the
+time of one torch.mm of the cosine GEMM's shape: the objective needs 5 such GEMMs of useful
+work (DESIGN.md §7), the kernels do 7 (the backward recomputes both cosine tiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+CANDIDATES = ["64,32,256,8,2", "64,32,128,8,2", "64,64,256,8,2", "64,32,512,8,2",
+              "64,16,256,4,2"]
+
+
+def _time(fn, warmup=3, reps=10) -> float:
+    """Median milliseconds of fn() with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    from unitsface_kernels import fused_unitsface_loss
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--classes", type=int, default=100_000)
+    ap.add_argument("--tiles", nargs="*", default=CANDIDATES)
+    args = ap.parse_args()
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    b, d, c = args.batch, args.dim, args.classes
+    x = torch.randn(b, d, device=dev, dtype=dt, generator=g).requires_grad_()
+    w = torch.randn(c, d, device=dev, dtype=dt, generator=g).requires_grad_()
+    bank = torch.randn(c, d, device=dev, dtype=dt, generator=g)
+    bias = torch.tensor([20.0], device=dev, requires_grad=True)
+    labels = torch.randint(0, c, (b,), device=dev, generator=g)
+
+    mm_ms = _time(lambda: torch.mm(x.detach(), w.detach().T))
+    useful = 5 * 2 * b * c * d
+    print(f"torch.mm {b}x{d} @ {d}x{c} bf16: {mm_ms:.3f} ms "
+          f"({2 * b * c * d / mm_ms / 1e9:.0f} TFLOP/s); useful work = 5 such GEMMs")
+    print(f"{'tiles':>18} {'fwd ms':>8} {'fwd+bwd ms':>11} {'useful TFLOP/s':>15} {'% of mm':>8}")
+    for tiles in args.tiles:
+        os.environ["UNITSFACE_TRITON_TILES"] = tiles
+
+        def fwd():
+            return fused_unitsface_loss(x, labels, w, bank, bias, backend="triton")
+
+        def step():
+            fwd().backward()
+
+        try:
+            f_ms, s_ms = _time(fwd), _time(step)
+        except Exception as e:  # a config that does not fit is a finding, not a crash
+            print(f"{tiles:>18} failed: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        rate = useful / s_ms / 1e9
+        print(f"{tiles:>18} {f_ms:8.3f} {s_ms:11.3f} {rate:15.0f} "
+              f"{100 * 5 * mm_ms / s_ms:7.1f}%", flush=True)
+    os.environ.pop("UNITSFACE_TRITON_TILES", None)
+
+
+if __name__ == "__main__":
+    main()
