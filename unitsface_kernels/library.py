@@ -190,7 +190,17 @@ register_family("uss", "uss_fwd_triton", "uss_bwd_triton", fakes=False)
 register_family("unitsface", "unitsface_fwd_triton", "unitsface_bwd_triton", fakes=False)
 
 
+FORWARD_VARIANTS: dict = {}
+"""(family, backend) → a callable taking the forward op's arguments and returning its outputs
+first (possibly followed by more): a backend's faster forward, e.g. native's fused
+``unitsface_fwd_g`` for CPU training steps (registered by unitsface_kernels.native)."""
+
+
 def forward_op(family: str, backend: str):
-    """The forward op of a fused backend: `<family>_fwd_triton` or the native `<family>_fwd`."""
+    """The forward op of a fused backend: `<family>_fwd_triton` or the native `<family>_fwd`
+    (or the backend's registered variant of it, see FORWARD_VARIANTS)."""
+    variant = FORWARD_VARIANTS.get((family, backend))
+    if variant is not None:
+        return variant
     return getattr(torch.ops.unitsface, f"{family}_fwd_triton" if backend == "triton"
                    else f"{family}_fwd")

@@ -67,7 +67,15 @@ def require():
 # "native" for that family.
 NATIVE_OPS: dict[str, tuple[str, ...]] = {
     "bank_update": ("bank_update_",),
+    # chunked ATen GEMM + fused epilogue (csrc/uss.cpp, csrc/unitsface.cpp, csrc/*_cuda.cu),
+    # with the schemas of the Triton ops of unitsface_kernels.library
+    "uss": ("uss_fwd", "uss_bwd"),
+    "unitsface": ("unitsface_fwd", "unitsface_bwd"),
 }
+
+# Op families whose forward/backward pair gets the autograd wiring (and fake kernels) of
+# unitsface_kernels.library.register_family once the extension is loaded.
+_FAMILIES = ("uss", "unitsface")
 
 
 def has_op(op: str) -> bool:
@@ -84,6 +92,91 @@ def _register_fakes() -> None:
     @torch.library.register_fake("unitsface::bank_update_")
     def _bank_update_fake(bank, bank_valid, x, labels):
         return None
+
+    # The loss families: the fakes and the autograd link of library.py (shared with the
+    # Triton ops, whose signatures these C++ ops repeat). An older build without them is
+    # skipped (has_op then reports the family missing).
+    from . import library
+
+    for family in _FAMILIES:
+        fwd, bwd = NATIVE_OPS[family]
+        if hasattr(torch.ops.unitsface, fwd) and hasattr(torch.ops.unitsface, bwd):
+            library.register_family(family, fwd, bwd, fakes=True)
+    if hasattr(torch.ops.unitsface, "unitsface_fwd_g"):
+        _register_fused_unitsface(library)
+
+
+# --------------------------------------------------------------------------------------
+# unitsface_fwd_g / unitsface_bwd_g: the fused CPU forward of the objective
+# --------------------------------------------------------------------------------------
+# unitsface_fwd_g returns unitsface_fwd's outputs plus dx_rows [B, D] = ∂L_i/∂x_i and
+# db_rows [B] = ∂L_i/∂b, formed during the forward sweep (the softmax part of ∂x accumulated
+# with flash-attention's running-max rescaling). Since L_i depends on x only through x_i,
+# ∂L/∂x = grad_rows[:, None] · dx_rows for any upstream gradient, and unitsface_bwd_g only
+# recomputes the W cosines for ∂W: 6 GEMMs per training step instead of 7. The public
+# functions use it (through library.FORWARD_VARIANTS) for CPU tensors when x takes a gradient.
+
+def _unitsface_fwd_g_fake(x, centres, bank, labels, index, bank_valid, bias, scale, margin_arc,
+                          margin_cos, uss_margin, uss_weight, uss_lse):
+    from .library import unitsface_fwd_fake
+
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return unitsface_fwd_fake(x, centres, bank, labels, index, bank_valid, bias, scale,
+                              margin_arc, margin_cos, uss_margin, uss_weight, uss_lse) + (
+        x.new_empty(x.shape, dtype=acc), x.new_empty(x.shape[0], dtype=acc))
+
+
+def _unitsface_bwd_g_fake(grad_rows, x, centres, bank, labels, index, bank_valid, bias, nx, nw,
+                          nb, stats, dx_rows, db_rows, scale, margin_arc, margin_cos,
+                          uss_margin, uss_weight, uss_lse, need_dx, need_dw, need_dbias):
+    from .library import unitsface_bwd_fake
+
+    return unitsface_bwd_fake(grad_rows, x, centres, bank, labels, index, bank_valid, bias, nx,
+                              nw, nb, stats, scale, margin_arc, margin_cos, uss_margin,
+                              uss_weight, uss_lse, need_dx, need_dw, need_dbias)
+
+
+def _unitsface_g_setup(ctx, inputs, output):
+    x, centres, bank, labels, index, bank_valid, bias, *options = inputs
+    _, stats, nx, nw, nb, dx_rows, db_rows = output
+    ctx.mark_non_differentiable(stats, nx, nw, nb, dx_rows, db_rows)
+    ctx.save_for_backward(x, centres, bank, labels, index, bank_valid, bias, nx, nw, nb, stats,
+                          dx_rows, db_rows)
+    ctx.options = tuple(options)
+
+
+def _unitsface_g_backward(ctx, grad_rows, *_):
+    (x, centres, bank, labels, index, bank_valid, bias, nx, nw, nb, stats, dx_rows,
+     db_rows) = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_dbias = need[6] and bias is not None
+    dx, dw, dbias = torch.ops.unitsface.unitsface_bwd_g(
+        grad_rows, x, centres, bank, labels, index, bank_valid, bias, nx, nw, nb, stats, dx_rows,
+        db_rows, *ctx.options, need[0], need[1], need_dbias)
+    return (dx if need[0] else None, dw if need[1] else None, None, None, None, None,
+            dbias if need_dbias else None) + (None,) * len(ctx.options)
+
+
+def unitsface_forward(x, centres, bank, labels, index, bank_valid, bias, scale, margin_arc,
+                      margin_cos, uss_margin, uss_weight, uss_lse):
+    """The native forward of the objective as the public functions call it: the fused
+    unitsface_fwd_g when it pays (CPU tensors, grad mode on, x takes a gradient), else the
+    plain unitsface_fwd. Either way the first five outputs are unitsface_fwd's."""
+    ops = torch.ops.unitsface
+    fused = (x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad
+             and hasattr(ops, "unitsface_fwd_g"))
+    op = ops.unitsface_fwd_g if fused else ops.unitsface_fwd
+    return op(x, centres, bank, labels, index, bank_valid, bias, scale, margin_arc, margin_cos,
+              uss_margin, uss_weight, uss_lse)
+
+
+def _register_fused_unitsface(library) -> None:
+    torch.library.register_fake("unitsface::unitsface_fwd_g")(_unitsface_fwd_g_fake)
+    torch.library.register_fake("unitsface::unitsface_bwd_g")(_unitsface_bwd_g_fake)
+    torch.library.register_autograd("unitsface::unitsface_fwd_g", _unitsface_g_backward,
+                                    setup_context=_unitsface_g_setup)
+    if hasattr(library, "FORWARD_VARIANTS"):
+        library.FORWARD_VARIANTS[("unitsface", "native")] = unitsface_forward
 
 
 # --------------------------------------------------------------------------------------
