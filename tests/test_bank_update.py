@@ -301,3 +301,18 @@ def test_has_op(monkeypatch):
     monkeypatch.setattr(native, "_tried", True)
     monkeypatch.setattr(native, "_C", None)
     assert not native.has_op("bank_update")
+
+
+def test_update_after_a_loss_is_seen_by_autograd():
+    """Writing a bank that a fused loss saved for its backward is caught (not silently used)."""
+    from unitsface_kernels import bank_update_, fused_uss_loss
+
+    g = torch.Generator().manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(12, 8, generator=g))
+    valid = torch.ones(12, dtype=torch.bool)
+    x = torch.randn(5, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 12, (5,), generator=g)
+    loss = fused_uss_loss(x, labels, 3.0, bank, ref_valid=valid)
+    bank_update_(bank, valid, x, labels)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

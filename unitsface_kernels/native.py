@@ -246,3 +246,6 @@ def bank_update_(bank: torch.Tensor, bank_valid: torch.Tensor, x: torch.Tensor,
     require()
     check_bank_update_args(bank, bank_valid, x, labels)
     torch.ops.unitsface.bank_update_(bank, bank_valid, x.detach(), labels)
+    # A C++ op does not bump the version counters of what it writes: without this, a loss
+    # that saved the bank for its backward would silently use the updated rows.
+    torch.autograd.graph.increment_version([bank, bank_valid])
