@@ -50,10 +50,10 @@ def inv_norm(norm):
 
 
 @triton.jit
-def gather_tile(ptr, ids, ok, D, DP: tl.constexpr, UPCAST: tl.constexpr):
-    """Rows `ids` (all D features, zero padded to DP; zero where not `ok`) of a row-major
-    matrix with D columns. UPCAST returns them in fp32 (see :func:`upcast_tiles`)."""
-    offs_d = tl.arange(0, DP)
+def gather_chunk(ptr, ids, ok, D, d0, DC: tl.constexpr, UPCAST: tl.constexpr):
+    """Features [d0, d0 + DC) (zero padded past D; zero where not `ok`) of rows `ids` of a
+    row-major matrix with D columns. UPCAST returns them in fp32 (see :func:`upcast_tiles`)."""
+    offs_d = d0 + tl.arange(0, DC)
     mask = ok[:, None] & (offs_d[None, :] < D)
     t = tl.load(ptr + ids[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask, other=0.0)
     if UPCAST:
@@ -62,14 +62,9 @@ def gather_tile(ptr, ids, ok, D, DP: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def gather_chunk(ptr, ids, ok, D, d0, DC: tl.constexpr, UPCAST: tl.constexpr):
-    """Features [d0, d0 + DC) of rows `ids` (see :func:`gather_tile`)."""
-    offs_d = d0 + tl.arange(0, DC)
-    mask = ok[:, None] & (offs_d[None, :] < D)
-    t = tl.load(ptr + ids[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask, other=0.0)
-    if UPCAST:
-        t = t.to(tl.float32)
-    return t
+def gather_tile(ptr, ids, ok, D, DP: tl.constexpr, UPCAST: tl.constexpr):
+    """All D features of rows `ids`, padded to DP (see :func:`gather_chunk`)."""
+    return gather_chunk(ptr, ids, ok, D, 0, DP, UPCAST)
 
 
 @triton.jit
