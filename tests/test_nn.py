@@ -399,3 +399,50 @@ def test_torch_compile():
     loss.backward()
     assert head.weight.grad is not None
     assert torch.equal(head.bank, twin.bank)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", fused_backends("cuda", "unitsface"))
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_cuda_head_matches_reference(backend, rate):
+    """The head on a GPU: loss and gradients equal the float64 reference on the bank before
+    the update, and the bank is updated afterwards."""
+    C, D = 300, 64
+    head = filled_head(C=C, D=D, sample_rate=rate, backend=backend).cuda()
+    with torch.no_grad():
+        head.bias.fill_(20.0)
+    x, labels = batch(B=64, D=D, C=C)
+    x, labels = x.cuda().requires_grad_(True), labels.cuda()
+    bank, valid = head.bank.clone(), head.bank_valid.clone()
+    w = head.weight.detach().double().requires_grad_(True)
+    b = head.bias.detach().double().requires_grad_(True)
+    x2 = x.detach().double().requires_grad_(True)
+    torch.manual_seed(7)
+    index = None if rate == 1.0 else sample_classes(labels, C, C // 2)
+    want = reference.unitsface_loss(x2, labels, w, bank.double(), b, bank_valid=valid,
+                                    index=index)
+    want.backward()
+    torch.manual_seed(7)
+    loss = head(x, labels)
+    loss.backward()
+    assert not torch.equal(head.bank, bank)
+    assert rel_err(loss.detach(), want.detach()) < 1e-5
+    for got, ref in ((x.grad, x2.grad), (head.weight.grad, w.grad)):
+        assert grad_cosine(got, ref) > 0.9999
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", fused_backends("cuda", "unitsface"))
+def test_cuda_autocast_bf16_training_step(backend):
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(64, 64).cuda()
+    head = filled_head(C=300, D=64, backend=backend, sample_rate=0.5).cuda()
+    x, labels = batch(B=64, D=64, C=300)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = head(proj(x.cuda()), labels.cuda())
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert head.weight.grad.dtype == torch.float32 and torch.isfinite(head.weight.grad).all()
+    assert head.bias.item() > 0  # initialised from the data on the first USS call
