@@ -218,6 +218,20 @@ class _MemoryBank(nn.Module):
 
 
 @torch.compiler.disable  # random sampling with a data-dependent size
+def _setup_classes(module, embedding_size, num_classes, sample_rate, class_parallel,
+                   process_group) -> None:
+    """The class-centre heads' shared attributes: sizes, sample rate, this rank's shard
+    [class_start, class_start + num_local) and the partial-FC sample size."""
+    module.embedding_size = _positive_int(embedding_size, "embedding_size")
+    module.num_classes = _positive_int(num_classes, "num_classes")
+    module.sample_rate = _sample_rate(sample_rate)
+    module.shard = _class_shard(module.num_classes, class_parallel, process_group)
+    module.class_start = module.shard.start if module.shard is not None else 0
+    module.num_local = (module.shard.num_local if module.shard is not None
+                        else module.num_classes)
+    module.num_sample = max(1, int(module.sample_rate * module.num_local))
+
+
 def _partial_fc_index(module, labels: Tensor) -> Optional[Tensor]:
     """Partial FC: in training mode with num_sample < num_local, every class of the batch plus
     random others (sorted); otherwise None (all classes)."""
@@ -260,13 +274,8 @@ class PartialFC(nn.Module):
                  backend: str = "auto", class_parallel: Optional[bool] = None,
                  process_group=None):
         super().__init__()
-        self.embedding_size = _positive_int(embedding_size, "embedding_size")
-        self.num_classes = _positive_int(num_classes, "num_classes")
-        self.sample_rate = _sample_rate(sample_rate)
-        self.shard = _class_shard(self.num_classes, class_parallel, process_group)
-        self.class_start = self.shard.start if self.shard is not None else 0
-        self.num_local = self.shard.num_local if self.shard is not None else self.num_classes
-        self.num_sample = max(1, int(self.sample_rate * self.num_local))
+        _setup_classes(self, embedding_size, num_classes, sample_rate, class_parallel,
+                       process_group)
         self.scale = float(scale)
         self.margin_cos = float(margin_cos)
         self.margin_arc = float(margin_arc)
@@ -408,13 +417,8 @@ class UniTSFaceHead(_UnifiedThreshold, _MemoryBank):
                  bank_dtype: torch.dtype = torch.float32, backend: str = "auto",
                  class_parallel: Optional[bool] = None, process_group=None):
         super().__init__()
-        self.embedding_size = _positive_int(embedding_size, "embedding_size")
-        self.num_classes = _positive_int(num_classes, "num_classes")
-        self.sample_rate = _sample_rate(sample_rate)
-        self.shard = _class_shard(self.num_classes, class_parallel, process_group)
-        self.class_start = self.shard.start if self.shard is not None else 0
-        self.num_local = self.shard.num_local if self.shard is not None else self.num_classes
-        self.num_sample = max(1, int(self.sample_rate * self.num_local))
+        _setup_classes(self, embedding_size, num_classes, sample_rate, class_parallel,
+                       process_group)
         self.margin_cos = float(margin_cos)
         self.margin_arc = float(margin_arc)
         self.uss_margin = float(uss_margin)
