@@ -7,13 +7,13 @@
 #
 # Every step has a time limit (timeout) and the suite goes on after a failing step; the whole
 # run stays within ~7.5 minutes (SUITE_SECONDS, default 440). It writes few, flat files into
-# $OUT: build.log, tests.log, accuracy.log, sweep.log, bench.log and the benchmark's
-# <device>-<date>.json/.md/.png, and prints a short summary at the end.
+# $OUT: build.log, tests.log, accuracy.log, sweep.log (tile sweep + benchmarks.fusion),
+# bench.log and the benchmark's <device>-<date>.json/.md/.png, and prints a short summary.
 #
 # Knobs (environment): PYTHON (python3), OUT, SUITE_SECONDS (440), BUILD_SECONDS (150),
-# TESTS_SECONDS (110), ACCURACY_SECONDS (45), SWEEP_SECONDS (50), TEST_WORKERS (8; 0 =
-# serial), UNITSFACE_CXX (the C++ compiler; default /usr/bin/g++, see below),
-# TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16), BENCH_ARGS (extra arguments for
+# TESTS_SECONDS (110), ACCURACY_SECONDS (45), SWEEP_SECONDS (50), FUSION_SECONDS (30),
+# TEST_WORKERS (8; 0 = serial), UNITSFACE_CXX (the C++ compiler; default /usr/bin/g++, see
+# below), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16), BENCH_ARGS (extra arguments for
 # `python -m benchmarks`).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -114,6 +114,9 @@ cat "$OUT/accuracy.log"
 : >"$OUT/sweep.log"
 run_step sweep "${SWEEP_SECONDS:-50}" "$OUT/sweep.log" "$PY" -m benchmarks.tile_sweep
 cat "$OUT/sweep.log"
+# the one-pass objective against its two losses called separately (same log: ≤ 8 files)
+run_step fusion "${FUSION_SECONDS:-30}" "$OUT/sweep.log" "$PY" -m benchmarks.fusion --repeats 10
+tail -n 4 "$OUT/sweep.log"
 
 # ---------------------------------------------------------------------------- 5. benchmark
 LEFT=$(( SUITE_SECONDS - $(elapsed) ))

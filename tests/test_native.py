@@ -14,7 +14,7 @@ import torch
 
 import test_unitsface as tuf
 import test_uss as tu
-from helpers import DTYPES, assert_close_grad, assert_close_loss
+from helpers import DTYPES
 from unitsface_kernels import (fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss,
                                native, reference, uss_bias_init)
 

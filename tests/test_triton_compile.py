@@ -59,26 +59,52 @@ CASES = [(torch.bfloat16, 512), (torch.float16, 512), (torch.float32, 512), (tor
 def compile_all(dtype, d):
     """Compile every kernel in the configuration the launchers pick for width d."""
     from unitsface_kernels.triton import fused, norms, uss
-    from unitsface_kernels.triton.common import launch_config
+    from unitsface_kernels.triton.common import fused_config, launch_config
 
-    cfg = launch_config(d, torch.device("cuda"), dtype)
+    cuda = torch.device("cuda")
+    cfg = launch_config(d, cuda, dtype)
+    fwd = fused_config(d, cuda, dtype, backward=False)
+    bwd = fused_config(d, cuda, dtype, backward=True)
     tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DP=cfg.dp, UPCAST=False)
     uss_flags = dict(LSE=True, CLAMP=True, IN_BATCH=False, HAS_VALID=True, **tiles)
     fused_flags = dict(HAS_INDEX=True, ARC=True, HAS_USS=True, USS_LSE=False, HAS_VALID=True,
-                       **tiles)
+                       UPCAST=False)
+    fused_fwd_flags = dict(fused_flags, BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, BK=fwd.bk)
+    fused_bwd_flags = dict(fused_flags, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n, DC=bwd.dc,
+                           BK=bwd.bk, NEED_DX=True, NEED_DW=True)
     kernels = [
-        (uss._uss_fwd_kernel, uss_flags),
-        (uss._uss_bwd_rows_kernel, dict(uss_flags, NEED_DX=True, DC=cfg.dc)),
-        (uss._uss_bwd_cols_kernel, dict(uss_flags, NEED_DR=True, DC=cfg.dc)),
-        (fused._fwd_kernel, fused_flags),
-        (fused._bwd_rows_kernel, dict(fused_flags, NEED_DX=True, DC=cfg.dc)),
-        (fused._bwd_cols_kernel, dict(fused_flags, NEED_DW=True, NEED_DBIAS=True, DC=cfg.dc)),
-        (norms._row_norms_kernel, dict(HAS_INDEX=True, BLOCK_R=32, BLOCK_D=256)),
+        (uss._uss_fwd_kernel, uss_flags, cfg),
+        (uss._uss_bwd_rows_kernel, dict(uss_flags, NEED_DX=True, DC=cfg.dc), cfg),
+        (uss._uss_bwd_cols_kernel, dict(uss_flags, NEED_DR=True, DC=cfg.dc), cfg),
+        (fused._fwd_kernel, fused_fwd_flags, fwd),
+        (fused._bwd_kernel, fused_bwd_flags, bwd),
+        (norms._row_norms_kernel, dict(HAS_INDEX=True, BLOCK_R=32, BLOCK_D=256), cfg),
     ]
-    for kernel, flags in kernels:
-        shared = _compile(kernel, dtype, flags, cfg).metadata.shared
-        print(f"{kernel.fn.__name__}: {shared} bytes of shared memory")
+    for kernel, flags, launch in kernels:
+        compiled = _compile(kernel, dtype, flags, launch)
+        shared = compiled.metadata.shared
+        print(f"{kernel.fn.__name__}: {shared} bytes of shared memory; {_registers(compiled)}")
         assert shared <= SMEM_LIMIT, (kernel.fn.__name__, shared)
+
+
+def _registers(compiled) -> str:
+    """ptxas's register and spill report for the kernel (the offline proxy for tile tuning:
+    the GPU's own numbers need a GPU to load the binary)."""
+    import re
+    import tempfile
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        log = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return (f"{regs.group(1)} registers, {spills.group(1)} bytes of spill stores per thread"
+            if regs and spills else "no ptxas report")
 
 
 @pytest.mark.parametrize("dtype,d", CASES, ids=[f"{_TL[t]}-D{d}" for t, d in CASES])

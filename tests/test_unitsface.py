@@ -100,6 +100,35 @@ def test_equals_the_two_losses_apart(backend, form):
     torch.testing.assert_close(together, soft + 0.3 * uss)
 
 
+class _CountingKernel:
+    """Stands in for a jitted kernel: counts launches, then launches the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("backend", fused_backends("cpu", "unitsface")[:1])  # triton
+def test_triton_objective_is_one_pass_each_way(backend, monkeypatch):
+    """DESIGN.md §1.3: forward and backward are one launch each over the class tiles (besides
+    the norms kernel), whatever gradients are asked for."""
+    from unitsface_kernels.triton import fused
+
+    case = make_case(37, 301, 40, torch.float32, "cpu", sampled=True, vector_bias=True)
+    counters = {name: _CountingKernel(getattr(fused, name))
+                for name in ("_fwd_kernel", "_bwd_kernel")}
+    for name, counter in counters.items():
+        monkeypatch.setattr(fused, name, counter)
+    _, grads = run(case, backend)
+    assert (counters["_fwd_kernel"].launches, counters["_bwd_kernel"].launches) == (1, 1)
+    assert all(torch.count_nonzero(g) > 0 for g in grads.values())
+
+
 @pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
 def test_empty_bank_is_softmax_alone(backend):
     case = make_case(37, 301, 24, torch.float32, "cpu", sampled=True)

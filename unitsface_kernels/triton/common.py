@@ -1,9 +1,12 @@
-"""Small Triton building blocks shared by the loss kernels, and the launch configuration.
+"""Small Triton building blocks shared by the loss kernels, and the launch configurations.
 
-Every kernel works on full-width tiles: a block of rows of x and a block of reference rows,
-each with all D features (padded to a power of two, DP). One ``tl.dot`` then gives a cosine
-tile, and the same reference tile is reused for the gradient product G += g·r̂ without a
-second load.
+The USS kernels (uss.py) work on full-width tiles: a block of rows of x and a block of
+reference rows, each with all D features (padded to a power of two, DP). One ``tl.dot`` then
+gives a cosine tile, and the same reference tile is reused for the gradient product
+G += g·r̂ without a second load (:func:`launch_config`). The fused margin-softmax / objective
+kernels (fused.py) loop over D in BK-wide chunks instead (:func:`fused_config`): the one-pass
+backward holds a ∂W accumulator across the row blocks, and full-width tiles would leave it no
+registers.
 """
 
 from __future__ import annotations
@@ -105,24 +108,39 @@ class LaunchConfig:
     dc: int  # the width of one gradient-accumulator chunk (a divisor of dp)
     num_warps: int
     num_stages: int
+    bk: int  # the K-loop width of the fused kernels (a divisor of dc; 0: full-width tiles)
+
+
+def _override(name: str, dp: int, bk: int) -> LaunchConfig | None:
+    """A tuning knob: "block_m,block_n,dc,num_warps,num_stages[,bk]" in the environment
+    (bk defaults to `bk`)."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    bm, bn, dc, warps, stages, *given_bk = (int(v) for v in value.split(","))
+    dc = min(dc, dp)
+    return LaunchConfig(bm, bn, dp, dc, warps, stages, min(given_bk[0] if given_bk else bk, dc))
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def launch_config(d: int, device: torch.device, dtype: torch.dtype) -> LaunchConfig:
-    """Tile sizes for embedding width d. Hopper's wgmma needs 64-row blocks; full-width
-    tiles must fit shared memory (x tile + two reference tiles per pipeline stage), and the
-    backward's gradient accumulator (rows × dc fp32) must fit registers: it is cut into
-    feature chunks of at most 256 columns (2-byte dtypes) so that ptxas does not spill."""
+    """Tile sizes of the USS kernels for embedding width d. Hopper's wgmma needs 64-row blocks; full-width tiles must fit
+    shared memory (x tile + two reference tiles per pipeline stage), and the USS backward's
+    gradient accumulator (rows × dc fp32) must fit registers: it is cut into feature chunks
+    of at most 256 columns (2-byte dtypes) so that ptxas does not spill."""
     dp = max(16, triton.next_power_of_2(d))
     if device.type != "cuda":
         # The interpreter runs programs one after another: big tiles are fastest, and 32 keeps
         # the tests' odd shapes (37 rows, 53 references) spanning several partial blocks;
         # chunking D (dc < dp when dp > 64) exercises the feature-chunk path too.
-        return LaunchConfig(32, 32, dp, min(dp, 64), 4, 1)
-    override = os.environ.get("UNITSFACE_TRITON_TILES")
-    if override:  # a tuning knob: "block_m,block_n,dc,num_warps,num_stages"
-        bm, bn, dc, warps, stages = (int(v) for v in override.split(","))
-        return LaunchConfig(bm, bn, dp, min(dc, dp), warps, stages)
-    esize = torch.empty((), dtype=dtype).element_size()
+        return LaunchConfig(32, 32, dp, min(dp, 64), 4, 1, 0)
+    esize = _element_size(dtype)
+    override = _override("UNITSFACE_TRITON_TILES", dp, 0)
+    if override:
+        return override
     row_bytes = dp * esize
     block_m = 64 if row_bytes <= 1024 else 32 if row_bytes <= 2048 else 16
     block_n = 64 if row_bytes <= 512 else 32 if row_bytes <= 1024 else 16
@@ -131,7 +149,41 @@ def launch_config(d: int, device: torch.device, dtype: torch.dtype) -> LaunchCon
     # pipelined (2-stage) backward kernels ask for 266 KB of shared memory (> 227 KB), and
     # 4 warps beat 8 (6.8 ms against 9.4 ms for the objective's fwd+bwd at C=100k).
     stages = 2 if block_n * row_bytes < 32768 else 1
-    return LaunchConfig(block_m, block_n, dp, dc, 8 if dp > 512 else 4, stages)
+    return LaunchConfig(block_m, block_n, dp, dc, 8 if dp > 512 else 4, stages, 0)
+
+
+def fused_config(d: int, device: torch.device, dtype: torch.dtype, *,
+                 backward: bool) -> LaunchConfig:
+    """Tiles of the fused margin-softmax / objective kernels (fused.py), which compute the
+    cosines with a K loop over BK-wide chunks of D (no full-width tiles). The backward's
+    program owns BLOCK_N classes × dc features of ∂W (an fp32 register accumulator kept
+    across all row blocks); feature chunks beyond the first recompute the cosines.
+
+    GPU defaults from ptxas's register report for sm_90 (triton 3.8), not yet timed on a GPU:
+    at D=512 bf16 the forward spills nothing with 64×64 tiles and 8 warps (4 warps: 0.2–0.7 KB
+    per thread); the backward with 64×32 tiles, 8 warps and the whole width in one chunk (no
+    recomputed cosines) spills 0.9 KB per thread, with 4 warps 5–7 KB, with 64×64 tiles 2–5 KB.
+    Tuning knobs: UNITSFACE_TRITON_FWD_TILES / UNITSFACE_TRITON_BWD_TILES
+    ("block_m,block_n,dc,num_warps,num_stages[,bk]")."""
+    dp = max(16, triton.next_power_of_2(d))
+    if device.type != "cuda":
+        # Under the interpreter: BK < dc < dp at the tests' widths, so the K loop, the
+        # feature chunks and their partial last pieces all run (and, as on the GPU, the
+        # forward and backward share BLOCK_M, BLOCK_N and BK).
+        dc = min(dp, 64)
+        return LaunchConfig(32, 32, dp, dc, 4, 1, min(dc, 32))
+    esize = _element_size(dtype)
+    bk = min(dp, 128 // esize)  # 128-byte rows of a K chunk
+    override = _override("UNITSFACE_TRITON_BWD_TILES" if backward
+                         else "UNITSFACE_TRITON_FWD_TILES", dp, bk)
+    if override:
+        return override
+    if not backward:
+        return LaunchConfig(64, 64, dp, dp, 8, 3, bk)
+    # fp32 (no tensor cores with exact products) needs 4× the registers: at dc=256 ptxas
+    # spills 11 KB per thread, at dc=128 2.7 KB.
+    dc = min(dp, 512 if esize == 2 else 128)
+    return LaunchConfig(64, 32, dp, dc, 8, 2, bk)
 
 
 MAX_ROW_BYTES = 4096
@@ -142,7 +194,7 @@ memory: D ≤ 2048 for 2-byte dtypes, 1024 for fp32; wider ones belong to the na
 def check_width(d: int, dtype: torch.dtype, device: torch.device) -> None:
     """The shapes and dtypes the compiled kernels support (the interpreter runs any)."""
     dp = max(16, triton.next_power_of_2(d))
-    if dp * torch.empty((), dtype=dtype).element_size() > MAX_ROW_BYTES:
+    if dp * _element_size(dtype) > MAX_ROW_BYTES:
         raise ValueError(f"the triton backend supports embeddings up to {MAX_ROW_BYTES} bytes "
                          f"per padded row; D={d} in {dtype} is wider: use backend='native'")
     if dtype == torch.float64 and device.type == "cuda":

@@ -7,11 +7,15 @@ program shares its x tile, norms and labels between the two losses:
 
     L_i = [lse_j z_ij − z_{i,y_i}] + λ·USS_i(x; bank[S], b, bank_valid[S])
 
-Forward writes per-slice partials (online max / sum-exp and the target logit, plus the USS
-statistics); the backward recomputes the tiles from the merged per-row statistics:
-the row kernel accumulates G_i = Σ_j g_ij ŵ_j + λ Σ_j g'_ij b̂_j (and h_i likewise) for ∂x;
-the column kernel accumulates Σ_i g_ij x̂_i per class for ∂W[c] (written in place at row c,
-projected and scaled in the kernel) and the per-class ∂b for a vector threshold.
+Forward: a grid of (row block, class slice) writes per-slice partials (online max / sum-exp
+and the target logit, plus the USS statistics), merged on the host side in O(slices·B).
+
+Backward: one kernel, one pass over the classes (the forward's tiling transposed): each program
+owns a class tile, loads W[S_j] and bank[S_j] once and streams the row blocks, recomputing the
+cosine tiles from the merged per-row statistics. ∂W[c] = (Σ_i g_ic x̂_i − h_c ŵ_c)/||w_c|| is
+owned by the program and written in place at row c; the rows' G_i = Σ_j g_ij ŵ_j + Σ_j g'_ij b̂_j
+and h_i go to a B × D fp32 accumulator by atomic adds (the flash-attention-2 backward's ∂Q
+pattern), so ∂x sums in a run-dependent order on GPUs (fp32 rounding only).
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (NEG_BIG, check_width, cos_tile, mma, feature_chunk, gather_tile, inv_norm,
-                     launch_config, load_tile, num_splits, softplus, upcast_tiles)
+from .common import (NEG_BIG, check_width, fused_config, gather_chunk, inv_norm, mma,
+                     num_splits, softplus, upcast_tiles)
 from .margin_softmax import softmax_grad, softmax_logits
 from .norms import row_norms
 from .uss import acc_dtype, lse_rows, merge_lse, normalised_grad, online_lse, uss_grad, uss_terms
@@ -53,18 +57,37 @@ def _class_ids(idx_ptr, cols, S, HAS_INDEX: tl.constexpr):
 
 
 @triton.jit
+def _dots(x_ptr, rows, row_ok, w_ptr, bank_ptr, cls, col_ok, D, acc_like,
+          HAS_USS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          BK: tl.constexpr, UPCAST: tl.constexpr):
+    """Raw dot products x_i · W[c] and x_i · bank[c] of a (row block, class tile), by a K loop
+    over BK-wide feature chunks that share each x chunk (the bank tile stays zero without USS),
+    accumulated in the dtype of `acc_like`."""
+    dot_w = tl.zeros((BLOCK_M, BLOCK_N), acc_like.dtype)
+    dot_b = tl.zeros((BLOCK_M, BLOCK_N), acc_like.dtype)
+    for k0 in range(0, D, BK):
+        xk = gather_chunk(x_ptr, rows, row_ok, D, k0, BK, UPCAST)
+        dot_w = mma(xk, tl.trans(gather_chunk(w_ptr, cls, col_ok, D, k0, BK, UPCAST)), dot_w)
+        if HAS_USS:
+            bank_k = gather_chunk(bank_ptr, cls, col_ok, D, k0, BK, UPCAST)
+            dot_b = mma(xk, tl.trans(bank_k), dot_b)
+    return dot_w, dot_b
+
+
+@triton.jit
 def _fwd_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, valid_ptr,
                 bias_ptr, bias_stride, params_ptr, out_ptr, B, S, D, tiles_per_split,
                 HAS_INDEX: tl.constexpr, ARC: tl.constexpr, HAS_USS: tl.constexpr,
                 USS_LSE: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, DP: tl.constexpr, UPCAST: tl.constexpr):
+                BLOCK_N: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
     """out[split, k, i]: k = 0, 1 running max / sum-exp of z; 2 Σ target logit; 3..6 USS
-    (pairs: 3 = Σ softplus; lse: max⁺, sumexp⁺, max⁻, sumexp⁻)."""
+    (pairs: 3 = Σ softplus; lse: max⁺, sumexp⁺, max⁻, sumexp⁻). The cosines come from
+    :func:`_dots`, as in the backward, which then recomputes them bit for bit (e.g. p = 1
+    exactly for a single class)."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
-    x_tile = load_tile(x_ptr, rows, B, D, DP, UPCAST)
     inv_x = inv_norm(tl.load(nx_ptr + rows, mask=row_ok, other=1.0))
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
     scale, m3, cos_m2, sin_m2, mm, uss_m, uss_w = _params(params_ptr)
@@ -79,17 +102,17 @@ def _fwd_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
     for t in range(tiles_per_split):
         cols = col0 + t * BLOCK_N + tl.arange(0, BLOCK_N)
         cls, col_ok = _class_ids(idx_ptr, cols, S, HAS_INDEX)
-        w_tile = gather_tile(w_ptr, cls, col_ok, D, DP, UPCAST)
+        dot_w, dot_b = _dots(x_ptr, rows, row_ok, w_ptr, bank_ptr, cls, col_ok, D, inv_x,
+                             HAS_USS, BLOCK_M, BLOCK_N, BK, UPCAST)
         inv_w = inv_norm(tl.load(nw_ptr + cols, mask=col_ok, other=1.0))
         is_target = y[:, None] == cls[None, :]
-        cos_c, z = softmax_logits(cos_tile(x_tile, w_tile, inv_x, inv_w), is_target, scale,
+        _, z = softmax_logits(dot_w * inv_x[:, None] * inv_w[None, :], is_target, scale,
                                   m3, cos_m2, sin_m2, mm, ARC)
         m, se = online_lse(m, se, z, col_ok[None, :])
         zt += tl.sum(tl.where(is_target & col_ok[None, :], z, 0.0), axis=1)  # −1: padding
         if HAS_USS:
-            b_tile = gather_tile(bank_ptr, cls, col_ok, D, DP, UPCAST)
             inv_b = inv_norm(tl.load(nb_ptr + cols, mask=col_ok, other=1.0))
-            pos, neg, z_pos, z_neg = uss_terms(cos_tile(x_tile, b_tile, inv_x, inv_b), y, cls,
+            pos, neg, z_pos, z_neg = uss_terms(dot_b * inv_x[:, None] * inv_b[None, :], y, cls,
                                                cls, rows, cols, B, S, valid_ptr, bias_ptr,
                                                bias_stride, scale, uss_m, False, HAS_VALID)
             if USS_LSE:
@@ -110,135 +133,96 @@ def _fwd_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
 
 
 @triton.jit
-def _row_stats(stats_ptr, rows, row_ok, B):
-    """Per-row statistics of the backward: lse of the softmax, USS (A, σA, B, σB)."""
-    return (tl.load(stats_ptr + rows, mask=row_ok, other=0.0),
-            tl.load(stats_ptr + B + rows, mask=row_ok, other=0.0),
-            tl.load(stats_ptr + 2 * B + rows, mask=row_ok, other=0.0),
-            tl.load(stats_ptr + 3 * B + rows, mask=row_ok, other=0.0),
-            tl.load(stats_ptr + 4 * B + rows, mask=row_ok, other=0.0))
-
-
-@triton.jit
-def _bwd_rows_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, valid_ptr,
-                     bias_ptr, bias_stride, params_ptr, go_ptr, stats_ptr, g_out_ptr, hs_out_ptr,
-                     B, S, D, tiles_per_split,
-                     HAS_INDEX: tl.constexpr, ARC: tl.constexpr, HAS_USS: tl.constexpr,
-                     USS_LSE: tl.constexpr, HAS_VALID: tl.constexpr, NEED_DX: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
-                     DC: tl.constexpr, UPCAST: tl.constexpr):
-    """Per slice: G_i (g_out), h_i = Σ g·cos over both losses and Σ_j g'_ij of USS (hs_out).
-    Program (·, ·, k) accumulates features [k·DC, (k+1)·DC) of G_i (cosines need all D)."""
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
-    d0 = tl.program_id(2) * DC
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    x_tile = load_tile(x_ptr, rows, B, D, DP, UPCAST)
-    inv_x = inv_norm(tl.load(nx_ptr + rows, mask=row_ok, other=1.0))
-    y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
-    go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
-    lse, a, fa, bn, fb = _row_stats(stats_ptr, rows, row_ok, B)
+def _bwd_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, valid_ptr,
+                bias_ptr, bias_stride, params_ptr, go_ptr, stats_ptr, gx_ptr, hx_ptr, dw_ptr,
+                gsum_ptr, B, S, D,
+                HAS_INDEX: tl.constexpr, ARC: tl.constexpr, HAS_USS: tl.constexpr,
+                USS_LSE: tl.constexpr, HAS_VALID: tl.constexpr, NEED_DX: tl.constexpr,
+                NEED_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                DC: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
+    """The whole backward in one pass over the classes. Program (j, k) owns class tile j and
+    features [k·DC, (k+1)·DC) and streams every row block i: it recomputes the two cosine
+    tiles (W and bank of the same classes, sharing the x chunks), forms g_ic (softmax) and
+    g'_ic = λ·∂USS_i/∂cos_ic from the per-row statistics, and
+      - accumulates Σ_i g_ic x̂_i and h_c = Σ_i g_ic cos_ic in registers; ∂W[c] =
+        (Σ_i g_ic x̂_i − h_c ŵ_c)/max(||w_c||, eps) is written once, in place at row c;
+      - adds G_i += Σ_j g_ij ŵ_j + g'_ij b̂_j (BK features at a time) and
+        h_i += Σ_j g_ij cos_ij + g'_ij cos'_ij to fp32 B × D and B accumulators (gx, hx) by
+        atomic adds: a program owns no rows (the B × D accumulator stays in L2);
+      - sums Σ_i g'_ic per class into gsum, for ∂b.
+    Programs with k > 0 recompute the cosines for their feature chunk; hx and gsum come from
+    the k = 0 programs."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    d0 = tl.program_id(1) * DC
+    first = d0 == 0
+    cls, col_ok = _class_ids(idx_ptr, cols, S, HAS_INDEX)
+    nw = tl.load(nw_ptr + cols, mask=col_ok, other=1.0)
+    inv_w = inv_norm(nw)
+    if HAS_USS:
+        inv_b = inv_norm(tl.load(nb_ptr + cols, mask=col_ok, other=1.0))
     scale, m3, cos_m2, sin_m2, mm, uss_m, uss_w = _params(params_ptr)
-    acc_g = tl.zeros((BLOCK_M, DC), inv_x.dtype)
-    h = tl.zeros((BLOCK_M,), inv_x.dtype)
-    gsum = tl.zeros((BLOCK_M,), inv_x.dtype)
-    col0 = split * tiles_per_split * BLOCK_N
-    for t in range(tiles_per_split):
-        cols = col0 + t * BLOCK_N + tl.arange(0, BLOCK_N)
-        cls, col_ok = _class_ids(idx_ptr, cols, S, HAS_INDEX)
-        w_tile = gather_tile(w_ptr, cls, col_ok, D, DP, UPCAST)
-        inv_w = inv_norm(tl.load(nw_ptr + cols, mask=col_ok, other=1.0))
+    acc_w = tl.zeros((BLOCK_N, DC), inv_w.dtype)
+    h_c = tl.zeros((BLOCK_N,), inv_w.dtype)
+    gsum = tl.zeros((BLOCK_N,), inv_w.dtype)
+    n_blocks = tl.cdiv(B, BLOCK_M)
+    for t in range(n_blocks):
+        # Programs start on different row blocks, so that their atomic adds spread out.
+        rows = ((t + pid) % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < B
+        inv_x = inv_norm(tl.load(nx_ptr + rows, mask=row_ok, other=1.0))
+        y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+        go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
+        lse = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
+        dot_w, dot_b = _dots(x_ptr, rows, row_ok, w_ptr, bank_ptr, cls, col_ok, D, inv_x,
+                             HAS_USS, BLOCK_M, BLOCK_N, BK, UPCAST)
         is_target = y[:, None] == cls[None, :]
-        cos_w = cos_tile(x_tile, w_tile, inv_x, inv_w)
+        cos_w = dot_w * inv_x[:, None] * inv_w[None, :]
         c, z = softmax_logits(cos_w, is_target, scale, m3, cos_m2, sin_m2, mm, ARC)
         g = softmax_grad(cos_w, c, z, is_target, row_ok[:, None] & col_ok[None, :], lse, scale,
                          cos_m2, sin_m2, ARC) * go[:, None]
-        h += tl.sum(g * cos_w, axis=1)
-        if NEED_DX:
-            w_part = feature_chunk(w_tile, w_ptr, cls, col_ok, D, d0, DP, DC, UPCAST)
-            acc_g = mma((g * inv_w[None, :]).to(w_tile.dtype), w_part, acc_g)
+        if NEED_DW:
+            h_c += tl.sum(g * cos_w, axis=0)
+            x_part = gather_chunk(x_ptr, rows, row_ok, D, d0, DC, UPCAST)
+            acc_w = mma(tl.trans((g * inv_x[:, None]).to(x_part.dtype)), x_part, acc_w)
         if HAS_USS:
-            b_tile = gather_tile(bank_ptr, cls, col_ok, D, DP, UPCAST)
-            inv_b = inv_norm(tl.load(nb_ptr + cols, mask=col_ok, other=1.0))
-            cos_b = cos_tile(x_tile, b_tile, inv_x, inv_b)
+            a = tl.load(stats_ptr + B + rows, mask=row_ok, other=0.0)
+            fa = tl.load(stats_ptr + 2 * B + rows, mask=row_ok, other=0.0)
+            bn = tl.load(stats_ptr + 3 * B + rows, mask=row_ok, other=0.0)
+            fb = tl.load(stats_ptr + 4 * B + rows, mask=row_ok, other=0.0)
+            cos_b = dot_b * inv_x[:, None] * inv_b[None, :]
             pos, neg, z_pos, z_neg = uss_terms(cos_b, y, cls, cls, rows, cols, B, S, valid_ptr,
                                                bias_ptr, bias_stride, scale, uss_m, False,
                                                HAS_VALID)
             gu = uss_grad(z_pos, z_neg, pos, neg, scale, a, fa, bn, fb, USS_LSE,
                           False) * (go * uss_w)[:, None]
-            h += tl.sum(gu * cos_b, axis=1)
-            gsum += tl.sum(gu, axis=1)
-            if NEED_DX:
-                b_part = feature_chunk(b_tile, bank_ptr, cls, col_ok, D, d0, DP, DC, UPCAST)
-                acc_g = mma((gu * inv_b[None, :]).to(b_tile.dtype), b_part, acc_g)
-    if NEED_DX:
-        offs_d = d0 + tl.arange(0, DC)
-        g_ptrs = g_out_ptr + (split * B + rows[:, None]).to(tl.int64) * D + offs_d[None, :]
-        tl.store(g_ptrs, acc_g, mask=row_ok[:, None] & (offs_d[None, :] < D))
-    first = d0 == 0  # every feature chunk computes h and Σg; the first one writes them
-    tl.store(hs_out_ptr + split * 2 * B + rows, h, mask=row_ok & first)
-    tl.store(hs_out_ptr + split * 2 * B + B + rows, gsum, mask=row_ok & first)
-
-
-@triton.jit
-def _bwd_cols_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, valid_ptr,
-                     bias_ptr, bias_stride, params_ptr, go_ptr, stats_ptr, dw_ptr, dbias_ptr,
-                     B, S, D,
-                     HAS_INDEX: tl.constexpr, ARC: tl.constexpr, HAS_USS: tl.constexpr,
-                     USS_LSE: tl.constexpr, HAS_VALID: tl.constexpr, NEED_DW: tl.constexpr,
-                     NEED_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     DP: tl.constexpr, DC: tl.constexpr, UPCAST: tl.constexpr):
-    """∂W[c] = (Σ_i g_ic x̂_i − (Σ_i g_ic cos_ic)·ŵ_c) / max(||w_c||, eps) for the classes of
-    this column block (features [k·DC, (k+1)·DC) in program (·, k)), and
-    ∂b_c = −(1/s)·Σ_i g'_ic for a per-class USS threshold."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    d0 = tl.program_id(1) * DC
-    cls, col_ok = _class_ids(idx_ptr, cols, S, HAS_INDEX)
-    w_tile = gather_tile(w_ptr, cls, col_ok, D, DP, UPCAST)
-    nw = tl.load(nw_ptr + cols, mask=col_ok, other=1.0)
-    inv_w = inv_norm(nw)
-    if NEED_DBIAS:
-        b_tile = gather_tile(bank_ptr, cls, col_ok, D, DP, UPCAST)
-        inv_b = inv_norm(tl.load(nb_ptr + cols, mask=col_ok, other=1.0))
-    scale, m3, cos_m2, sin_m2, mm, uss_m, uss_w = _params(params_ptr)
-    acc_g = tl.zeros((BLOCK_N, DC), inv_w.dtype)
-    h = tl.zeros((BLOCK_N,), inv_w.dtype)
-    gsum = tl.zeros((BLOCK_N,), inv_w.dtype)
-    for m0 in range(0, B, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < B
-        x_tile = load_tile(x_ptr, rows, B, D, DP, UPCAST)
-        inv_x = inv_norm(tl.load(nx_ptr + rows, mask=row_ok, other=1.0))
-        y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
-        go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
-        lse, a, fa, bn, fb = _row_stats(stats_ptr, rows, row_ok, B)
-        if NEED_DW:
-            is_target = y[:, None] == cls[None, :]
-            cos_w = cos_tile(x_tile, w_tile, inv_x, inv_w)
-            c, z = softmax_logits(cos_w, is_target, scale, m3, cos_m2, sin_m2, mm, ARC)
-            g = softmax_grad(cos_w, c, z, is_target, row_ok[:, None] & col_ok[None, :], lse,
-                             scale, cos_m2, sin_m2, ARC) * go[:, None]
-            h += tl.sum(g * cos_w, axis=0)
-            x_part = feature_chunk(x_tile, x_ptr, rows, row_ok, D, d0, DP, DC, UPCAST)
-            acc_g = mma(tl.trans((g * inv_x[:, None]).to(x_tile.dtype)), x_part, acc_g)
-        if NEED_DBIAS:
-            pos, neg, z_pos, z_neg = uss_terms(cos_tile(x_tile, b_tile, inv_x, inv_b), y, cls,
-                                               cls, rows, cols, B, S, valid_ptr, bias_ptr,
-                                               bias_stride, scale, uss_m, False, HAS_VALID)
-            gu = uss_grad(z_pos, z_neg, pos, neg, scale, a, fa, bn, fb, USS_LSE,
-                          False) * (go * uss_w)[:, None]
             gsum += tl.sum(gu, axis=0)
+        if NEED_DX:
+            h_x = tl.sum(g * cos_w, axis=1)
+            gw = g * inv_w[None, :]
+            if HAS_USS:
+                h_x += tl.sum(gu * cos_b, axis=1)
+                gb = gu * inv_b[None, :]
+            for k1 in range(d0, d0 + DC, BK):
+                wk = gather_chunk(w_ptr, cls, col_ok, D, k1, BK, UPCAST)
+                part = mma(gw.to(wk.dtype), wk, tl.zeros((BLOCK_M, BK), inv_w.dtype))
+                if HAS_USS:
+                    bank_k = gather_chunk(bank_ptr, cls, col_ok, D, k1, BK, UPCAST)
+                    part = mma(gb.to(bank_k.dtype), bank_k, part)
+                offs_k = k1 + tl.arange(0, BK)
+                # int32 offsets: the B × D accumulator is far below 2^31 elements
+                tl.atomic_add(gx_ptr + rows[:, None] * D + offs_k[None, :], part,
+                              mask=row_ok[:, None] & (offs_k[None, :] < D), sem="relaxed")
+            tl.atomic_add(hx_ptr + rows, h_x, mask=row_ok & first, sem="relaxed")
     if NEED_DW:
-        proj = tl.where(nw >= 1e-5, h, 0.0) * inv_w
-        w_part = feature_chunk(w_tile, w_ptr, cls, col_ok, D, d0, DP, DC, UPCAST)
-        dw = inv_w[:, None] * (acc_g - proj[:, None] * w_part.to(acc_g.dtype))
+        proj = tl.where(nw >= 1e-5, h_c, 0.0) * inv_w
+        w_own = gather_chunk(w_ptr, cls, col_ok, D, d0, DC, UPCAST)
+        dw = inv_w[:, None] * (acc_w - proj[:, None] * w_own.to(acc_w.dtype))
         offs_d = d0 + tl.arange(0, DC)
-        dw_ptrs = dw_ptr + cls[:, None].to(tl.int64) * D + offs_d[None, :]
-        tl.store(dw_ptrs, dw.to(dw_ptr.dtype.element_ty),
-                 mask=col_ok[:, None] & (offs_d[None, :] < D))
-    if NEED_DBIAS:
-        tl.store(dbias_ptr + cls, -gsum / scale, mask=col_ok & (d0 == 0))
+        tl.store(dw_ptr + cls[:, None].to(tl.int64) * D + offs_d[None, :],
+                 dw.to(dw_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
+    if HAS_USS:
+        tl.store(gsum_ptr + cols, gsum, mask=col_ok & first)
 
 
 def _setup(x, centres, bank, index, bank_valid, bias, scale, margin_arc, margin_cos,
@@ -274,7 +258,7 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, scale, marg
     nx = row_norms(x)
     nw = row_norms(centres, index)
     nb = row_norms(bank, index) if bank is not None else nx.new_empty(0)
-    cfg = launch_config(d, x.device, x.dtype)
+    cfg = fused_config(d, x.device, x.dtype, backward=False)
     row_blocks = triton.cdiv(bsz, cfg.block_m)
     n_tiles = triton.cdiv(n_cls, cfg.block_n)
     splits = num_splits(row_blocks, n_tiles, x.device)
@@ -283,7 +267,7 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, scale, marg
     _fwd_kernel[(row_blocks, splits)](
         x, centres, a["bank"], nx, nw, nb if bank is not None else nw, labels, a["idx"],
         a["valid"], a["bias"], a["bias_stride"], a["params"], out, bsz, n_cls, d,
-        tiles_per_split, USS_LSE=uss_lse, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DP=cfg.dp,
+        tiles_per_split, USS_LSE=uss_lse, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BK=cfg.bk,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a["flags"])
     stats = torch.zeros(_N_STATS, bsz, dtype=nx.dtype, device=x.device)
     stats[0] = merge_lse(out[:, 0], out[:, 1])
@@ -301,45 +285,37 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, scale, marg
 def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias, nx, nw, nb,
                    stats, scale, margin_arc, margin_cos, uss_margin, uss_weight, uss_lse,
                    need_dx, need_dw, need_dbias):
-    """(∂x, ∂centres, ∂bias); None where not needed. ∂centres is zero outside the index."""
+    """(∂x, ∂centres, ∂bias); None where not needed. ∂centres is zero outside the index.
+
+    One launch of :func:`_bwd_kernel` over (class tiles × feature chunks); then O(B·D + |S|)
+    of host-side finishing: ∂x = (G − h·x̂)/max(||x||, eps) and ∂b = −(1/s)·Σ_i g'_ic."""
     bsz, d = x.shape
     a = _setup(x, centres, bank, index, bank_valid, bias, scale, margin_arc, margin_cos,
                uss_margin, uss_weight)
     n_cls = a["n_classes"]
-    cfg = launch_config(d, x.device, x.dtype)
-    go = grad_rows.to(nx.dtype).contiguous()
-    nb_arg = nb if bank is not None else nw
-    common = (x, centres, a["bank"], nx, nw, nb_arg, labels, a["idx"], a["valid"], a["bias"],
-              a["bias_stride"], a["params"], go, stats)
-    launch = dict(USS_LSE=uss_lse, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DP=cfg.dp,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a["flags"])
-    vector_bias = a["bias_stride"] == 1
-    dx = dw = dbias = None
-    if need_dx or (need_dbias and not vector_bias):
-        row_blocks = triton.cdiv(bsz, cfg.block_m)
-        n_tiles = triton.cdiv(n_cls, cfg.block_n)
-        splits = num_splits(row_blocks, n_tiles, x.device)
-        g_part = torch.empty(splits if need_dx else 0, bsz, d, dtype=nx.dtype, device=x.device)
-        hs = torch.empty(splits, 2, bsz, dtype=nx.dtype, device=x.device)
-        _bwd_rows_kernel[(row_blocks, splits, cfg.dp // cfg.dc if need_dx else 1)](
-            *common, g_part, hs, bsz, n_cls, d, triton.cdiv(n_tiles, splits), NEED_DX=need_dx,
-            DC=cfg.dc if need_dx else cfg.dp, **launch)
-        hs = hs.sum(dim=0)
-        if need_dx:
-            dx = normalised_grad(g_part.sum(dim=0), hs[0], x, nx).to(x.dtype)
-        if need_dbias and not vector_bias:
-            dbias = (-hs[1].sum() / scale).reshape(bias.shape).to(bias.dtype)
-    need_dbias_vec = need_dbias and vector_bias
-    if need_dw or need_dbias_vec:
-        dw = (torch.zeros_like(centres) if index is not None else torch.empty_like(centres)) \
-            if need_dw else centres.new_empty(0)
-        db = torch.zeros(bias.numel() if need_dbias_vec else 0, dtype=nx.dtype, device=x.device)
-        grid = (triton.cdiv(n_cls, cfg.block_n), cfg.dp // cfg.dc if need_dw else 1)
-        _bwd_cols_kernel[grid](
-            *common, dw, db, bsz, n_cls, d, NEED_DW=need_dw, NEED_DBIAS=need_dbias_vec,
-            DC=cfg.dc if need_dw else cfg.dp, **launch)
-        if need_dbias_vec:
-            dbias = db.reshape(bias.shape).to(bias.dtype)
-        if not need_dw:
-            dw = None
-    return dx, dw, dbias
+    cfg = fused_config(d, x.device, x.dtype, backward=True)
+    acc = nx.dtype
+    go = grad_rows.to(acc).contiguous()
+    gx = torch.zeros(bsz if need_dx else 0, d, dtype=acc, device=x.device)
+    hx = torch.zeros(bsz if need_dx else 0, dtype=acc, device=x.device)
+    dw = ((torch.zeros_like(centres) if index is not None else torch.empty_like(centres))
+          if need_dw else centres.new_empty(0))
+    gsum = torch.empty(n_cls if bank is not None else 0, dtype=acc, device=x.device)
+    # Feature chunks only serve the gradient accumulators; ∂b alone needs one program per tile.
+    dc = cfg.dc if (need_dx or need_dw) else cfg.dp
+    _bwd_kernel[(triton.cdiv(n_cls, cfg.block_n), cfg.dp // dc)](
+        x, centres, a["bank"], nx, nw, nb if bank is not None else nw, labels, a["idx"],
+        a["valid"], a["bias"], a["bias_stride"], a["params"], go, stats, gx, hx, dw, gsum,
+        bsz, n_cls, d, USS_LSE=uss_lse, NEED_DX=need_dx, NEED_DW=need_dw,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DC=dc, BK=cfg.bk,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a["flags"])
+    dx = normalised_grad(gx, hx, x, nx).to(x.dtype) if need_dx else None
+    dbias = None
+    if need_dbias:
+        if a["bias_stride"] == 1:  # one threshold per class: only the classes of S get one
+            db = torch.zeros(bias.numel(), dtype=acc, device=x.device)
+            db[index if index is not None else slice(None)] = -gsum / scale
+        else:
+            db = -gsum.sum() / scale
+        dbias = db.reshape(bias.shape).to(bias.dtype)
+    return dx, dw if need_dw else None, dbias
