@@ -229,6 +229,40 @@ def test_reference_matches_insightface_style_cosface_and_arcface():
         reference.margin_softmax_loss(x, w, labels, margin_arc=m, margin_cos=0.0), arcface)
 
 
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for one test (warn_only as the test asks)."""
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+
+    def enable(warn_only=False):
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
+
+    yield enable
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@pytest.mark.parametrize("backend", fused_backends("cpu", "unitsface")[:1])  # triton
+def test_deterministic_mode_refuses_gpu_atomics(backend, deterministic):
+    """The triton backward's atomic adds of ∂x are refused on GPUs under deterministic mode
+    (a warning with warn_only); on the CPU interpreter the programs run in order."""
+    from unitsface_kernels.triton.fused import check_deterministic
+
+    cuda = torch.device("cuda")
+    check_deterministic(cuda)  # not enabled: silent
+    deterministic()
+    check_deterministic(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="backend='native'"):
+        check_deterministic(cuda)
+    deterministic(warn_only=True)
+    with pytest.warns(UserWarning, match="atomic adds"):
+        check_deterministic(cuda)
+    case = make_case(5, 11, 8, torch.float32, "cpu", sampled=False)
+    x = case["x"].requires_grad_()
+    fused_margin_softmax_loss(x, case["centres"], case["labels"], backend=backend).backward()
+    assert torch.isfinite(x.grad).all()
+
+
 # ---------------------------------------------------------------- CUDA (skipped without a GPU)
 
 CUDA_CASES = [(torch.bfloat16, 300, 20011, 512), (torch.float32, 300, 20011, 512),
@@ -258,3 +292,25 @@ def test_cuda_gradcheck(backend, margin):
 
     inputs = [case[k].clone().requires_grad_() for k in ("x", "centres")]
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", fused_backends("cuda", "unitsface"))
+def test_cuda_deterministic_mode(backend, deterministic, monkeypatch):
+    """Deterministic mode: triton's backward refuses with a clear error, native runs and
+    gives the same ∂x twice (cuBLAS asks for its workspace setting, as for any matmul)."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    deterministic()
+    case = make_case(300, 2001, 128, torch.float32, "cuda", sampled=True)
+
+    def dx():
+        x = case["x"].clone().requires_grad_()
+        fused_margin_softmax_loss(x, case["centres"], case["labels"], index=case["index"],
+                                  backend=backend).backward()
+        return x.grad
+
+    if backend == "triton":
+        with pytest.raises(RuntimeError, match="deterministic"):
+            dx()
+    else:
+        assert torch.equal(dx(), dx())

@@ -46,74 +46,68 @@ def _grads(loss, tensors):
     return torch.autograd.grad(loss, tensors)
 
 
+def _check_softmax(data, backend, ref, margin, wrt):
+    """The recipe fused_margin_softmax_loss(x, data[ref], labels, margin_cos=margin) against
+    the official normalised softmax: loss, and the gradient of `wrt` ("x" or "ref")."""
+    leaves = dict(x=data["x"].clone(), ref=data[ref].clone())
+    leaves[wrt].requires_grad_()
+    ours = fused_margin_softmax_loss(leaves["x"], leaves["ref"], data["labels"], scale=64.0,
+                                     margin_cos=margin, backend=backend)
+    official = _official_softmax(_cos(leaves["x"], leaves["ref"]), data["labels"], 64.0, margin)
+    torch.testing.assert_close(ours, official)
+    torch.testing.assert_close(*(_grads(v, [leaves[wrt]])[0] for v in (ours, official)))
+
+
+def _check_bce(data, backend, ref, bias, margin, wrt):
+    """The recipe fused_uss_loss(x, labels, bias, data[ref], official_clamp=True) against the
+    official BCE head: loss, and the gradients of `wrt` ("x" or "ref") and of the bias."""
+    leaves = dict(x=data["x"].clone(), ref=data[ref].clone())
+    leaves[wrt].requires_grad_()
+    ours = fused_uss_loss(leaves["x"], data["labels"], bias, leaves["ref"], scale=64.0,
+                          margin=margin, official_clamp=True, backend=backend)
+    official = _official_bce(_cos(leaves["x"], leaves["ref"]), data["labels"], bias, 64.0,
+                             margin)
+    torch.testing.assert_close(ours, official)
+    wanted = [leaves[wrt], bias]
+    for a, b in zip(_grads(ours, wanted), _grads(official, wanted)):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
 def test_normalized_softmax_cosface(data, backend):
-    w = data["w"].clone().requires_grad_()
-    ours = fused_margin_softmax_loss(data["x"], w, data["labels"], scale=64.0, margin_cos=0.4,
-                                     backend=backend)
-    official = _official_softmax(_cos(data["x"], w), data["labels"], 64.0, 0.4)
-    torch.testing.assert_close(ours, official)
-    torch.testing.assert_close(*(_grads(v, [w])[0] for v in (ours, official)))
+    """CosFace (m3 = 0.4) over the class centres, which carry the gradient."""
+    _check_softmax(data, backend, "w", 0.4, wrt="ref")
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
 def test_normalized_bce(data, backend):
     """Per-class bias (1, C), initialised to log(10·C); class centres carry a gradient."""
-    w = data["w"].clone().requires_grad_()
     bias = torch.full((1, C), math.log(C * 10), dtype=torch.float64, requires_grad=True)
-    ours = fused_uss_loss(data["x"], data["labels"], bias, w, scale=64.0, margin=0.4,
-                          official_clamp=True, backend=backend)
-    official = _official_bce(_cos(data["x"], w), data["labels"], bias, 64.0, 0.4)
-    torch.testing.assert_close(ours, official)
-    for a, b in zip(_grads(ours, [w, bias]), _grads(official, [w, bias])):
-        torch.testing.assert_close(a, b)
+    _check_bce(data, backend, "w", bias, 0.4, wrt="ref")
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
 def test_unified_cross_entropy(data, backend):
     """One learnable bias for all classes: the sample-to-class unified threshold."""
-    w = data["w"].clone().requires_grad_()
     bias = torch.tensor([math.log(C * 10)], dtype=torch.float64, requires_grad=True)
-    ours = fused_uss_loss(data["x"], data["labels"], bias, w, scale=64.0, margin=0.4,
-                          official_clamp=True, backend=backend)
-    official = _official_bce(_cos(data["x"], w), data["labels"], bias, 64.0, 0.4)
-    torch.testing.assert_close(ours, official)
-    for a, b in zip(_grads(ours, [w, bias]), _grads(official, [w, bias])):
-        torch.testing.assert_close(a, b)
+    _check_bce(data, backend, "w", bias, 0.4, wrt="ref")
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
 def test_sample_to_sample_softmax(data, backend):
     """The memory bank in place of the centres, margin 0.1, no gradient into the bank."""
-    x = data["x"].clone().requires_grad_()
-    ours = fused_margin_softmax_loss(x, data["feat_mem"], data["labels"], scale=64.0,
-                                     margin_cos=0.1, backend=backend)
-    official = _official_softmax(_cos(x, data["feat_mem"]), data["labels"], 64.0, 0.1)
-    torch.testing.assert_close(ours, official)
-    torch.testing.assert_close(*(_grads(v, [x])[0] for v in (ours, official)))
+    _check_softmax(data, backend, "feat_mem", 0.1, wrt="x")
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
 def test_sample_to_sample_bce(data, backend):
     """One bias per bank row, on the memory bank, margin 0.1."""
-    x = data["x"].clone().requires_grad_()
     bias = (torch.rand(1, C, dtype=torch.float64) * 30).requires_grad_()
-    ours = fused_uss_loss(x, data["labels"], bias, data["feat_mem"], scale=64.0, margin=0.1,
-                          official_clamp=True, backend=backend)
-    official = _official_bce(_cos(x, data["feat_mem"]), data["labels"], bias, 64.0, 0.1)
-    torch.testing.assert_close(ours, official)
-    for a, b in zip(_grads(ours, [x, bias]), _grads(official, [x, bias])):
-        torch.testing.assert_close(a, b)
+    _check_bce(data, backend, "feat_mem", bias, 0.1, wrt="x")
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
 def test_uss(data, backend):
     """The unified threshold integrated sample-to-sample loss: one b on the memory bank."""
-    x = data["x"].clone().requires_grad_()
     bias = torch.tensor([25.0], dtype=torch.float64, requires_grad=True)
-    ours = fused_uss_loss(x, data["labels"], bias, data["feat_mem"], scale=64.0, margin=0.1,
-                          official_clamp=True, backend=backend)
-    official = _official_bce(_cos(x, data["feat_mem"]), data["labels"], bias, 64.0, 0.1)
-    torch.testing.assert_close(ours, official)
-    for a, b in zip(_grads(ours, [x, bias]), _grads(official, [x, bias])):
-        torch.testing.assert_close(a, b)
+    _check_bce(data, backend, "feat_mem", bias, 0.1, wrt="x")

@@ -21,6 +21,7 @@ pattern), so ∂x sums in a run-dependent order on GPUs (fp32 rounding only).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import triton
@@ -30,7 +31,8 @@ from .common import (NEG_BIG, check_width, fused_config, gather_chunk, inv_norm,
                      num_splits, softplus, upcast_tiles)
 from .margin_softmax import softmax_grad, softmax_logits
 from .norms import row_norms
-from .uss import acc_dtype, lse_rows, merge_lse, normalised_grad, online_lse, uss_grad, uss_terms
+from .uss import (acc_dtype, lse_rows, merge_lse, normalised_grad, online_lse, uss_grad,
+                  uss_row_stats, uss_terms)
 
 # params: scale, m3, cos m2, sin m2, m2·sin m2, USS margin, USS weight λ
 # per row: lse of the softmax, the USS lse statistics (A, σA, B, σB), the target logit and
@@ -186,10 +188,7 @@ def _bwd_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
             x_part = gather_chunk(x_ptr, rows, row_ok, D, d0, DC, UPCAST)
             acc_w = mma(tl.trans((g * inv_x[:, None]).to(x_part.dtype)), x_part, acc_w)
         if HAS_USS:
-            a = tl.load(stats_ptr + B + rows, mask=row_ok, other=0.0)
-            fa = tl.load(stats_ptr + 2 * B + rows, mask=row_ok, other=0.0)
-            bn = tl.load(stats_ptr + 3 * B + rows, mask=row_ok, other=0.0)
-            fb = tl.load(stats_ptr + 4 * B + rows, mask=row_ok, other=0.0)
+            a, fa, bn, fb = uss_row_stats(stats_ptr + B, rows, row_ok, B)
             cos_b = dot_b * inv_x[:, None] * inv_b[None, :]
             pos, neg, z_pos, z_neg = uss_terms(cos_b, y, cls, cls, rows, cols, B, S, valid_ptr,
                                                bias_ptr, bias_stride, scale, uss_m, False,
@@ -282,6 +281,21 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, scale, marg
     return rows, stats, nx, nw, nb
 
 
+def check_deterministic(device: torch.device) -> None:
+    """torch.use_deterministic_algorithms(True) forbids (or, warn_only, warns about) the
+    atomic adds of ∂x on a GPU, as PyTorch does for its own atomic ops; the native backend
+    is deterministic. Under the interpreter the programs run in order: nothing to say."""
+    if device.type != "cuda" or not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = ("the triton backend's backward of fused_margin_softmax_loss / fused_unitsface_loss "
+           "sums ∂x with atomic adds, whose order (fp32 rounding) varies between runs; "
+           "use backend='native' for a deterministic backward")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg)
+    else:
+        raise RuntimeError(msg)
+
+
 def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias, nx, nw, nb,
                    stats, scale, margin_arc, margin_cos, uss_margin, uss_weight, uss_lse,
                    need_dx, need_dw, need_dbias):
@@ -289,6 +303,8 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
 
     One launch of :func:`_bwd_kernel` over (class tiles × feature chunks); then O(B·D + |S|)
     of host-side finishing: ∂x = (G − h·x̂)/max(||x||, eps) and ∂b = −(1/s)·Σ_i g'_ic."""
+    if need_dx:
+        check_deterministic(x.device)
     bsz, d = x.shape
     a = _setup(x, centres, bank, index, bank_valid, bias, scale, margin_arc, margin_cos,
                uss_margin, uss_weight)

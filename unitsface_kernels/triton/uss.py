@@ -67,6 +67,25 @@ def _uss_tile(x_tile, r_tile, nx, nr, y, l, rows, cols, B, N, valid_ptr, bias_pt
 
 
 @triton.jit
+def uss_row_stats(stats_ptr, rows, row_ok, B):
+    """The backward's per-row USS statistics (A, σA, B, σB of the lse form; see uss_forward),
+    stored as four rows of B values from `stats_ptr`."""
+    return (tl.load(stats_ptr + rows, mask=row_ok, other=0.0),
+            tl.load(stats_ptr + B + rows, mask=row_ok, other=0.0),
+            tl.load(stats_ptr + 2 * B + rows, mask=row_ok, other=0.0),
+            tl.load(stats_ptr + 3 * B + rows, mask=row_ok, other=0.0))
+
+
+@triton.jit
+def _ref_block(r_ptr, nr_ptr, l_ptr, cols, N, D, DP: tl.constexpr, UPCAST: tl.constexpr):
+    """Reference rows `cols`: full-width tile, norms and labels (padding: norm 1, label −1)."""
+    r_tile = load_tile(r_ptr, cols, N, D, DP, UPCAST)
+    nr = tl.load(nr_ptr + cols, mask=cols < N, other=1.0)
+    l = tl.load(l_ptr + cols, mask=cols < N, other=-1)
+    return r_tile, nr, l
+
+
+@triton.jit
 def online_lse(m, s, z, mask):
     """Merge the masked entries of a tile into the running (max, Σ exp(z − max)) per row."""
     zm = tl.where(mask, z, NEG_BIG)
@@ -115,9 +134,7 @@ def _uss_fwd_kernel(x_ptr, r_ptr, nx_ptr, nr_ptr, y_ptr, l_ptr, valid_ptr, bias_
     col0 = split * tiles_per_split * BLOCK_N
     for t in range(tiles_per_split):
         cols = col0 + t * BLOCK_N + tl.arange(0, BLOCK_N)
-        r_tile = load_tile(r_ptr, cols, N, D, DP, UPCAST)
-        nr = tl.load(nr_ptr + cols, mask=cols < N, other=1.0)
-        l = tl.load(l_ptr + cols, mask=cols < N, other=-1)
+        r_tile, nr, l = _ref_block(r_ptr, nr_ptr, l_ptr, cols, N, D, DP, UPCAST)
         cos, pos, neg, z_pos, z_neg = _uss_tile(
             x_tile, r_tile, nx, nr, y, l, rows, cols, B, N, valid_ptr, bias_ptr, bias_stride,
             scale, margin, IN_BATCH, HAS_VALID)
@@ -159,10 +176,7 @@ def _uss_bwd_rows_kernel(x_ptr, r_ptr, nx_ptr, nr_ptr, y_ptr, l_ptr, valid_ptr, 
     nx = tl.load(nx_ptr + rows, mask=row_ok, other=1.0)
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
     go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
-    a = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-    fa = tl.load(stats_ptr + B + rows, mask=row_ok, other=0.0)
-    bn = tl.load(stats_ptr + 2 * B + rows, mask=row_ok, other=0.0)
-    fb = tl.load(stats_ptr + 3 * B + rows, mask=row_ok, other=0.0)
+    a, fa, bn, fb = uss_row_stats(stats_ptr, rows, row_ok, B)
     scale = tl.load(params_ptr)
     margin = tl.load(params_ptr + 1)
     acc_g = tl.zeros((BLOCK_M, DC), nx.dtype)
@@ -171,9 +185,7 @@ def _uss_bwd_rows_kernel(x_ptr, r_ptr, nx_ptr, nr_ptr, y_ptr, l_ptr, valid_ptr, 
     col0 = split * tiles_per_split * BLOCK_N
     for t in range(tiles_per_split):
         cols = col0 + t * BLOCK_N + tl.arange(0, BLOCK_N)
-        r_tile = load_tile(r_ptr, cols, N, D, DP, UPCAST)
-        nr = tl.load(nr_ptr + cols, mask=cols < N, other=1.0)
-        l = tl.load(l_ptr + cols, mask=cols < N, other=-1)
+        r_tile, nr, l = _ref_block(r_ptr, nr_ptr, l_ptr, cols, N, D, DP, UPCAST)
         cos, pos, neg, z_pos, z_neg = _uss_tile(
             x_tile, r_tile, nx, nr, y, l, rows, cols, B, N, valid_ptr, bias_ptr, bias_stride,
             scale, margin, IN_BATCH, HAS_VALID)
@@ -206,9 +218,7 @@ def _uss_bwd_cols_kernel(x_ptr, r_ptr, nx_ptr, nr_ptr, y_ptr, l_ptr, valid_ptr, 
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     d0 = tl.program_id(1) * DC
     col_ok = cols < N
-    r_tile = load_tile(r_ptr, cols, N, D, DP, UPCAST)
-    nr = tl.load(nr_ptr + cols, mask=col_ok, other=1.0)
-    l = tl.load(l_ptr + cols, mask=col_ok, other=-1)
+    r_tile, nr, l = _ref_block(r_ptr, nr_ptr, l_ptr, cols, N, D, DP, UPCAST)
     scale = tl.load(params_ptr)
     margin = tl.load(params_ptr + 1)
     acc_g = tl.zeros((BLOCK_N, DC), nr.dtype)
@@ -221,10 +231,7 @@ def _uss_bwd_cols_kernel(x_ptr, r_ptr, nx_ptr, nr_ptr, y_ptr, l_ptr, valid_ptr, 
         nx = tl.load(nx_ptr + rows, mask=row_ok, other=1.0)
         y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
         go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
-        a = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-        fa = tl.load(stats_ptr + B + rows, mask=row_ok, other=0.0)
-        bn = tl.load(stats_ptr + 2 * B + rows, mask=row_ok, other=0.0)
-        fb = tl.load(stats_ptr + 3 * B + rows, mask=row_ok, other=0.0)
+        a, fa, bn, fb = uss_row_stats(stats_ptr, rows, row_ok, B)
         cos, pos, neg, z_pos, z_neg = _uss_tile(
             x_tile, r_tile, nx, nr, y, l, rows, cols, B, N, valid_ptr, bias_ptr, bias_stride,
             scale, margin, IN_BATCH, HAS_VALID)
