@@ -127,10 +127,11 @@ def _element_size(dtype: torch.dtype) -> int:
 
 
 def launch_config(d: int, device: torch.device, dtype: torch.dtype) -> LaunchConfig:
-    """Tile sizes of the USS kernels for embedding width d. Hopper's wgmma needs 64-row blocks; full-width tiles must fit
-    shared memory (x tile + two reference tiles per pipeline stage), and the USS backward's
-    gradient accumulator (rows × dc fp32) must fit registers: it is cut into feature chunks
-    of at most 256 columns (2-byte dtypes) so that ptxas does not spill."""
+    """Tile sizes of the USS kernels for embedding width d. Hopper's wgmma needs 64-row
+    blocks; full-width tiles must fit shared memory (x tile + two reference tiles per
+    pipeline stage), and the USS backward's gradient accumulator (rows × dc fp32) must fit
+    registers: it is cut into feature chunks of at most 256 columns (2-byte dtypes) so that
+    ptxas does not spill."""
     dp = max(16, triton.next_power_of_2(d))
     if device.type != "cuda":
         # The interpreter runs programs one after another: big tiles are fastest, and 32 keeps

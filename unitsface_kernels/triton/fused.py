@@ -1,9 +1,10 @@
 """The partial-FC margin softmax and the one-pass UniTSFace objective (DESIGN.md §1.2–§1.3).
 
-One kernel streams over tiles of the class index S (all classes, or the partial-FC sample).
-For column j the class is c = S_j: the kernel reads W[c] (and, with USS, bank[c]) straight
-through the index, so no gathered copy of W exists and only sampled rows are touched. Each
-program shares its x tile, norms and labels between the two losses:
+The forward kernel and the backward kernel each stream once over tiles of the class index S
+(all classes, or the partial-FC sample). For column j the class is c = S_j: the kernels read
+W[c] (and, with USS, bank[c]) straight through the index, so no gathered copy of W exists and
+only sampled rows are touched. Each program shares its x chunks, norms and labels between
+the two losses:
 
     L_i = [lse_j z_ij − z_{i,y_i}] + λ·USS_i(x; bank[S], b, bank_valid[S])
 
@@ -11,11 +12,14 @@ Forward: a grid of (row block, class slice) writes per-slice partials (online ma
 and the target logit, plus the USS statistics), merged on the host side in O(slices·B).
 
 Backward: one kernel, one pass over the classes (the forward's tiling transposed): each program
-owns a class tile, loads W[S_j] and bank[S_j] once and streams the row blocks, recomputing the
-cosine tiles from the merged per-row statistics. ∂W[c] = (Σ_i g_ic x̂_i − h_c ŵ_c)/||w_c|| is
-owned by the program and written in place at row c; the rows' G_i = Σ_j g_ij ŵ_j + Σ_j g'_ij b̂_j
-and h_i go to a B × D fp32 accumulator by atomic adds (the flash-attention-2 backward's ∂Q
-pattern), so ∂x sums in a run-dependent order on GPUs (fp32 rounding only).
+owns a class tile and streams the row blocks, recomputing the cosine tiles from the merged
+per-row statistics. ∂W[c] = (Σ_i g_ic x̂_i − h_c ŵ_c)/||w_c|| is owned by the program and
+written in place at row c; the rows' G_i = Σ_j g_ij ŵ_j + Σ_j g'_ij b̂_j and h_i go to a
+B × D fp32 accumulator by atomic adds (the flash-attention-2 backward's ∂Q pattern), so on
+GPUs ∂x sums in a run-dependent order (fp32 rounding only).
+
+Both kernels compute the cosines with the same K loop over D (:func:`_dots`), in BK-wide
+chunks that feed the W and the bank dot alike.
 """
 
 from __future__ import annotations
