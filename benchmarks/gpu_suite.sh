@@ -11,7 +11,7 @@
 # bench.log and the benchmark's <device>-<date>.json/.md/.png, and prints a short summary.
 #
 # Knobs (environment): PYTHON (python3), OUT, SUITE_SECONDS (440), BUILD_SECONDS (150),
-# TESTS_SECONDS (110), ACCURACY_SECONDS (45), SWEEP_SECONDS (50), FUSION_SECONDS (30),
+# TESTS_SECONDS (110), ACCURACY_SECONDS (45), SWEEP_SECONDS (90), FUSION_SECONDS (30),
 # TEST_WORKERS (8; 0 = serial), UNITSFACE_CXX (the C++ compiler; default /usr/bin/g++, see
 # below), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16), BENCH_ARGS (extra arguments for
 # `python -m benchmarks`).
@@ -112,7 +112,7 @@ cat "$OUT/accuracy.log"
 
 # ---------------------------------------------------------------------------- 4. tile sweep
 : >"$OUT/sweep.log"
-run_step sweep "${SWEEP_SECONDS:-50}" "$OUT/sweep.log" "$PY" -m benchmarks.tile_sweep
+run_step sweep "${SWEEP_SECONDS:-90}" "$OUT/sweep.log" "$PY" -m benchmarks.tile_sweep
 cat "$OUT/sweep.log"
 # the one-pass objective against its two losses called separately (same log: ≤ 8 files)
 run_step fusion "${FUSION_SECONDS:-30}" "$OUT/sweep.log" "$PY" -m benchmarks.fusion --repeats 10

@@ -113,13 +113,27 @@ class LaunchConfig:
 
 def _override(name: str, dp: int, bk: int) -> LaunchConfig | None:
     """A tuning knob: "block_m,block_n,dc,num_warps,num_stages[,bk]" in the environment
-    (bk defaults to `bk`)."""
+    (bk defaults to `bk`; dc and bk are clipped to the padded width dp). Block sizes, dc and
+    bk must be powers of two (tl.arange), bk ≤ dc."""
     value = os.environ.get(name)
     if not value:
         return None
-    bm, bn, dc, warps, stages, *given_bk = (int(v) for v in value.split(","))
+    try:
+        bm, bn, dc, warps, stages, *given_bk = (int(v) for v in value.split(","))
+        if len(given_bk) > 1:
+            raise ValueError("too many fields")
+    except ValueError as e:
+        raise ValueError(f"{name}={value!r}: expected 'block_m,block_n,dc,num_warps,"
+                         f"num_stages[,bk]' (integers): {e}") from None
     dc = min(dc, dp)
-    return LaunchConfig(bm, bn, dp, dc, warps, stages, min(given_bk[0] if given_bk else bk, dc))
+    bk = min(given_bk[0] if given_bk else bk, dc)
+    sizes = dict(block_m=bm, block_n=bn, dc=dc, num_warps=warps) | ({"bk": bk} if bk else {})
+    for key, v in sizes.items():
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"{name}={value!r}: {key}={v} is not a power of two")
+    if stages < 1:
+        raise ValueError(f"{name}={value!r}: num_stages={stages} must be at least 1")
+    return LaunchConfig(bm, bn, dp, dc, warps, stages, bk)
 
 
 def _element_size(dtype: torch.dtype) -> int:
