@@ -100,6 +100,22 @@ def test_equals_the_two_losses_apart(backend, form):
     torch.testing.assert_close(together, soft + 0.3 * uss)
 
 
+@pytest.mark.parametrize("backend", fused_backends("cpu", "unitsface"))
+@pytest.mark.parametrize("vector_bias", [False, True])
+def test_threshold_gradient_alone(backend, vector_bias):
+    """Only b asks for a gradient (x and W frozen): the backward's ∂b-only path."""
+    case = make_case(37, 301, 70, torch.float64, "cpu", sampled=True, vector_bias=vector_bias)
+    grads = []
+    for impl in (backend, "reference"):
+        bias = case["bias"].clone().requires_grad_()
+        fused_unitsface_loss(case["x"], case["labels"], case["centres"], case["bank"], bias,
+                             bank_valid=case["bank_valid"], index=case["index"],
+                             backend=impl).backward()
+        grads.append(bias.grad)
+    assert torch.count_nonzero(grads[1]) > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 class _CountingKernel:
     """Stands in for a jitted kernel: counts launches, then launches the real one."""
 
