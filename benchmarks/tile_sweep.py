@@ -21,7 +21,7 @@ import torch
 # the defaults first (fused_config), then the trade-offs of benchmarks/results/NOTES.md:
 # wider class tiles halve the backward's atomic adds but spill more or recompute the cosines
 FWD_CANDIDATES = ["64,64,512,8,3", "64,32,512,4,2", "128,64,512,8,3"]
-BWD_CANDIDATES = ["64,32,512,8,2", "64,64,256,8,2", "64,32,256,8,2"]
+BWD_CANDIDATES = ["64,64,512,8,2", "64,32,512,8,2", "64,64,256,8,2"]
 
 
 def _time(fn, warmup=3, reps=10) -> float:

@@ -226,8 +226,10 @@ def test_bad_options():
 
 # ---------------------------------------------------------------- CUDA (skipped without a GPU)
 
+# D=1024 in bf16 and D=512 in fp32 split the one-pass backward's ∂W into feature chunks
 CUDA_CASES = [(torch.bfloat16, 512, 20011, 512), (torch.float32, 512, 20011, 512),
-              (torch.bfloat16, 1, 3001, 512), (torch.float16, 257, 999, 130)]
+              (torch.bfloat16, 1, 3001, 512), (torch.float16, 257, 999, 130),
+              (torch.bfloat16, 129, 5003, 1024)]
 
 
 @pytest.mark.cuda

@@ -174,17 +174,22 @@ def fused_config(d: int, device: torch.device, dtype: torch.dtype, *,
     program owns BLOCK_N classes × dc features of ∂W (an fp32 register accumulator kept
     across all row blocks); feature chunks beyond the first recompute the cosines.
 
-    GPU defaults from ptxas's register report for sm_90 (triton 3.8), not yet timed on a GPU:
-    at D=512 bf16 the forward spills nothing with 64×64 tiles and 8 warps (4 warps: 0.2–0.7 KB
-    per thread); the backward with 64×32 tiles, 8 warps and the whole width in one chunk (no
-    recomputed cosines) spills 0.9 KB per thread, with 4 warps 5–7 KB, with 64×64 tiles 2–5 KB.
+    GPU defaults from the sm_90 compile and ptxas's register report (triton 3.6 and 3.8, with
+    the run-time alignment specialization; not yet timed on a GPU), bf16 at D=512:
+    - forward 64×64, 8 warps: 0 spills (64×128 reaches 255 registers on triton 3.6);
+    - backward 64×64 with the whole width in one chunk (no recomputed cosines), 8 warps:
+      1.2 KB of spills per thread, every product on wgmma, and half the atomic adds of ∂x
+      that 64×32 tiles need (those spill 0.2 KB, but their ∂W product has M=32 and falls
+      back to mma.sync); 4 warps spill 2–8 KB. The atomic adds are the larger cost by the
+      byte count (benchmarks/fusion.py): each class tile adds a B × D fp32 block.
+    fp32 (exact products, no tensor cores) needs far more registers: dc=128 and 64×32 tiles.
     Tuning knobs: UNITSFACE_TRITON_FWD_TILES / UNITSFACE_TRITON_BWD_TILES
     ("block_m,block_n,dc,num_warps,num_stages[,bk]")."""
     dp = max(16, triton.next_power_of_2(d))
     if device.type != "cuda":
         # Under the interpreter: BK < dc < dp at the tests' widths, so the K loop, the
-        # feature chunks and their partial last pieces all run (and, as on the GPU, the
-        # forward and backward share BLOCK_M, BLOCK_N and BK).
+        # feature chunks and their partial last pieces all run; the forward and backward
+        # share BLOCK_M, BLOCK_N and BK, so the backward recomputes the cosines bit for bit.
         dc = min(dp, 64)
         return LaunchConfig(32, 32, dp, dc, 4, 1, min(dc, 32))
     esize = _element_size(dtype)
@@ -195,10 +200,9 @@ def fused_config(d: int, device: torch.device, dtype: torch.dtype, *,
         return override
     if not backward:
         return LaunchConfig(64, 64, dp, dp, 8, 3, bk)
-    # fp32 (no tensor cores with exact products) needs 4× the registers: at dc=256 ptxas
-    # spills 11 KB per thread, at dc=128 2.7 KB.
-    dc = min(dp, 512 if esize == 2 else 128)
-    return LaunchConfig(64, 32, dp, dc, 8, 2, bk)
+    if esize == 2:
+        return LaunchConfig(64, 64, dp, min(dp, 512), 8, 2, bk)
+    return LaunchConfig(64, 32, dp, min(dp, 128), 8, 2, bk)
 
 
 MAX_ROW_BYTES = 4096

@@ -88,8 +88,8 @@ def _fwd_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
                 BLOCK_N: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
     """out[split, k, i]: k = 0, 1 running max / sum-exp of z; 2 Σ target logit; 3..6 USS
     (pairs: 3 = Σ softplus; lse: max⁺, sumexp⁺, max⁻, sumexp⁻). The cosines come from
-    :func:`_dots`, as in the backward, which then recomputes them bit for bit (e.g. p = 1
-    exactly for a single class)."""
+    :func:`_dots`, as in the backward, which with the same tiles recomputes them bit for bit
+    (e.g. p = 1 exactly for a single class)."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
