@@ -16,6 +16,7 @@
 #include <string>
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define UF_CPU_DISPATCH 1
@@ -61,6 +62,17 @@ inline IsaLevel isa_level() {
 #else
   return kBase;
 #endif
+}
+
+// The data of an optional tensor (an undefined one: nullptr), for the row kernels' argument
+// structs.
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+template <typename T>
+const T* const_ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
 // at::parallel_for over rows (torch's intra-op thread count), with a grain that gives each

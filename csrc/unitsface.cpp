@@ -649,17 +649,12 @@ struct UfRows {
 };
 
 template <typename T>
-T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
-template <typename T>
 UfRows<T> uf_rows_args(const UnitsfaceChunk& ck) {
   UfRows<T> a;
-  a.dw = ptr_or_null<T>(ck.dots_w);
-  a.db = ptr_or_null<T>(ck.dots_b);
-  a.gw = ptr_or_null<T>(ck.grads_w);
-  a.gb = ptr_or_null<T>(ck.grads_b);
+  a.dw = cpu::ptr_or_null<T>(ck.dots_w);
+  a.db = cpu::ptr_or_null<T>(ck.dots_b);
+  a.gw = cpu::ptr_or_null<T>(ck.grads_w);
+  a.gb = cpu::ptr_or_null<T>(ck.grads_b);
   a.inv_x = ck.inv_x.const_data_ptr<T>();
   a.inv_w = ck.do_w ? ck.inv_w.const_data_ptr<T>() : nullptr;
   a.inv_b = ck.do_b ? ck.inv_b.const_data_ptr<T>() : nullptr;
@@ -677,11 +672,11 @@ UfRows<T> uf_rows_args(const UnitsfaceChunk& ck) {
   a.up = epi::UssParams<T>{static_cast<T>(ck.scale), static_cast<T>(ck.uss_margin), ck.uss_lse,
                            false};
   a.lambda = static_cast<T>(ck.uss_weight);
-  a.state = ptr_or_null<T>(ck.state);
-  a.alpha = ptr_or_null<T>(ck.alpha);
-  a.go = ck.go.defined() ? ck.go.const_data_ptr<T>() : nullptr;
-  a.stats = ck.stats.defined() ? ck.stats.const_data_ptr<T>() : nullptr;
-  a.hs = ptr_or_null<T>(ck.hs);
+  a.state = cpu::ptr_or_null<T>(ck.state);
+  a.alpha = cpu::ptr_or_null<T>(ck.alpha);
+  a.go = cpu::const_ptr_or_null<T>(ck.go);
+  a.stats = cpu::const_ptr_or_null<T>(ck.stats);
+  a.hs = cpu::ptr_or_null<T>(ck.hs);
   return a;
 }
 
@@ -689,29 +684,9 @@ UfRows<T> uf_rows_args(const UnitsfaceChunk& ck) {
 }  // namespace unitsface
 
 // The row kernels, once per instruction set (see cpu_loops.h).
-#if UF_CPU_DISPATCH
-#pragma GCC push_options
-#pragma GCC target("arch=x86-64-v4")
-namespace unitsface {
-namespace uf_avx512 {
-#include "unitsface_rows.h"
-}  // namespace uf_avx512
-}  // namespace unitsface
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("arch=x86-64-v3")
-namespace unitsface {
-namespace uf_avx2 {
-#include "unitsface_rows.h"
-}  // namespace uf_avx2
-}  // namespace unitsface
-#pragma GCC pop_options
-#endif
-namespace unitsface {
-namespace uf_base {
-#include "unitsface_rows.h"
-}  // namespace uf_base
-}  // namespace unitsface
+#define UF_ROWS_HEADER "unitsface_rows.h"
+#define UF_ROWS_NS(isa) uf_##isa
+#include "isa_variants.h"
 
 namespace unitsface {
 namespace {

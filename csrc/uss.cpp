@@ -90,6 +90,20 @@ UssColumns uss_columns(const at::Tensor& labels, const at::Tensor& ref_labels,
   return cols;
 }
 
+// The fields every chunk of one call shares (the chunks copy it and add their columns).
+UssChunk uss_proto(const at::Tensor& inv_x, const UssColumns& cols, bool in_batch, double scale,
+                   double margin, bool lse, bool clamp) {
+  UssChunk proto;
+  proto.inv_x = inv_x;
+  proto.labels = cols.labels;
+  proto.in_batch = in_batch;
+  proto.scale = scale;
+  proto.margin = margin;
+  proto.lse = lse;
+  proto.clamp = clamp;
+  return proto;
+}
+
 void set_columns(UssChunk& ck, const UssColumns& cols, int64_t j0, int64_t n) {
   ck.col0 = j0;
   ck.col_labels = cols.ref_labels.narrow(0, j0, n);
@@ -128,14 +142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> uss_forward(
   at::Tensor nr = at::empty({N}, opts);
   const at::Tensor flat = at::empty({splits, B * c}, opts);
 
-  UssChunk proto;
-  proto.inv_x = chunking::inv_norms(nx);
-  proto.labels = cols.labels;
-  proto.in_batch = in_batch;
-  proto.scale = scale;
-  proto.margin = margin;
-  proto.lse = lse;
-  proto.clamp = clamp;
+  const UssChunk proto =
+      uss_proto(chunking::inv_norms(nx), cols, in_batch, scale, margin, lse, clamp);
   chunking::for_splits(splits, n_chunks, [&](int64_t sp, int64_t q0, int64_t q1) {
     UssChunk ck = proto;
     ck.state = state[sp];
@@ -214,14 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uss_backward(
   const at::Tensor gflat = gdt == acc ? flat : at::empty({splits, B * c}, xg.options());
   const at::Tensor qflat = need_dref ? at::empty({splits, c * D}, opts) : at::Tensor();
 
-  UssChunk proto;
-  proto.inv_x = inv_x;
-  proto.labels = cols.labels;
-  proto.in_batch = in_batch;
-  proto.scale = scale;
-  proto.margin = margin;
-  proto.lse = lse;
-  proto.clamp = clamp;
+  UssChunk proto = uss_proto(inv_x, cols, in_batch, scale, margin, lse, clamp);
   proto.go = grad_rows.reshape({-1}).to(acc).contiguous();
   proto.stats = stats.to(acc).contiguous();
   chunking::for_splits(splits, n_chunks, [&](int64_t sp, int64_t q0, int64_t q1) {
@@ -289,7 +290,7 @@ template <typename T>
 UssRows<T> uss_rows_args(const UssChunk& ck) {
   UssRows<T> a;
   a.dots = ck.dots.data_ptr<T>();
-  a.grads = ck.grads.defined() ? ck.grads.data_ptr<T>() : nullptr;
+  a.grads = cpu::ptr_or_null<T>(ck.grads);
   a.inv_x = ck.inv_x.const_data_ptr<T>();
   a.inv_r = ck.inv_r.const_data_ptr<T>();
   a.y = ck.labels.const_data_ptr<int64_t>();
@@ -301,10 +302,10 @@ UssRows<T> uss_rows_args(const UssChunk& ck) {
   a.B = ck.dots.size(0);
   a.in_batch = ck.in_batch;
   a.p = epi::UssParams<T>{static_cast<T>(ck.scale), static_cast<T>(ck.margin), ck.lse, ck.clamp};
-  a.state = ck.state.defined() ? ck.state.data_ptr<T>() : nullptr;
-  a.go = ck.go.defined() ? ck.go.const_data_ptr<T>() : nullptr;
-  a.stats = ck.stats.defined() ? ck.stats.const_data_ptr<T>() : nullptr;
-  a.hs = ck.hs.defined() ? ck.hs.data_ptr<T>() : nullptr;
+  a.state = cpu::ptr_or_null<T>(ck.state);
+  a.go = cpu::const_ptr_or_null<T>(ck.go);
+  a.stats = cpu::const_ptr_or_null<T>(ck.stats);
+  a.hs = cpu::ptr_or_null<T>(ck.hs);
   return a;
 }
 
@@ -312,29 +313,9 @@ UssRows<T> uss_rows_args(const UssChunk& ck) {
 }  // namespace unitsface
 
 // The row kernels, once per instruction set (see cpu_loops.h).
-#if UF_CPU_DISPATCH
-#pragma GCC push_options
-#pragma GCC target("arch=x86-64-v4")
-namespace unitsface {
-namespace uss_avx512 {
-#include "uss_rows.h"
-}  // namespace uss_avx512
-}  // namespace unitsface
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("arch=x86-64-v3")
-namespace unitsface {
-namespace uss_avx2 {
-#include "uss_rows.h"
-}  // namespace uss_avx2
-}  // namespace unitsface
-#pragma GCC pop_options
-#endif
-namespace unitsface {
-namespace uss_base {
-#include "uss_rows.h"
-}  // namespace uss_base
-}  // namespace unitsface
+#define UF_ROWS_HEADER "uss_rows.h"
+#define UF_ROWS_NS(isa) uss_##isa
+#include "isa_variants.h"
 
 namespace unitsface {
 namespace {

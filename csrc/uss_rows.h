@@ -64,51 +64,50 @@ UF_ALWAYS_INLINE void fwd_rows(const UssRows<T> a, int64_t r0, int64_t r1) {
   }
 }
 
-// Backward: g_ij = go_i·∂L_i/∂cos_ij; grads ← g·inv_r_j; hs += (Σ g·cos, Σ g).
+// Backward of row i: g_ij = go_i·∂L_i/∂cos_ij; grads ← g·inv_r_j; hs += (Σ g·cos, Σ g).
+// The form is a template parameter: each instantiation's loop vectorises with no branch on it.
+template <typename T, bool Lse>
+UF_ALWAYS_INLINE void bwd_row(const UssRows<T>& a, int64_t i) {
+  const int64_t c = a.c;
+  const T* d = a.dots + i * c;
+  T* g_out = a.grads + i * c;
+  const T ix = a.inv_x[i];
+  const T go = a.go[i];
+  const int64_t yi = a.y[i];
+  const int64_t self = a.in_batch ? i - a.col0 : -1;
+  const T sa = a.stats[i], fa = a.stats[a.B + i];
+  const T sb = a.stats[2 * a.B + i], fb = a.stats[3 * a.B + i];
+  T h = 0, gs = 0;
+#pragma omp simd reduction(+ : h, gs)
+  for (int64_t j = 0; j < c; ++j) {
+    const T cos = d[j] * ix * a.inv_r[j];
+    const bool same = a.l[j] == yi;
+    const bool pos = (a.valid[j] != T(0)) & same & (j != self);
+    const bool neg = (a.valid[j] != T(0)) & !same;
+    const T z = epi::uss_z<T>(cos, a.bias[j], pos, a.p);
+    T g0;
+    if constexpr (Lse) {
+      g0 = epi::uss_lse_grad<T>(z, pos, pos ? sa : sb, pos ? fa : fb, a.p) * go;
+    } else {
+      g0 = epi::uss_pair_grad<T>(z, pos, a.p) * go;
+    }
+    const T g = (pos | neg) ? g0 : T(0);
+    h += g * cos;
+    gs += g;
+    g_out[j] = g * a.inv_r[j];
+  }
+  a.hs[i] += h;
+  a.hs[a.B + i] += gs;
+}
+
 template <typename T>
 UF_ALWAYS_INLINE void bwd_rows(const UssRows<T> a, int64_t r0, int64_t r1) {
-  const int64_t c = a.c;
   for (int64_t i = r0; i < r1; ++i) {
-    const T* d = a.dots + i * c;
-    T* g_out = a.grads + i * c;
-    const T ix = a.inv_x[i];
-    const T go = a.go[i];
-    const int64_t yi = a.y[i];
-    const int64_t self = a.in_batch ? i - a.col0 : -1;
-    const T sa = a.stats[i], fa = a.stats[a.B + i];
-    const T sb = a.stats[2 * a.B + i], fb = a.stats[3 * a.B + i];
-    T h = 0, gs = 0;
     if (a.p.lse) {
-#pragma omp simd reduction(+ : h, gs)
-      for (int64_t j = 0; j < c; ++j) {
-        const T cos = d[j] * ix * a.inv_r[j];
-        const bool same = a.l[j] == yi;
-        const bool pos = (a.valid[j] != T(0)) & same & (j != self);
-        const bool neg = (a.valid[j] != T(0)) & !same;
-        const T z = epi::uss_z<T>(cos, a.bias[j], pos, a.p);
-        const T g0 = epi::uss_lse_grad<T>(z, pos, pos ? sa : sb, pos ? fa : fb, a.p) * go;
-        const T g = (pos | neg) ? g0 : T(0);
-        h += g * cos;
-        gs += g;
-        g_out[j] = g * a.inv_r[j];
-      }
+      bwd_row<T, true>(a, i);
     } else {
-#pragma omp simd reduction(+ : h, gs)
-      for (int64_t j = 0; j < c; ++j) {
-        const T cos = d[j] * ix * a.inv_r[j];
-        const bool same = a.l[j] == yi;
-        const bool pos = (a.valid[j] != T(0)) & same & (j != self);
-        const bool neg = (a.valid[j] != T(0)) & !same;
-        const T z = epi::uss_z<T>(cos, a.bias[j], pos, a.p);
-        const T g0 = epi::uss_pair_grad<T>(z, pos, a.p) * go;
-        const T g = (pos | neg) ? g0 : T(0);
-        h += g * cos;
-        gs += g;
-        g_out[j] = g * a.inv_r[j];
-      }
+      bwd_row<T, false>(a, i);
     }
-    a.hs[i] += h;
-    a.hs[a.B + i] += gs;
   }
 }
 
