@@ -2,13 +2,13 @@
 
     from unitsface_kernels import fused_uss_loss
 
-DESIGN.md §4 lists the public names; :mod:`unitsface_kernels.reference` holds the eager
+docs/design.md lists the public names; :mod:`unitsface_kernels.reference` holds the eager
 formulas every backend is tested against.
 """
 
-from . import library as _library  # noqa: F401  (registers the custom ops)
+from . import contract as _contract  # noqa: F401  (defines the custom ops)
 from . import reference
-from . import nn  # noqa: F401  (modules: UniTSFaceHead, PartialFC, USSLoss)
+from . import nn  # noqa: F401  (modules: UniTSFaceHead, PartialFC, USSLoss, the official heads)
 from .ops import (bank_update_, fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss,
                   sample_classes, uss_bias_init)
 

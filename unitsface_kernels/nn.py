@@ -57,8 +57,10 @@ from torch import Tensor, nn
 
 from . import distributed, reference
 from .distributed import ClassShard, gather_batch
-from .ops import (BACKENDS, FORMS, bank_update_, fused_margin_softmax_loss, fused_unitsface_loss,
-                  fused_uss_loss, sample_classes, uss_bias_init)
+from .backends import BACKENDS
+from .options import FORMS
+from .ops import (bank_update_, fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss,
+                  sample_classes, uss_bias_init)
 
 __all__ = ["UniTSFaceHead", "PartialFC", "USSLoss", "pair_cosine"]
 

@@ -1,12 +1,21 @@
-"""Eager PyTorch formulas of DESIGN.md §1: the oracle every fused backend is tested against.
+"""Eager PyTorch formulas of docs/design.md §1: the oracle every fused backend is tested against,
+and the one home in Python of each formula.
 
 Everything here materialises the B×N cosine matrix on purpose: it is the plain, readable
 statement of the maths (and what the official UniTSFace code does), not a fast path.
-Half-precision inputs are upcast to float32 and float64 inputs stay float64, so calling these
-functions on ``x.double()`` gives the float64 reference.
+Half-precision inputs are upcast to float32 and float64 inputs stay float64
+(:func:`compute_dtype`), so calling these functions on ``x.double()`` gives the float64
+reference.
 
 Notation: x̂ = x / max(||x||, 1e-5) (``F.normalize``), cos_ij = x̂_i · r̂_j, s = scale,
-softplus(z) = log(1 + e^z).
+softplus(z) = log(1 + e^z). Reference rows marked invalid are read as zero rows: they take
+no part in the loss, and whatever they hold (NaN included) reaches no gradient.
+
+The module has three parts: the elementary formulas; the losses (what the public functions
+compute with ``backend="reference"``, differentiated by autograd); and the per-op eager forms
+:func:`uss_fwd` / :func:`uss_bwd` / :func:`unitsface_fwd` / :func:`unitsface_bwd`, with the
+arguments and outputs of the op contract (:mod:`unitsface_kernels.contract`), which the
+class-parallel code runs on a shard with global statistics.
 """
 
 from __future__ import annotations
@@ -16,12 +25,17 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .options import UnitsfaceOptions, UssOptions
+
 EPS = 1e-5
 """The normalisation eps of F.normalize(·, eps=1e-5), as in the official code."""
 
 
+# ============================================================================ formulas
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other float dtype is computed in float32."""
+    """The accumulation dtype: float64 stays float64, every other float dtype is float32.
+    Losses come back in it; every backend accumulates in it."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -30,20 +44,20 @@ def normalize(t: torch.Tensor) -> torch.Tensor:
     return F.normalize(t.to(compute_dtype(t.dtype)), dim=-1, eps=EPS)
 
 
-def _softplus(z: torch.Tensor) -> torch.Tensor:
+def softplus(z: torch.Tensor) -> torch.Tensor:
     # logaddexp(z, 0) is exact for all z (F.softplus switches to z above a threshold).
     return torch.logaddexp(z, torch.zeros_like(z))
 
 
-def _masked_logsumexp(z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise logsumexp of z over mask; returns (lse, has_any). Empty rows give lse = -inf
-    with a zero (not NaN) gradient."""
+def masked_logsumexp(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Row-wise logsumexp of z over mask; −inf (with a zero, not NaN, gradient) for a row
+    with no member."""
     has_any = mask.any(dim=1)
     filled = torch.where(mask, z, torch.full_like(z, -math.inf))
     # Rows with no member would give NaN gradients (exp(-inf - -inf)); give them a dummy 0 row.
     filled = torch.where(has_any[:, None], filled, torch.zeros_like(z))
     lse = torch.logsumexp(filled, dim=1)
-    return torch.where(has_any, lse, torch.full_like(lse, -math.inf)), has_any
+    return torch.where(has_any, lse, torch.full_like(lse, -math.inf))
 
 
 def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -57,6 +71,70 @@ def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
+def readable_rows(ref: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The reference rows as the losses read them: rows marked invalid are zero."""
+    if valid is None:
+        return ref
+    return torch.where(valid[:, None], ref, torch.zeros((), dtype=ref.dtype, device=ref.device))
+
+
+def uss_z(cos: torch.Tensor, bias: torch.Tensor, scale: float, margin: float):
+    """(z⁺, z⁻) = (b_j − s·(cos_ij − m), s·cos_ij − b_j); `bias` holds 1 value or one per
+    column."""
+    b = bias.to(cos.dtype).reshape(1, -1)
+    return b - scale * (cos - margin), scale * cos - b
+
+
+def uss_lse_terms(a: torch.Tensor, b: torch.Tensor, scale: float, clamp: bool):
+    """The finish of the lse form from its statistics A_i = lse_P z⁺, B_i = lse_N z⁻ (−inf for
+    an empty set): the loss softplus(A) + softplus(B), an empty set adding 0 (also under the
+    official clamp, which clamps A and B to [−s, s]); and the backward's factors
+    σ(A)·[A inside the clamp], σ(B)·[B inside the clamp] (zero for an empty set)."""
+    rows = torch.zeros_like(a)
+    factors = []
+    for stat in (a, b):
+        empty = stat == -math.inf
+        arg = stat.clamp(-scale, scale) if clamp else stat
+        rows = rows + torch.where(empty, torch.zeros_like(stat), softplus(arg))
+        inside = (stat >= -scale) & (stat <= scale) if clamp else ~empty
+        factors.append(torch.where(inside, torch.sigmoid(stat), torch.zeros_like(stat)))
+    return rows, factors[0], factors[1]
+
+
+def uss_pair_terms(z: torch.Tensor, scale: float, clamp: bool) -> torch.Tensor:
+    """softplus of one pair's argument (clamped to [−s, s] by the official clamp)."""
+    return softplus(z.clamp(-scale, scale) if clamp else z)
+
+
+def target_logit(cos: torch.Tensor, margin_arc: float, margin_cos: float, *,
+                 straight_through: bool = False, easy_margin: bool = False) -> torch.Tensor:
+    """f(cos) of the target class (docs/design.md §1.2).
+
+    f = cos(θ + m2) − m3 with θ = arccos(cos), written as cos·cos m2 − sin θ·sin m2 − m3.
+    Exact (default): sin θ = sqrt(max(1 − cos², 1e-12)) so that f' stays finite at cos = ±1,
+    and insightface's fallback cos − m2·sin m2 − m3 where θ + m2 > π (cos ≤ −cos m2) keeps f
+    monotone. ``straight_through`` (insightface's arcface_torch since 2022-12): no fallback,
+    and the gradient is taken as if f(cos) = cos (f' = 1). ``easy_margin``: f(cos) = cos
+    where cos ≤ 0 (the margin only applies to positive cosines)."""
+    if margin_arc == 0.0:
+        f = cos - margin_cos
+    else:
+        floor = 0.0 if straight_through else 1e-12
+        sin_t = torch.sqrt(torch.clamp(1.0 - cos * cos, min=floor))
+        f = cos * math.cos(margin_arc) - sin_t * math.sin(margin_arc)
+        if not (straight_through or easy_margin):
+            f = torch.where(cos > -math.cos(margin_arc), f,
+                            cos - margin_arc * math.sin(margin_arc))
+        f = f - margin_cos
+    if easy_margin:
+        f = torch.where(cos > 0, f, cos)
+    if straight_through:
+        f = cos + (f - cos).detach()
+    return f
+
+
+# ============================================================================ the losses
+
 def uss_masks(labels, ref_labels, ref_valid, in_batch: bool):
     """P_ij = (l_j = y_i) ∧ v_j ∧ (j ≠ i in in-batch mode),  N_ij = (l_j ≠ y_i) ∧ v_j."""
     same = labels[:, None] == ref_labels[None, :]
@@ -68,8 +146,9 @@ def uss_masks(labels, ref_labels, ref_valid, in_batch: bool):
 
 
 def _reference_set(x, labels, ref, ref_labels, ref_valid):
-    """(r̂, l, v, in_batch) with the defaults of DESIGN.md §1.1: ref=None → the batch itself,
-    ref_labels=None → l_j = j (a memory bank, one row per class), ref_valid=None → all valid."""
+    """(r̂, l, v, in_batch) with the defaults of docs/design.md §1.1: ref=None → the batch
+    itself, ref_labels=None → l_j = j (a memory bank, one row per class), ref_valid=None →
+    all valid."""
     if ref is None:
         ref, ref_labels, in_batch = x, labels, True
     else:
@@ -78,14 +157,12 @@ def _reference_set(x, labels, ref, ref_labels, ref_valid):
             ref_labels = torch.arange(ref.shape[0], device=ref.device)
     if ref_valid is None:
         ref_valid = torch.ones(ref.shape[0], dtype=torch.bool, device=ref.device)
-    return normalize(ref), ref_labels, ref_valid, in_batch
+    return normalize(readable_rows(ref, ref_valid)), ref_labels, ref_valid, in_batch
 
 
-def uss_rows(
-    x, labels, bias, ref=None, ref_labels=None, ref_valid=None, *,
-    scale=64.0, margin=0.1, form="pairs", official_clamp=False,
-):
-    """Per-row USS loss L_i (DESIGN.md §1.1).
+def uss_rows(x, labels, bias, ref=None, ref_labels=None, ref_valid=None, *,
+             scale=64.0, margin=0.1, form="pairs", official_clamp=False):
+    """Per-row USS loss L_i (docs/design.md §1.1).
 
     pairs: L_i = Σ_{P_i} softplus(b_j − s(cos_ij − m)) + Σ_{N_i} softplus(s·cos_ij − b_j)
     lse:   L_i = softplus(lse_{P_i}(b_j − s(cos_ij − m))) + softplus(lse_{N_i}(s·cos_ij − b_j))
@@ -95,26 +172,15 @@ def uss_rows(
     """
     xh = normalize(x)
     rh, ref_labels, ref_valid, in_batch = _reference_set(x, labels, ref, ref_labels, ref_valid)
-    cos = xh @ rh.T
-    b = bias.to(cos.dtype).reshape(1, -1)
-    z_pos = b - scale * (cos - margin)
-    z_neg = scale * cos - b
+    z_pos, z_neg = uss_z(xh @ rh.T, bias, scale, margin)
     pos, neg = uss_masks(labels, ref_labels, ref_valid, in_batch)
-
-    def clamped(z):  # the official code clamps every softplus argument to [−s, s]
-        return z.clamp(-scale, scale) if official_clamp else z
-
     if form == "pairs":
-        zero = torch.zeros_like(cos)
-        return (torch.where(pos, _softplus(clamped(z_pos)), zero).sum(1)
-                + torch.where(neg, _softplus(clamped(z_neg)), zero).sum(1))
+        zero = torch.zeros_like(z_pos)
+        return (torch.where(pos, uss_pair_terms(z_pos, scale, official_clamp), zero).sum(1)
+                + torch.where(neg, uss_pair_terms(z_neg, scale, official_clamp), zero).sum(1))
     if form == "lse":
-        total = torch.zeros_like(cos[:, 0])
-        for z, mask in ((z_pos, pos), (z_neg, neg)):
-            stat, has = _masked_logsumexp(z, mask)
-            # an empty set contributes 0 (not softplus(−s) once clamped)
-            total = total + torch.where(has, _softplus(clamped(torch.where(has, stat, 0.0))), 0.0)
-        return total
+        return uss_lse_terms(masked_logsumexp(z_pos, pos), masked_logsumexp(z_neg, neg),
+                             scale, official_clamp)[0]
     raise ValueError(f"form must be 'pairs' or 'lse', got {form!r}")
 
 
@@ -128,74 +194,212 @@ def uss_loss(x, labels, bias, ref=None, ref_labels=None, ref_valid=None, *,
 
 def uss_bias_init(x, labels, ref=None, ref_labels=None, ref_valid=None, *, scale=64.0):
     """The official data-dependent initial threshold: b₀ = mean_i logsumexp_{j∈N_i}(s·cos_ij),
-    averaged over the rows that have at least one negative (a detached scalar)."""
+    averaged over the rows that have at least one negative (NaN when none has; a detached
+    scalar)."""
     with torch.no_grad():
         xh = normalize(x)
         rh, ref_labels, ref_valid, in_batch = _reference_set(x, labels, ref, ref_labels, ref_valid)
         _, neg = uss_masks(labels, ref_labels, ref_valid, in_batch)
-        lse, has = _masked_logsumexp(scale * (xh @ rh.T), neg)
-        return lse[has].mean() if bool(has.any()) else lse.new_tensor(math.nan)
+        return mean_of_finite(masked_logsumexp(scale * (xh @ rh.T), neg))
 
 
-def target_logit(cos: torch.Tensor, margin_arc: float, margin_cos: float) -> torch.Tensor:
-    """f(cos) = cos(θ + m2) − m3 with θ = arccos(cos), written as
-    cos·cos m2 − sin θ·sin m2 − m3 with sin θ = sqrt(max(1 − cos², 1e-12)) so that its
-    derivative stays finite at cos = ±1. When θ + m2 > π (cos < −cos m2) insightface's
-    fallback cos − m2·sin m2 (− m3) keeps f monotone."""
-    if margin_arc == 0.0:
-        return cos - margin_cos
-    sin_t = torch.sqrt(torch.clamp(1.0 - cos * cos, min=1e-12))
-    arc = cos * math.cos(margin_arc) - sin_t * math.sin(margin_arc)
-    fallback = cos - margin_arc * math.sin(margin_arc)
-    return torch.where(cos > -math.cos(margin_arc), arc, fallback) - margin_cos
+def mean_of_finite(stat: torch.Tensor) -> torch.Tensor:
+    """The mean of the entries > −inf (rows with a negative), NaN when there is none; no host
+    synchronisation."""
+    has = stat > -math.inf
+    total = torch.where(has, stat, torch.zeros_like(stat)).sum()
+    return total / has.sum()  # 0/0 = NaN when no row has a negative
 
 
 def margin_softmax_rows(x, centres, labels, *, scale=64.0, margin_arc=0.0, margin_cos=0.4,
-                        index=None):
-    """Per-row CosFace/ArcFace softmax loss (DESIGN.md §1.2) over all classes or over the
+                        arcface_grad="exact", easy_margin=False, index=None):
+    """Per-row CosFace/ArcFace softmax loss (docs/design.md §1.2) over all classes or over the
     partial-FC index S: L_i = logsumexp_c z_ic − z_{i,y_i}, z_ic = s·cos_ic (c ≠ y_i),
-    z_iy = s·f(cos_iy), cos clamped to [−1, 1]."""
+    z_iy = s·f(cos_iy) (:func:`target_logit`), cos clamped to [−1, 1]."""
     w = centres if index is None else centres[index]
     local = labels if index is None else torch.searchsorted(index, labels)
     cos = (normalize(x) @ normalize(w).T).clamp(-1.0, 1.0)
-    target = target_logit(cos.gather(1, local[:, None]), margin_arc, margin_cos)
+    target = target_logit(cos.gather(1, local[:, None]), margin_arc, margin_cos,
+                          straight_through=arcface_grad == "straight_through",
+                          easy_margin=easy_margin)
     logits = (scale * cos).scatter(1, local[:, None], scale * target)
     return torch.logsumexp(logits, dim=1) - scale * target[:, 0]
 
 
-def margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0, margin_cos=0.4,
-                        index=None, reduction="mean"):
+def margin_softmax_loss(x, centres, labels, *, reduction="mean", **kw):
     """Margin softmax with a reduction over rows; see :func:`margin_softmax_rows`."""
-    rows = margin_softmax_rows(x, centres, labels, scale=scale, margin_arc=margin_arc,
-                               margin_cos=margin_cos, index=index)
-    return reduce_rows(rows, reduction)
+    return reduce_rows(margin_softmax_rows(x, centres, labels, **kw), reduction)
 
 
 def unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, index=None, scale=64.0,
-                   margin_arc=0.0, margin_cos=0.4, uss_margin=0.1, uss_form="pairs",
-                   uss_weight=1.0, reduction="mean"):
-    """The UniTSFace objective (DESIGN.md §1.3): per row,
+                   margin_arc=0.0, margin_cos=0.4, arcface_grad="exact", easy_margin=False,
+                   uss_margin=0.1, uss_form="pairs", uss_weight=1.0, official_clamp=False,
+                   reduction="mean"):
+    """The UniTSFace objective (docs/design.md §1.3): per row,
     L_i = L_softmax,i(x; W, margins) + λ·L_uss,i(x; bank, b), both over the same classes
     (all of them, or the partial-FC index S; the bank row of class c has label c)."""
     soft = margin_softmax_rows(x, centres, labels, scale=scale, margin_arc=margin_arc,
-                               margin_cos=margin_cos, index=index)
+                               margin_cos=margin_cos, arcface_grad=arcface_grad,
+                               easy_margin=easy_margin, index=index)
     classes = torch.arange(bank.shape[0], device=bank.device) if index is None else index
     valid = bank_valid if bank_valid is not None else torch.ones(
         bank.shape[0], dtype=torch.bool, device=bank.device)
-    bank_rows = bank if index is None else bank[index]
     bias_rows = bias if (index is None or bias.numel() == 1) else bias.reshape(-1)[index]
-    uss = uss_rows(x, labels, bias_rows, bank_rows, classes, valid[classes], scale=scale,
-                   margin=uss_margin, form=uss_form)
+    uss = uss_rows(x, labels, bias_rows, bank[classes], classes, valid[classes], scale=scale,
+                   margin=uss_margin, form=uss_form, official_clamp=official_clamp)
     return reduce_rows(soft + uss_weight * uss, reduction)
+
+
+def bank_rows(x: torch.Tensor) -> torch.Tensor:
+    """What the memory bank stores for embeddings x (docs/design.md §1.1): a row r with
+    F.normalize(r) = F.normalize(x) — the unit vector x̂ when ||x|| ≥ 1e-5, x itself below
+    (a tiny feature stays below the eps, so the loss reads it as the official code's raw
+    feature bank does: x / 1e-5)."""
+    xc = x.to(compute_dtype(x.dtype))
+    norm = xc.norm(dim=-1, keepdim=True)
+    return torch.where(norm >= EPS, xc / norm, xc)
 
 
 @torch.no_grad()
 def bank_update_(bank, bank_valid, x, labels):
-    """bank[y_i] ← x̂_i and bank_valid[y_i] ← True; when a label repeats, its last row wins."""
+    """bank[y_i] ← :func:`bank_rows` (x_i), bank_valid[y_i] ← x_i is finite; when a label
+    repeats, its last row wins."""
     b = labels.numel()
     last = torch.full((bank.shape[0],), -1, dtype=torch.long, device=labels.device)
     last.scatter_reduce_(0, labels, torch.arange(b, device=labels.device), reduce="amax")
     rows = last[last >= 0]
-    bank[labels[rows]] = normalize(x[rows]).to(bank.dtype)
-    bank_valid[labels[rows]] = True
+    bank[labels[rows]] = bank_rows(x[rows]).to(bank.dtype)
+    bank_valid[labels[rows]] = torch.isfinite(x[rows]).all(dim=1)
     return bank
+
+
+# ============================================================================ per-op forms
+# The op contract's forward and backward in eager PyTorch (arguments and outputs as in
+# unitsface_kernels.contract). The backward is autograd of a surrogate whose gradient in the
+# logits is exactly the kernels' g for the given (possibly global) statistics.
+
+def _class_tiles(x, centres, bank, labels, index, bank_valid, bias, o: UnitsfaceOptions):
+    """Eager logits of the classes S: z (softmax), the target mask, and USS (pos, neg, z⁺, z⁻)."""
+    classes = torch.arange(centres.shape[0], device=x.device) if index is None else index
+    xh = normalize(x)
+    cos = (xh @ normalize(centres[classes]).T).clamp(-1.0, 1.0)
+    is_t = labels[:, None] == classes[None, :]
+    f = target_logit(cos, o.margin_arc, o.margin_cos, straight_through=o.arcface_straight_through,
+                     easy_margin=o.easy_margin)
+    z = o.scale * torch.where(is_t, f, cos)
+    uss = None
+    if bank is not None:
+        valid = (torch.ones_like(classes, dtype=torch.bool) if bank_valid is None
+                 else bank_valid[classes])
+        cos_b = xh @ normalize(readable_rows(bank[classes], valid)).T
+        b = bias.reshape(-1)
+        z_pos, z_neg = uss_z(cos_b, b if b.numel() == 1 else b[classes], o.scale, o.uss_margin)
+        uss = (is_t & valid[None, :], ~is_t & valid[None, :], z_pos, z_neg)
+    return z, is_t, uss
+
+
+def _uss_surrogate(pos, neg, z_pos, z_neg, stats4, lse, clamp, scale):
+    """Per row, a function of z⁺, z⁻ whose gradient is the USS g for the given statistics
+    (the pairs loss itself; for lse σ(A)·Σ_P e^{z⁺ − A} + σ(B)·Σ_N e^{z⁻ − B})."""
+    zero = torch.zeros_like(z_pos)
+    if not lse:
+        return (torch.where(pos, uss_pair_terms(z_pos, scale, clamp), zero).sum(1)
+                + torch.where(neg, uss_pair_terms(z_neg, scale, clamp), zero).sum(1))
+    a, fa, b, fb = stats4
+    out = torch.zeros_like(a)
+    for z, mask, stat, f in ((z_pos, pos, a, fa), (z_neg, neg, b, fb)):
+        safe = torch.where(torch.isfinite(stat), stat, torch.zeros_like(stat))
+        e = torch.exp(torch.where(mask, z - safe[:, None], torch.full_like(z, -math.inf)))
+        out = out + f * e.sum(1)
+    return out
+
+
+def _uss_stats(pos, neg, z_pos, z_neg, lse, clamp, scale):
+    """(USS rows, (A, σA', B, σB') — zeros for pairs)."""
+    if lse:
+        a, b = masked_logsumexp(z_pos, pos), masked_logsumexp(z_neg, neg)
+        rows, fa, fb = uss_lse_terms(a, b, scale, clamp)
+        return rows, torch.stack([a, fa, b, fb])
+    rows = _uss_surrogate(pos, neg, z_pos, z_neg, None, False, clamp, scale)
+    return rows, rows.new_zeros(4, rows.shape[0])
+
+
+def _norms(*tensors):
+    return tuple(t.to(compute_dtype(t.dtype)).norm(dim=1) for t in tensors)
+
+
+def unitsface_fwd(x, centres, bank, labels, index, bank_valid, bias, options, row_grads=False):
+    """Eager unitsface_fwd: (rows, stats [7, B], ||x||, ||W[S]||, ||bank[S]||, ∅, ∅)."""
+    o = UnitsfaceOptions.unpack(options)
+    z, is_t, uss = _class_tiles(x, centres, bank, labels, index, bank_valid, bias, o)
+    stats = z.new_zeros(7, x.shape[0])
+    stats[0] = torch.logsumexp(z, dim=1)
+    stats[5] = torch.where(is_t, z, torch.zeros_like(z)).sum(1)
+    rows = stats[0] - stats[5]
+    sel = slice(None) if index is None else index
+    empty = stats.new_empty(0)
+    if uss is not None:
+        stats[6], stats[1:5] = _uss_stats(*uss, o.uss_lse, o.uss_clamp, o.scale)
+        rows = rows + o.uss_weight * stats[6]
+    nb = _norms(bank[sel])[0] if bank is not None else empty
+    return (rows, stats) + _norms(x, centres[sel]) + (nb, empty, empty)
+
+
+def _grads_of(row, go, wanted):
+    """autograd.grad of Σ_i go_i·row_i for the leaves that are not None."""
+    leaves = [t for t in wanted if t is not None]
+    grads = iter(torch.autograd.grad((go.to(row.dtype) * row).sum(), leaves) if leaves else ())
+    return [next(grads) if t is not None else None for t in wanted]
+
+
+def _leaf(t, need):
+    return t.detach().requires_grad_() if (need and t is not None) else None
+
+
+def unitsface_bwd(grad_rows, x, centres, bank, labels, index, bank_valid, bias, stats, nx, nw,
+                  nb, dx_rows, db_rows, options, needs):
+    """Eager unitsface_bwd from the (global) statistics: autograd of the surrogate
+    Σ_i go_i·[Σ_c e^{z_ic − lse_i} − z_iy + λ·USS'_i]."""
+    o = UnitsfaceOptions.unpack(options)
+    with torch.enable_grad():
+        leaves = [_leaf(t, n) for t, n in zip((x, centres, bias), needs)]
+        xv, wv, bv = (leaf if leaf is not None else t
+                      for leaf, t in zip(leaves, (x, centres, bias)))
+        z, is_t, uss = _class_tiles(xv, wv, bank, labels, index, bank_valid, bv, o)
+        lse = stats[0].to(z.dtype)
+        row = (torch.exp(z - lse[:, None]).sum(1)
+               - torch.where(is_t, z, torch.zeros_like(z)).sum(1))
+        if uss is not None:
+            row = row + o.uss_weight * _uss_surrogate(*uss, stats[1:5].to(z.dtype), o.uss_lse,
+                                                      o.uss_clamp, o.scale)
+        grads = _grads_of(row, grad_rows, leaves)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+def uss_fwd(x, ref, labels, ref_labels, ref_valid, bias, options):
+    """Eager uss_fwd (reference rows with their own labels): (rows, stats [4, B], ||x||, ||r||)."""
+    o = UssOptions.unpack(options)
+    valid = torch.ones_like(ref_labels, dtype=torch.bool) if ref_valid is None else ref_valid
+    cos = normalize(x) @ normalize(readable_rows(ref, valid)).T
+    pos, neg = uss_masks(labels, ref_labels, valid, o.in_batch)
+    rows, stats = _uss_stats(pos, neg, *uss_z(cos, bias, o.scale, o.margin), o.lse, o.clamp,
+                             o.scale)
+    return (rows, stats) + _norms(x, ref)
+
+
+def uss_bwd(grad_rows, x, ref, labels, ref_labels, ref_valid, bias, stats, nx, nr, options,
+            needs):
+    """Eager uss_bwd from the (global) statistics; ∂ref is not formed (the class-parallel
+    memory bank takes no gradient)."""
+    o = UssOptions.unpack(options)
+    valid = torch.ones_like(ref_labels, dtype=torch.bool) if ref_valid is None else ref_valid
+    with torch.enable_grad():
+        xv, bv = _leaf(x, needs[0]), _leaf(bias, needs[2])
+        cos = normalize(xv if xv is not None else x) @ normalize(readable_rows(ref, valid)).T
+        pos, neg = uss_masks(labels, ref_labels, valid, o.in_batch)
+        z_pos, z_neg = uss_z(cos, bv if bv is not None else bias, o.scale, o.margin)
+        row = _uss_surrogate(pos, neg, z_pos, z_neg, stats.to(z_pos.dtype), o.lse, o.clamp,
+                             o.scale)
+        dx, db = _grads_of(row, grad_rows, [xv, bv])
+    empty = x.new_empty(0)
+    return (dx if dx is not None else empty, empty, db if db is not None else empty)

@@ -34,6 +34,7 @@ import triton.language as tl
 from .common import (NEG_BIG, check_width, fused_config, gather_chunk, inv_norm, mma,
                      num_splits, softplus, upcast_tiles)
 from .margin_softmax import softmax_grad, softmax_logits
+from ..options import UnitsfaceOptions
 from .norms import row_norms
 from .uss import (acc_dtype, lse_rows, merge_lse, normalised_grad, online_lse, uss_grad,
                   uss_row_stats, uss_terms)
@@ -248,11 +249,17 @@ def _setup(x, centres, bank, index, bank_valid, bias, scale, margin_arc, margin_
                    UPCAST=upcast_tiles(x.dtype)))
 
 
-def fused_forward(x, centres, bank, labels, index, bank_valid, bias, scale, margin_arc,
-                  margin_cos, uss_margin, uss_weight, uss_lse):
-    """Per-row loss (softmax + λ·USS when `bank` is given) and the backward's statistics.
+def fused_forward(x, centres, bank, labels, index, bank_valid, bias, options, row_grads):
+    """Per-row loss (softmax + λ·USS when `bank` is given) and the backward's statistics: the
+    unitsface_fwd op of unitsface_kernels.contract (options: UnitsfaceOptions.pack(); no
+    per-row gradients, row_grads must be False).
 
-    Returns (rows, stats [5, B], ||x_i||, ||W[S_j]||, ||bank[S_j]|| (empty without USS))."""
+    Returns (rows, stats [7, B], ||x_i||, ||W[S_j]||, ||bank[S_j]|| (empty without USS), ∅, ∅)."""
+    if row_grads:
+        raise ValueError("the triton forward does not form per-row gradients (row_grads)")
+    o = UnitsfaceOptions.unpack(options)
+    scale, margin_arc, margin_cos = o.scale, o.margin_arc, o.margin_cos
+    uss_margin, uss_weight, uss_lse = o.uss_margin, o.uss_weight, o.uss_lse
     bsz, d = x.shape
     check_width(d, x.dtype, x.device)
     a = _setup(x, centres, bank, index, bank_valid, bias, scale, margin_arc, margin_cos,
@@ -282,7 +289,8 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, scale, marg
         else:
             stats[6] = out[:, 3].sum(dim=0)
         rows = rows + uss_weight * stats[6]
-    return rows, stats, nx, nw, nb
+    empty = nx.new_empty(0)
+    return rows, stats, nx, nw, nb, empty, empty
 
 
 def check_deterministic(device: torch.device) -> None:
@@ -300,13 +308,17 @@ def check_deterministic(device: torch.device) -> None:
         raise RuntimeError(msg)
 
 
-def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias, nx, nw, nb,
-                   stats, scale, margin_arc, margin_cos, uss_margin, uss_weight, uss_lse,
-                   need_dx, need_dw, need_dbias):
-    """(∂x, ∂centres, ∂bias); None where not needed. ∂centres is zero outside the index.
+def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias, stats, nx, nw,
+                   nb, dx_rows, db_rows, options, needs):
+    """(∂x, ∂centres, ∂bias): the unitsface_bwd op of unitsface_kernels.contract; empty where
+    not needed. ∂centres is zero outside the index.
 
     One launch of :func:`_bwd_kernel` over (class tiles × feature chunks); then O(B·D + |S|)
     of host-side finishing: ∂x = (G − h·x̂)/max(||x||, eps) and ∂b = −(1/s)·Σ_i g'_ic."""
+    o = UnitsfaceOptions.unpack(options)
+    scale, margin_arc, margin_cos = o.scale, o.margin_arc, o.margin_cos
+    uss_margin, uss_weight, uss_lse = o.uss_margin, o.uss_weight, o.uss_lse
+    need_dx, need_dw, need_dbias = needs
     if need_dx:
         check_deterministic(x.device)
     bsz, d = x.shape
@@ -338,4 +350,5 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
         else:
             db = -gsum.sum() / scale
         dbias = db.reshape(bias.shape).to(bias.dtype)
-    return dx, dw if need_dw else None, dbias
+    empty = x.new_empty(0)
+    return tuple(t if t is not None else empty for t in (dx, dw if need_dw else None, dbias))

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from .common import (NEG_BIG, check_width, cos_tile, mma, feature_chunk, inv_norm, launch_config,
                      load_tile, num_splits, sigmoid, softplus, upcast_tiles)
+from ..options import UssOptions
 from .norms import row_norms
 
 
@@ -273,12 +274,15 @@ def _common_args(x, labels, ref_valid, bias, scale, margin):
     return params, b, (0 if b.numel() == 1 else 1), valid
 
 
-def uss_forward(x, ref, labels, ref_labels, ref_valid, bias, scale, margin, lse, clamp, in_batch):
-    """Per-row loss L_i and the statistics the backward needs.
+def uss_forward(x, ref, labels, ref_labels, ref_valid, bias, options):
+    """Per-row loss L_i and the statistics the backward needs (the uss_fwd op of
+    unitsface_kernels.contract; options: UssOptions.pack()).
 
     Returns (rows, stats, nx, nr): rows in fp32 (fp64 for fp64 inputs); stats is [4, B] =
     (A, σ(A)·[A unclamped], B, σ(B)·[B unclamped]) for lse and zeros for pairs.
     """
+    o = UssOptions.unpack(options)
+    scale, margin, lse, clamp, in_batch = o.scale, o.margin, o.lse, o.clamp, o.in_batch
     bsz, d = x.shape
     n = ref.shape[0]
     check_width(d, x.dtype, x.device)
@@ -327,9 +331,13 @@ def normalised_grad(acc_g, h, t, norms):
     return inv[:, None] * (acc_g - (proj * inv)[:, None] * t.to(acc_g.dtype))
 
 
-def uss_backward(grad_rows, x, ref, labels, ref_labels, ref_valid, bias, nx, nr, stats,
-                 scale, margin, lse, clamp, in_batch, need_dx, need_dref, need_dbias):
-    """(∂x, ∂ref, ∂bias) for the per-row upstream gradient ``grad_rows``; None where not needed."""
+def uss_backward(grad_rows, x, ref, labels, ref_labels, ref_valid, bias, stats, nx, nr, options,
+                 needs):
+    """(∂x, ∂ref, ∂bias) for the per-row upstream gradient ``grad_rows`` (the uss_bwd op of
+    unitsface_kernels.contract); empty where not needed."""
+    o = UssOptions.unpack(options)
+    scale, margin, lse, clamp, in_batch = o.scale, o.margin, o.lse, o.clamp, o.in_batch
+    need_dx, need_dref, need_dbias = needs
     bsz, d = x.shape
     n = ref.shape[0]
     cfg = launch_config(d, x.device, x.dtype)
@@ -369,7 +377,5 @@ def uss_backward(grad_rows, x, ref, labels, ref_labels, ref_valid, bias, nx, nr,
             dref = normalised_grad(g_ref, hs_ref[0], ref, nr).to(ref.dtype)
         if need_dbias and vector_bias:
             dbias = (-hs_ref[1] / scale).reshape(bias.shape).to(bias.dtype)
-    return dx, dref, dbias
-
-
-__all__ = ["uss_forward", "uss_backward"]
+    empty = x.new_empty(0)
+    return tuple(t if t is not None else empty for t in (dx, dref, dbias))

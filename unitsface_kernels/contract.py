@@ -1,0 +1,236 @@
+"""The op contract (docs/design.md §3): every custom op of the package is declared here, once
+per op family, and its torch.library schema, fake kernel and autograd rule are built from that
+declaration. The backends only provide kernels:
+
+* ``triton``: the functions of :mod:`unitsface_kernels.triton`, registered below;
+* ``native``: C++/CUDA kernels registered by the extension (``csrc/``, TORCH_LIBRARY_IMPL) for
+  the schemas defined here;
+* ``reference``: the eager per-op functions of :mod:`unitsface_kernels.reference` (plain
+  functions with the same arguments; used by the class-parallel code).
+
+Op family ``uss`` (docs/design.md §1.1), ``unitsface::uss_{fwd,bwd}_{triton,native}``::
+
+    fwd(x, ref, labels, ref_labels, ref_valid?, bias, float[] options)
+        -> (rows [B], stats [4, B], nx [B], nr [N])
+    bwd(grad_rows, x, ref, labels, ref_labels, ref_valid?, bias, stats, nx, nr,
+        float[] options, bool[3] needs) -> (dx, dref, dbias)
+
+  stats = (A, σ(A)·[A unclamped], B, σ(B)·[B unclamped]) of the lse form (zeros for pairs).
+  In in-batch mode the same tensor is passed as x and ref: autograd adds ∂x and ∂ref.
+
+Op family ``unitsface`` (§1.2–§1.3), ``unitsface::unitsface_{fwd,bwd}_{triton,native}``::
+
+    fwd(x, centres, bank?, labels, index?, bank_valid?, bias?, float[] options, bool row_grads)
+        -> (rows [B], stats [7, B], nx [B], nw [S], nb [S | 0], dx_rows [B, D | 0], db_rows [B | 0])
+    bwd(grad_rows, x, centres, bank?, labels, index?, bank_valid?, bias?, stats, nx, nw, nb,
+        dx_rows, db_rows, float[] options, bool[3] needs) -> (dx, dcentres, dbias)
+
+  The margin softmax over the classes S (the partial-FC index, or all), plus λ·USS on the bank
+  rows of the same classes when a bank is given. stats = (lse_c z_ic, A, σA, B, σB, z_iy,
+  USS loss). A label that matches no column (−1, or a class of another shard) has no target
+  there: z_iy = 0. ``row_grads`` (native backend on CPU tensors only, see
+  :data:`ROW_GRADS`): the forward also forms dx_rows = ∂L_i/∂x_i and db_rows = ∂L_i/∂b
+  (scalar b) in its sweep, valid for the statistics of this very call, and the backward then
+  uses them instead of recomputing (never class-parallel, whose statistics are global).
+
+``options`` is :meth:`~unitsface_kernels.options.UssOptions.pack` /
+:meth:`~unitsface_kernels.options.UnitsfaceOptions.pack`; ``needs`` says which of the three
+differentiable inputs want a gradient. Every output is in the accumulation dtype (float64 for
+float64 inputs, else float32) except the gradients, which come in their inputs' dtypes; a
+gradient that is not needed (or a missing bias) comes back as an empty tensor (custom ops
+return no None).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import reference
+
+_LIB = torch.library.Library("unitsface", "DEF")
+
+FUSED_BACKENDS = ("triton", "native")
+
+ROW_GRADS = {("unitsface", "native", "cpu")}
+"""(family, backend, device type) whose forward forms the per-row gradients (row_grads)."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One op family: its tensor inputs, the three differentiable ones among them, its
+    forward outputs after ``rows`` (all saved for the backward), and the output sizes."""
+
+    name: str
+    inputs: tuple[tuple[str, str], ...]      # (schema type, name)
+    grads: tuple[str, str, str]              # x, the reference rows with a gradient, bias
+    saved: tuple[str, ...]                   # forward outputs after rows
+    fwd_extra: str                           # schema of the arguments after `options`
+    sizes: Callable[..., tuple]              # (inputs..., *extra) -> sizes of `saved`
+
+    @property
+    def grad_positions(self) -> tuple[int, ...]:
+        names = [n for _, n in self.inputs]
+        return tuple(names.index(g) for g in self.grads)
+
+    def schemas(self, backend: str) -> tuple[str, str]:
+        args = ", ".join(f"{t} {n}" for t, n in self.inputs)
+        saved = ", ".join(f"Tensor {n}" for n in self.saved)
+        extra = f", {self.fwd_extra}" if self.fwd_extra else ""
+        fwd = (f"{self.name}_fwd_{backend}({args}, float[] options{extra}) -> "
+               f"(Tensor rows, {saved})")
+        bwd = (f"{self.name}_bwd_{backend}(Tensor grad_rows, {args}, {saved}, float[] options, "
+               f"bool[3] needs) -> (Tensor, Tensor, Tensor)")
+        return fwd, bwd
+
+
+def _uss_sizes(x, ref, *_):
+    b = x.shape[0]
+    return (4, b), (b,), (ref.shape[0],)
+
+
+def _unitsface_sizes(x, centres, bank, labels, index, bank_valid, bias, options, row_grads):
+    b = x.shape[0]
+    s = centres.shape[0] if index is None else index.shape[0]
+    return ((7, b), (b,), (s,), (s if bank is not None else 0,),
+            (b, x.shape[1]) if row_grads else (0,), (b,) if row_grads else (0,))
+
+
+FAMILIES = {
+    "uss": Family(
+        "uss",
+        (("Tensor", "x"), ("Tensor", "ref"), ("Tensor", "labels"), ("Tensor", "ref_labels"),
+         ("Tensor?", "ref_valid"), ("Tensor", "bias")),
+        ("x", "ref", "bias"), ("stats", "nx", "nr"), "", _uss_sizes),
+    "unitsface": Family(
+        "unitsface",
+        (("Tensor", "x"), ("Tensor", "centres"), ("Tensor?", "bank"), ("Tensor", "labels"),
+         ("Tensor?", "index"), ("Tensor?", "bank_valid"), ("Tensor?", "bias")),
+        ("x", "centres", "bias"), ("stats", "nx", "nw", "nb", "dx_rows", "db_rows"),
+        "bool row_grads", _unitsface_sizes),
+}
+
+
+def op_name(family: str, backend: str, direction: str) -> str:
+    return f"{family}_{direction}_{backend}"
+
+
+def forward_op(family: str, backend: str):
+    """The forward of `family` on `backend`: a custom op (fused backends) or the eager
+    per-op function of the reference (same arguments, same outputs)."""
+    if backend == "reference":
+        return getattr(reference, f"{family}_fwd")
+    return getattr(torch.ops.unitsface, op_name(family, backend, "fwd"))
+
+
+def backward_op(family: str, backend: str):
+    if backend == "reference":
+        return getattr(reference, f"{family}_bwd")
+    return getattr(torch.ops.unitsface, op_name(family, backend, "bwd"))
+
+
+def wants_row_grads(family: str, backend: str, x: torch.Tensor) -> bool:
+    """Whether a call should ask the forward for the per-row gradients: the backend forms
+    them, and x will take a gradient."""
+    return ((family, backend, x.device.type) in ROW_GRADS and torch.is_grad_enabled()
+            and x.requires_grad)
+
+
+# ----------------------------------------------------------------------------- fakes
+
+def _fake_forward(family: Family):
+    def fake(*args):
+        x = args[0]
+        acc = reference.compute_dtype(x.dtype)
+        sizes = family.sizes(*args)
+        return (x.new_empty(x.shape[0], dtype=acc),) + tuple(
+            x.new_empty(size, dtype=acc) for size in sizes)
+    return fake
+
+
+def _fake_backward(family: Family):
+    positions = family.grad_positions
+
+    def fake(grad_rows, *args):
+        needs = args[-1]
+        out = []
+        for pos, need in zip(positions, needs):
+            t = args[pos]
+            out.append(torch.empty_like(t) if (need and t is not None) else args[0].new_empty(0))
+        return tuple(out)
+    return fake
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def _autograd(family: Family, bwd_op):
+    n_in = len(family.inputs)
+    positions = family.grad_positions
+
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*inputs[:n_in], *output[1:])
+        ctx.options = inputs[n_in]
+
+    def backward(ctx, grad_rows, *_):
+        saved = ctx.saved_tensors
+        needs = [ctx.needs_input_grad[p] and saved[p] is not None for p in positions]
+        grads = bwd_op(grad_rows.contiguous(), *saved, ctx.options, needs)
+        out = [None] * len(ctx.needs_input_grad)
+        for p, g, need in zip(positions, grads, needs):
+            out[p] = g if need else None
+        return tuple(out)
+
+    return backward, setup_context
+
+
+# ----------------------------------------------------------------------------- registration
+
+def _triton_kernels(family: str):
+    """The Triton host functions of a family (imported on first use: importing triton is
+    slow, and it must not happen before conftest sets TRITON_INTERPRET)."""
+    if family == "uss":
+        from .triton import uss as module
+        return module.uss_forward, module.uss_backward
+    from .triton import fused as module
+    return module.fused_forward, module.fused_backward
+
+
+def _triton_impls(family: str):
+    def fwd(*args):
+        return _triton_kernels(family)[0](*args)
+
+    def bwd(*args):
+        return _triton_kernels(family)[1](*args)
+    return fwd, bwd
+
+
+def _register() -> None:
+    for family in FAMILIES.values():
+        for backend in FUSED_BACKENDS:
+            fwd_schema, bwd_schema = family.schemas(backend)
+            _LIB.define(fwd_schema)
+            _LIB.define(bwd_schema)
+            fwd_name = f"unitsface::{op_name(family.name, backend, 'fwd')}"
+            bwd_name = f"unitsface::{op_name(family.name, backend, 'bwd')}"
+            if backend == "triton":  # native kernels come from the extension (csrc/)
+                fwd_impl, bwd_impl = _triton_impls(family.name)
+                _LIB.impl(op_name(family.name, backend, "fwd"), fwd_impl,
+                          "CompositeExplicitAutograd")
+                _LIB.impl(op_name(family.name, backend, "bwd"), bwd_impl,
+                          "CompositeExplicitAutograd")
+            torch.library.register_fake(fwd_name, _fake_forward(family), lib=_LIB)
+            torch.library.register_fake(bwd_name, _fake_backward(family), lib=_LIB)
+            backward, setup = _autograd(family, backward_op(family.name, backend))
+            torch.library.register_autograd(fwd_name, backward, setup_context=setup, lib=_LIB)
+
+    # The memory bank (native only; ops.bank_update_ falls back to the reference):
+    # bank[labels[i]] ← the stored row of x[i] (docs/design.md §1.1), bank_valid ← x[i] finite.
+    _LIB.define("bank_update_(Tensor(a!) bank, Tensor(b!) bank_valid, Tensor x, Tensor labels) "
+                "-> ()")
+    torch.library.register_fake("unitsface::bank_update_", lambda *args: None, lib=_LIB)
+
+
+_register()

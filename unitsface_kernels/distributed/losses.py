@@ -1,0 +1,238 @@
+"""The class-parallel losses: every rank runs a backend's forward op on its class shard, the
+per-row statistics are combined across ranks (:mod:`.statistics`), and the backward op runs
+with the global statistics (see the package docstring)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .. import backends, contract, options, reference
+from .. import bank as memory_bank
+from .. import validation as check
+from . import statistics
+from .collectives import checked_on_all, gather
+from .shard import ClassShard, require
+
+
+@dataclass
+class _Spec:
+    family: str          # "unitsface" (margin softmax [+ USS on the bank]) or "uss" (bank)
+    backend: str
+    options: Any         # UnitsfaceOptions | UssOptions
+    shard: ClassShard
+    has_bank: bool = False
+    replicated_bias: bool = True
+
+
+class _ShardRows(torch.autograd.Function):
+    """Global per-row losses of the gathered batch from this rank's class shard.
+
+    Inputs that take a gradient: x (gathered), the reference rows with a gradient (centres;
+    None for the bank-only USS), the threshold b. The other tensors ride along in `rest`.
+    Always the plain forward (no per-row gradients: they would use the local statistics)."""
+
+    @staticmethod
+    def forward(ctx, x, centres, bias, spec, rest):
+        labels, index, bank, bank_valid, ref_labels = rest
+        fwd = contract.forward_op(spec.family, spec.backend)
+        packed = spec.options.pack()
+        group = spec.shard.group
+        if spec.family == "unitsface":
+            rows, stats, *saved = fwd(x, centres, bank, labels, index, bank_valid, bias, packed,
+                                      False)
+            total, stats = statistics.combine_unitsface(rows, stats, spec.options,
+                                                        spec.has_bank, group)
+        else:
+            rows, stats, *saved = fwd(x, bank, labels, ref_labels, bank_valid, bias, packed)
+            total, stats = statistics.combine_uss(rows, stats, spec.options, group)
+        ctx.spec = spec
+        ctx.save_for_backward(x, centres, bias, labels, index, bank, bank_valid, ref_labels,
+                              stats, *saved)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        spec = ctx.spec
+        x, centres, bias, labels, index, bank, bank_valid, ref_labels, stats, *saved = \
+            ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        need_db = need_db and bias is not None
+        bwd = contract.backward_op(spec.family, spec.backend)
+        packed = spec.options.pack()
+        grad_rows = grad_rows.contiguous()
+        if spec.family == "unitsface":
+            dx, dw, db = bwd(grad_rows, x, centres, bank, labels, index, bank_valid, bias, stats,
+                             *saved, packed, [need_dx, need_dw, need_db])
+        else:
+            dx, _, db = bwd(grad_rows, x, bank, labels, ref_labels, bank_valid, bias, stats,
+                            *saved, packed, [need_dx, False, need_db])
+            dw = None
+        if need_db and spec.replicated_bias:
+            db = db.contiguous().clone()
+            dist.all_reduce(db, group=spec.shard.group)  # every rank: the full ∂L/∂b
+        return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
+                None, None)
+
+
+# ----------------------------------------------------------------------------- the batch
+
+def _batch(x, labels, shard, gathered, validate, index):
+    """(x_global, labels_global, local labels, validate(x), local index) with every check
+    agreed on by all ranks: the shard's tensors are checked before the gather (their errors
+    travel with the shapes), the partial-FC index after it (it must hold the local labels of
+    the global batch). With gathered=True the batch came from :func:`gather_batch`."""
+    shard = require(shard)
+    if gathered:
+        x = check.embeddings(x)
+        labels = check.labels(labels, x.shape[0], x.device)
+        local = shard.local_labels(labels)
+        checked, idx = checked_on_all(shard, x.device, lambda: (
+            validate(x), _local_index(index, local, shard, x.device)))
+        return x, labels, local, checked, idx
+    x, labels, checked, any_index = gather(x, labels, shard, validate, index is not None)
+    local = shard.local_labels(labels)
+    idx = None
+    if any_index:  # every rank checks, or none: the check is a collective
+        idx = checked_on_all(shard, x.device, lambda: _local_index(index, local, shard, x.device))
+    return x, labels, local, checked, idx
+
+
+def _local_rows(t, name, x, shard):
+    t = check.reference_rows(t, x, name)
+    if t.shape[0] != shard.num_local:
+        raise ValueError(f"{name} has {t.shape[0]} rows but this rank's shard holds "
+                         f"{shard.num_local} classes [{shard.start}, {shard.stop}): pass the "
+                         "shard's rows only")
+    return t
+
+
+def _local_index(index, local, shard, device):
+    """A partial-FC index of LOCAL class ids (sorted, unique) holding every local label."""
+    if index is None:
+        return None
+    index = check.index_tensor(index, device)
+    checks = check.ValueChecks()
+    checks.index(index, shard.num_local, local[local >= 0], labels_name="local labels")
+    checks.run()
+    return index
+
+
+def _local_bank(bank, bank_valid, x, shard):
+    bk = _local_rows(bank, "bank", x, shard)
+    valid = (check.mask(bank_valid, shard.num_local, x.device, "bank_valid")
+             if bank_valid is not None else None)
+    return bk, valid
+
+
+def _rows(spec, x, centres, bias, labels, index, bank, bank_valid, ref_labels, reduction):
+    rows = _ShardRows.apply(x, centres, bias, spec, (labels, index, bank, bank_valid, ref_labels))
+    return reference.reduce_rows(rows.to(reference.compute_dtype(x.dtype)), reduction)
+
+
+# ----------------------------------------------------------------------------- the losses
+
+def margin_softmax_loss(x, centres, labels, shard, *, scale=64.0, margin_arc=0.0,
+                        margin_cos=0.4, arcface_grad="exact", easy_margin=False, index=None,
+                        reduction="mean", backend="auto", gathered=False):
+    """Class-parallel CosFace/ArcFace softmax (partial FC): ``centres`` are this rank's rows
+    [start, stop); ``index`` (optional) is a sorted index of LOCAL class ids that holds every
+    class of the global batch falling in the shard (:meth:`ClassShard.sample`).
+
+    ``x``/``labels`` are this rank's batch (global class ids), or the gathered global batch
+    with ``gathered=True``. Returns the global mean ("mean"), sum ("sum") or the global
+    per-row losses ("none", all ranks' rows in rank order), identical on every rank."""
+    def validate(x):
+        check.choice(reduction, options.REDUCTIONS, "reduction")
+        opts = options.softmax_options(scale=scale, margin_arc=margin_arc,
+                                       margin_cos=margin_cos, arcface_grad=arcface_grad,
+                                       easy_margin=easy_margin)
+        return opts, _local_rows(centres, "centres", x, shard)
+
+    x, labels, local, (opts, w), idx = _batch(x, labels, shard, gathered, validate, index)
+    spec = _Spec("unitsface", backends.resolve(backend, x.device, "unitsface"), opts, shard)
+    return _rows(spec, x, w, None, local, idx, None, None, None, reduction)
+
+
+def unitsface_loss(x, labels, centres, bank, bias, shard, *, bank_valid=None, index=None,
+                   scale=64.0, margin_arc=0.0, margin_cos=0.4, arcface_grad="exact",
+                   easy_margin=False, uss_margin=0.1, uss_form="pairs", uss_weight=1.0,
+                   official_clamp=False, reduction="mean", backend="auto", gathered=False):
+    """Class-parallel UniTSFace objective: ``centres``, ``bank``, ``bank_valid`` (and a
+    per-class ``bias``) are this rank's rows; a scalar ``bias`` is the replicated unified
+    threshold (it gets the full ∂L/∂b on every rank). ``index``: LOCAL class ids, as in
+    :func:`margin_softmax_loss`."""
+    def validate(x):
+        check.choice(reduction, options.REDUCTIONS, "reduction")
+        opts = options.unitsface_options(
+            scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
+            easy_margin=easy_margin, uss_margin=uss_margin, uss_form=uss_form,
+            uss_weight=uss_weight, official_clamp=official_clamp)
+        w = _local_rows(centres, "centres", x, shard)
+        return (opts, w) + _local_bank(bank, bank_valid, x, shard) + (
+            check.bias(bias, shard.num_local, x, per="class of the shard"),)
+
+    x, labels, local, (opts, w, bk, valid, b), idx = _batch(x, labels, shard, gathered,
+                                                            validate, index)
+    spec = _Spec("unitsface", backends.resolve(backend, x.device, "unitsface"), opts, shard,
+                 has_bank=True, replicated_bias=b.numel() == 1)
+    return _rows(spec, x, w, b, local, idx, bk, valid, None, reduction)
+
+
+def uss_loss(x, labels, bias, bank, shard, *, bank_valid=None, scale=64.0, margin=0.1,
+             form="pairs", official_clamp=False, reduction="mean", backend="auto",
+             gathered=False):
+    """Class-parallel USS in memory-bank mode: ``bank`` (and ``bank_valid``, a per-class
+    ``bias``) are this rank's rows [start, stop); bank row c of the shard holds class
+    start + c. A scalar ``bias`` is the replicated unified threshold."""
+    def validate(x):
+        check.choice(reduction, options.REDUCTIONS, "reduction")
+        opts = options.uss_options(scale=scale, margin=margin, form=form,
+                                   official_clamp=official_clamp)
+        return (opts,) + _local_bank(bank, bank_valid, x, shard) + (
+            check.bias(bias, shard.num_local, x, per="class of the shard"),)
+
+    x, labels, local, (opts, bk, valid, b), _ = _batch(x, labels, shard, gathered, validate,
+                                                       None)
+    spec = _Spec("uss", backends.resolve(backend, x.device, "uss"), opts, shard, has_bank=True,
+                 replicated_bias=b.numel() == 1)
+    ref_labels = torch.arange(shard.num_local, device=x.device)
+    return _rows(spec, x, None, b, local, None, bk, valid, ref_labels, reduction)
+
+
+@torch.no_grad()
+def uss_bias_init(x, labels, bank, shard, *, bank_valid=None, index=None, scale=64.0,
+                  backend="auto", gathered=False):
+    """The official initial threshold over the sharded bank, the same on every rank:
+    b₀ = mean_i logsumexp_{j∈N_i}(s·cos_ij) over all ranks' valid bank rows (of the sampled
+    LOCAL classes ``index`` when given), averaged over the rows that have a negative
+    (NaN when none has)."""
+    def validate(x):
+        return (options.uss_options(scale=scale, margin=0.0, form="lse", official_clamp=False),
+                _local_rows(bank, "bank", x, shard))
+
+    x, labels, local, (opts, bk), index = _batch(x.detach(), labels, shard, gathered, validate,
+                                                 index)
+    classes = torch.arange(shard.num_local, device=x.device) if index is None else index
+    valid = bank_valid[classes] if bank_valid is not None else None
+    fwd = contract.forward_op("uss", backends.resolve(backend, x.device, "uss"))
+    zero = torch.zeros((), dtype=reference.compute_dtype(x.dtype), device=x.device)
+    stats = fwd(x, bk[classes].contiguous(), local, classes.contiguous(), valid, zero,
+                opts.pack())[1]
+    (neg,), _ = statistics.all_reduce_stats([stats[2]], [], shard.group)
+    return reference.mean_of_finite(neg)
+
+
+@torch.no_grad()
+def bank_update_(bank, bank_valid, x, labels, shard):
+    """This rank's part of the memory-bank update from the GATHERED batch (x, labels in
+    global ids): bank[y − start] ← x's bank row for the rows whose class is in the shard (the
+    last occurrence of a label wins). No communication."""
+    local = shard.local_labels(labels)
+    mine = local >= 0
+    if bool(mine.any()):
+        memory_bank.bank_update_(bank, bank_valid, x.detach()[mine], local[mine])
+    return bank

@@ -1,0 +1,99 @@
+"""The scalar settings of the two op families, declared once (docs/design.md §3).
+
+Every backend's ops take their settings as one ``float[] options`` argument: the fields of
+:class:`UssOptions` or :class:`UnitsfaceOptions`, in declaration order, booleans as 0.0/1.0
+(:meth:`pack`). The Triton kernels read them back with :meth:`unpack`, the C++ ops with the
+struct of the same name in ``csrc/options.h`` (same fields, same order), the eager reference
+with :meth:`unpack` too. A new setting is a new field here, read by each backend's kernels:
+no op signature, fake kernel, autograd rule or distributed wrapper changes.
+
+The public functions build these from the caller's arguments with the ``*_options``
+constructors below, which check every value and name the argument as the caller wrote it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import astuple, dataclass, fields
+
+from . import validation as check
+
+FORMS = ("pairs", "lse")
+REDUCTIONS = ("mean", "sum", "none")
+ARCFACE_GRADS = ("exact", "straight_through")
+
+
+class _Packed:
+    """pack() / unpack() of a frozen dataclass of floats and bools."""
+
+    def pack(self) -> list[float]:
+        return [float(v) for v in astuple(self)]
+
+    @classmethod
+    def unpack(cls, values):
+        names = fields(cls)
+        if len(values) != len(names):
+            raise ValueError(f"{cls.__name__} has {len(names)} fields, got {len(values)} "
+                             "option values")
+        return cls(*(bool(v) if f.type == "bool" else float(v) for f, v in zip(names, values)))
+
+
+@dataclass(frozen=True)
+class UssOptions(_Packed):
+    """USS (docs/design.md §1.1): z⁺ = b − s(cos − m), z⁻ = s·cos − b."""
+
+    scale: float         # s
+    margin: float        # m, the positive margin
+    lse: bool            # the log-sum-exp form (else "pairs")
+    clamp: bool          # the official clamp of every softplus argument to [−s, s]
+    in_batch: bool       # the reference set is the batch itself (pairs j ≠ i)
+
+
+@dataclass(frozen=True)
+class UnitsfaceOptions(_Packed):
+    """The margin softmax over class centres (§1.2), plus λ·USS on the bank rows of the same
+    classes (§1.3) when the op is given a bank."""
+
+    scale: float                    # s, shared by both parts
+    margin_arc: float               # m2 (ArcFace)
+    margin_cos: float               # m3 (CosFace)
+    arcface_straight_through: bool  # insightface ≥ 2022-12: no fallback, f' taken as 1
+    easy_margin: bool               # the margin only where cos > 0
+    uss_margin: float               # m of the USS part
+    uss_weight: float               # λ
+    uss_lse: bool
+    uss_clamp: bool                 # the official clamp in the USS part
+
+    @property
+    def arc(self) -> bool:
+        return self.margin_arc != 0.0
+
+
+# ----------------------------------------------------------------------------- from arguments
+
+def uss_options(*, scale, margin, form, official_clamp, in_batch=False) -> UssOptions:
+    return UssOptions(check.scale(scale), check.cos_margin(margin, "margin"),
+                      check.choice(form, FORMS, "form") == "lse",
+                      check.flag(official_clamp, "official_clamp"), bool(in_batch))
+
+
+def softmax_options(*, scale, margin_arc, margin_cos, arcface_grad,
+                    easy_margin) -> UnitsfaceOptions:
+    """The margin softmax alone (no bank)."""
+    return unitsface_options(scale=scale, margin_arc=margin_arc, margin_cos=margin_cos,
+                             arcface_grad=arcface_grad, easy_margin=easy_margin, uss_margin=0.0,
+                             uss_form="pairs", uss_weight=0.0, official_clamp=False)
+
+
+def unitsface_options(*, scale, margin_arc, margin_cos, arcface_grad, easy_margin, uss_margin,
+                      uss_form, uss_weight, official_clamp) -> UnitsfaceOptions:
+    margin_arc = check.finite(margin_arc, "margin_arc")
+    if not 0.0 <= margin_arc < math.pi:
+        raise ValueError(f"margin_arc must lie in [0, π), got {margin_arc!r}")
+    return UnitsfaceOptions(
+        check.scale(scale), margin_arc, check.cos_margin(margin_cos, "margin_cos"),
+        check.choice(arcface_grad, ARCFACE_GRADS, "arcface_grad") == "straight_through",
+        check.flag(easy_margin, "easy_margin"), check.cos_margin(uss_margin, "uss_margin"),
+        check.non_negative(uss_weight, "uss_weight"),
+        check.choice(uss_form, FORMS, "uss_form") == "lse",
+        check.flag(official_clamp, "official_clamp"))
