@@ -1,56 +1,21 @@
-"""fused_margin_softmax_loss and sample_classes (DESIGN.md §1.2): every backend against the
-float64 reference, partial FC, ArcFace edge cases and bad input."""
+"""fused_margin_softmax_loss and sample_classes (docs/design.md §1.2): every backend against the
+float64 reference, partial FC, the ArcFace conventions and their edge cases, bad input."""
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 
-from helpers import (DTYPES, LargestAllocation, all_backends, assert_close_grad,
-                     assert_close_loss, fp64_backends, fused_backends)
+from helpers import (DTYPES, MARGINS, LargestAllocation, all_backends, check, fp64_backends,
+                     fused_backends, make_case, run)
 from unitsface_kernels import fused_margin_softmax_loss, reference, sample_classes
 
-MARGINS = {"cosface": (0.0, 0.4), "arcface": (0.5, 0.0), "combined": (0.3, 0.2)}
 
-
-def make_case(b, c, d, dtype, device, *, sampled, seed=0, rate=0.4):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, d, generator=g).to(dtype)
-    centres = torch.randn(c, d, generator=g).to(dtype)
-    labels = torch.randint(0, c, (b,), generator=g)
-    index = sample_classes(labels, c, max(1, int(rate * c)), generator=g) if sampled else None
-    return {k: (v.to(device) if v is not None else None)
-            for k, v in dict(x=x, centres=centres, labels=labels, index=index).items()}
-
-
-def run(case, backend, margin, reduction="mean", scale=64.0):
-    x = case["x"].detach().clone().requires_grad_()
-    w = case["centres"].detach().clone().requires_grad_()
-    m2, m3 = MARGINS[margin]
-    loss = fused_margin_softmax_loss(x, w, case["labels"], scale=scale, margin_arc=m2,
-                                     margin_cos=m3, index=case["index"], reduction=reduction,
-                                     backend=backend)
-    weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)).to(loss)
-    gx, gw = torch.autograd.grad((loss * weights).sum(), [x, w])
-    return loss.detach(), {"x": gx, "centres": gw}
-
-
-def check(case, backend, margin, dtype, **kw):
-    loss, grads = run(case, backend, margin, **kw)
-    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    ref_case = {k: (v.double() if v is not None and v.is_floating_point() else v)
-                for k, v in case.items()}
-    ref_loss, ref_grads = run(ref_case, "reference", margin, **kw)
-    assert_close_loss(loss, ref_loss, dtype)
-    for name in grads:
-        assert_close_grad(grads[name], ref_grads[name], dtype, name)
-    if case["index"] is not None:  # partial FC: unsampled centres get exactly zero
-        unsampled = ~torch.isin(torch.arange(case["centres"].shape[0], device=loss.device),
-                                case["index"])
-        assert torch.count_nonzero(grads["centres"][unsampled]) == 0
-    return loss, grads
+def case_of(b, c, d, dtype, device, **kw):
+    return make_case("softmax", b, c, d, dtype, device, **kw)
 
 
 SHAPES = list(itertools.product([1, 37], [1, 301, 1000], [8, 70, 130]))
@@ -61,44 +26,60 @@ SHAPES = list(itertools.product([1, 37], [1, 301, 1000], [8, 70, 130]))
 @pytest.mark.parametrize("sampled", [False, True])
 @pytest.mark.parametrize("b,c,d", SHAPES)
 def test_shapes_fp32(backend, margin, sampled, b, c, d):
-    check(make_case(b, c, d, torch.float32, "cpu", sampled=sampled, seed=b + c + d), backend,
-          margin, torch.float32)
+    case = case_of(b, c, d, torch.float32, "cpu", sampled=sampled, seed=b + c + d)
+    check(case, backend, torch.float32, **MARGINS[margin])
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("margin", list(MARGINS))
+@pytest.mark.parametrize("margin", ["cosface", "arcface", "combined"])
 @pytest.mark.parametrize("sampled", [False, True])
 def test_dtypes(backend, dtype, margin, sampled):
-    check(make_case(37, 301, 70, dtype, "cpu", sampled=sampled, seed=2), backend, margin, dtype)
+    check(case_of(37, 301, 70, dtype, "cpu", sampled=sampled, seed=2), backend, dtype,
+          **MARGINS[margin])
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("margin", ["arcface_st", "arcface_easy"])
+def test_arcface_conventions(backend, dtype, margin):
+    """insightface's straight-through ArcFace and easy margin, with rows past θ + m2 > π (where
+    the exact convention falls back and the straight-through one does not) and rows with
+    cos ≤ 0 (where the easy margin applies none)."""
+    case = case_of(37, 301, 70, dtype, "cpu", sampled=True, seed=6)
+    w = case["centres"][case["labels"]].float()
+    case["x"][:6] = (-w[:6] + 0.05 * torch.randn(6, 70)).to(dtype)  # cos ≈ −1: θ + m2 > π
+    case["x"][6:12] = (-0.3 * w[6:12] / w[6:12].norm(dim=1, keepdim=True)
+                       + torch.randn(6, 70) * 0.01).to(dtype)
+    check(case, backend, dtype, **MARGINS[margin])
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_reductions(backend, reduction):
-    loss, _ = check(make_case(29, 101, 24, torch.float32, "cpu", sampled=True), backend,
-                    "arcface", torch.float32, reduction=reduction)
+    loss, _ = check(case_of(29, 101, 24, torch.float32, "cpu", sampled=True), backend,
+                    torch.float32, reduction=reduction, **MARGINS["arcface"])
     assert loss.shape == ((29,) if reduction == "none" else ())
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
 def test_all_same_labels_and_zero_rows(backend):
-    case = make_case(37, 301, 24, torch.float32, "cpu", sampled=True)
+    case = case_of(37, 301, 24, torch.float32, "cpu", sampled=True)
     case["labels"][:] = case["index"][3]
     case["x"][[0, 4]] = 0.0
     case["centres"][case["index"][[1, 3]]] = 0.0  # a zero centre: the target one, too
-    check(case, backend, "cosface", torch.float32)
+    check(case, backend, torch.float32, **MARGINS["cosface"])
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
 def test_arcface_at_cos_plus_minus_one(backend):
     """x equal to its own centre (cos = 1, θ = 0) and opposite to another (cos = −1): the
     loss and gradients stay finite and match the reference (sin θ floored at 1e-6)."""
-    case = make_case(8, 20, 16, torch.float32, "cpu", sampled=False)
+    case = case_of(8, 20, 16, torch.float32, "cpu", sampled=False)
     case["x"][0] = case["centres"][case["labels"][0]] * 3.0
     case["x"][1] = -case["centres"][case["labels"][1]]
     case["x"][2] = -case["centres"][(case["labels"][2] + 1) % 20]
-    loss, grads = check(case, backend, "arcface", torch.float32)
+    loss, grads = check(case, backend, torch.float32, **MARGINS["arcface"])
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
 
 
@@ -111,13 +92,11 @@ def test_gradcheck(backend, margin, sampled):
 
 def gradcheck(backend, margin, device, sampled):
     """float64 gradcheck of ∂x and ∂W, per row (reduction="none"), at a small scale."""
-    case = make_case(7, 19, 6, torch.float64, device, sampled=sampled, rate=0.5)
-    m2, m3 = MARGINS[margin]
+    case = case_of(7, 19, 6, torch.float64, device, sampled=sampled, rate=0.5)
 
     def f(x, w):
-        return fused_margin_softmax_loss(x, w, case["labels"], scale=8.0, margin_arc=m2,
-                                         margin_cos=m3, index=case["index"], reduction="none",
-                                         backend=backend)
+        return fused_margin_softmax_loss(x, w, case["labels"], scale=8.0, index=case["index"],
+                                         reduction="none", backend=backend, **MARGINS[margin])
 
     inputs = [case[k].clone().requires_grad_() for k in ("x", "centres")]
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -127,7 +106,7 @@ def gradcheck(backend, margin, device, sampled):
 @pytest.mark.parametrize("sampled", [False, True])
 def test_no_bxs_allocation(backend, sampled):
     b, c, d = 64, 4096, 16
-    case = make_case(b, c, d, torch.float32, "cpu", sampled=sampled, rate=0.5)
+    case = case_of(b, c, d, torch.float32, "cpu", sampled=sampled, rate=0.5)
     s = c if not sampled else case["index"].numel()
     x = case["x"].requires_grad_()
     w = case["centres"].requires_grad_()
@@ -137,14 +116,17 @@ def test_no_bxs_allocation(backend, sampled):
     # the centres' gradient (C×D) is an output; nothing may reach B·|S|
     assert seen.largest < b * s, (seen.largest, seen.where)
     if backend == "triton":
+        from unitsface_kernels.options import softmax_options
         from unitsface_kernels.triton.fused import fused_backward, fused_forward
 
+        opts = softmax_options(scale=64.0, margin_arc=0.5, margin_cos=0.0, arcface_grad="exact",
+                               easy_margin=False).pack()
         with LargestAllocation() as inner:
             out = fused_forward(x.detach(), w.detach(), None, case["labels"], case["index"],
-                                None, None, 64.0, 0.5, 0.0, 0.0, 0.0, False)
+                                None, None, opts, False)
             fused_backward(torch.ones_like(out[0]), x.detach(), w.detach(), None,
-                           case["labels"], case["index"], None, None, *out[2:], out[1], 64.0,
-                           0.5, 0.0, 0.0, 0.0, False, True, True, False)
+                           case["labels"], case["index"], None, None, *out[1:], opts,
+                           [True, True, False])
         assert inner.largest < b * s, (inner.largest, inner.where)
 
 
@@ -180,7 +162,7 @@ def test_sample_classes_reproducible_and_uniform():
     assert counts[0] == counts[1] == 400
 
 
-# ---------------------------------------------------------------- bad input (DESIGN.md §5)
+# ---------------------------------------------------------------- bad input (docs/design.md §5)
 
 @pytest.mark.parametrize("mutate,match", [
     (lambda c: c.update(labels=c["labels"] + 1000), r"labels must lie in \[0, 301\)"),
@@ -196,7 +178,7 @@ def test_sample_classes_reproducible_and_uniform():
     (lambda c: c.update(labels=c["labels"][:3]), r"labels must have shape \(37,\)"),
 ])
 def test_bad_inputs(mutate, match):
-    case = make_case(37, 301, 12, torch.float32, "cpu", sampled=True)
+    case = case_of(37, 301, 12, torch.float32, "cpu", sampled=True)
     mutate(case)
     with pytest.raises((ValueError, TypeError), match=match):
         fused_margin_softmax_loss(case["x"], case["centres"], case["labels"],
@@ -206,11 +188,17 @@ def test_bad_inputs(mutate, match):
 @pytest.mark.parametrize("kw,match", [
     (dict(margin_arc=-0.1), r"margin_arc must lie in \[0, π\)"),
     (dict(margin_arc=4.0), r"margin_arc must lie in \[0, π\)"),
-    (dict(scale=-1.0), "scale must be a positive number"),
+    (dict(margin_arc=float("nan")), "margin_arc must be finite"),
+    (dict(scale=-1.0), "scale must be positive"),
+    (dict(scale=float("inf")), "scale must be finite"),
+    (dict(margin_cos=float("inf")), "margin_cos must be finite"),
+    (dict(margin_cos=2.0), r"margin_cos must lie in \[-1, 1\]"),
+    (dict(arcface_grad="ste"), "arcface_grad must be one of 'exact', 'straight_through'"),
+    (dict(easy_margin="yes"), "easy_margin must be a bool"),
     (dict(reduction="avg"), "reduction must be one of"),
 ])
 def test_bad_options(kw, match):
-    case = make_case(5, 11, 4, torch.float32, "cpu", sampled=False)
+    case = case_of(5, 11, 4, torch.float32, "cpu", sampled=False)
     with pytest.raises((ValueError, TypeError), match=match):
         fused_margin_softmax_loss(case["x"], case["centres"], case["labels"], **kw)
 
@@ -232,6 +220,63 @@ def test_reference_matches_insightface_style_cosface_and_arcface():
     arcface = torch.nn.functional.cross_entropy(64 * torch.where(onehot, arc, cos), labels)
     torch.testing.assert_close(
         reference.margin_softmax_loss(x, w, labels, margin_arc=m, margin_cos=0.0), arcface)
+
+
+def _dense_head(x, w, labels, target_fn):
+    """F.cross_entropy of s·logits with the target logit replaced by target_fn(cos_target),
+    as insightface's CombinedMarginLoss + CrossEntropy compute it (dense, float64)."""
+    cos = torch.nn.functional.linear(torch.nn.functional.normalize(x),
+                                     torch.nn.functional.normalize(w)).clamp(-1, 1)
+    rows = torch.arange(len(labels))
+    logits = cos.clone()
+    logits[rows, labels] = target_fn(cos[rows, labels])
+    return torch.nn.functional.cross_entropy(64 * logits, labels)
+
+
+def test_reference_matches_insightface_conventions():
+    """arcface_torch today (arccos → +m → cos under no_grad: no fallback, straight-through
+    gradient) and insightface's easy_margin, written as insightface writes them; loss and
+    gradients, with targets past θ + m > π and at cos ≤ 0."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(16, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 40, (16,), generator=g)
+    x[:4] = -w[labels[:4]] + 0.1 * torch.randn(4, 8, generator=g, dtype=torch.float64)
+    m = 0.5
+
+    def straight_through(t):
+        with torch.no_grad():  # insightface edits the logits in place under no_grad
+            shift = torch.cos(torch.arccos(t) + m) - t
+        return t + shift
+
+    def easy(t):
+        sin_t = torch.sqrt(1.0 - t * t)
+        return torch.where(t > 0, t * math.cos(m) - sin_t * math.sin(m), t)
+
+    for convention, fn in (("straight_through", straight_through), ("exact", easy)):
+        kw = dict(margin_arc=m, margin_cos=0.0, arcface_grad=convention,
+                  easy_margin=convention == "exact")
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ours = reference.margin_softmax_loss(xa, wa, labels, **kw)
+        xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+        theirs = _dense_head(xb, wb, labels, fn)
+        torch.testing.assert_close(ours, theirs)
+        for a, b in zip(torch.autograd.grad(ours, [xa, wa]), torch.autograd.grad(theirs, [xb, wb])):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
+def test_label_bound_and_more_classes_than_samples(backend):
+    """labels in [0, C): C − 1 is a class, C is not; a batch with more distinct classes than
+    num_sample gets an index of all its classes (partial FC never drops a positive)."""
+    case = case_of(40, 53, 8, torch.float32, "cpu")
+    case["labels"] = torch.arange(40) + 13  # 40 distinct classes, the last one is 52 = C − 1
+    case["index"] = sample_classes(case["labels"], 53, 10)
+    assert torch.equal(case["index"], case["labels"])
+    check(case, backend, torch.float32, **MARGINS["arcface"])
+    case["labels"][5] = 53
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 53\).*got labels\[5\] = 53"):
+        run(case, backend)
 
 
 @pytest.fixture
@@ -262,7 +307,7 @@ def test_deterministic_mode_refuses_gpu_atomics(backend, deterministic):
     deterministic(warn_only=True)
     with pytest.warns(UserWarning, match="atomic adds"):
         check_deterministic(cuda)
-    case = make_case(5, 11, 8, torch.float32, "cpu", sampled=False)
+    case = case_of(5, 11, 8, torch.float32, "cpu", sampled=False)
     x = case["x"].requires_grad_()
     fused_margin_softmax_loss(x, case["centres"], case["labels"], backend=backend).backward()
     assert torch.isfinite(x.grad).all()
@@ -280,7 +325,7 @@ CUDA_CASES = [(torch.bfloat16, 300, 20011, 512), (torch.float32, 300, 20011, 512
 @pytest.mark.parametrize("sampled", [False, True])
 @pytest.mark.parametrize("dtype,b,c,d", CUDA_CASES)
 def test_cuda_parity(backend, dtype, margin, sampled, b, c, d):
-    check(make_case(b, c, d, dtype, "cuda", sampled=sampled), backend, margin, dtype)
+    check(case_of(b, c, d, dtype, "cuda", sampled=sampled), backend, dtype, **MARGINS[margin])
 
 
 @pytest.mark.cuda
@@ -297,7 +342,7 @@ def test_cuda_deterministic_mode(backend, deterministic, monkeypatch):
     gives the same ∂x twice (cuBLAS asks for its workspace setting, as for any matmul)."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     deterministic()
-    case = make_case(300, 2001, 128, torch.float32, "cuda", sampled=True)
+    case = case_of(300, 2001, 128, torch.float32, "cuda", sampled=True)
 
     def dx():
         x = case["x"].clone().requires_grad_()

@@ -1,66 +1,22 @@
-"""fused_unitsface_loss (DESIGN.md §1.3): the one-pass objective against the float64
-reference, its equality with the two losses computed apart, partial FC and bad input."""
+"""fused_unitsface_loss (docs/design.md §1.3): the one-pass objective against the float64
+reference, its equality with the two losses computed apart, the official clamp, partial FC
+and bad input."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from helpers import (DTYPES, LargestAllocation, all_backends, assert_close_grad,
-                     assert_close_loss, fp64_backends, fused_backends)
-from unitsface_kernels import (fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss,
-                               sample_classes)
-
-FORMS = ["pairs", "lse"]
+from helpers import (DTYPES, FORMS, MARGINS, LargestAllocation, all_backends, check,
+                     fp64_backends, fused_backends, grad_names, make_case, run)
+from unitsface_kernels import fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss
 
 
-def make_case(b, c, d, dtype, device, *, sampled, vector_bias=False, seed=0, rate=0.4,
-              valid_rate=0.7):
-    g = torch.Generator().manual_seed(seed)
-    case = dict(
-        x=torch.randn(b, d, generator=g).to(dtype),
-        centres=torch.randn(c, d, generator=g).to(dtype),
-        bank=torch.nn.functional.normalize(torch.randn(c, d, generator=g)).to(dtype),
-        bank_valid=torch.rand(c, generator=g) < valid_rate,
-        labels=torch.randint(0, c, (b,), generator=g),
-        bias=(torch.rand(c if vector_bias else 1, generator=g) * 20).to(dtype),
-    )
-    case["index"] = (sample_classes(case["labels"], c, max(1, int(rate * c)), generator=g)
-                     if sampled else None)
-    return {k: (v.to(device) if v is not None else None) for k, v in case.items()}
+def case_of(b, c, d, dtype, device, **kw):
+    return make_case("unitsface", b, c, d, dtype, device, **kw)
 
 
 GRAD_NAMES = ("x", "centres", "bias")
-
-
-def run(case, backend, reduction="mean", **kw):
-    leaves = {k: (v.detach().clone().requires_grad_(k in GRAD_NAMES) if v is not None else None)
-              for k, v in case.items()}
-    loss = fused_unitsface_loss(leaves["x"], leaves["labels"], leaves["centres"], leaves["bank"],
-                                leaves["bias"], bank_valid=leaves["bank_valid"],
-                                index=leaves["index"], reduction=reduction, backend=backend,
-                                **kw)
-    weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)).to(loss)
-    grads = torch.autograd.grad((loss * weights).sum(), [leaves[k] for k in GRAD_NAMES])
-    return loss.detach(), dict(zip(GRAD_NAMES, grads))
-
-
-def check(case, backend, dtype, **kw):
-    loss, grads = run(case, backend, **kw)
-    ref_case = {k: (v.double() if v is not None and v.is_floating_point() else v)
-                for k, v in case.items()}
-    ref_loss, ref_grads = run(ref_case, "reference", **kw)
-    assert_close_loss(loss, ref_loss, dtype)
-    for name in grads:
-        assert_close_grad(grads[name], ref_grads[name], dtype, name,
-                          scalar_scale=float(ref_loss.abs().sum()))
-    if case["index"] is not None:
-        unsampled = ~torch.isin(torch.arange(case["centres"].shape[0], device=loss.device),
-                                case["index"])
-        assert torch.count_nonzero(grads["centres"][unsampled]) == 0
-        if case["bias"].numel() > 1:
-            assert torch.count_nonzero(grads["bias"][unsampled]) == 0
-    return loss, grads
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
@@ -69,25 +25,73 @@ def check(case, backend, dtype, **kw):
 @pytest.mark.parametrize("vector_bias", [False, True])
 @pytest.mark.parametrize("b,c,d", [(1, 1, 8), (37, 301, 70), (37, 1000, 130), (1, 301, 70)])
 def test_parity_fp32(backend, form, sampled, vector_bias, b, c, d):
-    case = make_case(b, c, d, torch.float32, "cpu", sampled=sampled, vector_bias=vector_bias,
-                     seed=b + c)
+    case = case_of(b, c, d, torch.float32, "cpu", sampled=sampled, vector_bias=vector_bias,
+                   seed=b + c)
     check(case, backend, torch.float32, uss_form=form, margin_arc=0.2, uss_weight=0.7)
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("margins", [(0.0, 0.4), (0.5, 0.0)])
-def test_dtypes(backend, dtype, form, margins):
-    case = make_case(37, 301, 70, dtype, "cpu", sampled=True, seed=4)
-    check(case, backend, dtype, uss_form=form, margin_arc=margins[0], margin_cos=margins[1])
+@pytest.mark.parametrize("margin", ["cosface", "arcface"])
+def test_dtypes(backend, dtype, form, margin):
+    case = case_of(37, 301, 70, dtype, "cpu", sampled=True, seed=4)
+    check(case, backend, dtype, uss_form=form, **MARGINS[margin])
+
+
+def _hard_positives(case):
+    """Bank rows of the batch's classes turned against their rows (cos ≈ −1): with b = 20 and
+    s = 64, z⁺ = b − s(cos − m) ≈ 90 > s, so the official clamp is active."""
+    bank = case["bank"].float()
+    bank[case["labels"][:8]] = -torch.nn.functional.normalize(case["x"][:8].float())
+    case["bank"] = bank.to(case["bank"].dtype)
+    case["bank_valid"][case["labels"][:8]] = True
+    case["bias"] = torch.full_like(case["bias"], 20.0)
+    return case
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("margin", ["cosface", "arcface_st", "arcface_easy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_official_clamp_and_arcface_conventions(backend, form, margin, dtype):
+    """official_clamp in the objective (clamp active on hard positives), with the insightface
+    ArcFace conventions in its softmax part."""
+    case = _hard_positives(case_of(37, 301, 70, dtype, "cpu", sampled=True, seed=8))
+    check(case, backend, dtype, uss_form=form, official_clamp=True, **MARGINS[margin])
+
+
+def test_reference_is_the_official_head():
+    """The objective with official_clamp=True is the official UniTSFace head: the normalised
+    softmax (CosFace, m = 0.4) plus the official USS (clamped, m = 0.1) on feat_mem, dense,
+    as head.py computes them (issue 13's example: a bank row ≈ −x₀, b = 20)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    feat = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3])
+    feat[0] = -x[0] + 0.01 * torch.randn(8, generator=g, dtype=torch.float64)
+    b, s = torch.tensor([20.0], dtype=torch.float64), 64.0
+    cos_w = F.linear(F.normalize(x, eps=1e-5), F.normalize(w, eps=1e-5))
+    one_hot = F.one_hot(labels, 6).bool()
+    softmax = F.cross_entropy(s * (cos_w - one_hot * 0.4), labels)
+    cos_b = F.linear(F.normalize(x, eps=1e-5), F.normalize(feat, eps=1e-5))
+    p = torch.log(1 + torch.exp(-(s * (cos_b - 0.1) - b).clamp(-s, s)))
+    n = torch.log(1 + torch.exp((s * cos_b - b).clamp(-s, s)))
+    official = softmax + (one_hot * p + (~one_hot) * n).sum(1).mean()
+    ours = fused_unitsface_loss(x, labels, w, feat, b, official_clamp=True, backend="reference")
+    torch.testing.assert_close(ours, official)
+    unclamped = fused_unitsface_loss(x, labels, w, feat, b, backend="reference")
+    assert unclamped - ours > 1.0  # the clamp matters on this case
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
 @pytest.mark.parametrize("form", FORMS)
 def test_equals_the_two_losses_apart(backend, form):
     """One pass = softmax(W[S]) + λ·USS(bank[S], l_j = S_j, valid[S]) computed separately."""
-    case = make_case(37, 301, 40, torch.float64, "cpu", sampled=True, vector_bias=True)
+    case = case_of(37, 301, 40, torch.float64, "cpu", sampled=True, vector_bias=True)
     idx = case["index"]
     together = fused_unitsface_loss(case["x"], case["labels"], case["centres"], case["bank"],
                                     case["bias"], bank_valid=case["bank_valid"], index=idx,
@@ -104,7 +108,7 @@ def test_equals_the_two_losses_apart(backend, form):
 @pytest.mark.parametrize("vector_bias", [False, True])
 def test_threshold_gradient_alone(backend, vector_bias):
     """Only b asks for a gradient (x and W frozen): the backward's ∂b-only path."""
-    case = make_case(37, 301, 70, torch.float64, "cpu", sampled=True, vector_bias=vector_bias)
+    case = case_of(37, 301, 70, torch.float64, "cpu", sampled=True, vector_bias=vector_bias)
     grads = []
     for impl in (backend, "reference"):
         bias = case["bias"].clone().requires_grad_()
@@ -131,11 +135,11 @@ class _CountingKernel:
 
 @pytest.mark.parametrize("backend", fused_backends("cpu", "unitsface")[:1])  # triton
 def test_triton_objective_is_one_pass_each_way(backend, monkeypatch):
-    """DESIGN.md §1.3: forward and backward are one launch each over the class tiles (besides
+    """docs/design.md §1.3: forward and backward are one launch each over the class tiles (besides
     the norms kernel), whatever gradients are asked for."""
     from unitsface_kernels.triton import fused
 
-    case = make_case(37, 301, 40, torch.float32, "cpu", sampled=True, vector_bias=True)
+    case = case_of(37, 301, 40, torch.float32, "cpu", sampled=True, vector_bias=True)
     counters = {name: _CountingKernel(getattr(fused, name))
                 for name in ("_fwd_kernel", "_bwd_kernel")}
     for name, counter in counters.items():
@@ -147,7 +151,7 @@ def test_triton_objective_is_one_pass_each_way(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
 def test_empty_bank_is_softmax_alone(backend):
-    case = make_case(37, 301, 24, torch.float32, "cpu", sampled=True)
+    case = case_of(37, 301, 24, torch.float32, "cpu", sampled=True)
     case["bank_valid"][:] = False
     loss, grads = check(case, backend, torch.float32)
     soft = fused_margin_softmax_loss(case["x"], case["centres"], case["labels"],
@@ -158,7 +162,7 @@ def test_empty_bank_is_softmax_alone(backend):
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
 def test_all_same_labels_zero_rows(backend):
-    case = make_case(37, 301, 24, torch.float32, "cpu", sampled=True)
+    case = case_of(37, 301, 24, torch.float32, "cpu", sampled=True)
     case["labels"][:] = case["index"][0]
     case["x"][[2, 9]] = 0.0
     case["bank"][case["index"][:4]] = 0.0
@@ -168,15 +172,19 @@ def test_all_same_labels_zero_rows(backend):
 @pytest.mark.parametrize("backend", fused_backends("cpu", "unitsface"))
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("vector_bias", [False, True])
-def test_gradcheck(backend, form, vector_bias):
-    case = make_case(7, 17, 6, torch.float64, "cpu", sampled=True, vector_bias=vector_bias,
-                     rate=0.6)
+@pytest.mark.parametrize("official", [False, True])
+def test_gradcheck(backend, form, vector_bias, official):
+    """float64 gradcheck; `official`: the official clamp (active on some pairs at s = 8) and
+    the easy margin (the straight-through gradient is not a derivative: no gradcheck)."""
+    case = case_of(7, 17, 6, torch.float64, "cpu", sampled=True, vector_bias=vector_bias,
+                   rate=0.6)
 
     def f(x, w, bias):
         return fused_unitsface_loss(x, case["labels"], w, case["bank"], bias,
                                     bank_valid=case["bank_valid"], index=case["index"],
                                     scale=8.0, margin_arc=0.3, margin_cos=0.1, uss_form=form,
-                                    uss_weight=0.5, reduction="none", backend=backend)
+                                    uss_weight=0.5, official_clamp=official,
+                                    easy_margin=official, reduction="none", backend=backend)
 
     inputs = [case[k].clone().requires_grad_() for k in GRAD_NAMES]
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -186,7 +194,7 @@ def test_gradcheck(backend, form, vector_bias):
 @pytest.mark.parametrize("form", FORMS)
 def test_no_bxs_allocation(backend, form):
     b, c, d = 64, 4096, 16
-    case = make_case(b, c, d, torch.float32, "cpu", sampled=True, vector_bias=True, rate=0.5)
+    case = case_of(b, c, d, torch.float32, "cpu", sampled=True, vector_bias=True, rate=0.5)
     s = case["index"].numel()
     leaves = {k: case[k].requires_grad_() for k in GRAD_NAMES}
     with LargestAllocation() as seen:
@@ -196,7 +204,7 @@ def test_no_bxs_allocation(backend, form):
     assert seen.largest < b * s, (seen.largest, seen.where)
 
 
-# ---------------------------------------------------------------- bad input (DESIGN.md §5)
+# ---------------------------------------------------------------- bad input (docs/design.md §5)
 
 @pytest.mark.parametrize("mutate,match", [
     (lambda c: c.update(bank=c["bank"][:-1]), "bank has 300 rows but centres has 301"),
@@ -208,7 +216,7 @@ def test_no_bxs_allocation(backend, form):
     (lambda c: c.update(labels=c["labels"] - 400), r"labels must lie in \[0, 301\)"),
 ])
 def test_bad_inputs(mutate, match):
-    case = make_case(37, 301, 12, torch.float32, "cpu", sampled=True)
+    case = case_of(37, 301, 12, torch.float32, "cpu", sampled=True)
     mutate(case)
     with pytest.raises((ValueError, TypeError), match=match):
         fused_unitsface_loss(case["x"], case["labels"], case["centres"], case["bank"],
@@ -216,12 +224,20 @@ def test_bad_inputs(mutate, match):
 
 
 def test_bad_options():
-    case = make_case(5, 11, 4, torch.float32, "cpu", sampled=False)
+    case = case_of(5, 11, 4, torch.float32, "cpu", sampled=False)
     args = (case["x"], case["labels"], case["centres"], case["bank"], case["bias"])
     with pytest.raises(ValueError, match="uss_form must be one of"):
         fused_unitsface_loss(*args, uss_form="softmax")
     with pytest.raises(TypeError, match="uss_weight must be a real number"):
         fused_unitsface_loss(*args, uss_weight=None)
+    for bad, match in ((float("nan"), "uss_weight must be finite"),
+                       (-1.0, "uss_weight must be ≥ 0")):
+        with pytest.raises(ValueError, match=match):
+            fused_unitsface_loss(*args, uss_weight=bad)
+    with pytest.raises(ValueError, match="uss_margin must be finite"):
+        fused_unitsface_loss(*args, uss_margin=float("inf"))
+    with pytest.raises(TypeError, match="official_clamp must be a bool"):
+        fused_unitsface_loss(*args, official_clamp="yes")
 
 
 # ---------------------------------------------------------------- CUDA (skipped without a GPU)
@@ -238,7 +254,7 @@ CUDA_CASES = [(torch.bfloat16, 512, 20011, 512), (torch.float32, 512, 20011, 512
 @pytest.mark.parametrize("sampled", [False, True])
 @pytest.mark.parametrize("dtype,b,c,d", CUDA_CASES)
 def test_cuda_parity(backend, dtype, form, sampled, b, c, d):
-    case = make_case(b, c, d, dtype, "cuda", sampled=sampled, vector_bias=sampled)
+    case = case_of(b, c, d, dtype, "cuda", sampled=sampled, vector_bias=sampled)
     check(case, backend, dtype, uss_form=form)
 
 
@@ -246,7 +262,7 @@ def test_cuda_parity(backend, dtype, form, sampled, b, c, d):
 @pytest.mark.parametrize("backend", fp64_backends("cuda", "unitsface"))
 @pytest.mark.parametrize("form", FORMS)
 def test_cuda_gradcheck(backend, form):
-    case = make_case(7, 17, 6, torch.float64, "cuda", sampled=True, vector_bias=True, rate=0.6)
+    case = case_of(7, 17, 6, torch.float64, "cuda", sampled=True, vector_bias=True, rate=0.6)
 
     def f(x, w, bias):
         return fused_unitsface_loss(x, case["labels"], w, case["bank"], bias,

@@ -1,4 +1,4 @@
-"""fused_uss_loss: every backend against the float64 reference (DESIGN.md §1.1, §5, §7)."""
+"""fused_uss_loss: every backend against the float64 reference (docs/design.md §1.1, §5, §7)."""
 
 from __future__ import annotations
 
@@ -7,61 +7,11 @@ import itertools
 import pytest
 import torch
 
-from helpers import (DTYPES, LargestAllocation, all_backends, assert_close_grad,
-                     assert_close_loss, fp64_backends, fused_backends)
+from helpers import (DTYPES, FORMS, LargestAllocation, all_backends, check, fp64_backends,
+                     fused_backends, grad_names, make_case, run)
 from unitsface_kernels import fused_uss_loss, reference, uss_bias_init
 
 MODES = ["bank", "inbatch", "centres"]
-FORMS = ["pairs", "lse"]
-
-
-def make_case(b, n, d, mode, dtype, device, *, num_labels=None, seed=0, vector_bias=False,
-              valid_rate=0.8):
-    """Inputs of one USS case. bank: ref = a memory bank with l_j = j and some empty slots;
-    inbatch: ref = None; centres: ref = class centres that take a gradient (l_j = j)."""
-    g = torch.Generator().manual_seed(seed)
-    num_labels = num_labels or (max(2, b // 4) if mode == "inbatch" else n)
-    x = torch.randn(b, d, generator=g).to(dtype)
-    labels = torch.randint(0, num_labels, (b,), generator=g)
-    case = dict(x=x, labels=labels, ref=None, ref_valid=None)
-    if mode != "inbatch":
-        case["ref"] = torch.randn(n, d, generator=g).to(dtype)
-        if mode == "bank":
-            case["ref_valid"] = torch.rand(n, generator=g) < valid_rate
-    n_ref = b if mode == "inbatch" else n
-    case["bias"] = (torch.rand(n_ref if vector_bias else 1, generator=g) * 20).to(dtype)
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
-
-
-def grad_inputs(case, mode):
-    names = ["x", "bias"] + (["ref"] if mode == "centres" else [])
-    return names
-
-
-def run(case, mode, backend, reduction="mean", **kw):
-    """Loss and gradients of `grad_inputs` for one backend; the inputs are leaf copies."""
-    leaves = {k: (v.detach().clone().requires_grad_(k in grad_inputs(case, mode))
-                  if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-              for k, v in case.items()}
-    loss = fused_uss_loss(leaves["x"], leaves["labels"], leaves["bias"], leaves["ref"], None,
-                          leaves["ref_valid"], reduction=reduction, backend=backend, **kw)
-    weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)).to(loss)
-    grads = torch.autograd.grad((loss * weights).sum(), [leaves[k] for k in grad_inputs(case, mode)],
-                                allow_unused=True)
-    return loss.detach(), dict(zip(grad_inputs(case, mode), grads))
-
-
-def check_against_float64(case, mode, backend, dtype, reduction="mean", **kw):
-    loss, grads = run(case, mode, backend, reduction, **kw)
-    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    ref_case = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-                for k, v in case.items()}
-    ref_loss, ref_grads = run(ref_case, mode, "reference", reduction, **kw)
-    assert_close_loss(loss, ref_loss, dtype)
-    for name in grads:
-        assert_close_grad(grads[name], ref_grads[name], dtype, name,
-                          scalar_scale=float(ref_loss.abs().sum()))
-    return loss
 
 
 # In-batch pairs have N = B: the reference-size axis only applies to the other modes.
@@ -75,8 +25,8 @@ SHAPE_CASES = [(mode, b, n, d)
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("mode,b,n,d", SHAPE_CASES)
 def test_shapes_fp32(backend, form, mode, b, n, d):
-    case = make_case(b, n, d, mode, torch.float32, "cpu", seed=b * n + d)
-    check_against_float64(case, mode, backend, torch.float32, form=form)
+    case = make_case("uss", b, n, d, torch.float32, "cpu", mode=mode, seed=b * n + d)
+    check(case, backend, torch.float32, form=form)
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
@@ -85,8 +35,8 @@ def test_shapes_fp32(backend, form, mode, b, n, d):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("official_clamp", [False, True])
 def test_dtypes(backend, dtype, form, mode, official_clamp):
-    case = make_case(37, 53, 70, mode, dtype, "cpu", seed=3)
-    check_against_float64(case, mode, backend, dtype, form=form, official_clamp=official_clamp,
+    case = make_case("uss", 37, 53, 70, dtype, "cpu", mode=mode, seed=3)
+    check(case, backend, dtype, form=form, official_clamp=official_clamp,
                           scale=32.0)
 
 
@@ -95,9 +45,9 @@ def test_dtypes(backend, dtype, form, mode, official_clamp):
 @pytest.mark.parametrize("mode", ["bank", "centres"])
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_vector_bias_and_reductions(backend, form, mode, reduction):
-    case = make_case(29, 61, 40, mode, torch.float32, "cpu", vector_bias=True, seed=5)
-    loss = check_against_float64(case, mode, backend, torch.float32, reduction=reduction,
-                                 form=form)
+    case = make_case("uss", 29, 61, 40, torch.float32, "cpu", mode=mode, vector_bias=True,
+                     seed=5)
+    loss, _ = check(case, backend, torch.float32, reduction=reduction, form=form)
     assert loss.shape == ((29,) if reduction == "none" else ())
 
 
@@ -106,27 +56,27 @@ def test_vector_bias_and_reductions(backend, form, mode, reduction):
 @pytest.mark.parametrize("mode", MODES)
 def test_all_same_labels(backend, form, mode):
     """One class for the whole batch: in-batch mode has no negatives at all."""
-    case = make_case(37, 53, 24, mode, torch.float32, "cpu", num_labels=1)
-    check_against_float64(case, mode, backend, torch.float32, form=form)
+    case = make_case("uss", 37, 53, 24, torch.float32, "cpu", mode=mode, num_labels=1)
+    check(case, backend, torch.float32, form=form)
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
 @pytest.mark.parametrize("form", FORMS)
 def test_rows_without_positives(backend, form):
     """Labels whose bank slot is empty, and in-batch singletons, have no positive pair."""
-    case = make_case(40, 53, 24, "bank", torch.float32, "cpu")
+    case = make_case("uss", 40, 53, 24, torch.float32, "cpu", mode="bank")
     case["ref_valid"][case["labels"][:20]] = False
-    check_against_float64(case, "bank", backend, torch.float32, form=form)
-    case = make_case(40, 0, 24, "inbatch", torch.float32, "cpu", num_labels=1000)
-    check_against_float64(case, "inbatch", backend, torch.float32, form=form)
+    check(case, backend, torch.float32, form=form)
+    case = make_case("uss", 40, 0, 24, torch.float32, "cpu", mode="inbatch", num_labels=1000)
+    check(case, backend, torch.float32, form=form)
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
 @pytest.mark.parametrize("form", FORMS)
 def test_all_invalid_bank(backend, form):
-    case = make_case(37, 53, 24, "bank", torch.float32, "cpu")
+    case = make_case("uss", 37, 53, 24, torch.float32, "cpu", mode="bank")
     case["ref_valid"][:] = False
-    loss, grads = run(case, "bank", backend, form=form)
+    loss, grads = run(case, backend, form=form)
     assert loss.item() == 0.0
     assert torch.count_nonzero(grads["x"]) == 0 and torch.count_nonzero(grads["bias"]) == 0
 
@@ -135,17 +85,17 @@ def test_all_invalid_bank(backend, form):
 @pytest.mark.parametrize("mode", MODES)
 def test_zero_embeddings(backend, mode):
     """A zero row is legal (x̂ = x / eps = 0): its cosines are 0 and its gradient finite."""
-    case = make_case(37, 53, 24, mode, torch.float32, "cpu")
+    case = make_case("uss", 37, 53, 24, torch.float32, "cpu", mode=mode)
     case["x"][[0, 5]] = 0.0
     if mode != "inbatch":
         case["ref"][[1, 7]] = 0.0
-    check_against_float64(case, mode, backend, torch.float32, form="pairs")
+    check(case, backend, torch.float32, form="pairs")
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
 @pytest.mark.parametrize("form", FORMS)
 def test_nan_propagates(backend, form):
-    case = make_case(37, 53, 24, "bank", torch.float32, "cpu")
+    case = make_case("uss", 37, 53, 24, torch.float32, "cpu", mode="bank")
     case["x"][3, 2] = float("nan")
     loss = fused_uss_loss(case["x"], case["labels"], case["bias"], case["ref"], form=form,
                           reduction="none", backend=backend)
@@ -158,9 +108,9 @@ def test_nan_propagates(backend, form):
 @pytest.mark.parametrize("mode,vector_bias", [("bank", False), ("bank", True),
                                               ("inbatch", False), ("centres", True)])
 def test_gradcheck(backend, form, official_clamp, mode, vector_bias):
-    case = make_case(9, 13, 6, mode, torch.float64, "cpu", vector_bias=vector_bias,
+    case = make_case("uss", 9, 13, 6, torch.float64, "cpu", mode=mode, vector_bias=vector_bias,
                      num_labels=3 if mode == "inbatch" else None)
-    names = grad_inputs(case, mode)
+    names = grad_names(case)
 
     def f(*tensors):
         kw = dict(case, **dict(zip(names, tensors)))
@@ -175,7 +125,7 @@ def test_gradcheck(backend, form, official_clamp, mode, vector_bias):
 @pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
 @pytest.mark.parametrize("mode", MODES)
 def test_bias_init(backend, mode):
-    case = make_case(37, 53, 24, mode, torch.float32, "cpu")
+    case = make_case("uss", 37, 53, 24, torch.float32, "cpu", mode=mode)
     got = uss_bias_init(case["x"], case["labels"], case["ref"], ref_valid=case["ref_valid"],
                         backend=backend)
     # the official formula on dense cosines (head.py's Unified_Threshold... first call)
@@ -195,7 +145,7 @@ def test_bias_init(backend, mode):
 def test_no_bxn_allocation(backend, form, mode):
     """Nothing of B·N elements is created in forward or backward, where B·N ≫ (B+N)·D."""
     b, n, d = 64, 2048, 16
-    case = make_case(b, n, d, mode, torch.float32, "cpu", vector_bias=mode == "centres")
+    case = make_case("uss", b, n, d, torch.float32, "cpu", mode=mode, vector_bias=mode == "centres")
     n_ref = b if mode == "inbatch" else n
     limit = b * n_ref
     x = case["x"].requires_grad_()
@@ -207,25 +157,26 @@ def test_no_bxn_allocation(backend, form, mode):
         loss.backward()
     assert mode_all.largest < min(limit, n * b), (mode_all.largest, mode_all.where)
     # inside the custom ops' bodies too (the mode does not see through a custom op call)
-    from unitsface_kernels.triton.uss import uss_backward, uss_forward
-
     if backend == "triton":
+        from unitsface_kernels.options import UssOptions
+        from unitsface_kernels.triton.uss import uss_backward, uss_forward
+
         ref_t = x.detach() if mode == "inbatch" else ref.detach()
         ref_labels = case["labels"] if mode == "inbatch" else torch.arange(n)
+        opts = UssOptions(64.0, 0.1, form == "lse", False, mode == "inbatch").pack()
         with LargestAllocation() as inner:
             rows, stats, nx, nr = uss_forward(x.detach(), ref_t, case["labels"], ref_labels,
-                                              case["ref_valid"], bias.detach(), 64.0, 0.1,
-                                              form == "lse", False, mode == "inbatch")
+                                              case["ref_valid"], bias.detach(), opts)
             uss_backward(torch.ones_like(rows), x.detach(), ref_t, case["labels"], ref_labels,
-                         case["ref_valid"], bias.detach(), nx, nr, stats, 64.0, 0.1,
-                         form == "lse", False, mode == "inbatch", True, mode == "centres", True)
+                         case["ref_valid"], bias.detach(), stats, nx, nr, opts,
+                         [True, mode == "centres", True])
         assert inner.largest < limit, (inner.largest, inner.where)
 
 
 def test_allocation_detector_sees_the_reference_matrix():
     """The eager reference does form B×N: the detector above would catch a fused backend that
     did."""
-    case = make_case(64, 2048, 16, "bank", torch.float32, "cpu")
+    case = make_case("uss", 64, 2048, 16, torch.float32, "cpu", mode="bank")
     with LargestAllocation() as mode_all:
         fused_uss_loss(case["x"], case["labels"], case["bias"], case["ref"], backend="reference")
     assert mode_all.largest >= 64 * 2048
@@ -233,7 +184,7 @@ def test_allocation_detector_sees_the_reference_matrix():
 
 def test_torch_compile_fullgraph():
     backend = "triton" if fused_backends("cpu", "uss")[0] == "triton" else "reference"
-    case = make_case(21, 45, 16, "bank", torch.float32, "cpu")
+    case = make_case("uss", 21, 45, 16, torch.float32, "cpu", mode="bank")
 
     def f(x, bias):
         return fused_uss_loss(x, case["labels"], bias, case["ref"], ref_valid=case["ref_valid"],
@@ -294,10 +245,47 @@ def test_reference_matches_official_formula():
     torch.testing.assert_close(ours, official)
 
 
-# ---------------------------------------------------------------- bad input (DESIGN.md §5)
+@pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
+@pytest.mark.parametrize("form", FORMS)
+def test_official_clamp_both_bounds_by_value(backend, form):
+    """s = 8, b = 5, m = 0.1: a positive at cos = −0.6 has z⁺ = 5 − 8·(−0.7) = 10.6 > s (the
+    upper bound is active), a negative at cos = −0.6 has z⁻ = −4.8 − 5 = −9.8 < −s (the lower
+    bound), a negative at cos = 0.8 has z⁻ = 1.4 (inside). Loss by value, ∂b of the clamped
+    terms zero: gradchecks cannot see a wrong bound (the loss is flat there)."""
+    x = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    bank = torch.tensor([[-0.6, 0.8], [-0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)
+    labels = torch.tensor([0])
+    sp = lambda z: float(torch.nn.functional.softplus(torch.tensor(z, dtype=torch.float64)))  # noqa: E731
+    if form == "pairs":
+        want = sp(8.0) + sp(-8.0) + sp(1.4)
+        want_db = 0.0 - torch.sigmoid(torch.tensor(1.4, dtype=torch.float64)).item()
+    else:  # A = 10.6 → clamped to 8; B = lse(−9.8, 1.4) (inside)
+        big_b = float(torch.logsumexp(torch.tensor([-9.8, 1.4], dtype=torch.float64), 0))
+        want = sp(8.0) + sp(big_b)
+        want_db = -torch.sigmoid(torch.tensor(big_b, dtype=torch.float64)).item()
+    bias = torch.tensor([5.0], dtype=torch.float64, requires_grad=True)
+    loss = fused_uss_loss(x, labels, bias, bank, scale=8.0, margin=0.1, form=form,
+                          official_clamp=True, backend=backend)
+    loss.backward()
+    assert abs(loss.item() - want) <= 1e-9 * want
+    assert abs(bias.grad.item() - want_db) <= 1e-9
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
+def test_label_bound(backend):
+    """Bank mode: labels in [0, N) — N − 1 is a class, N is out of range."""
+    case = make_case("uss", 6, 12, 8, torch.float32, "cpu", mode="bank")
+    case["labels"][2] = 11
+    check(case, backend)
+    case["labels"][2] = 12
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 12\).*got labels\[2\] = 12"):
+        run(case, backend)
+
+
+# ---------------------------------------------------------------- bad input (docs/design.md §5)
 
 def _good():
-    return make_case(8, 12, 6, "bank", torch.float32, "cpu")
+    return make_case("uss", 8, 12, 6, torch.float32, "cpu", mode="bank")
 
 
 @pytest.mark.parametrize("mutate,match", [
@@ -329,8 +317,12 @@ def test_bad_inputs(mutate, match):
     (dict(form="cosine"), "form must be one of"),
     (dict(reduction="max"), "reduction must be one of"),
     (dict(backend="cuda"), "backend must be one of"),
-    (dict(scale=0.0), "scale must be a positive number"),
+    (dict(scale=0.0), "scale must be positive"),
+    (dict(scale=float("inf")), "scale must be finite"),
     (dict(margin="0.1"), "margin must be a real number"),
+    (dict(margin=float("nan")), "margin must be finite"),
+    (dict(margin=1.5), r"margin must lie in \[-1, 1\]"),
+    (dict(official_clamp=0.5), "official_clamp must be a bool"),
 ])
 def test_bad_options(kw, match):
     case = _good()
@@ -368,15 +360,15 @@ CUDA_CASES = [(torch.bfloat16, 300, 5003, 512), (torch.float32, 300, 5003, 512),
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype,b,n,d", CUDA_CASES)
 def test_cuda_parity(backend, dtype, form, mode, b, n, d):
-    case = make_case(b, n, d, mode, dtype, "cuda", vector_bias=mode == "centres")
-    check_against_float64(case, mode, backend, dtype, form=form)
+    case = make_case("uss", b, n, d, dtype, "cuda", mode=mode, vector_bias=mode == "centres")
+    check(case, backend, dtype, form=form)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", fp64_backends("cuda", "uss"))
 @pytest.mark.parametrize("form", FORMS)
 def test_cuda_gradcheck(backend, form):
-    case = make_case(9, 13, 6, "centres", torch.float64, "cuda", vector_bias=True)
+    case = make_case("uss", 9, 13, 6, torch.float64, "cuda", mode="centres", vector_bias=True)
 
     def f(x, bias, ref):
         return fused_uss_loss(x, case["labels"], bias, ref, scale=16.0, form=form,
@@ -388,6 +380,6 @@ def test_cuda_gradcheck(backend, form):
 
 @pytest.mark.cuda
 def test_cuda_triton_refuses_float64():
-    case = make_case(9, 13, 6, "bank", torch.float64, "cuda")
+    case = make_case("uss", 9, 13, 6, torch.float64, "cuda", mode="bank")
     with pytest.raises(TypeError, match="no float64 kernels for GPUs"):
         fused_uss_loss(case["x"], case["labels"], case["bias"], case["ref"], backend="triton")

@@ -60,6 +60,6 @@ def bank_update_(bank, bank_valid, x, labels):
         # A C++ op does not bump the version counters of what it writes: without this, a loss
         # that saved the bank for its backward would silently use the updated rows.
         torch.autograd.graph.increment_version([bank, bank_valid])
-    else:
+    elif check.values_readable(bank, bank_valid, x, labels):  # meta tensors: nothing to write
         reference.bank_update_(bank, bank_valid, x, labels)
     return bank

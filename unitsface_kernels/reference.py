@@ -337,12 +337,11 @@ def unitsface_fwd(x, centres, bank, labels, index, bank_valid, bias, options, ro
     stats[5] = torch.where(is_t, z, torch.zeros_like(z)).sum(1)
     rows = stats[0] - stats[5]
     sel = slice(None) if index is None else index
-    empty = stats.new_empty(0)
     if uss is not None:
         stats[6], stats[1:5] = _uss_stats(*uss, o.uss_lse, o.uss_clamp, o.scale)
         rows = rows + o.uss_weight * stats[6]
-    nb = _norms(bank[sel])[0] if bank is not None else empty
-    return (rows, stats) + _norms(x, centres[sel]) + (nb, empty, empty)
+    nb = _norms(bank[sel])[0] if bank is not None else stats.new_empty(0)
+    return (rows, stats) + _norms(x, centres[sel]) + (nb, stats.new_empty(0), stats.new_empty(0))
 
 
 def _grads_of(row, go, wanted):

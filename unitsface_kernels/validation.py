@@ -198,14 +198,12 @@ class ValueChecks:
         self._verdicts: list[tuple[int, Callable[[list[int]], None]]] = []
 
     def _add(self, numbers: list[torch.Tensor], verdict: Callable[[list[int]], None]) -> None:
-        if not values_readable(*numbers):
-            return
         self._numbers += [n.reshape(-1).to(torch.int64) for n in numbers]
         self._verdicts.append((sum(n.numel() for n in numbers), verdict))
 
     def label_range(self, lab: torch.Tensor, num: int, name: str, what: str) -> None:
         """Every entry of `lab` in [0, num); `what` says what num counts."""
-        if lab.numel() == 0:
+        if lab.numel() == 0 or not values_readable(lab):
             return
         bad = (lab < 0) | (lab >= num)
         first = torch.argmax(bad.to(torch.int8))
@@ -220,6 +218,8 @@ class ValueChecks:
     def index(self, index: torch.Tensor, num_classes: int, lab: torch.Tensor,
               name: str = "index", labels_name: str = "labels") -> None:
         """A partial-FC index: sorted, unique classes in [0, num_classes) holding every label."""
+        if not values_readable(index, lab):
+            return
         steps = index[1:] - index[:-1]
         self._add([(steps == 0).any(), (steps < 0).any()], lambda v: _index_order(v, name))
         self.label_range(index, num_classes, name, "class ids of the centres")

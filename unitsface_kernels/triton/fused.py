@@ -289,8 +289,8 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, options, ro
         else:
             stats[6] = out[:, 3].sum(dim=0)
         rows = rows + uss_weight * stats[6]
-    empty = nx.new_empty(0)
-    return rows, stats, nx, nw, nb, empty, empty
+    # (two tensors: the outputs of a custom op must not alias each other)
+    return rows, stats, nx, nw, nb, nx.new_empty(0), nx.new_empty(0)
 
 
 def check_deterministic(device: torch.device) -> None:
