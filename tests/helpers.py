@@ -174,12 +174,12 @@ FP64_GRAD_RTOL = 1e-10
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def grad_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
     return float(a @ b / (a.norm() * b.norm()))
 
 
@@ -223,12 +223,14 @@ def assert_close_grad(g, g_ref, dtype, name, scalar_scale=1.0):
 # ----------------------------------------------------------------------------- memory
 
 class LargestAllocation(TorchDispatchMode):
-    """Records the element count of every tensor that any op creates while active."""
+    """Records the element count of every tensor that any op creates while active (of one
+    dtype only, when given)."""
 
-    def __init__(self):
+    def __init__(self, dtype=None):
         super().__init__()
         self.largest = 0
         self.where = None
+        self.dtype = dtype
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -239,6 +241,7 @@ class LargestAllocation(TorchDispatchMode):
                   if isinstance(a, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if (isinstance(t, torch.Tensor) and t.numel() > self.largest
+                    and self.dtype in (None, t.dtype)
                     and t.untyped_storage().data_ptr() not in inputs):
                 self.largest, self.where = t.numel(), str(func)
         return out

@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from unitsface_kernels import (fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss,
-                               native, reference)
+from unitsface_kernels import (contract, fused_margin_softmax_loss, fused_unitsface_loss,
+                               fused_uss_loss, native, options, reference)
 from unitsface_kernels.distributed import ClassShard, split_classes
-from unitsface_kernels.nn import PartialFC, UniTSFaceHead, USSLoss
+from unitsface_kernels.nn import PartialFC, SampleToSampleBCE, UniTSFaceHead, USSLoss
 
 from helpers import INTERPRETING, LargestAllocation
 
@@ -44,7 +44,7 @@ WORLDS = (2, 3)
 def _backends() -> list[str]:
     """Fused backends that run on the CPU here, and the eager per-shard reference."""
     out = ["triton"] if INTERPRETING else []
-    if native.has_op("unitsface") and native.has_op("uss"):
+    if native.has_family("unitsface") and native.has_family("uss"):
         out.append("native")
     return out + ["reference"]
 
@@ -93,7 +93,24 @@ SCENARIOS = {
                                         uss_form="lse", b=20.0)),
     "unitsface_lse_vec_pfc": ("unitsface", dict(scale=32.0, uss_form="lse", vec=True,
                                                 pfc=True)),
+    # the official clamp (active at s = 8) and arcface_torch's straight-through ArcFace
+    "unitsface_official_st_pfc": ("unitsface", dict(scale=8.0, margin_arc=0.5, margin_cos=0.0,
+                                                    arcface_grad="straight_through",
+                                                    uss_form="pairs", official_clamp=True,
+                                                    b=9.0, pfc=True)),
+    "unitsface_official_easy_lse": ("unitsface", dict(scale=8.0, margin_arc=0.5,
+                                                      margin_cos=0.0, easy_margin=True,
+                                                      uss_form="lse", official_clamp=True,
+                                                      b=9.0)),
 }
+_OBJECTIVE_KEYS = ("arcface_grad", "easy_margin", "official_clamp")
+
+
+def _objective_options(opts):
+    return dict(scale=opts["scale"], margin_arc=opts.get("margin_arc", 0.0),
+                margin_cos=opts.get("margin_cos", 0.4), uss_form=opts["uss_form"],
+                uss_weight=opts.get("uss_weight", 1.0),
+                **{k: opts[k] for k in _OBJECTIVE_KEYS if k in opts})
 
 
 def _bias(opts, data, sl=slice(None)):
@@ -131,11 +148,9 @@ def _run_shard(kind, opts, data, shard, rank, backend):
     else:
         w = data["centres"][sl].clone().requires_grad_()
         b = _bias(opts, data, sl)
-        loss = fused_unitsface_loss(
-            x, labels, w, data["bank"][sl], b, bank_valid=data["valid"][sl], index=index,
-            scale=opts["scale"], margin_arc=opts.get("margin_arc", 0.0),
-            margin_cos=opts.get("margin_cos", 0.4), uss_form=opts["uss_form"],
-            uss_weight=opts.get("uss_weight", 1.0), backend=backend, shard=shard)
+        loss = fused_unitsface_loss(x, labels, w, data["bank"][sl], b,
+                                    bank_valid=data["valid"][sl], index=index, backend=backend,
+                                    shard=shard, **_objective_options(opts))
         loss.backward()
         out.update(dw=w.grad, db=b.grad)
     out.update(loss=loss.detach(), dx=x.grad)
@@ -165,11 +180,8 @@ def _oracle(kind, opts, data):
     else:
         w = data["centres"].clone().requires_grad_()
         b = _bias(opts, data)
-        loss = reference.unitsface_loss(
-            x, labels, w, data["bank"], b, bank_valid=data["valid"], index=index,
-            scale=opts["scale"], margin_arc=opts.get("margin_arc", 0.0),
-            margin_cos=opts.get("margin_cos", 0.4), uss_form=opts["uss_form"],
-            uss_weight=opts.get("uss_weight", 1.0))
+        loss = reference.unitsface_loss(x, labels, w, data["bank"], b, bank_valid=data["valid"],
+                                        index=index, **_objective_options(opts))
         loss.backward()
         out.update(dw=w.grad, db=b.grad)
     out.update(loss=loss.detach(), dx=x.grad)
@@ -219,7 +231,7 @@ def _run_modules(data, rank, world, backend):
 
     # USSLoss on a sharded bank
     x.grad = None
-    uss = USSLoss(D, C, form="lse", backend=backend).double()
+    uss = USSLoss(D, C, form="lse", official_clamp=False, backend=backend).double()
     with torch.no_grad():
         sl = slice(uss.shard.start, uss.shard.stop)
         uss.bank.copy_(data["bank"][sl])
@@ -229,6 +241,15 @@ def _run_modules(data, rank, world, backend):
     loss.backward()
     out["uss_module"] = dict(loss=loss.detach(), dx=x.grad, db=uss.bias.grad,
                              bank=uss.bank.clone(), valid=uss.bank_valid.clone())
+
+    # SampleToSampleBCE: per-row thresholds sharded like the bank, shifted by the global b₀
+    s2s = SampleToSampleBCE(D, C, backend=backend).double()
+    with torch.no_grad():
+        sl = slice(s2s.shard.start, s2s.shard.stop)
+        s2s.bank.copy_(data["bank"][sl])
+        s2s.bank_valid.copy_(data["valid"][sl])
+    loss = s2s(x.detach(), labels)
+    out["s2s_bce"] = dict(loss=loss.detach(), bias=s2s.bias.detach().clone())
 
     # the official checkpoint holds all C rows: a sharded head keeps its own
     head = UniTSFaceHead(D, C, backend=backend).double()
@@ -376,7 +397,10 @@ def test_head_partial_fc_bias_init_and_bank(run):
     for h, (start, stop) in zip(heads, (res["shard"] for res in ranks)):
         positives = torch.unique(labels[(labels >= start) & (labels < stop)])
         assert set(positives.tolist()) <= set(h["index"].tolist())
-        assert len(h["index"]) == min(stop - start, max(h["num_sample"], len(positives)))
+        # insightface's PartialFC_V2: the rate applies to the shard, int(rate·num_local)
+        assert h["num_sample"] == int(0.3 * (stop - start))
+        assert len(h["index"]) == min(stop - start, max(int(0.3 * (stop - start)),
+                                                        len(positives)))
         sampled = torch.zeros(stop - start, dtype=torch.bool)
         sampled[h["index"] - start] = True
         assert bool((h["dw"][~sampled] == 0).all())       # unsampled rows: no gradient
@@ -391,7 +415,8 @@ def test_head_partial_fc_bias_init_and_bank(run):
     w = data["centres"].clone().requires_grad_()
     b = b0.reshape(1).clone().requires_grad_()
     loss = reference.unitsface_loss(x, labels, w, data["bank"], b, bank_valid=data["valid"],
-                                    index=index, scale=64.0, margin_arc=0.5, margin_cos=0.0)
+                                    index=index, scale=64.0, margin_arc=0.5, margin_cos=0.0,
+                                    official_clamp=True)  # the module default
     loss.backward()
     for r, h in enumerate(heads):
         torch.testing.assert_close(h["loss"], loss.detach(), **TOL)
@@ -426,6 +451,19 @@ def test_partial_fc_and_uss_modules(run):
                                bank, **TOL)
 
 
+def test_sample_to_sample_bce_module(run):
+    """Every rank shifts its rows' thresholds by the same global b₀ and reports the global loss
+    of the official per-row-threshold BCE."""
+    _, data, ranks = run
+    b0 = reference.uss_bias_init(data["x"], data["labels"], data["bank"], None, data["valid"])
+    bias = torch.cat([res["modules"]["s2s_bce"]["bias"] for res in ranks])
+    torch.testing.assert_close(bias, torch.full((C,), float(b0), dtype=torch.float64), **TOL)
+    want = reference.uss_loss(data["x"], data["labels"], bias, data["bank"], None, data["valid"],
+                              margin=0.1, official_clamp=True)
+    for res in ranks:
+        torch.testing.assert_close(res["modules"]["s2s_bce"]["loss"], want, **TOL)
+
+
 def test_no_global_batch_by_local_classes_tensor(run):
     _, _, ranks = run
     for res in ranks:
@@ -445,8 +483,6 @@ def test_load_official_keeps_the_shard(run):
 def test_label_of_another_shard_has_no_target(backend):
     """The per-shard op with label −1 (a class of another shard): no target logit, every
     column a negative; statistics equal to the eager formulas (no process group needed)."""
-    from unitsface_kernels.distributed import _ops
-
     if backend not in _backends():
         pytest.skip(f"backend {backend!r} does not run on this machine")
     g = torch.Generator().manual_seed(3)
@@ -454,9 +490,12 @@ def test_label_of_another_shard_has_no_target(backend):
     w = torch.randn(37, D, generator=g, dtype=torch.float64)  # 37: a partial last tile
     bank = torch.randn(37, D, generator=g, dtype=torch.float64)
     labels = torch.tensor([-1, 3, -1, 36, 0, -1, 3])
-    fwd, _ = _ops("unitsface", backend)
-    rows, stats, *_ = fwd(x, w, bank, labels, None, None, torch.tensor(5.0), 16.0, 0.0, 0.4,
-                          0.1, 1.0, True)
+    opts = options.unitsface_options(scale=16.0, margin_arc=0.0, margin_cos=0.4,
+                                     arcface_grad="exact", easy_margin=False, uss_margin=0.1,
+                                     uss_form="lse", uss_weight=1.0, official_clamp=False)
+    fwd = contract.forward_op("unitsface", backend)
+    rows, stats, *_ = fwd(x, w, bank, labels, None, None, torch.tensor(5.0, dtype=x.dtype),
+                          opts.pack(), False)
     cos = reference.normalize(x) @ reference.normalize(w).T
     z = 16.0 * torch.where(labels[:, None] == torch.arange(37), cos - 0.4, cos)
     torch.testing.assert_close(stats[0], torch.logsumexp(z, 1), **TOL)

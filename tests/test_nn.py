@@ -1,5 +1,7 @@
 """unitsface_kernels.nn: UniTSFaceHead, PartialFC and USSLoss against the functional API and
-the eager reference (bank semantics, the data-dependent b, partial FC, dtype policy, state).
+the eager reference (bank semantics and its deferred update, the data-dependent b, partial
+FC, dtype policy, state, checks in the module user's words). The other official heads and
+PartialFC.from_insightface: test_recipes.py.
 
 Most tests use backend="reference" (fast); a few small ones run the Triton kernels (in the
 interpreter on a CPU), which keep the bank for their backward pass: those check that the
@@ -14,7 +16,7 @@ from unitsface_kernels import (fused_margin_softmax_loss, fused_uss_loss, refere
                                sample_classes, uss_bias_init)
 from unitsface_kernels.nn import PartialFC, UniTSFaceHead, USSLoss, pair_cosine
 
-from helpers import fused_backends, grad_cosine, rel_err
+from helpers import LargestAllocation, fused_backends, grad_cosine, rel_err
 
 # The modules run on CPU tensors here: the eager reference, Triton in its interpreter, and the
 # native backend once it provides the op family.
@@ -37,7 +39,7 @@ def filled_head(C=10, D=16, seed=1, **kw):
         head.weight.copy_(torch.randn(C, D, generator=g))
         head.bank.copy_(F.normalize(torch.randn(C, D, generator=g), dim=1).to(head.bank.dtype))
         head.bank_valid.fill_(True)
-        head.bank_valid[[3, 7]] = False
+        head.bank_valid[[3, C - 3]] = False
     return head
 
 
@@ -71,7 +73,10 @@ def test_bank_dtype_and_reset():
     assert head.bank.dtype == torch.bfloat16 and head.bank_valid.dtype == torch.bool
     x, labels = batch()
     head(x, labels)  # float32 x against a bfloat16 bank: the bank is cast for the call
-    assert head.bank_valid.any()
+    last = {int(c): i for i, c in enumerate(labels)}
+    want = F.normalize(x[list(last.values())], dim=1).to(torch.bfloat16)
+    assert torch.equal(head.bank[list(last)], want)
+    assert int(head.bank_valid.sum()) == len(last)
     head.reset_bank()
     assert not head.bank_valid.any() and torch.count_nonzero(head.bank) == 0
 
@@ -326,7 +331,7 @@ def test_load_official(prefix):
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(C, D, generator=g)
     feat = 5 * torch.randn(C, D, generator=g)
-    feat[2] = 0.0  # never written
+    feat[2] = 0.0  # never written: a zero row, cos 0 as in the official head
     feat[4, 1] = float("nan")  # uninitialised memory
     bias = torch.tensor([23.5])
     if prefix is None:
@@ -339,24 +344,233 @@ def test_load_official(prefix):
     head = UniTSFaceHead(D, C, backend="reference").load_official(state)
     assert torch.equal(head.weight.detach(), weight)
     assert head.bias.item() == 23.5 and head.threshold == 23.5 / 64
-    valid = torch.tensor([True, True, False, True, False, True])
+    # the bank's one rule (bank_update_): the row of each feature, valid when finite
+    valid = torch.tensor([True, True, True, True, False, True])
     assert torch.equal(head.bank_valid, valid)
-    torch.testing.assert_close(head.bank[valid], F.normalize(feat[valid], dim=1))
-    assert torch.count_nonzero(head.bank[~valid]) == 0
+    torch.testing.assert_close(head.bank[valid], reference.bank_rows(feat[valid]))
+    assert torch.count_nonzero(head.bank[2]) == 0
     # a training checkpoint {"state_dict": ...} is unwrapped
     again = UniTSFaceHead(D, C).load_official({"epoch": 3, "state_dict": state})
-    assert torch.equal(again.bank, head.bank)
+    torch.testing.assert_close(again.bank, head.bank, rtol=0, atol=0, equal_nan=True)
 
 
-def test_load_official_errors():
-    head = UniTSFaceHead(8, 6)
-    with pytest.raises(KeyError, match="sample_to_class_loss.weight"):
-        head.load_official({"sample_to_sample_loss.bias": torch.ones(1)})
-    with pytest.raises(ValueError, match="shape"):
-        head.load_official({"sample_to_class_loss.weight": torch.zeros(5, 8)})
-    with pytest.raises(ValueError, match="unified threshold"):
-        head.load_official({"sample_to_class_loss.weight": torch.zeros(6, 8),
-                            "sample_to_sample_loss.bias": torch.zeros(1, 6)})
+def test_bank_rule_matches_the_official_raw_feature_bank():
+    """The official head stores raw features and normalises them when it reads them; our bank
+    stores the row of each feature so that the loss reads the same F.normalize(feature), also
+    below the eps (a tiny feature stays below it: its cosines are x̂·f/1e-5, not x̂·f̂)."""
+    feat = torch.tensor([[3e-6, 4e-6], [3.0, 4.0], [0.0, 0.0]])
+    head = USSLoss(2, 3, backend="reference").load_official({"feat_mem": feat,
+                                                              "bias": torch.tensor([1.0])})
+    x = torch.tensor([[0.6, 0.8]])
+    official = F.linear(F.normalize(x, eps=1e-5), F.normalize(feat, eps=1e-5))
+    ours = F.linear(F.normalize(x, eps=1e-5), F.normalize(head.bank, eps=1e-5))
+    torch.testing.assert_close(ours, official)
+    assert official[0, 0].item() == pytest.approx(0.5, rel=1e-6)  # not 1: below the eps
+    assert head.bank_valid.all()
+
+
+@pytest.mark.parametrize("state,error,match", [
+    ({"sample_to_sample_loss.bias": torch.ones(1)}, KeyError, "sample_to_class_loss.weight"),
+    ({"sample_to_class_loss.weight": torch.zeros(5, 8)}, ValueError, "shape"),
+    ({"sample_to_class_loss.weight": torch.zeros(6, 8),
+      "sample_to_sample_loss.bias": torch.zeros(1, 6)}, ValueError, "one unified threshold"),
+    ({"weight": [[0.0] * 8] * 6}, TypeError, r"state_dict\['weight'\] must be a tensor, got list"),
+    ({"weight": torch.zeros(6, 8), "bias": 1.5}, TypeError, "must be a tensor, got float"),
+    (None, TypeError, "state_dict must be a mapping"),
+    (torch.zeros(6, 8), TypeError, "state_dict must be a mapping"),
+    ({"weight": torch.zeros(6, 8), "feat_mem": torch.zeros(6, 8, device="meta")}, ValueError,
+     "meta device"),
+    ({"weight": torch.zeros(6, 8, dtype=torch.long)}, TypeError, "floating"),
+])
+def test_load_official_errors_change_nothing(state, error, match):
+    head = filled_head(C=6, D=8, backend="reference")
+    with torch.no_grad():
+        head.bias.fill_(3.0)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    with pytest.raises(error, match=match):
+        head.load_official(state)
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# ----------------------------------------------------------------------------- deferred bank update
+
+def _head_reference(head, x, labels, bank, valid, bias):
+    """Loss and (x, W, b) gradients of the head's formula on a given bank (float64)."""
+    x2 = x.detach().double().requires_grad_(True)
+    w = head.weight.detach().double().requires_grad_(True)
+    b = bias.detach().double().requires_grad_(True)
+    loss = reference.unitsface_loss(x2, labels, w, bank.double(), b, bank_valid=valid,
+                                    official_clamp=True)
+    return (loss,) + torch.autograd.grad(loss, [x2, w, b])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bank_update_waits_for_the_backward_without_a_copy(backend):
+    """The loss reads the bank in place: after the forward the stored bank still holds the old
+    rows (no copy was made), the update lands right after the backward, and the gradients
+    are those of the old bank."""
+    head = filled_head(backend=backend)
+    with torch.no_grad():
+        head.bias.fill_(20.0)
+    bank0, valid0 = head.bank.clone(), head.bank_valid.clone()
+    storage = head._buffers["bank"].data_ptr()
+    x, labels = batch()
+    x.requires_grad_(True)
+    loss = head(x, labels)
+    assert torch.equal(head._buffers["bank"], bank0)  # not yet: the backward needs these rows
+    loss.backward()
+    assert head._pending is None and head._buffers["bank"].data_ptr() == storage
+    want = reference.bank_rows(x.detach())
+    for c in labels.unique():
+        last = int((labels == c).nonzero().max())
+        torch.testing.assert_close(head._buffers["bank"][c], want[last])
+    ref_loss, gx, gw, gb = _head_reference(head, x, labels, bank0, valid0, head.bias)
+    assert rel_err(loss.detach(), ref_loss) < 1e-5
+    assert rel_err(x.grad, gx) < 1e-4 and rel_err(head.weight.grad, gw) < 1e-4
+
+
+def test_outside_reads_see_the_update_and_the_backward_keeps_the_old_rows():
+    head = filled_head(backend="reference")
+    with torch.no_grad():
+        head.bias.fill_(20.0)
+    bank0, valid0 = head.bank.clone(), head.bank_valid.clone()
+    x, labels = batch()
+    x.requires_grad_(True)
+    loss = head(x, labels)
+    assert head.bank_valid[labels].all() and not torch.equal(head.bank, bank0)  # flushed
+    assert "bank" in head.state_dict()
+    loss.backward()  # its graph kept the old rows (the module continued with a copy)
+    ref_loss, gx, _, _ = _head_reference(head, x, labels, bank0, valid0, head.bias)
+    assert rel_err(x.grad, gx) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_forwards_before_one_backward(backend):
+    """The second call reads the bank updated by the first, and the first call's backward
+    still uses the rows it read."""
+    head = filled_head(backend=backend)
+    with torch.no_grad():
+        head.bias.fill_(20.0)
+    bank0, valid0 = head.bank.clone(), head.bank_valid.clone()
+    (x1, y1), (x2, y2) = batch(seed=1), batch(seed=2)
+    x1.requires_grad_(True), x2.requires_grad_(True)
+    total = head(x1, y1) + head(x2, y2)
+    total.backward()
+    bank1, valid1 = bank0.clone(), valid0.clone()
+    reference.bank_update_(bank1, valid1, x1.detach(), y1)
+    _, g1, _, _ = _head_reference(head, x1, y1, bank0, valid0, head.bias)
+    _, g2, _, _ = _head_reference(head, x2, y2, bank1, valid1, head.bias)
+    assert rel_err(x1.grad, g1) < 1e-4 and rel_err(x2.grad, g2) < 1e-4
+    reference.bank_update_(bank1, valid1, x2.detach(), y2)
+    torch.testing.assert_close(head.bank, bank1)
+
+
+def test_a_forward_without_backward_is_applied_in_place_by_the_next_call():
+    head = filled_head(backend="reference")
+    storage = head._buffers["bank"].data_ptr()
+    x, labels = batch()
+    head(x, labels)  # the loss is dropped: its graph is gone
+    head(*batch(seed=3))
+    assert head._buffers["bank"].data_ptr() == storage
+    assert head.bank_valid[labels].all()
+
+
+def test_no_bank_sized_copy_in_a_training_step():
+    """Partial FC at 1M-class scale in miniature: nothing of the bank's size is allocated in
+    forward and backward (a bf16 bank: the fp32 weight's gradient is another matter)."""
+    C, D = 4096, 16
+    head = UniTSFaceHead(D, C, sample_rate=0.05, bank_dtype=torch.bfloat16,
+                         backend="reference")
+    x, labels = batch(B=8, D=D, C=C)
+    head(x, labels)
+    x2, labels2 = batch(B=8, D=D, C=C, seed=4)
+    x2 = x2.to(torch.bfloat16).requires_grad_(True)
+    with LargestAllocation(dtype=torch.bfloat16) as seen:
+        loss = head(x2, labels2)
+        loss.backward()
+        head(*batch(B=8, D=D, C=C, seed=5))
+    assert seen.largest < C * D // 4, (seen.largest, seen.where)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def test_errors_speak_the_module_users_words_and_change_nothing():
+    head = filled_head(C=6, D=8, backend="reference")
+    x, labels = batch(B=4, D=8, C=6)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    with pytest.raises(ValueError, match="x has embedding size 5 but this UniTSFaceHead has "
+                                         "embedding_size=8"):
+        head(torch.randn(4, 5), labels)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 6\).*num_classes=6.*"
+                                         r"got labels\[3\] = 6"):
+        head(x, torch.tensor([0, 1, 1, 6]))
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        head(x, labels.float())
+    with pytest.raises(TypeError, match="with_uss must be a bool"):
+        head(x, labels, with_uss="no")
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="embeddings has embedding size 5"):
+        PartialFC(8, 6)(torch.randn(4, 5), labels)
+
+
+def test_any_integer_label_dtype():
+    head = filled_head(C=6, D=8, backend="reference")
+    x, labels = batch(B=4, D=8, C=6)
+    twin = filled_head(C=6, D=8, backend="reference")
+    for dtype in (torch.int16, torch.uint8, torch.int32):
+        torch.testing.assert_close(head(x, labels.to(dtype)), twin(x, labels))
+
+
+@pytest.mark.parametrize("cls,kw,match", [
+    (UniTSFaceHead, dict(margin_arc=4.0), r"margin_arc must lie in \[0, π\)"),
+    (UniTSFaceHead, dict(uss_weight=float("nan")), "uss_weight must be finite"),
+    (UniTSFaceHead, dict(scale=float("inf")), "scale must be finite"),
+    (UniTSFaceHead, dict(official_clamp=None), "official_clamp must be a bool"),
+    (UniTSFaceHead, dict(sample_rate=1.5), "sample_rate"),
+    (PartialFC, dict(arcface_grad="approx"), "arcface_grad must be one of"),
+    (PartialFC, dict(margin_cos=float("nan")), "margin_cos must be finite"),
+    (USSLoss, dict(margin=float("inf")), "margin must be finite"),
+    (USSLoss, dict(form="bce"), "form must be one of"),
+])
+def test_settings_are_checked_when_built(cls, kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        cls(8, 6, **kw)
+
+
+def test_sizes_are_integers():
+    with pytest.raises(TypeError, match="num_classes must be an integer, got float 6.5"):
+        UniTSFaceHead(8, 6.5)
+    with pytest.raises(TypeError, match="embedding_size must be an integer"):
+        PartialFC(8.0, 6)
+
+
+def test_verify_takes_lists():
+    head = UniTSFaceHead(2, 3, backend="reference")
+    with torch.no_grad():
+        head.bias.fill_(32.0)
+    assert head.verify([[1.0, 0.0]], [[0.6, 0.8]]).tolist() == [True]
+    with pytest.raises(ValueError, match="a has embedding size 3 but this UniTSFaceHead"):
+        head.verify([[1.0, 0.0, 0.0]], [[0.6, 0.8]])
+
+
+def test_modules_are_the_official_heads_by_default():
+    """official_clamp=True in the modules (the functions keep False)."""
+    head = filled_head(backend="reference")
+    with torch.no_grad():
+        head.bias.fill_(20.0)
+        head.bank[0] = -F.normalize(torch.ones(16), dim=0)
+    x, labels = batch()
+    x[:3] = torch.ones(16)
+    labels[:3] = 0
+    bank, valid = head.bank.clone(), head.bank_valid.clone()
+    clamped = reference.unitsface_loss(x, labels, head.weight.detach(), bank, head.bias.detach(),
+                                       bank_valid=valid, official_clamp=True)
+    plain = reference.unitsface_loss(x, labels, head.weight.detach(), bank, head.bias.detach(),
+                                     bank_valid=valid)
+    assert plain - clamped > 1.0
+    torch.testing.assert_close(head(x, labels), clamped)
 
 
 # ----------------------------------------------------------------------------- training
@@ -384,6 +598,24 @@ def test_short_training_run_loss_falls():
                 losses.append(loss.item())
     assert head.bank_valid.all() and head.threshold > 0
     assert sum(losses[-4:]) < 0.5 * sum(losses[:4]), losses
+
+
+def test_torch_compile_with_partial_fc():
+    """Partial-FC sampling stays outside the graph (a clean break), so a compiled head with
+    sample_rate < 1 draws the same classes as the eager one under the same seed."""
+    head = filled_head(C=40, sample_rate=0.25, backend="reference")
+    with torch.no_grad():
+        head.bias.fill_(20.0)
+    twin = filled_head(C=40, sample_rate=0.25, backend="reference")
+    twin.load_state_dict(head.state_dict())
+    x, labels = batch(C=40)
+    compiled = torch.compile(head, backend="eager")
+    torch.manual_seed(9)
+    got = compiled(x, labels)
+    torch.manual_seed(9)
+    torch.testing.assert_close(got, twin(x, labels))
+    got.backward()
+    assert head.weight.grad is not None
 
 
 def test_torch_compile():

@@ -1,6 +1,8 @@
-"""The official UniTSFace code's six losses, each computed with this package's API (the recipes
-of the README), against their official formulas restated densely (head.py of the official
-repository: F.normalize(eps=1e-5), F.linear, one-hot masks, clamp to [−s, s], log(1 + exp))."""
+"""The official UniTSFace code's six losses, each computed with this package's API — the
+recipes of the README (functions) and the modules — against their official formulas restated
+densely (head.py of the official repository: F.normalize(eps=1e-5), F.linear, one-hot masks,
+clamp to [−s, s], log(1 + exp)); and PartialFC.from_insightface against arcface_torch's
+CombinedMarginLoss."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import all_backends
-from unitsface_kernels import fused_margin_softmax_loss, fused_uss_loss
+from unitsface_kernels import fused_margin_softmax_loss, fused_uss_loss, reference
+from unitsface_kernels.nn import (NormalizedBCE, PartialFC, SampleToSampleBCE,
+                                  SampleToSampleSoftmax, UnifiedCrossEntropy, USSLoss)
 
 B, C, D = 24, 60, 32
 
@@ -102,7 +106,8 @@ def test_sample_to_sample_softmax(data, backend):
 @pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
 def test_sample_to_sample_bce(data, backend):
     """One bias per bank row, on the memory bank, margin 0.1."""
-    bias = (torch.rand(1, C, dtype=torch.float64) * 30).requires_grad_()
+    g = torch.Generator().manual_seed(5)
+    bias = (torch.rand(1, C, generator=g, dtype=torch.float64) * 30).requires_grad_()
     _check_bce(data, backend, "feat_mem", bias, 0.1, wrt="x")
 
 
@@ -111,3 +116,157 @@ def test_uss(data, backend):
     """The unified threshold integrated sample-to-sample loss: one b on the memory bank."""
     bias = torch.tensor([25.0], dtype=torch.float64, requires_grad=True)
     _check_bce(data, backend, "feat_mem", bias, 0.1, wrt="x")
+
+
+# ----------------------------------------------------------------------------- the modules
+
+def _official_state(data, prefix, bias=None):
+    state = {f"{prefix}.weight" if prefix == "sample_to_class_loss" else f"{prefix}.feat_mem":
+             data["w"] if prefix == "sample_to_class_loss" else data["feat_mem"]}
+    if bias is not None:
+        state[f"{prefix}.bias"] = bias
+    return state
+
+
+def _module_grads(loss, module, x):
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, [x] + params)
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
+@pytest.mark.parametrize("cls,per_class", [(NormalizedBCE, True), (UnifiedCrossEntropy, False)])
+def test_class_centre_bce_modules(data, backend, cls, per_class):
+    """Normalized_BCE_Loss / Unified_Cross_Entropy_Loss: the official init log(10·C), the
+    checkpoint loaded, loss and gradients (x, W, b) equal to head.py's formula."""
+    head = cls(D, C, backend=backend).double()
+    assert head.bias.numel() == (C if per_class else 1)
+    torch.testing.assert_close(head.bias.detach(),
+                               torch.full_like(head.bias, math.log(10 * C)))
+    g = torch.Generator().manual_seed(1)
+    bias = (torch.rand(1, C if per_class else 1, generator=g, dtype=torch.float64) * 20)
+    head.load_official({"module." + k: v for k, v in
+                        _official_state(data, "sample_to_class_loss", bias).items()})
+    x = data["x"].clone().requires_grad_()
+    ours = head(x, data["labels"])
+    w = data["w"].clone().requires_grad_()
+    b = bias.reshape(-1).clone().requires_grad_()
+    xo = data["x"].clone().requires_grad_()
+    official = _official_bce(_cos(xo, w), data["labels"], b, 64.0, 0.4)
+    torch.testing.assert_close(ours, official)
+    for a, o in zip(_module_grads(ours, head, x), torch.autograd.grad(official, [xo, w, b])):
+        torch.testing.assert_close(a.reshape(o.shape), o)
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
+def test_sample_to_sample_softmax_module(data, backend):
+    head = SampleToSampleSoftmax(D, C, backend=backend, bank_dtype=torch.float64)
+    head.load_official(_official_state(data, "sample_to_sample_loss"))
+    x = data["x"].clone().requires_grad_()
+    ours = head(x, data["labels"])
+    xo = data["x"].clone().requires_grad_()
+    official = _official_softmax(_cos(xo, data["feat_mem"]), data["labels"], 64.0, 0.1)
+    torch.testing.assert_close(ours, official)
+    ours.backward()
+    official.backward()
+    torch.testing.assert_close(x.grad, xo.grad)
+    # the bank then holds the batch's features (the last occurrence of a label wins)
+    last = {int(c): i for i, c in enumerate(data["labels"])}
+    torch.testing.assert_close(head.bank[list(last)],
+                               reference.bank_rows(data["x"][list(last.values())]))
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
+def test_sample_to_sample_bce_module(data, backend):
+    """Sample_to_Sample_Based_BCE_Loss: per-row thresholds from 0, shifted by the official b₀
+    at the first call (their mean was ≤ 0), then the official loss."""
+    head = SampleToSampleBCE(D, C, backend=backend, bank_dtype=torch.float64).double()
+    head.load_official(_official_state(data, "sample_to_sample_loss"))
+    assert head.bias.shape == (C,) and torch.count_nonzero(head.bias) == 0
+    x = data["x"].clone().requires_grad_()
+    ours = head(x, data["labels"])
+    cos = _cos(data["x"], data["feat_mem"])
+    one_hot = F.one_hot(data["labels"], C).bool()
+    b0 = torch.logsumexp((64 * cos).masked_fill(one_hot, -math.inf), dim=1).mean()
+    torch.testing.assert_close(head.bias.detach(), torch.full((C,), float(b0),
+                                                              dtype=torch.float64))
+    b = torch.full((1, C), float(b0), dtype=torch.float64, requires_grad=True)
+    xo = data["x"].clone().requires_grad_()
+    official = _official_bce(_cos(xo, data["feat_mem"]), data["labels"], b, 64.0, 0.1)
+    torch.testing.assert_close(ours, official)
+    for a, o in zip(_module_grads(ours, head, x), torch.autograd.grad(official, [xo, b])):
+        torch.testing.assert_close(a.reshape(o.shape), o)
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
+def test_uss_module(data, backend):
+    head = USSLoss(D, C, backend=backend, bank_dtype=torch.float64).double()
+    head.load_official(_official_state(data, "sample_to_sample_loss", torch.tensor([25.0])))
+    x = data["x"].clone().requires_grad_()
+    ours = head(x, data["labels"])
+    b = torch.tensor([25.0], dtype=torch.float64, requires_grad=True)
+    xo = data["x"].clone().requires_grad_()
+    official = _official_bce(_cos(xo, data["feat_mem"]), data["labels"], b, 64.0, 0.1)
+    torch.testing.assert_close(ours, official)
+    for a, o in zip(_module_grads(ours, head, x), torch.autograd.grad(official, [xo, b])):
+        torch.testing.assert_close(a.reshape(o.shape), o)
+
+
+# ----------------------------------------------------------------------------- insightface
+
+class CombinedMarginLoss:
+    """A stand-in for arcface_torch's CombinedMarginLoss (losses.py at HEAD): its attributes
+    and its forward on clamped cosine logits, restated (the ArcFace branch edits the logits in
+    place under no_grad, so the target's gradient is taken as if the margin were additive)."""
+
+    def __init__(self, s, m1, m2, m3, interclass_filtering_threshold=0):
+        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+        self.interclass_filtering_threshold = interclass_filtering_threshold
+        self.easy_margin = False
+
+    def __call__(self, logits, labels):
+        rows = torch.arange(len(labels))
+        target = logits[rows, labels]
+        logits = logits.clone()
+        if self.m1 == 1.0 and self.m3 == 0.0:
+            with torch.no_grad():
+                shift = torch.cos(torch.arccos(target) + self.m2) - target
+            logits[rows, labels] = target + shift
+        elif self.m3 > 0:
+            logits[rows, labels] = target - self.m3
+        else:
+            raise ValueError("unsupported")
+        return logits * self.s
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
+@pytest.mark.parametrize("margins", [(1.0, 0.5, 0.0), (1.0, 0.0, 0.4), (1.0, 0.3, 0.2)])
+def test_partial_fc_from_insightface(data, backend, margins):
+    """PartialFC.from_insightface(CombinedMarginLoss(...)) computes what arcface_torch's
+    PartialFC_V2 + CombinedMarginLoss + cross-entropy compute, loss and gradients."""
+    margin_loss = CombinedMarginLoss(64.0, *margins)
+    head = PartialFC.from_insightface(margin_loss, D, C, backend=backend).double()
+    with torch.no_grad():
+        head.weight.copy_(data["w"])
+    x = data["x"].clone().requires_grad_()
+    ours = head(x, data["labels"])
+    xo, wo = data["x"].clone().requires_grad_(), data["w"].clone().requires_grad_()
+    logits = F.linear(F.normalize(xo), F.normalize(wo)).clamp(-1, 1)
+    theirs = F.cross_entropy(margin_loss(logits, data["labels"]), data["labels"])
+    torch.testing.assert_close(ours, theirs)
+    for a, o in zip(_module_grads(ours, head, x), torch.autograd.grad(theirs, [xo, wo])):
+        torch.testing.assert_close(a, o)
+
+
+def test_from_insightface_refuses_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="margin_loss.m1 = 1.35"):
+        PartialFC.from_insightface(CombinedMarginLoss(64, 1.35, 0.0, 0.0), D, C)
+    with pytest.raises(ValueError, match="interclass_filtering_threshold = 0.4"):
+        PartialFC.from_insightface(CombinedMarginLoss(64, 1.0, 0.5, 0.0, 0.4), D, C)
+    with pytest.raises(ValueError, match="margin_loss.m3 = -0.1"):
+        PartialFC.from_insightface(CombinedMarginLoss(64, 1.0, 0.5, -0.1), D, C)
+    with pytest.raises(TypeError, match="has no m1, m2"):
+        PartialFC.from_insightface(type("Loss", (), {"s": 64.0, "m3": 0.4})(), D, C)
+    exact = CombinedMarginLoss(64, 1.0, 0.5, 0.0)
+    exact.easy_margin = True
+    head = PartialFC.from_insightface(exact, D, C, 0.5, arcface_grad="exact")
+    assert (head.easy_margin, head.arcface_grad, head.sample_rate) == (True, "exact", 0.5)

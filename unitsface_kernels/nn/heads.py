@@ -1,0 +1,377 @@
+"""The training heads: :class:`PartialFC` (the margin softmax over class centres, shaped like
+insightface's PartialFC_V2), :class:`USSLoss` (the sample-to-sample loss alone) and
+:class:`UniTSFaceHead` (both, in one pass)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import distributed, options
+from .. import validation as check
+from ..backends import BACKENDS
+from ..distributed import gather_batch
+from ..ops import fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss, uss_bias_init
+from . import checkpoint
+from .parts import (MemoryBank, Threshold, as_dtype, checked_batch, class_shard, no_autocast,
+                    partial_fc_index, resolve_backend, setup_classes, shard_repr)
+
+class PartialFC(nn.Module):
+    """The sample-to-class margin softmax (CosFace/ArcFace) with partial FC, shaped like
+    insightface's ``PartialFC_V2``:
+
+        loss = PartialFC(512, 93431, sample_rate=0.2)(embeddings, labels)
+
+    ``weight`` (num_classes × embedding_size) is initialised normal(0, 0.01) as in insightface.
+    In training mode with ``sample_rate < 1`` each call samples ``int(sample_rate·C)`` classes
+    (all classes of the batch plus random others, :func:`~unitsface_kernels.sample_classes`);
+    the other rows of ``weight`` get exactly zero gradient. In eval mode all classes are used.
+
+    The module owns classes ``[class_start, class_start + num_local)``: all of them in one
+    process; under torch.distributed (``class_parallel``, see the package docstring) this
+    rank's shard, with ``sample_rate`` applied to the shard as in insightface
+    (``int(sample_rate·num_local)`` classes per rank). ``process_group``: the ranks sharing
+    the classes (None: the default group). ``arcface_grad`` and ``easy_margin``: the ArcFace
+    conventions of :func:`~unitsface_kernels.fused_margin_softmax_loss`. ``fp16``: compute
+    the loss in float16 from float32 embeddings (what PartialFC_V2's ``fp16`` does).
+
+    :meth:`from_insightface` builds one from arcface_torch's ``CombinedMarginLoss``.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, sample_rate: float = 1.0, *,
+                 scale: float = 64.0, margin_cos: float = 0.4, margin_arc: float = 0.0,
+                 arcface_grad: str = "exact", easy_margin: bool = False, fp16: bool = False,
+                 backend: str = "auto", class_parallel: Optional[bool] = None,
+                 process_group=None):
+        super().__init__()
+        options.softmax_options(scale=scale, margin_arc=margin_arc, margin_cos=margin_cos,
+                                arcface_grad=arcface_grad, easy_margin=easy_margin)  # checks
+        self.scale, self.margin_cos, self.margin_arc = scale, margin_cos, margin_arc
+        self.arcface_grad, self.easy_margin = arcface_grad, easy_margin
+        self.fp16 = check.flag(fp16, "fp16")
+        self.backend = check.choice(backend, BACKENDS, "backend")
+        setup_classes(self, embedding_size, num_classes, sample_rate, class_parallel,
+                      process_group)
+        self.weight = nn.Parameter(torch.empty(self.num_local, self.embedding_size))
+        self.reset_parameters()
+
+    @classmethod
+    def from_insightface(cls, margin_loss, embedding_size: int, num_classes: int,
+                         sample_rate: float = 1.0, fp16: bool = False, *,
+                         arcface_grad: str = "straight_through", **kwargs) -> "PartialFC":
+        """The drop-in for arcface_torch's ``PartialFC_V2(margin_loss, embedding_size,
+        num_classes, sample_rate, fp16)``, reading ``s``, ``m1``, ``m2``, ``m3``,
+        ``easy_margin`` and ``interclass_filtering_threshold`` from its ``CombinedMarginLoss``
+        and computing what that loss computes:
+
+        * m1 = 1 and m3 = 0: ArcFace with m2 — as arcface_torch today
+          (``arcface_grad="straight_through"``: arccos → +m2 → cos without a fallback, the
+          target's gradient taken as additive; ``easy_margin`` is not read there, as
+          arcface_torch does not), or as insightface before 2022-12 with
+          ``arcface_grad="exact"`` (exact gradient, the cos − m2·sin m2 fallback, or
+          ``easy_margin`` when the object sets it);
+        * m3 > 0: CosFace with m3 (arcface_torch then ignores m2, and so does this).
+
+        SphereFace's m1 ≠ 1, a negative m3 with m1 = 1 (arcface_torch raises) and inter-class
+        filtering (``interclass_filtering_threshold > 0``) are not expressible by the fused
+        kernels: they raise a ValueError naming the setting. Keyword arguments go to the
+        constructor (backend, class_parallel, process_group)."""
+        missing = [a for a in ("s", "m1", "m2", "m3") if not hasattr(margin_loss, a)]
+        if missing:
+            raise TypeError(f"margin_loss must look like insightface's CombinedMarginLoss "
+                            f"(attributes s, m1, m2, m3); {type(margin_loss).__name__} has no "
+                            f"{', '.join(missing)}")
+        s, m1, m2, m3 = (check.finite(getattr(margin_loss, a), f"margin_loss.{a}")
+                         for a in ("s", "m1", "m2", "m3"))
+        filtering = getattr(margin_loss, "interclass_filtering_threshold", 0) or 0
+        if filtering > 0:
+            raise ValueError(f"margin_loss.interclass_filtering_threshold = {filtering}: "
+                             "inter-class filtering is not supported by the fused kernels")
+        if m1 != 1.0:
+            raise ValueError(f"margin_loss.m1 = {m1}: SphereFace's multiplicative margin is "
+                             "not supported by the fused kernels (m1 must be 1)")
+        easy = bool(getattr(margin_loss, "easy_margin", False)) and arcface_grad == "exact"
+        if m3 == 0.0:
+            margins = dict(margin_arc=m2, margin_cos=0.0, easy_margin=easy)
+        elif m3 > 0.0:
+            margins = dict(margin_arc=0.0, margin_cos=m3)
+        else:
+            raise ValueError(f"margin_loss.m3 = {m3}: CombinedMarginLoss supports m3 ≥ 0 only")
+        return cls(embedding_size, num_classes, sample_rate, scale=s, arcface_grad=arcface_grad,
+                   fp16=fp16, **margins, **kwargs)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, 0.0, 0.01)
+
+    def load_official(self, state_dict) -> "PartialFC":
+        """Load the class centres ``sample_to_class_loss.weight`` of the official UniTSFace
+        code's normalised softmax head (any prefix, or the bare ``weight``)."""
+        return checkpoint.load_official(self, state_dict, UniTSFaceHead._OFFICIAL[:1])
+
+    def local_labels(self, labels: Tensor) -> Tensor:
+        """Global class ids → rows of this module's ``weight`` (identity in one process;
+        −1 for classes of other shards)."""
+        return self.shard.local_labels(labels) if self.shard is not None else labels
+
+    def _softmax_kw(self) -> dict:
+        return dict(scale=self.scale, margin_arc=self.margin_arc, margin_cos=self.margin_cos,
+                    arcface_grad=self.arcface_grad, easy_margin=self.easy_margin,
+                    backend=self.backend)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        embeddings, labels = checked_batch(self, embeddings, labels, "embeddings")
+        if self.fp16 and embeddings.dtype == torch.float32:
+            embeddings = embeddings.half()
+        resolve_backend(self, embeddings.device, "unitsface")
+        with no_autocast(embeddings.device):
+            if self.shard is not None:
+                x_all, y_all = gather_batch(embeddings, labels, self.shard)
+                return distributed.margin_softmax_loss(
+                    x_all, as_dtype(self.weight, x_all.dtype), y_all, self.shard,
+                    index=partial_fc_index(self, y_all), gathered=True, **self._softmax_kw())
+            return fused_margin_softmax_loss(
+                embeddings, as_dtype(self.weight, embeddings.dtype), labels,
+                index=partial_fc_index(self, labels), **self._softmax_kw())
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                f"sample_rate={self.sample_rate}, scale={self.scale}, "
+                f"margin_cos={self.margin_cos}, margin_arc={self.margin_arc}, "
+                f"arcface_grad={self.arcface_grad!r}, easy_margin={self.easy_margin}, "
+                f"backend={self.backend!r}{shard_repr(self)}")
+
+
+class USSLoss(Threshold, MemoryBank):
+    """The unified-threshold-integrated sample-to-sample loss (docs/design.md §1.1) alone, with
+    a learnable b (``bias``; data-initialised at the first training call while b ≤ 0): the
+    official ``Unified_Threshold_Integrated_Sample_to_Sample_Loss`` (with its clamp: the
+    module default is ``official_clamp=True``).
+
+    mode="bank": the reference set is the module's memory bank (``bank``, ``bank_valid``;
+        needs embedding_size and num_classes), updated with the batch after the loss.
+    mode="inbatch": the reference set is the batch itself (pairs i ≠ j); no state but b.
+
+    In bank mode under torch.distributed the bank is class-sharded (``class_parallel``,
+    ``process_group``: see the package docstring); the in-batch mode stays per rank.
+    """
+
+    def __init__(self, embedding_size: Optional[int] = None, num_classes: Optional[int] = None,
+                 *, scale: float = 64.0, margin: float = 0.1, form: str = "pairs",
+                 official_clamp: bool = True, mode: str = "bank",
+                 bank_dtype: torch.dtype = torch.float32, backend: str = "auto",
+                 class_parallel: Optional[bool] = None, process_group=None):
+        super().__init__()
+        self.mode = check.choice(mode, ("bank", "inbatch"), "mode")
+        options.uss_options(scale=scale, margin=margin, form=form,
+                            official_clamp=official_clamp)  # checks the settings
+        self.scale, self.margin, self.form = scale, margin, form
+        self.official_clamp = official_clamp
+        self.backend = check.choice(backend, BACKENDS, "backend")
+        self.embedding_size = self.num_classes = None
+        self.shard = None
+        if self.mode == "bank":
+            if embedding_size is None or num_classes is None:
+                raise ValueError("mode='bank' needs embedding_size and num_classes (one bank "
+                                 "row per class); mode='inbatch' needs neither")
+            self.embedding_size = check.count(embedding_size, "embedding_size")
+            self.num_classes = check.count(num_classes, "num_classes")
+            self.shard = class_shard(self.num_classes, class_parallel, process_group)
+            self.class_start = self.shard.start if self.shard is not None else 0
+            self.num_local = self.shard.num_local if self.shard is not None else self.num_classes
+            self._init_bank(self.num_local, self.embedding_size, bank_dtype)
+        elif embedding_size is not None:
+            self.embedding_size = check.count(embedding_size, "embedding_size")
+        self._init_threshold()
+
+    def _uss_kw(self) -> dict:
+        return dict(scale=self.scale, margin=self.margin, form=self.form,
+                    official_clamp=self.official_clamp, backend=self.backend)
+
+    def forward(self, x: Tensor, labels: Tensor) -> Tensor:
+        if self.mode == "inbatch":
+            x = check.embeddings(x)
+            if self.embedding_size is None:
+                self.embedding_size = x.shape[1]  # any width, checked as this one from now on
+            x, labels = checked_batch(self, x, labels)
+            resolve_backend(self, x.device, "uss")
+            self._maybe_init_threshold(lambda: uss_bias_init(
+                x.detach(), labels, scale=self.scale, backend=self.backend))
+            with no_autocast(x.device):
+                return fused_uss_loss(x, labels, self.bias, **self._uss_kw())
+        x, labels = checked_batch(self, x, labels)
+        resolve_backend(self, x.device, "uss")
+        if self.shard is not None:
+            x, labels = gather_batch(x, labels, self.shard)
+        bank, valid = self._bank_for_loss(x.dtype)
+        if self.shard is not None:
+            self._maybe_init_threshold(lambda: distributed.uss_bias_init(
+                x, labels, bank, self.shard, bank_valid=valid, scale=self.scale,
+                backend=self.backend, gathered=True))
+            with no_autocast(x.device):
+                loss = distributed.uss_loss(x, labels, self.bias, bank, self.shard,
+                                            bank_valid=valid, gathered=True, **self._uss_kw())
+        else:
+            self._maybe_init_threshold(lambda: uss_bias_init(
+                x.detach(), labels, bank, None, valid, scale=self.scale, backend=self.backend))
+            with no_autocast(x.device):
+                loss = fused_uss_loss(x, labels, self.bias, bank, None, valid, **self._uss_kw())
+        return self._update_bank(x, labels, loss, (x, self.bias))
+
+    def load_official(self, state_dict) -> "USSLoss":
+        """Load the official head's ``sample_to_sample_loss.feat_mem`` (required in bank mode;
+        its rows by the bank's one rule) and ``.bias`` (any prefix, or the bare names); checked
+        whole before anything is written."""
+        entries = UniTSFaceHead._OFFICIAL[1:]
+        if self.mode == "inbatch":
+            entries = entries[1:]  # no bank: the threshold alone
+        else:
+            entries = (checkpoint.Entry("bank", entries[0].key, True, "feat_mem"), entries[1])
+        return checkpoint.load_official(self, state_dict, entries)
+
+    def extra_repr(self) -> str:
+        size = (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                if self.mode == "bank" else "")
+        return (f"{size}mode={self.mode!r}, scale={self.scale}, margin={self.margin}, "
+                f"form={self.form!r}, official_clamp={self.official_clamp}, "
+                f"backend={self.backend!r}{shard_repr(self)}")
+
+
+class UniTSFaceHead(Threshold, MemoryBank):
+    """The UniTSFace training head (Li et al., NeurIPS 2023): CosFace/ArcFace softmax over
+    the class centres (with partial FC when sample_rate < 1) plus λ·USS against a memory bank
+    of the last feature of every class, computed in one fused pass; returns the loss.
+
+        head = UniTSFaceHead(512, num_classes)
+        loss = head(backbone(images), labels, with_uss=epoch > 0)   # official schedule
+        same = head.verify(emb_a, emb_b)                            # cos > head.threshold
+
+    Parameters: ``weight`` (C×D class centres, initialised as the official code does:
+    ``kaiming_normal_(a=1, mode="fan_in")``, i.e. normal(0, 1/√D)) and ``bias`` (b, starting
+    at 0). Buffers: ``bank`` (C×D, ``bank_dtype``) and ``bank_valid`` (C, bool). See the
+    package docstring for the dtype policy, the bank update and the initialisation of b.
+
+    Args:
+        sample_rate: partial-FC rate; training steps use int(rate·C) classes (the batch's and
+            random others) for both the softmax and USS; eval mode uses all classes.
+        scale, margin_cos, margin_arc, arcface_grad, easy_margin: the softmax part (CosFace
+            m3 = 0.4 is UniTSFace's choice; ArcFace conventions as in
+            :func:`~unitsface_kernels.fused_margin_softmax_loss`).
+        uss_margin, uss_form, uss_weight: USS's positive margin m, "pairs" (official) or
+            "lse", and its weight λ. official_clamp: the official head's clamp of USS's
+            softplus arguments to [−s, s] (default True: this module is the official head).
+        class_parallel, process_group: class-parallel training under torch.distributed
+            (None: automatic when initialised with several ranks; see the package docstring):
+            this rank then holds the rows [class_start, class_start + num_local) of weight and
+            bank, and samples int(sample_rate·num_local) classes of its shard per step.
+    """
+
+    _OFFICIAL = (checkpoint.Entry("weight", "sample_to_class_loss.weight", True, "weight"),
+                 checkpoint.Entry("bank", "sample_to_sample_loss.feat_mem", False, "feat_mem"),
+                 checkpoint.Entry("bias", "sample_to_sample_loss.bias", False, "bias"))
+
+    def __init__(self, embedding_size: int, num_classes: int, *, sample_rate: float = 1.0,
+                 scale: float = 64.0, margin_cos: float = 0.4, margin_arc: float = 0.0,
+                 arcface_grad: str = "exact", easy_margin: bool = False,
+                 uss_margin: float = 0.1, uss_form: str = "pairs", uss_weight: float = 1.0,
+                 official_clamp: bool = True, bank_dtype: torch.dtype = torch.float32,
+                 backend: str = "auto", class_parallel: Optional[bool] = None,
+                 process_group=None):
+        super().__init__()
+        options.unitsface_options(  # checks the settings
+            scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
+            easy_margin=easy_margin, uss_margin=uss_margin, uss_form=uss_form,
+            uss_weight=uss_weight, official_clamp=official_clamp)
+        self.scale, self.margin_cos, self.margin_arc = scale, margin_cos, margin_arc
+        self.arcface_grad, self.easy_margin = arcface_grad, easy_margin
+        self.uss_margin, self.uss_form, self.uss_weight = uss_margin, uss_form, uss_weight
+        self.official_clamp = official_clamp
+        self.backend = check.choice(backend, BACKENDS, "backend")
+        setup_classes(self, embedding_size, num_classes, sample_rate, class_parallel,
+                      process_group)
+        self._init_threshold()
+        self.weight = nn.Parameter(torch.empty(self.num_local, self.embedding_size))
+        self._init_bank(self.num_local, self.embedding_size, bank_dtype)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official init: kaiming normal with a=1, fan_in (std 1/√D); b = 0; empty bank."""
+        nn.init.kaiming_normal_(self.weight, a=1, mode="fan_in", nonlinearity="leaky_relu")
+        with torch.no_grad():
+            self.bias.zero_()
+        self.reset_bank()
+
+    def _softmax_kw(self) -> dict:
+        return dict(scale=self.scale, margin_arc=self.margin_arc, margin_cos=self.margin_cos,
+                    arcface_grad=self.arcface_grad, easy_margin=self.easy_margin,
+                    backend=self.backend)
+
+    def _uss_kw(self) -> dict:
+        return dict(uss_margin=self.uss_margin, uss_form=self.uss_form,
+                    uss_weight=self.uss_weight, official_clamp=self.official_clamp)
+
+    def forward(self, x: Tensor, labels: Tensor, with_uss: bool = True) -> Tensor:
+        x, labels = checked_batch(self, x, labels)
+        with_uss = check.flag(with_uss, "with_uss")
+        resolve_backend(self, x.device, "unitsface")
+        sharded = self.shard is not None
+        if sharded:
+            x, labels = gather_batch(x, labels, self.shard)
+        index = partial_fc_index(self, labels)
+        weight = as_dtype(self.weight, x.dtype)
+        common = dict(index=index, **self._softmax_kw())
+        if not with_uss:
+            with no_autocast(x.device):
+                if sharded:
+                    loss = distributed.margin_softmax_loss(x, weight, labels, self.shard,
+                                                           gathered=True, **common)
+                else:
+                    loss = fused_margin_softmax_loss(x, weight, labels, **common)
+            loss = loss + 0.0 * self.bias.sum()  # b takes part (zero gradient): DDP-friendly
+            return self._update_bank(x, labels, loss, ())
+        bank, valid = self._bank_for_loss(x.dtype)
+        self._maybe_init_threshold(lambda: self._bias_init(x, labels, bank, valid, index))
+        with no_autocast(x.device):
+            if sharded:
+                loss = distributed.unitsface_loss(x, labels, weight, bank, self.bias, self.shard,
+                                                  bank_valid=valid, gathered=True, **common,
+                                                  **self._uss_kw())
+            else:
+                loss = fused_unitsface_loss(x, labels, weight, bank, self.bias, bank_valid=valid,
+                                            **common, **self._uss_kw())
+        return self._update_bank(x, labels, loss, (x, self.weight, self.bias))
+
+    def _bias_init(self, x, labels, bank, valid, index):
+        """b₀ over the reference rows this step's loss uses: the (sampled) classes' bank rows."""
+        if self.shard is not None:
+            return distributed.uss_bias_init(x, labels, bank, self.shard, bank_valid=valid,
+                                             index=index, scale=self.scale, backend=self.backend,
+                                             gathered=True)
+        if index is None:
+            return uss_bias_init(x.detach(), labels, bank, None, valid, scale=self.scale,
+                                 backend=self.backend)
+        return uss_bias_init(x.detach(), labels, bank[index], index, valid[index],
+                             scale=self.scale, backend=self.backend)
+
+    def load_official(self, state_dict) -> "UniTSFaceHead":
+        """Load the head of the official UniTSFace code (CVI-SZU/UniTSFace): the tensors
+        ``sample_to_class_loss.weight`` (C×D), ``sample_to_sample_loss.feat_mem`` (C×D, raw
+        features) and ``sample_to_sample_loss.bias`` (b), with any prefix (e.g. ``module.``
+        of DataParallel) or none (``weight``, ``feat_mem``, ``bias``). A training checkpoint
+        ``{"state_dict": ...}`` is unwrapped. The bank stores the rows of ``feat_mem`` by the
+        bank's one rule (bank_update_: valid when finite). The weight is required; a missing
+        feat_mem or bias leaves that part as it is. A class-parallel head takes the full C×D
+        tensors (and keeps its shard's rows) or its shard's rows. The whole checkpoint is
+        checked before anything is written. Returns self."""
+        return checkpoint.load_official(self, state_dict, self._OFFICIAL)
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                f"sample_rate={self.sample_rate}, scale={self.scale}, "
+                f"margin_cos={self.margin_cos}, margin_arc={self.margin_arc}, "
+                f"arcface_grad={self.arcface_grad!r}, easy_margin={self.easy_margin}, "
+                f"uss_margin={self.uss_margin}, uss_form={self.uss_form!r}, "
+                f"uss_weight={self.uss_weight}, official_clamp={self.official_clamp}, "
+                f"bank_dtype={self._buffers['bank'].dtype}, "
+                f"backend={self.backend!r}{shard_repr(self)}")
