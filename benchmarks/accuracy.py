@@ -1,4 +1,4 @@
-"""Worst accuracy of each fused backend against the float64 reference, per dtype (DESIGN.md §7:
+"""Worst accuracy of each fused backend against the float64 reference, per dtype (docs/design.md §7:
 fp32 loss rel. err ≤ 1e-5 and gradient cosine ≥ 0.9999; bf16 ≤ 1e-2 and ≥ 0.999).
 
     python -m benchmarks.accuracy            # GPU: B=512, N=20011, D=512; CPU: small shapes

@@ -1,7 +1,7 @@
 """The implementations that the benchmark compares, the inputs they share, and a check that
 the eager baseline computes the same numbers as :mod:`unitsface_kernels.reference`.
 
-Two tasks (DESIGN.md §1):
+Two tasks (docs/design.md §1):
 
 * ``objective`` — the UniTSFace objective: CosFace softmax (s = 64, m3 = 0.4) over the class
   centres W (which take a gradient) + 1 × the USS loss, "pairs" form, on a memory bank with a
@@ -50,7 +50,7 @@ EPS = 1e-5            # F.normalize eps of the official code
 
 TASKS = ("objective", "softmax")
 GEMMS = {"objective": 5, "softmax": 3}
-"""Reference GEMMs the maths needs (DESIGN.md §7): objective = cos vs W, cos vs bank, ∂x via W,
+"""Reference GEMMs the maths needs (docs/design.md §7): objective = cos vs W, cos vs bank, ∂x via W,
 ∂x via bank, ∂W; softmax = cos vs W, ∂x, ∂W."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,

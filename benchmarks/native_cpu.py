@@ -1,4 +1,4 @@
-"""The native backend on the CPU against DESIGN.md §7's CPU targets.
+"""The native backend on the CPU against docs/design.md §7's CPU targets.
 
     python -m benchmarks.native_cpu                 # B=256, D=512, C=50k, fp32, 2 threads
     python -m benchmarks.native_cpu --classes 20000 --threads 1 --json out.json
@@ -21,13 +21,13 @@ other's peak), with torch.set_num_threads(--threads):
   the step writes (∂W is C × D: 98 MiB here), which every implementation must produce;
   "work" memory is the peak minus those gradients.
 
-Useful GEMM time: DESIGN.md §7 counts 2·B·C·D FLOPs per GEMM the maths needs — cos against W,
+Useful GEMM time: docs/design.md §7 counts 2·B·C·D FLOPs per GEMM the maths needs — cos against W,
 cos against the bank, ∂x via W, ∂x via the bank, ∂W — 5 GEMMs, timed with torch.mm on the
 full-size products (x·Wᵀ twice, g·W twice, gᵀ·x). The same FLOPs at the best rate torch.mm
 reaches on this machine (x times 1024-class chunks, the shape the native backend runs) are
 the stricter yardstick, reported too.
 
-Targets (DESIGN.md §7): native ≥ 1.5× faster than the eager reference, within 1.3× of the
+Targets (docs/design.md §7): native ≥ 1.5× faster than the eager reference, within 1.3× of the
 useful-GEMM time, peak extra memory ≤ 1/10 of the reference's.
 """
 

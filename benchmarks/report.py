@@ -12,7 +12,7 @@ from .impls import IMPLS, OURS, Case, _si
 
 MIB = 1024.0 * 1024.0
 
-# DESIGN.md §7 targets, for the summary.
+# docs/design.md §7 targets, for the summary.
 TARGETS = {
     "cuda": {"speedup_vs_eager": 8.0, "speedup_vs_compile": 2.0, "gemm_efficiency": 0.5},
     "cpu": {"speedup_vs_eager": 1.5, "gemm_efficiency": 1 / 1.3, "work_memory_vs_eager": 0.1},
@@ -71,7 +71,7 @@ def _pick(rows, task, classes, sample_rate, impl):
 
 
 def summary(rows: list[dict], headline: Case) -> dict:
-    """The headline numbers (DESIGN.md §7) for the headline case, with the targets."""
+    """The headline numbers (docs/design.md §7) for the headline case, with the targets."""
     kind = "cuda" if headline.device.startswith("cuda") else "cpu"
     out = {"case": headline.label(), "task": headline.task, "classes": headline.classes,
            "sample_rate": headline.sample_rate, "ours": None, "speedup_vs_eager": None,

@@ -7,7 +7,7 @@ UNITSFACE_TRITON_FWD_TILES (forward; dc unused) and UNITSFACE_TRITON_BWD_TILES (
 backward). The sweep times the forward of fused_unitsface_loss in bf16 for every forward
 candidate, then forward+backward for every backward candidate with the fastest forward, and
 prints them next to the time of one torch.mm of the cosine GEMM's shape: the objective needs
-5 such GEMMs of useful work (DESIGN.md §7); the kernels do 7 when dc covers D (the backward
+5 such GEMMs of useful work (docs/design.md §7); the kernels do 7 when dc covers D (the backward
 recomputes both cosine tiles), 7 + 2·(chunks − 1) otherwise.
 """
 
