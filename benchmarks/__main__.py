@@ -172,7 +172,7 @@ def _versions() -> dict:
         tv = None
     from unitsface_kernels import native
     return {"torch": torch.__version__, "triton": tv, "python": platform.python_version(),
-            "cuda": torch.version.cuda, "native": native.has_op("unitsface")}
+            "cuda": torch.version.cuda, "native": native.has_family("unitsface")}
 
 
 def _setup(case: Case, args, notes: list) -> tuple[dict, float | None]:

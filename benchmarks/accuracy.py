@@ -70,7 +70,7 @@ def main() -> None:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     b, n, d = (512, 20011, 512) if gpu else (37, 301, 70)
-    backends = (["triton"] if gpu else []) + (["native"] if native.has_op("unitsface") else [])
+    backends = (["triton"] if gpu else []) + (["native"] if native.has_family("unitsface") else [])
     if not gpu:
         import os
 

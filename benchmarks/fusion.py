@@ -99,12 +99,12 @@ def _times(fns, device, warmup: int, repeats: int) -> list:
 
 def _measure(args) -> None:
     from unitsface_kernels import fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss
-    from unitsface_kernels.native import has_op
+    from unitsface_kernels.native import has_family
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if dev.type == "cuda" else torch.float32
     backends = (["triton"] if dev.type == "cuda" else []) + \
-        (["native"] if has_op("unitsface_fwd") else [])
+        (["native"] if has_family("unitsface") else [])
     g = torch.Generator(device=dev).manual_seed(0)
     b, d, c = args.batch, args.dim, args.classes
     x = torch.randn(b, d, device=dev, dtype=dtype, generator=g).requires_grad_()

@@ -24,7 +24,7 @@ partialfc  an insightface PartialFC_V2-style eager head (softmax only): gather W
 cce        apple cut-cross-entropy on the plain normalised softmax (no margin), if importable
 liger      Liger-Kernel's fused linear cross-entropy, likewise, if importable
 triton     ours, backend="triton" (CUDA)
-native     ours, backend="native" (wherever ``unitsface_kernels.native.has_op("unitsface")``)
+native     ours, backend="native" (wherever ``unitsface_kernels.native.has_family("unitsface")``)
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import unitsface_kernels as uk
-from unitsface_kernels import native, ops, reference
+from unitsface_kernels import backends, native, reference
 
 SCALE = 64.0
 MARGIN_COS = 0.4      # CosFace m3, UniTSFace's choice
@@ -328,10 +328,10 @@ def unavailable(name: str, case: Case) -> Optional[str]:
     dev = torch.device(case.device)
     if name in ("triton", "native"):
         try:
-            ops.resolve_backend(name, dev, "unitsface")
+            backends.resolve(name, dev, "unitsface")
         except Exception as e:  # noqa: BLE001 - the reason is the message
             return re.split(r"\. |; | \(", str(e))[0]
-        if name == "native" and not native.has_op("unitsface"):
+        if name == "native" and not native.has_family("unitsface"):
             return "the native backend has no unitsface op in this build"
     if name in ("cce", "liger"):
         module = {"cce": "cut_cross_entropy", "liger": "liger_kernel"}[name]
