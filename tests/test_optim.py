@@ -1,0 +1,163 @@
+"""SparseSGD against torch.optim.SGD on the dense gradients (docs/design.md §7, "Scale"):
+random row sets per step, momentum, weight decay, Nesterov, a learning-rate schedule, rows
+left without gradient for many steps, reads at arbitrary steps, and a state_dict saved and
+restored mid-run — weights and momentum equal to fp32 round-off (≤ 1e-6 relative)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from unitsface_kernels.optim import SparseSGD, zero_grad_step
+
+C, D, STEPS = 60, 8, 30
+RTOL = 1e-6
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _pair(hyper, seed=0, max_lag=8):
+    g = torch.Generator().manual_seed(seed)
+    w0, b0 = torch.randn(C, D, generator=g), torch.randn(1, generator=g)
+    dense_w, dense_b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
+    lazy_w, lazy_b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
+    dense = torch.optim.SGD([dense_w, dense_b], **hyper)
+    lazy = SparseSGD([lazy_w, lazy_b], max_lag=max_lag, **hyper)
+    return (dense, dense_w, dense_b), (lazy, lazy_w, lazy_b)
+
+
+def _grads(step, g):
+    """A step's gradient on a random set of rows (rows 0–4 never get one), and b's."""
+    rows = torch.randperm(C - 5, generator=g)[:6] + 5
+    return rows, torch.randn(len(rows), D, generator=g), torch.randn(1, generator=g)
+
+
+def _set(opt_params, rows, vals, gb, sparse):
+    _, w, b = opt_params
+    w.grad = (torch.sparse_coo_tensor(rows[None], vals, (C, D)) if sparse
+              else torch.zeros(C, D).index_put((rows,), vals))
+    b.grad = gb.clone()
+
+
+def _close(dense, lazy):
+    (d_opt, d_w, d_b), (l_opt, l_w, l_b) = dense, lazy
+    l_opt.catch_up_all()
+    assert _rel(l_w, d_w) <= RTOL and _rel(l_b, d_b) <= RTOL
+    if "momentum_buffer" in d_opt.state[d_w]:
+        assert _rel(l_opt.state[l_w]["momentum_buffer"],
+                    d_opt.state[d_w]["momentum_buffer"]) <= RTOL
+
+
+HYPERS = [dict(lr=0.1, momentum=0.9, weight_decay=5e-4),
+          dict(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True),
+          dict(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=1e-3),
+          dict(lr=0.1, weight_decay=5e-4)]
+
+
+@pytest.mark.parametrize("hyper", HYPERS, ids=["momentum", "nesterov", "dampening", "plain"])
+@pytest.mark.parametrize("read_every", [1, 7, STEPS])
+def test_equals_dense_sgd_under_a_schedule(hyper, read_every):
+    dense, lazy = _pair(hyper)
+    schedules = [torch.optim.lr_scheduler.MultiStepLR(o[0], [8, 20], 0.1) for o in (dense, lazy)]
+    g = torch.Generator().manual_seed(1)
+    for step in range(STEPS):
+        rows, vals, gb = _grads(step, g)
+        _set(dense, rows, vals, gb, sparse=False)
+        _set(lazy, rows, vals, gb, sparse=True)
+        dense[0].step()
+        lazy[0].step()
+        for s in schedules:
+            s.step()
+        if (step + 1) % read_every == 0:
+            _close(dense, lazy)
+    _close(dense, lazy)
+    # the rows that never had a gradient moved exactly as dense SGD moved them
+    assert not torch.equal(dense[1][:5], _pair(hyper)[0][1][:5])
+
+
+def test_state_dict_mid_run_continues_identically():
+    hyper = HYPERS[0]
+    dense, lazy = _pair(hyper)
+    g = torch.Generator().manual_seed(2)
+    saved = None
+    for step in range(STEPS):
+        rows, vals, gb = _grads(step, g)
+        _set(dense, rows, vals, gb, sparse=False)
+        _set(lazy, rows, vals, gb, sparse=True)
+        dense[0].step()
+        lazy[0].step()
+        if step == 12:
+            saved = (copy.deepcopy(lazy[0].state_dict()), lazy[1].detach().clone(),
+                     lazy[2].detach().clone())
+            replay = torch.Generator().manual_seed(0)
+            replay.set_state(g.get_state())
+    # a fresh optimizer on the saved weights and state continues exactly like the original
+    _, (fresh, w, b) = _pair(hyper)
+    with torch.no_grad():
+        w.copy_(saved[1])
+        b.copy_(saved[2])
+    fresh.load_state_dict(saved[0])
+    for step in range(13, STEPS):
+        rows, vals, gb = _grads(step, replay)
+        _set((fresh, w, b), rows, vals, gb, sparse=True)
+        fresh.step()
+    _close(dense, (fresh, w, b))
+
+
+def test_rows_left_behind_are_caught_up_and_the_history_stays_short():
+    dense, lazy = _pair(HYPERS[0], max_lag=4)
+    g = torch.Generator().manual_seed(3)
+    for step in range(STEPS):
+        rows, vals, gb = _grads(step, g)
+        _set(dense, rows, vals, gb, sparse=False)
+        _set(lazy, rows, vals, gb, sparse=True)
+        dense[0].step()
+        lazy[0].step()
+        assert len(lazy[1]._unitsface_lazy.history) < 4
+    _close(dense, lazy)
+
+
+def test_heads_catch_up_the_rows_they_read():
+    dense, lazy = _pair(HYPERS[1])
+    g = torch.Generator().manual_seed(4)
+    for step in range(10):
+        rows, vals, gb = _grads(step, g)
+        _set(dense, rows, vals, gb, sparse=False)
+        _set(lazy, rows, vals, gb, sparse=True)
+        dense[0].step()
+        lazy[0].step()
+    read = torch.tensor([0, 1, 2, 30])
+    lazy[1]._unitsface_lazy.catch_up(read)
+    assert _rel(lazy[1][read], dense[1][read]) <= RTOL
+
+
+def test_zero_grad_step_is_torch_sgd():
+    """The matrix of one step on a row with no gradient is torch.optim.SGD's step on it."""
+    for hyper in HYPERS:
+        w = torch.nn.Parameter(torch.randn(1, 3))
+        opt = torch.optim.SGD([w], **hyper)
+        w.grad = torch.randn(1, 3)
+        opt.step()  # a momentum buffer exists from here on
+        w0 = w.detach().clone()
+        v0 = opt.state[w]["momentum_buffer"].clone() if hyper.get("momentum") else torch.zeros(1, 3)
+        w.grad = torch.zeros(1, 3)
+        opt.step()
+        (a, b), (c, d) = zero_grad_step(hyper["lr"], hyper.get("momentum", 0.0),
+                                        hyper.get("dampening", 0.0), hyper["weight_decay"],
+                                        hyper.get("nesterov", False))
+        torch.testing.assert_close(w.detach(), a * w0 + b * v0)
+        if hyper.get("momentum"):
+            torch.testing.assert_close(opt.state[w]["momentum_buffer"], c * w0 + d * v0)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(lr=-1.0), "lr must be"),
+                                      (dict(lr=0.1, momentum=float("nan")), "momentum must be"),
+                                      (dict(lr=0.1, nesterov=True), "nesterov needs"),
+                                      (dict(lr=0.1, max_lag=1), "max_lag")])
+def test_bad_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SparseSGD([torch.nn.Parameter(torch.zeros(2))], **kw)

@@ -1,0 +1,216 @@
+"""SGD for class-centre heads with partial FC, touching only the rows that were sampled
+(docs/design.md §7, "Scale").
+
+With partial FC a step's weight gradient lives on the sampled rows S (a sparse gradient: the
+heads' ``sparse_grad=True``). Dense SGD with momentum μ, dampening δ, weight decay λ (and
+Nesterov) still moves every other row — its momentum and its decay — so an optimizer that
+skipped them would not be SGD. For a row without gradient, one step of torch.optim.SGD is
+linear in (w, v) with coefficients that depend only on the step's learning rate η
+(:func:`zero_grad_step`). :class:`SparseSGD` records these 2×2 matrices per step and applies
+their product to a row only when the row is needed: when it next has a gradient, when a head
+reads it (the heads call ``catch_up(rows)`` through the parameter's ``_unitsface_lazy``
+handle before a forward over those rows), and for every row when the weights or the optimizer
+state are read (``state_dict``, :meth:`SparseSGD.catch_up_all`). The result equals
+torch.optim.SGD on the dense gradient to fp32 round-off, for any learning-rate schedule (the
+rate is read from the param group at each step, as torch's schedulers set it). A row left
+behind ``max_lag`` steps is brought up to date then, so the history stays short.
+
+Parameters with dense gradients (the threshold b, or a head without partial FC) are stepped
+as torch.optim.SGD steps them. AdamW is not offered: its second-moment decay does not
+compose into a replayable closed form once the learning rate or the bias correction change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+Matrix = tuple[tuple[float, float], tuple[float, float]]
+_IDENTITY: Matrix = ((1.0, 0.0), (0.0, 1.0))
+
+
+def zero_grad_step(lr: float, momentum: float, dampening: float, weight_decay: float,
+                   nesterov: bool) -> Matrix:
+    """One step of torch.optim.SGD on a row whose raw gradient is 0 (and whose momentum
+    buffer exists), as the matrix of (w, v) → (w', v'):
+
+        g = λ·w,  v' = μ·v + (1 − δ)·g,  w' = w − η·(g + μ·v' if Nesterov else v')
+
+    Without momentum w' = (1 − η·λ)·w."""
+    lam, mu, eta = weight_decay, momentum, lr
+    if mu == 0:
+        return (1.0 - eta * lam, 0.0), (0.0, 0.0)
+    v_w, v_v = (1.0 - dampening) * lam, mu
+    d_w, d_v = (lam + mu * v_w, mu * v_v) if nesterov else (v_w, v_v)
+    return (1.0 - eta * d_w, -eta * d_v), (v_w, v_v)
+
+
+def _matmul(a: Matrix, b: Matrix) -> Matrix:
+    return ((a[0][0] * b[0][0] + a[0][1] * b[1][0], a[0][0] * b[0][1] + a[0][1] * b[1][1]),
+            (a[1][0] * b[0][0] + a[1][1] * b[1][0], a[1][0] * b[0][1] + a[1][1] * b[1][1]))
+
+
+class _LazyRows:
+    """The deferred zero-gradient steps of one parameter: row_step[r] is the step up to which
+    row r is current; history[k] is the matrix of step base + k. The heads' handle
+    (``param._unitsface_lazy``): ``catch_up(rows)`` before they read rows."""
+
+    def __init__(self, optimizer: "SparseSGD", param: Tensor):
+        self.optimizer, self.param = optimizer, param
+        self.row_step = torch.zeros(param.shape[0] if param.dim() else 1, dtype=torch.int64,
+                                    device=param.device)
+        self.history: list[Matrix] = []
+        self.base = 0
+
+    @property
+    def step(self) -> int:
+        return self.base + len(self.history)
+
+    @torch.no_grad()
+    def catch_up(self, rows=None) -> None:
+        """Bring `rows` (an index tensor; None: every row) to the current step."""
+        if not self.history:
+            return
+        p = self.param
+        rows = (torch.arange(p.shape[0], device=p.device) if rows is None
+                else rows.to(device=p.device, dtype=torch.int64))
+        since = self.row_step[rows]
+        behind = since < self.step
+        rows, since = rows[behind], since[behind]
+        if rows.numel() == 0:
+            return
+        # suffix products A_{T−1} ··· A_k for every step k of the history (float64)
+        products, acc = [], _IDENTITY
+        for m in reversed(self.history):
+            acc = _matmul(acc, m)
+            products.append((acc[0][0], acc[0][1], acc[1][0], acc[1][1]))
+        table = torch.tensor(products[::-1], dtype=torch.float64, device=p.device)
+        coef = table[since - self.base].to(p.dtype)
+        a, b, c, d = (coef[:, k].reshape((-1,) + (1,) * (p.dim() - 1)) for k in range(4))
+        w = p[rows]
+        buf = self.optimizer.state[p].get("momentum_buffer")
+        v = buf[rows] if buf is not None else torch.zeros_like(w)
+        p[rows] = a * w + b * v
+        if buf is not None:
+            buf[rows] = c * w + d * v
+        self.row_step[rows] = self.step
+
+
+class SparseSGD(torch.optim.Optimizer):
+    """torch.optim.SGD (lr, momentum, dampening, weight_decay, nesterov) for heads with sparse
+    row gradients: exactly the dense update, the rows without gradient updated lazily (see the
+    module docstring). Use it for the head's parameters, and any optimizer for the backbone:
+
+        head = UniTSFaceHead(512, 1_000_000, sample_rate=0.1, sparse_grad=True)
+        opt_head = SparseSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    ``max_lag``: a row left without gradient that many steps is updated then (bounding the
+    history of step matrices)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, max_lag: int = 64):
+        for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening),
+                            ("weight_decay", weight_decay)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("nesterov needs momentum > 0 and dampening = 0 (as torch.optim.SGD)")
+        if isinstance(max_lag, bool) or not isinstance(max_lag, int) or max_lag < 2:
+            raise ValueError(f"max_lag must be an integer ≥ 2, got {max_lag!r}")
+        self.max_lag = max_lag
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov))
+
+    def add_param_group(self, param_group) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            p._unitsface_lazy = _LazyRows(self, p)
+
+    def catch_up_all(self) -> None:
+        """Bring every row of every parameter to the current step."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                lazy = p._unitsface_lazy
+                lazy.catch_up(None)
+                lazy.base, lazy.history = lazy.step, []
+
+    def state_dict(self):
+        self.catch_up_all()
+        state = super().state_dict()
+        state["unitsface_steps"] = [p._unitsface_lazy.step for g in self.param_groups
+                                    for p in g["params"]]
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        steps = state_dict.pop("unitsface_steps", None)
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            lazy = p._unitsface_lazy
+            lazy.history, lazy.base = [], steps[i] if steps is not None else 0
+            lazy.row_step.fill_(lazy.base)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            hyper = (group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
+                     group["nesterov"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue  # torch.optim.SGD leaves such a parameter alone: no step
+                lazy = p._unitsface_lazy
+                state = self.state[p]
+                if p.grad.is_sparse and (hyper[1] == 0 or "momentum_buffer" in state):
+                    grad = p.grad.coalesce()
+                    rows = grad.indices()[0]
+                    lazy.catch_up(rows)
+                    self._update(p, rows, grad.values(), state, *hyper)
+                    lazy.history.append(zero_grad_step(*hyper))
+                    lazy.row_step[rows] = lazy.step
+                    self._bound(lazy)
+                else:
+                    # a dense gradient, or the first momentum step (SGD starts every row's
+                    # momentum from that step's gradient): every row, now
+                    lazy.catch_up(None)
+                    grad = p.grad.to_dense() if p.grad.is_sparse else p.grad
+                    self._update(p, None, grad, state, *hyper)
+                    lazy.base, lazy.history = lazy.step + 1, []
+                    lazy.row_step.fill_(lazy.base)
+        return loss
+
+    @staticmethod
+    def _update(p, rows, grad, state, lr, mu, dampening, lam, nesterov) -> None:
+        """torch.optim.SGD's update of `rows` of p (every row when None) with their gradient."""
+        w = p if rows is None else p[rows]
+        g = grad + lam * w if lam != 0 else grad
+        if mu != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                v = state["momentum_buffer"] = g.clone()
+            else:
+                v = buf if rows is None else buf[rows]
+                v.mul_(mu).add_(g, alpha=1 - dampening)
+                if rows is not None:
+                    buf[rows] = v
+            g = g.add(v, alpha=mu) if nesterov else v
+        if rows is None:
+            p.add_(g, alpha=-lr)
+        else:
+            p[rows] = w - lr * g
+
+    def _bound(self, lazy: _LazyRows) -> None:
+        """Rows left behind max_lag steps are brought up to date; the history is cut."""
+        if len(lazy.history) < self.max_lag:
+            return
+        cut = lazy.step - self.max_lag // 2
+        lazy.catch_up((lazy.row_step < cut).nonzero().reshape(-1))
+        del lazy.history[:cut - lazy.base]
+        lazy.base = cut
