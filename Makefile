@@ -45,7 +45,7 @@ venv: $(PY)
 
 $(PY):
 	python3 -m venv $(VENV)
-	$(PIP) install torch==$(TORCH_VERSION) pytest numpy ninja tqdm matplotlib psutil
+	$(PIP) install torch==$(TORCH_VERSION) pytest numpy ninja tqdm matplotlib psutil pytorch-metric-learning lightning
 
 # Editable install: tests import the in-tree package, with _C compiled next to it.
 # --no-build-isolation: compile against the venv's torch (same ABI as at import time).

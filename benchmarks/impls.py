@@ -23,6 +23,8 @@ partialfc  an insightface PartialFC_V2-style eager head (softmax only): gather W
            cross-entropy autograd function (softmax in place, grad = p − onehot in place)
 cce        apple cut-cross-entropy on the plain normalised softmax (no margin), if importable
 liger      Liger-Kernel's fused linear cross-entropy, likewise, if importable
+pml        pytorch-metric-learning's CosFaceLoss (m = 0.4, s = 64; softmax only), if importable:
+           the same loss, eager (its W is the case's centres, transposed: D × C)
 triton     ours, backend="triton" (CUDA)
 native     ours, backend="native" (wherever ``unitsface_kernels.native.has_family("unitsface")``)
 """
@@ -294,6 +296,21 @@ def liger_softmax():
     return loss
 
 
+def pml_softmax(num_classes: int, dim: int):
+    """pytorch-metric-learning's CosFaceLoss over (x, W[S]) (imported once, here). The module
+    is built for the N = |S| classes of the case; ``functional_call`` hands it the case's
+    centres (transposed: PML stores W as D × N) in place of its own W, so the gradient reaches
+    the same leaf as every other implementation's."""
+    cosface = _import("pytorch_metric_learning.losses", "CosFaceLoss")(
+        num_classes=num_classes, embedding_size=dim, margin=MARGIN_COS, scale=SCALE)
+    cosface.W = torch.nn.Parameter(torch.empty(dim, 0))  # its own W is never used
+
+    def loss(x, labels, centres, index=None):
+        local, w = _gather(index, labels, centres)
+        return torch.func.functional_call(cosface, {"W": w.t()}, (x, local))
+    return loss
+
+
 # ----------------------------------------------------------------------------- registry
 
 @dataclass(frozen=True)
@@ -314,6 +331,8 @@ IMPLS = {
                 "cut-cross-entropy linear_cross_entropy, plain normalised softmax (no margin)"),
     "liger": Impl("liger", ("softmax",), False, False,
                   "Liger fused linear cross-entropy, plain normalised softmax (no margin)"),
+    "pml": Impl("pml", ("softmax",), False, True,
+                "pytorch-metric-learning CosFaceLoss (same loss), eager"),
     "triton": Impl("triton", TASKS, True, True, "ours, backend='triton'"),
     "native": Impl("native", TASKS, True, True, "ours, backend='native'"),
 }
@@ -339,6 +358,8 @@ def unavailable(name: str, case: Case) -> Optional[str]:
             return f"{module} is not installed"
         if dev.type != "cuda":
             return f"{module} needs CUDA tensors"
+    if name == "pml" and importlib.util.find_spec("pytorch_metric_learning") is None:
+        return "pytorch_metric_learning is not installed"
     return None
 
 
@@ -360,6 +381,9 @@ def build(name: str, inp: Inputs, case: Case) -> Callable[[], torch.Tensor]:
         return lambda: partialfc_softmax(x, y, w, idx)
     if name in ("cce", "liger"):
         fn = cce_softmax() if name == "cce" else liger_softmax()
+        return lambda: fn(x, y, w, idx)
+    if name == "pml":
+        fn = pml_softmax(inp.num_used, case.dim)
         return lambda: fn(x, y, w, idx)
     if name in OURS:
         if obj:

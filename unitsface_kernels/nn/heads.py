@@ -102,6 +102,72 @@ class PartialFC(nn.Module):
         return cls(embedding_size, num_classes, sample_rate, scale=s, arcface_grad=arcface_grad,
                    fp16=fp16, **margins, **kwargs)
 
+    @classmethod
+    def from_pml(cls, loss, sample_rate: float = 1.0, **kwargs) -> "PartialFC":
+        """The drop-in for pytorch-metric-learning's ``CosFaceLoss`` / ``ArcFaceLoss``
+        (``loss(embeddings, labels)`` → ``head(embeddings, labels)``): the same ``scale`` and
+        margin (CosFace: ``margin_cos = loss.margin``; ArcFace: ``margin_arc = loss.margin``,
+        which PML holds in radians, with the exact gradient and the cos − m·sin m fallback
+        where θ > π − m, i.e. ``arcface_grad="exact"``), and ``weight`` = ``loss.W``
+        transposed (PML stores W as D × C), in W's dtype and on its device (this rank's rows
+        when class-parallel). With ``sample_rate=1`` the loss and its gradients are PML's
+        (``head.weight.grad`` is ``loss.W.grad`` transposed); ``sample_rate < 1`` is partial
+        FC, which PML does not have. Optimise ``head.parameters()`` instead of ``loss``'s.
+
+        What differs: the normalisation's eps (1e-5 here, F.normalize's 1e-12 in PML: only
+        an embedding or a column of W shorter than 1e-5 sees it); cosines are clamped to
+        [−1, 1] here (PML clamps only the target's before its arccos: a difference of
+        rounding); where the target's cosine is exactly ±1 PML's arccos has an infinite
+        derivative and this stays finite (sin θ ≥ 1e-6); PML casts W to the embeddings' dtype
+        in place, here a float32 ``weight`` stays float32 (the call casts it). Miners
+        (``indices_tuple``) and ``ref_emb`` are not taken; ``collect_stats`` changes no number
+        and records nothing here. Another loss class (SubCenterArcFaceLoss, SphereFaceLoss,
+        …), a reducer other than MeanReducer, a weight or embedding regulariser, or a
+        distance other than plain CosineSimilarity raise a TypeError or ValueError naming it.
+        Keyword arguments go to the constructor (backend, class_parallel, process_group, …;
+        an explicit setting such as ``arcface_grad`` wins over the one read from ``loss``).
+        """
+        try:
+            from pytorch_metric_learning import distances as pml_distances
+            from pytorch_metric_learning import losses as pml_losses
+            from pytorch_metric_learning import reducers as pml_reducers
+        except ImportError:  # then `loss` cannot be one of its losses
+            pml_losses = None
+        kinds = () if pml_losses is None else (pml_losses.CosFaceLoss, pml_losses.ArcFaceLoss)
+        if type(loss) not in kinds:  # subclasses (SubCenterArcFaceLoss, …) compute more
+            raise TypeError(f"loss must be pytorch_metric_learning's CosFaceLoss or ArcFaceLoss; "
+                            f"got {type(loss).__module__}.{type(loss).__name__}")
+        name = type(loss).__name__
+        for reg in ("weight_regularizer", "embedding_regularizer"):
+            if getattr(loss, reg, None) is not None:
+                raise ValueError(f"loss.{reg} = {getattr(loss, reg)!r}: a regulariser is not "
+                                 f"supported by the fused kernels (build the {name} without it)")
+        if type(loss.reducer) is not pml_reducers.MeanReducer:
+            raise ValueError(f"loss.reducer is {type(loss.reducer).__name__}: the fused kernels "
+                             "reduce by the mean over the batch (MeanReducer, PML's default)")
+        dist = loss.distance
+        if (type(dist) is not pml_distances.CosineSimilarity or dist.p != 2 or dist.power != 1
+                or not dist.normalize_embeddings):
+            raise ValueError(f"loss.distance is {dist!r} (p={getattr(dist, 'p', None)}, "
+                             f"power={getattr(dist, 'power', None)}): the fused kernels compute "
+                             "the plain cosine (CosineSimilarity(), PML's default)")
+        s = check.scale(loss.scale, "loss.scale")
+        m = check.finite(loss.margin, "loss.margin")
+        if name == "CosFaceLoss":
+            margins = dict(margin_arc=0.0, margin_cos=check.cos_margin(m, "loss.margin"))
+        elif 0.0 <= m < torch.pi:
+            margins = dict(margin_arc=m, margin_cos=0.0, arcface_grad="exact")
+        else:
+            raise ValueError(f"loss.margin = {m!r} rad: an ArcFace margin must lie in [0, π)")
+        w = loss.W.detach()
+        if w.dim() != 2 or w.shape[1] != loss.num_classes:
+            raise ValueError(f"loss.W has shape {tuple(w.shape)}, expected (embedding_size, "
+                             f"num_classes={loss.num_classes})")
+        head = cls(w.shape[0], w.shape[1], sample_rate, **{"scale": s, **margins, **kwargs})
+        rows = w.t()[head.class_start:head.class_start + head.num_local]
+        head.weight = nn.Parameter(rows.clone(memory_format=torch.contiguous_format))
+        return head
+
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, 0.0, 0.01)
 
