@@ -137,7 +137,10 @@ def _extensions():
     omp_compile, omp_link = _openmp_flags()
     # No -std flag: torch.utils.cpp_extension adds the standard that torch needs (C++20 for
     # torch >= 2.10; forcing c++17 breaks the ATen headers).
-    cxx_flags = ["-O3"] + omp_compile
+    # -fno-trapping-math (clang's default; results are unchanged, IEEE semantics kept): with
+    # trapping maths GCC keeps float comparisons out of the selects that the vectoriser needs,
+    # and the AVX2 copies of the CPU row kernels stayed scalar (see csrc/cpu_rows.h).
+    cxx_flags = ["-O3", "-fno-trapping-math"] + omp_compile
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
 

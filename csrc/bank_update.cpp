@@ -1,14 +1,5 @@
-// unitsface::bank_update_ — argument checks (shared with CUDA) and the CPU kernel.
-//
-//   bank[labels[i]]       = x[i] / max(||x[i]||, 1e-5)   computed in fp32 (fp64 for fp64 x),
-//                                                         then cast to bank.dtype
-//   bank_valid[labels[i]] = true
-//
-// Deterministic: when a label occurs several times, the LAST occurrence wins. Both
-// backends find the winners the same way: a stable sort of the labels, after which the
-// last element of each run of equal labels is the winner (it has the largest row index).
-// Every winner writes a distinct bank row, so the rows are written in parallel without
-// races, and nothing depends on thread scheduling.
+// unitsface::bank_update_: the argument checks (shared with CUDA) and the CPU kernel. The rule
+// and the determinism scheme: csrc/bank_update.h.
 #include <algorithm>
 
 #include <ATen/ATen.h>
@@ -18,7 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "common.h"
+#include "bank_update.h"
 
 namespace unitsface {
 
@@ -57,9 +48,8 @@ void check_bank_update_args(const at::Tensor& bank, const at::Tensor& bank_valid
                    bank_valid.scalar_type());
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
                    "bank_update_: x must be a floating-point tensor, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
-                   "bank_update_: labels must be an integer tensor (int64 or int32), got ",
-                   labels.scalar_type());
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong,
+                   "bank_update_: labels must be an int64 tensor, got ", labels.scalar_type());
 
   // Layout: the bank and the mask are written in place, so they cannot be copied to make
   // them contiguous; x and labels are read only and are made contiguous by the kernels.
@@ -86,16 +76,18 @@ void bank_update_cpu_kernel(bank_t* bank, bool* valid, const x_t* x, const int64
       if (k + 1 < B && sorted[k + 1] == c) continue;  // a later row has the same label
       const x_t* xi = x + order[k] * D;
       acc_t sum_sq = 0;
+      bool finite = true;
       for (int64_t j = 0; j < D; ++j) {
         const acc_t v = static_cast<acc_t>(xi[j]);
         sum_sq += v * v;
+        finite = finite && std::isfinite(v);
       }
-      const acc_t den = norm_denominator<acc_t>(sum_sq);
+      const acc_t div = bank_row_divisor<acc_t>(sum_sq);
       bank_t* row = bank + c * D;
       for (int64_t j = 0; j < D; ++j) {
-        row[j] = static_cast<bank_t>(static_cast<acc_t>(xi[j]) / den);
+        row[j] = static_cast<bank_t>(static_cast<acc_t>(xi[j]) / div);
       }
-      valid[c] = true;
+      valid[c] = finite;
     }
   });
 }
@@ -108,14 +100,13 @@ void bank_update_cpu(const at::Tensor& bank, const at::Tensor& bank_valid, const
   const int64_t B = x.size(0), C = bank.size(0), D = bank.size(1);
   if (B == 0) return;
 
-  const at::Tensor lab = labels.to(at::kLong).contiguous();
+  const at::Tensor lab = labels.contiguous();
   const int64_t* lp = lab.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < B; ++i) {
+  for (int64_t i = 0; i < B; ++i) {  // free on the CPU: the labels are in host memory
     TORCH_CHECK_VALUE(lp[i] >= 0 && lp[i] < C, "bank_update_: labels must be in [0, C) = [0, ",
                       C, "), got labels[", i, "] = ", lp[i]);
   }
-  // (no structured binding: lambdas may not capture one before C++20, and older torch
-  // builds extensions as C++17)
+  // (no structured binding: lambdas may not capture one before C++20)
   at::Tensor sorted, order;
   std::tie(sorted, order) = at::sort(lab, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor xc = x.contiguous();

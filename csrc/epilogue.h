@@ -1,5 +1,5 @@
-// The elementwise loss maths of DESIGN.md §1, written once for the CPU loops (csrc/uss.cpp,
-// csrc/unitsface.cpp) and the CUDA epilogue kernels (csrc/*_cuda.cu).
+// The elementwise loss maths of docs/design.md §1, written once for the CPU row kernels
+// (csrc/uss_rows.h, csrc/softmax_rows.h) and the CUDA epilogue kernels (csrc/*_cuda.cu).
 //
 // The native backend computes a chunk of raw dot products x_i · r_j with one ATen GEMM and
 // then runs ONE epilogue pass over the chunk; every function the epilogues call is here, as
@@ -18,7 +18,7 @@
 //
 // Transcendentals: uf_exp / uf_log1p. Device code and float64 use the C library; float on
 // the host uses the branch-free polynomial versions below (1–2 ulp), which the compiler
-// vectorises inside the CPU epilogue loops (libm's expf is a scalar call).
+// vectorises inside the CPU row loops (libm's expf is a scalar call).
 #pragma once
 
 #include <cmath>
@@ -27,6 +27,7 @@
 #include <limits>
 
 #include "common.h"  // UF_HOST_DEVICE, kNormEps
+#include "options.h"
 
 namespace unitsface {
 namespace epi {
@@ -190,6 +191,11 @@ struct UssParams {
   bool clamp;  // official clamp of every softplus argument to [−s, s]
 };
 
+template <typename T>
+inline UssParams<T> uss_params(const UssOptions& o) {
+  return {static_cast<T>(o.scale), static_cast<T>(o.margin), o.lse, o.clamp};
+}
+
 // z⁺ = b − s(cos − m) for a positive pair, z⁻ = s·cos − b for a negative one
 template <typename T>
 UF_HOST_DEVICE T uss_z(T cos, T b, bool pos, const UssParams<T>& p) {
@@ -206,13 +212,23 @@ UF_HOST_DEVICE T uss_pair_grad(T z, bool pos, const UssParams<T>& p) {
   const T g = (pos ? -p.scale : p.scale) * sigmoid<T>(z);
   return (p.clamp & !((z >= -p.scale) & (z <= p.scale))) ? T(0) : g;
 }
+// "pairs": the pair's loss term and ∂(term)/∂cos from one exponential (the fused forward).
+// Where the clamp is active its gradient is 0, and where it is not clamp(z) = z, so σ of the
+// clamped argument is the σ(z) that the gradient needs.
+template <typename T>
+UF_HOST_DEVICE void uss_pair_loss_grad(T z, bool pos, const UssParams<T>& p, T& loss, T& grad) {
+  T sig;
+  softplus_sigmoid<T>(p.clamp ? clamp_sym<T>(z, p.scale) : z, loss, sig);
+  const T g = (pos ? -p.scale : p.scale) * sig;
+  grad = (p.clamp & !((z >= -p.scale) & (z <= p.scale))) ? T(0) : g;
+}
 // "lse": ∂L/∂cos = −s·e^{z⁺ − A}·σA | s·e^{z⁻ − B}·σB with stat = A|B and f = σ(stat)
 // (f is zero where the clamp on the statistic is active)
 template <typename T>
 UF_HOST_DEVICE T uss_lse_grad(T z, bool pos, T stat, T f, const UssParams<T>& p) {
   return (pos ? -p.scale : p.scale) * uf_exp<T>(z - stat) * f;
 }
-// ∂L/∂cos of one member of P (pos) or N, either form; go = the upstream gradient factor
+// ∂L/∂cos of one member of P (pos) or N, either form
 template <typename T>
 UF_HOST_DEVICE T uss_grad(T z, bool pos, T a, T fa, T bn, T fb, const UssParams<T>& p) {
   return p.lse ? uss_lse_grad<T>(z, pos, pos ? a : bn, pos ? fa : fb, p)
@@ -223,31 +239,64 @@ UF_HOST_DEVICE T uss_grad(T z, bool pos, T a, T fa, T bn, T fb, const UssParams<
 template <typename T>
 struct SoftmaxParams {
   T scale;
-  T m3;         // additive cosine margin (CosFace)
-  T cos_m2;     // cos m2 (ArcFace angular margin)
+  T m3;                   // additive cosine margin (CosFace)
+  T cos_m2;               // cos m2 (ArcFace angular margin)
   T sin_m2;
-  T m2_sin_m2;  // m2·sin m2, insightface's fallback
-  bool arc;     // m2 ≠ 0
+  T m2_sin_m2;            // m2·sin m2, insightface's fallback
+  bool arc;               // m2 ≠ 0
+  bool straight_through;  // arcface_grad="straight_through"
+  bool easy;              // easy_margin
 };
 
-// f(c) = cos(θ + m2) − m3 (c·cos m2 − sin θ·sin m2 − m3, sin θ = sqrt(max(1 − c², 1e-12)));
-// the fallback c − m2·sin m2 − m3 where θ + m2 > π
+template <typename T>
+inline SoftmaxParams<T> softmax_params(const UnitsfaceOptions& o) {
+  const double m2 = o.margin_arc;
+  return {static_cast<T>(o.scale),
+          static_cast<T>(o.margin_cos),
+          static_cast<T>(std::cos(m2)),
+          static_cast<T>(std::sin(m2)),
+          static_cast<T>(m2 * std::sin(m2)),
+          m2 != 0.0,
+          o.arcface_straight_through,
+          o.easy_margin};
+}
+
+// sin θ = sqrt(max(1 − c², floor)): floor 1e-12 for the exact gradient (f' stays finite at
+// c = ±1), 0 under straight-through (whose f' does not involve sin θ).
+template <typename T>
+UF_HOST_DEVICE T sin_theta(T c, const SoftmaxParams<T>& p) {
+  const T floor = p.straight_through ? T(0) : T(1e-12);
+  const T om = T(1) - c * c;
+  return std::sqrt(om > floor ? om : floor);
+}
+
+// f(c) of the target class, docs/design.md §1.2 (reference.target_logit):
+//   f = cos(θ + m2) − m3 = c·cos m2 − sin θ·sin m2 − m3;
+//   exact: insightface's fallback c − m2·sin m2 − m3 where θ + m2 > π (c ≤ −cos m2);
+//   straight-through or easy margin: no fallback;
+//   easy margin: f = c where c ≤ 0 (no margin there, the CosFace m3 included).
 template <typename T>
 UF_HOST_DEVICE T target_logit(T c, const SoftmaxParams<T>& p) {
-  if (!p.arc) return c - p.m3;
-  const T om = T(1) - c * c;
-  const T sin_t = std::sqrt(om > T(1e-12) ? om : T(1e-12));
-  const T f = c > -p.cos_m2 ? c * p.cos_m2 - sin_t * p.sin_m2 : c - p.m2_sin_m2;
-  return f - p.m3;
+  T f = c - p.m3;
+  if (p.arc) {
+    const T margin = c * p.cos_m2 - sin_theta<T>(c, p) * p.sin_m2;
+    const bool fallback = !(p.straight_through | p.easy) & !(c > -p.cos_m2);
+    f = (fallback ? c - p.m2_sin_m2 : margin) - p.m3;
+  }
+  return (p.easy & !(c > T(0))) ? c : f;
 }
-// f'(c): cos m2 + sin m2·c / sin θ (cos m2 where 1 − c² ≤ 1e-12; 1 on the fallback)
+
+// f'(c), the factor of the target's ∂L/∂cos = s·(p − 1)·f'(c): 1 under straight-through
+// (insightface computes the margin under no_grad); else the derivative of the branch of f
+// that applies: cos m2 + sin m2·c / sin θ on the margin (cos m2 where 1 − c² ≤ 1e-12, the
+// floor of sin θ), 1 on the fallback and on the easy margin's c ≤ 0.
 template <typename T>
 UF_HOST_DEVICE T target_slope(T c, const SoftmaxParams<T>& p) {
-  if (!p.arc) return T(1);
+  if (p.straight_through | !p.arc) return T(1);
   const T om = T(1) - c * c;
-  const T sin_t = std::sqrt(om > T(1e-12) ? om : T(1e-12));
-  const T slope = om > T(1e-12) ? p.cos_m2 + p.sin_m2 * c / sin_t : p.cos_m2;
-  return c > -p.cos_m2 ? slope : T(1);
+  const T slope = om > T(1e-12) ? p.cos_m2 + p.sin_m2 * c / sin_theta<T>(c, p) : p.cos_m2;
+  const bool on_margin = p.easy ? c > T(0) : c > -p.cos_m2;
+  return on_margin ? slope : T(1);
 }
 // the logit of a raw cosine: s·clamp(cos) (non-target) or s·f(clamp(cos)) (target)
 template <typename T>
@@ -262,13 +311,18 @@ UF_HOST_DEVICE T softmax_grad_other(T cos_raw, T z, T lse, T scale) {
   const T g = scale * uf_exp<T>(z - lse);
   return ((cos_raw >= T(-1)) & (cos_raw <= T(1))) ? g : T(0);
 }
-// ∂L_i/∂cos_ic given the row's final lse: s·p (non-target), s·(p − 1)·f'(c) (target);
-// zero where the [−1, 1] clamp is active
+// κ = ∂(z_iy / s)/∂cos_raw of the target: f'(clamp(cos)) where the [−1, 1] clamp is
+// inactive, 0 where it is active
+template <typename T>
+UF_HOST_DEVICE T target_kappa(T cos_raw, const SoftmaxParams<T>& p) {
+  const T slope = target_slope<T>(clamp_unit<T>(cos_raw), p);
+  return ((cos_raw >= T(-1)) & (cos_raw <= T(1))) ? slope : T(0);
+}
+// ∂L_i/∂cos_ic given the row's final lse: s·p (non-target), s·(p − 1)·κ (target)
 template <typename T>
 UF_HOST_DEVICE T softmax_grad(T cos_raw, T z, bool target, T lse, const SoftmaxParams<T>& p) {
   if (!target) return softmax_grad_other<T>(cos_raw, z, lse, p.scale);
-  const T g = p.scale * (uf_exp<T>(z - lse) - T(1)) * target_slope<T>(clamp_unit<T>(cos_raw), p);
-  return ((cos_raw >= T(-1)) & (cos_raw <= T(1))) ? g : T(0);
+  return p.scale * (uf_exp<T>(z - lse) - T(1)) * target_kappa<T>(cos_raw, p);
 }
 
 }  // namespace epi

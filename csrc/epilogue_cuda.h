@@ -1,8 +1,9 @@
-// Block-level reductions of the CUDA epilogue kernels (csrc/uss_cuda.cu,
-// csrc/unitsface_cuda.cu). One thread block handles one row of a chunk: its threads stride
+// Block-level reductions of the CUDA kernels (csrc/uss_rows_cuda.cuh, csrc/unitsface_cuda.cu,
+// csrc/bank_update_cuda.cu). One thread block handles one row of a chunk: its threads stride
 // over the chunk's columns, each keeping running sums / (max, sum-exp) pairs with the
 // functions of csrc/epilogue.h, and the block combines them here. Only thread 0's result is
-// meaningful. The order of combination depends only on threadIdx: results are deterministic.
+// meaningful (block_sum_all: every thread's). The order of combination depends only on
+// threadIdx: results are deterministic.
 #pragma once
 
 #include "epilogue.h"
@@ -50,6 +51,19 @@ __device__ __forceinline__ void block_sum(T (&v)[K]) {
     }
   }
   __syncthreads();  // smem may be reused by a following reduction
+}
+
+// The sum of v over the block, returned to every thread.
+template <typename T>
+__device__ __forceinline__ T block_sum_all(T v) {
+  __shared__ T total;
+  T a[1] = {v};
+  block_sum<T, 1>(a);
+  if (threadIdx.x == 0) total = a[0];
+  __syncthreads();
+  const T out = total;
+  __syncthreads();  // `total` may be written by a following call
+  return out;
 }
 
 // (max, Σ e^{z − max}) pairs over the block (the result in thread 0).

@@ -1,96 +1,123 @@
-// unitsface::unitsface_fwd / unitsface_bwd — the native partial-FC margin softmax plus
-// λ·USS on the memory bank rows of the same classes (DESIGN.md §1.2–§1.3).
+// unitsface::unitsface_{fwd,bwd}_native: the partial-FC margin softmax (docs/design.md §1.2)
+// plus λ·USS on the memory bank rows of the same classes (§1.3), as chunked ATen GEMMs plus
+// one fused epilogue pass per chunk. Schemas, outputs and statistics: the op contract,
+// unitsface_kernels/contract.py (rows [B], stats [7, B] = (lse_c z_ic, A, σA, B, σB, z_iy,
+// USS loss), nx [B], nw [S], nb [S] (empty without a bank), dx_rows [B, D] and db_rows [B]
+// with row_grads (else empty)). A label that matches no column has no target: z_iy = 0, and
+// no USS positive.
 //
-// The drivers (csrc/unitsface.cpp) stream the class index S in chunks of c columns: per chunk
-// the W rows (and bank rows) of the chunk's classes — a view, or a chunk-sized gathered copy
-// under partial FC — one GEMM each for the raw dots, one epilogue pass (CPU loop in
-// csrc/unitsface.cpp, CUDA kernel in csrc/unitsface_cuda.cu, maths in csrc/epilogue.h).
-// Outputs are those of the Triton ops (library.py): rows [B], stats [7, B] = (lse_c z_ic,
-// A, σA, B, σB, z_iy, USS loss), nx [B], nw [S], nb [S] (empty without a bank). A label that
-// matches no column has no target: z_iy = 0 and no USS positive.
+// The drivers (csrc/unitsface.cpp) are device-agnostic; each device supplies the epilogue of
+// one chunk (csrc/unitsface_cpu.cpp, csrc/unitsface_cuda.cu) and registers the op kernels
+// below with it. The bank part is the USS loss with column labels = the chunk's classes, and
+// runs the USS family's row code (UssChunk, csrc/uss.h).
 #pragma once
 
+#include <array>
 #include <optional>
 #include <tuple>
 
 #include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
+
+#include "options.h"
+#include "rows.h"
+#include "uss.h"
 
 namespace unitsface {
 
-// One chunk of the class index: columns [col0, col0 + c).
-struct UnitsfaceChunk {
-  at::Tensor dots_w;   // B × c raw x_i · w_c (acc dtype); undefined when !do_w
-  at::Tensor dots_b;   // B × c raw x_i · bank_c; undefined when !do_b
-  at::Tensor grads_w;  // backward: B × c, receives g_ic·inv_w_c (may alias dots_w)
-  at::Tensor grads_b;  // backward: B × c, receives g'_ic·inv_b_c (may alias dots_b)
-  at::Tensor inv_x;    // B
-  at::Tensor inv_w;    // c
-  at::Tensor inv_b;    // c (do_b)
-  at::Tensor target;   // B int64: the column (in S) of y_i, −1 when y_i is not in S
-  at::Tensor valid;    // c bool: bank slot written (do_b)
-  at::Tensor bias;     // c: b_c (a scalar b expanded) (do_b)
+// The softmax part of one chunk: classes [col0, col0 + c) of S. Fields as in SoftmaxRows
+// (csrc/rows.h), as tensors.
+struct SoftmaxChunk {
   int64_t col0 = 0;
+  at::Tensor dots, grads, inv_x, inv_w, target;
+  at::Tensor state;            // forward
+  at::Tensor go, lse, h;       // backward
+  at::Tensor target_state, alpha;  // fused forward
+};
+
+template <typename T>
+SoftmaxRows<T> rows_of(const SoftmaxChunk& ck, const UnitsfaceOptions& o) {
+  SoftmaxRows<T> a;
+  a.dots = ck.dots.data_ptr<T>();
+  a.grads = ck.grads.defined() && ck.grads.scalar_type() == ck.dots.scalar_type()
+                ? ck.grads.data_ptr<T>()
+                : nullptr;
+  a.inv_x = ck.inv_x.const_data_ptr<T>();
+  a.inv_w = ck.inv_w.const_data_ptr<T>();
+  a.target = ck.target.const_data_ptr<int64_t>();
+  a.B = ck.dots.size(0);
+  a.c = ck.dots.size(1);
+  a.col0 = ck.col0;
+  a.p = epi::softmax_params<T>(o);
+  a.state = ptr_or_null<T>(ck.state);
+  a.go = ptr_or_null<T>(ck.go);
+  a.lse = ptr_or_null<T>(ck.lse);
+  a.h = ptr_or_null<T>(ck.h);
+  a.target_state = ptr_or_null<T>(ck.target_state);
+  a.alpha = ptr_or_null<T>(ck.alpha);
+  return a;
+}
+
+// One chunk of the unitsface epilogue: the softmax over its classes (do_w) and USS on the
+// bank rows of the same classes (do_b).
+struct UnitsfaceChunk {
+  Pass pass = Pass::kForward;
+  UnitsfaceOptions options{};
   bool do_w = true, do_b = false;
-  double scale = 0.0, margin_cos = 0.0, cos_m2 = 1.0, sin_m2 = 0.0, m2_sin_m2 = 0.0;
-  bool arc = false;
-  double uss_margin = 0.0, uss_weight = 0.0;
-  bool uss_lse = false;
-  at::Tensor state;  // forward: 7 × B (m, Σe, Σ z_iy, USS: Σ softplus | m⁺, s⁺, m⁻, s⁻);
-                     // fused forward: kGradState × B (see unitsface_forward_grad)
-  at::Tensor alpha;  // fused forward only: 2 × B, the chunk's rescale factors e^{m_old − m_new}
-                     // of the softmax and of the USS negatives (lse); its presence selects
-                     // the fused epilogue, which also overwrites the dots with the weights of
-                     // the ∂x GEMMs
-  at::Tensor go;     // backward: B
-  at::Tensor stats;  // backward: 7 × B
-  at::Tensor hs;     // backward: 2 × B, += (Σ g·cos over both losses, Σ_c g'_ic of USS)
+  SoftmaxChunk softmax;
+  UssChunk bank;
 };
 
 using UnitsfaceEpilogue = void (*)(const UnitsfaceChunk&);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unitsface_forward(
-    const at::Tensor& x, const at::Tensor& centres, const std::optional<at::Tensor>& bank,
-    const at::Tensor& labels, const std::optional<at::Tensor>& index,
-    const std::optional<at::Tensor>& bank_valid, const std::optional<at::Tensor>& bias,
-    double scale, double margin_arc, double margin_cos, double uss_margin, double uss_weight,
-    bool uss_lse, UnitsfaceEpilogue epilogue);
+// The op's tensor inputs and the forward outputs its backward receives.
+struct UnitsfaceInputs {
+  at::Tensor x, centres;
+  std::optional<at::Tensor> bank;
+  at::Tensor labels;
+  std::optional<at::Tensor> index, bank_valid, bias;
+};
+struct UnitsfaceSaved {
+  at::Tensor stats, nx, nw, nb, dx_rows, db_rows;
+};
 
-// Fused forward (unitsface::unitsface_fwd_g, CPU): the outputs of unitsface_forward plus
-// dx_rows [B, D] = ∂L_i/∂x_i and db_rows [B] = ∂L_i/∂b (for a scalar b), formed in the same
-// sweep over the classes: the softmax part of G_i = Σ_c g_ic ŵ_c is accumulated with the
-// running max like flash-attention's output (rescaled by e^{m_old − m_new}), the USS part
-// directly (pairs) or rescaled too (lse), so the backward needs no ∂x GEMM and no bank GEMM.
-// L_i depends on x only through x_i, so ∂L/∂x_i = grad_rows_i · dx_rows_i for any upstream.
-constexpr int64_t kGradState = 13;
+using UnitsfaceForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                    at::Tensor, at::Tensor>;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-unitsface_forward_grad(const at::Tensor& x, const at::Tensor& centres,
-                       const std::optional<at::Tensor>& bank, const at::Tensor& labels,
-                       const std::optional<at::Tensor>& index,
+UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOptions& o,
+                                   bool row_grads, UnitsfaceEpilogue epilogue);
+Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
+                         const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
+                         std::array<bool, 3> needs, UnitsfaceEpilogue epilogue);
+
+// The op kernels with the schemas of unitsface_kernels/contract.py; each device registers
+// them with its epilogue (TORCH_LIBRARY_IMPL in csrc/unitsface_cpu.cpp,
+// csrc/unitsface_cuda.cu).
+template <UnitsfaceEpilogue Epilogue>
+UnitsfaceForward unitsface_fwd_op(const at::Tensor& x, const at::Tensor& centres,
+                                  const std::optional<at::Tensor>& bank, const at::Tensor& labels,
+                                  const std::optional<at::Tensor>& index,
+                                  const std::optional<at::Tensor>& bank_valid,
+                                  const std::optional<at::Tensor>& bias,
+                                  c10::ArrayRef<double> options, bool row_grads) {
+  const at::OptionalDeviceGuard guard(at::device_of(x));
+  return unitsface_forward({x, centres, bank, labels, index, bank_valid, bias},
+                           UnitsfaceOptions::unpack(options), row_grads, Epilogue);
+}
+
+template <UnitsfaceEpilogue Epilogue>
+Grads unitsface_bwd_op(const at::Tensor& grad_rows, const at::Tensor& x,
+                       const at::Tensor& centres, const std::optional<at::Tensor>& bank,
+                       const at::Tensor& labels, const std::optional<at::Tensor>& index,
                        const std::optional<at::Tensor>& bank_valid,
-                       const std::optional<at::Tensor>& bias, double scale, double margin_arc,
-                       double margin_cos, double uss_margin, double uss_weight, bool uss_lse,
-                       UnitsfaceEpilogue epilogue);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> unitsface_backward(
-    const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& centres,
-    const std::optional<at::Tensor>& bank, const at::Tensor& labels,
-    const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& bank_valid,
-    const std::optional<at::Tensor>& bias, const at::Tensor& nx, const at::Tensor& nw,
-    const at::Tensor& nb, const at::Tensor& stats, double scale, double margin_arc,
-    double margin_cos, double uss_margin, double uss_weight, bool uss_lse, bool need_dx,
-    bool need_dw, bool need_dbias, UnitsfaceEpilogue epilogue);
-
-// The backward of the fused forward: ∂x = grad_rows_i·dx_rows_i, a scalar b's
-// ∂b = Σ_i grad_rows_i·db_rows_i; ∂W (and a per-class b's ∂b) by unitsface_backward's sweep.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> unitsface_backward_grad(
-    const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& centres,
-    const std::optional<at::Tensor>& bank, const at::Tensor& labels,
-    const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& bank_valid,
-    const std::optional<at::Tensor>& bias, const at::Tensor& nx, const at::Tensor& nw,
-    const at::Tensor& nb, const at::Tensor& stats, const at::Tensor& dx_rows,
-    const at::Tensor& db_rows, double scale, double margin_arc, double margin_cos,
-    double uss_margin, double uss_weight, bool uss_lse, bool need_dx, bool need_dw,
-    bool need_dbias, UnitsfaceEpilogue epilogue);
+                       const std::optional<at::Tensor>& bias, const at::Tensor& stats,
+                       const at::Tensor& nx, const at::Tensor& nw, const at::Tensor& nb,
+                       const at::Tensor& dx_rows, const at::Tensor& db_rows,
+                       c10::ArrayRef<double> options, std::array<bool, 3> needs) {
+  const at::OptionalDeviceGuard guard(at::device_of(x));
+  return unitsface_backward(grad_rows, {x, centres, bank, labels, index, bank_valid, bias},
+                            {stats, nx, nw, nb, dx_rows, db_rows},
+                            UnitsfaceOptions::unpack(options), needs, Epilogue);
+}
 
 }  // namespace unitsface

@@ -1,42 +1,43 @@
-// The CPU row kernels of the USS epilogue (csrc/uss.cpp). NO include guard: uss.cpp includes
-// this file once per instruction set (AVX-512, AVX2, baseline), each time inside its own
-// namespace and `#pragma GCC target` region, and picks one at run time (cpu_loops.h): the
-// `#pragma omp simd` loops below must be compiled for the target they run on to vectorise.
-// Needs UssRows<T> and epi:: in scope; includes nothing itself. Masks combine with & and |
-// (not && / ||, whose branches keep GCC from vectorising the omp simd loops).
+// The CPU row kernels of USS (docs/design.md §1.1) on one chunk of reference rows (UssRows,
+// csrc/rows.h): the USS family's chunks, and the bank part of the unitsface family (column
+// labels = the classes of the chunk). Compiled once per instruction set: csrc/rows_<isa>.cpp
+// include this file inside their namespace (see csrc/cpu_rows.h), so it includes nothing and
+// needs UssRows, epi:: and UF_ALWAYS_INLINE in scope.
+//
+// The loops are written for GCC's vectoriser: `#pragma omp simd` reductions, masks combined
+// with & and | (the branches of && and || keep the loops scalar), selects instead of ifs, the
+// polynomial exp / log1p of csrc/epilogue.h.
+#pragma once
 
-// Forward: fold the chunk into the row's running statistics.
+// Forward: fold the chunk into the rows' running statistics (UssRows::state).
 template <typename T>
-UF_ALWAYS_INLINE void fwd_rows(const UssRows<T> a, int64_t r0, int64_t r1) {
-  const int64_t c = a.c;
+void uss_fwd(const UssRows<T>& args, int64_t r0, int64_t r1) {
+  const UssRows<T> a = args;  // a local copy: stores cannot alias its pointers
+  const int64_t B = a.B, c = a.c;
   const T neg_big = static_cast<T>(epi::kNegBig);
+  T* st = a.state;
   for (int64_t i = r0; i < r1; ++i) {
     T* d = a.dots + i * c;
     const T ix = a.inv_x[i];
-    const int64_t yi = a.y[i];
-    const int64_t self = a.in_batch ? i - a.col0 : -1;  // in-batch: j = i is no pair
-    if (!a.p.lse) {
+    const int64_t yi = a.y[i], self = self_column(a, i);
+    if (!a.p.lse) {  // pairs: Σ softplus over P and N
       T acc = 0;
 #pragma omp simd reduction(+ : acc)
       for (int64_t j = 0; j < c; ++j) {
         const T cos = d[j] * ix * a.inv_r[j];
-        const bool same = a.l[j] == yi;
-        const bool pos = (a.valid[j] != T(0)) & same & (j != self);
-        const bool neg = (a.valid[j] != T(0)) & !same;
+        const bool pos = uss_pos(a, yi, self, j), neg = uss_neg(a, yi, j);
         const T v = epi::uss_pair_loss<T>(epi::uss_z<T>(cos, a.bias[j], pos, a.p), a.p);
         acc += (pos | neg) ? v : T(0);
       }
-      a.state[i] += acc;
+      st[i] += acc;
       continue;
     }
-    // lse: chunk maxima of P and N (z written over the dots), then Σ e^{z − max}
+    // lse: the chunk maxima of z over P and N (z written over the dots), then Σ e^{z − max}
     T mp = neg_big, mn = neg_big;
 #pragma omp simd reduction(max : mp, mn)
     for (int64_t j = 0; j < c; ++j) {
       const T cos = d[j] * ix * a.inv_r[j];
-      const bool same = a.l[j] == yi;
-      const bool pos = (a.valid[j] != T(0)) & same & (j != self);
-      const bool neg = (a.valid[j] != T(0)) & !same;
+      const bool pos = uss_pos(a, yi, self, j), neg = uss_neg(a, yi, j);
       const T z = epi::uss_z<T>(cos, a.bias[j], pos, a.p);
       d[j] = z;
       const T zp = pos ? z : neg_big;
@@ -44,46 +45,38 @@ UF_ALWAYS_INLINE void fwd_rows(const UssRows<T> a, int64_t r0, int64_t r1) {
       mp = zp > mp ? zp : mp;
       mn = zn > mn ? zn : mn;
     }
-    T* st = a.state;
     const T mp_new = mp > st[i] ? mp : st[i];
-    const T mn_new = mn > st[2 * a.B + i] ? mn : st[2 * a.B + i];
+    const T mn_new = mn > st[2 * B + i] ? mn : st[2 * B + i];
     T sp = 0, sn = 0;
 #pragma omp simd reduction(+ : sp, sn)
     for (int64_t j = 0; j < c; ++j) {
-      const bool same = a.l[j] == yi;
-      const bool pos = (a.valid[j] != T(0)) & same & (j != self);
-      const bool neg = (a.valid[j] != T(0)) & !same;
+      const bool pos = uss_pos(a, yi, self, j), neg = uss_neg(a, yi, j);
       const T e = epi::uf_exp<T>(d[j] - (pos ? mp_new : mn_new));
       sp += pos ? e : T(0);
       sn += neg ? e : T(0);
     }
-    st[a.B + i] = st[a.B + i] * epi::uf_exp<T>(st[i] - mp_new) + sp;
+    st[B + i] = st[B + i] * epi::uf_exp<T>(st[i] - mp_new) + sp;
     st[i] = mp_new;
-    st[3 * a.B + i] = st[3 * a.B + i] * epi::uf_exp<T>(st[2 * a.B + i] - mn_new) + sn;
-    st[2 * a.B + i] = mn_new;
+    st[3 * B + i] = st[3 * B + i] * epi::uf_exp<T>(st[2 * B + i] - mn_new) + sn;
+    st[2 * B + i] = mn_new;
   }
 }
 
 // Backward of row i: g_ij = go_i·∂L_i/∂cos_ij; grads ← g·inv_r_j; hs += (Σ g·cos, Σ g).
 // The form is a template parameter: each instantiation's loop vectorises with no branch on it.
 template <typename T, bool Lse>
-UF_ALWAYS_INLINE void bwd_row(const UssRows<T>& a, int64_t i) {
-  const int64_t c = a.c;
+UF_ALWAYS_INLINE void uss_bwd_row(const UssRows<T>& a, int64_t i) {
+  const int64_t B = a.B, c = a.c;
   const T* d = a.dots + i * c;
-  T* g_out = a.grads + i * c;
-  const T ix = a.inv_x[i];
-  const T go = a.go[i];
-  const int64_t yi = a.y[i];
-  const int64_t self = a.in_batch ? i - a.col0 : -1;
-  const T sa = a.stats[i], fa = a.stats[a.B + i];
-  const T sb = a.stats[2 * a.B + i], fb = a.stats[3 * a.B + i];
+  T* g_out = a.grads + i * c;  // may alias d: each element is read, then written
+  const T ix = a.inv_x[i], go = a.go[i];
+  const int64_t yi = a.y[i], self = self_column(a, i);
+  const T sa = a.stats[i], fa = a.stats[B + i], sb = a.stats[2 * B + i], fb = a.stats[3 * B + i];
   T h = 0, gs = 0;
 #pragma omp simd reduction(+ : h, gs)
   for (int64_t j = 0; j < c; ++j) {
     const T cos = d[j] * ix * a.inv_r[j];
-    const bool same = a.l[j] == yi;
-    const bool pos = (a.valid[j] != T(0)) & same & (j != self);
-    const bool neg = (a.valid[j] != T(0)) & !same;
+    const bool pos = uss_pos(a, yi, self, j), neg = uss_neg(a, yi, j);
     const T z = epi::uss_z<T>(cos, a.bias[j], pos, a.p);
     T g0;
     if constexpr (Lse) {
@@ -97,29 +90,95 @@ UF_ALWAYS_INLINE void bwd_row(const UssRows<T>& a, int64_t i) {
     g_out[j] = g * a.inv_r[j];
   }
   a.hs[i] += h;
-  a.hs[a.B + i] += gs;
+  a.hs[B + i] += gs;
 }
 
 template <typename T>
-UF_ALWAYS_INLINE void bwd_rows(const UssRows<T> a, int64_t r0, int64_t r1) {
+void uss_bwd(const UssRows<T>& args, int64_t r0, int64_t r1) {
+  const UssRows<T> a = args;  // a local copy: stores cannot alias its pointers
   for (int64_t i = r0; i < r1; ++i) {
     if (a.p.lse) {
-      bwd_row<T, true>(a, i);
+      uss_bwd_row<T, true>(a, i);
     } else {
-      bwd_row<T, false>(a, i);
+      uss_bwd_row<T, false>(a, i);
     }
   }
 }
 
+// Fused forward (the bank part of unitsface's row_grads): the forward's statistics plus, in
+// the same sweep, what ∂L_i/∂x_i needs (csrc/unitsface_row_grads.cpp finishes it), with the
+// weights of the ∂x GEMM written to grads:
+//   pairs: g'_ij = λ·∂(term)/∂cos_ij·inv_r_j for P and N; sums += (Σ g·cos, Σ g).
+//   lse:   e^{z⁻ − m⁻_new}·inv_r_j on N (the final factor λ·s·σB / s⁻ comes at the end),
+//          sums[0] += Σ_N e^{z⁻ − m⁻}·cos rescaled like s⁻ (alpha = e^{m⁻_old − m⁻_new}),
+//          and the cosine of the positive in sums[2]: the bank holds one row per class, so a
+//          row has at most one positive in the whole sweep, and the driver adds its term.
 template <typename T>
-void fwd(const UssRows<T>& a, int64_t r0, int64_t r1) {
-  fwd_rows<T>(a, r0, r1);
+void uss_fwd_grads(const UssRows<T>& args, int64_t r0, int64_t r1) {
+  const UssRows<T> a = args;  // a local copy: stores cannot alias its pointers
+  const int64_t B = a.B, c = a.c;
+  const T neg_big = static_cast<T>(epi::kNegBig);
+  T* st = a.state;
+  for (int64_t i = r0; i < r1; ++i) {
+    T* d = a.dots + i * c;
+    T* g_out = a.grads + i * c;  // may alias d: each element is read, then written
+    const T ix = a.inv_x[i];
+    const int64_t yi = a.y[i], self = self_column(a, i);
+    if (!a.p.lse) {
+      T loss = 0, h = 0, gs = 0;
+#pragma omp simd reduction(+ : loss, h, gs)
+      for (int64_t j = 0; j < c; ++j) {
+        const T cos = d[j] * ix * a.inv_r[j];
+        const bool pos = uss_pos(a, yi, self, j), neg = uss_neg(a, yi, j);
+        T term, grad;
+        epi::uss_pair_loss_grad<T>(epi::uss_z<T>(cos, a.bias[j], pos, a.p), pos, a.p, term,
+                                   grad);
+        const bool member = pos | neg;
+        const T g = member ? a.weight * grad : T(0);
+        loss += member ? term : T(0);
+        h += g * cos;
+        gs += g;
+        g_out[j] = g * a.inv_r[j];
+      }
+      st[i] += loss;
+      a.sums[i] += h;
+      a.sums[B + i] += gs;
+      continue;
+    }
+    T mp = neg_big, mn = neg_big;
+#pragma omp simd reduction(max : mp, mn)
+    for (int64_t j = 0; j < c; ++j) {
+      const T cos = d[j] * ix * a.inv_r[j];
+      d[j] = cos;
+      const bool pos = uss_pos(a, yi, self, j), neg = uss_neg(a, yi, j);
+      const T z = epi::uss_z<T>(cos, a.bias[j], pos, a.p);
+      const T zp = pos ? z : neg_big;
+      const T zn = neg ? z : neg_big;
+      mp = zp > mp ? zp : mp;
+      mn = zn > mn ? zn : mn;
+    }
+    const T mp_new = mp > st[i] ? mp : st[i];
+    const T mn_new = mn > st[2 * B + i] ? mn : st[2 * B + i];
+    T sp = 0, sn = 0, hn = 0, cos_pos = 0;
+#pragma omp simd reduction(+ : sp, sn, hn, cos_pos)
+    for (int64_t j = 0; j < c; ++j) {
+      const T cos = d[j];
+      const bool pos = uss_pos(a, yi, self, j), neg = uss_neg(a, yi, j);
+      const T z = epi::uss_z<T>(cos, a.bias[j], pos, a.p);
+      const T e = epi::uf_exp<T>(z - (pos ? mp_new : mn_new));
+      sp += pos ? e : T(0);
+      sn += neg ? e : T(0);
+      hn += neg ? e * cos : T(0);
+      cos_pos += pos ? cos : T(0);
+      g_out[j] = neg ? e * a.inv_r[j] : T(0);
+    }
+    const T alpha = epi::uf_exp<T>(st[2 * B + i] - mn_new);
+    st[B + i] = st[B + i] * epi::uf_exp<T>(st[i] - mp_new) + sp;
+    st[i] = mp_new;
+    st[3 * B + i] = st[3 * B + i] * alpha + sn;
+    st[2 * B + i] = mn_new;
+    a.sums[i] = a.sums[i] * alpha + hn;
+    a.sums[2 * B + i] += cos_pos;
+    a.alpha[i] = alpha;
+  }
 }
-template <typename T>
-void bwd(const UssRows<T>& a, int64_t r0, int64_t r1) {
-  bwd_rows<T>(a, r0, r1);
-}
-template void fwd<float>(const UssRows<float>&, int64_t, int64_t);
-template void bwd<float>(const UssRows<float>&, int64_t, int64_t);
-template void fwd<double>(const UssRows<double>&, int64_t, int64_t);
-template void bwd<double>(const UssRows<double>&, int64_t, int64_t);

@@ -1,0 +1,12 @@
+// The table of one instruction set's row kernels (csrc/cpu_rows.h). Included by each
+// csrc/rows_<isa>.cpp inside its namespace, after the row headers, in the same
+// `#pragma GCC target` region (so the instantiations below are compiled for that target).
+#pragma once
+
+template <typename T>
+RowKernels<T> kernels() {
+  return {&uss_fwd<T>,     &uss_bwd<T>,     &uss_fwd_grads<T>,
+          &softmax_fwd<T>, &softmax_bwd<T>, &softmax_fwd_grads<T>};
+}
+template RowKernels<float> kernels<float>();
+template RowKernels<double> kernels<double>();
