@@ -9,12 +9,48 @@
 // polynomial exp / log1p of csrc/epilogue.h.
 #pragma once
 
+// lse, the first pass over row i's chunk: the cosines written over the dots, and the chunk
+// maxima of z⁺ over P_i and of z⁻ over N_i folded into the running maxima mp, mn.
+template <typename T>
+UF_ALWAYS_INLINE void uss_lse_maxima(const UssRows<T>& a, int64_t i, T& mp, T& mn) {
+  const int64_t c = a.c;
+  const T neg_big = static_cast<T>(epi::kNegBig);
+  T* d = a.dots + i * c;
+  const T ix = a.inv_x[i];
+  const int64_t yi = a.y[i], self = self_column(a, i);
+  T cp = neg_big, cn = neg_big;
+#pragma omp simd reduction(max : cp, cn)
+  for (int64_t j = 0; j < c; ++j) {
+    const T cos = d[j] * ix * a.inv_r[j];
+    d[j] = cos;
+    const bool pos = uss_pos(a, yi, self, j), neg = uss_neg(a, yi, j);
+    const T z = epi::uss_z<T>(cos, a.bias[j], pos, a.p);
+    const T zp = pos ? z : neg_big;
+    const T zn = neg ? z : neg_big;
+    cp = zp > cp ? zp : cp;
+    cn = zn > cn ? zn : cn;
+  }
+  mp = cp > mp ? cp : mp;
+  mn = cn > mn ? cn : mn;
+}
+
+// lse: fold the chunk's sums (relative to the new maxima) into the running pairs of row i;
+// returns the negatives' rescale factor e^{m⁻_old − m⁻_new}.
+template <typename T>
+UF_ALWAYS_INLINE T uss_lse_fold(T* st, int64_t B, int64_t i, T mp_new, T mn_new, T sp, T sn) {
+  const T alpha = epi::uf_exp<T>(st[2 * B + i] - mn_new);
+  st[B + i] = st[B + i] * epi::uf_exp<T>(st[i] - mp_new) + sp;
+  st[i] = mp_new;
+  st[3 * B + i] = st[3 * B + i] * alpha + sn;
+  st[2 * B + i] = mn_new;
+  return alpha;
+}
+
 // Forward: fold the chunk into the rows' running statistics (UssRows::state).
 template <typename T>
 void uss_fwd(const UssRows<T>& args, int64_t r0, int64_t r1) {
   const UssRows<T> a = args;  // a local copy: stores cannot alias its pointers
   const int64_t B = a.B, c = a.c;
-  const T neg_big = static_cast<T>(epi::kNegBig);
   T* st = a.state;
   for (int64_t i = r0; i < r1; ++i) {
     T* d = a.dots + i * c;
@@ -32,33 +68,19 @@ void uss_fwd(const UssRows<T>& args, int64_t r0, int64_t r1) {
       st[i] += acc;
       continue;
     }
-    // lse: the chunk maxima of z over P and N (z written over the dots), then Σ e^{z − max}
-    T mp = neg_big, mn = neg_big;
-#pragma omp simd reduction(max : mp, mn)
-    for (int64_t j = 0; j < c; ++j) {
-      const T cos = d[j] * ix * a.inv_r[j];
-      const bool pos = uss_pos(a, yi, self, j), neg = uss_neg(a, yi, j);
-      const T z = epi::uss_z<T>(cos, a.bias[j], pos, a.p);
-      d[j] = z;
-      const T zp = pos ? z : neg_big;
-      const T zn = neg ? z : neg_big;
-      mp = zp > mp ? zp : mp;
-      mn = zn > mn ? zn : mn;
-    }
-    const T mp_new = mp > st[i] ? mp : st[i];
-    const T mn_new = mn > st[2 * B + i] ? mn : st[2 * B + i];
+    // lse: the new running maxima of z over P and N, then Σ e^{z − max}
+    T mp_new = st[i], mn_new = st[2 * B + i];
+    uss_lse_maxima(a, i, mp_new, mn_new);
     T sp = 0, sn = 0;
 #pragma omp simd reduction(+ : sp, sn)
     for (int64_t j = 0; j < c; ++j) {
       const bool pos = uss_pos(a, yi, self, j), neg = uss_neg(a, yi, j);
-      const T e = epi::uf_exp<T>(d[j] - (pos ? mp_new : mn_new));
+      const T z = epi::uss_z<T>(d[j], a.bias[j], pos, a.p);
+      const T e = epi::uf_exp<T>(z - (pos ? mp_new : mn_new));
       sp += pos ? e : T(0);
       sn += neg ? e : T(0);
     }
-    st[B + i] = st[B + i] * epi::uf_exp<T>(st[i] - mp_new) + sp;
-    st[i] = mp_new;
-    st[3 * B + i] = st[3 * B + i] * epi::uf_exp<T>(st[2 * B + i] - mn_new) + sn;
-    st[2 * B + i] = mn_new;
+    uss_lse_fold(st, B, i, mp_new, mn_new, sp, sn);
   }
 }
 
@@ -117,7 +139,6 @@ template <typename T>
 void uss_fwd_grads(const UssRows<T>& args, int64_t r0, int64_t r1) {
   const UssRows<T> a = args;  // a local copy: stores cannot alias its pointers
   const int64_t B = a.B, c = a.c;
-  const T neg_big = static_cast<T>(epi::kNegBig);
   T* st = a.state;
   for (int64_t i = r0; i < r1; ++i) {
     T* d = a.dots + i * c;
@@ -145,20 +166,8 @@ void uss_fwd_grads(const UssRows<T>& args, int64_t r0, int64_t r1) {
       a.sums[B + i] += gs;
       continue;
     }
-    T mp = neg_big, mn = neg_big;
-#pragma omp simd reduction(max : mp, mn)
-    for (int64_t j = 0; j < c; ++j) {
-      const T cos = d[j] * ix * a.inv_r[j];
-      d[j] = cos;
-      const bool pos = uss_pos(a, yi, self, j), neg = uss_neg(a, yi, j);
-      const T z = epi::uss_z<T>(cos, a.bias[j], pos, a.p);
-      const T zp = pos ? z : neg_big;
-      const T zn = neg ? z : neg_big;
-      mp = zp > mp ? zp : mp;
-      mn = zn > mn ? zn : mn;
-    }
-    const T mp_new = mp > st[i] ? mp : st[i];
-    const T mn_new = mn > st[2 * B + i] ? mn : st[2 * B + i];
+    T mp_new = st[i], mn_new = st[2 * B + i];
+    uss_lse_maxima(a, i, mp_new, mn_new);
     T sp = 0, sn = 0, hn = 0, cos_pos = 0;
 #pragma omp simd reduction(+ : sp, sn, hn, cos_pos)
     for (int64_t j = 0; j < c; ++j) {
@@ -172,11 +181,7 @@ void uss_fwd_grads(const UssRows<T>& args, int64_t r0, int64_t r1) {
       cos_pos += pos ? cos : T(0);
       g_out[j] = neg ? e * a.inv_r[j] : T(0);
     }
-    const T alpha = epi::uf_exp<T>(st[2 * B + i] - mn_new);
-    st[B + i] = st[B + i] * epi::uf_exp<T>(st[i] - mp_new) + sp;
-    st[i] = mp_new;
-    st[3 * B + i] = st[3 * B + i] * alpha + sn;
-    st[2 * B + i] = mn_new;
+    const T alpha = uss_lse_fold(st, B, i, mp_new, mn_new, sp, sn);
     a.sums[i] = a.sums[i] * alpha + hn;
     a.sums[2 * B + i] += cos_pos;
     a.alpha[i] = alpha;
