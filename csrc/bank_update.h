@@ -1,5 +1,5 @@
 // unitsface::bank_update_ (schema: unitsface_kernels/contract.py): the memory bank's update
-// (docs/design.md §1.1), the same rule as reference.bank_rows / reference.bank_update_:
+// (docs/design.md §1.4), the same rule as reference.bank_rows / reference.bank_update_:
 //
 //   bank[y_i]       = r_i = x_i / ||x_i|| where ||x_i|| ≥ 1e-5, else x_i itself, computed in
 //                     float32 (float64 for float64 x) and stored in the bank's dtype: then
