@@ -372,8 +372,6 @@ def test_has_op():
     assert native.has_op("bank_update_")
 
 
-@pytest.mark.xfail(reason="native.has_op raises for an op name that no schema defines "
-                   "(Python side)", strict=False)
 def test_has_op_unknown_name():
     assert not native.has_op("no_such_op")
 

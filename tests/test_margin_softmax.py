@@ -83,8 +83,12 @@ def test_arcface_at_cos_plus_minus_one(backend):
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
 
 
+# the straight-through gradient is not the loss's derivative: no gradcheck for it
+EXACT_MARGINS = [m for m in MARGINS if MARGINS[m].get("arcface_grad") != "straight_through"]
+
+
 @pytest.mark.parametrize("backend", fused_backends("cpu", "unitsface"))
-@pytest.mark.parametrize("margin", list(MARGINS))
+@pytest.mark.parametrize("margin", EXACT_MARGINS)
 @pytest.mark.parametrize("sampled", [False, True])
 def test_gradcheck(backend, margin, sampled):
     gradcheck(backend, margin, "cpu", sampled)
@@ -330,7 +334,7 @@ def test_cuda_parity(backend, dtype, margin, sampled, b, c, d):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", fp64_backends("cuda", "unitsface"))
-@pytest.mark.parametrize("margin", list(MARGINS))
+@pytest.mark.parametrize("margin", EXACT_MARGINS)
 def test_cuda_gradcheck(backend, margin):
     gradcheck(backend, margin, "cuda", sampled=True)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -557,10 +559,6 @@ def test_opcheck_uss(dtype, mode):
         torch.library.opcheck(OPS.uss_bwd_native.default, bwd_args)
 
 
-@pytest.mark.xfail(reason="backend='native' does not trace yet: backends.resolve calls "
-                   "native.has_op, whose torch._C._dispatch_has_kernel_for_dispatch_key "
-                   "dynamo cannot trace (Python side; the ops pass opcheck above)",
-                   strict=False)
 @pytest.mark.parametrize("family", ["uss", "unitsface"])
 def test_torch_compile_fullgraph(family):
     case = unitsface_case(21, 45, 16, sampled=True)
@@ -726,3 +724,28 @@ def test_cuda_matches_cpu():
         b = OPS.unitsface_fwd_native(*uf_args(on_gpu, form), False)
         for t, u in zip(a, b):
             torch.testing.assert_close(t, u.cpu())
+
+
+# ---------------------------------------------------------------- vectorised row kernels
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump is not installed")
+def test_row_kernels_are_vectorised_per_instruction_set():
+    """The AVX2 and AVX-512 copies of the float row kernels are vector code (their loops only
+    if-convert without trapping-math: setup.py's -fno-trapping-math): count the ymm/zmm
+    instructions of each in the built extension's disassembly."""
+    so = native.require().__file__
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", so], check=True,
+                             capture_output=True, text=True).stdout
+    counts, name = {}, None
+    for line in listing.splitlines():
+        if line.endswith(">:"):
+            name = line.split("<", 1)[1][:-2]
+        elif name is not None:
+            for reg in ("ymm", "zmm"):
+                if reg in line:
+                    counts[(name, reg)] = counts.get((name, reg), 0) + 1
+    for isa, reg in (("4avx2", "ymm"), ("6avx512", "zmm")):
+        for kernel in ("uss_fwd", "uss_bwd", "softmax_fwd", "softmax_bwd"):
+            hits = [n for (n, r) in counts if r == reg and f"cpu{isa}{len(kernel)}{kernel}If" in n]
+            assert hits, f"no {reg} code in the {isa[1:]} {kernel}<float>"
+            assert max(counts[(n, reg)] for n in hits) >= 50, (isa, kernel, counts)

@@ -24,11 +24,12 @@ _lock = threading.Lock()
 _tried = False
 _C = None  # the extension module once loaded
 _load_error: BaseException | None = None
+_kernels: frozenset = frozenset()  # (op name, "CPU" | "CUDA") registered by the extension
 
 
 def load():
     """Import ``unitsface_kernels._C`` once; return the module, or None if it is missing."""
-    global _tried, _C, _load_error
+    global _tried, _C, _load_error, _kernels
     if _tried:
         return _C
     with _lock:
@@ -40,8 +41,20 @@ def load():
             _load_error = e
         else:
             _C = ext
+            _kernels = _registered_kernels()
         _tried = True
     return _C
+
+
+def _registered_kernels() -> frozenset:
+    """What the extension registered, read once: a plain set, so that the lookups below are
+    Python that torch.compile traces (the dispatcher query itself is not)."""
+    from . import contract
+
+    names = [contract.op_name(f, "native", d) for f in contract.FAMILIES for d in ("fwd", "bwd")]
+    names.append("bank_update_")
+    return frozenset((name, key) for name in names for key in ("CPU", "CUDA")
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"unitsface::{name}", key))
 
 
 def available() -> bool:
@@ -62,9 +75,7 @@ def has_op(name: str, device: str = "cpu") -> bool:
     tensors on `device` ("cpu", or "cuda" in a CUDA build)."""
     if load() is None:
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"unitsface::{name}", key)
+    return (name, {"cpu": "CPU", "cuda": "CUDA"}.get(device)) in _kernels
 
 
 def has_family(family: str, device: str = "cpu") -> bool:
