@@ -16,6 +16,10 @@ SHELL := bash
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
+# torch runs the first `ninja` on PATH. Builds use the venv's (pip's ninja package) whether or
+# not the venv is activated: a ninja of another version discards the build log of the kept
+# objects ("build log version is too old; starting over") and everything recompiles.
+WITH_VENV_PATH := PATH="$(abspath $(VENV))/bin:$$PATH"
 TORCH_VERSION ?= 2.14.1
 # The oldest torch that pyproject.toml declares (the GPU machines' image runs it): make test
 # builds and smoke-tests the wheel against it too, so the declared range is a tested one.
@@ -69,7 +73,7 @@ build: $(BUILD_STAMP)
 $(BUILD_STAMP): $(PY) setup.py pyproject.toml $(CSRC)
 	@mkdir -p build
 	@echo "CUDA_HOME=$${CUDA_HOME:-<unset>} TORCH_CUDA_ARCH_LIST=$$TORCH_CUDA_ARCH_LIST MAX_JOBS=$$MAX_JOBS"
-	$(PIP) install --no-build-isolation --no-deps -v -e . 2>&1 | tee build/build.log
+	$(WITH_VENV_PATH) $(PIP) install --no-build-isolation --no-deps -v -e . 2>&1 | tee build/build.log
 	@touch $@
 
 $(OLD_TRITON)/.installed: $(PY)
@@ -82,7 +86,8 @@ $(OLD_TRITON)/.installed: $(PY)
 # dir: a module renamed or deleted in the tree would otherwise stay there and be packed.
 wheel: $(BUILD_STAMP)
 	rm -rf build/dist build/lib.* build/bdist.*
-	$(PIP) wheel -v --no-build-isolation --no-deps -w build/dist . > build/wheel.log 2>&1 \
+	$(WITH_VENV_PATH) $(PIP) wheel -v --no-build-isolation --no-deps -w build/dist . \
+	  > build/wheel.log 2>&1 \
 	  || { tail -n 40 build/wheel.log; exit 1; }
 	@ls build/dist/unitsface_kernels-*.whl
 

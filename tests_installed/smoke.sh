@@ -71,7 +71,10 @@ if [[ $mode == --build-cpu ]]; then
   # build/lib.* is shared by every wheel build: stale modules would be packed (see Makefile).
   rm -rf "$repo"/build/lib.* "$repo"/build/bdist.*
   # -g0: this throwaway build needs no debug info, and -g doubles the C++ compile time.
-  (cd "$repo" && UNITSFACE_NO_CUDA=1 UNITSFACE_BUILD_TEMP="$work/obj" UNITSFACE_CXXFLAGS=-g0 \
+  # PATH: torch runs the first ninja on PATH; use the one just installed (no system ninja
+  # needed, and none of another version touching anything).
+  (cd "$repo" && export PATH="$venv/bin:$PATH" && \
+     UNITSFACE_NO_CUDA=1 UNITSFACE_BUILD_TEMP="$work/obj" UNITSFACE_CXXFLAGS=-g0 \
      "$venv/bin/pip" wheel -v --no-build-isolation --no-deps --no-cache-dir -w "$wheel_dir" . \
      > "$wheel_dir/build.log" 2>&1) || { tail -n 40 "$wheel_dir/build.log"; exit 1; }
   wheel=$(ls "$wheel_dir"/unitsface_kernels-*.whl)
