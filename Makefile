@@ -104,8 +104,10 @@ smoke-oldest:
 	tests_installed/smoke.sh $(OLDEST_TORCH) --build-cpu build/dist-torch$(OLDEST_TORCH) $(OLDEST_TORCH_PINS)
 
 # Packaging first (it fails fast), then the full suite on the in-tree package.
+# UNITSFACE_REQUIRE_NATIVE=1: the extension was just built, so a native backend that does not
+# load is a failure of the run, not a skip (tests/helpers.py).
 test: build $(OLD_TRITON)/.installed smoke smoke-oldest
-	$(PY) -m pytest -q tests
+	UNITSFACE_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
 
 bench: build
 	$(PY) -m benchmarks

@@ -19,6 +19,8 @@ from unitsface_kernels import (fused_margin_softmax_loss, fused_unitsface_loss, 
                                native, sample_classes)
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Set by `make test`, which has just built the extension: its absence is an error there.
+REQUIRE_NATIVE = os.environ.get("UNITSFACE_REQUIRE_NATIVE", "0") not in ("", "0")
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 FORMS = ["pairs", "lse"]
 MARGINS = {"cosface": dict(margin_arc=0.0, margin_cos=0.4),
@@ -42,6 +44,9 @@ def fused_backends(device: str, family: str) -> list:
             reason="CPU triton tests need TRITON_INTERPRET=1 (set by conftest without a GPU)")))
     if native.has_family(family, device):
         out.append("native")
+    elif REQUIRE_NATIVE and device == "cpu":
+        raise RuntimeError(f"UNITSFACE_REQUIRE_NATIVE is set but the native {family} ops do not "
+                           f"load: {native._load_error!r}")
     else:
         out.append(pytest.param("native", marks=pytest.mark.skip(
             reason=f"the native extension has no {family} ops for {device} tensors (not built)")))
