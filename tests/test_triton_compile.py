@@ -77,8 +77,8 @@ def compile_all(dtype, d):
     bwd = fused_config(d, cuda, dtype, backward=True)
     tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DP=cfg.dp, UPCAST=False)
     uss_flags = dict(LSE=True, CLAMP=True, IN_BATCH=False, HAS_VALID=True, **tiles)
-    fused_flags = dict(HAS_INDEX=True, ARC=True, HAS_USS=True, USS_LSE=False, HAS_VALID=True,
-                       UPCAST=False)
+    fused_flags = dict(HAS_INDEX=True, ARC=True, ST=False, EASY=False, HAS_USS=True,
+                       USS_LSE=False, USS_CLAMP=False, HAS_VALID=True, UPCAST=False)
     fused_fwd_flags = dict(fused_flags, BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, BK=fwd.bk)
     fused_bwd_flags = dict(fused_flags, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n, DC=bwd.dc,
                            BK=bwd.bk, NEED_DX=True, NEED_DW=True)
