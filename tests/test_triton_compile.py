@@ -195,6 +195,7 @@ def test_kernels_compile_for_sm90(dtype, d, variants, triton_dir):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
+    print(done.stdout)  # the register report: pytest -rP (or -s) shows it
     if triton_dir is not None:
         assert "triton 3.6.0" in done.stdout, done.stdout
 
