@@ -142,6 +142,17 @@ def ref_rows_ok(valid_ptr, ids, in_range, HAS_VALID: tl.constexpr):
 
 
 @triton.jit
+def ref_rows_ok_again(valid_ptr, ids, in_range, HAS_VALID: tl.constexpr):
+    """:func:`ref_rows_ok` read a second time in a step, as a load of its own (an L1 hit: the
+    ".ca" modifier keeps the compiler from merging it with the first), so that the mask need
+    not stay live in between (see uss._ref_chunk)."""
+    if HAS_VALID:
+        return in_range & (tl.load(valid_ptr + ids, mask=in_range, other=0,
+                                   cache_modifier=".ca") != 0)
+    return in_range
+
+
+@triton.jit
 def inv_norm_of(norm_ptr, offs, ok):
     """1 / max(||t||, eps) of the rows at `offs` of a norms vector; 1 where not `ok`."""
     return inv_norm(tl.load(norm_ptr + offs, mask=ok, other=1.0))
