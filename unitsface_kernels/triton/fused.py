@@ -364,6 +364,6 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
         else:
             db = -gsum.sum() / o.scale
         dbias = db.reshape(bias.shape).to(bias.dtype)
-    empty = x.new_empty(0)
-    return tuple(t if t is not None else empty for t in (dx, dw.to(centres.dtype) if need_dw
-                                                         else None, dbias))
+    dw = dw.to(centres.dtype) if need_dw else None
+    # (a new empty tensor each: the outputs of a custom op must not alias each other)
+    return tuple(t if t is not None else x.new_empty(0) for t in (dx, dw, dbias))

@@ -317,5 +317,5 @@ def uss_backward(grad_rows, x, ref, labels, ref_labels, ref_valid, bias, stats, 
             dref = dref.to(ref.dtype)
         if need_dbias and vector_bias:
             dbias = (-hs_ref[1] / o.scale).reshape(bias.shape).to(bias.dtype)
-    empty = x.new_empty(0)
-    return tuple(t if t is not None else empty for t in (dx, dref, dbias))
+    # (a new empty tensor each: the outputs of a custom op must not alias each other)
+    return tuple(t if t is not None else x.new_empty(0) for t in (dx, dref, dbias))
