@@ -1,4 +1,11 @@
-"""Small Triton building blocks shared by the loss kernels, and the launch configurations.
+"""Triton building blocks shared by the loss kernels, the host-side finish they share, and the
+launch configurations (docs/design.md §2).
+
+One home per formula: the device functions below are the only Triton statement of each piece
+of docs/design.md §1 that more than one kernel uses (normalisation, softplus / σ, the online
+log-sum-exp, the USS terms and their gradient, the per-row loads); the host-side formulas come
+from :mod:`unitsface_kernels.reference` (:func:`~unitsface_kernels.reference.uss_lse_terms`,
+:func:`~unitsface_kernels.reference.compute_dtype`, ``EPS``).
 
 The USS kernels (uss.py) work on full-width tiles: a block of rows of x and a block of
 reference rows, each with all D features (padded to a power of two, DP). One ``tl.dot`` then
@@ -7,6 +14,13 @@ G += g·r̂ without a second load (:func:`launch_config`). The fused margin-soft
 kernels (fused.py) loop over D in BK-wide chunks instead (:func:`fused_config`): the one-pass
 backward holds a ∂W accumulator across the row blocks, and full-width tiles would leave it no
 registers.
+
+NaN and Inf in the data propagate (docs/design.md §5): tl.maximum / tl.minimum have maxnum
+semantics (max(NaN, a) = a), so every clamp and max of a data value here is written with
+comparisons that a NaN fails (:func:`clamp`, :func:`clamp_min`), and a NaN reaches the loss
+and gradients of exactly the rows it touches, as in the reference. Reference rows marked
+invalid are loaded as zeros with a norm of 1 (:func:`ref_rows_ok`): whatever they hold
+reaches nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-EPS = 1e-5
+from .. import reference
+
+EPS = tl.constexpr(reference.EPS)
+"""The normalisation eps of F.normalize (reference.EPS), readable by jitted code."""
 # The running max of an empty set: finite, so exp(m_old - m_new) stays defined (a constexpr,
 # since jitted code may only read constexpr globals).
 NEG_BIG = tl.constexpr(-1.0e30)
@@ -31,14 +48,45 @@ def interpreting() -> bool:
 
 def upcast_tiles(dtype: torch.dtype) -> bool:
     """Triton's interpreter computes bf16 ``tl.dot`` wrongly (triton 3.8: errors of 1e10), so
-    there bf16 tiles are widened to fp32 before the dot; compiled kernels keep bf16."""
+    there bf16 tiles are widened to fp32 before the dot; compiled kernels keep bf16. The
+    interpreter also converts fp32 to bf16 by truncation (GPUs round to nearest), so there
+    the kernels write bf16 outputs into fp32 buffers that the host rounds (:func:`out_dtype`)."""
     return dtype == torch.bfloat16 and interpreting()
+
+
+def out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a buffer that a kernel writes a `dtype` result into: `dtype` itself,
+    except under :func:`upcast_tiles` (fp32, cast by the host with rounding to nearest)."""
+    return torch.float32 if upcast_tiles(dtype) else dtype
+
+
+# ----------------------------------------------------------------------------- elementwise
+
+@triton.jit
+def clamp(z, lo, hi):
+    """z clamped to [lo, hi]; NaN stays NaN (tl.minimum / tl.maximum would drop it)."""
+    return tl.where(z < lo, lo, tl.where(z > hi, hi, z))
+
+
+@triton.jit
+def clamp_min(z, lo):
+    """max(z, lo); NaN stays NaN."""
+    return tl.where(z < lo, lo, z)
+
+
+@triton.jit
+def log1p(u):
+    """log(1 + u), accurate for small u too: fl(1 + u) − 1 is exact, and log(w)·u/(w − 1) is
+    log1p(u) to a few ulps (Goldberg's trick; log(1 + u) alone loses all of a u below the
+    rounding of 1 + u, which a pair term far below the threshold is)."""
+    w = 1.0 + u
+    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
 
 
 @triton.jit
 def softplus(z):
-    """log(1 + e^z) without overflow: max(z, 0) + log(1 + e^{-|z|})."""
-    return tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
+    """log(1 + e^z) without overflow: max(z, 0) + log1p(e^{-|z|}); NaN stays NaN."""
+    return tl.where(z > 0.0, z, 0.0) + log1p(tl.exp(-tl.abs(z)))
 
 
 @triton.jit
@@ -48,9 +96,11 @@ def sigmoid(z):
 
 @triton.jit
 def inv_norm(norm):
-    """1 / max(||t||, eps): the scale of F.normalize(t, eps=1e-5)."""
-    return 1.0 / tl.maximum(norm, 1e-5)
+    """1 / max(||t||, eps): the scale of F.normalize(t, eps=1e-5); NaN for a NaN norm."""
+    return 1.0 / clamp_min(norm, EPS)
 
+
+# ----------------------------------------------------------------------------- loads
 
 @triton.jit
 def gather_chunk(ptr, ids, ok, D, d0, DC: tl.constexpr, UPCAST: tl.constexpr):
@@ -82,9 +132,38 @@ def feature_chunk(tile, ptr, ids, ok, D, d0, DP: tl.constexpr, DC: tl.constexpr,
 
 
 @triton.jit
-def load_tile(ptr, rows, n_rows, D, DP: tl.constexpr, UPCAST: tl.constexpr):
-    """Rows `rows` of a row-major (n_rows × D) matrix; see :func:`gather_tile`."""
-    return gather_tile(ptr, rows, rows < n_rows, D, DP, UPCAST)
+def ref_rows_ok(valid_ptr, ids, in_range, HAS_VALID: tl.constexpr):
+    """Which reference rows `ids` are read: in range and, with a validity mask, marked valid.
+    Rows outside are loaded as zeros with a norm of 1 (:func:`inv_norm_of`), so an invalid
+    row contributes nothing, whatever it holds (docs/design.md §5)."""
+    if HAS_VALID:
+        return in_range & (tl.load(valid_ptr + ids, mask=in_range, other=0) != 0)
+    return in_range
+
+
+@triton.jit
+def ref_rows_ok_again(valid_ptr, ids, in_range, HAS_VALID: tl.constexpr):
+    """:func:`ref_rows_ok` read a second time in a step, as a load of its own (an L1 hit: the
+    ".ca" modifier keeps the compiler from merging it with the first), so that the mask need
+    not stay live in between (see uss._ref_chunk)."""
+    if HAS_VALID:
+        return in_range & (tl.load(valid_ptr + ids, mask=in_range, other=0,
+                                   cache_modifier=".ca") != 0)
+    return in_range
+
+
+@triton.jit
+def inv_norm_of(norm_ptr, offs, ok):
+    """1 / max(||t||, eps) of the rows at `offs` of a norms vector; 1 where not `ok`."""
+    return inv_norm(tl.load(norm_ptr + offs, mask=ok, other=1.0))
+
+
+@triton.jit
+def row_block(nx_ptr, y_ptr, rows, B):
+    """(rows in range, 1/max(||x_i||, eps), labels y_i (−1 for padding)) of a block of rows."""
+    row_ok = rows < B
+    return (row_ok, inv_norm_of(nx_ptr, rows, row_ok),
+            tl.load(y_ptr + rows, mask=row_ok, other=-1))
 
 
 @triton.jit
@@ -94,10 +173,122 @@ def mma(a, b, acc):
 
 
 @triton.jit
+def scaled_cos(dots, inv_x, inv_r):
+    """cos_ij = (x_i · r_j) / (max(||x_i||, eps) · max(||r_j||, eps)) from raw dot products."""
+    return dots * inv_x[:, None] * inv_r[None, :]
+
+
+@triton.jit
 def cos_tile(x_tile, r_tile, inv_x, inv_r):
-    """cos_ij = (x_i · r_j) / (max(||x_i||, eps) · max(||r_j||, eps))."""
+    """The cosine tile of two full-width tiles (see :func:`scaled_cos`)."""
     zero = tl.zeros((x_tile.shape[0], r_tile.shape[0]), inv_x.dtype)
-    return mma(x_tile, tl.trans(r_tile), zero) * inv_x[:, None] * inv_r[None, :]
+    return scaled_cos(mma(x_tile, tl.trans(r_tile), zero), inv_x, inv_r)
+
+
+# ----------------------------------------------------------------------------- reductions
+
+@triton.jit
+def lse_init(BLOCK: tl.constexpr, dtype: tl.constexpr):
+    """The running (max, Σ exp(z − max)) of an empty set, per row."""
+    return tl.full((BLOCK,), NEG_BIG, dtype), tl.zeros((BLOCK,), dtype)
+
+
+@triton.jit
+def online_lse(m, s, z, mask):
+    """Merge the masked entries of a tile into the running (max, Σ exp(z − max)) per row.
+    A NaN entry makes the sum NaN (exp(NaN − max)), and with it the merged logsumexp: the
+    running max may skip it (tl.max has maxnum semantics) without hiding it."""
+    zm = tl.where(mask, z, NEG_BIG)
+    m_new = tl.maximum(m, tl.max(zm, axis=1))
+    s_new = s * tl.exp(m - m_new) + tl.sum(tl.where(mask, tl.exp(zm - m_new[:, None]), 0.0),
+                                           axis=1)
+    return m_new, s_new
+
+
+# ----------------------------------------------------------------------------- USS terms
+
+@triton.jit
+def uss_terms(cos, y, l, ids, rows, cols, row_ok, col_ok, bias_ptr, bias_stride, scale, margin,
+              IN_BATCH: tl.constexpr):
+    """P and N masks of a cosine tile and each pair's softplus argument z (docs/design.md
+    §1.1): z⁺ = b_j − s·(cos − m) in P, z⁻ = s·cos − b_j elsewhere (P and N are disjoint, so
+    one tile holds both). Column j is reference row `ids[j]` of the bias array (j itself, or
+    the class S_j under partial FC) with label l[j]; `col_ok` says which columns are read
+    (:func:`ref_rows_ok`): the rest are in neither set. `cols` serve the in-batch
+    self-exclusion."""
+    ok = row_ok[:, None] & col_ok[None, :]
+    same = y[:, None] == l[None, :]
+    pos = ok & same
+    if IN_BATCH:
+        pos = pos & (rows[:, None] != cols[None, :])
+    neg = ok & (y[:, None] != l[None, :])
+    b = tl.load(bias_ptr + ids * bias_stride, mask=col_ok, other=0.0).to(cos.dtype)
+    z = tl.where(pos, b[None, :] - scale * (cos - margin), scale * cos - b[None, :])
+    return pos, neg, z
+
+
+@triton.jit
+def uss_pairs_sum(z, pos, neg, scale, CLAMP: tl.constexpr):
+    """Σ_P softplus(z⁺) + Σ_N softplus(z⁻) per row (the official clamp: z → clamp(z, −s, s))."""
+    if CLAMP:
+        z = clamp(z, -scale, scale)
+    return tl.sum(tl.where(pos | neg, softplus(z), 0.0), axis=1)
+
+
+@triton.jit
+def uss_row_stats(stats_ptr, rows, row_ok, B):
+    """The backward's per-row USS statistics (A, σA', B, σB' of the lse form, σ' zero where
+    the official clamp is active or the set is empty), stored as four rows of B values from
+    `stats_ptr`."""
+    return (tl.load(stats_ptr + rows, mask=row_ok, other=0.0),
+            tl.load(stats_ptr + B + rows, mask=row_ok, other=0.0),
+            tl.load(stats_ptr + 2 * B + rows, mask=row_ok, other=0.0),
+            tl.load(stats_ptr + 3 * B + rows, mask=row_ok, other=0.0))
+
+
+@triton.jit
+def uss_grad(z, pos, neg, scale, a, fa, bn, fb, LSE: tl.constexpr, CLAMP: tl.constexpr):
+    """g_ij / go_i = ∂L_i/∂cos_ij of USS (docs/design.md §1.1), zero outside P ∪ N:
+
+        pairs: −s·σ(z⁺) (P), s·σ(z⁻) (N), zero where the official clamp is active
+        lse:   −s·e^{z⁺ − A_i}·σ(A_i) (P), s·e^{z⁻ − B_i}·σ(B_i) (N)
+
+    (for lse, fa = σ(A_i) is already zero where the clamp on A_i is active, fb likewise)."""
+    if LSE:
+        g = scale * tl.exp(z - tl.where(pos, a[:, None], bn[:, None]))
+        g = g * tl.where(pos, fa[:, None], fb[:, None])
+    else:
+        g = scale * sigmoid(z)
+        if CLAMP:  # the clamp's gradient: 1 inside [−s, s], 0 outside (and for NaN)
+            g = tl.where((z >= -scale) & (z <= scale), g, 0.0)
+    return tl.where(pos, -g, tl.where(neg, g, 0.0))
+
+
+# ----------------------------------------------------------------------------- host finish
+
+def merge_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Merge per-slice (max, sum-exp) pairs [slices, B] into logsumexp per row; −inf if empty."""
+    top = m.max(dim=0).values
+    total = (s * torch.exp(m - top)).sum(dim=0)
+    # total == 0 only for an empty set; a NaN total stays NaN (NaN inputs are never hidden).
+    return torch.where(total == 0, torch.full_like(top, -float("inf")), top + torch.log(total))
+
+
+def uss_lse_finish(partial: torch.Tensor, scale: float, clamp: bool):
+    """The lse form's per-row loss and the backward's statistics [4, B] = (A, σA', B, σB')
+    from per-slice partials [slices, 4, B] = (max⁺, sumexp⁺, max⁻, sumexp⁻):
+    :func:`~unitsface_kernels.reference.uss_lse_terms` of the merged A and B."""
+    a = merge_lse(partial[:, 0], partial[:, 1])
+    b = merge_lse(partial[:, 2], partial[:, 3])
+    rows, fa, fb = reference.uss_lse_terms(a, b, scale, clamp)
+    return rows, torch.stack([a, fa, b, fb])
+
+
+def normalised_grad(acc_g, h, t, norms):
+    """(G − h·t̂) / max(||t||, eps), without the projection when ||t|| < eps."""
+    inv = 1.0 / norms.clamp_min(reference.EPS)
+    proj = torch.where(norms >= reference.EPS, h, torch.zeros_like(h))
+    return inv[:, None] * (acc_g - (proj * inv)[:, None] * t.to(acc_g.dtype))
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,20 @@
-"""The margin-softmax maths of DESIGN.md §1.2 as Triton device functions.
+"""The margin-softmax maths of docs/design.md §1.2 as Triton device functions (the Python
+statement is reference.target_logit).
 
-    f(c)  = cos(θ + m2) − m3 = c·cos m2 − sin θ·sin m2 − m3,  sin θ = sqrt(max(1 − c², 1e-12))
-            (insightface's fallback c − m2·sin m2 − m3 when θ + m2 > π, i.e. c ≤ −cos m2)
-    f'(c) = cos m2 + sin m2 · c / sin θ   (cos m2 where 1 − c² ≤ 1e-12; 1 on the fallback)
+    f(c)  = cos(θ + m2) − m3 = c·cos m2 − sin θ·sin m2 − m3
+    exact (default):  sin θ = sqrt(max(1 − c², 1e-12)); insightface's fallback c − m2·sin m2 − m3
+                      where θ + m2 > π (c ≤ −cos m2);
+                      f'(c) = cos m2 + sin m2 · c / sin θ  (cos m2 where 1 − c² ≤ 1e-12; 1 on
+                      the fallback)
+    straight-through (ST, arcface_torch since 2022-12): sin θ = sqrt(max(1 − c², 0)), no
+                      fallback, f' = 1
+    easy margin (EASY): f(c) = c and f' = 1 where c ≤ 0 (then no fallback either)
     z_ic  = s·f(cos_ic) for c = y_i, s·cos_ic otherwise, with cos clamped to [−1, 1]
     ∂L_i/∂cos_ic = s·p_ic (c ≠ y_i),  s·(p_iy − 1)·f'(cos_iy),  p = softmax_c(z_ic)
 
-The trigonometric constants come precomputed: cos m2, sin m2 and m2·sin m2.
+The trigonometric constants come precomputed: cos m2, sin m2 and m2·sin m2. A NaN cosine
+stays NaN through the clamp and f; its own gradient is zero (as the clamp's in the reference),
+and the NaN reaches the gradients through the softmax and the normalisation.
 """
 
 from __future__ import annotations
@@ -14,38 +22,59 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .common import clamp, clamp_min
+
+SIN_FLOOR = tl.constexpr(1e-12)
+"""The floor of 1 − cos² under sin θ in the exact form (reference.target_logit)."""
+
 
 @triton.jit
-def target_logit(c, m3, cos_m2, sin_m2, m2_sin_m2, ARC: tl.constexpr):
+def target_logit(c, m3, cos_m2, sin_m2, m2_sin_m2, ARC: tl.constexpr, ST: tl.constexpr,
+                 EASY: tl.constexpr):
+    """f(c) of the target class."""
     if ARC:
-        sin_t = tl.sqrt(tl.maximum(1.0 - c * c, 1e-12))
-        f = tl.where(c > -cos_m2, c * cos_m2 - sin_t * sin_m2, c - m2_sin_m2)
+        if ST:
+            f = c * cos_m2 - tl.sqrt(clamp_min(1.0 - c * c, 0.0)) * sin_m2
+        else:
+            f = c * cos_m2 - tl.sqrt(clamp_min(1.0 - c * c, SIN_FLOOR)) * sin_m2
+            if not EASY:
+                f = tl.where(c > -cos_m2, f, c - m2_sin_m2)  # NaN: c − m2_sin_m2 is NaN
+        f = f - m3
     else:
-        f = c
-    return f - m3
+        f = c - m3
+    if EASY:
+        f = tl.where(c > 0.0, f, c)
+    return f
 
 
 @triton.jit
-def target_slope(c, cos_m2, sin_m2, ARC: tl.constexpr):
+def target_slope(c, cos_m2, sin_m2, ARC: tl.constexpr, ST: tl.constexpr, EASY: tl.constexpr):
+    """f'(c) of the target class (1 for CosFace and straight-through)."""
     if ARC:
-        one_minus = 1.0 - c * c
-        sin_t = tl.sqrt(tl.maximum(one_minus, 1e-12))
-        slope = tl.where(one_minus > 1e-12, cos_m2 + sin_m2 * c / sin_t, cos_m2)
-        return tl.where(c > -cos_m2, slope, 1.0)
+        if not ST:
+            one_minus = 1.0 - c * c
+            sin_t = tl.sqrt(clamp_min(one_minus, SIN_FLOOR))
+            slope = tl.where(one_minus > SIN_FLOOR, cos_m2 + sin_m2 * c / sin_t, cos_m2)
+            # where f(c) = c (easy margin, c ≤ 0) or on the fallback (c ≤ −cos m2): 1
+            return tl.where(c > (0.0 if EASY else -cos_m2), slope, 1.0)
     return tl.full(c.shape, 1.0, c.dtype)
 
 
 @triton.jit
-def softmax_logits(cos_raw, is_target, scale, m3, cos_m2, sin_m2, m2_sin_m2, ARC: tl.constexpr):
+def softmax_logits(cos_raw, is_target, scale, m3, cos_m2, sin_m2, m2_sin_m2, ARC: tl.constexpr,
+                   ST: tl.constexpr, EASY: tl.constexpr):
     """(clamped cos, z) of a cosine tile."""
-    c = tl.minimum(tl.maximum(cos_raw, -1.0), 1.0)
-    z = scale * tl.where(is_target, target_logit(c, m3, cos_m2, sin_m2, m2_sin_m2, ARC), c)
+    c = clamp(cos_raw, -1.0, 1.0)
+    z = scale * tl.where(is_target, target_logit(c, m3, cos_m2, sin_m2, m2_sin_m2, ARC, ST, EASY),
+                         c)
     return c, z
 
 
 @triton.jit
-def softmax_grad(cos_raw, c, z, is_target, ok, lse, scale, cos_m2, sin_m2, ARC: tl.constexpr):
-    """∂L_i/∂cos_ic of the tile (zero outside `ok` and where the [−1, 1] clamp is active)."""
+def softmax_grad(cos_raw, c, z, is_target, ok, lse, scale, cos_m2, sin_m2, ARC: tl.constexpr,
+                 ST: tl.constexpr, EASY: tl.constexpr):
+    """∂L_i/∂cos_ic of the tile (zero outside `ok` and where the [−1, 1] clamp is active or the
+    cosine is NaN: the gradient of the reference's clamp)."""
     p = tl.exp(z - lse[:, None])
-    g = scale * tl.where(is_target, (p - 1.0) * target_slope(c, cos_m2, sin_m2, ARC), p)
+    g = scale * tl.where(is_target, (p - 1.0) * target_slope(c, cos_m2, sin_m2, ARC, ST, EASY), p)
     return tl.where(ok & (cos_raw >= -1.0) & (cos_raw <= 1.0), g, 0.0)
