@@ -106,6 +106,17 @@ def uss_pair_terms(z: torch.Tensor, scale: float, clamp: bool) -> torch.Tensor:
     return softplus(z.clamp(-scale, scale) if clamp else z)
 
 
+def _pair_sums(pos, neg, z_pos, z_neg, scale, clamp):
+    """Σ_P softplus(z⁺) + Σ_N softplus(z⁻) per row. The arguments outside their set are zeroed
+    before the softplus, so that a NaN there (a NaN row of x meets every column) sends no
+    NaN through the softplus's derivative into the thresholds of columns it does not use."""
+    zero = torch.zeros_like(z_pos)
+    return (torch.where(pos, uss_pair_terms(torch.where(pos, z_pos, zero), scale, clamp),
+                        zero).sum(1)
+            + torch.where(neg, uss_pair_terms(torch.where(neg, z_neg, zero), scale, clamp),
+                          zero).sum(1))
+
+
 def target_logit(cos: torch.Tensor, margin_arc: float, margin_cos: float, *,
                  straight_through: bool = False, easy_margin: bool = False) -> torch.Tensor:
     """f(cos) of the target class (docs/design.md §1.2).
@@ -175,9 +186,7 @@ def uss_rows(x, labels, bias, ref=None, ref_labels=None, ref_valid=None, *,
     z_pos, z_neg = uss_z(xh @ rh.T, bias, scale, margin)
     pos, neg = uss_masks(labels, ref_labels, ref_valid, in_batch)
     if form == "pairs":
-        zero = torch.zeros_like(z_pos)
-        return (torch.where(pos, uss_pair_terms(z_pos, scale, official_clamp), zero).sum(1)
-                + torch.where(neg, uss_pair_terms(z_neg, scale, official_clamp), zero).sum(1))
+        return _pair_sums(pos, neg, z_pos, z_neg, scale, official_clamp)
     if form == "lse":
         return uss_lse_terms(masked_logsumexp(z_pos, pos), masked_logsumexp(z_neg, neg),
                              scale, official_clamp)[0]
@@ -301,10 +310,8 @@ def _class_tiles(x, centres, bank, labels, index, bank_valid, bias, o: Unitsface
 def _uss_surrogate(pos, neg, z_pos, z_neg, stats4, lse, clamp, scale):
     """Per row, a function of z⁺, z⁻ whose gradient is the USS g for the given statistics
     (the pairs loss itself; for lse σ(A)·Σ_P e^{z⁺ − A} + σ(B)·Σ_N e^{z⁻ − B})."""
-    zero = torch.zeros_like(z_pos)
     if not lse:
-        return (torch.where(pos, uss_pair_terms(z_pos, scale, clamp), zero).sum(1)
-                + torch.where(neg, uss_pair_terms(z_neg, scale, clamp), zero).sum(1))
+        return _pair_sums(pos, neg, z_pos, z_neg, scale, clamp)
     a, fa, b, fb = stats4
     out = torch.zeros_like(a)
     for z, mask, stat, f in ((z_pos, pos, a, fa), (z_neg, neg, b, fb)):
