@@ -9,8 +9,9 @@ namespace unitsface {
 namespace chunking {
 
 at::Tensor chunk_rows(const at::Tensor& t, const at::Tensor& idx, int64_t j0, int64_t n,
-                      at::ScalarType dt, const at::Tensor& valid) {
+                      at::ScalarType read, at::ScalarType dt, const at::Tensor& valid) {
   at::Tensor rows = idx.defined() ? t.index_select(0, idx.narrow(0, j0, n)) : t.narrow(0, j0, n);
+  if (rows.scalar_type() != read) rows = rows.to(read);
   if (rows.scalar_type() != dt) rows = rows.to(dt);
   // On the CPU a chunk whose rows are all valid stays a view (reading the mask is free);
   // on CUDA that test would cost a synchronisation, so the chunk is always masked.
@@ -144,7 +145,8 @@ at::Tensor uss_lse_rows(const at::Tensor& stat_a, const at::Tensor& stat_b, at::
     const at::Tensor arg = clamp ? stat.clamp(-scale, scale) : stat;
     rows += at::where(empty, at::zeros_like(stat), at::logaddexp(arg, at::zeros_like(arg)));
     const at::Tensor inside =
-        clamp ? at::logical_and(stat >= -scale, stat <= scale) : at::logical_not(empty);
+        clamp ? at::logical_not(at::logical_or(stat < -scale, stat > scale))
+              : at::logical_not(empty);
     stats[first + 2 * k].copy_(stat);
     stats[first + 2 * k + 1].copy_(at::where(inside, at::sigmoid(stat), at::zeros_like(stat)));
   }

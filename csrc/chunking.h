@@ -102,13 +102,25 @@ inline at::Tensor columns(const at::Tensor& v, int64_t j0, int64_t n) {
   return v.narrow(0, j0, n);
 }
 
-// Rows [j0, j0 + n) of t (through `idx` when defined: t[idx[j0 + k]]), contiguous, in dtype
-// `dt`, with the rows whose `valid` entry (the chunk's bool mask; undefined: all valid) is
+// Reference rows (centres, bank, ref) may come in another 16/32-bit float dtype than x (fp32
+// master weights with half embeddings, a half bank with fp32 embeddings): they are read
+// rounded to x's dtype, chunk by chunk (chunk_rows; docs/design.md §3). float64 mixes with
+// nothing.
+inline bool reads_as(at::ScalarType ref, at::ScalarType x) {
+  const auto narrow = [](at::ScalarType t) {
+    return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+  };
+  return ref == x || (narrow(ref) && narrow(x));
+}
+
+// Rows [j0, j0 + n) of t (through `idx` when defined: t[idx[j0 + k]]), contiguous, rounded to
+// `read` (x's dtype) and then in dtype `dt`, with the rows whose `valid` entry (the chunk's bool mask; undefined: all valid) is
 // false read as zero rows: an invalid row takes no part whatever it holds, NaN included
 // (docs/design.md §5), and a zero row also has zero dots and a zero norm, so no 0·NaN reaches
 // a GEMM. A view when possible; else a chunk-sized copy.
 at::Tensor chunk_rows(const at::Tensor& t, const at::Tensor& idx, int64_t j0, int64_t n,
-                      at::ScalarType dt, const at::Tensor& valid = at::Tensor());
+                      at::ScalarType read, at::ScalarType dt,
+                      const at::Tensor& valid = at::Tensor());
 
 // Writes a chunk's per-column values into rows [j0, j0 + n) of dst, or rows idx[j0 + k].
 void write_columns(at::Tensor& dst, const at::Tensor& idx, int64_t j0, const at::Tensor& values);

@@ -210,7 +210,7 @@ UF_HOST_DEVICE T uss_pair_loss(T z, const UssParams<T>& p) {
 template <typename T>
 UF_HOST_DEVICE T uss_pair_grad(T z, bool pos, const UssParams<T>& p) {
   const T g = (pos ? -p.scale : p.scale) * sigmoid<T>(z);
-  return (p.clamp & !((z >= -p.scale) & (z <= p.scale))) ? T(0) : g;
+  return (p.clamp & ((z < -p.scale) | (z > p.scale))) ? T(0) : g;
 }
 // "pairs": the pair's loss term and ∂(term)/∂cos from one exponential (the fused forward).
 // Where the clamp is active its gradient is 0, and where it is not clamp(z) = z, so σ of the
@@ -220,7 +220,7 @@ UF_HOST_DEVICE void uss_pair_loss_grad(T z, bool pos, const UssParams<T>& p, T& 
   T sig;
   softplus_sigmoid<T>(p.clamp ? clamp_sym<T>(z, p.scale) : z, loss, sig);
   const T g = (pos ? -p.scale : p.scale) * sig;
-  grad = (p.clamp & !((z >= -p.scale) & (z <= p.scale))) ? T(0) : g;
+  grad = (p.clamp & ((z < -p.scale) | (z > p.scale))) ? T(0) : g;
 }
 // "lse": ∂L/∂cos = −s·e^{z⁺ − A}·σA | s·e^{z⁻ − B}·σB with stat = A|B and f = σ(stat)
 // (f is zero where the clamp on the statistic is active)

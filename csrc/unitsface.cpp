@@ -37,7 +37,8 @@ void check_unitsface_args(const char* op, const UnitsfaceInputs& in) {
                     centres.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op,
                    ": x must be a floating tensor, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(centres.scalar_type() == x.scalar_type(), op, ": centres has dtype ",
+  TORCH_CHECK_TYPE(chunking::reads_as(centres.scalar_type(), x.scalar_type()), op,
+                   ": centres has dtype ",
                    centres.scalar_type(), " but x has ", x.scalar_type());
   TORCH_CHECK_VALUE(in.labels.dim() == 1 && in.labels.size(0) == x.size(0), op,
                     ": labels must have shape (", x.size(0), ",), got ", in.labels.sizes());
@@ -58,8 +59,8 @@ void check_unitsface_args(const char* op, const UnitsfaceInputs& in) {
     TORCH_CHECK_VALUE(bank.dim() == 2 && bank.size(0) == C && bank.size(1) == x.size(1), op,
                       ": bank must have the shape of centres ", centres.sizes(), ", got ",
                       bank.sizes());
-    TORCH_CHECK_TYPE(bank.scalar_type() == x.scalar_type(), op, ": bank has dtype ",
-                     bank.scalar_type(), " but x has ", x.scalar_type());
+    TORCH_CHECK_TYPE(chunking::reads_as(bank.scalar_type(), x.scalar_type()), op,
+                     ": bank has dtype ", bank.scalar_type(), " but x has ", x.scalar_type());
     TORCH_CHECK_VALUE(bank.device() == dev, op, ": bank must be on ", dev);
     TORCH_CHECK_VALUE(in.bias.has_value(), op, ": the USS part (a bank) needs a bias");
   }
@@ -105,7 +106,7 @@ at::Tensor target_columns(const at::Tensor& labels, const at::Tensor& index, int
 
 // The per-call pieces shared by the forward and the backward.
 struct UnitsfaceCall {
-  at::ScalarType acc, gdt;
+  at::ScalarType acc, gdt, xdt;  // accumulation, GEMM operands, x (centres and bank read in it)
   int64_t B, D, C, S;
   bool has_bank;
   at::Tensor xg;       // x in the GEMM dtype, contiguous
@@ -120,6 +121,7 @@ struct UnitsfaceCall {
   explicit UnitsfaceCall(const UnitsfaceInputs& in)
       : acc(acc_type(in.x.scalar_type())),
         gdt(chunking::gemm_type(in.x)),
+        xdt(in.x.scalar_type()),
         B(in.x.size(0)),
         D(in.x.size(1)),
         C(in.centres.size(0)),
@@ -146,11 +148,11 @@ struct UnitsfaceCall {
     return index.defined() ? v.index_select(0, index) : v;
   }
   at::Tensor centre_rows(int64_t j0, int64_t n) const {
-    return chunking::chunk_rows(centres, index, j0, n, gdt);
+    return chunking::chunk_rows(centres, index, j0, n, xdt, gdt);
   }
   // invalid bank rows read as zero rows
   at::Tensor bank_rows(int64_t j0, int64_t n) const {
-    return chunking::chunk_rows(bank, index, j0, n, gdt, bank_cols.valid_chunk(j0, n));
+    return chunking::chunk_rows(bank, index, j0, n, xdt, gdt, bank_cols.valid_chunk(j0, n));
   }
 
   UnitsfaceChunk proto(Pass pass, const UnitsfaceOptions& o, const at::Tensor& inv_x) const {
@@ -309,9 +311,9 @@ Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
   at::Tensor G = need_dx ? at::zeros({splits, B, D}, call.opts) : at::Tensor();
   const at::Tensor xh =
       need_dw ? (call.xg.to(acc) * inv_x.unsqueeze(1)).to(call.gdt) : at::Tensor();
-  if (need_dw) {
-    dw = call.index.defined() ? at::zeros_like(call.centres) : at::empty_like(call.centres);
-  }
+  // ∂centres of the classes of S only, row j for class S_j (compact: the caller scatters it
+  // or hands it on as a sparse gradient; contract.py), in the centres' dtype
+  if (need_dw) dw = at::empty({S, D}, call.centres.options());
   at::Tensor db_cols = (uss_db && vector_bias) ? at::zeros({call.C}, call.opts) : at::Tensor();
   const at::Tensor flat_w = do_w ? at::empty({splits, B * c}, call.opts) : at::Tensor();
   const at::Tensor flat_b = do_b ? at::empty({splits, B * c}, call.opts) : at::Tensor();
@@ -358,7 +360,7 @@ Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
       if (do_b) chunking::gemm_acc(g, ck.bank.grads, bc);
     }
     if (need_dw) {
-      chunking::column_grads(dw, ck.softmax.grads, xh, wc, nw.narrow(0, j0, n), call.index, j0,
+      chunking::column_grads(dw, ck.softmax.grads, xh, wc, nw.narrow(0, j0, n), at::Tensor(), j0,
                              scratch(qflat[sp], n, D));
     }
     if (uss_db && vector_bias) {

@@ -99,7 +99,8 @@ UnitsfaceForward unitsface_fwd_op(const at::Tensor& x, const at::Tensor& centres
                                   const std::optional<at::Tensor>& index,
                                   const std::optional<at::Tensor>& bank_valid,
                                   const std::optional<at::Tensor>& bias,
-                                  c10::ArrayRef<double> options, bool row_grads) {
+                                  c10::ArrayRef<double> options, bool row_grads,
+                                  bool /*sparse_grad: read by the autograd rule only*/) {
   const at::OptionalDeviceGuard guard(at::device_of(x));
   return unitsface_forward({x, centres, bank, labels, index, bank_valid, bias},
                            UnitsfaceOptions::unpack(options), row_grads, Epilogue);

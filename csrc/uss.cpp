@@ -29,7 +29,7 @@ void check_uss_args(const char* op, const UssInputs& in) {
                     " but x has ", x.size(1));
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op,
                    ": x must be a floating tensor, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(ref.scalar_type() == x.scalar_type(), op, ": ref has dtype ",
+  TORCH_CHECK_TYPE(chunking::reads_as(ref.scalar_type(), x.scalar_type()), op, ": ref has dtype ",
                    ref.scalar_type(), " but x has ", x.scalar_type());
   TORCH_CHECK_VALUE(in.labels.dim() == 1 && in.labels.size(0) == x.size(0), op,
                     ": labels must have shape (", x.size(0), ",), got ", in.labels.sizes());
@@ -60,7 +60,7 @@ void check_uss_args(const char* op, const UssInputs& in) {
 
 // The per-call pieces shared by the forward and the backward.
 struct UssCall {
-  at::ScalarType acc, gdt;
+  at::ScalarType acc, gdt, xdt;  // accumulation, GEMM operands, x (reference rows read in it)
   int64_t B, N, D;
   at::Tensor xg;   // x in the GEMM dtype, contiguous
   at::Tensor ref;  // contiguous
@@ -71,6 +71,7 @@ struct UssCall {
   explicit UssCall(const UssInputs& in)
       : acc(acc_type(in.x.scalar_type())),
         gdt(chunking::gemm_type(in.x)),
+        xdt(in.x.scalar_type()),
         B(in.x.size(0)),
         N(in.ref.size(0)),
         D(in.x.size(1)),
@@ -84,7 +85,7 @@ struct UssCall {
 
   // the chunk's reference rows, invalid ones read as zero rows
   at::Tensor rows(int64_t j0, int64_t n) const {
-    return chunking::chunk_rows(ref, at::Tensor(), j0, n, gdt, cols.valid_chunk(j0, n));
+    return chunking::chunk_rows(ref, at::Tensor(), j0, n, xdt, gdt, cols.valid_chunk(j0, n));
   }
 };
 

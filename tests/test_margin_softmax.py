@@ -178,7 +178,7 @@ def test_sample_classes_reproducible_and_uniform():
     (lambda c: c.update(index=c["index"].float()), "index must be an integer tensor"),
     (lambda c: c.update(index=c["index"][:0]), "index must be a non-empty 1-D tensor"),
     (lambda c: c.update(centres=c["centres"][:, :5]), "centres has embedding size 5"),
-    (lambda c: c.update(centres=c["centres"].half()), "centres has dtype torch.float16"),
+    (lambda c: c.update(centres=c["centres"].double()), "centres has dtype torch.float64"),
     (lambda c: c.update(labels=c["labels"][:3]), r"labels must have shape \(37,\)"),
 ])
 def test_bad_inputs(mutate, match):

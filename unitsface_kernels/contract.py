@@ -20,18 +20,26 @@ Op family ``uss`` (docs/design.md §1.1), ``unitsface::uss_{fwd,bwd}_{triton,nat
 
 Op family ``unitsface`` (§1.2–§1.3), ``unitsface::unitsface_{fwd,bwd}_{triton,native}``::
 
-    fwd(x, centres, bank?, labels, index?, bank_valid?, bias?, float[] options, bool row_grads)
+    fwd(x, centres, bank?, labels, index?, bank_valid?, bias?, float[] options,
+        bool row_grads=False, bool sparse_grad=False)
         -> (rows [B], stats [7, B], nx [B], nw [S], nb [S | 0], dx_rows [B, D | 0], db_rows [B | 0])
     bwd(grad_rows, x, centres, bank?, labels, index?, bank_valid?, bias?, stats, nx, nw, nb,
-        dx_rows, db_rows, float[] options, bool[3] needs) -> (dx, dcentres, dbias)
+        dx_rows, db_rows, float[] options, bool[3] needs) -> (dx, dcentres [S, D], dbias)
 
   The margin softmax over the classes S (the partial-FC index, or all), plus λ·USS on the bank
   rows of the same classes when a bank is given. stats = (lse_c z_ic, A, σA, B, σB, z_iy,
   USS loss). A label that matches no column (−1, or a class of another shard) has no target
-  there: z_iy = 0. ``row_grads`` (native backend on CPU tensors only, see
+  there: z_iy = 0. With an index the backward's dcentres holds the rows of the classes of
+  S only (row j for class S_j); the autograd rule scatters it into a dense C × D gradient, or
+  passes it on as a sparse COO gradient of those rows when ``sparse_grad`` is set (it is read
+  by the autograd rule only). ``row_grads`` (native backend on CPU tensors only, see
   :data:`ROW_GRADS`): the forward also forms dx_rows = ∂L_i/∂x_i and db_rows = ∂L_i/∂b
   (scalar b) in its sweep, valid for the statistics of this very call, and the backward then
   uses them instead of recomputing (never class-parallel, whose statistics are global).
+
+Reference rows (ref, centres, bank) may come in another 16/32-bit float dtype than x (fp32
+master weights with half embeddings): the kernels read them rounded to x's dtype, and their
+gradients come in their own dtype.
 
 ``options`` is :meth:`~unitsface_kernels.options.UssOptions.pack` /
 :meth:`~unitsface_kernels.options.UnitsfaceOptions.pack`; ``needs`` says which of the three
@@ -61,14 +69,19 @@ ROW_GRADS = {("unitsface", "native", "cpu")}
 @dataclass(frozen=True)
 class Family:
     """One op family: its tensor inputs, the three differentiable ones among them, its
-    forward outputs after ``rows`` (all saved for the backward), and the output sizes."""
+    forward outputs after ``rows`` (all saved for the backward), and the output sizes.
+    ``indexed``: the name of the input that selects the reference rows (partial FC's index):
+    the backward returns the gradient of those rows only, row j for the row index[j], and the
+    autograd rule scatters it into a dense gradient, or hands it on as a sparse one when the
+    forward's ``sparse_grad`` asks for it."""
 
     name: str
     inputs: tuple[tuple[str, str], ...]      # (schema type, name)
     grads: tuple[str, str, str]              # x, the reference rows with a gradient, bias
     saved: tuple[str, ...]                   # forward outputs after rows
-    fwd_extra: str                           # schema of the arguments after `options`
+    fwd_extra: tuple[str, ...]               # schema of the arguments after `options`
     sizes: Callable[..., tuple]              # (inputs..., *extra) -> sizes of `saved`
+    indexed: str | None = None
 
     @property
     def grad_positions(self) -> tuple[int, ...]:
@@ -78,7 +91,7 @@ class Family:
     def schemas(self, backend: str) -> tuple[str, str]:
         args = ", ".join(f"{t} {n}" for t, n in self.inputs)
         saved = ", ".join(f"Tensor {n}" for n in self.saved)
-        extra = f", {self.fwd_extra}" if self.fwd_extra else ""
+        extra = "".join(f", {e}" for e in self.fwd_extra)
         fwd = (f"{self.name}_fwd_{backend}({args}, float[] options{extra}) -> "
                f"(Tensor rows, {saved})")
         bwd = (f"{self.name}_bwd_{backend}(Tensor grad_rows, {args}, {saved}, float[] options, "
@@ -91,7 +104,8 @@ def _uss_sizes(x, ref, *_):
     return (4, b), (b,), (ref.shape[0],)
 
 
-def _unitsface_sizes(x, centres, bank, labels, index, bank_valid, bias, options, row_grads):
+def _unitsface_sizes(x, centres, bank, labels, index, bank_valid, bias, options, row_grads=False,
+                     sparse_grad=False):
     b = x.shape[0]
     s = centres.shape[0] if index is None else index.shape[0]
     return ((7, b), (b,), (s,), (s if bank is not None else 0,),
@@ -103,13 +117,14 @@ FAMILIES = {
         "uss",
         (("Tensor", "x"), ("Tensor", "ref"), ("Tensor", "labels"), ("Tensor", "ref_labels"),
          ("Tensor?", "ref_valid"), ("Tensor", "bias")),
-        ("x", "ref", "bias"), ("stats", "nx", "nr"), "", _uss_sizes),
+        ("x", "ref", "bias"), ("stats", "nx", "nr"), (), _uss_sizes),
     "unitsface": Family(
         "unitsface",
         (("Tensor", "x"), ("Tensor", "centres"), ("Tensor?", "bank"), ("Tensor", "labels"),
          ("Tensor?", "index"), ("Tensor?", "bank_valid"), ("Tensor?", "bias")),
         ("x", "centres", "bias"), ("stats", "nx", "nw", "nb", "dx_rows", "db_rows"),
-        "bool row_grads", _unitsface_sizes),
+        ("bool row_grads=False", "bool sparse_grad=False"), _unitsface_sizes,
+        indexed="index"),
 }
 
 
@@ -152,15 +167,33 @@ def _fake_forward(family: Family):
 
 def _fake_backward(family: Family):
     positions = family.grad_positions
+    names = [n for _, n in family.inputs]
 
     def fake(grad_rows, *args):
         needs = args[-1]
+        index = args[names.index(family.indexed)] if family.indexed else None
         out = []
-        for pos, need in zip(positions, needs):
+        for k, (pos, need) in enumerate(zip(positions, needs)):
             t = args[pos]
-            out.append(torch.empty_like(t) if (need and t is not None) else args[0].new_empty(0))
+            if not need or t is None:
+                out.append(args[0].new_empty(0))
+            elif k == 1 and index is not None:  # the rows of the index
+                out.append(t.new_empty(index.shape[0], *t.shape[1:]))
+            else:
+                out.append(torch.empty_like(t))
         return tuple(out)
     return fake
+
+
+def expand_rows(grad: torch.Tensor, index, shape, sparse: bool) -> torch.Tensor:
+    """The gradient of the rows index[j] (row j of `grad`) as the gradient of the whole tensor
+    of `shape`: a sparse COO tensor of those rows (``sparse``), else dense with zero rows
+    elsewhere."""
+    if index is None:
+        return grad
+    if sparse:
+        return torch.sparse_coo_tensor(index[None], grad, tuple(shape), is_coalesced=True)
+    return grad.new_zeros(tuple(shape)).index_copy_(0, index, grad)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -168,16 +201,22 @@ def _fake_backward(family: Family):
 def _autograd(family: Family, bwd_op):
     n_in = len(family.inputs)
     positions = family.grad_positions
+    names = [n for _, n in family.inputs]
+    indexed = names.index(family.indexed) if family.indexed else None
 
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(*inputs[:n_in], *output[1:])
         ctx.options = inputs[n_in]
+        ctx.sparse_grad = bool(inputs[-1]) if family.indexed else False
 
     def backward(ctx, grad_rows, *_):
         saved = ctx.saved_tensors
         needs = [ctx.needs_input_grad[p] and saved[p] is not None for p in positions]
-        grads = bwd_op(grad_rows.contiguous(), *saved, ctx.options, needs)
+        grads = list(bwd_op(grad_rows.contiguous(), *saved, ctx.options, needs))
+        if indexed is not None and needs[1]:
+            grads[1] = expand_rows(grads[1], saved[indexed], saved[positions[1]].shape,
+                                   ctx.sparse_grad)
         out = [None] * len(ctx.needs_input_grad)
         for p, g, need in zip(positions, grads, needs):
             out[p] = g if need else None

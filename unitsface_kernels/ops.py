@@ -135,16 +135,18 @@ def _class_inputs(x, centres, labels, index):
     return x, centres, labels, index, values
 
 
-def _unitsface_rows(backend, x, centres, bank, labels, index, bank_valid, bias, opts):
+def _unitsface_rows(backend, x, centres, bank, labels, index, bank_valid, bias, opts,
+                    sparse_grad):
     """Per-row losses of the unitsface op family on a fused backend."""
     row_grads = contract.wants_row_grads("unitsface", backend, x)
     return contract.forward_op("unitsface", backend)(x, centres, bank, labels, index, bank_valid,
-                                                     bias, opts.pack(), row_grads)[0]
+                                                     bias, opts.pack(), row_grads,
+                                                     sparse_grad)[0]
 
 
 def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0, margin_cos=0.4,
                               arcface_grad="exact", easy_margin=False, index=None,
-                              reduction="mean", backend="auto", shard=None):
+                              sparse_grad=False, reduction="mean", backend="auto", shard=None):
     """CosFace / ArcFace softmax over normalised class centres (docs/design.md §1.2),
     optionally over a partial-FC index S, without a B×C (or B×|S|) matrix:
 
@@ -152,9 +154,14 @@ def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0,
         z_iy = s·(cos(θ_iy + m2) − m3)  (insightface's fallback when θ + m2 > π)
 
     Args:
-        x: (B, D) embeddings. centres: (C, D) class centres W (they take a gradient).
+        x: (B, D) embeddings. centres: (C, D) class centres W (they take a gradient; they may
+            be float32 master weights for half-precision x, read rounded to x's dtype, their
+            gradient in float32).
         labels: (B,) classes in [0, C). index: sorted unique classes holding every label
             (see :func:`sample_classes`); rows of W outside it get exactly zero gradient.
+        sparse_grad: with an index, W's gradient is a sparse COO tensor of the rows of the
+            index (no dense C × D gradient; :class:`~unitsface_kernels.optim.SparseSGD`
+            steps it), like ``nn.Embedding(sparse=True)``.
         scale: s > 0. margin_arc: m2 in [0, π) (ArcFace 0.5). margin_cos: m3 in [−1, 1]
             (CosFace 0.4, UniTSFace's).
         arcface_grad: "exact" (f' exact, with insightface's fallback past π; insightface
@@ -174,8 +181,9 @@ def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0,
         return distributed.margin_softmax_loss(
             x, centres, labels, shard, scale=scale, margin_arc=margin_arc,
             margin_cos=margin_cos, arcface_grad=arcface_grad, easy_margin=easy_margin,
-            index=index, reduction=reduction, backend=backend)
+            index=index, sparse_grad=sparse_grad, reduction=reduction, backend=backend)
     check.choice(reduction, options.REDUCTIONS, "reduction")
+    sparse_grad = check.flag(sparse_grad, "sparse_grad")
     opts = options.softmax_options(scale=scale, margin_arc=margin_arc, margin_cos=margin_cos,
                                    arcface_grad=arcface_grad, easy_margin=easy_margin)
     x, centres, labels, index, values = _class_inputs(x, centres, labels, index)
@@ -185,16 +193,18 @@ def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0,
         rows = reference.margin_softmax_rows(
             x, centres, labels, scale=opts.scale, margin_arc=opts.margin_arc,
             margin_cos=opts.margin_cos, arcface_grad=arcface_grad,
-            easy_margin=opts.easy_margin, index=index)
+            easy_margin=opts.easy_margin, index=index, sparse_grad=sparse_grad)
     else:
-        rows = _unitsface_rows(backend, x, centres, None, labels, index, None, None, opts)
+        rows = _unitsface_rows(backend, x, centres, None, labels, index, None, None, opts,
+                               sparse_grad)
     return reference.reduce_rows(rows.to(reference.compute_dtype(x.dtype)), reduction)
 
 
 def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, index=None,
                          scale=64.0, margin_arc=0.0, margin_cos=0.4, arcface_grad="exact",
                          easy_margin=False, uss_margin=0.1, uss_form="pairs", uss_weight=1.0,
-                         official_clamp=False, reduction="mean", backend="auto", shard=None):
+                         official_clamp=False, sparse_grad=False, reduction="mean",
+                         backend="auto", shard=None):
     """The UniTSFace objective in one pass over the classes (docs/design.md §1.3):
 
         L_i = L_softmax,i(x; W[S], m2, m3) + λ·L_uss,i(x; bank[S], b, bank_valid[S])
@@ -204,7 +214,8 @@ def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, ind
 
     Args:
         x: (B, D). labels: (B,) in [0, C). centres: (C, D) W, with gradient.
-        bank: (C, D) memory bank (a buffer, no gradient), same dtype as x.
+        bank: (C, D) memory bank (a buffer, no gradient). centres and bank may be float32 for
+            half-precision x, or half for float32 x: they are read rounded to x's dtype.
         bias: the unified threshold b (a learnable scalar) or one b_c per class (C values).
         bank_valid: (C,) bool, slots written so far; None → all valid.
         index: partial-FC classes (sorted, unique, holding every label), shared by both parts.
@@ -212,6 +223,8 @@ def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, ind
             :func:`fused_margin_softmax_loss`.
         uss_margin: m of USS. uss_form: "pairs" or "lse". uss_weight: λ ≥ 0.
         official_clamp: the official clamp of USS's softplus arguments to [−s, s].
+        sparse_grad: W's gradient as a sparse COO tensor of the index's rows (see
+            :func:`fused_margin_softmax_loss`).
         shard: a :class:`~unitsface_kernels.distributed.ClassShard` for class-parallel
             training: centres, bank, bank_valid (and a per-class bias) are this rank's rows
             [start, stop), ``index`` holds LOCAL class ids, a scalar bias is replicated, and
@@ -222,9 +235,10 @@ def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, ind
             x, labels, centres, bank, bias, shard, bank_valid=bank_valid, index=index,
             scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
             easy_margin=easy_margin, uss_margin=uss_margin, uss_form=uss_form,
-            uss_weight=uss_weight, official_clamp=official_clamp, reduction=reduction,
-            backend=backend)
+            uss_weight=uss_weight, official_clamp=official_clamp, sparse_grad=sparse_grad,
+            reduction=reduction, backend=backend)
     check.choice(reduction, options.REDUCTIONS, "reduction")
+    sparse_grad = check.flag(sparse_grad, "sparse_grad")
     opts = options.unitsface_options(
         scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
         easy_margin=easy_margin, uss_margin=uss_margin, uss_form=uss_form,
@@ -244,7 +258,9 @@ def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, ind
             x, labels, centres, bank, bias, bank_valid=bank_valid, index=index, scale=opts.scale,
             margin_arc=opts.margin_arc, margin_cos=opts.margin_cos, arcface_grad=arcface_grad,
             easy_margin=opts.easy_margin, uss_margin=opts.uss_margin, uss_form=uss_form,
-            uss_weight=opts.uss_weight, official_clamp=opts.uss_clamp, reduction="none")
+            uss_weight=opts.uss_weight, official_clamp=opts.uss_clamp, reduction="none",
+            sparse_grad=sparse_grad)
     else:
-        rows = _unitsface_rows(backend, x, centres, bank, labels, index, bank_valid, bias, opts)
+        rows = _unitsface_rows(backend, x, centres, bank, labels, index, bank_valid, bias, opts,
+                               sparse_grad)
     return reference.reduce_rows(rows.to(reference.compute_dtype(x.dtype)), reduction)

@@ -71,11 +71,39 @@ def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def readable_rows(ref: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """The reference rows as the losses read them: rows marked invalid are zero."""
+def readable_rows(ref: torch.Tensor, valid: torch.Tensor | None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The reference rows as the losses read them: rounded to x's dtype (`dtype`: reference
+    rows may be fp32 master weights for half embeddings, or a half bank for fp32 ones), and
+    rows marked invalid are zero."""
+    if dtype is not None and ref.dtype != dtype:
+        ref = ref.to(dtype)
     if valid is None:
         return ref
     return torch.where(valid[:, None], ref, torch.zeros((), dtype=ref.dtype, device=ref.device))
+
+
+class _RowsWithSparseGrad(torch.autograd.Function):
+    """t[index] whose gradient is a sparse COO tensor of those rows (``sparse_grad``)."""
+
+    @staticmethod
+    def forward(ctx, t, index):
+        ctx.save_for_backward(index)
+        ctx.shape = t.shape
+        return t[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return torch.sparse_coo_tensor(index[None], grad, ctx.shape, is_coalesced=True), None
+
+
+def class_rows(t: torch.Tensor, index, sparse_grad: bool = False) -> torch.Tensor:
+    """The rows of the classes of the index (all rows without one); with ``sparse_grad`` the
+    gradient reaching t is sparse (only those rows)."""
+    if index is None:
+        return t
+    return _RowsWithSparseGrad.apply(t, index) if sparse_grad else t[index]
 
 
 def uss_z(cos: torch.Tensor, bias: torch.Tensor, scale: float, margin: float):
@@ -94,16 +122,24 @@ def uss_lse_terms(a: torch.Tensor, b: torch.Tensor, scale: float, clamp: bool):
     factors = []
     for stat in (a, b):
         empty = stat == -math.inf
-        arg = stat.clamp(-scale, scale) if clamp else stat
+        arg = clamp_sym(stat, scale) if clamp else stat
         rows = rows + torch.where(empty, torch.zeros_like(stat), softplus(arg))
-        inside = (stat >= -scale) & (stat <= scale) if clamp else ~empty
+        # (written so that a NaN statistic counts as inside: its NaN reaches the gradient)
+        inside = ~((stat < -scale) | (stat > scale)) if clamp else ~empty
         factors.append(torch.where(inside, torch.sigmoid(stat), torch.zeros_like(stat)))
     return rows, factors[0], factors[1]
 
 
+def clamp_sym(z: torch.Tensor, scale: float) -> torch.Tensor:
+    """z clamped to [−s, s] (the official clamp), its gradient zero where the clamp is active.
+    Unlike torch.clamp's, its gradient at a NaN is NaN: data NaN reaches the gradients of
+    what it touches (docs/design.md §5)."""
+    return torch.where(z > scale, scale, torch.where(z < -scale, -scale, z))
+
+
 def uss_pair_terms(z: torch.Tensor, scale: float, clamp: bool) -> torch.Tensor:
     """softplus of one pair's argument (clamped to [−s, s] by the official clamp)."""
-    return softplus(z.clamp(-scale, scale) if clamp else z)
+    return softplus(clamp_sym(z, scale) if clamp else z)
 
 
 def _pair_sums(pos, neg, z_pos, z_neg, scale, clamp):
@@ -168,7 +204,7 @@ def _reference_set(x, labels, ref, ref_labels, ref_valid):
             ref_labels = torch.arange(ref.shape[0], device=ref.device)
     if ref_valid is None:
         ref_valid = torch.ones(ref.shape[0], dtype=torch.bool, device=ref.device)
-    return normalize(readable_rows(ref, ref_valid)), ref_labels, ref_valid, in_batch
+    return normalize(readable_rows(ref, ref_valid, x.dtype)), ref_labels, ref_valid, in_batch
 
 
 def uss_rows(x, labels, bias, ref=None, ref_labels=None, ref_valid=None, *,
@@ -221,11 +257,11 @@ def mean_of_finite(stat: torch.Tensor) -> torch.Tensor:
 
 
 def margin_softmax_rows(x, centres, labels, *, scale=64.0, margin_arc=0.0, margin_cos=0.4,
-                        arcface_grad="exact", easy_margin=False, index=None):
+                        arcface_grad="exact", easy_margin=False, index=None, sparse_grad=False):
     """Per-row CosFace/ArcFace softmax loss (docs/design.md §1.2) over all classes or over the
     partial-FC index S: L_i = logsumexp_c z_ic − z_{i,y_i}, z_ic = s·cos_ic (c ≠ y_i),
     z_iy = s·f(cos_iy) (:func:`target_logit`), cos clamped to [−1, 1]."""
-    w = centres if index is None else centres[index]
+    w = readable_rows(class_rows(centres, index, sparse_grad), None, x.dtype)
     local = labels if index is None else torch.searchsorted(index, labels)
     cos = (normalize(x) @ normalize(w).T).clamp(-1.0, 1.0)
     target = target_logit(cos.gather(1, local[:, None]), margin_arc, margin_cos,
@@ -243,13 +279,13 @@ def margin_softmax_loss(x, centres, labels, *, reduction="mean", **kw):
 def unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, index=None, scale=64.0,
                    margin_arc=0.0, margin_cos=0.4, arcface_grad="exact", easy_margin=False,
                    uss_margin=0.1, uss_form="pairs", uss_weight=1.0, official_clamp=False,
-                   reduction="mean"):
+                   reduction="mean", sparse_grad=False):
     """The UniTSFace objective (docs/design.md §1.3): per row,
     L_i = L_softmax,i(x; W, margins) + λ·L_uss,i(x; bank, b), both over the same classes
     (all of them, or the partial-FC index S; the bank row of class c has label c)."""
     soft = margin_softmax_rows(x, centres, labels, scale=scale, margin_arc=margin_arc,
                                margin_cos=margin_cos, arcface_grad=arcface_grad,
-                               easy_margin=easy_margin, index=index)
+                               easy_margin=easy_margin, index=index, sparse_grad=sparse_grad)
     classes = torch.arange(bank.shape[0], device=bank.device) if index is None else index
     valid = bank_valid if bank_valid is not None else torch.ones(
         bank.shape[0], dtype=torch.bool, device=bank.device)
@@ -291,7 +327,7 @@ def _class_tiles(x, centres, bank, labels, index, bank_valid, bias, o: Unitsface
     """Eager logits of the classes S: z (softmax), the target mask, and USS (pos, neg, z⁺, z⁻)."""
     classes = torch.arange(centres.shape[0], device=x.device) if index is None else index
     xh = normalize(x)
-    cos = (xh @ normalize(centres[classes]).T).clamp(-1.0, 1.0)
+    cos = (xh @ normalize(readable_rows(centres[classes], None, x.dtype)).T).clamp(-1.0, 1.0)
     is_t = labels[:, None] == classes[None, :]
     f = target_logit(cos, o.margin_arc, o.margin_cos, straight_through=o.arcface_straight_through,
                      easy_margin=o.easy_margin)
@@ -300,7 +336,7 @@ def _class_tiles(x, centres, bank, labels, index, bank_valid, bias, o: Unitsface
     if bank is not None:
         valid = (torch.ones_like(classes, dtype=torch.bool) if bank_valid is None
                  else bank_valid[classes])
-        cos_b = xh @ normalize(readable_rows(bank[classes], valid)).T
+        cos_b = xh @ normalize(readable_rows(bank[classes], valid, x.dtype)).T
         b = bias.reshape(-1)
         z_pos, z_neg = uss_z(cos_b, b if b.numel() == 1 else b[classes], o.scale, o.uss_margin)
         uss = (is_t & valid[None, :], ~is_t & valid[None, :], z_pos, z_neg)
@@ -335,7 +371,8 @@ def _norms(*tensors):
     return tuple(t.to(compute_dtype(t.dtype)).norm(dim=1) for t in tensors)
 
 
-def unitsface_fwd(x, centres, bank, labels, index, bank_valid, bias, options, row_grads=False):
+def unitsface_fwd(x, centres, bank, labels, index, bank_valid, bias, options, row_grads=False,
+                  sparse_grad=False):
     """Eager unitsface_fwd: (rows, stats [7, B], ||x||, ||W[S]||, ||bank[S]||, ∅, ∅)."""
     o = UnitsfaceOptions.unpack(options)
     z, is_t, uss = _class_tiles(x, centres, bank, labels, index, bank_valid, bias, o)
@@ -347,8 +384,9 @@ def unitsface_fwd(x, centres, bank, labels, index, bank_valid, bias, options, ro
     if uss is not None:
         stats[6], stats[1:5] = _uss_stats(*uss, o.uss_lse, o.uss_clamp, o.scale)
         rows = rows + o.uss_weight * stats[6]
-    nb = _norms(bank[sel])[0] if bank is not None else stats.new_empty(0)
-    return (rows, stats) + _norms(x, centres[sel]) + (nb, stats.new_empty(0), stats.new_empty(0))
+    read = [readable_rows(t[sel], None, x.dtype) for t in (centres, bank) if t is not None]
+    nb = _norms(read[1])[0] if bank is not None else stats.new_empty(0)
+    return (rows, stats) + _norms(x, read[0]) + (nb, stats.new_empty(0), stats.new_empty(0))
 
 
 def _grads_of(row, go, wanted):
@@ -365,7 +403,7 @@ def _leaf(t, need):
 def unitsface_bwd(grad_rows, x, centres, bank, labels, index, bank_valid, bias, stats, nx, nw,
                   nb, dx_rows, db_rows, options, needs):
     """Eager unitsface_bwd from the (global) statistics: autograd of the surrogate
-    Σ_i go_i·[Σ_c e^{z_ic − lse_i} − z_iy + λ·USS'_i]."""
+    Σ_i go_i·[Σ_c e^{z_ic − lse_i} − z_iy + λ·USS'_i]; ∂centres of the rows of the index."""
     o = UnitsfaceOptions.unpack(options)
     with torch.enable_grad():
         leaves = [_leaf(t, n) for t, n in zip((x, centres, bias), needs)]
@@ -379,6 +417,8 @@ def unitsface_bwd(grad_rows, x, centres, bank, labels, index, bank_valid, bias, 
             row = row + o.uss_weight * _uss_surrogate(*uss, stats[1:5].to(z.dtype), o.uss_lse,
                                                       o.uss_clamp, o.scale)
         grads = _grads_of(row, grad_rows, leaves)
+    if grads[1] is not None and index is not None:
+        grads[1] = grads[1][index]
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
@@ -386,11 +426,11 @@ def uss_fwd(x, ref, labels, ref_labels, ref_valid, bias, options):
     """Eager uss_fwd (reference rows with their own labels): (rows, stats [4, B], ||x||, ||r||)."""
     o = UssOptions.unpack(options)
     valid = torch.ones_like(ref_labels, dtype=torch.bool) if ref_valid is None else ref_valid
-    cos = normalize(x) @ normalize(readable_rows(ref, valid)).T
+    cos = normalize(x) @ normalize(readable_rows(ref, valid, x.dtype)).T
     pos, neg = uss_masks(labels, ref_labels, valid, o.in_batch)
     rows, stats = _uss_stats(pos, neg, *uss_z(cos, bias, o.scale, o.margin), o.lse, o.clamp,
                              o.scale)
-    return (rows, stats) + _norms(x, ref)
+    return (rows, stats) + _norms(x, readable_rows(ref, None, x.dtype))
 
 
 def uss_bwd(grad_rows, x, ref, labels, ref_labels, ref_valid, bias, stats, nx, nr, options,
@@ -401,7 +441,8 @@ def uss_bwd(grad_rows, x, ref, labels, ref_labels, ref_valid, bias, stats, nx, n
     valid = torch.ones_like(ref_labels, dtype=torch.bool) if ref_valid is None else ref_valid
     with torch.enable_grad():
         xv, bv = _leaf(x, needs[0]), _leaf(bias, needs[2])
-        cos = normalize(xv if xv is not None else x) @ normalize(readable_rows(ref, valid)).T
+        cos = normalize(xv if xv is not None else x) @ normalize(readable_rows(ref, valid,
+                                                                                x.dtype)).T
         pos, neg = uss_masks(labels, ref_labels, valid, o.in_batch)
         z_pos, z_neg = uss_z(cos, bv if bv is not None else bias, o.scale, o.margin)
         row = _uss_surrogate(pos, neg, z_pos, z_neg, stats.to(z_pos.dtype), o.lse, o.clamp,

@@ -110,8 +110,19 @@ def embeddings(x, name: str = "x") -> torch.Tensor:
     return x.contiguous()
 
 
+NARROW_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def reads_as(ref_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
+    """Reference rows may come in another 16/32-bit float dtype than x (fp32 master weights
+    with half embeddings, a half bank with fp32 ones): the kernels read them rounded to x's
+    dtype. float64 mixes with nothing."""
+    return ref_dtype == x_dtype or (ref_dtype in NARROW_DTYPES and x_dtype in NARROW_DTYPES)
+
+
 def reference_rows(ref, x: torch.Tensor, name: str, x_name: str = "x") -> torch.Tensor:
-    """A (N × D) matrix matching x in D, dtype and device, with N ≥ 1, made contiguous."""
+    """A (N × D) float matrix matching x in D and device, in a dtype x can read
+    (:func:`reads_as`), with N ≥ 1, made contiguous."""
     ref = tensor(ref, name)
     if ref.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows × embedding size), got shape {tuple(ref.shape)}")
@@ -121,8 +132,9 @@ def reference_rows(ref, x: torch.Tensor, name: str, x_name: str = "x") -> torch.
         raise ValueError(f"{name} has embedding size {ref.shape[1]} but {x_name} has {x.shape[1]}")
     if ref.device != x.device:
         raise ValueError(f"{name} is on {ref.device} but {x_name} is on {x.device}")
-    if ref.dtype != x.dtype:
-        raise TypeError(f"{name} has dtype {ref.dtype} but {x_name} has {x.dtype}; cast one of them")
+    if ref.dtype not in FLOAT_DTYPES or not reads_as(ref.dtype, x.dtype):
+        raise TypeError(f"{name} has dtype {ref.dtype} but {x_name} has {x.dtype}; cast one of "
+                        "them (only float16, bfloat16 and float32 mix)")
     return ref.contiguous()
 
 

@@ -26,6 +26,7 @@ class _Spec:
     shard: ClassShard
     has_bank: bool = False
     replicated_bias: bool = True
+    sparse_grad: bool = False  # W's gradient as a sparse tensor of the index's rows
 
 
 class _ShardRows(torch.autograd.Function):
@@ -43,7 +44,7 @@ class _ShardRows(torch.autograd.Function):
         group = spec.shard.group
         if spec.family == "unitsface":
             rows, stats, *saved = fwd(x, centres, bank, labels, index, bank_valid, bias, packed,
-                                      False)
+                                      False, spec.sparse_grad)
             total, stats = statistics.combine_unitsface(rows, stats, spec.options,
                                                         spec.has_bank, group)
         else:
@@ -67,6 +68,8 @@ class _ShardRows(torch.autograd.Function):
         if spec.family == "unitsface":
             dx, dw, db = bwd(grad_rows, x, centres, bank, labels, index, bank_valid, bias, stats,
                              *saved, packed, [need_dx, need_dw, need_db])
+            if need_dw:  # the backward gives the rows of the index
+                dw = contract.expand_rows(dw, index, centres.shape, spec.sparse_grad)
         else:
             dx, _, db = bwd(grad_rows, x, bank, labels, ref_labels, bank_valid, bias, stats,
                             *saved, packed, [need_dx, False, need_db])
@@ -137,7 +140,7 @@ def _rows(spec, x, centres, bias, labels, index, bank, bank_valid, ref_labels, r
 
 def margin_softmax_loss(x, centres, labels, shard, *, scale=64.0, margin_arc=0.0,
                         margin_cos=0.4, arcface_grad="exact", easy_margin=False, index=None,
-                        reduction="mean", backend="auto", gathered=False):
+                        sparse_grad=False, reduction="mean", backend="auto", gathered=False):
     """Class-parallel CosFace/ArcFace softmax (partial FC): ``centres`` are this rank's rows
     [start, stop); ``index`` (optional) is a sorted index of LOCAL class ids that holds every
     class of the global batch falling in the shard (:meth:`ClassShard.sample`).
@@ -147,26 +150,30 @@ def margin_softmax_loss(x, centres, labels, shard, *, scale=64.0, margin_arc=0.0
     per-row losses ("none", all ranks' rows in rank order), identical on every rank."""
     def validate(x):
         check.choice(reduction, options.REDUCTIONS, "reduction")
+        check.flag(sparse_grad, "sparse_grad")
         opts = options.softmax_options(scale=scale, margin_arc=margin_arc,
                                        margin_cos=margin_cos, arcface_grad=arcface_grad,
                                        easy_margin=easy_margin)
         return opts, _local_rows(centres, "centres", x, shard)
 
     x, labels, local, (opts, w), idx = _batch(x, labels, shard, gathered, validate, index)
-    spec = _Spec("unitsface", backends.resolve(backend, x.device, "unitsface"), opts, shard)
+    spec = _Spec("unitsface", backends.resolve(backend, x.device, "unitsface"), opts, shard,
+                 sparse_grad=bool(sparse_grad))
     return _rows(spec, x, w, None, local, idx, None, None, None, reduction)
 
 
 def unitsface_loss(x, labels, centres, bank, bias, shard, *, bank_valid=None, index=None,
                    scale=64.0, margin_arc=0.0, margin_cos=0.4, arcface_grad="exact",
                    easy_margin=False, uss_margin=0.1, uss_form="pairs", uss_weight=1.0,
-                   official_clamp=False, reduction="mean", backend="auto", gathered=False):
+                   official_clamp=False, sparse_grad=False, reduction="mean", backend="auto",
+                   gathered=False):
     """Class-parallel UniTSFace objective: ``centres``, ``bank``, ``bank_valid`` (and a
     per-class ``bias``) are this rank's rows; a scalar ``bias`` is the replicated unified
     threshold (it gets the full ∂L/∂b on every rank). ``index``: LOCAL class ids, as in
     :func:`margin_softmax_loss`."""
     def validate(x):
         check.choice(reduction, options.REDUCTIONS, "reduction")
+        check.flag(sparse_grad, "sparse_grad")
         opts = options.unitsface_options(
             scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
             easy_margin=easy_margin, uss_margin=uss_margin, uss_form=uss_form,
@@ -178,7 +185,7 @@ def unitsface_loss(x, labels, centres, bank, bias, shard, *, bank_valid=None, in
     x, labels, local, (opts, w, bk, valid, b), idx = _batch(x, labels, shard, gathered,
                                                             validate, index)
     spec = _Spec("unitsface", backends.resolve(backend, x.device, "unitsface"), opts, shard,
-                 has_bank=True, replicated_bias=b.numel() == 1)
+                 has_bank=True, replicated_bias=b.numel() == 1, sparse_grad=bool(sparse_grad))
     return _rows(spec, x, w, b, local, idx, bk, valid, None, reduction)
 
 

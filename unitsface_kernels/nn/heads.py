@@ -15,10 +15,11 @@ from ..backends import BACKENDS
 from ..distributed import gather_batch
 from ..ops import fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss, uss_bias_init
 from . import checkpoint
-from .parts import (MemoryBank, Threshold, as_dtype, checked_batch, class_shard, no_autocast,
-                    partial_fc_index, resolve_backend, setup_classes, shard_repr)
+from .parts import (FreshWeights, MemoryBank, Threshold, checked_batch, class_shard, fresh_rows,
+                    no_autocast, partial_fc_index, readable, resolve_backend, setup_classes,
+                    shard_repr)
 
-class PartialFC(nn.Module):
+class PartialFC(FreshWeights):
     """The sample-to-class margin softmax (CosFace/ArcFace) with partial FC, shaped like
     insightface's ``PartialFC_V2``:
 
@@ -36,6 +37,10 @@ class PartialFC(nn.Module):
     the classes (None: the default group). ``arcface_grad`` and ``easy_margin``: the ArcFace
     conventions of :func:`~unitsface_kernels.fused_margin_softmax_loss`. ``fp16``: compute
     the loss in float16 from float32 embeddings (what PartialFC_V2's ``fp16`` does).
+    ``sparse_grad``: with partial FC, ``weight`` gets a sparse gradient of the sampled rows
+    (no dense C × D gradient per step); step it with
+    :class:`~unitsface_kernels.optim.SparseSGD`, which keeps the other rows exactly where
+    dense SGD would (the module brings the rows it reads up to date first).
 
     :meth:`from_insightface` builds one from arcface_torch's ``CombinedMarginLoss``.
     """
@@ -43,14 +48,15 @@ class PartialFC(nn.Module):
     def __init__(self, embedding_size: int, num_classes: int, sample_rate: float = 1.0, *,
                  scale: float = 64.0, margin_cos: float = 0.4, margin_arc: float = 0.0,
                  arcface_grad: str = "exact", easy_margin: bool = False, fp16: bool = False,
-                 backend: str = "auto", class_parallel: Optional[bool] = None,
-                 process_group=None):
+                 sparse_grad: bool = False, backend: str = "auto",
+                 class_parallel: Optional[bool] = None, process_group=None):
         super().__init__()
         options.softmax_options(scale=scale, margin_arc=margin_arc, margin_cos=margin_cos,
                                 arcface_grad=arcface_grad, easy_margin=easy_margin)  # checks
         self.scale, self.margin_cos, self.margin_arc = scale, margin_cos, margin_arc
         self.arcface_grad, self.easy_margin = arcface_grad, easy_margin
         self.fp16 = check.flag(fp16, "fp16")
+        self.sparse_grad = check.flag(sparse_grad, "sparse_grad")
         self.backend = check.choice(backend, BACKENDS, "backend")
         setup_classes(self, embedding_size, num_classes, sample_rate, class_parallel,
                       process_group)
@@ -184,29 +190,32 @@ class PartialFC(nn.Module):
     def _softmax_kw(self) -> dict:
         return dict(scale=self.scale, margin_arc=self.margin_arc, margin_cos=self.margin_cos,
                     arcface_grad=self.arcface_grad, easy_margin=self.easy_margin,
-                    backend=self.backend)
+                    sparse_grad=self.sparse_grad, backend=self.backend)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         embeddings, labels = checked_batch(self, embeddings, labels, "embeddings")
         if self.fp16 and embeddings.dtype == torch.float32:
             embeddings = embeddings.half()
         resolve_backend(self, embeddings.device, "unitsface")
+        if self.shard is not None:
+            embeddings, labels = gather_batch(embeddings, labels, self.shard)
+        index = partial_fc_index(self, labels)
+        fresh_rows(self.weight, index)
+        weight = readable(self.weight, embeddings.dtype)
         with no_autocast(embeddings.device):
             if self.shard is not None:
-                x_all, y_all = gather_batch(embeddings, labels, self.shard)
-                return distributed.margin_softmax_loss(
-                    x_all, as_dtype(self.weight, x_all.dtype), y_all, self.shard,
-                    index=partial_fc_index(self, y_all), gathered=True, **self._softmax_kw())
-            return fused_margin_softmax_loss(
-                embeddings, as_dtype(self.weight, embeddings.dtype), labels,
-                index=partial_fc_index(self, labels), **self._softmax_kw())
+                return distributed.margin_softmax_loss(embeddings, weight, labels, self.shard,
+                                                       index=index, gathered=True,
+                                                       **self._softmax_kw())
+            return fused_margin_softmax_loss(embeddings, weight, labels, index=index,
+                                             **self._softmax_kw())
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"sample_rate={self.sample_rate}, scale={self.scale}, "
                 f"margin_cos={self.margin_cos}, margin_arc={self.margin_arc}, "
                 f"arcface_grad={self.arcface_grad!r}, easy_margin={self.easy_margin}, "
-                f"backend={self.backend!r}{shard_repr(self)}")
+                f"sparse_grad={self.sparse_grad}, backend={self.backend!r}{shard_repr(self)}")
 
 
 class USSLoss(Threshold, MemoryBank):
@@ -304,7 +313,7 @@ class USSLoss(Threshold, MemoryBank):
                 f"backend={self.backend!r}{shard_repr(self)}")
 
 
-class UniTSFaceHead(Threshold, MemoryBank):
+class UniTSFaceHead(Threshold, MemoryBank, FreshWeights):
     """The UniTSFace training head (Li et al., NeurIPS 2023): CosFace/ArcFace softmax over
     the class centres (with partial FC when sample_rate < 1) plus λ·USS against a memory bank
     of the last feature of every class, computed in one fused pass; returns the loss.
@@ -327,6 +336,8 @@ class UniTSFaceHead(Threshold, MemoryBank):
         uss_margin, uss_form, uss_weight: USS's positive margin m, "pairs" (official) or
             "lse", and its weight λ. official_clamp: the official head's clamp of USS's
             softplus arguments to [−s, s] (default True: this module is the official head).
+        sparse_grad: with partial FC, ``weight`` gets a sparse gradient of the sampled rows
+            (see :class:`PartialFC`; step it with :class:`~unitsface_kernels.optim.SparseSGD`).
         class_parallel, process_group: class-parallel training under torch.distributed
             (None: automatic when initialised with several ranks; see the package docstring):
             this rank then holds the rows [class_start, class_start + num_local) of weight and
@@ -341,9 +352,9 @@ class UniTSFaceHead(Threshold, MemoryBank):
                  scale: float = 64.0, margin_cos: float = 0.4, margin_arc: float = 0.0,
                  arcface_grad: str = "exact", easy_margin: bool = False,
                  uss_margin: float = 0.1, uss_form: str = "pairs", uss_weight: float = 1.0,
-                 official_clamp: bool = True, bank_dtype: torch.dtype = torch.float32,
-                 backend: str = "auto", class_parallel: Optional[bool] = None,
-                 process_group=None):
+                 official_clamp: bool = True, sparse_grad: bool = False,
+                 bank_dtype: torch.dtype = torch.float32, backend: str = "auto",
+                 class_parallel: Optional[bool] = None, process_group=None):
         super().__init__()
         options.unitsface_options(  # checks the settings
             scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
@@ -353,6 +364,7 @@ class UniTSFaceHead(Threshold, MemoryBank):
         self.arcface_grad, self.easy_margin = arcface_grad, easy_margin
         self.uss_margin, self.uss_form, self.uss_weight = uss_margin, uss_form, uss_weight
         self.official_clamp = official_clamp
+        self.sparse_grad = check.flag(sparse_grad, "sparse_grad")
         self.backend = check.choice(backend, BACKENDS, "backend")
         setup_classes(self, embedding_size, num_classes, sample_rate, class_parallel,
                       process_group)
@@ -375,7 +387,8 @@ class UniTSFaceHead(Threshold, MemoryBank):
 
     def _uss_kw(self) -> dict:
         return dict(uss_margin=self.uss_margin, uss_form=self.uss_form,
-                    uss_weight=self.uss_weight, official_clamp=self.official_clamp)
+                    uss_weight=self.uss_weight, official_clamp=self.official_clamp,
+                    sparse_grad=self.sparse_grad)
 
     def forward(self, x: Tensor, labels: Tensor, with_uss: bool = True) -> Tensor:
         x, labels = checked_batch(self, x, labels)
@@ -385,15 +398,18 @@ class UniTSFaceHead(Threshold, MemoryBank):
         if sharded:
             x, labels = gather_batch(x, labels, self.shard)
         index = partial_fc_index(self, labels)
-        weight = as_dtype(self.weight, x.dtype)
+        fresh_rows(self.weight, index)
+        weight = readable(self.weight, x.dtype)
         common = dict(index=index, **self._softmax_kw())
         if not with_uss:
             with no_autocast(x.device):
                 if sharded:
                     loss = distributed.margin_softmax_loss(x, weight, labels, self.shard,
-                                                           gathered=True, **common)
+                                                           gathered=True, sparse_grad=self.sparse_grad,
+                                                           **common)
                 else:
-                    loss = fused_margin_softmax_loss(x, weight, labels, **common)
+                    loss = fused_margin_softmax_loss(x, weight, labels,
+                                                     sparse_grad=self.sparse_grad, **common)
             loss = loss + 0.0 * self.bias.sum()  # b takes part (zero gradient): DDP-friendly
             return self._update_bank(x, labels, loss, ())
         bank, valid = self._bank_for_loss(x.dtype)
@@ -439,5 +455,6 @@ class UniTSFaceHead(Threshold, MemoryBank):
                 f"arcface_grad={self.arcface_grad!r}, easy_margin={self.easy_margin}, "
                 f"uss_margin={self.uss_margin}, uss_form={self.uss_form!r}, "
                 f"uss_weight={self.uss_weight}, official_clamp={self.official_clamp}, "
+                f"sparse_grad={self.sparse_grad}, "
                 f"bank_dtype={self._buffers['bank'].dtype}, "
                 f"backend={self.backend!r}{shard_repr(self)}")

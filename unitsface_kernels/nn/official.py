@@ -27,7 +27,7 @@ from ..backends import BACKENDS
 from ..distributed import gather_batch
 from ..ops import fused_margin_softmax_loss, fused_uss_loss, uss_bias_init
 from . import checkpoint
-from .parts import (MemoryBank, Threshold, as_dtype, checked_batch, class_shard, no_autocast,
+from .parts import (MemoryBank, Threshold, checked_batch, class_shard, no_autocast, readable,
                     resolve_backend, shard_repr)
 
 
@@ -65,7 +65,7 @@ class _CentreBCE(Threshold):
         x, labels = checked_batch(self, x, labels)
         resolve_backend(self, x.device, "uss")
         with no_autocast(x.device):
-            return fused_uss_loss(x, labels, self.bias, as_dtype(self.weight, x.dtype),
+            return fused_uss_loss(x, labels, self.bias, readable(self.weight, x.dtype),
                                   scale=self.scale, margin=self.margin,
                                   official_clamp=self.official_clamp, backend=self.backend)
 

@@ -47,9 +47,30 @@ def no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t in the compute dtype; a differentiable cast, so a float32 master gets the gradient."""
-    return t if t.dtype == dtype else t.to(dtype)
+def readable(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A parameter or buffer as the loss reads it for embeddings of `dtype`: in place when the
+    dtypes mix (float32 masters with half embeddings, a half bank with float32 ones: the
+    kernels round the rows as they read them, no copy), else cast (float64 mixes with
+    nothing; a differentiable cast, so the master still gets the gradient)."""
+    return t if check.reads_as(t.dtype, dtype) else t.to(dtype)
+
+
+def fresh_rows(param: Tensor, index: Optional[Tensor]) -> None:
+    """Before a forward reads rows of `param` (those of `index`; all when None): rows that a
+    lazy optimizer (:class:`~unitsface_kernels.optim.SparseSGD`) left behind are brought up to
+    date."""
+    lazy = getattr(param, "_unitsface_lazy", None)
+    if lazy is not None:
+        lazy.catch_up(index)
+
+
+class FreshWeights(nn.Module):
+    """A module whose ``weight`` a lazy optimizer may leave partly behind: its state_dict
+    brings every row up to date first."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        fresh_rows(self.weight, None)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
 
 def pair_cosine(a, b) -> Tensor:
@@ -244,10 +265,10 @@ class MemoryBank(nn.Module):
 
     # -- what the loss reads
     def _bank_for_loss(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The bank (in the compute dtype) and its validity, as the loss reads them: up to date
-        (a pending update is applied first), read in place."""
+        """The bank and its validity as the loss reads them for embeddings of `dtype`: up to
+        date (a pending update is applied first), read in place (see :func:`readable`)."""
         self._flush_bank()
-        return as_dtype(self._buffers["bank"], dtype), self._buffers["bank_valid"]
+        return readable(self._buffers["bank"], dtype), self._buffers["bank_valid"]
 
     # -- the update
     @torch.compiler.disable

@@ -167,6 +167,15 @@ def row_block(nx_ptr, y_ptr, rows, B):
 
 
 @triton.jit
+def unit_rows(t, inv):
+    """The rows of a tile at their F.normalize length (t·inv), in the tile's dtype. The
+    gradient products take their normalisation here, on the operand tile (|t̂| ≤ 1), rather
+    than on the gradient weights: g/max(‖t‖, eps) reaches 64·1e5 for a row below the eps,
+    past float16's range."""
+    return (t.to(inv.dtype) * inv[:, None]).to(t.dtype)
+
+
+@triton.jit
 def mma(a, b, acc):
     """acc + a @ b with fp32 accumulation (fp64 for fp64); 'ieee' keeps fp32 out of TF32."""
     return tl.dot(a, b, acc=acc, input_precision="ieee")
@@ -260,7 +269,7 @@ def uss_grad(z, pos, neg, scale, a, fa, bn, fb, LSE: tl.constexpr, CLAMP: tl.con
     else:
         g = scale * sigmoid(z)
         if CLAMP:  # the clamp's gradient: 1 inside [−s, s], 0 outside (and for NaN)
-            g = tl.where((z >= -scale) & (z <= scale), g, 0.0)
+            g = tl.where((z < -scale) | (z > scale), 0.0, g)  # NaN z: NaN g, not 0
     return tl.where(pos, -g, tl.where(neg, g, 0.0))
 
 
@@ -423,3 +432,10 @@ def num_splits(row_blocks: int, n_tiles: int, device: torch.device) -> int:
     splits = max(1, min(n_tiles, target // max(1, row_blocks)))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     return triton.cdiv(n_tiles, tiles_per_split)
+
+
+def read_as(ref: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """Reference rows as the kernels read them: in x's dtype (fp32 master weights for half
+    embeddings are rounded, a half bank for fp32 ones widened; docs/design.md §3). A copy
+    when the dtypes differ: the kernels take one operand dtype."""
+    return ref if ref is None or ref.dtype == x.dtype else ref.to(x.dtype)

@@ -39,8 +39,8 @@ from .. import reference
 from ..options import UnitsfaceOptions
 from .common import (EPS, check_width, fused_config, gather_chunk, inv_norm_of, lse_init,
                      merge_lse, mma, normalised_grad, num_splits, online_lse, out_dtype,
-                     ref_rows_ok, row_block, scaled_cos, upcast_tiles, uss_grad, uss_lse_finish,
-                     uss_pairs_sum, uss_row_stats, uss_terms)
+                     read_as, ref_rows_ok, row_block, scaled_cos, unit_rows, upcast_tiles,
+                     uss_grad, uss_lse_finish, uss_pairs_sum, uss_row_stats, uss_terms)
 from .margin_softmax import softmax_grad, softmax_logits
 from .norms import row_norms
 
@@ -206,7 +206,7 @@ def _bwd_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
         if NEED_DW:
             h_c += tl.sum(g * cos_w, axis=0)
             x_part = gather_chunk(x_ptr, rows, row_ok, D, d0, DC, UPCAST)
-            acc_w = mma(tl.trans((g * inv_x[:, None]).to(x_part.dtype)), x_part, acc_w)
+            acc_w = mma(tl.trans(g.to(x_part.dtype)), unit_rows(x_part, inv_x), acc_w)
         if HAS_USS:
             a, fa, bn, fb = uss_row_stats(stats_ptr + B, rows, row_ok, B)  # STAT_USS_LSE
             cos_b = scaled_cos(dot_b, inv_x, inv_b)
@@ -217,16 +217,15 @@ def _bwd_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
             gsum += tl.sum(gu, axis=0)
         if NEED_DX:
             h_x = tl.sum(g * cos_w, axis=1)
-            gw = g * inv_w[None, :]
             if HAS_USS:
                 h_x += tl.sum(gu * cos_b, axis=1)
-                gb = gu * inv_b[None, :]
             for k1 in range(d0, d0 + DC, BK):
-                wk = gather_chunk(w_ptr, cls, col_ok, D, k1, BK, UPCAST)
-                part = mma(gw.to(wk.dtype), wk, tl.zeros((BLOCK_M, BK), inv_w.dtype))
+                wk = unit_rows(gather_chunk(w_ptr, cls, col_ok, D, k1, BK, UPCAST), inv_w)
+                part = mma(g.to(wk.dtype), wk, tl.zeros((BLOCK_M, BK), inv_w.dtype))
                 if HAS_USS:
-                    bank_k = gather_chunk(bank_ptr, cls, bank_ok, D, k1, BK, UPCAST)
-                    part = mma(gb.to(bank_k.dtype), bank_k, part)
+                    bank_k = unit_rows(gather_chunk(bank_ptr, cls, bank_ok, D, k1, BK, UPCAST),
+                                       inv_b)
+                    part = mma(gu.to(bank_k.dtype), bank_k, part)
                 offs_k = k1 + tl.arange(0, BK)
                 # int32 offsets: the B × D accumulator is far below 2^31 elements
                 tl.atomic_add(gx_ptr + rows[:, None] * D + offs_k[None, :], part,
@@ -239,7 +238,7 @@ def _bwd_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
         w_own = gather_chunk(w_ptr, cls, col_ok, D, d0, DC, UPCAST)
         dw = inv_w[:, None] * (acc_w - proj[:, None] * w_own.to(acc_w.dtype))
         offs_d = d0 + tl.arange(0, DC)
-        tl.store(dw_ptr + cls[:, None].to(tl.int64) * D + offs_d[None, :],
+        tl.store(dw_ptr + cols[:, None].to(tl.int64) * D + offs_d[None, :],
                  dw.to(dw_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
     if HAS_USS:
         tl.store(gsum_ptr + cols, gsum, mask=col_ok & first)
@@ -265,7 +264,8 @@ def _setup(x, centres, bank, index, bank_valid, bias, o: UnitsfaceOptions):
                    UPCAST=upcast_tiles(x.dtype)))
 
 
-def fused_forward(x, centres, bank, labels, index, bank_valid, bias, options, row_grads):
+def fused_forward(x, centres, bank, labels, index, bank_valid, bias, options, row_grads=False,
+                  sparse_grad=False):
     """Per-row loss (softmax + λ·USS when `bank` is given) and the backward's statistics: the
     unitsface_fwd op of unitsface_kernels.contract (options: UnitsfaceOptions.pack(); no
     per-row gradients, row_grads must be False).
@@ -275,6 +275,7 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, options, ro
     if row_grads:
         raise ValueError("the triton forward does not form per-row gradients (row_grads)")
     o = UnitsfaceOptions.unpack(options)
+    centres, bank = read_as(centres, x), read_as(bank, x)
     bsz, d = x.shape
     check_width(d, x.dtype, x.device)
     a = _setup(x, centres, bank, index, bank_valid, bias, o)
@@ -326,7 +327,7 @@ def check_deterministic(device: torch.device) -> None:
 def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias, stats, nx, nw,
                    nb, dx_rows, db_rows, options, needs):
     """(∂x, ∂centres, ∂bias): the unitsface_bwd op of unitsface_kernels.contract; empty where
-    not needed. ∂centres is zero outside the index.
+    not needed. ∂centres holds the rows of the index's classes (row j: class S_j).
 
     One launch of :func:`_bwd_kernel` over (class tiles × feature chunks); then O(B·D + |S|)
     of host-side finishing: ∂x = (G − h·x̂)/max(||x||, eps) and ∂b = −(1/s)·Σ_i g'_ic."""
@@ -334,6 +335,8 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
     need_dx, need_dw, need_dbias = needs
     if need_dx:
         check_deterministic(x.device)
+    w_dtype = centres.dtype
+    centres, bank = read_as(centres, x), read_as(bank, x)
     bsz, d = x.shape
     a = _setup(x, centres, bank, index, bank_valid, bias, o)
     n_cls = a["n_classes"]
@@ -342,10 +345,8 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
     go = grad_rows.to(acc).contiguous()
     gx = torch.zeros(bsz if need_dx else 0, d, dtype=acc, device=x.device)
     hx = torch.zeros(bsz if need_dx else 0, dtype=acc, device=x.device)
-    dw_dtype = out_dtype(centres.dtype)  # fp32 under the interpreter for bf16: see out_dtype
-    dw = (torch.zeros(centres.shape, dtype=dw_dtype, device=x.device) if index is not None
-          else torch.empty(centres.shape, dtype=dw_dtype, device=x.device)
-          ) if need_dw else centres.new_empty(0)
+    # every class of S gets its row (fp32 under the interpreter for bf16: see out_dtype)
+    dw = torch.empty(n_cls if need_dw else 0, d, dtype=out_dtype(w_dtype), device=x.device)
     gsum = torch.empty(n_cls if bank is not None else 0, dtype=acc, device=x.device)
     # Feature chunks only serve the gradient accumulators; ∂b alone needs one program per tile.
     dc = cfg.dc if (need_dx or need_dw) else cfg.dp
@@ -364,6 +365,6 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
         else:
             db = -gsum.sum() / o.scale
         dbias = db.reshape(bias.shape).to(bias.dtype)
-    dw = dw.to(centres.dtype) if need_dw else None
+    dw = dw.to(w_dtype) if need_dw else None
     # (a new empty tensor each: the outputs of a custom op must not alias each other)
     return tuple(t if t is not None else x.new_empty(0) for t in (dx, dw, dbias))

@@ -36,8 +36,8 @@ from .. import reference
 from ..options import UssOptions
 from .common import (check_width, cos_tile, feature_chunk, gather_tile, inv_norm_of,
                      launch_config, lse_init, mma, normalised_grad, num_splits, online_lse,
-                     ref_rows_ok, ref_rows_ok_again, row_block, upcast_tiles, uss_grad,
-                     uss_lse_finish, uss_pairs_sum, uss_row_stats, uss_terms)
+                     read_as, ref_rows_ok, ref_rows_ok_again, row_block, unit_rows, upcast_tiles,
+                     uss_grad, uss_lse_finish, uss_pairs_sum, uss_row_stats, uss_terms)
 from .norms import row_norms
 
 __all__ = ["uss_forward", "uss_backward"]
@@ -171,9 +171,8 @@ def _uss_bwd_rows_kernel(x_ptr, r_ptr, nx_ptr, nr_ptr, y_ptr, l_ptr, valid_ptr, 
         h += tl.sum(g * cos, axis=1)
         gsum += tl.sum(g, axis=1)
         if NEED_DX:
-            gr = (g * inv_r[None, :]).to(r_tile.dtype)
             r_part = _ref_chunk(r_tile, r_ptr, valid_ptr, cols, N, D, d0, DP, DC, HAS_VALID, UPCAST)
-            acc_g = mma(gr, r_part, acc_g)
+            acc_g = mma(g.to(r_tile.dtype), unit_rows(r_part, inv_r), acc_g)
     if NEED_DX:
         offs_d = d0 + tl.arange(0, DC)
         g_ptrs = g_out_ptr + (split * B + rows[:, None]).to(tl.int64) * D + offs_d[None, :]
@@ -213,9 +212,8 @@ def _uss_bwd_cols_kernel(x_ptr, r_ptr, nx_ptr, nr_ptr, y_ptr, l_ptr, valid_ptr, 
         h += tl.sum(g * cos, axis=0)
         gsum += tl.sum(g, axis=0)
         if NEED_DR:
-            gx = (g * inv_x[:, None]).to(x_tile.dtype)
             x_part = feature_chunk(x_tile, x_ptr, rows, row_ok, D, d0, DP, DC, UPCAST)
-            acc_g = mma(tl.trans(gx), x_part, acc_g)
+            acc_g = mma(tl.trans(g.to(x_tile.dtype)), unit_rows(x_part, inv_x), acc_g)
     if NEED_DR:
         offs_d = d0 + tl.arange(0, DC)
         g_ptrs = g_out_ptr + cols[:, None].to(tl.int64) * D + offs_d[None, :]
@@ -243,6 +241,7 @@ def uss_forward(x, ref, labels, ref_labels, ref_valid, bias, options):
     (A, σ(A)·[A unclamped], B, σ(B)·[B unclamped]) for lse and zeros for pairs.
     """
     o = UssOptions.unpack(options)
+    ref = read_as(ref, x)
     bsz, d = x.shape
     n = ref.shape[0]
     check_width(d, x.dtype, x.device)
@@ -274,6 +273,7 @@ def uss_backward(grad_rows, x, ref, labels, ref_labels, ref_valid, bias, stats, 
     zero gradient (they are read as zeros)."""
     o = UssOptions.unpack(options)
     need_dx, need_dref, need_dbias = needs
+    ref_dtype, ref = ref.dtype, read_as(ref, x)
     bsz, d = x.shape
     n = ref.shape[0]
     cfg = launch_config(d, x.device, x.dtype)
@@ -314,7 +314,7 @@ def uss_backward(grad_rows, x, ref, labels, ref_labels, ref_valid, bias, stats, 
             if ref_valid is not None:  # (G and h of an invalid row are 0, its norm anything)
                 dref = torch.where(ref_valid[:, None], dref, torch.zeros((), dtype=dref.dtype,
                                                                         device=dref.device))
-            dref = dref.to(ref.dtype)
+            dref = dref.to(ref_dtype)
         if need_dbias and vector_bias:
             dbias = (-hs_ref[1] / o.scale).reshape(bias.shape).to(bias.dtype)
     # (a new empty tensor each: the outputs of a custom op must not alias each other)
