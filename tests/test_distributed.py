@@ -33,6 +33,7 @@ from unitsface_kernels import (contract, fused_margin_softmax_loss, fused_unitsf
                                fused_uss_loss, native, options, reference)
 from unitsface_kernels.distributed import ClassShard, split_classes
 from unitsface_kernels.nn import PartialFC, SampleToSampleBCE, UniTSFaceHead, USSLoss
+from unitsface_kernels.optim import SparseSGD
 
 from helpers import INTERPRETING, LargestAllocation
 
@@ -251,6 +252,9 @@ def _run_modules(data, rank, world, backend):
     loss = s2s(x.detach(), labels)
     out["s2s_bce"] = dict(loss=loss.detach(), bias=s2s.bias.detach().clone())
 
+    # sparse gradients and SparseSGD on the shards: the same training as dense SGD
+    out["sparse_sgd"] = _sparse_sgd_steps(data, rank, backend)
+
     # the official checkpoint holds all C rows: a sharded head keeps its own
     head = UniTSFaceHead(D, C, backend=backend).double()
     head.load_official({"sample_to_class_loss.weight": data["centres"],
@@ -259,6 +263,34 @@ def _run_modules(data, rank, world, backend):
     out["load_official"] = dict(weight=head.weight.detach().clone(), bank=head.bank.clone(),
                                 bias=head.bias.detach().clone())
     return out
+
+
+def _sparse_sgd_steps(data, rank, backend, steps=6):
+    """Two sharded heads, one with sparse gradients stepped by SparseSGD, one dense with
+    torch.optim.SGD: per step the losses, at the end the shard's weights (brought up to date
+    by state_dict) and momentum."""
+    heads, opts = [], []
+    for sparse in (True, False):
+        torch.manual_seed(7)
+        head = UniTSFaceHead(D, C, sample_rate=0.3, sparse_grad=sparse, backend=backend).double()
+        heads.append(head)
+        cls = SparseSGD if sparse else torch.optim.SGD
+        opts.append(cls(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4))
+    losses = [[], []]
+    for step in range(steps):
+        x = data["x"][rank * B:(rank + 1) * B] * (1 + 0.1 * step)
+        labels = data["labels"][rank * B:(rank + 1) * B]
+        for k, (head, opt) in enumerate(zip(heads, opts)):
+            torch.manual_seed(1000 * step + rank)  # the same partial-FC draw on this shard
+            loss = head(x, labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[k].append(loss.detach())
+    states = [h.state_dict() for h in heads]
+    return dict(losses=losses, weights=[st["weight"] for st in states],
+                momentum=[o.state_dict()["state"][1]["momentum_buffer"] for o in opts],
+                sparse=heads[0].weight.grad.is_sparse)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -462,6 +494,20 @@ def test_sample_to_sample_bce_module(run):
                               margin=0.1, official_clamp=True)
     for res in ranks:
         torch.testing.assert_close(res["modules"]["s2s_bce"]["loss"], want, **TOL)
+
+
+def test_sparse_sgd_on_shards_trains_like_dense_sgd(run):
+    """Class-parallel: each rank's shard with sparse gradients and SparseSGD follows dense
+    torch.optim.SGD step for step (loss, weights, momentum)."""
+    _, _, ranks = run
+    for res in ranks:
+        got = res["modules"]["sparse_sgd"]
+        assert got["sparse"]
+        for a, b in zip(*got["losses"]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got["weights"][0], got["weights"][1], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got["momentum"][0], got["momentum"][1], rtol=1e-9,
+                                   atol=1e-9)
 
 
 def test_no_global_batch_by_local_classes_tensor(run):

@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 
+from helpers import fused_backends
 from unitsface_kernels.optim import SparseSGD, zero_grad_step
 
 C, D, STEPS = 60, 8, 30
@@ -161,3 +162,55 @@ def test_zero_grad_step_is_torch_sgd():
 def test_bad_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         SparseSGD([torch.nn.Parameter(torch.zeros(2))], **kw)
+
+
+# ----------------------------------------------------------------------------- with the heads
+
+@pytest.mark.parametrize("backend", ["reference"] + [
+    b for b in fused_backends("cpu", "unitsface") if isinstance(b, str)])
+@pytest.mark.parametrize("head_cls", ["UniTSFaceHead", "PartialFC"])
+def test_sparse_head_trains_like_the_dense_one(backend, head_cls):
+    """A head with sparse_grad=True stepped by SparseSGD and the same head with dense gradients
+    stepped by torch.optim.SGD: the same losses, and after 30 partial-FC steps (rows left out
+    for many of them, a learning-rate schedule) the same weights, momentum and bank."""
+    import unitsface_kernels.nn as unn
+
+    cls = getattr(unn, head_cls)
+    heads = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        heads.append(cls(16, 50, sample_rate=0.2, sparse_grad=sparse, backend=backend))
+    lazy_opt = SparseSGD(heads[0].parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    dense_opt = torch.optim.SGD(heads[1].parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    schedules = [torch.optim.lr_scheduler.StepLR(o, 10, 0.3) for o in (lazy_opt, dense_opt)]
+    g = torch.Generator().manual_seed(5)
+    for step in range(30):
+        x = torch.randn(8, 16, generator=g)
+        labels = torch.randint(0, 50, (8,), generator=g)
+        losses = []
+        for head, opt in zip(heads, (lazy_opt, dense_opt)):
+            torch.manual_seed(100 + step)  # the same partial-FC draw
+            loss = head(x, labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        assert heads[0].weight.grad.is_sparse and not heads[1].weight.grad.is_sparse
+        assert _rel(losses[0], losses[1]) <= 1e-5
+        for s in schedules:
+            s.step()
+    lazy_state, dense_state = heads[0].state_dict(), heads[1].state_dict()  # brings rows up
+    for name in dense_state:
+        if dense_state[name].is_floating_point():
+            assert _rel(lazy_state[name], dense_state[name]) <= 1e-5, name
+    assert _rel(lazy_opt.state_dict()["state"][0]["momentum_buffer"],
+                dense_opt.state_dict()["state"][0]["momentum_buffer"]) <= 1e-5
+
+
+def test_sparse_grad_only_with_partial_fc():
+    """Without an index (sample_rate 1, or eval) the gradient is dense: every row has one."""
+    from unitsface_kernels.nn import PartialFC
+
+    head = PartialFC(16, 50, sparse_grad=True, backend="reference")
+    head(torch.randn(8, 16), torch.randint(0, 50, (8,))).backward()
+    assert not head.weight.grad.is_sparse
