@@ -89,13 +89,15 @@ class _LazyRows:
         table = torch.tensor(products[::-1], dtype=torch.float64, device=p.device)
         coef = table[since - self.base].to(p.dtype)
         a, b, c, d = (coef[:, k].reshape((-1,) + (1,) * (p.dim() - 1)) for k in range(4))
-        w = p[rows]
+        w = p.index_select(0, rows)
         buf = self.optimizer.state[p].get("momentum_buffer")
-        v = buf[rows] if buf is not None else torch.zeros_like(w)
-        p[rows] = a * w + b * v
-        if buf is not None:
-            buf[rows] = c * w + d * v
-        self.row_step[rows] = self.step
+        if buf is None:
+            p.index_copy_(0, rows, w.mul_(a))
+        else:
+            v = buf.index_select(0, rows)
+            p.index_copy_(0, rows, torch.addcmul(a * w, b, v))
+            buf.index_copy_(0, rows, torch.addcmul(v.mul_(d), c, w))
+        self.row_step.index_fill_(0, rows, self.step)
 
 
 class SparseSGD(torch.optim.Optimizer):
@@ -174,7 +176,7 @@ class SparseSGD(torch.optim.Optimizer):
                     lazy.catch_up(rows)
                     self._update(p, rows, grad.values(), state, *hyper)
                     lazy.history.append(zero_grad_step(*hyper))
-                    lazy.row_step[rows] = lazy.step
+                    lazy.row_step.index_fill_(0, rows, lazy.step)
                     self._bound(lazy)
                 else:
                     # a dense gradient, or the first momentum step (SGD starts every row's
@@ -188,23 +190,23 @@ class SparseSGD(torch.optim.Optimizer):
 
     @staticmethod
     def _update(p, rows, grad, state, lr, mu, dampening, lam, nesterov) -> None:
-        """torch.optim.SGD's update of `rows` of p (every row when None) with their gradient."""
-        w = p if rows is None else p[rows]
-        g = grad + lam * w if lam != 0 else grad
+        """torch.optim.SGD's update of `rows` of p (every row when None) with their gradient
+        (gathered once, updated in place, written back once)."""
+        w = p if rows is None else p.index_select(0, rows)
+        g = grad.add(w, alpha=lam) if lam != 0 else grad
         if mu != 0:
             buf = state.get("momentum_buffer")
             if buf is None:
                 v = state["momentum_buffer"] = g.clone()
             else:
-                v = buf if rows is None else buf[rows]
+                v = buf if rows is None else buf.index_select(0, rows)
                 v.mul_(mu).add_(g, alpha=1 - dampening)
                 if rows is not None:
-                    buf[rows] = v
+                    buf.index_copy_(0, rows, v)
             g = g.add(v, alpha=mu) if nesterov else v
-        if rows is None:
-            p.add_(g, alpha=-lr)
-        else:
-            p[rows] = w - lr * g
+        w.add_(g, alpha=-lr)
+        if rows is not None:
+            p.index_copy_(0, rows, w)
 
     def _bound(self, lazy: _LazyRows) -> None:
         """Rows left behind max_lag steps are brought up to date; the history is cut."""
