@@ -225,7 +225,8 @@ def measure_impl(case: Case, name: str, warmup: int, repeats: int,
             step()
         sync(device)
         peak, grads, method = peak_memory(step, inp, device)
-        res.update(peak_bytes=int(peak), grad_bytes=int(grads), work_bytes=int(max(0, peak - grads)),
+        res.update(peak_bytes=int(peak), grad_bytes=int(grads),
+                   work_bytes=int(max(0, peak - grads)),
                    mem_method=method)
         times = time_steps(step, repeats, device)
         res.update(time_s=statistics.median(times), min_time_s=min(times), times_s=times)

@@ -248,7 +248,8 @@ def plot(path: str, rows: list[dict], title: str) -> Optional[str]:
                 if not pts:
                     continue
                 ax.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts],
-                        marker=markers.get(impl, "o"), color=colors.get(impl), linestyle="-" if IMPLS[impl].ours else "--",
+                        marker=markers.get(impl, "o"), color=colors.get(impl),
+                        linestyle="-" if IMPLS[impl].ours else "--",
                         linewidth=2.2 if IMPLS[impl].ours else 1.2, label=impl)
                 for c, _, r in pts:
                     if r["sample_rate"] < 1:

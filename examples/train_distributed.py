@@ -130,7 +130,8 @@ def main(argv=None):
                           lr=args.lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps,
                                                 pct_start=0.1)
-    net.train(); head.train()
+    net.train()
+    head.train()
     running = 0.0
     for step in range(args.steps):
         with_uss = step >= args.softmax_steps

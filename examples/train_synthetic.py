@@ -69,8 +69,10 @@ def verification_pairs(labels: torch.Tensor, n_pairs: int, g: torch.Generator):
         b = torch.randint(0, n, (4 * n_pairs,), generator=g)
         same = (labels[a] == labels[b]) & (a != b)
         diff = labels[a] != labels[b]
-        pos_a += a[same].tolist(); pos_b += b[same].tolist()
-        neg_a += a[diff].tolist(); neg_b += b[diff].tolist()
+        pos_a += a[same].tolist()
+        pos_b += b[same].tolist()
+        neg_a += a[diff].tolist()
+        neg_b += b[diff].tolist()
     pa, pb = torch.tensor(pos_a[:n_pairs]), torch.tensor(pos_b[:n_pairs])
     na, nb = torch.tensor(neg_a[:n_pairs]), torch.tensor(neg_b[:n_pairs])
     return (pa, pb), (na, nb)
@@ -172,7 +174,8 @@ def main(argv=None):
 
     for epoch in range(args.epochs):
         with_uss = epoch > 0  # official schedule: USS from the second epoch
-        net.train(); head.train()
+        net.train()
+        head.train()
         if args.fresh and epoch > 0:  # new noise draws: the task is the identities, not samples
             train_x, train_y = sample(centres, torch.arange(args.train_ids), args.per_id,
                                       args.noise, to_input, g)
@@ -192,7 +195,8 @@ def main(argv=None):
             bar.set_postfix(loss=f"{total / (i + 1):.3f}", t=f"{head.threshold:.3f}",
                             refresh=False)
 
-    net.eval(); head.eval()
+    net.eval()
+    head.eval()
     with torch.no_grad():
         emb = net(test_x)
         seen_x, seen_y = sample(centres, torch.arange(args.train_ids)[:args.test_ids],

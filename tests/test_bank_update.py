@@ -49,7 +49,8 @@ def make_inputs(device, C=23, D=48, B=37, bank_dtype=torch.float32, x_dtype=torc
     bank = torch.randn(C, D, generator=g).to(device=device, dtype=bank_dtype)
     bank_valid = (torch.rand(C, generator=g) < 0.5).to(device)
     x = (3 * torch.randn(B, D, generator=g)).to(device=device, dtype=x_dtype)
-    labels = torch.randint(0, C // 2, (B,), generator=g).to(device)  # duplicates; rows >= C//2 untouched
+    # duplicates; rows >= C//2 untouched
+    labels = torch.randint(0, C // 2, (B,), generator=g).to(device)
     return bank, bank_valid, x, labels
 
 
@@ -164,7 +165,8 @@ def test_non_finite_rows_are_stored_and_invalid(device):
 
 
 def test_fp64_bank(device):
-    bank, bank_valid, x, labels = make_inputs(device, bank_dtype=torch.float64, x_dtype=torch.float64)
+    bank, bank_valid, x, labels = make_inputs(device, bank_dtype=torch.float64,
+                                              x_dtype=torch.float64)
     want_bank, want_valid = loop_bank_update(bank.cpu(), bank_valid.cpu(), x.cpu(), labels.cpu())
     OP(bank, bank_valid, x, labels)
     torch.testing.assert_close(bank.cpu(), want_bank, **TOL[torch.float64])
@@ -268,7 +270,8 @@ def _bad_cases():
              r"labels must be in \[0, C\) = \[0, 6\), got labels\[0\] = -1", cpu_only=True,
              labels=lambda a: torch.tensor([-1, 1, 2, 3], device=a["x"].device)),
         case("bank_noncontiguous", ValueError, r"bank must be contiguous",
-             r"bank must be contiguous", bank=lambda a: torch.zeros(D, C, device=a["x"].device).t()),
+             r"bank must be contiguous",
+             bank=lambda a: torch.zeros(D, C, device=a["x"].device).t()),
         case("x_aliases_bank", ValueError, r"x must not share memory with bank",
              r"x must not share memory with bank", x=lambda a: a["bank"][:4]),
     ]

@@ -26,7 +26,7 @@ EXAMPLE = os.path.join(ROOT, "examples", "lightning_train.py")
 B, C, D = 24, 60, 32
 
 
-# ----------------------------------------------------------------------------- pytorch-metric-learning
+# ------------------------------------------------------------------------ pytorch-metric-learning
 
 def _pml():
     return pytest.importorskip("pytorch_metric_learning.losses")

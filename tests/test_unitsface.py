@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import (DTYPES, FORMS, MARGINS, LargestAllocation, all_backends, check,
-                     fp64_backends, fused_backends, grad_names, make_case, run)
+                     fp64_backends, fused_backends, make_case, run)
 from unitsface_kernels import fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss
 
 

@@ -179,15 +179,17 @@ def _agree(got, want, dtype, backend, draw):
     loss, grads = got
     ref_loss, ref_grads = want
     assert torch.equal(_nan_pattern(loss), _nan_pattern(ref_loss)), (backend, draw, loss, ref_loss)
-    both = ~_nan_pattern(ref_loss)
-    a, b = loss.double().reshape(-1)[both.reshape(-1)], ref_loss.double().reshape(-1)[both.reshape(-1)]
+    both = ~_nan_pattern(ref_loss).reshape(-1)
+    a, b = loss.double().reshape(-1)[both], ref_loss.double().reshape(-1)[both]
     tol = 1e-9 if dtype == torch.float64 else 2e-4
-    assert torch.allclose(a, b, rtol=tol, atol=tol * (1 + float(b.abs().max()) if b.numel() else 1)), \
+    atol = tol * (1 + float(b.abs().max()) if b.numel() else 1)
+    assert torch.allclose(a, b, rtol=tol, atol=atol), \
         (backend, draw, a, b)
     for name, g in grads.items():
         r = ref_grads[name]
         if g is None or r is None:
-            assert (g is None or not torch.count_nonzero(g)) and (r is None or not torch.count_nonzero(r))
+            assert g is None or not torch.count_nonzero(g)
+            assert r is None or not torch.count_nonzero(r)
             continue
         # NaN exactly where the float64 gradient is NaN (entries too large for the dtype
         # overflow — a zero embedding's gradient is ~1/eps — and are not data NaN)
@@ -233,7 +235,8 @@ def test_random_draws(family):
 # ----------------------------------------------------------------------------- bank_update_
 
 @pytest.mark.parametrize("change,error,match", [
-    (dict(labels=torch.tensor([0, 1, 6])), ValueError, r"labels must lie in \[0, 6\).*got labels\[2\] = 6"),
+    (dict(labels=torch.tensor([0, 1, 6])), ValueError,
+     r"labels must lie in \[0, 6\).*got labels\[2\] = 6"),
     (dict(labels=torch.tensor([0.0, 1.0, 2.0])), TypeError, "labels must be an integer tensor"),
     (dict(x=torch.zeros(3, 5)), ValueError, "x has embedding size 5 but bank has 4"),
     (dict(bank_valid=torch.zeros(6)), TypeError, "bank_valid must be a bool tensor"),

@@ -125,7 +125,8 @@ def reference_rows(ref, x: torch.Tensor, name: str, x_name: str = "x") -> torch.
     (:func:`reads_as`), with N ≥ 1, made contiguous."""
     ref = tensor(ref, name)
     if ref.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows × embedding size), got shape {tuple(ref.shape)}")
+        raise ValueError(f"{name} must be 2-D (rows × embedding size), "
+                         f"got shape {tuple(ref.shape)}")
     if ref.shape[0] == 0:
         raise ValueError(f"{name} has no rows")
     if ref.shape[1] != x.shape[1]:
@@ -162,7 +163,8 @@ def mask(valid, n: int, device: torch.device, name: str) -> torch.Tensor:
     return valid.contiguous()
 
 
-def bias(b, n: int, x: torch.Tensor, name: str = "bias", per: str = "reference row") -> torch.Tensor:
+def bias(b, n: int, x: torch.Tensor, name: str = "bias",
+         per: str = "reference row") -> torch.Tensor:
     """The unified threshold: a finite number, a one-element tensor, or one value per `per`."""
     if isinstance(b, numbers.Real) and not isinstance(b, bool):
         return torch.tensor(finite(b, name), dtype=torch.float32, device=x.device)

@@ -16,11 +16,12 @@ Conventions shared by the modules:
 * **Precision.** The losses are computed in the dtype of the embeddings ``x``: under
   ``torch.autocast`` a bf16/fp16 backbone output makes the head's class-centre and bank GEMMs
   run in bf16/fp16 (what ``F.linear`` does in insightface's PartialFC_V2 under autocast), while
-  the parameters stay float32 masters — ``weight`` (and the bank) are cast to ``x.dtype`` for
-  the call and the weight's gradient flows back through the cast in float32. The loss is
-  float32, accumulation is float32 inside every backend, and autocast is switched off around
-  the call so that it cannot lower the precision of the eager reference any further. Feed
-  float32 embeddings (``x.float()``) to get a float32 head under autocast.
+  the parameters stay float32 masters. The kernels read ``weight`` (and a bank of another
+  16/32-bit dtype) in place, rounding each element to ``x.dtype`` as they load it — the same
+  result as a cast copy, without the copy — and the weight's gradient comes back in float32.
+  The loss is float32, accumulation is float32 inside every backend, and autocast is switched
+  off around the call so that it cannot lower the precision of the eager reference any
+  further. Feed float32 embeddings (``x.float()``) to get a float32 head under autocast.
 * **Memory bank.** One row per class holding the last feature seen for it, as
   :func:`~unitsface_kernels.bank_update_` stores it (``bank``, dtype ``bank_dtype``), and
   ``bank_valid`` marking rows written with a finite feature; rows never written take no part

@@ -125,7 +125,8 @@ class PartialFC(FreshWeights):
         [−1, 1] here (PML clamps only the target's before its arccos: a difference of
         rounding); where the target's cosine is exactly ±1 PML's arccos has an infinite
         derivative and this stays finite (sin θ ≥ 1e-6); PML casts W to the embeddings' dtype
-        in place, here a float32 ``weight`` stays float32 (the call casts it). Miners
+        in place, here a float32 ``weight`` stays float32 (the kernels read it rounded to the
+        embeddings' dtype). Miners
         (``indices_tuple``) and ``ref_emb`` are not taken; ``collect_stats`` changes no number
         and records nothing here. Another loss class (SubCenterArcFaceLoss, SphereFaceLoss,
         …), a reducer other than MeanReducer, a weight or embedding regulariser, or a
@@ -404,9 +405,9 @@ class UniTSFaceHead(Threshold, MemoryBank, FreshWeights):
         if not with_uss:
             with no_autocast(x.device):
                 if sharded:
-                    loss = distributed.margin_softmax_loss(x, weight, labels, self.shard,
-                                                           gathered=True, sparse_grad=self.sparse_grad,
-                                                           **common)
+                    loss = distributed.margin_softmax_loss(
+                        x, weight, labels, self.shard, gathered=True,
+                        sparse_grad=self.sparse_grad, **common)
                 else:
                     loss = fused_margin_softmax_loss(x, weight, labels,
                                                      sparse_grad=self.sparse_grad, **common)

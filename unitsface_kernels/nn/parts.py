@@ -76,7 +76,8 @@ class FreshWeights(nn.Module):
 def pair_cosine(a, b) -> Tensor:
     """cos(a_i, b_i) row-wise in float32 (float64 for float64 inputs), with the eps rule of
     the losses: x̂ = x / max(||x||, 1e-5). Lists and arrays are taken as tensors."""
-    return (reference.normalize(torch.as_tensor(a)) * reference.normalize(torch.as_tensor(b))).sum(-1)
+    a, b = reference.normalize(torch.as_tensor(a)), reference.normalize(torch.as_tensor(b))
+    return (a * b).sum(-1)
 
 
 # ----------------------------------------------------------------------------- classes
