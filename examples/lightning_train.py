@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_synthetic import embedding_net, make_world, sample  # noqa: E402
+from train_synthetic import embedding_net, make_world, sample, world_arguments  # noqa: E402
 
 from unitsface_kernels.nn import UniTSFaceHead  # noqa: E402
 from unitsface_kernels.nn.ddp import gather_shards, ignore_shards_in_ddp, slice_shards  # noqa: E402
@@ -150,11 +150,7 @@ def parse_args(argv=None):
     p.add_argument("--train-ids", type=int, default=300, help="identities (classes)")
     p.add_argument("--test-ids", type=int, default=0)
     p.add_argument("--per-id", type=int, default=20, help="training samples per identity")
-    p.add_argument("--latent", type=int, default=16)
-    p.add_argument("--input-dim", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--dim", type=int, default=64, help="embedding size")
-    p.add_argument("--noise", type=float, default=0.25)
+    world_arguments(p, hidden=128, dim=64)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--softmax-steps", type=int, default=20, help="first steps without USS")
@@ -175,7 +171,7 @@ def main(argv=None):
     start = time.perf_counter()
 
     g = torch.Generator().manual_seed(args.seed)  # the same data on every rank
-    centres, to_input = make_world(args, g)
+    centres, to_input = make_world(args.train_ids + args.test_ids, args.latent, args.input_dim, g)
     x, y = sample(centres, torch.arange(args.train_ids), args.per_id, args.noise, to_input, g)
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=True,
                         drop_last=True)  # Lightning adds a DistributedSampler under DDP

@@ -26,39 +26,18 @@ threshold b/s.
 from __future__ import annotations
 
 import argparse
-import math
 import os
+import sys
 import time
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from unitsface_kernels.nn import UniTSFaceHead, pair_cosine
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_synthetic import embedding_net, make_world, sample, world_arguments  # noqa: E402
 
-
-def make_world(n_ids: int, latent: int, input_dim: int, g: torch.Generator):
-    centres = torch.randn(n_ids, latent, generator=g)
-    mix1 = torch.randn(latent, input_dim, generator=g) / math.sqrt(latent)
-    mix2 = torch.randn(input_dim, input_dim, generator=g) / math.sqrt(input_dim)
-
-    def to_input(z):
-        h = torch.tanh(1.5 * z @ mix1)
-        return torch.tanh(2.0 * h @ mix2) + 0.3 * h
-
-    return centres, to_input
-
-
-def draw(centres, ids, noise, to_input, g):
-    z = centres[ids] + noise * torch.randn(len(ids), centres.shape[1], generator=g)
-    return to_input(z)
-
-
-def embedding_net(input_dim: int, hidden: int, dim: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(input_dim, hidden), nn.BatchNorm1d(hidden), nn.PReLU(hidden),
-                         nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.PReLU(hidden),
-                         nn.Linear(hidden, dim), nn.BatchNorm1d(dim))
+from unitsface_kernels.nn import UniTSFaceHead, pair_cosine  # noqa: E402
 
 
 def setup():
@@ -80,11 +59,7 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--classes", type=int, default=301, help="training identities (sharded)")
     p.add_argument("--test-ids", type=int, default=100, help="unseen identities for the check")
-    p.add_argument("--latent", type=int, default=16)
-    p.add_argument("--input-dim", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--dim", type=int, default=128, help="embedding size")
-    p.add_argument("--noise", type=float, default=0.25)
+    world_arguments(p)
     p.add_argument("--batch-size", type=int, default=128, help="per rank")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--softmax-steps", type=int, default=60,
@@ -136,7 +111,7 @@ def main(argv=None):
     for step in range(args.steps):
         with_uss = step >= args.softmax_steps
         ids = torch.randint(0, args.classes, (args.batch_size,), generator=g_data)
-        x = draw(centres, ids, args.noise, to_input, g_data).to(device)
+        x = sample(centres, ids, 1, args.noise, to_input, g_data)[0].to(device)
         loss = head(net(x), ids.to(device), with_uss=with_uss)  # global mean, same on all ranks
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -162,9 +137,10 @@ def main(argv=None):
     if rank == 0:
         net.eval()
         g = torch.Generator().manual_seed(args.seed + 7)
-        test_ids = torch.arange(args.classes, args.classes + args.test_ids).repeat_interleave(10)
+        test_x, test_ids = sample(centres, torch.arange(args.classes, args.classes + args.test_ids),
+                                  10, args.noise, to_input, g)
         with torch.no_grad():
-            emb = net.module(draw(centres, test_ids, args.noise, to_input, g).to(device)).cpu()
+            emb = net.module(test_x.to(device)).cpu()
         a = torch.randint(0, len(test_ids), (20000,), generator=g)
         c = torch.randint(0, len(test_ids), (20000,), generator=g)
         keep = a != c

@@ -33,12 +33,20 @@ from tqdm import tqdm
 from unitsface_kernels.nn import UniTSFaceHead, pair_cosine
 
 
-def make_world(args, g: torch.Generator):
+def world_arguments(p: argparse.ArgumentParser, hidden: int = 256, dim: int = 128) -> None:
+    """The synthetic task's and the network's sizes (shared by the other examples)."""
+    p.add_argument("--latent", type=int, default=16)
+    p.add_argument("--input-dim", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=hidden)
+    p.add_argument("--dim", type=int, default=dim, help="embedding size")
+    p.add_argument("--noise", type=float, default=0.25, help="within-identity spread (latent)")
+
+
+def make_world(n_ids: int, latent: int, input_dim: int, g: torch.Generator):
     """Identity centres (train and unseen test) and the fixed input map latent → input."""
-    n = args.train_ids + args.test_ids
-    centres = torch.randn(n, args.latent, generator=g)
-    mix1 = torch.randn(args.latent, args.input_dim, generator=g) / math.sqrt(args.latent)
-    mix2 = torch.randn(args.input_dim, args.input_dim, generator=g) / math.sqrt(args.input_dim)
+    centres = torch.randn(n_ids, latent, generator=g)
+    mix1 = torch.randn(latent, input_dim, generator=g) / math.sqrt(latent)
+    mix2 = torch.randn(input_dim, input_dim, generator=g) / math.sqrt(input_dim)
 
     def to_input(z):  # a fixed random nonlinearity: what the network has to undo
         h = torch.tanh(1.5 * z @ mix1)
@@ -128,11 +136,7 @@ def main(argv=None):
     p.add_argument("--test-ids", type=int, default=100)
     p.add_argument("--per-id", type=int, default=40, help="training samples per identity")
     p.add_argument("--test-per-id", type=int, default=20)
-    p.add_argument("--latent", type=int, default=16)
-    p.add_argument("--input-dim", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--dim", type=int, default=128, help="embedding size")
-    p.add_argument("--noise", type=float, default=0.25, help="within-identity spread (latent)")
+    world_arguments(p)
     p.add_argument("--epochs", type=int, default=8, help="the first one trains softmax only")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
@@ -152,7 +156,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    centres, to_input = make_world(args, g)
+    centres, to_input = make_world(args.train_ids + args.test_ids, args.latent, args.input_dim, g)
     train_x, train_y = sample(centres, torch.arange(args.train_ids), args.per_id, args.noise,
                               to_input, g)
     test_ids = torch.arange(args.train_ids, args.train_ids + args.test_ids)

@@ -44,6 +44,15 @@ def _set(opt_params, rows, vals, gb, sparse):
     b.grad = gb.clone()
 
 
+def _step(dense, lazy, step, g):
+    """One step of both optimizers on the same random gradient (dense and sparse)."""
+    rows, vals, gb = _grads(step, g)
+    _set(dense, rows, vals, gb, sparse=False)
+    _set(lazy, rows, vals, gb, sparse=True)
+    dense[0].step()
+    lazy[0].step()
+
+
 def _close(dense, lazy):
     (d_opt, d_w, d_b), (l_opt, l_w, l_b) = dense, lazy
     l_opt.catch_up_all()
@@ -66,11 +75,7 @@ def test_equals_dense_sgd_under_a_schedule(hyper, read_every):
     schedules = [torch.optim.lr_scheduler.MultiStepLR(o[0], [8, 20], 0.1) for o in (dense, lazy)]
     g = torch.Generator().manual_seed(1)
     for step in range(STEPS):
-        rows, vals, gb = _grads(step, g)
-        _set(dense, rows, vals, gb, sparse=False)
-        _set(lazy, rows, vals, gb, sparse=True)
-        dense[0].step()
-        lazy[0].step()
+        _step(dense, lazy, step, g)
         for s in schedules:
             s.step()
         if (step + 1) % read_every == 0:
@@ -86,11 +91,7 @@ def test_state_dict_mid_run_continues_identically():
     g = torch.Generator().manual_seed(2)
     saved = None
     for step in range(STEPS):
-        rows, vals, gb = _grads(step, g)
-        _set(dense, rows, vals, gb, sparse=False)
-        _set(lazy, rows, vals, gb, sparse=True)
-        dense[0].step()
-        lazy[0].step()
+        _step(dense, lazy, step, g)
         if step == 12:
             saved = (copy.deepcopy(lazy[0].state_dict()), lazy[1].detach().clone(),
                      lazy[2].detach().clone())
@@ -113,11 +114,7 @@ def test_rows_left_behind_are_caught_up_and_the_history_stays_short():
     dense, lazy = _pair(HYPERS[0], max_lag=4)
     g = torch.Generator().manual_seed(3)
     for step in range(STEPS):
-        rows, vals, gb = _grads(step, g)
-        _set(dense, rows, vals, gb, sparse=False)
-        _set(lazy, rows, vals, gb, sparse=True)
-        dense[0].step()
-        lazy[0].step()
+        _step(dense, lazy, step, g)
         assert len(lazy[1]._unitsface_lazy.history) < 4
     _close(dense, lazy)
 
@@ -126,11 +123,7 @@ def test_heads_catch_up_the_rows_they_read():
     dense, lazy = _pair(HYPERS[1])
     g = torch.Generator().manual_seed(4)
     for step in range(10):
-        rows, vals, gb = _grads(step, g)
-        _set(dense, rows, vals, gb, sparse=False)
-        _set(lazy, rows, vals, gb, sparse=True)
-        dense[0].step()
-        lazy[0].step()
+        _step(dense, lazy, step, g)
     read = torch.tensor([0, 1, 2, 30])
     lazy[1]._unitsface_lazy.catch_up(read)
     assert _rel(lazy[1][read], dense[1][read]) <= RTOL

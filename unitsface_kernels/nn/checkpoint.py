@@ -29,6 +29,35 @@ class Entry:
         return self.key.rsplit(".", 1)[-1]
 
 
+CENTRES = Entry("weight", "sample_to_class_loss.weight", True, "weight")
+CENTRE_BIAS = Entry("bias", "sample_to_class_loss.bias", False, "bias")
+FEAT_MEM = Entry("bank", "sample_to_sample_loss.feat_mem", True, "feat_mem")
+BANK_BIAS = Entry("bias", "sample_to_sample_loss.bias", False, "bias")
+
+
+class Official:
+    """A module that loads its official head's tensors: the entries ``official_entries()``
+    lists (by default the class's ``OFFICIAL``)."""
+
+    OFFICIAL: tuple[Entry, ...] = ()
+
+    def official_entries(self) -> tuple[Entry, ...]:
+        return self.OFFICIAL
+
+    def load_official(self, state_dict):
+        """Load this head's tensors from a checkpoint of the official UniTSFace code
+        (CVI-SZU/UniTSFace): ``sample_to_class_loss.weight`` (C×D class centres),
+        ``sample_to_sample_loss.feat_mem`` (C×D raw features) and the thresholds
+        (``….bias``), those of them this head has, with any key prefix (e.g. ``module.`` of
+        DataParallel) or none (``weight``, ``feat_mem``, ``bias``); a training checkpoint
+        ``{"state_dict": ...}`` is unwrapped. The bank stores the rows of ``feat_mem`` by the
+        bank's one rule (bank_update_: valid when finite). A missing required tensor raises;
+        a missing optional one leaves its part as it is. A class-parallel head takes the full
+        C×D tensors (and keeps its shard's rows) or its shard's rows. The whole checkpoint is
+        checked before anything is written. Returns self."""
+        return load_official(self, state_dict, self.official_entries())
+
+
 def _find(state_dict: Mapping, entry: Entry):
     hits = [k for k in state_dict
             if isinstance(k, str) and (k == entry.key or k.endswith("." + entry.key))]

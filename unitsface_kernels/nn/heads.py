@@ -4,6 +4,7 @@ insightface's PartialFC_V2), :class:`USSLoss` (the sample-to-sample loss alone) 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -15,11 +16,11 @@ from ..backends import BACKENDS
 from ..distributed import gather_batch
 from ..ops import fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss, uss_bias_init
 from . import checkpoint
-from .parts import (FreshWeights, MemoryBank, Threshold, checked_batch, class_shard, fresh_rows,
+from .parts import (FreshWeights, MemoryBank, Threshold, checked_batch, fresh_rows,
                     no_autocast, partial_fc_index, readable, resolve_backend, setup_classes,
                     shard_repr)
 
-class PartialFC(FreshWeights):
+class PartialFC(checkpoint.Official, FreshWeights):
     """The sample-to-class margin softmax (CosFace/ArcFace) with partial FC, shaped like
     insightface's ``PartialFC_V2``:
 
@@ -42,8 +43,11 @@ class PartialFC(FreshWeights):
     :class:`~unitsface_kernels.optim.SparseSGD`, which keeps the other rows exactly where
     dense SGD would (the module brings the rows it reads up to date first).
 
-    :meth:`from_insightface` builds one from arcface_torch's ``CombinedMarginLoss``.
+    :meth:`from_insightface` builds one from arcface_torch's ``CombinedMarginLoss``;
+    ``load_official`` loads the official normalised softmax head's ``weight``.
     """
+
+    OFFICIAL = (checkpoint.CENTRES,)
 
     def __init__(self, embedding_size: int, num_classes: int, sample_rate: float = 1.0, *,
                  scale: float = 64.0, margin_cos: float = 0.4, margin_arc: float = 0.0,
@@ -58,8 +62,8 @@ class PartialFC(FreshWeights):
         self.fp16 = check.flag(fp16, "fp16")
         self.sparse_grad = check.flag(sparse_grad, "sparse_grad")
         self.backend = check.choice(backend, BACKENDS, "backend")
-        setup_classes(self, embedding_size, num_classes, sample_rate, class_parallel,
-                      process_group)
+        setup_classes(self, embedding_size, num_classes, class_parallel, process_group,
+                      sample_rate)
         self.weight = nn.Parameter(torch.empty(self.num_local, self.embedding_size))
         self.reset_parameters()
 
@@ -178,11 +182,6 @@ class PartialFC(FreshWeights):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, 0.0, 0.01)
 
-    def load_official(self, state_dict) -> "PartialFC":
-        """Load the class centres ``sample_to_class_loss.weight`` of the official UniTSFace
-        code's normalised softmax head (any prefix, or the bare ``weight``)."""
-        return checkpoint.load_official(self, state_dict, UniTSFaceHead._OFFICIAL[:1])
-
     def local_labels(self, labels: Tensor) -> Tensor:
         """Global class ids → rows of this module's ``weight`` (identity in one process;
         −1 for classes of other shards)."""
@@ -219,7 +218,7 @@ class PartialFC(FreshWeights):
                 f"sparse_grad={self.sparse_grad}, backend={self.backend!r}{shard_repr(self)}")
 
 
-class USSLoss(Threshold, MemoryBank):
+class USSLoss(checkpoint.Official, Threshold, MemoryBank):
     """The unified-threshold-integrated sample-to-sample loss (docs/design.md §1.1) alone, with
     a learnable b (``bias``; data-initialised at the first training call while b ≤ 0): the
     official ``Unified_Threshold_Integrated_Sample_to_Sample_Loss`` (with its clamp: the
@@ -251,11 +250,7 @@ class USSLoss(Threshold, MemoryBank):
             if embedding_size is None or num_classes is None:
                 raise ValueError("mode='bank' needs embedding_size and num_classes (one bank "
                                  "row per class); mode='inbatch' needs neither")
-            self.embedding_size = check.count(embedding_size, "embedding_size")
-            self.num_classes = check.count(num_classes, "num_classes")
-            self.shard = class_shard(self.num_classes, class_parallel, process_group)
-            self.class_start = self.shard.start if self.shard is not None else 0
-            self.num_local = self.shard.num_local if self.shard is not None else self.num_classes
+            setup_classes(self, embedding_size, num_classes, class_parallel, process_group)
             self._init_bank(self.num_local, self.embedding_size, bank_dtype)
         elif embedding_size is not None:
             self.embedding_size = check.count(embedding_size, "embedding_size")
@@ -295,16 +290,11 @@ class USSLoss(Threshold, MemoryBank):
                 loss = fused_uss_loss(x, labels, self.bias, bank, None, valid, **self._uss_kw())
         return self._update_bank(x, labels, loss, (x, self.bias))
 
-    def load_official(self, state_dict) -> "USSLoss":
-        """Load the official head's ``sample_to_sample_loss.feat_mem`` (required in bank mode;
-        its rows by the bank's one rule) and ``.bias`` (any prefix, or the bare names); checked
-        whole before anything is written."""
-        entries = UniTSFaceHead._OFFICIAL[1:]
+    def official_entries(self) -> tuple[checkpoint.Entry, ...]:
+        # bank mode needs feat_mem; in-batch mode has the threshold alone
         if self.mode == "inbatch":
-            entries = entries[1:]  # no bank: the threshold alone
-        else:
-            entries = (checkpoint.Entry("bank", entries[0].key, True, "feat_mem"), entries[1])
-        return checkpoint.load_official(self, state_dict, entries)
+            return (checkpoint.BANK_BIAS,)
+        return checkpoint.FEAT_MEM, checkpoint.BANK_BIAS
 
     def extra_repr(self) -> str:
         size = (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
@@ -314,7 +304,7 @@ class USSLoss(Threshold, MemoryBank):
                 f"backend={self.backend!r}{shard_repr(self)}")
 
 
-class UniTSFaceHead(Threshold, MemoryBank, FreshWeights):
+class UniTSFaceHead(checkpoint.Official, Threshold, MemoryBank, FreshWeights):
     """The UniTSFace training head (Li et al., NeurIPS 2023): CosFace/ArcFace softmax over
     the class centres (with partial FC when sample_rate < 1) plus λ·USS against a memory bank
     of the last feature of every class, computed in one fused pass; returns the loss.
@@ -345,9 +335,8 @@ class UniTSFaceHead(Threshold, MemoryBank, FreshWeights):
             bank, and samples int(sample_rate·num_local) classes of its shard per step.
     """
 
-    _OFFICIAL = (checkpoint.Entry("weight", "sample_to_class_loss.weight", True, "weight"),
-                 checkpoint.Entry("bank", "sample_to_sample_loss.feat_mem", False, "feat_mem"),
-                 checkpoint.Entry("bias", "sample_to_sample_loss.bias", False, "bias"))
+    OFFICIAL = (checkpoint.CENTRES, replace(checkpoint.FEAT_MEM, required=False),
+                checkpoint.BANK_BIAS)
 
     def __init__(self, embedding_size: int, num_classes: int, *, sample_rate: float = 1.0,
                  scale: float = 64.0, margin_cos: float = 0.4, margin_arc: float = 0.0,
@@ -367,8 +356,8 @@ class UniTSFaceHead(Threshold, MemoryBank, FreshWeights):
         self.official_clamp = official_clamp
         self.sparse_grad = check.flag(sparse_grad, "sparse_grad")
         self.backend = check.choice(backend, BACKENDS, "backend")
-        setup_classes(self, embedding_size, num_classes, sample_rate, class_parallel,
-                      process_group)
+        setup_classes(self, embedding_size, num_classes, class_parallel, process_group,
+                      sample_rate)
         self._init_threshold()
         self.weight = nn.Parameter(torch.empty(self.num_local, self.embedding_size))
         self._init_bank(self.num_local, self.embedding_size, bank_dtype)
@@ -436,18 +425,6 @@ class UniTSFaceHead(Threshold, MemoryBank, FreshWeights):
                                  backend=self.backend)
         return uss_bias_init(x.detach(), labels, bank[index], index, valid[index],
                              scale=self.scale, backend=self.backend)
-
-    def load_official(self, state_dict) -> "UniTSFaceHead":
-        """Load the head of the official UniTSFace code (CVI-SZU/UniTSFace): the tensors
-        ``sample_to_class_loss.weight`` (C×D), ``sample_to_sample_loss.feat_mem`` (C×D, raw
-        features) and ``sample_to_sample_loss.bias`` (b), with any prefix (e.g. ``module.``
-        of DataParallel) or none (``weight``, ``feat_mem``, ``bias``). A training checkpoint
-        ``{"state_dict": ...}`` is unwrapped. The bank stores the rows of ``feat_mem`` by the
-        bank's one rule (bank_update_: valid when finite). The weight is required; a missing
-        feat_mem or bias leaves that part as it is. A class-parallel head takes the full C×D
-        tensors (and keeps its shard's rows) or its shard's rows. The whole checkpoint is
-        checked before anything is written. Returns self."""
-        return checkpoint.load_official(self, state_dict, self._OFFICIAL)
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "

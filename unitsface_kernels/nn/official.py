@@ -27,19 +27,18 @@ from ..backends import BACKENDS
 from ..distributed import gather_batch
 from ..ops import fused_margin_softmax_loss, fused_uss_loss, uss_bias_init
 from . import checkpoint
-from .parts import (MemoryBank, Threshold, checked_batch, class_shard, no_autocast, readable,
-                    resolve_backend, shard_repr)
+from .parts import (MemoryBank, Threshold, checked_batch, no_autocast, readable,
+                    resolve_backend, setup_classes, shard_repr)
 
 
-class _CentreBCE(Threshold):
+class _CentreBCE(checkpoint.Official, Threshold):
     """Per-pair BCE against the class centres W (the USS formulas with ref = W, l_c = c):
     Σ_c softplus(b_c − s(cos_ic − m)) [c = y_i] + softplus(s·cos_ic − b_c) [c ≠ y_i].
     Single-process (under DDP it is replicated like any module)."""
 
     per_class: bool
 
-    _OFFICIAL = (checkpoint.Entry("weight", "sample_to_class_loss.weight", True, "weight"),
-                 checkpoint.Entry("bias", "sample_to_class_loss.bias", False, "bias"))
+    OFFICIAL = (checkpoint.CENTRES, checkpoint.CENTRE_BIAS)
 
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
                  margin: float = 0.4, official_clamp: bool = True, backend: str = "auto"):
@@ -69,11 +68,6 @@ class _CentreBCE(Threshold):
                                   scale=self.scale, margin=self.margin,
                                   official_clamp=self.official_clamp, backend=self.backend)
 
-    def load_official(self, state_dict):
-        """Load ``sample_to_class_loss.weight`` (required) and ``.bias`` of the official head
-        (any prefix, or the bare names); checked whole before anything is written."""
-        return checkpoint.load_official(self, state_dict, self._OFFICIAL)
-
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"scale={self.scale}, margin={self.margin}, "
@@ -95,24 +89,24 @@ class UnifiedCrossEntropy(_CentreBCE):
     per_class = False
 
 
-class _BankHead(Threshold, MemoryBank):
+class _BankHead(checkpoint.Official, Threshold, MemoryBank):
     """A sample-to-sample head on a class-sharded memory bank (see the package docstring)."""
 
     def _init_classes(self, embedding_size, num_classes, bank_dtype, backend, class_parallel,
                       process_group) -> None:
         self.backend = check.choice(backend, BACKENDS, "backend")
-        self.embedding_size = check.count(embedding_size, "embedding_size")
-        self.num_classes = check.count(num_classes, "num_classes")
-        self.shard = class_shard(self.num_classes, class_parallel, process_group)
-        self.class_start = self.shard.start if self.shard is not None else 0
-        self.num_local = self.shard.num_local if self.shard is not None else self.num_classes
+        setup_classes(self, embedding_size, num_classes, class_parallel, process_group)
         self._init_bank(self.num_local, self.embedding_size, bank_dtype)
 
-    def load_official(self, state_dict):
-        """Load ``sample_to_sample_loss.feat_mem`` (required; its rows by the bank's one rule)
-        and, for a head with thresholds, ``.bias`` (any prefix, or the bare names); checked
-        whole before anything is written."""
-        return checkpoint.load_official(self, state_dict, self._OFFICIAL)
+    def _batch_and_bank(self, x: Tensor, labels: Tensor, family: str):
+        """The checked batch (gathered over the ranks when sharded) and the bank as the loss
+        reads it."""
+        x, labels = checked_batch(self, x, labels)
+        resolve_backend(self, x.device, family)
+        if self.shard is not None:
+            x, labels = gather_batch(x, labels, self.shard)
+        bank, valid = self._bank_for_loss(x.dtype)
+        return x, labels, bank, valid
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
@@ -126,7 +120,7 @@ class SampleToSampleSoftmax(_BankHead):
     after the loss. Every bank row takes part, as in the official head (whose memory is never
     masked): a row never written is zero, i.e. a logit of 0."""
 
-    _OFFICIAL = (checkpoint.Entry("bank", "sample_to_sample_loss.feat_mem", True, "feat_mem"),)
+    OFFICIAL = (checkpoint.FEAT_MEM,)
 
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
                  margin: float = 0.1, bank_dtype: torch.dtype = torch.float32,
@@ -140,11 +134,7 @@ class SampleToSampleSoftmax(_BankHead):
                            process_group)
 
     def forward(self, x: Tensor, labels: Tensor) -> Tensor:
-        x, labels = checked_batch(self, x, labels)
-        resolve_backend(self, x.device, "unitsface")
-        if self.shard is not None:
-            x, labels = gather_batch(x, labels, self.shard)
-        bank, _ = self._bank_for_loss(x.dtype)
+        x, labels, bank, _ = self._batch_and_bank(x, labels, "unitsface")
         kw = dict(scale=self.scale, margin_cos=self.margin, backend=self.backend)
         with no_autocast(x.device):
             if self.shard is not None:
@@ -162,8 +152,7 @@ class SampleToSampleBCE(_BankHead):
     b₀ = mean_i lse_{N_i}(s·cos_ij) — over the valid rows here, the official head having no
     validity), m = 0.1, the official clamp by default."""
 
-    _OFFICIAL = (checkpoint.Entry("bank", "sample_to_sample_loss.feat_mem", True, "feat_mem"),
-                 checkpoint.Entry("bias", "sample_to_sample_loss.bias", False, "bias"))
+    OFFICIAL = (checkpoint.FEAT_MEM, checkpoint.BANK_BIAS)
 
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
                  margin: float = 0.1, official_clamp: bool = True,
@@ -178,11 +167,7 @@ class SampleToSampleBCE(_BankHead):
         self._init_threshold(self.num_local)
 
     def forward(self, x: Tensor, labels: Tensor) -> Tensor:
-        x, labels = checked_batch(self, x, labels)
-        resolve_backend(self, x.device, "uss")
-        if self.shard is not None:
-            x, labels = gather_batch(x, labels, self.shard)
-        bank, valid = self._bank_for_loss(x.dtype)
+        x, labels, bank, valid = self._batch_and_bank(x, labels, "uss")
         kw = dict(scale=self.scale, margin=self.margin, official_clamp=self.official_clamp,
                   backend=self.backend)
         if self.shard is not None:

@@ -93,18 +93,21 @@ def class_shard(num_classes: int, class_parallel: Optional[bool], group) -> Opti
     return ClassShard.from_group(num_classes, group) if class_parallel else None
 
 
-def setup_classes(module, embedding_size, num_classes, sample_rate, class_parallel,
-                  process_group) -> None:
-    """The class-centre heads' attributes: sizes, sample rate, this rank's shard
-    [class_start, class_start + num_local) and the partial-FC sample size
-    int(sample_rate·num_local) (insightface's PartialFC_V2: the rate applies to the shard)."""
+def setup_classes(module, embedding_size, num_classes, class_parallel, process_group,
+                  sample_rate=None) -> None:
+    """The per-class heads' attributes: sizes, this rank's shard [class_start,
+    class_start + num_local), and for the class-centre heads the sample rate and the
+    partial-FC sample size int(sample_rate·num_local) (insightface's PartialFC_V2: the rate
+    applies to the shard)."""
     module.embedding_size = check.count(embedding_size, "embedding_size")
     module.num_classes = check.count(num_classes, "num_classes")
-    module.sample_rate = check.rate(sample_rate, "sample_rate")
+    if sample_rate is not None:
+        module.sample_rate = check.rate(sample_rate, "sample_rate")
     module.shard = class_shard(module.num_classes, class_parallel, process_group)
     module.class_start = module.shard.start if module.shard is not None else 0
     module.num_local = module.shard.num_local if module.shard is not None else module.num_classes
-    module.num_sample = max(1, int(module.sample_rate * module.num_local))
+    if sample_rate is not None:
+        module.num_sample = max(1, int(module.sample_rate * module.num_local))
 
 
 @torch.compiler.disable  # random sampling with a data-dependent size: a clean graph break
