@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import fused_backends
+from unitsface_kernels import optim
 from unitsface_kernels.optim import SparseSGD, zero_grad_step
 
 C, D, STEPS = 60, 8, 30
@@ -70,7 +71,10 @@ HYPERS = [dict(lr=0.1, momentum=0.9, weight_decay=5e-4),
 
 @pytest.mark.parametrize("hyper", HYPERS, ids=["momentum", "nesterov", "dampening", "plain"])
 @pytest.mark.parametrize("read_every", [1, 7, STEPS])
-def test_equals_dense_sgd_under_a_schedule(hyper, read_every):
+@pytest.mark.parametrize("block_bytes", [None, 3 * D * 4], ids=["one_block", "3_row_blocks"])
+def test_equals_dense_sgd_under_a_schedule(hyper, read_every, block_bytes, monkeypatch):
+    if block_bytes is not None:  # the CPU's row blocks, several per step (and a short last one)
+        monkeypatch.setattr(optim, "_CPU_BLOCK_BYTES", block_bytes)
     dense, lazy = _pair(hyper)
     schedules = [torch.optim.lr_scheduler.MultiStepLR(o[0], [8, 20], 0.1) for o in (dense, lazy)]
     g = torch.Generator().manual_seed(1)

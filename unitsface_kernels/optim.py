@@ -29,6 +29,31 @@ from torch import Tensor
 
 Matrix = tuple[tuple[float, float], tuple[float, float]]
 _IDENTITY: Matrix = ((1.0, 0.0), (0.0, 1.0))
+_CPU_BLOCK_BYTES = 1 << 20
+"""On the CPU the rows are gathered, updated and written back in blocks of about this size,
+so that the temporaries stay in cache instead of being fresh |S| × D allocations (each new
+page of which costs a fault): the step then costs about one read and write of its rows."""
+
+
+def _row_blocks(rows: Tensor, p: Tensor):
+    """`rows` in blocks (one block on GPUs, where a large gather is the fast one)."""
+    if p.device.type != "cpu":
+        return (rows,)
+    row_bytes = max(1, p[0].numel() * p.element_size()) if p.dim() else p.element_size()
+    return rows.split(max(1, _CPU_BLOCK_BYTES // row_bytes))
+
+
+def _coalesced(grad: Tensor) -> Tensor:
+    """A sparse gradient with sorted unique row indices. The heads' gradients have them, but
+    autograd's accumulation rebuilds the tensor without the flag; checking the order costs a
+    read of the indices where coalescing would sort them and sum the values."""
+    if grad.is_coalesced():
+        return grad
+    rows = grad._indices()[0]
+    if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+        return torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape,
+                                       is_coalesced=True)
+    return grad.coalesce()
 
 
 def zero_grad_step(lr: float, momentum: float, dampening: float, weight_decay: float,
@@ -87,16 +112,20 @@ class _LazyRows:
             acc = _matmul(acc, m)
             products.append((acc[0][0], acc[0][1], acc[1][0], acc[1][1]))
         table = torch.tensor(products[::-1], dtype=torch.float64, device=p.device)
-        coef = table[since - self.base].to(p.dtype)
-        a, b, c, d = (coef[:, k].reshape((-1,) + (1,) * (p.dim() - 1)) for k in range(4))
-        w = p.index_select(0, rows)
+        coefs = table[since - self.base].to(p.dtype)
         buf = self.optimizer.state[p].get("momentum_buffer")
-        if buf is None:
-            p.index_copy_(0, rows, w.mul_(a))
-        else:
-            v = buf.index_select(0, rows)
-            p.index_copy_(0, rows, torch.addcmul(a * w, b, v))
-            buf.index_copy_(0, rows, torch.addcmul(v.mul_(d), c, w))
+        start = 0
+        for block in _row_blocks(rows, p):
+            coef = coefs[start:start + len(block)]
+            start += len(block)
+            a, b, c, d = (coef[:, k].reshape((-1,) + (1,) * (p.dim() - 1)) for k in range(4))
+            w = p.index_select(0, block)
+            if buf is None:
+                p.index_copy_(0, block, w.mul_(a))
+            else:
+                v = buf.index_select(0, block)
+                p.index_copy_(0, block, torch.addcmul(a * w, b, v))
+                buf.index_copy_(0, block, torch.addcmul(v.mul_(d), c, w))
         self.row_step.index_fill_(0, rows, self.step)
 
 
@@ -171,7 +200,7 @@ class SparseSGD(torch.optim.Optimizer):
                 lazy = p._unitsface_lazy
                 state = self.state[p]
                 if p.grad.is_sparse and (hyper[1] == 0 or "momentum_buffer" in state):
-                    grad = p.grad.coalesce()
+                    grad = _coalesced(p.grad)
                     rows = grad.indices()[0]
                     lazy.catch_up(rows)
                     self._update(p, rows, grad.values(), state, *hyper)
@@ -191,7 +220,19 @@ class SparseSGD(torch.optim.Optimizer):
     @staticmethod
     def _update(p, rows, grad, state, lr, mu, dampening, lam, nesterov) -> None:
         """torch.optim.SGD's update of `rows` of p (every row when None) with their gradient
-        (gathered once, updated in place, written back once)."""
+        values (row j of `grad` for rows[j]), block by block: gathered once, updated in place,
+        written back once."""
+        if rows is None:
+            SparseSGD._update_rows(p, None, grad, state, lr, mu, dampening, lam, nesterov)
+            return
+        start = 0
+        for block in _row_blocks(rows, p):
+            SparseSGD._update_rows(p, block, grad[start:start + len(block)], state, lr, mu,
+                                   dampening, lam, nesterov)
+            start += len(block)
+
+    @staticmethod
+    def _update_rows(p, rows, grad, state, lr, mu, dampening, lam, nesterov) -> None:
         w = p if rows is None else p.index_select(0, rows)
         g = grad.add(w, alpha=lam) if lam != 0 else grad
         if mu != 0:
