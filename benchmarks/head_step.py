@@ -4,15 +4,18 @@ rate 0.1 against C = 100k classes with rate 1.0 — the same sampled work (100k 
 step) — and what a user got before the head read its weights and bank in place and stepped
 only the sampled rows (a bank snapshot and a dense C × D gradient per step, dense SGD).
 
-    python -m benchmarks.head_step                      # CPU, B=256, D=512, fp32, 2 threads
+    python -m benchmarks.head_step                      # the GPU if there is one, else the CPU
+    python -m benchmarks.head_step --device cpu         # CPU: B=256, D=512, fp32, 2 threads
     python -m benchmarks.head_step --classes 200000 --steps 3 --json out.json
     python -m benchmarks.head_step --model              # the GPU bookkeeping model only
 
 Each configuration runs in its own subprocess (its memory does not hide another's); a step is
 ``loss = head(x, labels); opt.zero_grad(); loss.backward(); opt.step()`` with SGD (momentum
 0.9, weight decay 5e-4): ``SparseSGD`` on ``sparse_grad=True`` heads, torch.optim.SGD on the
-dense one. Reported: median and minimum step time, peak resident memory of the process, and
-the ratio of the 1M-class step to the 100k-class step (target ≤ 1.3).
+dense one. On a GPU: B = 512, bf16 embeddings (the head's fp32 weight read in place), CUDA
+events around the step. Reported: median and minimum step time, peak memory (resident on the
+CPU, allocated on the GPU), and the ratio of the 1M-class step to the 100k-class step
+(target ≤ 1.3).
 
 ``--model`` prints what the bookkeeping of a step moves on an H200 at arcface_torch's
 29M-identity, 8-GPU setting (3.6M classes per rank, rate 0.1, D = 512), before and after: the
@@ -52,28 +55,35 @@ def _worker(cfg: dict) -> None:
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)
     c, b, d = cfg["classes"], cfg["batch"], cfg["dim"]
+    dev, dtype = torch.device(cfg["device"]), getattr(torch, cfg["dtype"])
+    cuda = dev.type == "cuda"
     head = UniTSFaceHead(d, c, sample_rate=cfg["rate"], sparse_grad=cfg["sparse"],
-                         backend=cfg["backend"])
+                         backend=cfg["backend"]).to(dev)
     with torch.no_grad():  # a bank already full, b already initialised (a mid-training step)
-        head.bank.copy_(torch.nn.functional.normalize(torch.randn(c, d), dim=1))
+        head.bank.copy_(torch.nn.functional.normalize(torch.randn(c, d, device=dev), dim=1))
         head.bank_valid.fill_(True)
         head.bias.fill_(20.0)
     opt_cls = SparseSGD if cfg["sparse"] else torch.optim.SGD
     opt = opt_cls(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(dev).manual_seed(1)
     times = []
     for step in range(cfg["warmup"] + cfg["steps"]):
-        x = torch.randn(b, d, generator=g, requires_grad=True)
-        labels = torch.randint(0, c, (b,), generator=g)
+        x = torch.randn(b, d, generator=g, device=dev, dtype=dtype, requires_grad=True)
+        labels = torch.randint(0, c, (b,), generator=g, device=dev)
+        if cuda:
+            torch.cuda.synchronize(dev)
         t = time.perf_counter()
         loss = head(x, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if cuda:
+            torch.cuda.synchronize(dev)
         if step >= cfg["warmup"]:
             times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if cuda else _rss_peak_gib()
     print(TAG + json.dumps(dict(cfg, median_s=statistics.median(times), min_s=min(times),
-                                peak_gib=_rss_peak_gib())), flush=True)
+                                peak_gib=peak)), flush=True)
 
 
 def _run(cfg: dict) -> dict:
@@ -125,7 +135,11 @@ def main() -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--classes", type=int, default=1_000_000)
     p.add_argument("--rate", type=float, default=0.1)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="default: cuda when a GPU is visible, else cpu")
+    p.add_argument("--batch", type=int, help="default: 512 on a GPU, 256 on the CPU")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="of the embeddings; default: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
@@ -141,8 +155,15 @@ def main() -> None:
     if args.model:
         _print_model()
         return
-    base = dict(batch=args.batch, dim=args.dim, threads=args.threads, steps=args.steps,
-                warmup=args.warmup, backend=args.backend)
+    if args.device is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = args.device == "cuda"
+    base = dict(batch=args.batch or (512 if gpu else 256), dim=args.dim, threads=args.threads,
+                steps=args.steps, warmup=args.warmup, backend=args.backend, device=args.device,
+                dtype=args.dtype or ("bfloat16" if gpu else "float32"))
+    print(f"device {args.device}, B={base['batch']}, D={args.dim}, {base['dtype']} embeddings"
+          + ("" if gpu else f", {args.threads} threads"), flush=True)
     sampled = int(args.rate * args.classes)
     configs = [dict(base, name=f"{args.classes // 1000}k classes, rate {args.rate}, sparse",
                     classes=args.classes, rate=args.rate, sparse=True),
