@@ -7,11 +7,12 @@
 #
 # Every step has a time limit (timeout) and the suite goes on after a failing step; the whole
 # run stays within ~7.5 minutes (SUITE_SECONDS, default 440). It writes few, flat files into
-# $OUT: build.log, tests.log, accuracy.log, sweep.log (tile sweep + benchmarks.fusion),
+# $OUT: build.log, tests.log, accuracy.log, sweep.log (tile sweep, benchmarks.fusion, benchmarks.head_step),
 # bench.log and the benchmark's <device>-<date>.json/.md/.png, and prints a short summary.
 #
 # Knobs (environment): PYTHON (python3), OUT, SUITE_SECONDS (440), BUILD_SECONDS (150),
 # TESTS_SECONDS (110), ACCURACY_SECONDS (45), SWEEP_SECONDS (90), FUSION_SECONDS (30),
+# HEAD_STEP_SECONDS (60),
 # TEST_WORKERS (8; 0 = serial), UNITSFACE_CXX (the C++ compiler; default /usr/bin/g++, see
 # below), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16), BENCH_ARGS (extra arguments for
 # `python -m benchmarks`).
@@ -117,6 +118,11 @@ cat "$OUT/sweep.log"
 # the one-pass objective against its two losses called separately (same log: ≤ 8 files)
 run_step fusion "${FUSION_SECONDS:-30}" "$OUT/sweep.log" "$PY" -m benchmarks.fusion --repeats 10
 tail -n 4 "$OUT/sweep.log"
+# the head's whole training step at 1M classes (rate 0.1) against 100k (rate 1.0), sparse
+# gradients + SparseSGD, and the dense-gradient baseline (issue 17; printed into sweep.log)
+run_step head_step "${HEAD_STEP_SECONDS:-60}" "$OUT/sweep.log" \
+  "$PY" -m benchmarks.head_step --device cuda --steps 5
+tail -n 12 "$OUT/sweep.log"
 
 # ---------------------------------------------------------------------------- 5. benchmark
 LEFT=$(( SUITE_SECONDS - $(elapsed) ))

@@ -34,16 +34,10 @@ import subprocess
 import sys
 import time
 
+from .procmem import status_kb
+
 TAG = "@@HEAD_STEP@@ "
 HBM_TB_S = 4.8  # H200 HBM3e bandwidth (TB/s)
-
-
-def _rss_peak_gib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2 ** 20
-    return float("nan")
 
 
 def _worker(cfg: dict) -> None:
@@ -81,7 +75,10 @@ def _worker(cfg: dict) -> None:
             torch.cuda.synchronize(dev)
         if step >= cfg["warmup"]:
             times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if cuda else _rss_peak_gib()
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+    else:
+        peak = status_kb("VmHWM")[0] / 2 ** 20
     print(TAG + json.dumps(dict(cfg, median_s=statistics.median(times), min_s=min(times),
                                 peak_gib=peak)), flush=True)
 

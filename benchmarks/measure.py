@@ -18,11 +18,9 @@ implementation must write; ``work`` memory is the peak minus those gradients.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -33,6 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from . import impls
+from .procmem import malloc_trim, reset_hwm, status_kb
 from .impls import Case
 
 RESULT_TAG = "@@BENCH_RESULT@@ "
@@ -88,40 +87,8 @@ def time_steps(step: Callable[[], object], repeats: int, device: torch.device) -
 
 # ----------------------------------------------------------------------------- CPU memory
 
-def _status_kb(*keys: str) -> tuple:
-    """Values (kB) of /proc/self/status fields, read at one instant; None where missing."""
-    try:
-        with open("/proc/self/status") as f:
-            text = f.read()
-    except OSError:
-        return (None,) * len(keys)
-    out = []
-    for key in keys:
-        m = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
-        out.append(int(m.group(1)) if m else None)
-    return tuple(out)
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_hwm() -> bool:
-    """Reset the RSS high-water mark (Linux ≥ 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    hwm, rss = _status_kb("VmHWM", "VmRSS")
-    return hwm is not None and rss is not None and hwm <= rss + 1024
-
-
 def _rss_bytes() -> int:
-    (kb,) = _status_kb("VmRSS")
+    (kb,) = status_kb("VmRSS")
     if kb is not None:
         return kb * 1024
     try:
@@ -160,11 +127,11 @@ def peak_memory(step: Callable[[], object], inp: impls.Inputs,
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base, inp.grad_bytes(), "cuda-allocator"
-    _malloc_trim()
-    if _reset_hwm():
-        (base,) = _status_kb("VmRSS")
+    malloc_trim()
+    if reset_hwm():
+        (base,) = status_kb("VmRSS")
         step()
-        (hwm,) = _status_kb("VmHWM")
+        (hwm,) = status_kb("VmHWM")
         return max(0, (hwm - base) * 1024), inp.grad_bytes(), "rss-hwm"
     sampler = _RssSampler()
     base = _rss_bytes()

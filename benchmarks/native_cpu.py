@@ -34,7 +34,6 @@ useful-GEMM time, peak extra memory ≤ 1/10 of the reference's.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
 import os
@@ -44,24 +43,10 @@ import subprocess
 import sys
 import time
 
+from .cpu_headline import add_arguments, five_gemms
+from .procmem import malloc_trim, reset_hwm, status_kb
+
 TAG = "@@NATIVE_CPU@@ "
-
-
-def _status_kb(*keys):
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in keys:
-                out[k] = int(v.split()[0])
-    return tuple(out[k] for k in keys)
-
-
-def _malloc_trim():
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def _inputs(args, torch):
@@ -76,24 +61,18 @@ def _inputs(args, torch):
 
 
 def _gemm_baseline(args, torch, x, centres):
-    """Callables running the useful GEMMs with torch.mm: the 5 full-size products, and the
-    same FLOPs as x times 1024-class chunks (scaled by the returned factor)."""
-    g = torch.randn(args.batch, args.classes)
+    """Callables running the useful GEMMs with torch.mm: the 5 full-size products
+    (benchmarks.cpu_headline), and the same FLOPs as x times 1024-class chunks (scaled by the
+    returned factor)."""
     ch = min(1024, args.classes)
     w_ch = centres[:ch].contiguous()
     reps = max(1, round(5 * args.classes / ch))
-
-    def full():
-        torch.mm(x, centres.t())
-        torch.mm(x, centres.t())
-        torch.mm(g, centres)
-        torch.mm(g, centres)
-        torch.mm(g.t(), x)
 
     def chunked():
         for _ in range(reps):
             torch.mm(x, w_ch.t())
 
+    full = five_gemms(x, centres, torch.randn(args.batch, args.classes))
     return full, chunked, 5 * args.classes / (reps * ch)
 
 
@@ -133,12 +112,11 @@ def worker(args):
     # peak memory over one step, on top of the inputs (gradients freed first)
     x.grad = centres.grad = bias.grad = None
     gc.collect()
-    _malloc_trim()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    (rss0,) = _status_kb("VmRSS")
+    malloc_trim()
+    reset_hwm()
+    (rss0,) = status_kb("VmRSS")
     loss = step()
-    (hwm,) = _status_kb("VmHWM")
+    (hwm,) = status_kb("VmHWM")
     grad_mb = sum(t.grad.numel() * t.grad.element_size() for t in (x, centres, bias)) / 2**20
     print(TAG + json.dumps(dict(
         impl=impl, times=times, median=statistics.median(times), min=min(times),
@@ -164,12 +142,7 @@ def run_worker(impl, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--classes", type=int, default=50_000)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
+    add_arguments(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)

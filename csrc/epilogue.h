@@ -110,22 +110,17 @@ UF_HOST_DEVICE T uf_log1p(T x) {
   return std::log1p(x);
 }
 
-template <>
-UF_HOST_DEVICE float uf_exp<float>(float x) {
 #if defined(__CUDA_ARCH__)
-  return ::expf(x);
-#else
-  return fast_expf(x);
-#endif
-}
 template <>
-UF_HOST_DEVICE float uf_log1p<float>(float x) {
-#if defined(__CUDA_ARCH__)
-  return ::log1pf(x);
+UF_HOST_DEVICE float uf_exp<float>(float x) { return ::expf(x); }
+template <>
+UF_HOST_DEVICE float uf_log1p<float>(float x) { return ::log1pf(x); }
 #else
-  return fast_log1pf(x);
+template <>
+UF_HOST_DEVICE float uf_exp<float>(float x) { return fast_expf(x); }
+template <>
+UF_HOST_DEVICE float uf_log1p<float>(float x) { return fast_log1pf(x); }
 #endif
-}
 
 // ------------------------------------------------------------------------ small helpers
 // Comparisons are written so that NaN passes through the clamps (NaN is never hidden), and

@@ -14,8 +14,7 @@ template <typename T>
 void softmax_fwd(const SoftmaxRows<T>& args, int64_t r0, int64_t r1) {
   const SoftmaxRows<T> a = args;  // a local copy: stores cannot alias its pointers
   const int64_t B = a.B, c = a.c;
-  const T neg_big = static_cast<T>(epi::kNegBig);
-  const T s = a.p.scale;
+  const T s = a.p.scale, neg_big = static_cast<T>(epi::kNegBig);
   T* st = a.state;
   for (int64_t i = r0; i < r1; ++i) {
     T* d = a.dots + i * c;
@@ -86,10 +85,8 @@ template <typename T>
 void softmax_fwd_grads(const SoftmaxRows<T>& args, int64_t r0, int64_t r1) {
   const SoftmaxRows<T> a = args;  // a local copy: stores cannot alias its pointers
   const int64_t B = a.B, c = a.c;
-  const T neg_big = static_cast<T>(epi::kNegBig);
-  const T s = a.p.scale;
-  T* st = a.state;
-  T* ts = a.target_state;
+  const T s = a.p.scale, neg_big = static_cast<T>(epi::kNegBig);
+  T *st = a.state, *ts = a.target_state;
   for (int64_t i = r0; i < r1; ++i) {
     T* d = a.dots + i * c;
     T* g_out = a.grads + i * c;  // may alias d: each element is read, then written

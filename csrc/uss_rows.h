@@ -51,7 +51,6 @@ template <typename T>
 void uss_fwd(const UssRows<T>& args, int64_t r0, int64_t r1) {
   const UssRows<T> a = args;  // a local copy: stores cannot alias its pointers
   const int64_t B = a.B, c = a.c;
-  T* st = a.state;
   for (int64_t i = r0; i < r1; ++i) {
     T* d = a.dots + i * c;
     const T ix = a.inv_x[i];
@@ -65,11 +64,11 @@ void uss_fwd(const UssRows<T>& args, int64_t r0, int64_t r1) {
         const T v = epi::uss_pair_loss<T>(epi::uss_z<T>(cos, a.bias[j], pos, a.p), a.p);
         acc += (pos | neg) ? v : T(0);
       }
-      st[i] += acc;
+      a.state[i] += acc;
       continue;
     }
     // lse: the new running maxima of z over P and N, then Σ e^{z − max}
-    T mp_new = st[i], mn_new = st[2 * B + i];
+    T mp_new = a.state[i], mn_new = a.state[2 * B + i];
     uss_lse_maxima(a, i, mp_new, mn_new);
     T sp = 0, sn = 0;
 #pragma omp simd reduction(+ : sp, sn)
@@ -80,7 +79,7 @@ void uss_fwd(const UssRows<T>& args, int64_t r0, int64_t r1) {
       sp += pos ? e : T(0);
       sn += neg ? e : T(0);
     }
-    uss_lse_fold(st, B, i, mp_new, mn_new, sp, sn);
+    uss_lse_fold(a.state, B, i, mp_new, mn_new, sp, sn);
   }
 }
 

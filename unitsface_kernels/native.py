@@ -66,7 +66,8 @@ def require():
     """Return the extension module, or raise RuntimeError saying how to build it."""
     ext = load()
     if ext is None:
-        raise RuntimeError(f"{BUILD_HINT}. Importing it failed with: {_load_error!r}") from _load_error
+        raise RuntimeError(
+            f"{BUILD_HINT}. Importing it failed with: {_load_error!r}") from _load_error
     return ext
 
 
