@@ -63,13 +63,15 @@ def _build() -> bool:
     return done.returncode == 0
 
 
-def _run_tests(tests) -> bool:
-    """True when the tests pass (the mutant survives)."""
+def _run_tests(tests) -> str:
+    """The verdict of the mutant's tests: "SURVIVED" when they pass, "killed" when one fails;
+    anything else (no test selected: pytest's exit code 5, a usage error) is not a kill."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([PY, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           timeout=1800)
-    return done.returncode == 0
+    return {0: "SURVIVED", 1: "killed"}.get(done.returncode,
+                                            f"ERROR (pytest exit code {done.returncode})")
 
 
 def run(mutant: Mutant) -> tuple[str, float]:
@@ -80,7 +82,7 @@ def run(mutant: Mutant) -> tuple[str, float]:
     try:
         if native and not _build():
             return "killed (does not compile)", time.perf_counter() - t
-        return ("SURVIVED" if _run_tests(mutant.tests) else "killed"), time.perf_counter() - t
+        return _run_tests(mutant.tests), time.perf_counter() - t
     finally:
         path.write_text(original)
         if native:

@@ -143,6 +143,11 @@ def test_sample_classes_holds_positives_sorted_unique():
     assert index.dtype == torch.int64 and index.numel() == 100
     assert bool((index[1:] > index[:-1]).all())
     assert bool(torch.isin(labels, index).all())
+    # many classes, a sample barely larger than the positives: hundreds of random scores lie
+    # within 1e-3 of the top, so the positives must rank above every random score, not near it
+    labels = torch.randint(0, 200_000, (64,), generator=g)
+    index = sample_classes(labels, 200_000, labels.unique().numel() + 8, generator=g)
+    assert bool(torch.isin(labels, index).all())
 
 
 def test_sample_classes_all_positives_when_they_exceed():

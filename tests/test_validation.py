@@ -261,12 +261,17 @@ def test_bank_update_any_integer_labels(dtype):
     torch.testing.assert_close(bank[5], x[0] / x[0].norm())
 
 
-def test_bank_rule_zero_tiny_and_non_finite_rows():
-    """One rule on every path: the stored row r has F.normalize(r) = F.normalize(x) (x itself
-    below the eps); a finite row is valid (zero included), a non-finite one is not."""
+@pytest.mark.parametrize("update", ["public", "reference"])
+def test_bank_rule_zero_tiny_and_non_finite_rows(update):
+    """One rule on every path (bank_update_ runs the native op when it is built): the stored
+    row r has F.normalize(r) = F.normalize(x) (x itself below the eps); a finite row is valid
+    (zero included), a non-finite one is not."""
+    from unitsface_kernels import reference
+
+    fn = bank_update_ if update == "public" else reference.bank_update_
     bank, valid = torch.ones(4, 3), torch.zeros(4, dtype=torch.bool)
     x = torch.tensor([[0.0, 0.0, 0.0], [3e-6, 0.0, 4e-6], [1.0, math.nan, 0.0], [0.0, 2.0, 0.0]])
-    bank_update_(bank, valid, x, torch.arange(4))
+    fn(bank, valid, x, torch.arange(4))
     assert valid.tolist() == [True, True, False, True]
     torch.testing.assert_close(bank[[0, 1, 3]], torch.tensor(
         [[0.0, 0.0, 0.0], [3e-6, 0.0, 4e-6], [0.0, 1.0, 0.0]]))
