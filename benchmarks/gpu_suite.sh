@@ -7,12 +7,13 @@
 #
 # Every step has a time limit (timeout) and the suite goes on after a failing step; the whole
 # run stays within ~7.5 minutes (SUITE_SECONDS, default 440). It writes few, flat files into
-# $OUT: build.log, tests.log, accuracy.log, sweep.log (tile sweep, benchmarks.fusion, benchmarks.head_step),
+# $OUT: build.log, tests.log, accuracy.log, sweep.log (tile sweep, benchmarks.fusion, benchmarks.head_step,
+# benchmarks.native_cost),
 # bench.log and the benchmark's <device>-<date>.json/.md/.png, and prints a short summary.
 #
 # Knobs (environment): PYTHON (python3), OUT, SUITE_SECONDS (440), BUILD_SECONDS (150),
 # TESTS_SECONDS (110), ACCURACY_SECONDS (45), SWEEP_SECONDS (90), FUSION_SECONDS (30),
-# HEAD_STEP_SECONDS (60),
+# HEAD_STEP_SECONDS (60), NATIVE_COST_SECONDS (30),
 # TEST_WORKERS (8; 0 = serial), UNITSFACE_CXX (the C++ compiler; default /usr/bin/g++, see
 # below), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16), BENCH_ARGS (extra arguments for
 # `python -m benchmarks`).
@@ -123,6 +124,13 @@ tail -n 4 "$OUT/sweep.log"
 run_step head_step "${HEAD_STEP_SECONDS:-60}" "$OUT/sweep.log" \
   "$PY" -m benchmarks.head_step --device cuda --steps 5
 tail -n 12 "$OUT/sweep.log"
+# the native CUDA sweep at the headline: its cost model (launches, FLOPs, bytes, predicted time
+# per kernel) beside the measured step and its kernels by group (needs the extension)
+if ls unitsface_kernels/_C*.so >/dev/null 2>&1; then
+  run_step native_cost "${NATIVE_COST_SECONDS:-30}" "$OUT/sweep.log" \
+    "$PY" -m benchmarks.native_cost --measure
+  tail -n 30 "$OUT/sweep.log"
+fi
 
 # ---------------------------------------------------------------------------- 5. benchmark
 LEFT=$(( SUITE_SECONDS - $(elapsed) ))

@@ -1,5 +1,5 @@
-// The unitsface drivers (csrc/unitsface.h): device-agnostic ATen code around the epilogue of
-// each device.
+// The unitsface family's CPU drivers (csrc/unitsface.h): ATen code around the row kernels'
+// epilogue (csrc/unitsface_cpu.cpp). CUDA tensors have their own sweep (csrc/unitsface_cuda.cu).
 //
 // Forward, per chunk of c classes of S: the W rows and the bank rows of the chunk's classes (a
 // view, or a chunk-sized gather under partial FC; invalid bank rows read as zero rows), their
@@ -13,7 +13,7 @@
 //   Σ_i g'_ic                            (∂b_c of a per-class threshold)
 // The target column of row i is found once per call (a binary search of y_i in the sorted
 // index), so the softmax loops treat every other column alike and vectorise. With row_grads
-// (CPU) the forward also forms ∂L_i/∂x_i (csrc/unitsface_row_grads.h) and the backward then
+// the forward also forms ∂L_i/∂x_i (csrc/unitsface_row_grads.h) and the backward then
 // only sweeps for ∂W (and a per-class threshold's ∂b).
 #include "unitsface.h"
 
@@ -29,66 +29,14 @@ using chunking::scratch;
 
 namespace {
 
-void check_unitsface_args(const char* op, const UnitsfaceInputs& in) {
-  const at::Tensor &x = in.x, &centres = in.centres;
-  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D (B, D), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(centres.dim() == 2 && centres.size(1) == x.size(1), op,
-                    ": centres must be (C, D) with D = ", x.size(1), ", got shape ",
-                    centres.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op,
-                   ": x must be a floating tensor, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(chunking::reads_as(centres.scalar_type(), x.scalar_type()), op,
-                   ": centres has dtype ",
-                   centres.scalar_type(), " but x has ", x.scalar_type());
-  TORCH_CHECK_VALUE(in.labels.dim() == 1 && in.labels.size(0) == x.size(0), op,
-                    ": labels must have shape (", x.size(0), ",), got ", in.labels.sizes());
-  TORCH_CHECK_TYPE(!at::isFloatingType(in.labels.scalar_type()), op,
-                   ": labels must be an integer tensor");
-  const auto dev = x.device();
-  TORCH_CHECK_VALUE(centres.device() == dev && in.labels.device() == dev, op,
-                    ": every tensor must be on ", dev);
-  const int64_t C = centres.size(0);
-  if (in.index.has_value()) {
-    TORCH_CHECK_TYPE(!at::isFloatingType(in.index->scalar_type()), op,
-                     ": index must be an integer tensor");
-    TORCH_CHECK_VALUE(in.index->dim() == 1 && in.index->device() == dev, op,
-                      ": index must be 1-D on ", dev);
-  }
-  if (in.bank.has_value()) {
-    const at::Tensor& bank = *in.bank;
-    TORCH_CHECK_VALUE(bank.dim() == 2 && bank.size(0) == C && bank.size(1) == x.size(1), op,
-                      ": bank must have the shape of centres ", centres.sizes(), ", got ",
-                      bank.sizes());
-    TORCH_CHECK_TYPE(chunking::reads_as(bank.scalar_type(), x.scalar_type()), op,
-                     ": bank has dtype ", bank.scalar_type(), " but x has ", x.scalar_type());
-    TORCH_CHECK_VALUE(bank.device() == dev, op, ": bank must be on ", dev);
-    TORCH_CHECK_VALUE(in.bias.has_value(), op, ": the USS part (a bank) needs a bias");
-  }
-  if (in.bank_valid.has_value()) {
-    const at::Tensor& v = *in.bank_valid;
-    TORCH_CHECK_TYPE(v.scalar_type() == at::kBool, op, ": bank_valid must be a bool tensor");
-    TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == C && v.device() == dev, op,
-                      ": bank_valid must have shape (", C, ",) on ", dev);
-  }
-  if (in.bias.has_value()) {
-    const at::Tensor& b = *in.bias;
-    TORCH_CHECK_TYPE(at::isFloatingType(b.scalar_type()), op, ": bias must be a floating tensor");
-    TORCH_CHECK_VALUE(b.numel() == 1 || b.numel() == C, op,
-                      ": bias must hold 1 value or one per class (", C, "), got shape ",
-                      b.sizes());
-    TORCH_CHECK_VALUE(b.device() == dev, op, ": bias must be on ", dev);
-  }
-}
-
 // The sorted partial-FC index S as int64 (undefined: all C classes).
 at::Tensor class_index(const UnitsfaceInputs& in) {
   if (!in.index.has_value()) return at::Tensor();
   const at::Tensor index = in.index->to(at::kLong).contiguous();
-  if (!index.is_cuda()) {  // the target search needs a sorted, unique index (Python checks it)
-    const int64_t* p = index.const_data_ptr<int64_t>();
-    for (int64_t j = 0; j + 1 < index.numel(); ++j) {
-      TORCH_CHECK_VALUE(p[j] < p[j + 1], "unitsface: index must be sorted (ascending) and unique");
-    }
+  // the target search needs a sorted, unique index (Python checks it)
+  const int64_t* p = index.const_data_ptr<int64_t>();
+  for (int64_t j = 0; j + 1 < index.numel(); ++j) {
+    TORCH_CHECK_VALUE(p[j] < p[j + 1], "unitsface: index must be sorted (ascending) and unique");
   }
   return index;
 }
@@ -130,7 +78,7 @@ struct UnitsfaceCall {
         centres(in.centres.contiguous()),
         index(class_index(in)),
         target(target_columns(in.labels, index, C)),
-        sweep(B, index.defined() ? index.numel() : C, in.x.is_cuda()),
+        sweep(B, index.defined() ? index.numel() : C, /*cuda=*/false),
         opts(xg.options().dtype(acc)) {
     S = sweep.cols;
     if (!has_bank) return;
@@ -174,9 +122,9 @@ struct UnitsfaceCall {
 UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOptions& o,
                                    bool row_grads, UnitsfaceEpilogue epilogue) {
   check_unitsface_args("unitsface_fwd_native", in);
-  TORCH_CHECK_VALUE(!(row_grads && in.x.is_cuda()),
-                    "unitsface_fwd_native: row_grads=True (the per-row gradients formed in the "
-                    "forward) is for CPU tensors only");
+  TORCH_CHECK_VALUE(!in.x.is_cuda(),
+                    "unitsface_fwd_native: this driver is for CPU tensors (CUDA tensors have "
+                    "their own sweep, csrc/unitsface_cuda.cu)");
   const UnitsfaceCall call(in);
   const int64_t B = call.B, S = call.S, splits = call.sweep.splits, c = call.sweep.c;
   const at::Tensor nx = chunking::row_norms(call.xg, call.acc);
@@ -317,12 +265,6 @@ Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
   at::Tensor db_cols = (uss_db && vector_bias) ? at::zeros({call.C}, call.opts) : at::Tensor();
   const at::Tensor flat_w = do_w ? at::empty({splits, B * c}, call.opts) : at::Tensor();
   const at::Tensor flat_b = do_b ? at::empty({splits, B * c}, call.opts) : at::Tensor();
-  // 16-bit GEMM operands on CUDA: the g' blocks in the input dtype (else over the dots)
-  const bool own_grads = call.gdt != acc;
-  const at::Tensor gflat_w =
-      (do_w && own_grads) ? at::empty({splits, B * c}, call.xg.options()) : flat_w;
-  const at::Tensor gflat_b =
-      (do_b && own_grads) ? at::empty({splits, B * c}, call.xg.options()) : flat_b;
   const at::Tensor qflat = need_dw ? at::empty({splits, c * D}, call.opts) : at::Tensor();
 
   UnitsfaceChunk proto = call.proto(Pass::kBackward, o, inv_x);
@@ -343,14 +285,14 @@ Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
       ck.softmax.inv_w = inv_w.narrow(0, j0, n);
       ck.softmax.dots = scratch(flat_w[sp], B, n);
       chunking::gemm_nt(ck.softmax.dots, call.xg, wc);
-      ck.softmax.grads = scratch(gflat_w[sp], B, n);
+      ck.softmax.grads = ck.softmax.dots;  // the g' blocks overwrite the dots (fp32 GEMMs)
     }
     if (do_b) {
       bc = call.bank_rows(j0, n);
       ck.bank.inv_r = inv_b.narrow(0, j0, n);
       ck.bank.dots = scratch(flat_b[sp], B, n);
       chunking::gemm_nt(ck.bank.dots, call.xg, bc);
-      ck.bank.grads = scratch(gflat_b[sp], B, n);
+      ck.bank.grads = ck.bank.dots;
       call.bank_cols.set(ck.bank, j0, n);
     }
     epilogue(ck);

@@ -6,10 +6,12 @@
 // with row_grads (else empty)). A label that matches no column has no target: z_iy = 0, and
 // no USS positive.
 //
-// The drivers (csrc/unitsface.cpp) are device-agnostic; each device supplies the epilogue of
-// one chunk (csrc/unitsface_cpu.cpp, csrc/unitsface_cuda.cu) and registers the op kernels
-// below with it. The bank part is the USS loss with column labels = the chunk's classes, and
-// runs the USS family's row code (UssChunk, csrc/uss.h).
+// The drivers (csrc/unitsface.cpp) are ATen code around the epilogue of one chunk; the CPU
+// supplies its row loops (csrc/unitsface_cpu.cpp) and registers the op kernels below with
+// them. The bank part is the USS loss with column labels = the chunk's classes, and runs the
+// USS family's row code (UssChunk, csrc/uss.h). CUDA tensors go through their own sweep
+// (csrc/unitsface_cuda.cu: a plan sized for L2, split-K ∂x products, one fused ∂W projection,
+// row_grads too), which shares the argument checks below and the maths of csrc/epilogue.h.
 #pragma once
 
 #include <array>
@@ -81,6 +83,10 @@ struct UnitsfaceSaved {
   at::Tensor stats, nx, nw, nb, dx_rows, db_rows;
 };
 
+// Shapes, dtypes and devices of the op's inputs (TORCH_CHECK errors naming `op`); shared by
+// the CPU driver and the CUDA sweep (csrc/unitsface_cuda.cu).
+void check_unitsface_args(const char* op, const UnitsfaceInputs& in);
+
 using UnitsfaceForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                     at::Tensor, at::Tensor>;
 
@@ -90,10 +96,17 @@ Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
                          const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
                          std::array<bool, 3> needs, UnitsfaceEpilogue epilogue);
 
-// The op kernels with the schemas of unitsface_kernels/contract.py; each device registers
-// them with its epilogue (TORCH_LIBRARY_IMPL in csrc/unitsface_cpu.cpp,
-// csrc/unitsface_cuda.cu).
-template <UnitsfaceEpilogue Epilogue>
+// A device's two drivers: the CPU's are the ones above with its row kernels as the epilogue
+// (csrc/unitsface_cpu.cpp); CUDA tensors have their own sweep (csrc/unitsface_cuda.cu).
+using UnitsfaceForwardFn = UnitsfaceForward (*)(const UnitsfaceInputs& in,
+                                                const UnitsfaceOptions& o, bool row_grads);
+using UnitsfaceBackwardFn = Grads (*)(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
+                                      const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
+                                      std::array<bool, 3> needs);
+
+// The op kernels with the schemas of unitsface_kernels/contract.py around a device's drivers
+// (TORCH_LIBRARY_IMPL in csrc/unitsface_cpu.cpp, csrc/unitsface_cuda.cu).
+template <UnitsfaceForwardFn Forward>
 UnitsfaceForward unitsface_fwd_op(const at::Tensor& x, const at::Tensor& centres,
                                   const std::optional<at::Tensor>& bank, const at::Tensor& labels,
                                   const std::optional<at::Tensor>& index,
@@ -102,11 +115,11 @@ UnitsfaceForward unitsface_fwd_op(const at::Tensor& x, const at::Tensor& centres
                                   c10::ArrayRef<double> options, bool row_grads,
                                   bool /*sparse_grad: read by the autograd rule only*/) {
   const at::OptionalDeviceGuard guard(at::device_of(x));
-  return unitsface_forward({x, centres, bank, labels, index, bank_valid, bias},
-                           UnitsfaceOptions::unpack(options), row_grads, Epilogue);
+  return Forward({x, centres, bank, labels, index, bank_valid, bias},
+                 UnitsfaceOptions::unpack(options), row_grads);
 }
 
-template <UnitsfaceEpilogue Epilogue>
+template <UnitsfaceBackwardFn Backward>
 Grads unitsface_bwd_op(const at::Tensor& grad_rows, const at::Tensor& x,
                        const at::Tensor& centres, const std::optional<at::Tensor>& bank,
                        const at::Tensor& labels, const std::optional<at::Tensor>& index,
@@ -116,9 +129,8 @@ Grads unitsface_bwd_op(const at::Tensor& grad_rows, const at::Tensor& x,
                        const at::Tensor& dx_rows, const at::Tensor& db_rows,
                        c10::ArrayRef<double> options, std::array<bool, 3> needs) {
   const at::OptionalDeviceGuard guard(at::device_of(x));
-  return unitsface_backward(grad_rows, {x, centres, bank, labels, index, bank_valid, bias},
-                            {stats, nx, nw, nb, dx_rows, db_rows},
-                            UnitsfaceOptions::unpack(options), needs, Epilogue);
+  return Backward(grad_rows, {x, centres, bank, labels, index, bank_valid, bias},
+                  {stats, nx, nw, nb, dx_rows, db_rows}, UnitsfaceOptions::unpack(options), needs);
 }
 
 }  // namespace unitsface

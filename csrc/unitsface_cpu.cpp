@@ -35,11 +35,22 @@ void unitsface_epilogue_cpu(const UnitsfaceChunk& ck) {
   }
 }
 
+UnitsfaceForward forward_cpu(const UnitsfaceInputs& in, const UnitsfaceOptions& o,
+                             bool row_grads) {
+  return unitsface_forward(in, o, row_grads, &unitsface_epilogue_cpu);
+}
+
+Grads backward_cpu(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
+                   const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
+                   std::array<bool, 3> needs) {
+  return unitsface_backward(grad_rows, in, saved, o, needs, &unitsface_epilogue_cpu);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(unitsface, CPU, m) {
-  m.impl("unitsface_fwd_native", &unitsface_fwd_op<&unitsface_epilogue_cpu>);
-  m.impl("unitsface_bwd_native", &unitsface_bwd_op<&unitsface_epilogue_cpu>);
+  m.impl("unitsface_fwd_native", &unitsface_fwd_op<&forward_cpu>);
+  m.impl("unitsface_bwd_native", &unitsface_bwd_op<&backward_cpu>);
 }
 
 }  // namespace unitsface

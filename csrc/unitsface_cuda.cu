@@ -1,144 +1,626 @@
-// unitsface::unitsface_{fwd,bwd}_native on CUDA tensors: the drivers of csrc/unitsface.cpp
-// (cuBLAS GEMMs through at::mm on chunk views / chunk-sized gathers; 16-bit inputs give fp32
-// dots through mm's out_dtype) with the epilogue kernels below: one thread block per row of a
-// chunk, the softmax part's row code here, then the bank part with the USS family's row code
-// (csrc/uss_rows_cuda.cuh; column labels = the chunk's classes). The per-element maths is
-// csrc/epilogue.h, shared with the CPU loops.
+// unitsface::unitsface_{fwd,bwd}_native on CUDA tensors: the chunked sweep of the unitsface
+// family (docs/design.md §2) with its own driver, cuBLAS GEMMs through ATen and the kernels of
+// csrc/unitsface_cuda_kernels.cuh. (The CPU driver, csrc/unitsface.cpp, runs the same maths
+// with its own chunking; the per-element maths of both is csrc/epilogue.h.)
+//
+// Per call: one kernel for the norms (x, the W rows and the bank rows of S, read once) and the
+// per-column arrays. Per chunk of c columns (csrc/cuda_plan.h: c·B fp32 dots per part fit in
+// L2 with their tiles; c ≈ 8192 at B = 512 for bf16):
+//
+//   forward        [stage]  dots_W = x·W_cᵀ  dots_B = x·bank_cᵀ  epilogue  [∂x products]
+//   backward       [stage]  dots_W  [dots_B]  epilogue  [∂x products]  [Q = tileᵀ·x̂, projection]
+//
+// "stage" gathers / converts / masks the chunk's rows only when they cannot be read in place
+// (a partial-FC index, reference rows in another dtype than x, a bank validity mask) and, for
+// fp16, writes their normalised copies for the ∂x products. The ∂x products are one split-K
+// batched GEMM per part: slice k of the chunk's gradient tile times slice k of its rows,
+// accumulated into acc[k] (fp32, [ns, B, D]); the epilogue rescales acc[k]'s row when split
+// k's running max moved (only then), and the finish merges the splits in a fixed order.
+// Gradient tiles are in x's dtype (bf16 for bf16 inputs) with fp32 accumulation; they carry
+// the column's inverse norm except for fp16, whose product rows are normalised instead (an
+// fp16 tile g·inv_r overflows for rows below the eps).
+//
+// row_grads (the forward forms ∂L_i/∂x_i and ∂L_i/∂b during its sweep, csrc/unitsface_row_grads.h
+// for the maths): 6 GEMM-equivalents per step for the objective (forward 2 dots + 2 products,
+// backward 1 dots + 1 ∂W product) instead of 7. No host synchronisation: every size is known
+// on the host, every value stays on the device. No float atomics: each output element has one
+// writer, every sum a fixed order.
+//
+// The same source also builds for the host under UNITSFACE_CUDA_EMU (csrc/emu/: CUDA threads
+// emulated as fibers, ops registered for CPU tensors in the namespace unitsface_emu), so that
+// the CPU tests run these kernels and this driver; everything device-specific goes through the
+// glue below (the stream, the L2 size, the launch) and, there, the GEMMs' dtypes.
+#include <algorithm>
+#include <array>
 #include <limits>
+#include <optional>
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <torch/library.h>
 
+#ifndef UNITSFACE_CUDA_EMU
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
+#include "chunking.h"
+#include "cuda_plan.h"
 #include "unitsface.h"
-#include "uss_rows_cuda.cuh"
+#include "unitsface_cuda_kernels.cuh"
 
 namespace unitsface {
 namespace {
 
-using cuda_epi::kThreads;
+using cuda_sweep::DType;
 
-// Forward of row i of the softmax part: the logits folded into the running (max, sum-exp)
-// and the target logit (SoftmaxRows::state).
-template <typename T>
-__device__ __forceinline__ void softmax_fwd_row(const SoftmaxRows<T>& a, int64_t i) {
-  const int64_t B = a.B, c = a.c;
-  const T* d = a.dots + i * c;
-  const T ix = a.inv_x[i];
-  const int64_t t = chunk_target(a, i);
-  T* st = a.state;
-  T m = static_cast<T>(epi::kNegBig), s = 0;
-  for (int64_t j = threadIdx.x; j < c; j += kThreads) {
-    const T z = epi::softmax_z<T>(d[j] * ix * a.inv_w[j], j == t, a.p);
-    epi::lse_push<T>(m, s, z);
-    if (j == t) st[2 * B + i] += z;  // a single thread owns the target column
-  }
-  cuda_epi::block_lse<T>(m, s);
-  if (threadIdx.x == 0) epi::lse_merge<T>(st[i], st[B + i], m, s);
-}
-
-// Backward of row i of the softmax part: g'_ic = g_ic·inv_w_c written to `grads` (the GEMM
-// dtype G; may alias the dots), this thread's Σ g·cos added to h.
-template <typename T, typename G>
-__device__ __forceinline__ void softmax_bwd_row(const SoftmaxRows<T>& a, G* grads, int64_t i,
-                                                T& h) {
-  const int64_t c = a.c;
-  const T* d = a.dots + i * c;
-  G* g_out = grads + i * c;
-  const T ix = a.inv_x[i], go = a.go[i], lse = a.lse[i];
-  const int64_t t = chunk_target(a, i);
-  for (int64_t j = threadIdx.x; j < c; j += kThreads) {
-    const T raw = d[j] * ix * a.inv_w[j];
-    const bool target = j == t;
-    const T z = epi::softmax_z<T>(raw, target, a.p);
-    const T g = epi::softmax_grad<T>(raw, z, target, lse, a.p) * go;
-    h += g * raw;
-    g_out[j] = static_cast<G>(g * a.inv_w[j]);
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    uf_fwd_kernel(SoftmaxRows<T> w, UssRows<T> b, bool do_b) {
-  softmax_fwd_row<T>(w, blockIdx.x);
-  if (do_b) cuda_rows::uss_fwd_row<T>(b, blockIdx.x);
-}
-
-// hs: Σ g·cos over both parts, then (do_b) a row of Σ g' of USS: the bank part's hs, whose
-// first row is the softmax part's h.
-template <typename T, typename G>
-__global__ void __launch_bounds__(kThreads)
-    uf_bwd_kernel(SoftmaxRows<T> w, G* gw, UssRows<T> b, G* gb, bool do_w, bool do_b,
-                  T* __restrict__ hs) {
-  const int64_t i = blockIdx.x;
-  T v[2] = {T(0), T(0)};
-  if (do_w) softmax_bwd_row<T, G>(w, gw, i, v[0]);
-  if (do_b) cuda_rows::uss_bwd_row<T, G>(b, gb, i, v);
-  cuda_epi::block_sum<T, 2>(v);
-  if (threadIdx.x == 0) {
-    hs[i] += v[0];
-    if (do_b) hs[b.B + i] += v[1];
-  }
-}
-
-template <typename G>
-G* ptr_of(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<G>() : nullptr;
-}
-
-template <typename T, typename G>
-void launch_bwd(const UnitsfaceChunk& ck, const SoftmaxRows<T>& w, const UssRows<T>& b,
-                int64_t rows, cudaStream_t stream) {
-  const at::Tensor& hs = ck.do_b ? ck.bank.hs : ck.softmax.h;
-  uf_bwd_kernel<T, G><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-      w, ck.do_w ? ptr_of<G>(ck.softmax.grads) : nullptr, b,
-      ck.do_b ? ptr_of<G>(ck.bank.grads) : nullptr, ck.do_w, ck.do_b, hs.data_ptr<T>());
+// ------------------------------------------------------------------------ device glue
+#ifndef UNITSFACE_CUDA_EMU
+using Stream = cudaStream_t;
+Stream current_stream() { return at::cuda::getCurrentCUDAStream(); }
+int64_t l2_bytes() { return at::cuda::getCurrentDeviceProperties()->l2CacheSize; }
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, Stream stream, A&&... args) {
+  kernel<<<grid, block, 0, stream>>>(std::forward<A>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+#else
+using Stream = int;
+Stream current_stream() { return 0; }
+int64_t l2_bytes() { return cuda_plan::kDefaultL2Bytes; }
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, Stream, A&&... args) {
+  cuda_emu::run(grid, block, [&] { kernel(args...); });
+}
+#endif
 
-template <typename T>
-void epilogue_typed(const UnitsfaceChunk& ck) {
-  SoftmaxRows<T> w{};
-  UssRows<T> b{};
-  if (ck.do_w) w = rows_of<T>(ck.softmax, ck.options);
-  if (ck.do_b) b = rows_of<T>(ck.bank);
-  const int64_t rows = ck.softmax.inv_x.size(0);
-  const int64_t cols = ck.do_w ? w.c : b.c;
-  if (rows == 0 || cols == 0) return;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (ck.pass == Pass::kForward) {
-    uf_fwd_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(w, b, ck.do_b);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  const at::Tensor& g = ck.do_w ? ck.softmax.grads : ck.bank.grads;
-  switch (g.scalar_type()) {
+DType dtype_code(at::ScalarType t) {
+  switch (t) {
     case at::kHalf:
-      return launch_bwd<T, at::Half>(ck, w, b, rows, stream);
+      return DType::kHalf;
     case at::kBFloat16:
-      return launch_bwd<T, at::BFloat16>(ck, w, b, rows, stream);
+      return DType::kBFloat16;
+    case at::kDouble:
+      return DType::kDouble;
+    case at::kFloat:
+      return DType::kFloat;
     default:
-      return launch_bwd<T, T>(ck, w, b, rows, stream);
+      TORCH_CHECK_TYPE(false, "unitsface (CUDA): unsupported dtype ", t);
   }
 }
 
-void unitsface_epilogue_cuda(const UnitsfaceChunk& ck) {
-  TORCH_CHECK(ck.pass != Pass::kForwardGrads,
-              "unitsface (CUDA): the fused forward (row_grads) is CPU-only");
-  TORCH_CHECK(ck.softmax.inv_x.size(0) <= std::numeric_limits<int32_t>::max(),
-              "unitsface (CUDA): at most 2^31 - 1 rows");
-  if (ck.softmax.inv_x.scalar_type() == at::kDouble) {
-    epilogue_typed<double>(ck);
-  } else {
-    epilogue_typed<float>(ck);
+// fn(T{}, X{}) for the accumulation dtype T and x's dtype X
+template <typename F>
+void dispatch_x(at::ScalarType xdt, const F& fn) {
+  switch (xdt) {
+    case at::kFloat:
+      return fn(float{}, float{});
+    case at::kHalf:
+      return fn(float{}, c10::Half{});
+    case at::kBFloat16:
+      return fn(float{}, c10::BFloat16{});
+    case at::kDouble:
+      return fn(double{}, double{});
+    default:
+      TORCH_CHECK_TYPE(false, "unitsface (CUDA): x must be float64, float32, float16 or "
+                       "bfloat16, got ", xdt);
   }
+}
+
+unsigned grid_for(int64_t warps_needed) {
+  const int64_t per_block = cuda_sweep::kRowThreads / cuda_sweep::kWarp;
+  return static_cast<unsigned>(
+      std::max<int64_t>(1, std::min<int64_t>((warps_needed + per_block - 1) / per_block,
+                                             int64_t(1) << 20)));
+}
+
+template <typename T>
+const T* cptr(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.const_data_ptr<T>() : nullptr;
+}
+template <typename T>
+T* mptr(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+}
+
+// out (rows × n view) = a (rows × D) · bᵀ (b: n × D), fp32 results from 16-bit operands
+void gemm_nt(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+#ifdef UNITSFACE_CUDA_EMU  // the CPU has no mixed-dtype mm: the same products in fp32
+  if (a.scalar_type() != out.scalar_type()) {
+    at::mm_out(out, a.to(out.scalar_type()), b.to(out.scalar_type()).t());
+    return;
+  }
+#endif
+  chunking::gemm_nt(out, a, b);
+}
+
+// out = beta·out + b1 @ b2 (batched), fp32 accumulators for 16-bit operands
+void baddbmm_acc(at::Tensor out, const at::Tensor& b1, const at::Tensor& b2, double beta) {
+  if (b1.scalar_type() == out.scalar_type()) {
+    at::baddbmm_out(out, out, b1, b2, beta, 1.0);
+    return;
+  }
+#ifdef UNITSFACE_CUDA_EMU
+  at::baddbmm_out(out, out, b1.to(out.scalar_type()), b2.to(out.scalar_type()), beta, 1.0);
+#else
+  at::baddbmm_out(out, out, b1, b2, out.scalar_type(), beta, 1.0);
+#endif
+}
+
+// acc[k] (beta = 0: =, 1: +=) tile[:, k·kw : (k+1)·kw] · rows[k·kw : (k+1)·kw] for the slices
+// k of one chunk of n columns: the full slices in one batched GEMM (split-K), the last partial
+// slice (the sweep's last chunk only) in a second one. tile: B × ld (X), rows: n × D with row
+// stride rs (X), acc: [ns, B, D] (accumulation dtype).
+void slice_products(at::Tensor& acc, const at::Tensor& tile, const at::Tensor& rows, int64_t n,
+                    int64_t kw, double beta) {
+  const int64_t B = tile.size(0), ld = tile.stride(0), D = rows.size(1), rs = rows.stride(0);
+  const int64_t full = n / kw, rem = n - full * kw;
+  auto batched = [&](int64_t k0, int64_t nb, int64_t kk) {
+    const at::Tensor b1 =
+        tile.as_strided({nb, B, kk}, {kw, ld, 1}, tile.storage_offset() + k0 * kw);
+    const at::Tensor b2 =
+        rows.as_strided({nb, kk, D}, {kw * rs, rs, 1}, rows.storage_offset() + k0 * kw * rs);
+    baddbmm_acc(acc.narrow(0, k0, nb), b1, b2, beta);
+  };
+  if (full > 0) batched(0, full, kw);
+  if (rem > 0) batched(full, 1, rem);
+}
+
+// The per-call pieces shared by the forward and the backward.
+struct Call {
+  at::ScalarType acc, xdt;
+  int64_t B = 0, D = 0, C = 0, S = 0;
+  bool has_bank = false, vector_bias = false, fold = true;
+  at::Tensor x, centres, bank, index, labels, bank_valid, bias;
+  at::TensorOptions opts;
+  Stream stream;
+
+  explicit Call(const UnitsfaceInputs& in)
+      : acc(chunking::acc_type(in.x.scalar_type())), xdt(in.x.scalar_type()) {
+    B = in.x.size(0);
+    D = in.x.size(1);
+    C = in.centres.size(0);
+    has_bank = in.bank.has_value();
+    fold = xdt != at::kHalf;
+    x = in.x.contiguous();
+    centres = in.centres.contiguous();
+    if (has_bank) bank = in.bank->contiguous();
+    if (in.index.has_value()) index = in.index->to(at::kLong).contiguous();
+    S = index.defined() ? index.numel() : C;
+    labels = in.labels.to(at::kLong).contiguous();
+    if (in.bank_valid.has_value()) bank_valid = in.bank_valid->contiguous();
+    if (in.bias.has_value()) {
+      bias = in.bias->detach().reshape({-1}).to(acc).contiguous();
+      vector_bias = has_bank && bias.numel() > 1;
+    }
+    opts = x.options().dtype(acc);
+    stream = current_stream();
+  }
+
+  // rows [j0, j0 + n) of S of a table, in place (a view), when neither an index, a dtype
+  // conversion nor a validity mask stands in the way
+  bool in_place(const at::Tensor& table, bool masked) const {
+    return !index.defined() && table.scalar_type() == xdt && !masked;
+  }
+
+  cuda_plan::SweepPlan plan(int64_t parts, bool with_q) const {
+    const int64_t bytes = cuda_plan::bytes_per_elem(B, D, parts, c10::elementSize(acc),
+                                                    c10::elementSize(xdt), with_q);
+    return cuda_plan::plan_sweep(B, S, cuda_plan::budget_elems(l2_bytes(), bytes));
+  }
+};
+
+// The padded per-column arrays (inverse norms, bank validity, thresholds), the rows' inverse
+// norms and targets, and (forward) the norms themselves.
+struct Columns {
+  at::Tensor cols;  // [4, s_pad]: inv_w, inv_b, vb, cb
+  at::Tensor inv_x, target;
+
+  template <typename T, typename X>
+  void compute(const Call& call, int64_t s_pad, bool with_bank, const at::Tensor& nx,
+               const at::Tensor& nw, const at::Tensor& nb, bool have_norms) {
+    cols = at::empty({4, s_pad}, call.opts);
+    inv_x = at::empty({call.B}, call.opts);
+    target = at::empty({call.B}, call.labels.options());
+    cuda_sweep::ColumnArgs<T> a{};
+    a.x = call.x.const_data_ptr();
+    a.centres = call.centres.const_data_ptr();
+    a.wt = dtype_code(call.centres.scalar_type());
+    a.bank = with_bank ? call.bank.const_data_ptr() : nullptr;
+    a.bt = with_bank ? dtype_code(call.bank.scalar_type()) : DType::kFloat;
+    a.index = cptr<int64_t>(call.index);
+    a.bank_valid = with_bank ? cptr<bool>(call.bank_valid) : nullptr;
+    a.bias = with_bank ? cptr<T>(call.bias) : nullptr;
+    a.vector_bias = call.vector_bias;
+    a.labels = cptr<int64_t>(call.labels);
+    a.B = call.B;
+    a.S = call.S;
+    a.C = call.C;
+    a.D = call.D;
+    a.have_norms = have_norms;
+    a.nx = mptr<T>(nx);
+    a.nw = mptr<T>(nw);
+    a.nb = with_bank ? mptr<T>(nb) : nullptr;
+    a.inv_x = mptr<T>(inv_x);
+    a.inv_w = mptr<T>(cols[0]);
+    a.inv_b = mptr<T>(cols[1]);
+    a.vb = mptr<T>(cols[2]);
+    a.cb = mptr<T>(cols[3]);
+    a.target = mptr<int64_t>(target);
+    const int64_t tasks = call.B + call.S * (with_bank ? 2 : 1);
+    if (tasks == 0) return;
+    launch(&cuda_sweep::uf_columns_kernel<T, X>, grid_for(tasks), cuda_sweep::kRowThreads, call.stream, a);
+  }
+};
+
+// The chunk rows of W (part 0) and the bank (part 1): views or staged copies, and (fp16 with
+// ∂x products) their normalised copies.
+struct ChunkRows {
+  bool stage_raw[2] = {false, false};
+  bool stage_unit = false;
+  at::Tensor raw_buf, unit_buf;  // [2, c, D] in X
+
+  ChunkRows(const Call& call, int64_t c, bool with_bank, bool products) {
+    stage_raw[0] = !call.in_place(call.centres, false);
+    stage_raw[1] = with_bank && !call.in_place(call.bank, call.bank_valid.defined());
+    stage_unit = products && !call.fold;
+    if (stage_raw[0] || stage_raw[1]) raw_buf = at::empty({2, c, call.D}, call.x.options());
+    if (stage_unit) unit_buf = at::empty({2, c, call.D}, call.x.options());
+  }
+
+  template <typename T, typename X>
+  void stage(const Call& call, const Columns& cols, int64_t j0, int64_t n, bool with_bank) {
+    if (!stage_raw[0] && !stage_raw[1] && !stage_unit) return;
+    cuda_sweep::StageArgs<T> a{};
+    a.table[0] = call.centres.const_data_ptr();
+    a.dt[0] = dtype_code(call.centres.scalar_type());
+    a.table[1] = with_bank ? call.bank.const_data_ptr() : nullptr;
+    a.dt[1] = with_bank ? dtype_code(call.bank.scalar_type()) : DType::kFloat;
+    a.bank_valid = cptr<bool>(call.bank_valid);
+    a.index = cptr<int64_t>(call.index);
+    for (int p = 0; p < 2; ++p) {
+      const bool part = p == 0 || with_bank;
+      a.inv[p] = stage_unit ? cptr<T>(cols.cols[p]) : nullptr;
+      a.raw[p] = part && stage_raw[p] ? raw_buf[p].data_ptr() : nullptr;
+      a.unit[p] = part && stage_unit ? unit_buf[p].data_ptr() : nullptr;
+    }
+    a.j0 = j0;
+    a.n = n;
+    a.D = call.D;
+    const dim3 grid(grid_for(n), with_bank ? 2 : 1);
+    launch(&cuda_sweep::uf_stage_kernel<T, X>, grid, cuda_sweep::kRowThreads, call.stream, a);
+  }
+
+  // the rows the GEMMs read (raw), and the rows the ∂x products read
+  at::Tensor rows(const Call& call, int p, int64_t j0, int64_t n) const {
+    if (stage_raw[p]) return raw_buf[p].narrow(0, 0, n);
+    return (p == 0 ? call.centres : call.bank).narrow(0, j0, n);
+  }
+  at::Tensor product_rows(const Call& call, int p, int64_t j0, int64_t n) const {
+    return stage_unit ? unit_buf[p].narrow(0, 0, n) : rows(call, p, j0, n);
+  }
+};
+
+// The epilogues' arguments common to both passes; dots [parts, B, c] and tiles (or undefined).
+template <typename T, typename X>
+cuda_sweep::ChunkArgs<T, X> chunk_args(const Call& call, const Columns& cols,
+                                       const cuda_plan::SweepPlan& plan,
+                                       const UnitsfaceOptions& o, const at::Tensor& dots,
+                                       const at::Tensor& tiles) {
+  cuda_sweep::ChunkArgs<T, X> a{};
+  a.dots = cptr<T>(dots);
+  a.tiles = mptr<X>(tiles);
+  a.ld = plan.c;
+  a.part_stride = call.B * plan.c;
+  a.B = call.B;
+  a.D = call.D;
+  a.kw = plan.kw;
+  a.ns = plan.ns_used;
+  a.fold_inv = call.fold;
+  a.inv_x = cptr<T>(cols.inv_x);
+  a.target = cptr<int64_t>(cols.target);
+  a.inv_w = cptr<T>(cols.cols[0]);
+  a.inv_b = cptr<T>(cols.cols[1]);
+  a.vb = cptr<T>(cols.cols[2]);
+  a.cb = cptr<T>(cols.cols[3]);
+  a.sp = epi::softmax_params<T>(o);
+  a.up = epi::uss_params<T>(o.uss());
+  a.weight = static_cast<T>(o.uss_weight);
+  return a;
+}
+
+// ----------------------------------------------------------------------------- forward
+
+template <typename T, typename X>
+UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool row_grads) {
+  const int64_t B = call.B, D = call.D, S = call.S;
+  const int parts = call.has_bank ? 2 : 1;
+  const cuda_plan::SweepPlan plan = call.plan(parts, /*with_q=*/false);
+  const int64_t s_pad = std::max<int64_t>(plan.n_chunks, 1) * plan.c;
+  at::Tensor nx = at::empty({B}, call.opts);
+  at::Tensor nw = at::empty({S}, call.opts);
+  at::Tensor nb = at::empty({call.has_bank ? S : 0}, call.opts);
+  Columns cols;
+  cols.compute<T, X>(call, s_pad, call.has_bank, nx, nw, nb, /*have_norms=*/false);
+
+  const int64_t ns = plan.ns_used;
+  at::Tensor state = at::empty({cuda_sweep::kStateRows, std::max<int64_t>(ns, 1), B}, call.opts);
+  const at::Tensor dots = at::empty({parts, B, plan.c}, call.opts);
+  at::Tensor tiles, acc_w, acc_b;
+  if (row_grads) {
+    tiles = at::empty({parts, B, plan.c}, call.x.options());
+    acc_w = at::empty({std::max<int64_t>(ns, 1), B, D}, call.opts);
+    if (call.has_bank) acc_b = at::empty({std::max<int64_t>(ns, 1), B, D}, call.opts);
+  }
+  ChunkRows rows(call, plan.c, call.has_bank, row_grads);
+  cuda_sweep::ChunkArgs<T, X> a = chunk_args<T, X>(call, cols, plan, o, dots, tiles);
+  a.state = mptr<T>(state);
+  a.acc_w = mptr<T>(acc_w);
+  a.acc_b = mptr<T>(acc_b);
+
+  for (int64_t q = 0; q < plan.n_chunks && B > 0; ++q) {
+    const int64_t j0 = q * plan.c, n = std::min(plan.c, S - j0);
+    rows.stage<T, X>(call, cols, j0, n, call.has_bank);
+    for (int p = 0; p < parts; ++p) {
+      gemm_nt(dots[p].as_strided({B, n}, {plan.c, 1}), call.x, rows.rows(call, p, j0, n));
+    }
+    a.n = n;
+    a.col0 = j0;
+    a.first = q == 0;
+    const dim3 grid(static_cast<unsigned>((B + cuda_sweep::kEpiWarps - 1) / cuda_sweep::kEpiWarps),
+                    static_cast<unsigned>((n + plan.kw - 1) / plan.kw), parts);
+    const unsigned threads = cuda_sweep::kEpiWarps * cuda_sweep::kWarp;
+    if (row_grads) {
+      launch(&cuda_sweep::uf_fwd_epilogue<T, X, true>, grid, dim3(threads), call.stream, a);
+    } else {
+      launch(&cuda_sweep::uf_fwd_epilogue<T, X, false>, grid, dim3(threads), call.stream, a);
+    }
+    if (row_grads) {
+      const double beta = q == 0 ? 0.0 : 1.0;
+      slice_products(acc_w, tiles[0], rows.product_rows(call, 0, j0, n), n, plan.kw, beta);
+      if (call.has_bank) {
+        slice_products(acc_b, tiles[1], rows.product_rows(call, 1, j0, n), n, plan.kw, beta);
+      }
+    }
+  }
+
+  at::Tensor out_rows = at::empty({B}, call.opts);
+  at::Tensor stats = at::empty({7, B}, call.opts);
+  at::Tensor dx_rows = row_grads ? at::empty({B, D}, call.opts) : nx.new_empty({0});
+  at::Tensor db_rows = row_grads ? at::empty({B}, call.opts) : nx.new_empty({0});
+  if (B > 0) {
+    cuda_sweep::FinishArgs<T> f{};
+    f.B = B;
+    f.D = D;
+    f.ns = plan.n_chunks > 0 ? ns : 0;
+    f.C = call.C;
+    f.state = cptr<T>(state);
+    f.acc_w = cptr<T>(acc_w);
+    f.acc_b = cptr<T>(acc_b);
+    f.has_bank = call.has_bank;
+    f.grads = row_grads;
+    f.up = a.up;
+    f.scale = static_cast<T>(o.scale);
+    f.weight = static_cast<T>(o.uss_weight);
+    f.x = call.x.const_data_ptr();
+    f.nx = cptr<T>(nx);
+    f.inv_x = cptr<T>(cols.inv_x);
+    f.labels = cptr<int64_t>(call.labels);
+    f.target = cptr<int64_t>(cols.target);
+    f.centres = call.centres.const_data_ptr();
+    f.wt = dtype_code(call.centres.scalar_type());
+    f.bank = call.has_bank ? call.bank.const_data_ptr() : nullptr;
+    f.bt = call.has_bank ? dtype_code(call.bank.scalar_type()) : DType::kFloat;
+    f.bank_valid = cptr<bool>(call.bank_valid);
+    f.inv_w = cptr<T>(cols.cols[0]);
+    f.inv_b = cptr<T>(cols.cols[1]);
+    f.rows = mptr<T>(out_rows);
+    f.stats = mptr<T>(stats);
+    f.dx_rows = mptr<T>(dx_rows);
+    f.db_rows = mptr<T>(db_rows);
+    launch(&cuda_sweep::uf_fwd_finish<T, X>, static_cast<unsigned>(B), cuda_sweep::kRowThreads, call.stream, f);
+  }
+  return {out_rows, stats, nx, nw, nb, dx_rows, db_rows};
+}
+
+UnitsfaceForward forward_cuda(const UnitsfaceInputs& in, const UnitsfaceOptions& o,
+                              bool row_grads) {
+  check_unitsface_args("unitsface_fwd_native", in);
+  const Call call(in);
+  UnitsfaceForward out;
+  dispatch_x(call.xdt, [&](auto t, auto xt) {
+    out = forward_typed<decltype(t), decltype(xt)>(call, o, row_grads);
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------- backward
+
+template <typename T, typename X>
+Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Tensor& bias_in,
+                     const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
+                     std::array<bool, 3> needs) {
+  const int64_t B = call.B, D = call.D, S = call.S;
+  const at::Tensor& x = call.x;
+  const bool need_dx = needs[0], need_dw = needs[1];
+  const bool need_db = needs[2] && bias_in.defined();
+  const bool row_grads = saved.dx_rows.numel() > 0;
+  TORCH_CHECK_VALUE(grad_rows.numel() == B && saved.nx.numel() == B && saved.stats.dim() == 2 &&
+                        saved.stats.size(0) == 7 && saved.stats.size(1) == B,
+                    "unitsface_bwd_native: grad_rows, stats and nx must come from "
+                    "unitsface_fwd_native on these inputs");
+  TORCH_CHECK_VALUE(saved.nw.numel() == S && (!call.has_bank || saved.nb.numel() == S),
+                    "unitsface_bwd_native: nw and nb must come from unitsface_fwd_native on "
+                    "these inputs");
+  if (row_grads) {
+    TORCH_CHECK_VALUE(saved.dx_rows.dim() == 2 && saved.dx_rows.size(0) == B &&
+                          saved.dx_rows.size(1) == D && saved.db_rows.numel() == B,
+                      "unitsface_bwd_native: dx_rows and db_rows must come from "
+                      "unitsface_fwd_native(row_grads=True) on these inputs");
+  }
+  // Gradients not asked for come back empty (the contract's fake kernels do the same); a
+  // threshold only enters through USS, so without a bank its gradient is zero.
+  at::Tensor dx = x.new_empty({0}), dw = x.new_empty({0}), db = x.new_empty({0});
+  const bool uss_db = need_db && call.has_bank;
+  if (need_db && !call.has_bank) db = at::zeros_like(bias_in);
+  const bool sweep_dx = need_dx && !row_grads;   // else ∂x = go·dx_rows
+  const bool do_w = need_dw || sweep_dx;
+  // the bank part is swept for ∂x, for a per-class ∂b, and for a scalar ∂b that the forward
+  // did not form (its Σ g per row)
+  const bool do_b =
+      call.has_bank && (sweep_dx || (uss_db && (call.vector_bias || !row_grads)));
+  const bool scalar_db = uss_db && !call.vector_bias;
+  if (need_dx) dx = at::empty_like(x);
+  if (need_dw) dw = at::empty({S, D}, call.centres.options());
+  if (!need_dx && !need_dw && !uss_db) return {dx, dw, db};
+
+  const at::Tensor go = grad_rows.reshape({-1}).to(call.acc).contiguous();
+  const at::Tensor nx = saved.nx.to(call.acc).contiguous();
+  const at::Tensor nw = saved.nw.to(call.acc).contiguous();
+  const at::Tensor nb = call.has_bank ? saved.nb.to(call.acc).contiguous() : at::Tensor();
+  const at::Tensor stats = saved.stats.to(call.acc).contiguous();
+  const at::Tensor dx_rows = row_grads ? saved.dx_rows.to(call.acc).contiguous() : at::Tensor();
+  const at::Tensor db_rows = row_grads ? saved.db_rows.to(call.acc).contiguous() : at::Tensor();
+  const at::Tensor db_scalar = scalar_db ? at::empty({1}, call.opts) : at::Tensor();
+  at::Tensor db_cols =
+      (uss_db && call.vector_bias) ? at::zeros({call.C}, call.opts) : at::Tensor();
+  // a per-class ∂b_j = −(1/s)·Σ_i g_ij from the bank's tile, which holds g·inv_b (fp16: g, so
+  // the norms that bias_grad_columns multiplies back in are ones)
+  const at::Tensor db_norms =
+      !db_cols.defined() ? at::Tensor() : (call.fold ? nb : at::ones_like(nb));
+
+  const int parts = do_b ? 2 : 1;
+  const cuda_plan::SweepPlan plan = call.plan(parts, need_dw);
+  const int64_t s_pad = std::max<int64_t>(plan.n_chunks, 1) * plan.c;
+  const int64_t ns = plan.ns_used;
+  const bool sweep = (do_w || do_b) && B > 0 && plan.n_chunks > 0;
+  Columns cols;
+  cols.compute<T, X>(call, s_pad, do_b, nx, nw, nb, /*have_norms=*/true);
+  const at::Tensor xh = need_dw ? at::empty({B, D}, x.options()) : at::Tensor();
+  at::Tensor acc = sweep && sweep_dx ? at::empty({ns, B, D}, call.opts) : at::Tensor();
+  at::Tensor hs = sweep ? at::empty({cuda_sweep::kBwdRows, ns, B}, call.opts) : at::Tensor();
+
+  // Per-row work (uf_rows_kernel). Before the sweep: x̂ for the ∂W product, and with
+  // row_grads ∂x = go·dx_rows and a scalar ∂b = Σ go·db_rows. After it (plain backward): ∂x
+  // from the accumulators and a scalar ∂b from the rows' Σ g.
+  auto rows_kernel = [&](bool before) {
+    cuda_sweep::RowsArgs<T> r{};
+    r.B = B;
+    r.D = D;
+    r.ns = hs.defined() ? ns : 0;
+    r.x = x.const_data_ptr();
+    r.nx = cptr<T>(nx);
+    r.inv_x = cptr<T>(cols.inv_x);
+    r.go = cptr<T>(go);
+    r.dx_t = dtype_code(x.scalar_type());
+    r.db_t = dtype_code(call.acc);
+    r.db_scale = static_cast<T>(-1.0 / o.scale);
+    if (before) {
+      r.xh = xh.defined() ? xh.data_ptr() : nullptr;
+      if (row_grads) {
+        r.dx_rows = cptr<T>(dx_rows);
+        r.db_rows = cptr<T>(db_rows);
+        if (need_dx) r.dx = dx.data_ptr();
+        if (scalar_db) r.db = db_scalar.data_ptr();
+      }
+    } else if (!row_grads) {
+      r.acc = cptr<T>(acc);
+      r.hs = cptr<T>(hs);
+      r.hb = do_b;
+      if (sweep_dx) r.dx = dx.data_ptr();
+      if (scalar_db) r.db = db_scalar.data_ptr();
+    }
+    if ((r.xh == nullptr && r.dx == nullptr && r.db == nullptr) || B == 0) return;
+    if (!row_grads && !before && !sweep) {  // nothing was swept (no column): zero sums
+      if (r.dx != nullptr) dx.zero_();
+      if (r.db != nullptr) db_scalar.zero_();
+      return;
+    }
+    const unsigned blocks = static_cast<unsigned>(B + (r.db != nullptr ? 1 : 0));
+    launch(&cuda_sweep::uf_rows_kernel<T, X>, blocks, cuda_sweep::kRowThreads, call.stream, r);
+  };
+  rows_kernel(/*before=*/true);
+
+  if (sweep) {
+    const at::Tensor dots = at::empty({parts, B, plan.c}, call.opts);
+    const at::Tensor tiles = at::empty({parts, B, plan.c}, x.options());
+    const at::Tensor q = need_dw ? at::empty({plan.c, D}, call.opts) : at::Tensor();
+    ChunkRows rows(call, plan.c, do_b, sweep_dx);
+    cuda_sweep::ChunkArgs<T, X> a = chunk_args<T, X>(call, cols, plan, o, dots, tiles);
+    a.go = cptr<T>(go);
+    a.stats = cptr<T>(stats);
+    a.hs = mptr<T>(hs);
+    cuda_sweep::ProjectArgs<T> pr{};
+    pr.centres = call.centres.const_data_ptr();
+    pr.wt = dtype_code(call.centres.scalar_type());
+    pr.index = cptr<int64_t>(call.index);
+    pr.nw = cptr<T>(nw);
+    pr.inv_w = cptr<T>(cols.cols[0]);
+    pr.out = need_dw ? dw.data_ptr() : nullptr;
+    pr.ot = dtype_code(call.centres.scalar_type());
+    pr.D = D;
+    pr.fold_inv = call.fold;
+    for (int64_t qi = 0; qi < plan.n_chunks; ++qi) {
+      const int64_t j0 = qi * plan.c, n = std::min(plan.c, S - j0);
+      rows.stage<T, X>(call, cols, j0, n, do_b);
+      if (do_w) gemm_nt(dots[0].as_strided({B, n}, {plan.c, 1}), x, rows.rows(call, 0, j0, n));
+      if (do_b) gemm_nt(dots[1].as_strided({B, n}, {plan.c, 1}), x, rows.rows(call, 1, j0, n));
+      a.n = n;
+      a.col0 = j0;
+      a.first = qi == 0;
+      const dim3 grid(
+          static_cast<unsigned>((B + cuda_sweep::kEpiWarps - 1) / cuda_sweep::kEpiWarps),
+          static_cast<unsigned>((n + plan.kw - 1) / plan.kw), parts);
+      launch(&cuda_sweep::uf_bwd_epilogue<T, X>, grid, cuda_sweep::kEpiWarps * cuda_sweep::kWarp, call.stream, a, do_w, do_b);
+      if (sweep_dx) {  // W part first: it starts the accumulators on the first chunk
+        slice_products(acc, tiles[0], rows.product_rows(call, 0, j0, n), n, plan.kw,
+                       qi == 0 ? 0.0 : 1.0);
+        if (do_b) {
+          slice_products(acc, tiles[1], rows.product_rows(call, 1, j0, n), n, plan.kw, 1.0);
+        }
+      }
+      if (need_dw) {  // Q = tileᵀ·x̂ (n × D, fp32), then the projection into ∂W's rows
+        at::Tensor qv = q.narrow(0, 0, n);
+        gemm_nt(qv, tiles[0].as_strided({B, n}, {plan.c, 1}).t(), xh.t());
+        pr.q = cptr<T>(qv);
+        pr.j0 = j0;
+        pr.n = n;
+        launch(&cuda_sweep::uf_project_kernel<T, X>, grid_for(n), cuda_sweep::kRowThreads, call.stream, pr);
+      }
+      if (uss_db && call.vector_bias) {  // (ATen's column sum is deterministic)
+        chunking::write_columns(
+            db_cols, call.index, j0,
+            chunking::bias_grad_columns(tiles[1].as_strided({B, n}, {plan.c, 1}),
+                                        db_norms.narrow(0, j0, n), o.scale));
+      }
+    }
+  }
+  rows_kernel(/*before=*/false);
+  if (scalar_db) db = db_scalar.reshape(bias_in.sizes()).to(bias_in.scalar_type());
+  if (uss_db && call.vector_bias) {
+    db = db_cols.reshape(bias_in.sizes()).to(bias_in.scalar_type());
+  }
+  return {dx, dw, db};
+}
+
+Grads backward_cuda(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
+                    const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
+                    std::array<bool, 3> needs) {
+  check_unitsface_args("unitsface_bwd_native", in);
+  const Call call(in);
+  Grads out;
+  dispatch_x(call.xdt, [&](auto t, auto xt) {
+    out = backward_typed<decltype(t), decltype(xt)>(
+        grad_rows, call, in.bias.has_value() ? *in.bias : at::Tensor(), saved, o, needs);
+  });
+  return out;
 }
 
 }  // namespace
 
+#ifndef UNITSFACE_CUDA_EMU
 TORCH_LIBRARY_IMPL(unitsface, CUDA, m) {
-  m.impl("unitsface_fwd_native", &unitsface_fwd_op<&unitsface_epilogue_cuda>);
-  m.impl("unitsface_bwd_native", &unitsface_bwd_op<&unitsface_epilogue_cuda>);
+  m.impl("unitsface_fwd_native", &unitsface_fwd_op<&forward_cuda>);
+  m.impl("unitsface_bwd_native", &unitsface_bwd_op<&backward_cuda>);
 }
+#endif
 
 }  // namespace unitsface

@@ -38,6 +38,18 @@ def device(request):
 
 
 @pytest.fixture
+def budget(request, monkeypatch):
+    """Elements per chunk buffer of the native backend (UNITSFACE_NATIVE_CHUNK_ELEMS, read by
+    csrc/chunking.h and csrc/cuda_plan.h), an indirect parameter: a string forces small chunks,
+    None leaves the default (the CPU's budget, the CUDA sweep's L2-sized plan)."""
+    if request.param is None:
+        monkeypatch.delenv("UNITSFACE_NATIVE_CHUNK_ELEMS", raising=False)
+    else:
+        monkeypatch.setenv("UNITSFACE_NATIVE_CHUNK_ELEMS", request.param)
+    return request.param
+
+
+@pytest.fixture
 def seed():
     torch.manual_seed(0)
     return 0

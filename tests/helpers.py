@@ -164,6 +164,84 @@ def check(case, backend, dtype=None, reduction="mean", **kw):
     return loss, grads
 
 
+def check_frozen_x(case, **kw):
+    """native against the float64 reference with x taking no gradient: the plain forward and
+    backward (no row_grads) for the unitsface family."""
+    def grads_of(c, backend):
+        leaves = leaves_of(c)
+        leaves["x"] = leaves["x"].detach()
+        names = [k for k in grad_names(c) if k != "x"]
+        loss = loss_of(leaves, backend, "none", **kw)
+        weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)).to(loss)
+        return loss.detach(), dict(zip(names, torch.autograd.grad((loss * weights).sum(),
+                                                                   [leaves[k] for k in names])))
+
+    dtype = case["x"].dtype
+    loss, grads = grads_of(case, "native")
+    ref_loss, ref_grads = grads_of(as_float64(case), "reference")
+    assert_close_loss(loss, ref_loss, dtype)
+    for name in grads:
+        assert_close_grad(grads[name], ref_grads[name], dtype, name,
+                          scalar_scale=float(ref_loss.abs().sum()))
+
+
+def same_label_and_zero_rows(case):
+    """The unitsface case (with an index) with every label the index's first class and zero
+    rows in x, W and the bank (legal: the eps rule)."""
+    case["labels"][:] = case["index"][0]
+    case["x"][[2, 9]] = 0.0
+    case["centres"][case["index"][[0, 5]]] = 0.0
+    case["bank"][case["index"][:4]] = 0.0
+    return case
+
+
+def check_invalid_rows_reach_nothing(case, bank, valid, frozen_x=False, **kw):
+    """A reference row marked invalid contributes nothing whatever it holds: with NaN and inf
+    in invalid rows (the positives of three rows and one other) `native` matches the float64
+    reference, and equals the same call with those rows zeroed."""
+    case[valid][case["labels"][:3]] = False
+    other = (~case[valid]).nonzero()[:, 0]
+    rows = torch.cat([case["labels"][:3], other[~torch.isin(other, case["labels"][:3])][:1]])
+    zeroed = dict(case, **{bank: case[bank].clone()})
+    zeroed[bank][rows] = 0.0
+    poisoned = dict(case, **{bank: case[bank].clone()})
+    poisoned[bank][rows[0]] = float("nan")
+    poisoned[bank][rows[1], 3] = float("inf")
+    poisoned[bank][rows[2:]] = float("nan")
+    if frozen_x:
+        check_frozen_x(poisoned, **kw)
+        return
+    loss, grads = check(poisoned, "native", **kw)  # finite, and equal to the reference
+    want_loss, want_grads = run(zeroed, "native", **kw)
+    torch.testing.assert_close(loss, want_loss)
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name])
+
+
+def check_nan_in_valid_bank_row(case, **kw):
+    """NaN in a valid bank row of the unitsface case reaches every row's loss and ∂x (each row
+    has it as a negative): never hidden."""
+    case["bank"][case["bank_valid"].nonzero()[0, 0], 0] = float("nan")
+    x = case["x"].clone().requires_grad_()
+    rows = fused_unitsface_loss(x, case["labels"], case["centres"], case["bank"], case["bias"],
+                                bank_valid=case["bank_valid"], reduction="none",
+                                backend="native", **kw)
+    assert torch.isnan(rows).all()
+    rows.sum().backward()
+    assert torch.isnan(x.grad).all()
+
+
+def check_empty_bank_is_softmax_alone(case, **kw):
+    """Every bank slot of the unitsface case unwritten: the loss of the margin softmax alone
+    and no gradient for the threshold."""
+    case["bank_valid"][:] = False
+    loss, grads = check(case, "native", **kw)
+    soft = fused_margin_softmax_loss(case["x"], case["centres"], case["labels"],
+                                     index=case["index"], backend="native")
+    torch.testing.assert_close(loss, soft)
+    assert torch.count_nonzero(grads["bias"]) == 0
+
+
 # ----------------------------------------------------------------------------- tolerances
 # docs/design.md §7 asks loss rel. err ≤ 1e-5 (fp32) / 1e-2 (bf16) and gradient cosines
 # ≥ 0.9999 / 0.999. The tests are stricter: every backend accumulates in fp32, so the loss

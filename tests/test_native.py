@@ -21,8 +21,9 @@ import subprocess
 import pytest
 import torch
 
-from helpers import (DTYPES, FORMS, MARGINS, assert_close_grad, assert_close_loss, check,
-                     grad_names, leaves_of, loss_of, make_case, run)
+from helpers import (DTYPES, FORMS, MARGINS, check, check_empty_bank_is_softmax_alone,
+                     check_frozen_x, check_invalid_rows_reach_nothing, check_nan_in_valid_bank_row,
+                     grad_names, leaves_of, loss_of, make_case, run, same_label_and_zero_rows)
 from unitsface_kernels import (backends, fused_margin_softmax_loss, fused_unitsface_loss,
                                fused_uss_loss, native, options, reference, uss_bias_init)
 
@@ -37,15 +38,6 @@ BUDGETS = ["1", "97", "1000", None]
 ISAS = ["base", "avx2", "avx512"]
 USS_MODES = ["bank", "inbatch", "centres"]
 SOFTMAX_MARGINS = list(MARGINS)  # cosface, arcface, combined, arcface_st, arcface_easy
-
-
-@pytest.fixture
-def budget(request, monkeypatch):
-    if request.param is None:
-        monkeypatch.delenv("UNITSFACE_NATIVE_CHUNK_ELEMS", raising=False)
-    else:
-        monkeypatch.setenv("UNITSFACE_NATIVE_CHUNK_ELEMS", request.param)
-    return request.param
 
 
 @pytest.fixture
@@ -80,29 +72,6 @@ def family_kw(case, form, official_clamp=False, **kw):
     if case["family"] == "unitsface":
         return dict(uss_form=form, official_clamp=official_clamp, **kw)
     return kw
-
-
-def check_frozen_x(case, **kw):
-    """native against the float64 reference with x taking no gradient: the plain forward and
-    backward (no row_grads) for the unitsface family."""
-    def grads_of(c, backend):
-        leaves = leaves_of(c)
-        leaves["x"] = leaves["x"].detach()
-        names = [k for k in grad_names(c) if k != "x"]
-        loss = loss_of(leaves, backend, "none", **kw)
-        weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)).to(loss)
-        return loss.detach(), dict(zip(names, torch.autograd.grad((loss * weights).sum(),
-                                                                   [leaves[k] for k in names])))
-
-    dtype = case["x"].dtype
-    loss, grads = grads_of(case, "native")
-    ref_loss, ref_grads = grads_of({k: (v.double() if isinstance(v, torch.Tensor)
-                                        and v.is_floating_point() else v)
-                                    for k, v in case.items()}, "reference")
-    assert_close_loss(loss, ref_loss, dtype)
-    for name in grads:
-        assert_close_grad(grads[name], ref_grads[name], dtype, name,
-                          scalar_scale=float(ref_loss.abs().sum()))
 
 
 # ---------------------------------------------------------------- parity: chunks and ISAs
@@ -304,25 +273,7 @@ def test_nan_in_invalid_bank_row_reaches_nothing(form, family, frozen_x, budget)
     else:
         case = unitsface_case(sampled=True, vector_bias=True, seed=6)
         bank, valid = "bank", "bank_valid"
-    # the rows of some labels' own classes (they would be positives) and another one
-    case[valid][case["labels"][:3]] = False
-    other = (~case[valid]).nonzero()[:, 0]
-    rows = torch.cat([case["labels"][:3], other[~torch.isin(other, case["labels"][:3])][:1]])
-    zeroed = dict(case, **{bank: case[bank].clone()})
-    zeroed[bank][rows] = 0.0
-    poisoned = dict(case, **{bank: case[bank].clone()})
-    poisoned[bank][rows[0]] = float("nan")
-    poisoned[bank][rows[1], 3] = float("inf")
-    poisoned[bank][rows[2:]] = float("nan")
-    kw = family_kw(case, form)
-    if frozen_x:
-        check_frozen_x(poisoned, **kw)
-    else:
-        loss, grads = check(poisoned, "native", **kw)  # finite, and equal to the reference
-        want_loss, want_grads = run(zeroed, "native", **kw)
-        torch.testing.assert_close(loss, want_loss)
-        for name in grads:
-            torch.testing.assert_close(grads[name], want_grads[name])
+    check_invalid_rows_reach_nothing(case, bank, valid, frozen_x, **family_kw(case, form))
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -339,16 +290,7 @@ def test_nan_propagates(form):
     rows = fused_uss_loss(case["x"], case["labels"], case["bias"], case["ref"], form=form,
                           reduction="none", backend="native")
     assert torch.isnan(rows[3]) and torch.isfinite(torch.cat([rows[:3], rows[4:]])).all()
-    case = unitsface_case(sampled=False)
-    valid_row = case["bank_valid"].nonzero()[0, 0]
-    case["bank"][valid_row, 0] = float("nan")
-    x = case["x"].clone().requires_grad_()
-    rows = fused_unitsface_loss(x, case["labels"], case["centres"], case["bank"], case["bias"],
-                                bank_valid=case["bank_valid"], uss_form=form,
-                                reduction="none", backend="native")
-    assert torch.isnan(rows).all()
-    rows.sum().backward()
-    assert torch.isnan(x.grad).all()
+    check_nan_in_valid_bank_row(unitsface_case(sampled=False), uss_form=form)
 
 
 # ---------------------------------------------------------------- edge cases
@@ -363,12 +305,7 @@ def test_uss_all_same_labels(budget, form, mode):
 @pytest.mark.parametrize("budget", ["7", None], indirect=True)
 @pytest.mark.parametrize("form", FORMS)
 def test_unitsface_all_same_labels_and_zero_rows(budget, form):
-    case = unitsface_case(d=24, sampled=True)
-    case["labels"][:] = case["index"][0]
-    case["x"][[2, 9]] = 0.0
-    case["centres"][case["index"][[0, 5]]] = 0.0
-    case["bank"][case["index"][:4]] = 0.0
-    check(case, "native", uss_form=form)
+    check(same_label_and_zero_rows(unitsface_case(d=24, sampled=True)), "native", uss_form=form)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -383,13 +320,7 @@ def test_uss_empty_bank(form):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_unitsface_empty_bank_is_softmax_alone(form):
-    case = unitsface_case(d=24, sampled=True)
-    case["bank_valid"][:] = False
-    loss, grads = check(case, "native", uss_form=form)
-    soft = fused_margin_softmax_loss(case["x"], case["centres"], case["labels"],
-                                     index=case["index"], backend="native")
-    torch.testing.assert_close(loss, soft)
-    assert torch.count_nonzero(grads["bias"]) == 0
+    check_empty_bank_is_softmax_alone(unitsface_case(d=24, sampled=True), uss_form=form)
 
 
 @pytest.mark.parametrize("mode", USS_MODES)
@@ -486,13 +417,14 @@ def test_labels_matching_no_column_have_no_target(form, sampled):
 @pytest.mark.parametrize("sampled", [False, True])
 @pytest.mark.parametrize("vector_bias", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_row_grads_match_plain(form, sampled, vector_bias, threads, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_row_grads_match_plain(form, sampled, vector_bias, threads, device, monkeypatch):
     """unitsface_fwd_native(row_grads=True) = the plain forward plus dx_rows = ∂L_i/∂x_i and
     db_rows = ∂L_i/∂b; its backward (which uses them) equals the plain backward for any
-    upstream gradient."""
+    upstream gradient (CPU, and the CUDA sweep with its own kernels)."""
     monkeypatch.setenv("UNITSFACE_NATIVE_CHUNK_ELEMS", "300")
-    case = unitsface_case(21, 301, 40, torch.float64, sampled=sampled, vector_bias=vector_bias,
-                          seed=9)
+    case = unitsface_case(21, 301, 40, torch.float64, device, sampled=sampled,
+                          vector_bias=vector_bias, seed=9)
     args = uf_args(case, form, margin_arc=0.5, margin_cos=0.1, official_clamp=True, scale=16.0)
     with num_threads(threads):
         plain = OPS.unitsface_fwd_native(*args, False)
@@ -501,22 +433,11 @@ def test_row_grads_match_plain(form, sampled, vector_bias, threads, monkeypatch)
         assert fused[5].shape == (21, 40) and fused[6].shape == (21,)
         for a, b in zip(plain[:5], fused[:5]):
             torch.testing.assert_close(a, b)
-        go = torch.rand(21, dtype=torch.float64)
+        go = torch.rand(21, dtype=torch.float64, device=device)
         want = OPS.unitsface_bwd_native(go, *args[:7], *plain[1:], args[7], [True, True, True])
         got = OPS.unitsface_bwd_native(go, *args[:7], *fused[1:], args[7], [True, True, True])
     for a, b in zip(want, got):
         torch.testing.assert_close(a, b)
-
-
-def test_row_grads_on_cuda_is_an_error():
-    if not torch.cuda.is_available() or not native.has_family("unitsface", "cuda"):
-        pytest.skip("needs a CUDA GPU and a CUDA build")
-    case = unitsface_case(5, 30, 8, device="cuda")
-    with pytest.raises(ValueError, match="row_grads"):
-        OPS.unitsface_fwd_native(*uf_args(case), True)
-
-
-test_row_grads_on_cuda_is_an_error = pytest.mark.cuda(test_row_grads_on_cuda_is_an_error)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

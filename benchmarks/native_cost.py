@@ -1,0 +1,298 @@
+"""Cost model of the native backend's CUDA sweep (csrc/unitsface_cuda.cu, docs/design.md §2).
+
+One training step of the UniTSFace objective as ``fused_unitsface_loss(backend="native")``
+runs it on CUDA tensors that take a gradient: the forward with the per-row gradients
+(row_grads) and the backward for ∂W (∂x and a scalar ∂b come from the forward). For each
+kernel the step launches — walking the same chunk plan as the driver, read from the extension
+(``unitsface_kernels._C.cuda_plan``, csrc/cuda_plan.h) — its tensor-core FLOPs, its HBM bytes
+and its L2 bytes (the chunk buffers the plan keeps in L2), and the time it takes at its
+roofline on a device: max(FLOPs / mm rate, HBM bytes / HBM bandwidth, L2 bytes / L2
+bandwidth), never less than a small per-kernel floor.
+
+    python -m benchmarks.native_cost              # the H200 headline: bf16, B = D = 512, C = 100k
+    python -m benchmarks.native_cost --measure    # on a GPU: also the measured step, per kernel
+
+The model covers the path of the headline (no partial-FC index, reference rows in x's dtype,
+no bank validity mask: no staging; a scalar threshold in fp32). The public function adds a few
+launches of its own around the ops (the mean, its backward). ``--measure`` profiles the same
+step and prints launches and device time per kernel group beside the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+F32 = 4
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    mm_flops: float        # FLOP/s that torch.mm reaches in the GEMM dtype
+    hbm_bps: float         # bytes/s
+    l2_bps: float          # bytes/s
+    l2_bytes: int          # what the plan sizes its chunks for
+    kernel_floor_s: float  # the shortest a launched kernel takes on the device
+    host_gemm_s: float     # host time to enqueue one ATen GEMM (dispatcher, cuBLAS set-up)
+    host_kernel_s: float   # host time to enqueue one of our kernels
+
+
+# H200: one 512 × 100k × 512 bf16 mm in 0.117 ms (≈ 450 TFLOP/s, docs/design.md §7), ≈ 4 TB/s
+# HBM3e (4.8 peak), ≈ 8 TB/s L2, 50 MiB L2; host costs typical of an ATen op and a raw launch.
+H200 = Device("H200", 450e12, 4.0e12, 8.0e12, 50 << 20, 2e-6, 8e-6, 3e-6)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step's shapes: B rows, D columns, S classes, x (and W, bank) of x_bytes each."""
+
+    B: int = 512
+    D: int = 512
+    S: int = 100_000
+    x_bytes: int = 2
+    bank: bool = True         # the objective (False: the margin softmax alone)
+    row_grads: bool = True    # False: the plain forward, ∂x from the backward's sweep
+
+    @property
+    def gemm_flops(self) -> float:
+        """One B × S × D GEMM."""
+        return 2.0 * self.B * self.S * self.D
+
+
+@dataclass
+class Kernel:
+    phase: str  # "fwd" | "bwd"
+    name: str
+    gemm: bool = False  # launched through ATen (cuBLAS)
+    launches: int = 0
+    flops: float = 0.0
+    hbm: float = 0.0
+    l2: float = 0.0
+    time_s: float = 0.0
+
+    def add(self, dev: Device, launches=1, flops=0.0, hbm=0.0, l2=0.0) -> None:
+        """One more instance (launches: 1, or 0 for an instance that launches nothing)."""
+        self.launches += launches
+        self.flops += flops
+        self.hbm += hbm
+        self.l2 += l2
+        if launches:
+            self.time_s += max(flops / dev.mm_flops, hbm / dev.hbm_bps, l2 / dev.l2_bps,
+                               launches * dev.kernel_floor_s)
+
+
+@dataclass
+class Model:
+    step: Step
+    device: Device
+    kernels: OrderedDict[tuple, Kernel] = field(default_factory=OrderedDict)
+    plans: dict = field(default_factory=dict)
+
+    def k(self, phase: str, name: str) -> Kernel:
+        return self.kernels.setdefault((phase, name), Kernel(phase, name, "GEMM" in name
+                                                             or "bmm" in name))
+
+    def host_s(self) -> float:
+        """The host's time to enqueue the step: without a synchronisation inside a call the
+        device runs behind it, so the step takes max(device, host)."""
+        dev = self.device
+        return sum(k.launches * (dev.host_gemm_s if k.gemm else dev.host_kernel_s)
+                   for k in self.kernels.values())
+
+    def total(self, attr: str, phase: str | None = None) -> float:
+        return sum(getattr(k, attr) for k in self.kernels.values()
+                   if phase is None or k.phase == phase)
+
+
+def plan(st: Step, parts: int, with_q: bool, l2_bytes: int) -> dict:
+    """The driver's chunk plan (csrc/cuda_plan.h through the extension)."""
+    from unitsface_kernels import native
+    c, kw, ns, n_chunks, ns_used, budget = native.require().cuda_plan(
+        st.B, st.S, st.D, parts, F32, st.x_bytes, with_q, l2_bytes)
+    return dict(c=c, kw=kw, ns=ns, n_chunks=n_chunks, ns_used=ns_used, budget=budget)
+
+
+def chunks(p: dict, S: int):
+    for q in range(p["n_chunks"]):
+        yield q, min(p["c"], S - q * p["c"])
+
+
+def products(m: Model, phase: str, p: dict, n: int, first: bool) -> None:
+    """One part's ∂x products of a chunk: the full slices in one batched GEMM, a partial last
+    slice in a second; each slice's fp32 accumulator (B × D) written on the first chunk, read
+    and written after it."""
+    st, dev = m.step, m.device
+    full, rem = divmod(n, p["kw"])
+    rw = 1 if first else 2
+    k = m.k(phase, "∂x products (split-K bmm)")
+    for width, count in ((p["kw"], full), (rem, int(rem > 0))):
+        if count:
+            k.add(dev, 1, 2.0 * st.B * count * width * st.D,
+                  hbm=count * (width * st.D * st.x_bytes + rw * st.B * st.D * F32),
+                  l2=st.B * count * width * st.x_bytes)
+
+
+def model(st: Step = Step(), dev: Device = H200) -> Model:
+    m = Model(st, dev)
+    B, D, S, xb = st.B, st.D, st.S, st.x_bytes
+    # ---- forward
+    parts = 2 if st.bank else 1
+    p = plan(st, parts, False, dev.l2_bytes)
+    m.plans["fwd"] = p
+    s_pad = max(p["n_chunks"], 1) * p["c"]
+    m.k("fwd", "norms (uf_columns)").add(dev, hbm=(B + parts * S) * D * xb
+                                         + (B + parts * S) * F32 + 4 * s_pad * F32)
+    for q, n in chunks(p, S):
+        for _ in range(parts):
+            m.k("fwd", "dots GEMM x·Rᵀ").add(dev, 1, 2.0 * B * n * D, hbm=n * D * xb,
+                                             l2=B * D * xb + B * n * F32)
+        tiles = parts * B * n * xb if st.row_grads else 0
+        m.k("fwd", "epilogue").add(dev, hbm=n * (4 if st.bank else 1) * F32,
+                                   l2=parts * B * n * F32 + tiles)
+        if st.row_grads:
+            for _ in range(parts):
+                products(m, "fwd", p, n, q == 0)
+    acc = parts * p["ns_used"] * B * D * F32 if st.row_grads else 0
+    m.k("fwd", "finish (uf_fwd_finish)").add(
+        dev, hbm=acc + B * D * xb * (1 + parts) + (B * D * F32 if st.row_grads else 0))
+    # ---- backward: ∂W always; ∂x and the threshold's Σ g from the sweep without row_grads
+    parts_b = 1 if st.row_grads or not st.bank else 2
+    p = plan(st, parts_b, True, dev.l2_bytes)
+    m.plans["bwd"] = p
+    s_pad = max(p["n_chunks"], 1) * p["c"]
+    m.k("bwd", "norms (uf_columns)").add(dev, hbm=parts_b * S * F32 + 4 * s_pad * F32)
+    m.k("bwd", "rows (x̂, ∂x)").add(dev, hbm=B * D * (2 * xb + (F32 + xb if st.row_grads else 0)))
+    for q, n in chunks(p, S):
+        for _ in range(parts_b):
+            m.k("bwd", "dots GEMM x·Rᵀ").add(dev, 1, 2.0 * B * n * D, hbm=n * D * xb,
+                                             l2=B * D * xb + B * n * F32)
+        m.k("bwd", "epilogue").add(dev, hbm=n * (4 if parts_b == 2 else 1) * F32,
+                                   l2=parts_b * B * n * (F32 + xb))
+        if not st.row_grads:
+            for _ in range(parts_b):
+                products(m, "bwd", p, n, q == 0)
+        m.k("bwd", "Q GEMM tileᵀ·x̂").add(dev, 1, 2.0 * B * n * D,
+                                          l2=B * n * xb + B * D * xb + n * D * F32)
+        m.k("bwd", "∂W projection").add(dev, hbm=2 * n * D * xb, l2=n * D * F32)
+    if not st.row_grads:
+        m.k("bwd", "rows (∂x)").add(dev, hbm=p["ns_used"] * B * D * F32 + B * D * 2 * xb)
+    return m
+
+
+def useful_flops(st: Step) -> float:
+    """docs/design.md §7: the GEMMs the maths needs (cosines and ∂x per reference set, ∂W)."""
+    return st.gemm_flops * (5 if st.bank else 3)
+
+
+def report(m: Model) -> str:
+    st, dev = m.step, m.device
+    lines = [(f"native CUDA sweep, cost model on {dev.name} (mm {dev.mm_flops / 1e12:.0f} "
+              f"TFLOP/s, HBM {dev.hbm_bps / 1e12:.1f} TB/s, L2 {dev.l2_bps / 1e12:.1f} TB/s, "
+              f"L2 {dev.l2_bytes >> 20} MiB)"),
+             (f"step: B={st.B} D={st.D} S={st.S} x {8 * st.x_bytes}-bit, "
+              f"{'objective' if st.bank else 'softmax'}, row_grads={st.row_grads}")]
+    for phase, p in m.plans.items():
+        lines.append(f"  {phase} plan: {p['n_chunks']} chunks of c={p['c']} "
+                     f"({p['ns']} slices of {p['kw']}; budget {p['budget']} elements)")
+    lines.append(f"  {'phase':5} {'kernel':28} {'launches':>8} {'GFLOP':>8} {'HBM MB':>8} "
+                 f"{'L2 MB':>8} {'µs':>8}")
+    for k in m.kernels.values():
+        lines.append(f"  {k.phase:5} {k.name:28} {k.launches:8d} {k.flops / 1e9:8.1f} "
+                     f"{k.hbm / 1e6:8.1f} {k.l2 / 1e6:8.1f} {k.time_s * 1e6:8.1f}")
+    t = m.total("time_s")
+    lines.append(f"  total: {m.total('launches'):.0f} launches "
+                 f"(fwd {m.total('launches', 'fwd'):.0f}, bwd {m.total('launches', 'bwd'):.0f}), "
+                 f"{m.total('flops') / 1e9:.1f} GFLOP "
+                 f"({m.total('flops') / st.gemm_flops:.2f} GEMM-equivalents), "
+                 f"HBM {m.total('hbm') / 1e9:.3f} GB, L2 {m.total('l2') / 1e9:.3f} GB")
+    lines.append(f"  predicted: {t * 1e3:.3f} ms of device time per step (fwd "
+                 f"{m.total('time_s', 'fwd') * 1e3:.3f}, bwd {m.total('time_s', 'bwd') * 1e3:.3f}; "
+                 f"host enqueue ≈ {m.host_s() * 1e3:.3f} ms); useful FLOPs at "
+                 f"{useful_flops(st) / max(t, m.host_s()) / dev.mm_flops:.0%} of the mm rate")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- measurement
+
+GROUPS = (("uf_columns", "norms (uf_columns)"), ("uf_fwd_epilogue", "epilogue"),
+          ("uf_bwd_epilogue", "epilogue"), ("uf_fwd_finish", "finish (uf_fwd_finish)"),
+          ("uf_project", "∂W projection"), ("uf_rows", "rows"), ("uf_stage", "staging"))
+
+
+def _group(kernel: str) -> str:
+    for key, name in GROUPS:
+        if key in kernel:
+            return name
+    low = kernel.lower()
+    if any(t in low for t in ("gemm", "cutlass", "nvjet", "sm90", "xmma", "cublas")):
+        return "GEMMs (cuBLAS)"
+    return "other"
+
+
+def measure(st: Step, repeats: int = 20) -> str:
+    """The step on the GPU: median wall time (CUDA events), and with the profiler the kernels
+    of one step by group (launches, device µs)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from unitsface_kernels import fused_unitsface_loss
+
+    from .measure import time_steps
+    dev = torch.device("cuda")
+    dt = {2: torch.bfloat16, 4: torch.float32}[st.x_bytes]
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(st.B, st.D, device=dev, generator=g).to(dt).requires_grad_()
+    w = torch.randn(st.S, st.D, device=dev, generator=g).to(dt).requires_grad_()
+    bank = torch.nn.functional.normalize(torch.randn(st.S, st.D, device=dev, generator=g)).to(dt)
+    b = torch.tensor([10.0], device=dev, requires_grad=True)
+    y = torch.randint(0, st.S, (st.B,), device=dev, generator=g)
+
+    def step():
+        for t in (x, w, b):
+            t.grad = None  # as optimizer.zero_grad() does: no accumulation kernels
+        loss = fused_unitsface_loss(x, y, w, bank, b, backend="native")
+        loss.backward()
+
+    for _ in range(3):
+        step()
+    times = sorted(time_steps(step, repeats, dev))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    groups: OrderedDict[str, list] = OrderedDict()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            row = groups.setdefault(_group(e.name), [0, 0.0])
+            row[0] += 1
+            row[1] += e.device_time_total
+    lines = [(f"measured on {torch.cuda.get_device_name()}: {times[len(times) // 2] * 1e3:.3f} ms "
+              f"per step (median of {repeats}); kernels of one step by group:")]
+    for name, (n, us) in groups.items():
+        lines.append(f"  {name:28} {n:8d} launches {us:10.1f} µs")
+    lines.append(f"  total {sum(r[0] for r in groups.values())} launches")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--classes", type=int, default=Step.S)
+    ap.add_argument("--batch", type=int, default=Step.B)
+    ap.add_argument("--dim", type=int, default=Step.D)
+    ap.add_argument("--fp32", action="store_true", help="fp32 inputs (default bf16)")
+    ap.add_argument("--measure", action="store_true", help="also measure the step (CUDA)")
+    args = ap.parse_args(argv)
+    st = Step(args.batch, args.dim, args.classes, 4 if args.fp32 else 2)
+    print(report(model(st)))
+    if args.measure:
+        import torch
+        if not torch.cuda.is_available():
+            print("--measure: no CUDA device")
+            return 1
+        print(measure(st))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+// The argument checks of the unitsface family's ops (csrc/unitsface.h), shared by the CPU
+// driver (csrc/unitsface.cpp) and the CUDA sweep (csrc/unitsface_cuda.cu). In a file of their
+// own so that the host build of the CUDA sweep (csrc/emu/) links them without the CPU driver.
+#include "chunking.h"
+#include "unitsface.h"
+
+namespace unitsface {
+
+void check_unitsface_args(const char* op, const UnitsfaceInputs& in) {
+  const at::Tensor &x = in.x, &centres = in.centres;
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D (B, D), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(centres.dim() == 2 && centres.size(1) == x.size(1), op,
+                    ": centres must be (C, D) with D = ", x.size(1), ", got shape ",
+                    centres.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op,
+                   ": x must be a floating tensor, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(chunking::reads_as(centres.scalar_type(), x.scalar_type()), op,
+                   ": centres has dtype ",
+                   centres.scalar_type(), " but x has ", x.scalar_type());
+  TORCH_CHECK_VALUE(in.labels.dim() == 1 && in.labels.size(0) == x.size(0), op,
+                    ": labels must have shape (", x.size(0), ",), got ", in.labels.sizes());
+  TORCH_CHECK_TYPE(!at::isFloatingType(in.labels.scalar_type()), op,
+                   ": labels must be an integer tensor");
+  const auto dev = x.device();
+  TORCH_CHECK_VALUE(centres.device() == dev && in.labels.device() == dev, op,
+                    ": every tensor must be on ", dev);
+  const int64_t C = centres.size(0);
+  if (in.index.has_value()) {
+    TORCH_CHECK_TYPE(!at::isFloatingType(in.index->scalar_type()), op,
+                     ": index must be an integer tensor");
+    TORCH_CHECK_VALUE(in.index->dim() == 1 && in.index->device() == dev, op,
+                      ": index must be 1-D on ", dev);
+  }
+  if (in.bank.has_value()) {
+    const at::Tensor& bank = *in.bank;
+    TORCH_CHECK_VALUE(bank.dim() == 2 && bank.size(0) == C && bank.size(1) == x.size(1), op,
+                      ": bank must have the shape of centres ", centres.sizes(), ", got ",
+                      bank.sizes());
+    TORCH_CHECK_TYPE(chunking::reads_as(bank.scalar_type(), x.scalar_type()), op,
+                     ": bank has dtype ", bank.scalar_type(), " but x has ", x.scalar_type());
+    TORCH_CHECK_VALUE(bank.device() == dev, op, ": bank must be on ", dev);
+    TORCH_CHECK_VALUE(in.bias.has_value(), op, ": the USS part (a bank) needs a bias");
+  }
+  if (in.bank_valid.has_value()) {
+    const at::Tensor& v = *in.bank_valid;
+    TORCH_CHECK_TYPE(v.scalar_type() == at::kBool, op, ": bank_valid must be a bool tensor");
+    TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == C && v.device() == dev, op,
+                      ": bank_valid must have shape (", C, ",) on ", dev);
+  }
+  if (in.bias.has_value()) {
+    const at::Tensor& b = *in.bias;
+    TORCH_CHECK_TYPE(at::isFloatingType(b.scalar_type()), op, ": bias must be a floating tensor");
+    TORCH_CHECK_VALUE(b.numel() == 1 || b.numel() == C, op,
+                      ": bias must hold 1 value or one per class (", C, "), got shape ",
+                      b.sizes());
+    TORCH_CHECK_VALUE(b.device() == dev, op, ": bias must be on ", dev);
+  }
+}
+
+}  // namespace unitsface

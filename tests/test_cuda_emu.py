@@ -1,0 +1,253 @@
+"""The native backend's CUDA sweep (csrc/unitsface_cuda.cu and its kernels) run on the CPU: the
+same source built for the host with the emulation of csrc/emu/cuda_emu.h (CUDA threads as
+fibers, shuffles and barriers emulated), its ops put in place of the native CPU kernels of the
+unitsface family for the duration of this module, and compared with the float64 reference
+through the public functions (helpers.check) or, where the public functions cannot reach a
+case (labels outside the index, as class-parallel ranks have), op by op.
+
+Chunk budgets (the `budget` fixture): "300" gives chunks of one slice of 128 columns (301
+classes: three chunks, the last one partial), None the L2-sized plan. Memory from torch.empty
+is filled with NaN here (torch's deterministic mode), so a kernel that lets a padded column,
+an unwritten accumulator or the tail of a chunk buffer reach a result fails. The numbers of
+the GPU (speed, cuBLAS's rounding) are not tested here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+from helpers import (FORMS, MARGINS, REQUIRE_NATIVE, assert_close_grad, assert_close_loss, check,
+                     check_empty_bank_is_softmax_alone, check_frozen_x,
+                     check_invalid_rows_reach_nothing, check_nan_in_valid_bank_row, make_case,
+                     same_label_and_zero_rows)
+from unitsface_kernels import (contract, fused_margin_softmax_loss, fused_unitsface_loss, native,
+                               options, reference)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(
+    not native.has_family("unitsface") and not REQUIRE_NATIVE,
+    reason="the native extension is not built (the public functions refuse backend='native')")
+
+
+def _build_emulation():
+    """Compiles (once; ninja keeps the objects under build/) and loads the host build of the
+    CUDA sweep: ops unitsface_emu::unitsface_{fwd,bwd} with the native ops' schemas."""
+    from torch.utils import cpp_extension
+    tag = re.sub(r"[^A-Za-z0-9.-]+", "_", f"torch{torch.__version__}")
+    build_dir = os.path.join(ROOT, "build", f"cuda-emu-{tag}")
+    os.makedirs(build_dir, exist_ok=True)
+    csrc = os.path.join(ROOT, "csrc")
+    cpp_extension.load(
+        name="unitsface_cuda_emu",
+        sources=[os.path.join(csrc, "emu", "unitsface_cuda_emu.cpp"),
+                 os.path.join(csrc, "unitsface_args.cpp"), os.path.join(csrc, "chunking.cpp")],
+        extra_include_paths=[csrc], extra_cflags=["-O1", "-g0"], build_directory=build_dir,
+        is_python_module=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def emulated():
+    """backend="native" on CPU tensors runs the emulated CUDA sweep; torch.empty gives NaN."""
+    _build_emulation()
+    lib = torch.library.Library("unitsface", "IMPL")
+    lib.impl("unitsface_fwd_native", lambda *a: torch.ops.unitsface_emu.unitsface_fwd(*a), "CPU")
+    lib.impl("unitsface_bwd_native", lambda *a: torch.ops.unitsface_emu.unitsface_bwd(*a), "CPU")
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # (fills torch.empty with NaN)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        lib._destroy()
+
+
+@pytest.fixture
+def sweep_dx(monkeypatch):
+    """The plain forward, and ∂x from the backward's sweep (what class-parallel ranks run)
+    instead of the forward's per-row gradients."""
+    monkeypatch.setattr(contract, "ROW_GRADS", set())
+
+
+def opts(**kw):
+    """The packed options of the public functions' defaults, updated with kw."""
+    kw = dict(dict(scale=64.0, margin_arc=0.0, margin_cos=0.4, arcface_grad="exact",
+                   easy_margin=False, uss_margin=0.1, uss_form="pairs", uss_weight=1.0,
+                   official_clamp=False), **kw)
+    return options.unitsface_options(**kw).pack()
+
+
+def case_of(b=37, c=301, d=70, dtype=torch.float32, **kw):
+    return make_case("unitsface", b, c, d, dtype, **kw)
+
+
+def test_emulation_runs():
+    """The public function really reaches the emulated ops (not the native CPU kernels)."""
+    case = case_of(b=5, c=20, d=8)
+    got = fused_unitsface_loss(case["x"], case["labels"], case["centres"], case["bank"],
+                               case["bias"], bank_valid=case["bank_valid"], reduction="none",
+                               backend="native")
+    rows = torch.ops.unitsface_emu.unitsface_fwd(
+        case["x"], case["centres"], case["bank"], case["labels"], None, case["bank_valid"],
+        case["bias"], opts())[0]
+    torch.testing.assert_close(got, rows.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("budget", ["300", None], indirect=True)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("sampled,vector_bias,official_clamp",
+                         [(False, False, False), (True, False, True), (True, True, False)])
+def test_parity(budget, form, sampled, vector_bias, official_clamp):
+    case = case_of(sampled=sampled, vector_bias=vector_bias, seed=3)
+    check(case, "native", uss_form=form, official_clamp=official_clamp, margin_arc=0.2,
+          uss_weight=0.7)
+
+
+@pytest.mark.parametrize("budget", ["300"], indirect=True)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("sampled", [False, True])
+def test_parity_sweep_dx(budget, form, sampled, sweep_dx):
+    check(case_of(sampled=sampled, vector_bias=sampled, seed=4), "native", uss_form=form)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_frozen_x(form):
+    check_frozen_x(case_of(sampled=True, seed=5), uss_form=form)
+
+
+@pytest.mark.parametrize("margins", list(MARGINS))
+def test_margins(margins):
+    check(case_of(sampled=True, seed=6), "native", **MARGINS[margins])
+
+
+@pytest.mark.parametrize("budget", ["300"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("vector_bias", [False, True])
+def test_dtypes(budget, dtype, form, vector_bias):
+    case = case_of(dtype=dtype, sampled=True, vector_bias=vector_bias, seed=7)
+    check(case, "native", uss_form=form)
+
+
+def test_fp16_rows_below_eps():
+    """fp16 tiles leave the inverse norms out: a centre and a bank row below the eps (whose
+    g·inv_r would overflow fp16) still give the reference's gradients."""
+    case = case_of(dtype=torch.float16, seed=8)
+    case["centres"][[0, 4]] *= 1e-7
+    case["bank"][[1, 5]] *= 1e-7
+    for form in FORMS:
+        check(case, "native", uss_form=form)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("b,c,d", [(1, 1, 8), (1, 301, 70), (5, 3000, 3)])
+def test_shapes(form, b, c, d):
+    """One row, one class, an odd D, and 3000 classes: slices of 512 columns (several vectors
+    per lane), a second, partial chunk."""
+    check(case_of(b, c, d, sampled=c > 1, seed=b + c), "native", uss_form=form)
+
+
+@pytest.mark.parametrize("budget", ["300", None], indirect=True)
+@pytest.mark.parametrize("form", FORMS)
+def test_all_same_labels_and_zero_rows(budget, form):
+    check(same_label_and_zero_rows(case_of(d=24, sampled=True, seed=9)), "native", uss_form=form)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_softmax_alone_and_empty_bank(form):
+    case = case_of(d=24, sampled=True, seed=10)
+    check(dict(case, family="softmax"), "native")
+    check_empty_bank_is_softmax_alone(case, uss_form=form)
+
+
+@pytest.mark.parametrize("budget", ["300"], indirect=True)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("frozen_x", [False, True])
+def test_nan_in_invalid_bank_rows_reaches_nothing(budget, form, frozen_x):
+    check_invalid_rows_reach_nothing(case_of(sampled=True, vector_bias=True, seed=11), "bank",
+                                     "bank_valid", frozen_x, uss_form=form)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("row_grads", [True, False])
+def test_nan_propagates(form, row_grads, monkeypatch):
+    """NaN in x reaches its own row's loss and ∂x (and ∂W, ∂b, which sum over rows); NaN in a
+    valid bank row reaches every row (each has it as a negative)."""
+    if not row_grads:
+        monkeypatch.setattr(contract, "ROW_GRADS", set())
+    case = case_of(seed=12)
+    case["x"][3, 2] = float("nan")
+    x = case["x"].clone().requires_grad_()
+    rows = fused_unitsface_loss(x, case["labels"], case["centres"], case["bank"], case["bias"],
+                                bank_valid=case["bank_valid"], uss_form=form,
+                                reduction="none", backend="native")
+    assert torch.isnan(rows[3]) and torch.isfinite(torch.cat([rows[:3], rows[4:]])).all()
+    rows.sum().backward()
+    assert torch.isnan(x.grad[3]).all()
+    assert torch.isfinite(torch.cat([x.grad[:3], x.grad[4:]])).all()
+    check_nan_in_valid_bank_row(case_of(seed=13), uss_form=form)
+
+
+@pytest.mark.parametrize("budget", ["300"], indirect=True)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("row_grads", [False, True])
+@pytest.mark.parametrize("vector_bias", [False, True])
+def test_ops_with_classes_outside_the_index(budget, form, row_grads, vector_bias):
+    """Op level, as a class-parallel rank calls them: labels of classes outside the index have
+    no target and no positive. The forward's rows and statistics and the backward's gradients
+    (from the reference's statistics) against the reference's per-op forms in float64."""
+    case = case_of(vector_bias=vector_bias, seed=14)
+    case["x"] = case["x"].double()
+    for k in ("centres", "bank", "bias"):
+        case[k] = case[k].double()
+    absent = case["labels"][:5]
+    keep = ~torch.isin(torch.arange(301), absent)
+    keep[torch.randperm(301, generator=torch.Generator().manual_seed(0))[:100]] = False
+    index = keep.nonzero()[:, 0]
+    args = (case["x"], case["centres"], case["bank"], case["labels"], index,
+            case["bank_valid"], case["bias"],
+            opts(uss_form=form, uss_weight=0.7, margin_arc=0.2))
+    ref = reference.unitsface_fwd(*args)
+    got = torch.ops.unitsface_emu.unitsface_fwd(*args, row_grads)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-10)
+    go = torch.rand(case["x"].shape[0], dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1))
+    saved = (ref[1],) + tuple(got[2:])
+    want = reference.unitsface_bwd(go, *args[:7], ref[1], *ref[2:], args[7], [True] * 3)
+    grads = torch.ops.unitsface_emu.unitsface_bwd(go, *args[:7], *saved, args[7], [True] * 3)
+    scale = float(ref[0].abs().sum())
+    for name, g, w in zip(("x", "centres", "bias"), grads, want):
+        assert_close_grad(g, w, torch.float64, name, scalar_scale=scale)
+    assert_close_loss(got[0], ref[0], torch.float64)
+
+
+@pytest.mark.parametrize("budget", ["300", None], indirect=True)
+@pytest.mark.parametrize("row_grads", [True, False])
+@pytest.mark.parametrize("with_bank", [True, False])
+def test_cost_model_launches(budget, row_grads, with_bank, monkeypatch):
+    """benchmarks/native_cost.py walks the driver's chunk loop: its launches for a step (the
+    emulation's kernel launches plus the GEMMs the driver calls) are the driver's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks import native_cost
+    if not row_grads:
+        monkeypatch.setattr(contract, "ROW_GRADS", set())
+    case = case_of(b=37, c=301, d=16, seed=15)
+    leaves = {k: case[k].clone().requires_grad_() for k in ("x", "centres", "bias")}
+    before = torch.ops.unitsface_emu.kernel_launches()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        if with_bank:
+            loss = fused_unitsface_loss(leaves["x"], case["labels"], leaves["centres"],
+                                        case["bank"], leaves["bias"], backend="native")
+        else:
+            loss = fused_margin_softmax_loss(leaves["x"], leaves["centres"], case["labels"],
+                                             backend="native")
+        loss.backward()
+    kernels = torch.ops.unitsface_emu.kernel_launches() - before
+    gemms = sum(e.name in ("aten::mm", "aten::baddbmm") for e in prof.events())
+    m = native_cost.model(native_cost.Step(37, 16, 301, 4, bank=with_bank, row_grads=row_grads))
+    assert kernels + gemms == m.total("launches")

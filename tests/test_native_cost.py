@@ -1,0 +1,52 @@
+"""benchmarks/native_cost.py, the cost model of the native CUDA sweep, at the GPU headline (bf16,
+B = D = 512, 100k classes): the chunk plan keeps its buffers in L2, the step does 6
+GEMM-equivalents of tensor-core work (7 without the forward's per-row gradients), and its
+launches are the closed forms of the chunk loop below. (tests/test_cuda_emu.py checks the
+model's launches against the driver itself, run on the CPU.)"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import REQUIRE_NATIVE
+
+from benchmarks import native_cost
+from unitsface_kernels import native
+
+pytestmark = pytest.mark.skipif(not native.available() and not REQUIRE_NATIVE,
+                                reason="the plan comes from the native extension (not built)")
+
+
+@pytest.fixture(autouse=True)
+def l2_plan(monkeypatch):
+    monkeypatch.delenv("UNITSFACE_NATIVE_CHUNK_ELEMS", raising=False)
+
+
+def test_headline_plan_fits_l2():
+    m = native_cost.model()
+    st, l2 = m.step, m.device.l2_bytes
+    fwd, bwd = m.plans["fwd"], m.plans["bwd"]
+    assert (fwd["c"], fwd["kw"], fwd["n_chunks"]) == (8192, 1024, 13)
+    assert 2 * st.B * fwd["c"] * (4 + 2) <= l2  # dots + bf16 tiles of W and the bank
+    assert st.B * bwd["c"] * (4 + 2) + bwd["c"] * st.D * 4 <= l2  # + Q
+    assert bwd["c"] >= fwd["c"] and bwd["c"] % bwd["kw"] == 0
+
+
+@pytest.mark.parametrize("row_grads", [True, False])
+def test_headline_counts(row_grads):
+    m = native_cost.model(native_cost.Step(row_grads=row_grads))
+    st, fwd, bwd = m.step, m.plans["fwd"], m.plans["bwd"]
+    assert m.total("flops") == (6 if row_grads else 7) * st.gemm_flops
+
+    def product_launches(p):  # per part: 1 batched GEMM per chunk, 2 where a slice is partial
+        return sum(1 + (0 < n % p["kw"] < n) for n in
+                   (min(p["c"], st.S - q * p["c"]) for q in range(p["n_chunks"])))
+
+    parts_b = 1 if row_grads else 2
+    launches_fwd = 2 + fwd["n_chunks"] * 3 + (2 * product_launches(fwd) if row_grads else 0)
+    launches_bwd = (2 + bwd["n_chunks"] * (parts_b + 3) + (0 if row_grads else 1)
+                    + (0 if row_grads else 2 * product_launches(bwd)))
+    assert m.total("launches", "fwd") == launches_fwd
+    assert m.total("launches", "bwd") == launches_bwd
+    if row_grads:
+        assert launches_fwd + launches_bwd == 111
+        assert 0.5e-3 < m.total("time_s") < 1.0e-3  # the issue's ≤ 1 ms, on paper
