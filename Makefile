@@ -44,6 +44,9 @@ TORCH_CUDA_ARCH_LIST ?= 9.0
 export TORCH_CUDA_ARCH_LIST
 MAX_JOBS ?= 2
 export MAX_JOBS
+# pytest-xdist workers for make test: most tests are single-threaded (Triton's interpreter is
+# numpy), so one per core halves the suite's time on the 2-core CI machine.
+TEST_WORKERS ?= 2
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 BUILD_STAMP := build/.native-built
@@ -60,7 +63,7 @@ venv: $(PY)
 
 $(PY):
 	python3 -m venv $(VENV)
-	$(PIP) install torch==$(TORCH_VERSION) pytest numpy ninja tqdm matplotlib psutil pytorch-metric-learning lightning
+	$(PIP) install torch==$(TORCH_VERSION) pytest pytest-xdist numpy ninja tqdm matplotlib psutil pytorch-metric-learning lightning
 
 # Editable install: tests import the in-tree package, with _C compiled next to it.
 # --no-build-isolation: compile against the venv's torch (same ABI as at import time).
@@ -107,7 +110,7 @@ smoke-oldest:
 # UNITSFACE_REQUIRE_NATIVE=1: the extension was just built, so a native backend that does not
 # load is a failure of the run, not a skip (tests/helpers.py).
 test: build $(OLD_TRITON)/.installed smoke smoke-oldest
-	UNITSFACE_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
+	UNITSFACE_REQUIRE_NATIVE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 bench: build
 	$(PY) -m benchmarks
