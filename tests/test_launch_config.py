@@ -1,17 +1,23 @@
-"""Tile configurations of the Triton kernels (unitsface_kernels.triton.common): the shapes the
-kernels rely on (powers of two, bk | dc | dp) and the environment tuning knobs."""
+"""Tile configurations of the Triton kernels (unitsface_kernels.triton.common) and the fused
+kernels' plan (chunks of classes, split-K slices; unitsface_kernels.triton.fused.plan): the
+shapes the kernels rely on (powers of two, whole tiles per chunk) and the environment tuning
+knobs."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from unitsface_kernels.triton.common import LaunchConfig, fused_config, launch_config  # noqa: E402
+from unitsface_kernels.triton.common import (FUSED_KNOBS, GemmTiles, LaunchConfig,  # noqa: E402
+                                             fused_config, launch_config)
+from unitsface_kernels.triton.fused import plan  # noqa: E402
 
 DEVICES = [torch.device("cuda"), torch.device("cpu")]  # configs only: no GPU is touched
-KNOBS = ["UNITSFACE_TRITON_TILES", "UNITSFACE_TRITON_FWD_TILES", "UNITSFACE_TRITON_BWD_TILES"]
+KNOBS = ["UNITSFACE_TRITON_TILES", "UNITSFACE_TRITON_CHUNK_MB", *FUSED_KNOBS.values()]
 
 
 @pytest.fixture(autouse=True)
@@ -28,42 +34,74 @@ def _power_of_two(v: int) -> bool:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("d", [1, 40, 70, 128, 130, 512, 1000, 2048])
 def test_defaults_fit_the_kernels(device, dtype, d):
-    configs = [launch_config(d, device, dtype)] + [
-        fused_config(d, device, dtype, backward=b) for b in (False, True)]
-    for cfg in configs:
-        assert cfg.dp >= d and _power_of_two(cfg.dp)
-        assert all(_power_of_two(v) for v in (cfg.block_m, cfg.block_n, cfg.dc, cfg.num_warps))
-        assert cfg.dp % cfg.dc == 0
-    for cfg in configs[1:]:  # the fused kernels' K loop
-        assert _power_of_two(cfg.bk) and cfg.dc % cfg.bk == 0
-    fwd, bwd = configs[1:]
-    if device.type == "cpu":  # the interpreter recomputes the backward's cosines bit for bit
-        assert (fwd.block_m, fwd.block_n, fwd.bk) == (bwd.block_m, bwd.block_n, bwd.bk)
+    cfg = launch_config(d, device, dtype)
+    assert cfg.dp >= d and _power_of_two(cfg.dp)
+    assert all(_power_of_two(v) for v in (cfg.block_m, cfg.block_n, cfg.dc, cfg.num_warps))
+    assert cfg.dp % cfg.dc == 0
+    fused = fused_config(d, device, dtype)
+    for tiles in (fused.cos, fused.dw, fused.dx):
+        assert all(_power_of_two(v) for v in (tiles.block_m, tiles.block_n, tiles.bk,
+                                              tiles.num_warps))
+        assert tiles.num_stages >= 1
 
 
-def test_override_parses_and_clips(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+@pytest.mark.parametrize("b,s,d", [(1, 1, 8), (37, 301, 70), (512, 100_000, 512),
+                                   (4096, 1_000_000, 512), (512, 257, 2048)])
+@pytest.mark.parametrize("buffers", [0, 1, 2])
+def test_plan_covers_the_classes(device, b, s, d, buffers):
+    """Chunks are whole tiles of every kernel and cover S; the gradient tiles of a chunk stay
+    within chunk_bytes (unless one granule is more); the split-K slices cover a chunk."""
+    p = plan(b, s, d, torch.bfloat16, device, buffers)
+    cfg = p.config
+    chunks = list(p.chunks())
+    assert chunks[0][0] == 0 and sum(n for _, n in chunks) == s
+    assert all(c0 == k * p.chunk for k, (c0, _) in enumerate(chunks))
+    if buffers == 0:
+        assert p.n_chunks == 1
+    else:
+        assert p.chunk % cfg.granule == 0
+        if device.type == "cuda" and p.chunk > cfg.granule:
+            assert b * p.chunk * 2 * buffers <= cfg.chunk_bytes
+        assert p.k_split % cfg.dx.bk == 0
+        assert (p.splits - 1) * p.k_split < p.chunk <= p.splits * p.k_split
+    if device.type == "cpu" and s == 301 and buffers:  # the tests' shapes: several chunks
+        assert p.n_chunks == 3 and p.splits == 2
+
+
+def test_headline_plan():
+    """B = 512, D = 512, C = 100k in bf16 on an H200 (132 SMs): 4 chunks of 25088 classes
+    (25 MB of bf16 gradient tiles each), 8 split-K slices (16 output tiles: one wave)."""
     cuda = torch.device("cuda")
-    monkeypatch.setenv("UNITSFACE_TRITON_BWD_TILES", "64,64,1024,8,2")
-    assert fused_config(512, cuda, torch.bfloat16, backward=True) == \
-        LaunchConfig(64, 64, 512, 512, 8, 2, 64)  # dc clipped to dp; bk = 128 bytes
-    monkeypatch.setenv("UNITSFACE_TRITON_FWD_TILES", "128,64,512,8,3,32")
-    assert fused_config(512, cuda, torch.bfloat16, backward=False).bk == 32
+    cfg = dataclasses.replace(fused_config(512, cuda, torch.bfloat16), programs=132)
+    p = plan(512, 100_000, 512, torch.bfloat16, cuda, 1, config=cfg)
+    assert (p.n_chunks, p.chunk, p.splits, p.dx_tiles) == (4, 25088, 8, 16)
+
+
+def test_override_parses(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setenv("UNITSFACE_TRITON_COS_TILES", "128,256,64,8,4")
+    monkeypatch.setenv("UNITSFACE_TRITON_DX_TILES", "64,128,32,4,2")
+    monkeypatch.setenv("UNITSFACE_TRITON_CHUNK_MB", "8")
+    cfg = fused_config(512, cuda, torch.bfloat16)
+    assert cfg.cos == GemmTiles(128, 256, 64, 8, 4) and cfg.dx == GemmTiles(64, 128, 32, 4, 2)
+    assert cfg.chunk_bytes == 8 << 20
     monkeypatch.setenv("UNITSFACE_TRITON_TILES", "64,16,256,4,1")
     assert launch_config(512, cuda, torch.bfloat16) == LaunchConfig(64, 16, 512, 256, 4, 1, 0)
     # the knobs are for GPUs: the interpreter keeps its own tiles
-    assert fused_config(512, torch.device("cpu"), torch.bfloat16, backward=True).block_n == 32
+    assert fused_config(512, torch.device("cpu"), torch.bfloat16).cos.block_n == 32
 
 
 @pytest.mark.parametrize("value,match", [
-    ("64,64", "expected 'block_m,block_n,dc,num_warps,num_stages"),
-    ("64,64,256,8,2,32,1", "too many fields"),
-    ("64,a,256,8,2", "integers"),
-    ("64,48,256,8,2", "block_n=48 is not a power of two"),
-    ("64,64,96,8,2", "dc=96 is not a power of two"),
-    ("64,64,256,8,0", "num_stages=0"),
+    ("64,64", "expected 'block_m,block_n,bk,num_warps,num_stages"),
+    ("64,64,64,8,2,1", "expected"),
+    ("64,a,64,8,2", "five integers"),
+    ("64,48,64,8,2", "block_n=48 is not a power of two"),
+    ("64,64,96,8,2", "bk=96 is not a power of two"),
+    ("64,64,64,8,0", "num_stages=0"),
 ])
 def test_bad_override_names_the_knob(monkeypatch, value, match):
-    monkeypatch.setenv("UNITSFACE_TRITON_BWD_TILES", value)
-    with pytest.raises(ValueError, match="UNITSFACE_TRITON_BWD_TILES") as err:
-        fused_config(512, torch.device("cuda"), torch.bfloat16, backward=True)
+    monkeypatch.setenv("UNITSFACE_TRITON_DW_TILES", value)
+    with pytest.raises(ValueError, match="UNITSFACE_TRITON_DW_TILES") as err:
+        fused_config(512, torch.device("cuda"), torch.bfloat16)
     assert match in str(err.value)

@@ -10,11 +10,15 @@ GPU images may carry an older Triton than this venv (the lent H200s: triton 3.6)
 case also compiles with the oldest supported release, which `make test` unpacks next to the
 build (build/triton-3.6.0, put first on PYTHONPATH; torch never imports it at this stage).
 
-Each kernel prints ptxas's registers and spills, and how many of its spill instructions
-(local loads and stores in the SASS) lie inside a loop: the profiler of tile choices. Every
-case compiles the configuration of the benchmarks (lse form with the official clamp for USS;
-exact ArcFace and pairs USS for the objective); the bf16 D=512 case also compiles the other
-forms and options (`python tests/test_triton_compile.py bf16 512 variants`).
+Each kernel prints ptxas's registers and spills, how many of its spill instructions (local
+loads and stores in the SASS) lie inside a loop, and the shapes of its matrix instructions
+(wgmma mMnNkK on Hopper, or mma.sync): the profiler of tile choices. Every case compiles the
+configuration of the benchmarks (lse form with the official clamp for USS; CosFace and pairs
+USS for the objective, whose kernels run in the forms a training step launches them: the
+forward with the USS part's row gradients, the backward without bank programs); the bf16
+D=512 case also compiles the other forms and options (`python tests/test_triton_compile.py
+bf16 512 variants`). At the headline (bf16 and fp16, D = 512) the fused kernels must show no
+spill instruction inside a loop and every product on wgmma with N ≥ 128.
 """
 
 from __future__ import annotations
@@ -32,8 +36,12 @@ OLDEST_TRITON = os.path.join(ROOT, "build", "triton-3.6.0")
 
 _TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
        torch.float64: "fp64"}
-_EMBEDDINGS = {"x_ptr", "r_ptr", "w_ptr", "bank_ptr", "t_ptr", "dw_ptr"}
+_EMBEDDINGS = {"x_ptr", "r_ptr", "w_ptr", "bank_ptr", "t_ptr", "dw_ptr", "gw_ptr", "gb_ptr",
+               "g_ptr", "xg_ptr"}
 _LABELS = {"y_ptr", "l_ptr", "idx_ptr"}
+# integer arguments that are multiples of 16 at the headline (B = 512, D = 512, C = 100k and
+# its chunks): the JIT specializes them so, which lets loads and stores vectorize
+_ALIGNED_INTS = {"D", "B", "S", "g_stride", "col0", "n_cols", "k_split"}
 
 
 def _compile(kernel, dtype, constexprs, cfg):
@@ -59,9 +67,10 @@ def _compile(kernel, dtype, constexprs, cfg):
         else:
             signature[name] = "i32"
     # as the JIT specializes them at run time: torch's allocations are 16-byte aligned, and
-    # D is a multiple of 16 at the usual widths (this lets loads and atomics vectorize)
+    # D is a multiple of 16 at the usual widths (this lets loads and stores vectorize)
     aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-               for name, kind in signature.items() if kind.startswith("*") or name == "D"}
+               for name, kind in signature.items()
+               if kind.startswith("*") or name in _ALIGNED_INTS}
     src = ASTSource(fn=kernel, signature=signature, attrs=aligned,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -75,68 +84,133 @@ CASES = [(torch.bfloat16, 512), (torch.float16, 512), (torch.float32, 512), (tor
 USS_VARIANTS = {"lse+clamp": dict(LSE=True, CLAMP=True), "pairs": dict(LSE=False, CLAMP=False),
                 "pairs+clamp": dict(LSE=False, CLAMP=True)}
 FUSED_VARIANTS = {
-    "arc+pairs": dict(ARC=True, ST=False, EASY=False, USS_LSE=False, USS_CLAMP=False),
-    "cosface+lse": dict(ARC=False, ST=False, EASY=False, USS_LSE=True, USS_CLAMP=False),
+    "cosface+pairs": dict(ARC=False, ST=False, EASY=False, USS_LSE=False, USS_CLAMP=False),
+    "arc+lse": dict(ARC=True, ST=False, EASY=False, USS_LSE=True, USS_CLAMP=False),
     "arc-st+pairs+clamp": dict(ARC=True, ST=True, EASY=False, USS_LSE=False, USS_CLAMP=True),
     "arc-easy+lse+clamp": dict(ARC=True, ST=False, EASY=True, USS_LSE=True, USS_CLAMP=True),
 }
 
 
+def fused_kernels(dtype, d, options):
+    """(label, kernel, constexprs, tiles, is_product) of the fused objective's launches in one
+    form: the forward's cosine kernel (W and bank programs; the pairs form also stores its
+    USS gradient tiles) and its ∂x product (pairs), the backward's cosine kernel (W programs;
+    bank programs for lse), ∂W and ∂x."""
+    from unitsface_kernels.triton import fused
+    from unitsface_kernels.triton.common import fused_config
+    from unitsface_kernels.triton.norms import _TL_DTYPES
+
+    cfg = fused_config(d, torch.device("cuda"), dtype)
+    lse = options["USS_LSE"]
+    common = dict(HAS_INDEX=True, HAS_VALID=True, UPCAST=False, XT=_TL_DTYPES[dtype],
+                  VECTOR_BIAS=False,
+                  SCALE_G=dtype != torch.float16)
+    cos = dict(common, **options, BLOCK_M=cfg.cos.block_m, BLOCK_N=cfg.cos.block_n,
+               BK=cfg.cos.bk)
+    fwd = dict(cos, BACKWARD=False, W_PROGS=True, BANK_PROGS=True, STORE_GW=False,
+               COL_H=False, STORE_GB=not lse, ROW_GB=False, COL_GB=False)
+    bwd = dict(cos, BACKWARD=True, W_PROGS=True, BANK_PROGS=lse, STORE_GW=True, COL_H=True,
+               STORE_GB=lse, ROW_GB=lse, COL_GB=False)
+    dx = dict(HAS_INDEX=True, HAS_VALID=True, SCALE_G=common["SCALE_G"], UPCAST=False,
+              XT=common["XT"], BLOCK_M=cfg.dx.block_m, BLOCK_N=cfg.dx.block_n, BK=cfg.dx.bk)
+    dw = dict(HAS_INDEX=True, SCALE_G=common["SCALE_G"], UPCAST=False, XT=common["XT"],
+              BLOCK_M=cfg.dw.block_m, BLOCK_N=cfg.dw.block_n, BK=cfg.dw.bk)
+    out = [("fwd", fused._cos_kernel, fwd, cfg.cos, False)]
+    if not lse:
+        out.append(("fwd", fused._dx_kernel, dict(dx, HAS_W=False, HAS_BANK=True), cfg.dx,
+                    True))
+    out += [("bwd", fused._cos_kernel, bwd, cfg.cos, False),
+            ("", fused._dw_kernel, dw, cfg.dw, True),
+            ("bwd", fused._dx_kernel, dict(dx, HAS_W=True, HAS_BANK=lse), cfg.dx, True)]
+    return out
+
+
+HEADLINE = {(torch.bfloat16, 512), (torch.float16, 512)}
+"""Cases whose fused kernels must show no spill inside a loop, and wgmma with N ≥ 128 in
+their products and cosine tiles."""
+
+
 def compile_all(dtype, d, variants=False):
     """Compile every kernel in the configuration the launchers pick for width d (with
     `variants`, in every form and option too)."""
-    from unitsface_kernels.triton import fused, norms, uss
-    from unitsface_kernels.triton.common import fused_config, launch_config
+    from unitsface_kernels.triton import norms, uss
+    from unitsface_kernels.triton.common import launch_config
+    from unitsface_kernels.triton.norms import _TL_DTYPES
 
     cuda = torch.device("cuda")
     cfg = launch_config(d, cuda, dtype)
-    fwd = fused_config(d, cuda, dtype, backward=False)
-    bwd = fused_config(d, cuda, dtype, backward=True)
     tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DP=cfg.dp, UPCAST=False)
     kernels = []
     for name, options in list(USS_VARIANTS.items())[:None if variants else 1]:
         uss_flags = dict(options, IN_BATCH=False, HAS_VALID=True, **tiles)
         kernels += [
-            (name, uss._uss_fwd_kernel, uss_flags, cfg),
-            (name, uss._uss_bwd_rows_kernel, dict(uss_flags, NEED_DX=True, DC=cfg.dc), cfg),
-            (name, uss._uss_bwd_cols_kernel, dict(uss_flags, NEED_DR=True, DC=cfg.dc), cfg)]
+            (name, uss._uss_fwd_kernel, uss_flags, cfg, False),
+            (name, uss._uss_bwd_rows_kernel, dict(uss_flags, NEED_DX=True, DC=cfg.dc), cfg,
+             False),
+            (name, uss._uss_bwd_cols_kernel, dict(uss_flags, NEED_DR=True, DC=cfg.dc), cfg,
+             False)]
+    fused_names = set()
     for name, options in list(FUSED_VARIANTS.items())[:None if variants else 1]:
-        fused_flags = dict(options, HAS_INDEX=True, HAS_USS=True, HAS_VALID=True, UPCAST=False)
-        kernels += [
-            (name, fused._fwd_kernel,
-             dict(fused_flags, BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, BK=fwd.bk), fwd),
-            (name, fused._bwd_kernel,
-             dict(fused_flags, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n, DC=bwd.dc, BK=bwd.bk,
-                  NEED_DX=True, NEED_DW=True), bwd)]
-    kernels.append(("", norms._row_norms_kernel, dict(HAS_INDEX=True, BLOCK_R=32, BLOCK_D=256),
-                    cfg))
-    for name, kernel, flags, launch in kernels:
+        for step, kernel, flags, launch, product in fused_kernels(dtype, d, options):
+            kernels.append((f"{step} {name}".strip(), kernel, flags, launch, product))
+            fused_names.add(kernel.fn.__name__)
+    kernels.append(("", norms._row_norms_kernel,
+                    dict(HAS_INDEX=True, BLOCK_R=32, BLOCK_D=256, XT=_TL_DTYPES[dtype],
+                         UPCAST=False), cfg, False))
+    problems = []
+    for name, kernel, flags, launch, product in kernels:
         compiled = _compile(kernel, dtype, flags, launch)
         shared = compiled.metadata.shared
         label = kernel.fn.__name__ + (f" [{name}]" if name else "")
-        print(f"{label}: {shared} bytes of shared memory; {_registers(compiled)}", flush=True)
+        report = _report(compiled)
+        mma = ", ".join(sorted(report["mma"])) or "no MMA"
+        print(f"{label}: {shared} bytes of shared memory; {report['text']}; {mma}", flush=True)
         assert shared <= SMEM_LIMIT, (label, shared)
+        if (dtype, d) in HEADLINE and kernel.fn.__name__ in fused_names:
+            if report["spills_in_loops"]:
+                problems.append(f"{label}: {report['spills_in_loops']} spill instructions "
+                                "inside loops")
+            narrow = [m for m in report["mma"] if not _wgmma_n(m) or _wgmma_n(m) < 128]
+            if not report["mma"] or narrow:
+                problems.append(f"{label}: matrix instructions {sorted(report['mma'])} "
+                                "(wanted wgmma with N ≥ 128)")
+    assert not problems, "\n".join(problems)
 
 
-def _registers(compiled) -> str:
+def _wgmma_n(shape: str) -> int:
+    """N of a 'wgmma m64nNk16' shape (0 for other instructions)."""
+    import re
+
+    found = re.match(r"wgmma m\d+n(\d+)k\d+", shape)
+    return int(found.group(1)) if found else 0
+
+
+def _report(compiled) -> dict:
     """ptxas's register and spill report for the kernel (the offline proxy for tile tuning:
-    the GPU's own numbers need a GPU to load the binary), and the spill instructions that lie
-    inside loops (:func:`_spills_in_loops`)."""
+    the GPU's own numbers need a GPU to load the binary), the spill instructions that lie
+    inside loops (:func:`_spills_in_loops`), and the shapes of the matrix instructions in the
+    PTX."""
     import re
     import tempfile
 
+    ptx = compiled.asm["ptx"]
+    mma = {f"wgmma m{m}n{n}k{k}" for m, n, k in
+           re.findall(r"wgmma\.mma_async[.\w]*?\.m(\d+)n(\d+)k(\d+)", ptx)}
+    mma |= {f"mma.sync m{m}n{n}k{k}" for m, n, k in
+            re.findall(r"\bmma\.sync\.aligned\.m(\d+)n(\d+)k(\d+)", ptx)}
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(compiled.asm["ptx"])
+        f.write(ptx)
         f.flush()
         log = subprocess.run([_tool("ptxas"), "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
                              capture_output=True, text=True).stderr
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores", log)
-    if not (regs and spills):
-        return "no ptxas report"
     inside, total = _spills_in_loops(compiled)
-    return (f"{regs.group(1)} registers, {spills.group(1)} bytes of spill stores per thread, "
-            f"{inside} of {total} spill instructions in loops")
+    if not (regs and spills):
+        return dict(text="no ptxas report", mma=mma, spills_in_loops=inside)
+    return dict(text=f"{regs.group(1)} registers, {spills.group(1)} bytes of spill stores per "
+                f"thread, {inside} of {total} spill instructions in loops",
+                mma=mma, spills_in_loops=inside)
 
 
 def _tool(name: str) -> str:

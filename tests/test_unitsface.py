@@ -121,32 +121,52 @@ def test_threshold_gradient_alone(backend, vector_bias):
 
 
 class _CountingKernel:
-    """Stands in for a jitted kernel: counts launches, then launches the real one."""
+    """Stands in for a jitted kernel: records each launch's keyword arguments, then launches
+    the real one."""
 
     def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
+        self.kernel, self.launches = kernel, []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launches += 1
+            self.launches.append(kwargs)
             return self.kernel[grid](*args, **kwargs)
         return launch
 
 
 @pytest.mark.parametrize("backend", fused_backends("cpu", "unitsface")[:1])  # triton
-def test_triton_objective_is_one_pass_each_way(backend, monkeypatch):
-    """docs/design.md §1.3: forward and backward are one launch each over the class tiles (besides
-    the norms kernel), whatever gradients are asked for."""
+@pytest.mark.parametrize("form", FORMS)
+def test_triton_launches_per_chunk(backend, form, monkeypatch):
+    """docs/design.md §2: a step costs a fixed number of launches per chunk of classes,
+    whatever C — forward: the cosine kernel (W and bank programs in one launch) and, for the
+    pairs form, the ∂x product of its USS part; backward: the cosine kernel, ∂W and ∂x — and,
+    for the pairs form, the backward reads no bank (no bank programs)."""
     from unitsface_kernels.triton import fused
 
-    case = case_of(37, 301, 40, torch.float32, "cpu", sampled=True, vector_bias=True)
-    counters = {name: _CountingKernel(getattr(fused, name))
-                for name in ("_fwd_kernel", "_bwd_kernel")}
-    for name, counter in counters.items():
-        monkeypatch.setattr(fused, name, counter)
-    _, grads = run(case, backend)
-    assert (counters["_fwd_kernel"].launches, counters["_bwd_kernel"].launches) == (1, 1)
-    assert all(torch.count_nonzero(g) > 0 for g in grads.values())
+    names = ("_cos_kernel", "_dw_kernel", "_dx_kernel")
+    for c in (301, 620):  # 3 and 5 chunks of the interpreter's 128 classes
+        counters = {name: _CountingKernel(getattr(fused, name)) for name in names}
+        for name, counter in counters.items():
+            monkeypatch.setattr(fused, name, counter)
+        case = case_of(37, c, 16, torch.float32, "cpu", seed=c)
+        _, grads = run(case, backend, uss_form=form)
+        assert all(torch.count_nonzero(g) > 0 for g in grads.values())
+        chunks = fused.plan(37, c, 16, torch.float32, torch.device("cpu"), 2).n_chunks
+        assert chunks == triton_cdiv(c, 128)
+        cos = counters["_cos_kernel"].launches
+        forward = [k for k in cos if not k["BACKWARD"]]
+        backward = [k for k in cos if k["BACKWARD"]]
+        pairs = form == "pairs"
+        assert len(forward) == (chunks if pairs else 1)
+        assert all(k["W_PROGS"] and k["BANK_PROGS"] for k in forward)
+        assert len(backward) == chunks
+        assert all(k["W_PROGS"] and k["BANK_PROGS"] != pairs for k in backward)
+        assert len(counters["_dw_kernel"].launches) == chunks
+        assert len(counters["_dx_kernel"].launches) == (2 if pairs else 1) * chunks
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))

@@ -32,10 +32,13 @@ Op family ``unitsface`` (§1.2–§1.3), ``unitsface::unitsface_{fwd,bwd}_{trito
   there: z_iy = 0. With an index the backward's dcentres holds the rows of the classes of
   S only (row j for class S_j); the autograd rule scatters it into a dense C × D gradient, or
   passes it on as a sparse COO gradient of those rows when ``sparse_grad`` is set (it is read
-  by the autograd rule only). ``row_grads`` (native backend, on CPU and CUDA tensors, see
-  :data:`ROW_GRADS`): the forward also forms dx_rows = ∂L_i/∂x_i and db_rows = ∂L_i/∂b
-  (scalar b) in its sweep, valid for the statistics of this very call, and the backward then
-  uses them instead of recomputing (never class-parallel, whose statistics are global).
+  by the autograd rule only). ``row_grads`` (see :data:`ROW_GRADS`): the forward also forms
+  per-row gradients dx_rows [B, D] and db_rows [B] in its sweep, and the backward then uses
+  them instead of recomputing. The native backend (CPU and CUDA tensors) forms the whole
+  ∂L_i/∂x_i and ∂L_i/∂b (scalar b), valid for the statistics of this very call only (never
+  class-parallel, whose statistics are global); the triton backend forms those of the USS
+  part in the pairs form, λ·∂USS_i/∂x_i and λ·∂USS_i/∂b, which need no statistic (zeros
+  where the call has no such part), so that its backward never reads the bank again.
 
 Reference rows (ref, centres, bank) may come in another 16/32-bit float dtype than x (fp32
 master weights with half embeddings): the kernels read them rounded to x's dtype, and their
@@ -66,6 +69,10 @@ ROW_GRADS = {("unitsface", "native", "cpu"), ("unitsface", "native", "cuda")}
 """(family, backend, device type) whose forward forms the per-row gradients (row_grads): the
 native backend's objective on CPU and CUDA tensors (6 GEMM-equivalents per step instead of 7:
 the backward recomputes only the W dots, for ∂W)."""
+
+USS_PAIRS_ROW_GRADS = {("unitsface", "triton")}
+"""(family, backend) whose forward forms the per-row gradients of the pairs-form USS part
+(row_grads), asked for when the call has a bank and that form."""
 
 
 @dataclass(frozen=True)
@@ -148,11 +155,14 @@ def backward_op(family: str, backend: str):
     return getattr(torch.ops.unitsface, op_name(family, backend, "bwd"))
 
 
-def wants_row_grads(family: str, backend: str, x: torch.Tensor) -> bool:
+def wants_row_grads(family: str, backend: str, x: torch.Tensor,
+                    uss_pairs: bool = False) -> bool:
     """Whether a call should ask the forward for the per-row gradients: the backend forms
-    them, and x will take a gradient."""
-    return ((family, backend, x.device.type) in ROW_GRADS and torch.is_grad_enabled()
-            and x.requires_grad)
+    them (`uss_pairs`: the call has a USS part in the pairs form), and x will take a
+    gradient."""
+    forms = ((family, backend, x.device.type) in ROW_GRADS
+             or (uss_pairs and (family, backend) in USS_PAIRS_ROW_GRADS))
+    return forms and torch.is_grad_enabled() and x.requires_grad
 
 
 # ----------------------------------------------------------------------------- fakes

@@ -138,7 +138,8 @@ def _class_inputs(x, centres, labels, index):
 def _unitsface_rows(backend, x, centres, bank, labels, index, bank_valid, bias, opts,
                     sparse_grad):
     """Per-row losses of the unitsface op family on a fused backend."""
-    row_grads = contract.wants_row_grads("unitsface", backend, x)
+    row_grads = contract.wants_row_grads("unitsface", backend, x,
+                                         uss_pairs=bank is not None and not opts.uss_lse)
     return contract.forward_op("unitsface", backend)(x, centres, bank, labels, index, bank_valid,
                                                      bias, opts.pack(), row_grads,
                                                      sparse_grad)[0]

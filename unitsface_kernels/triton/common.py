@@ -11,9 +11,8 @@ The USS kernels (uss.py) work on full-width tiles: a block of rows of x and a bl
 reference rows, each with all D features (padded to a power of two, DP). One ``tl.dot`` then
 gives a cosine tile, and the same reference tile is reused for the gradient product
 G += g·r̂ without a second load (:func:`launch_config`). The fused margin-softmax / objective
-kernels (fused.py) loop over D in BK-wide chunks instead (:func:`fused_config`): the one-pass
-backward holds a ∂W accumulator across the row blocks, and full-width tiles would leave it no
-registers.
+kernels (fused.py) are three GEMM-shaped kernels with their own tiles (:func:`fused_config`):
+the cosine tiles (K = D), the ∂W product (K = rows) and the split-K ∂x product (K = classes).
 
 NaN and Inf in the data propagate (docs/design.md §5): tl.maximum / tl.minimum have maxnum
 semantics (max(NaN, a) = a), so every clamp and max of a data value here is written with
@@ -60,6 +59,37 @@ def out_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if upcast_tiles(dtype) else dtype
 
 
+@triton.jit
+def round_bf16(v):
+    """fp32 values rounded to the nearest bf16 (ties to even), kept in fp32; NaN stays NaN.
+    Under the interpreter only (:func:`upcast_tiles`), whose own conversion truncates."""
+    bits = v.to(tl.uint32, bitcast=True)
+    r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(v != v, v, r)
+
+
+@triton.jit
+def as_operand(t, XT: tl.constexpr, UPCAST: tl.constexpr):
+    """A loaded tile as x's dtype XT reads it: reference rows of another 16/32-bit dtype
+    (fp32 master weights, a half bank) are rounded to XT after the load, in registers, so no
+    host copy exists (docs/design.md §3). UPCAST (bf16 under the interpreter): fp32 holding
+    the bf16 values, rounded to nearest even as the GPU's conversion does."""
+    if UPCAST:
+        if t.dtype == tl.bfloat16:
+            return t.to(tl.float32)
+        return round_bf16(t.to(tl.float32))
+    return t.to(XT)
+
+
+@triton.jit
+def to_store(v, XT: tl.constexpr, UPCAST: tl.constexpr):
+    """A computed tile rounded to XT for a buffer of :func:`out_dtype` (under UPCAST: fp32
+    holding bf16 values, rounded to nearest even)."""
+    if UPCAST:
+        return round_bf16(v.to(tl.float32))
+    return v.to(XT)
+
+
 # ----------------------------------------------------------------------------- elementwise
 
 @triton.jit
@@ -92,6 +122,15 @@ def softplus(z):
 @triton.jit
 def sigmoid(z):
     return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def softplus_sigmoid(z):
+    """(softplus(z), σ(z)) from one exponential e = e^{−|z|}: softplus = max(z, 0) + log1p(e),
+    σ = 1/(1 + e) for z ≥ 0, e/(1 + e) below. NaN stays NaN in both."""
+    e = tl.exp(-tl.abs(z))
+    pos = z >= 0.0
+    return tl.where(z > 0.0, z, 0.0) + log1p(e), tl.where(pos, 1.0, e) / (1.0 + e)
 
 
 @triton.jit
@@ -225,14 +264,23 @@ def uss_terms(cos, y, l, ids, rows, cols, row_ok, col_ok, bias_ptr, bias_stride,
     the class S_j under partial FC) with label l[j]; `col_ok` says which columns are read
     (:func:`ref_rows_ok`): the rest are in neither set. `cols` serve the in-batch
     self-exclusion."""
+    b = tl.load(bias_ptr + ids * bias_stride, mask=col_ok, other=0.0).to(cos.dtype)
+    return uss_terms_of(cos, y, l, rows, cols, row_ok, col_ok, b[None, :], scale, margin,
+                        IN_BATCH)
+
+
+@triton.jit
+def uss_terms_of(cos, y, l, rows, cols, row_ok, col_ok, b, scale, margin,
+                 IN_BATCH: tl.constexpr):
+    """:func:`uss_terms` with the thresholds given: `b` one value, or a row of one per
+    column (shape (1, N))."""
     ok = row_ok[:, None] & col_ok[None, :]
     same = y[:, None] == l[None, :]
     pos = ok & same
     if IN_BATCH:
         pos = pos & (rows[:, None] != cols[None, :])
     neg = ok & (y[:, None] != l[None, :])
-    b = tl.load(bias_ptr + ids * bias_stride, mask=col_ok, other=0.0).to(cos.dtype)
-    z = tl.where(pos, b[None, :] - scale * (cos - margin), scale * cos - b[None, :])
+    z = tl.where(pos, b - scale * (cos - margin), scale * cos - b)
     return pos, neg, z
 
 
@@ -298,6 +346,19 @@ def normalised_grad(acc_g, h, t, norms):
     inv = 1.0 / norms.clamp_min(reference.EPS)
     proj = torch.where(norms >= reference.EPS, h, torch.zeros_like(h))
     return inv[:, None] * (acc_g - (proj * inv)[:, None] * t.to(acc_g.dtype))
+
+
+def tangent_grad(acc_g, t, norms):
+    """(G − (t̂·G)·t̂) / max(||t||, eps), without the projection when ||t|| < eps: the
+    normalisation's gradient with h = Σ_j g_ij cos_ij taken as t̂·G, its exact value, from G
+    itself. The projection then removes exactly G's own radial part, rounding included (with
+    h summed apart in fp32, the rounding of G's radial part, e.g. from half-precision g tiles,
+    would stay in the result and dominate it where the gradient is nearly radial)."""
+    inv = 1.0 / norms.clamp_min(reference.EPS)
+    tc = t.to(acc_g.dtype)
+    h = (acc_g * tc).sum(dim=1) * inv
+    proj = torch.where(norms >= reference.EPS, h, torch.zeros_like(h))
+    return inv[:, None] * (acc_g - (proj * inv)[:, None] * tc)
 
 
 @dataclass(frozen=True)
@@ -367,42 +428,106 @@ def launch_config(d: int, device: torch.device, dtype: torch.dtype) -> LaunchCon
     return LaunchConfig(block_m, block_n, dp, dc, 8 if dp > 512 else 4, stages, 0)
 
 
-def fused_config(d: int, device: torch.device, dtype: torch.dtype, *,
-                 backward: bool) -> LaunchConfig:
-    """Tiles of the fused margin-softmax / objective kernels (fused.py), which compute the
-    cosines with a K loop over BK-wide chunks of D (no full-width tiles). The backward's
-    program owns BLOCK_N classes × dc features of ∂W (an fp32 register accumulator kept
-    across all row blocks); feature chunks beyond the first recompute the cosines.
+@dataclass(frozen=True)
+class GemmTiles:
+    """One GEMM-shaped kernel's tiles: block_m × block_n outputs, a K loop in bk-wide steps."""
 
-    GPU defaults from the sm_90 compile and ptxas's register report (triton 3.6 and 3.8, with
-    the run-time alignment specialization; not yet timed on a GPU), bf16 at D=512:
-    - forward 64×64, 8 warps: 0 spills (64×128 reaches 255 registers on triton 3.6);
-    - backward 64×64 with the whole width in one chunk (no recomputed cosines), 8 warps:
-      1.2 KB of spills per thread, every product on wgmma, and half the atomic adds of ∂x
-      that 64×32 tiles need (those spill 0.2 KB, but their ∂W product has M=32 and falls
-      back to mma.sync); 4 warps spill 2–8 KB. The atomic adds are the larger cost by the
-      byte count (benchmarks/fusion.py): each class tile adds a B × D fp32 block.
-    fp32 (exact products, no tensor cores) needs far more registers: dc=128 and 64×32 tiles.
-    Tuning knobs: UNITSFACE_TRITON_FWD_TILES / UNITSFACE_TRITON_BWD_TILES
-    ("block_m,block_n,dc,num_warps,num_stages[,bk]")."""
+    block_m: int
+    block_n: int
+    bk: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """Launch configuration of the fused margin-softmax / objective kernels (fused.py).
+
+    cos: the cosine tiles (rows × classes, K = D) of the forward and of the backward's
+        recomputation (one configuration for both: the backward recomputes the forward's
+        cosines bit for bit);
+    dw: ∂W = g̃ᵀ·x̂' (classes × features, K = rows);
+    dx: ∂x = g̃·R (rows × features, K = the classes of a chunk, cut into split-K slices);
+    chunk_bytes: the gradient tiles of one class chunk (B × chunk in x's dtype, per buffer)
+        stay below this, to stay in L2 between the kernel that writes them and the products
+        that read them; chunk: classes per chunk instead (the interpreter's);
+    programs: how many programs the split-K ∂x product aims for (one wave); splits: a fixed
+        split count instead (the interpreter's)."""
+
+    cos: GemmTiles
+    dw: GemmTiles
+    dx: GemmTiles
+    chunk_bytes: int = 32 << 20
+    chunk: int = 0
+    programs: int = 0
+    splits: int = 0
+
+    @property
+    def granule(self) -> int:
+        """Chunks are multiples of this many classes: whole tiles of every kernel."""
+        return max(self.cos.block_n, self.dw.block_m, self.dx.bk)
+
+
+FUSED_KNOBS = {"cos": "UNITSFACE_TRITON_COS_TILES", "dw": "UNITSFACE_TRITON_DW_TILES",
+               "dx": "UNITSFACE_TRITON_DX_TILES"}
+"""Tuning knobs of the fused kernels: "block_m,block_n,bk,num_warps,num_stages" (powers of two
+but num_stages); UNITSFACE_TRITON_CHUNK_MB sets chunk_bytes."""
+
+
+def _gemm_override(name: str, dp: int) -> GemmTiles | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        bm, bn, bk, warps, stages = (int(v) for v in value.split(","))
+    except ValueError as e:
+        raise ValueError(f"{name}={value!r}: expected 'block_m,block_n,bk,num_warps,"
+                         f"num_stages' (five integers): {e}") from None
+    for key, v in dict(block_m=bm, block_n=bn, bk=bk, num_warps=warps).items():
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"{name}={value!r}: {key}={v} is not a power of two")
+    if stages < 1:
+        raise ValueError(f"{name}={value!r}: num_stages={stages} must be at least 1")
+    return GemmTiles(bm, bn, bk, warps, stages)
+
+
+def fused_config(d: int, device: torch.device, dtype: torch.dtype) -> FusedConfig:
+    """Tiles of the fused margin-softmax / objective kernels for embedding width d.
+
+    GPU defaults (2-byte dtypes) from the sm_90 compile (ptxas's report with triton 3.6 and
+    3.8, tests/test_triton_compile.py; not yet timed on a GPU): 128 × 128 cosine tiles with
+    8 warps (two warpgroups of wgmma m64n128; 128 × 256 leaves the backward's epilogue no
+    registers), 128 × 256 ∂W tiles and 128 × 128 ∂x tiles, K steps of 64, 3 stages.
+    fp32 (exact products on the FMA units, no TF32): 64 × 64 tiles, K steps of 32.
+    Tuning knobs: :data:`FUSED_KNOBS`, UNITSFACE_TRITON_CHUNK_MB."""
     dp = max(16, triton.next_power_of_2(d))
     if device.type != "cuda":
-        # Under the interpreter: BK < dc < dp at the tests' widths, so the K loop, the
-        # feature chunks and their partial last pieces all run; the forward and backward
-        # share BLOCK_M, BLOCK_N and BK, so the backward recomputes the cosines bit for bit.
-        dc = min(dp, 64)
-        return LaunchConfig(32, 32, dp, dc, 4, 1, min(dc, 32))
+        # Under the interpreter: small tiles so that the tests' odd shapes (37 rows, 301
+        # classes, D = 70) run the K loops' partial last steps, several chunks (the last one
+        # partial), split-K slices that are empty in the last chunk, several feature tiles.
+        t = GemmTiles(32, 32, 32, 4, 1)
+        return FusedConfig(t, t, t, chunk=128, splits=2)
     esize = _element_size(dtype)
-    bk = min(dp, 128 // esize)  # 128-byte rows of a K chunk
-    override = _override("UNITSFACE_TRITON_BWD_TILES" if backward
-                         else "UNITSFACE_TRITON_FWD_TILES", dp, bk)
-    if override:
-        return override
-    if not backward:
-        return LaunchConfig(64, 64, dp, dp, 8, 3, bk)
     if esize == 2:
-        return LaunchConfig(64, 64, dp, min(dp, 512), 8, 2, bk)
-    return LaunchConfig(64, 32, dp, min(dp, 128), 8, 2, bk)
+        bk = min(dp, 64)
+        cos = GemmTiles(128, 128, bk, 8, 3)
+        dw = GemmTiles(128, min(256, dp), 64, 8, 3)
+        dx = GemmTiles(128, min(128, dp), 64, 8, 3)
+    else:
+        bk = min(dp, 32)
+        cos = GemmTiles(64, 64, bk, 4, 2)
+        dw = GemmTiles(64, min(64, dp), 32, 4, 2)
+        dx = GemmTiles(64, min(64, dp), 32, 4, 2)
+    tiles = dict(cos=cos, dw=dw, dx=dx)
+    for key, knob in FUSED_KNOBS.items():
+        tiles[key] = _gemm_override(knob, dp) or tiles[key]
+    chunk_mb = os.environ.get("UNITSFACE_TRITON_CHUNK_MB")
+    chunk_bytes = int(float(chunk_mb) * (1 << 20)) if chunk_mb else 32 << 20
+    if chunk_bytes < 1:
+        raise ValueError(f"UNITSFACE_TRITON_CHUNK_MB={chunk_mb!r} must be positive")
+    return FusedConfig(**tiles, chunk_bytes=chunk_bytes,
+                       programs=torch.cuda.get_device_properties(device).multi_processor_count
+                       if torch.cuda.is_available() else 132)
 
 
 MAX_ROW_BYTES = 4096

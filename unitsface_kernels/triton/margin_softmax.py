@@ -12,9 +12,11 @@ statement is reference.target_logit).
     z_ic  = s·f(cos_ic) for c = y_i, s·cos_ic otherwise, with cos clamped to [−1, 1]
     ∂L_i/∂cos_ic = s·p_ic (c ≠ y_i),  s·(p_iy − 1)·f'(cos_iy),  p = softmax_c(z_ic)
 
-The trigonometric constants come precomputed: cos m2, sin m2 and m2·sin m2. A NaN cosine
-stays NaN through the clamp and f; its own gradient is zero (as the clamp's in the reference),
-and the NaN reaches the gradients through the softmax and the normalisation.
+f and f' are evaluated once per row (on the row's target cosine, picked out of the tile by a
+row reduction), never on the whole tile: the tile's only transcendental is the exp of the
+softmax. The trigonometric constants come precomputed: cos m2, sin m2 and m2·sin m2. A NaN
+cosine stays NaN through the clamp and f; its own gradient is zero (as the clamp's in the
+reference), and the NaN reaches the gradients through the softmax and the normalisation.
 """
 
 from __future__ import annotations
@@ -61,20 +63,30 @@ def target_slope(c, cos_m2, sin_m2, ARC: tl.constexpr, ST: tl.constexpr, EASY: t
 
 
 @triton.jit
+def target_cos(c, is_target):
+    """Per row, the clamped cosine of its target column in the tile (0 when the tile holds
+    none; `is_target` marks at most one column per row, the index being unique)."""
+    return tl.sum(tl.where(is_target, c, 0.0), axis=1)
+
+
+@triton.jit
 def softmax_logits(cos_raw, is_target, scale, m3, cos_m2, sin_m2, m2_sin_m2, ARC: tl.constexpr,
                    ST: tl.constexpr, EASY: tl.constexpr):
-    """(clamped cos, z) of a cosine tile."""
+    """(clamped cos, z, the per-row target logit s·f(c_iy) — the row's target cosine taken
+    from this tile, so meaningful only for rows whose target lies in it) of a cosine tile."""
     c = clamp(cos_raw, -1.0, 1.0)
-    z = scale * tl.where(is_target, target_logit(c, m3, cos_m2, sin_m2, m2_sin_m2, ARC, ST, EASY),
-                         c)
-    return c, z
+    z_t = scale * target_logit(target_cos(c, is_target), m3, cos_m2, sin_m2, m2_sin_m2, ARC, ST,
+                               EASY)
+    z = tl.where(is_target, z_t[:, None], scale * c)
+    return c, z, z_t
 
 
 @triton.jit
 def softmax_grad(cos_raw, c, z, is_target, ok, lse, scale, cos_m2, sin_m2, ARC: tl.constexpr,
                  ST: tl.constexpr, EASY: tl.constexpr):
     """∂L_i/∂cos_ic of the tile (zero outside `ok` and where the [−1, 1] clamp is active or the
-    cosine is NaN: the gradient of the reference's clamp)."""
+    cosine is NaN: the gradient of the reference's clamp); f' is taken per row."""
     p = tl.exp(z - lse[:, None])
-    g = scale * tl.where(is_target, (p - 1.0) * target_slope(c, cos_m2, sin_m2, ARC, ST, EASY), p)
+    slope = target_slope(target_cos(c, is_target), cos_m2, sin_m2, ARC, ST, EASY)
+    g = scale * tl.where(is_target, (p - 1.0) * slope[:, None], p)
     return tl.where(ok & (cos_raw >= -1.0) & (cos_raw <= 1.0), g, 0.0)
