@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import (DTYPES, FORMS, MARGINS, LargestAllocation, all_backends, check,
-                     fp64_backends, fused_backends, make_case, run)
+from helpers import (DTYPES, FORMS, MARGINS, LargestAllocation, all_backends, as_float64,
+                     check, fp64_backends, fused_backends, make_case, run)
 from unitsface_kernels import fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss
 
 
@@ -187,6 +187,33 @@ def test_all_same_labels_zero_rows(backend):
     case["x"][[2, 9]] = 0.0
     case["bank"][case["index"][:4]] = 0.0
     check(case, backend, torch.float32, uss_form="lse")
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where", ["x", "centres", "bank", "invalid bank"])
+def test_nan_propagates(backend, form, dtype, where):
+    """docs/design.md §5: a NaN in x, in W or in a valid bank row reaches the loss and the
+    gradients of exactly the rows it touches, as in the float64 reference; one in an invalid
+    bank row reaches nothing."""
+    case = case_of(37, 301, 24, dtype, "cpu", sampled=True, seed=9)
+    cls = int(case["index"][5])
+    if where == "x":
+        case["x"][3, 2] = float("nan")
+    elif where == "centres":
+        case["centres"][cls, 1] = float("nan")
+    else:
+        case["bank"][cls, 1] = float("nan")
+        case["bank_valid"][cls] = where == "bank"
+    loss, grads = run(case, backend, "none", uss_form=form)
+    ref_loss, ref_grads = run(as_float64(case), "reference", "none", uss_form=form)
+    assert torch.equal(torch.isnan(loss), torch.isnan(ref_loss))
+    assert bool(torch.isnan(loss).any()) == (where != "invalid bank")
+    if where == "x":  # the other rows do not read x_3
+        assert torch.isfinite(loss[torch.arange(37) != 3]).all()
+    for name, g in grads.items():
+        assert torch.equal(torch.isnan(g), torch.isnan(ref_grads[name])), name
 
 
 @pytest.mark.parametrize("backend", fused_backends("cpu", "unitsface"))
