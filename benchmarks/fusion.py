@@ -8,16 +8,9 @@ Task: L = CosFace softmax over all C centres W (with gradient) + 1 × USS "pairs
 ``fused_unitsface_loss``; "separately" is ``fused_margin_softmax_loss(x, W, y) +
 fused_uss_loss(x, y, b, bank, arange(C))`` on the same backend.
 
-1. Bytes moved by the Triton kernels (a count, valid without a GPU). Each program's loads
-   and atomic adds are counted in bytes, from the tile sizes the kernels launch with on a GPU
-   (unitsface_kernels.triton.common.fused_config). To isolate the fusion, "separately" is the
-   same kernels run twice, once with W alone and once with the bank alone: what the fusion
-   saves is what the two parts share — the x chunks (each K-loop chunk of x feeds both
-   dots), labels, norms and statistics, one set of atomic adds of G (the two parts' ∂x
-   contributions are summed in registers first), the launches and the host-side finishing.
-   W and bank tiles are read by both alike and are not a saving.
-2. Time, measured: fwd+bwd steps of each, interleaved, on this machine's device and backends
-   (native on the CPU; triton and native on a GPU): medians, and the fastest steps.
+Measured: fwd+bwd steps of each, interleaved, on this machine's device and backends (native
+on the CPU; triton and native on a GPU): medians, and the fastest steps. What the fused
+kernels load and compute per launch is counted by benchmarks/cost_model.py.
 """
 
 from __future__ import annotations
@@ -27,55 +20,6 @@ import statistics
 import time
 
 import torch
-
-
-def kernel_bytes(b: int, c: int, d: int, esize: int, *, use_w: bool, use_bank: bool,
-                 device: torch.device) -> dict:
-    """Bytes loaded / atomically added by the fused kernels for one fwd+bwd, by tensor."""
-    from unitsface_kernels.triton.common import fused_config
-
-    dtype = {2: torch.bfloat16, 4: torch.float32}[esize]
-    fwd = fused_config(d, device, dtype, backward=False)
-    bwd = fused_config(d, device, dtype, backward=True)
-    refs = int(use_w) + int(use_bank)
-    cdiv = lambda a, k: -(-a // k)  # noqa: E731
-    out = {}
-    # forward: program (row block, slice) walks its class tiles; per tile the K loop reads
-    # the x chunks once (shared by the W and bank dots) and the reference tiles
-    out["x (fwd)"] = cdiv(c, fwd.block_n) * b * d * esize
-    out["W, bank (fwd)"] = refs * cdiv(b, fwd.block_m) * c * d * esize
-    out["norms (fwd)"] = refs * cdiv(b, fwd.block_m) * c * 4
-    # backward: program (class tile, feature chunk) walks all row blocks
-    chunks = bwd.dp // bwd.dc
-    tiles, blocks = cdiv(c, bwd.block_n), cdiv(b, bwd.block_m)
-    out["x (bwd)"] = chunks * tiles * b * d * esize + (tiles * b * d * esize if use_w else 0)
-    out["W, bank (bwd)"] = refs * (chunks + 1) * blocks * c * d * esize
-    # per row: label (8 bytes), ||x||, upstream gradient, lse (+ the four USS statistics)
-    out["labels, norms, stats (bwd)"] = chunks * tiles * b * (20 + 16 * use_bank)
-    out["atomic adds to G, h (bwd)"] = 2 * tiles * b * (d + 1) * 4  # read-modify-write
-    out["dW store"] = c * d * esize if use_w else 0
-    return out
-
-
-def _count(args) -> None:
-    dev = torch.device("cuda")  # the GPU tiling, whatever this machine has
-    esize = 2 if args.dtype == "bfloat16" else 4
-    together = kernel_bytes(args.batch, args.classes, args.dim, esize, use_w=True,
-                            use_bank=True, device=dev)
-    soft = kernel_bytes(args.batch, args.classes, args.dim, esize, use_w=True, use_bank=False,
-                        device=dev)
-    uss = kernel_bytes(args.batch, args.classes, args.dim, esize, use_w=False, use_bank=True,
-                       device=dev)
-    print(f"Bytes moved by the Triton kernels (GPU tiling), B={args.batch} D={args.dim} "
-          f"C={args.classes} {args.dtype}, in MB:")
-    print(f"{'':32} {'together':>10} {'separately':>11} {'saved':>8}")
-    for key in together:
-        sep = soft[key] + uss[key]
-        print(f"{key:32} {together[key] / 1e6:10.0f} {sep / 1e6:11.0f} "
-              f"{(sep - together[key]) / 1e6:8.0f}")
-    t, s = sum(together.values()), sum(soft.values()) + sum(uss.values())
-    print(f"{'total':32} {t / 1e6:10.0f} {s / 1e6:11.0f} {(s - t) / 1e6:8.0f}  "
-          f"({100 * (s - t) / s:.0f} % less; launches: 2 against 4)")
 
 
 def _times(fns, device, warmup: int, repeats: int) -> list:
@@ -140,7 +84,6 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    _count(args)
     _measure(args)
 
 

@@ -6,14 +6,16 @@
 #     bash benchmarks/gpu_suite.sh          # from anywhere; writes into ${OUT:-benchmarks/results}
 #
 # Every step has a time limit (timeout) and the suite goes on after a failing step; the whole
-# run stays within ~7.5 minutes (SUITE_SECONDS, default 440). It writes few, flat files into
-# $OUT: build.log, tests.log, accuracy.log, sweep.log (tile sweep, benchmarks.fusion, benchmarks.head_step,
+# run takes about 5 minutes (SUITE_SECONDS, default 300; the benchmark gets what the steps
+# before it leave, at least 60 s). It writes few, flat files into
+# $OUT: build.log, tests.log, accuracy.log, sweep.log (tile sweep, the Triton cost model's
+# predicted per-kernel times beside the measured ones, benchmarks.fusion, benchmarks.head_step,
 # benchmarks.native_cost),
 # bench.log and the benchmark's <device>-<date>.json/.md/.png, and prints a short summary.
 #
-# Knobs (environment): PYTHON (python3), OUT, SUITE_SECONDS (440), BUILD_SECONDS (150),
-# TESTS_SECONDS (110), ACCURACY_SECONDS (45), SWEEP_SECONDS (90), FUSION_SECONDS (30),
-# HEAD_STEP_SECONDS (60), NATIVE_COST_SECONDS (30),
+# Knobs (environment): PYTHON (python3), OUT, SUITE_SECONDS (300), BUILD_SECONDS (90),
+# TESTS_SECONDS (80), ACCURACY_SECONDS (30), SWEEP_SECONDS (45), COST_SECONDS (30),
+# FUSION_SECONDS (20), HEAD_STEP_SECONDS (60), NATIVE_COST_SECONDS (30),
 # TEST_WORKERS (8; 0 = serial), UNITSFACE_CXX (the C++ compiler; default /usr/bin/g++, see
 # below), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16), BENCH_ARGS (extra arguments for
 # `python -m benchmarks`).
@@ -24,9 +26,9 @@ OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY="${PYTHON:-python3}"
-SUITE_SECONDS="${SUITE_SECONDS:-440}"
-BUILD_SECONDS="${BUILD_SECONDS:-150}"
-TESTS_SECONDS="${TESTS_SECONDS:-110}"
+SUITE_SECONDS="${SUITE_SECONDS:-300}"
+BUILD_SECONDS="${BUILD_SECONDS:-90}"
+TESTS_SECONDS="${TESTS_SECONDS:-80}"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 T0=$(date +%s)
@@ -109,15 +111,17 @@ TESTS_LINE=$(grep -E "(passed|failed|error|no tests ran|skipped)" "$OUT/tests.lo
 
 # ---------------------------------------------------------------------------- 3. accuracy
 : >"$OUT/accuracy.log"
-run_step accuracy "${ACCURACY_SECONDS:-45}" "$OUT/accuracy.log" "$PY" -m benchmarks.accuracy
+run_step accuracy "${ACCURACY_SECONDS:-30}" "$OUT/accuracy.log" "$PY" -m benchmarks.accuracy
 cat "$OUT/accuracy.log"
 
 # ---------------------------------------------------------------------------- 4. tile sweep
 : >"$OUT/sweep.log"
-run_step sweep "${SWEEP_SECONDS:-90}" "$OUT/sweep.log" "$PY" -m benchmarks.tile_sweep
+run_step sweep "${SWEEP_SECONDS:-45}" "$OUT/sweep.log" "$PY" -m benchmarks.tile_sweep
+# the Triton kernels' cost model: per-kernel predictions beside the measured times (same log)
+run_step cost_model "${COST_SECONDS:-30}" "$OUT/sweep.log" "$PY" -m benchmarks.cost_model --measure
 cat "$OUT/sweep.log"
 # the one-pass objective against its two losses called separately (same log: ≤ 8 files)
-run_step fusion "${FUSION_SECONDS:-30}" "$OUT/sweep.log" "$PY" -m benchmarks.fusion --repeats 10
+run_step fusion "${FUSION_SECONDS:-20}" "$OUT/sweep.log" "$PY" -m benchmarks.fusion --repeats 10
 tail -n 4 "$OUT/sweep.log"
 # the head's whole training step at 1M classes (rate 0.1) against 100k (rate 1.0), sparse
 # gradients + SparseSGD, and the dense-gradient baseline (issue 17; printed into sweep.log)
@@ -134,8 +138,8 @@ fi
 
 # ---------------------------------------------------------------------------- 5. benchmark
 LEFT=$(( SUITE_SECONDS - $(elapsed) ))
-[ $LEFT -lt 150 ] && LEFT=150
-BUDGET=$(( LEFT - 50 ))
+[ $LEFT -lt 60 ] && LEFT=60
+BUDGET=$(( LEFT - 30 ))
 : >"$OUT/bench.log"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
 run_step bench "$LEFT" "$OUT/bench.log" \

@@ -2,13 +2,14 @@
 
     python -m benchmarks.tile_sweep [--batch 512 --dim 512 --classes 100000]
 
-The fused kernels have two tunings, "block_m,block_n,dc,num_warps,num_stages[,bk]" each:
-UNITSFACE_TRITON_FWD_TILES (forward; dc unused) and UNITSFACE_TRITON_BWD_TILES (the one-pass
-backward). The sweep times the forward of fused_unitsface_loss in bf16 for every forward
-candidate, then forward+backward for every backward candidate with the fastest forward, and
-prints them next to the time of one torch.mm of the cosine GEMM's shape: the objective needs
-5 such GEMMs of useful work (docs/design.md §7); the kernels do 7 when dc covers D (the backward
-recomputes both cosine tiles), 7 + 2·(chunks − 1) otherwise.
+The fused kernels (unitsface_kernels/triton/fused.py) have one tuning per GEMM-shaped kernel,
+"block_m,block_n,bk,num_warps,num_stages" each (common.FUSED_KNOBS): UNITSFACE_TRITON_COS_TILES
+(the cosine tiles of the forward and of the backward's recomputation),
+UNITSFACE_TRITON_DW_TILES (∂W = g̃ᵀ·x̂') and UNITSFACE_TRITON_DX_TILES (the split-K ∂x
+product), and UNITSFACE_TRITON_CHUNK_MB (the gradient tiles' L2 budget per class chunk). The
+sweep times forward + backward in bf16 for each candidate of one knob, the others at their
+defaults, and prints them next to the time of one torch.mm of the cosine GEMM's shape: the
+objective needs 5 such GEMMs of useful work and the kernels do 6 (docs/design.md §2).
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ import os
 
 import torch
 
-# the defaults first (fused_config), then the trade-offs of benchmarks/results/NOTES.md:
-# wider class tiles halve the backward's atomic adds but spill more or recompute the cosines
-FWD_CANDIDATES = ["64,64,512,8,3", "64,32,512,4,2", "128,64,512,8,3"]
-BWD_CANDIDATES = ["64,64,512,8,2", "64,32,512,8,2", "64,64,256,8,2"]
+# the defaults first (common.fused_config: the first line times them), then one step away
+# from them per knob
+CANDIDATES = {
+    "UNITSFACE_TRITON_COS_TILES": ["128,128,64,8,3", "128,256,64,8,3", "128,128,64,8,4"],
+    "UNITSFACE_TRITON_DW_TILES": ["128,128,64,8,3"],
+    "UNITSFACE_TRITON_DX_TILES": ["128,256,64,8,3"],
+    "UNITSFACE_TRITON_CHUNK_MB": ["16"],
+}
 
 
 def _time(fn, warmup=3, reps=10) -> float:
@@ -46,8 +51,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--classes", type=int, default=100_000)
-    ap.add_argument("--fwd-tiles", nargs="*", default=FWD_CANDIDATES)
-    ap.add_argument("--bwd-tiles", nargs="*", default=BWD_CANDIDATES)
     args = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
@@ -69,24 +72,14 @@ def main() -> None:
     def step():
         fwd().backward()
 
-    print(f"{'forward tiles':>18} {'fwd ms':>8}")
-    best = (float("inf"), None)
-    for tiles in args.fwd_tiles:
-        f_ms = _timed("UNITSFACE_TRITON_FWD_TILES", tiles, fwd)
-        if f_ms is not None:
-            print(f"{tiles:>18} {f_ms:8.3f}", flush=True)
-            best = min(best, (f_ms, tiles))
-    if best[1] is not None:
-        os.environ["UNITSFACE_TRITON_FWD_TILES"] = best[1]
-    print(f"{'backward tiles':>18} {'fwd+bwd ms':>11} {'useful TFLOP/s':>15} {'% of mm':>8}"
-          f"   (forward {best[1]})")
-    for tiles in args.bwd_tiles:
-        s_ms = _timed("UNITSFACE_TRITON_BWD_TILES", tiles, step)
-        if s_ms is not None:
-            print(f"{tiles:>18} {s_ms:11.3f} {useful / s_ms / 1e9:15.0f} "
-                  f"{100 * 5 * mm_ms / s_ms:7.1f}%", flush=True)
-    for name in ("UNITSFACE_TRITON_FWD_TILES", "UNITSFACE_TRITON_BWD_TILES"):
-        os.environ.pop(name, None)
+    print(f"{'knob':>27} {'value':>16} {'fwd+bwd ms':>11} {'useful TFLOP/s':>15} "
+          f"{'% of mm':>8}")
+    for knob, values in CANDIDATES.items():
+        for value in values:
+            ms = _timed(knob, value, step)
+            if ms is not None:
+                print(f"{knob:>27} {value:>16} {ms:11.3f} {useful / ms / 1e9:15.0f} "
+                      f"{100 * 5 * mm_ms / ms:7.1f}%", flush=True)
 
 
 def _timed(knob: str, tiles: str, fn):
@@ -95,7 +88,7 @@ def _timed(knob: str, tiles: str, fn):
     try:
         return _time(fn)
     except Exception as e:  # a config that does not fit is a finding, not a crash
-        print(f"{tiles:>18} failed: {type(e).__name__}: {str(e)[:120]}")
+        print(f"{knob:>27} {tiles:>16} failed: {type(e).__name__}: {str(e)[:120]}")
         return None
     finally:
         os.environ.pop(knob, None)

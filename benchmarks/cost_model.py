@@ -1,0 +1,358 @@
+"""Cost model of the Triton objective kernels: FLOPs and bytes per kernel, predicted H200 time.
+
+    python -m benchmarks.cost_model                     # headline + partial FC 1M at rate 0.1
+    python -m benchmarks.cost_model --classes 10000 --form lse
+
+For the launch configuration that unitsface_kernels/triton/fused.py actually runs with on a
+GPU (its `plan`: class chunks, tiles, grids, split-K slices; valid on any machine, since the
+plan only needs the GPU's tile table), every kernel launch of one forward + backward of
+``fused_unitsface_loss`` is counted:
+
+- FLOPs: the tensor-core work of the tiles as launched (padding included: a partial last
+  tile costs a whole one);
+- L2 bytes: what all programs load and store, tile by tile (an operand reloaded by every
+  program that needs it is counted every time: this is where tile shapes matter);
+- HBM bytes: the compulsory traffic — each launch reads its operands' distinct rows once and
+  writes its outputs once; the gradient tiles g of a class chunk (B × chunk, sized by
+  FusedConfig.chunk_bytes to stay in L2) and the split-K partial sums are counted in L2
+  only (``--g-in-hbm`` counts g's round trip in HBM too: the bound if L2 does not keep it);
+- transcendentals (MUFU instructions: ex2, lg2, rcp) of the loss epilogues, per element.
+
+Predicted time of a kernel = max(FLOPs / mm rate, HBM / HBM bandwidth, L2 / L2 bandwidth)
++ transcendentals / MUFU rate + launches × launch gap. Triton's kernels run their epilogue
+after their K loop (no warp specialisation), so the epilogue is added, not overlapped; its
+other ALU work (masks, selects, scaling) is not modelled, which the measured times beside
+the predictions (benchmarks/gpu_suite.sh, ``--measure``) show. The host-side finishing
+(torch ops over O(B·D + tiles·B) numbers: merging statistics, the normalisation projection)
+is one entry per phase, bytes counted; its launches are the tensor ops that fused.py's host
+code runs (counted with a TorchDispatchMode on a small call: the pairs forward 35, the lse
+forward 60, the backward 23 or 24), plus the host-to-device copy of each phase's settings.
+
+Constants (H200 SXM): torch.mm in bf16 at the headline shape ran at 445–455 TFLOP/s
+(benchmarks/results/h200-2026-11-28, NOTES.md), taken as 450; HBM ≈ 4.0 TB/s effective;
+L2 ≈ 8 TB/s; MUFU 16 per SM per clock × 132 SMs × 1.98 GHz; ≈ 2 µs between dependent
+launches.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str = "H200"
+    mm_flops: float = 450e12     # bf16 torch.mm at the headline shape (measured, see above)
+    hbm_bps: float = 4.0e12
+    l2_bps: float = 8.0e12
+    mufu_ops: float = 16 * 132 * 1.98e9
+    launch_s: float = 2e-6
+
+
+H200 = Device()
+
+
+@dataclass
+class Kernel:
+    """One kernel's launches in one phase, summed."""
+
+    phase: str        # "forward" or "backward"
+    name: str         # the Triton kernel (or "torch" for the host-side finishing)
+    what: str
+    launches: int = 0
+    flops: float = 0.0
+    hbm: float = 0.0  # bytes
+    l2: float = 0.0   # bytes
+    mufu: float = 0.0  # transcendental instructions
+
+    def time(self, dev: Device = H200) -> float:
+        """Predicted seconds on `dev`."""
+        bound = max(self.flops / dev.mm_flops, self.hbm / dev.hbm_bps, self.l2 / dev.l2_bps)
+        return bound + self.mufu / dev.mufu_ops + self.launches * dev.launch_s
+
+    def bound(self, dev: Device = H200) -> str:
+        """Which of FLOPs, HBM and L2 sets the kernel's main term."""
+        terms = {"mm": self.flops / dev.mm_flops, "HBM": self.hbm / dev.hbm_bps,
+                 "L2": self.l2 / dev.l2_bps}
+        return max(terms, key=terms.get)
+
+
+@dataclass
+class Model:
+    kernels: list[Kernel] = field(default_factory=list)
+    useful_flops: float = 0.0   # 2·B·|S|·D per GEMM the maths needs (docs/design.md §7)
+    chunks: tuple = (0, 0)      # class chunks of the forward and of the backward
+
+    def add(self, phase, name, what, **counts) -> None:
+        """Adds one launch's counts to the (phase, name, what) entry."""
+        for k in self.kernels:
+            if (k.phase, k.name, k.what) == (phase, name, what):
+                break
+        else:
+            k = Kernel(phase, name, what)
+            self.kernels.append(k)
+        k.launches += counts.pop("launches", 1)
+        for key, v in counts.items():
+            setattr(k, key, getattr(k, key) + v)
+
+    def time(self, dev: Device = H200) -> float:
+        return sum(k.time(dev) for k in self.kernels)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# Transcendentals per element of a tile's epilogue (MUFU instructions). Softmax, lse USS and
+# the backward's probabilities: one exp (ex2). Pairs USS forward (common.softplus_sigmoid):
+# one exp, the log of log1p and two reciprocals (σ and log1p's u/(w − 1)).
+_MUFU = {"softmax": 1, "uss_pairs_fwd": 4, "uss_lse": 1}
+
+
+def model(b: int = 512, d: int = 512, n_classes: int = 100_000, *, dtype=torch.bfloat16,
+          form: str = "pairs", rate: float = 1.0, total_classes: int | None = None,
+          sparse_grad: bool = False, g_in_hbm: bool = False, config=None) -> Model:
+    """The counts of one fused_unitsface_loss forward + backward (CosFace + λ·USS on a bank
+    with a scalar threshold; x, W and b take gradients) at B = b, width d, |S| = n_classes
+    sampled classes (of `total_classes`, when partial FC samples them: rate < 1), as
+    fused.plan lays it out for a GPU (`config`: a FusedConfig instead of the GPU default)."""
+    from unitsface_kernels.triton.fused import plan
+
+    cuda = torch.device("cuda")
+    e = torch.empty((), dtype=dtype).element_size()
+    acc = 4
+    lse = form == "lse"
+    indexed = rate < 1.0
+    s_cls = n_classes
+    m = Model()
+    m.useful_flops = 5 * 2 * b * s_cls * d
+
+    # ---- forward (fused.fused_forward): norms, then per chunk the cosine tiles of W and of
+    # the bank (+ the bank's ∂x product in the pairs form: the forward forms that part)
+    fwd = plan(b, s_cls, d, dtype, cuda, 0 if lse else 1, config)
+    for rows, vec in ((b, False), (s_cls, indexed), (s_cls, indexed)):
+        m.add("forward", "_row_norms_kernel", "‖x‖, ‖W[S]‖, ‖bank[S]‖",
+              hbm=rows * d * e + rows * acc + (rows * 8 if vec else 0),
+              l2=rows * d * e + rows * acc)
+    for _, n_cols in fwd.chunks():
+        _cos(m, "forward", fwd, b, n_cols, d, e, acc, mats=2, g_bufs=0 if lse else 1,
+             row_outs=3 + (4 if lse else 2), col_outs=0, indexed=indexed,
+             mufu=_MUFU["softmax"] + (_MUFU["uss_lse"] if lse else _MUFU["uss_pairs_fwd"]),
+             g_in_hbm=g_in_hbm)
+        if not lse:
+            _dx(m, "forward", fwd, b, n_cols, d, e, acc, mats=1, indexed=indexed,
+                g_in_hbm=g_in_hbm)
+    tiles = fwd.class_tiles
+    # merge of the per-tile partials (fpart: tiles × 7 × B, fp32) into per-row statistics,
+    # and in the pairs form the forward's ∂x part: Σ of the split-K slices, the projection
+    fin = tiles * b * acc * (3 + (4 if lse else 2)) + b * acc * 12
+    launches = 1 + (60 if lse else 35)
+    if not lse:
+        fin += fwd.splits * b * d * acc + 4 * b * d * acc
+    m.add("forward", "torch", "finish: statistics" + ("" if lse else ", USS ∂x"), hbm=fin, l2=fin,
+          launches=launches)
+
+    # ---- backward (fused.fused_backward): x̂' = go·x̂ once, then per chunk the cosine tiles
+    # of W (+ bank for lse: its statistics are global), ∂W = g̃ᵀ·x̂', ∂x += g̃·W (+ g̃'·bank)
+    bwd = plan(b, s_cls, d, dtype, cuda, 2 if lse else 1, config)
+    m.chunks = (fwd.n_chunks, bwd.n_chunks)
+    pre = 2 * b * d * e + 3 * b * acc
+    m.add("backward", "torch", "x̂' = go·x̂", hbm=pre, l2=pre, launches=1 + 5)
+    for _, n_cols in bwd.chunks():
+        _cos(m, "backward", bwd, b, n_cols, d, e, acc, mats=2 if lse else 1,
+             g_bufs=2 if lse else 1, row_outs=1 if lse else 0, col_outs=1, indexed=indexed,
+             mufu=_MUFU["softmax"] + (_MUFU["uss_lse"] if lse else 0), g_in_hbm=g_in_hbm)
+        _dw(m, bwd, b, n_cols, d, e, acc, indexed=indexed, g_in_hbm=g_in_hbm)
+        _dx(m, "backward", bwd, b, n_cols, d, e, acc, mats=2 if lse else 1, indexed=indexed,
+            g_in_hbm=g_in_hbm)
+    fin = bwd.splits * b * d * acc + 6 * b * d * acc + b * d * e
+    if lse:
+        fin += tiles * b * acc
+    m.add("backward", "torch", "finish: Σ slices, projection, ∂b", hbm=fin, l2=fin,
+          launches=19 if lse else 18)
+    if indexed and not sparse_grad:
+        # autograd's dense C × D gradient of W: zeros, then the |S| rows copied in
+        # (contract._scatter_rows); with sparse_grad the |S| rows are passed on as they are
+        dense = (total_classes or s_cls) * d * e + 2 * s_cls * d * e
+        m.add("backward", "torch", "dense ∂W (sparse_grad=False)", hbm=dense, l2=dense,
+              launches=2)
+    return m
+
+
+def _cos(m, phase, p, b, n_cols, d, e, acc, *, mats, g_bufs, row_outs, col_outs, indexed,
+         mufu, g_in_hbm):
+    """fused._cos_kernel on one chunk: a program per (row block, class tile, matrix), K = D."""
+    t = p.config.cos
+    rb, ct = p.row_blocks, _cdiv(n_cols, t.block_n)
+    progs = rb * ct * mats
+    k = _cdiv(d, t.bk) * t.bk
+    g = g_bufs * b * n_cols * e  # the gradient tiles written (forward pairs: the bank's)
+    m.add(phase, "_cos_kernel", "cosine tiles + loss epilogue",
+          flops=2 * t.block_m * t.block_n * k * progs,
+          # each program: its row block of x and its class tile of W or the bank, all of D
+          l2=progs * (t.block_m + t.block_n) * d * e + g
+          + (row_outs * ct * b + col_outs * rb * n_cols) * acc,
+          hbm=b * d * e + mats * n_cols * (d * e + acc) + (mats * n_cols * 8 if indexed else 0)
+          + (row_outs * ct * b + col_outs * rb * n_cols) * acc + (g if g_in_hbm else 0),
+          mufu=mufu * b * n_cols)
+
+
+def _dw(m, p, b, n_cols, d, e, acc, *, indexed, g_in_hbm):
+    """fused._dw_kernel on one chunk: a program per (class tile, feature tile), K = B."""
+    t = p.config.dw
+    ct, ft = _cdiv(n_cols, t.block_m), _cdiv(d, t.block_n)
+    progs = ct * ft
+    k = _cdiv(b, t.bk) * t.bk
+    g = b * n_cols * e
+    # each program: all B rows of its g̃ columns and of its x̂' features; the epilogue reads
+    # h (one per row block), the norms and the W tile, and writes the ∂W tile
+    epi = p.row_blocks * n_cols * acc * ft + n_cols * acc * ft + 2 * n_cols * d * e
+    m.add("backward", "_dw_kernel", "∂W = g̃ᵀ·x̂' + projection",
+          flops=2 * t.block_m * t.block_n * k * progs,
+          l2=g * ft + b * d * e * ct + epi,
+          hbm=b * d * e + p.row_blocks * n_cols * acc + n_cols * acc + 2 * n_cols * d * e
+          + (n_cols * 8 if indexed else 0) + (g if g_in_hbm else 0))
+
+
+def _dx(m, phase, p, b, n_cols, d, e, acc, *, mats, indexed, g_in_hbm):
+    """fused._dx_kernel on one chunk: a program per (row tile, feature tile, split-K slice),
+    adding into its slice's fp32 buffer (read back from the second chunk on)."""
+    t = p.config.dx
+    rt, ft = _cdiv(b, t.block_m), _cdiv(d, t.block_n)
+    slices = [min(p.k_split, n_cols - s * p.k_split) for s in range(p.splits)]
+    k = sum(_cdiv(max(0, s), t.bk) * t.bk for s in slices)
+    g = mats * b * n_cols * e
+    part = p.splits * b * d * acc * 2  # read and written (the first chunk only writes: +0)
+    m.add(phase, "_dx_kernel", "∂x += g̃·R (split-K)",
+          flops=2 * t.block_m * t.block_n * k * rt * ft * mats,
+          l2=g * ft + mats * n_cols * d * e * rt + part,
+          hbm=mats * n_cols * d * e + (mats * n_cols * 8 if indexed else 0)
+          + (g if g_in_hbm else 0))
+
+
+# ----------------------------------------------------------------------------- printing
+
+def report(m: Model, title: str, dev: Device = H200, measured: dict | None = None) -> str:
+    """A table of the model's kernels (and the measured ms per (phase, kernel), if given)."""
+    lines = [title, f"{'phase':9} {'kernel':18} {'launch':>6} {'GFLOP':>8} {'HBM MB':>8} "
+             f"{'L2 MB':>8} {'MUFU G':>7} {'bound':>5} {'model ms':>9}"
+             + (f" {'measured':>9}" if measured is not None else "")]
+    by_name: dict = {}
+    for k in m.kernels:
+        by_name.setdefault((k.phase, k.name), 0.0)
+        by_name[(k.phase, k.name)] += k.time(dev)
+    for k in m.kernels:
+        row = (f"{k.phase:9} {k.name:18} {k.launches:6d} {k.flops / 1e9:8.1f} "
+               f"{k.hbm / 1e6:8.1f} {k.l2 / 1e6:8.1f} {k.mufu / 1e9:7.3f} {k.bound(dev):>5} "
+               f"{1e3 * k.time(dev):9.3f}")
+        if measured is not None:
+            got = measured.get((k.phase, k.name))
+            row += f" {got:9.3f}" if got is not None else f" {'-':>9}"
+            measured = {key: v for key, v in measured.items() if key != (k.phase, k.name)}
+        lines.append(row + f"  {k.what}")
+    total = m.time(dev)
+    lines.append(f"total {1e3 * total:.3f} ms predicted (class chunks: {m.chunks[0]} forward, "
+                 f"{m.chunks[1]} backward); useful work "
+                 f"{m.useful_flops / 1e9:.0f} GFLOP = {m.useful_flops / dev.mm_flops * 1e3:.3f} "
+                 f"ms at the mm rate → {m.useful_flops / total / dev.mm_flops:.0%} of mm")
+    if measured:
+        lines.append("measured, not modelled: " + ", ".join(
+            f"{ph} {name} {ms:.3f} ms" for (ph, name), ms in measured.items()))
+    return "\n".join(lines)
+
+
+def measure(b: int, d: int, n_classes: int, *, dtype=torch.bfloat16, form: str = "pairs",
+            rate: float = 1.0, repeats: int = 5) -> tuple[dict, float]:
+    """On the GPU: ({(phase, kernel): ms per step} from torch.profiler, and the median ms of
+    a whole step from CUDA events) for the call that :func:`model` counts. Kernels that are
+    not the Triton objective's own count as "torch" (validation, statistics, finishing)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from unitsface_kernels import fused_unitsface_loss, sample_classes
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    total = n_classes if rate >= 1.0 else round(n_classes / rate)
+    x = torch.randn(b, d, device=dev, dtype=dtype, generator=g).requires_grad_()
+    w = torch.randn(total, d, device=dev, dtype=dtype, generator=g).requires_grad_()
+    bank = torch.randn(total, d, device=dev, dtype=dtype, generator=g)
+    bias = torch.tensor([20.0], device=dev, requires_grad=True)
+    labels = torch.randint(0, total, (b,), device=dev, generator=g)
+    index = sample_classes(labels, total, n_classes, generator=g) if rate < 1.0 else None
+
+    def forward():
+        return fused_unitsface_loss(x, labels, w, bank, bias, index=index, uss_form=form,
+                                    backend="triton")
+
+    for _ in range(3):  # compile the kernels
+        forward().backward()
+    steps = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        forward().backward()
+        end.record()
+        torch.cuda.synchronize()
+        steps.append(start.elapsed_time(end))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            with record_function("cost_model.forward"):
+                loss = forward()
+                torch.cuda.synchronize()
+            with record_function("cost_model.backward"):
+                loss.backward()
+                torch.cuda.synchronize()
+    events = prof.events()
+    windows = [(e.time_range.start, e.time_range.end, e.name.split(".")[1]) for e in events
+               if e.name.startswith("cost_model.") and e.device_type == DeviceType.CPU]
+    kernels = ("_cos_kernel", "_dx_kernel", "_dw_kernel", "_row_norms_kernel")
+    out: dict = {}
+    for e in events:
+        if e.device_type != DeviceType.CUDA or e.name.startswith("cost_model."):
+            continue
+        phase = next((ph for lo, hi, ph in windows if lo <= e.time_range.start <= hi), None)
+        if phase is None:
+            continue
+        name = next((k for k in kernels if k in e.name), "torch")
+        out[(phase, name)] = out.get((phase, name), 0.0) + e.time_range.elapsed_us() / 1e3
+    return {k: v / repeats for k, v in out.items()}, sorted(steps)[len(steps) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--classes", type=int, default=100_000)
+    ap.add_argument("--form", choices=["pairs", "lse"], default="pairs")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    ap.add_argument("--g-in-hbm", action="store_true",
+                    help="count the gradient tiles' round trip in HBM (L2 does not keep them)")
+    ap.add_argument("--measure", action="store_true",
+                    help="on a GPU: per-kernel times (torch.profiler) beside the predictions")
+    args = ap.parse_args()
+    dt = getattr(torch, args.dtype)
+    b, d, c = args.batch, args.dim, args.classes
+    for rate in (1.0, 0.1):
+        total = round(c / rate)
+        title = (f"objective fwd+bwd, {args.dtype}, B={b} D={d}, USS {args.form}, "
+                 f"{H200.name}: " + (f"C={c}" if rate == 1.0 else
+                                     f"partial FC, C={total} at rate {rate} (|S| = {c})"))
+        measured = step = None
+        if args.measure:
+            measured, step = measure(b, d, c, dtype=dt, form=args.form, rate=rate)
+            title += f"; {torch.cuda.get_device_name()}: a step takes {step:.3f} ms"
+        print(report(model(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,
+                           g_in_hbm=args.g_in_hbm), title, measured=measured))
+        if rate < 1.0:
+            sparse = model(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,
+                           sparse_grad=True, g_in_hbm=args.g_in_hbm)
+            print(f"with sparse_grad=True (no dense ∂W): {1e3 * sparse.time():.3f} ms predicted")
+        print()
+
+
+if __name__ == "__main__":
+    main()

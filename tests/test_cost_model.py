@@ -1,0 +1,120 @@
+"""benchmarks/cost_model.py: its counts against hand computation on a tiny shape, and its
+launches against the launches the Triton objective actually makes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from benchmarks import cost_model
+from unitsface_kernels.triton.common import FusedConfig, GemmTiles
+
+T = GemmTiles(128, 128, 64, 8, 3)
+# B = 256, |S| = 1000, D = 128 in chunks of 512 classes: (0, 512) and (512, 488), each ∂x
+# product in 2 split-K slices of 256 classes (the last one 232)
+CFG = FusedConfig(T, T, T, chunk=512, splits=2)
+
+
+def _entry(m, phase, name):
+    found = [k for k in m.kernels if (k.phase, k.name) == (phase, name)]
+    assert len(found) == 1, (phase, name, found)
+    return found[0]
+
+
+def test_counts_by_hand():
+    m = cost_model.model(256, 128, 1000, dtype=torch.bfloat16, form="pairs", config=CFG)
+    b, d, e = 256, 128, 2
+    cols = 1024  # 1000 classes in whole 128-wide tiles: 4 per chunk
+    cos = _entry(m, "forward", "_cos_kernel")
+    assert cos.launches == 2
+    # W and bank tiles: 2·B·cols·D each
+    assert cos.flops == 2 * 2 * b * cols * d
+    # 2 row blocks × 8 class tiles × 2 matrices = 32 programs, each loading 128 rows of x and
+    # 128 reference rows of D bf16; the bank's g tiles (B × 1000 bf16); 5 per-row partials
+    # (3 softmax, 2 USS) per class tile
+    assert cos.l2 == 32 * (128 + 128) * d * e + b * 1000 * e + 5 * 8 * b * 4
+    # x once per chunk, W and bank rows once with their norms, the partials
+    assert cos.hbm == 2 * b * d * e + 2 * 1000 * (d * e + 4) + 5 * 8 * b * 4
+    assert cos.mufu == (1 + 4) * b * 1000
+    dx = _entry(m, "forward", "_dx_kernel")
+    # K = 256 + 256 classes per chunk (the 232-class slice padded to 256), 2 × 1 output tiles
+    assert dx.flops == 2 * 2 * (2 * 128 * 128 * 512)
+    # g once per feature tile (1), the bank rows once per row tile (2), the 2 slices' fp32
+    # buffers read and written per chunk
+    assert dx.l2 == b * 1000 * e + 2 * 1000 * d * e + 2 * (2 * b * d * 4 * 2)
+    dw = _entry(m, "backward", "_dw_kernel")
+    assert dw.flops == 2 * 4 * (2 * 128 * 128 * 256)  # 4 class tiles per chunk, K = B
+    # g once per feature tile, x̂' once per class tile (4 + 4), the epilogue's h (2 row
+    # blocks), norms, W tile and ∂W tile
+    assert dw.l2 == (b * 1000 * e + 8 * b * d * e + 2 * 1000 * 4 + 1000 * 4
+                     + 2 * 1000 * d * e)
+    assert m.useful_flops == 5 * 2 * b * 1000 * d
+    k = cos
+    dev = cost_model.H200
+    assert k.time(dev) == pytest.approx(
+        max(k.flops / dev.mm_flops, k.hbm / dev.hbm_bps, k.l2 / dev.l2_bps)
+        + k.mufu / dev.mufu_ops + 2 * dev.launch_s)
+    assert m.time(dev) == pytest.approx(sum(k.time(dev) for k in m.kernels))
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: records each launch's grid and tiles, then runs it."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.log.append((self.kernel.fn.__name__, tuple(grid), kw))
+            return self.kernel[grid](*args, **kw)
+        return launch
+
+
+@pytest.mark.parametrize("form", ["pairs", "lse"])
+def test_model_follows_the_launches(form, monkeypatch):
+    """The model's launches and programs of every kernel are those that fused_unitsface_loss
+    makes (here under the interpreter's configuration), forward and backward."""
+    from unitsface_kernels import fused_unitsface_loss
+    from unitsface_kernels.triton import fused, norms
+    from unitsface_kernels.triton.common import fused_config
+
+    log = []
+    for mod, name in ((fused, "_cos_kernel"), (fused, "_dx_kernel"), (fused, "_dw_kernel"),
+                      (norms, "_row_norms_kernel")):
+        monkeypatch.setattr(mod, name, _Recorder(getattr(mod, name), log))
+    g = torch.Generator().manual_seed(0)
+    b, d, c = 37, 70, 301
+    x = torch.randn(b, d, generator=g, requires_grad=True)
+    w = torch.randn(c, d, generator=g, requires_grad=True)
+    bank = torch.randn(c, d, generator=g)
+    bias = torch.tensor([5.0], requires_grad=True)
+    labels = torch.randint(0, c, (b,), generator=g)
+    fused_unitsface_loss(x, labels, w, bank, bias, uss_form=form,
+                         backend="triton").backward()
+    cfg = fused_config(d, torch.device("cpu"), torch.float32)
+    m = cost_model.model(b, d, c, dtype=torch.float32, form=form, config=cfg)
+    launched = {}
+    for name, grid, kw in log:
+        n, progs, flops = launched.get(name, (0, 0, 0))
+        tile = 0
+        if name in ("_cos_kernel", "_dw_kernel"):
+            k = (d if name == "_cos_kernel" else b)
+            tile = 2 * kw["BLOCK_M"] * kw["BLOCK_N"] * math.ceil(k / kw["BK"]) * kw["BK"]
+        launched[name] = (n + 1, progs + math.prod(grid), flops + tile * math.prod(grid))
+    for name, (n, progs, flops) in launched.items():
+        kernels = [k for k in m.kernels if k.name == name]
+        assert sum(k.launches for k in kernels) == n, (name, n)
+        if flops:
+            assert sum(k.flops for k in kernels) == flops, name
+    assert set(launched) == {k.name for k in m.kernels} - {"torch"}
+
+
+@pytest.mark.cuda
+def test_measure_finds_every_kernel():
+    """On a GPU, the profiler's kernels are attributed to the model's (phase, kernel) rows."""
+    measured, step = cost_model.measure(256, 128, 4096, repeats=1)
+    m = cost_model.model(256, 128, 4096)
+    assert {(k.phase, k.name) for k in m.kernels} <= set(measured), measured
+    assert step > 0 and all(v > 0 for v in measured.values())
