@@ -82,13 +82,32 @@ def test_all_invalid_bank(backend, form):
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
+@pytest.mark.parametrize("form", FORMS)
+def test_inbatch_pairs_exclude_self(backend, form):
+    """In-batch, row i is not its own positive. With s = 2 and b = 1.5 the pair (i, i) would
+    add z⁺ = b − s(1 − m) = −0.3 to every row's positives (pairs: + softplus(−0.3) ≈ 0.55;
+    lse: ≥ 0.019 here), far above the tolerance (at the usual s = 64, z⁺ ≈ −50 and no test
+    could see it)."""
+    case = make_case("uss", 37, 53, 24, torch.float32, "cpu", mode="inbatch", seed=4)
+    case["bias"] = torch.tensor([1.5])
+    loss, _ = check(case, backend, torch.float32, form=form, scale=2.0, reduction="none")
+    with_self = fused_uss_loss(case["x"], case["labels"], 1.5, case["x"], case["labels"],
+                               scale=2.0, form=form, reduction="none", backend="reference")
+    assert (with_self - loss).min() > 0.01
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
 @pytest.mark.parametrize("mode", MODES)
 def test_zero_embeddings(backend, mode):
-    """A zero row is legal (x̂ = x / eps = 0): its cosines are 0 and its gradient finite."""
+    """A zero row is legal (x̂ = x / eps = 0): its cosines are 0 and its gradient finite. A
+    row below the eps (here 1e-7, eps = 1e-5) is not normalised either: x̂ = x / eps and its
+    gradient has no projection term (the plain derivative of x / eps)."""
     case = make_case("uss", 37, 53, 24, torch.float32, "cpu", mode=mode)
     case["x"][[0, 5]] = 0.0
+    case["x"][9] *= 1e-7 / case["x"][9].norm()
     if mode != "inbatch":
         case["ref"][[1, 7]] = 0.0
+        case["ref"][11] *= 1e-7 / case["ref"][11].norm()
     check(case, backend, torch.float32, form="pairs")
 
 

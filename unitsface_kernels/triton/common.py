@@ -256,30 +256,30 @@ def online_lse(m, s, z, mask):
 # ----------------------------------------------------------------------------- USS terms
 
 @triton.jit
-def uss_terms(cos, y, l, ids, rows, cols, row_ok, col_ok, bias_ptr, bias_stride, scale, margin,
+def uss_terms(cos, y, lj, ids, rows, cols, row_ok, col_ok, bias_ptr, bias_stride, scale, margin,
               IN_BATCH: tl.constexpr):
     """P and N masks of a cosine tile and each pair's softplus argument z (docs/design.md
     §1.1): z⁺ = b_j − s·(cos − m) in P, z⁻ = s·cos − b_j elsewhere (P and N are disjoint, so
     one tile holds both). Column j is reference row `ids[j]` of the bias array (j itself, or
-    the class S_j under partial FC) with label l[j]; `col_ok` says which columns are read
+    the class S_j under partial FC) with label l_j = lj[j]; `col_ok` says which columns are read
     (:func:`ref_rows_ok`): the rest are in neither set. `cols` serve the in-batch
     self-exclusion."""
     b = tl.load(bias_ptr + ids * bias_stride, mask=col_ok, other=0.0).to(cos.dtype)
-    return uss_terms_of(cos, y, l, rows, cols, row_ok, col_ok, b[None, :], scale, margin,
+    return uss_terms_of(cos, y, lj, rows, cols, row_ok, col_ok, b[None, :], scale, margin,
                         IN_BATCH)
 
 
 @triton.jit
-def uss_terms_of(cos, y, l, rows, cols, row_ok, col_ok, b, scale, margin,
+def uss_terms_of(cos, y, lj, rows, cols, row_ok, col_ok, b, scale, margin,
                  IN_BATCH: tl.constexpr):
     """:func:`uss_terms` with the thresholds given: `b` one value, or a row of one per
     column (shape (1, N))."""
     ok = row_ok[:, None] & col_ok[None, :]
-    same = y[:, None] == l[None, :]
+    same = y[:, None] == lj[None, :]
     pos = ok & same
     if IN_BATCH:
         pos = pos & (rows[:, None] != cols[None, :])
-    neg = ok & (y[:, None] != l[None, :])
+    neg = ok & (y[:, None] != lj[None, :])
     z = tl.where(pos, b - scale * (cos - margin), scale * cos - b)
     return pos, neg, z
 

@@ -51,8 +51,8 @@ def _ref_block(r_ptr, nr_ptr, l_ptr, valid_ptr, cols, N, D, DP: tl.constexpr,
     col_ok = ref_rows_ok(valid_ptr, cols, cols < N, HAS_VALID)
     r_tile = gather_tile(r_ptr, cols, col_ok, D, DP, UPCAST)
     inv_r = inv_norm_of(nr_ptr, cols, col_ok)
-    l = tl.load(l_ptr + cols, mask=col_ok, other=-1)
-    return col_ok, r_tile, inv_r, l
+    lj = tl.load(l_ptr + cols, mask=col_ok, other=-1)
+    return col_ok, r_tile, inv_r, lj
 
 
 @triton.jit
@@ -77,11 +77,11 @@ def _x_block(x_ptr, nx_ptr, y_ptr, rows, B, D, DP: tl.constexpr, UPCAST: tl.cons
 
 
 @triton.jit
-def _uss_tile(x_tile, r_tile, inv_x, inv_r, y, l, rows, cols, row_ok, col_ok, bias_ptr,
+def _uss_tile(x_tile, r_tile, inv_x, inv_r, y, lj, rows, cols, row_ok, col_ok, bias_ptr,
               bias_stride, scale, margin, IN_BATCH: tl.constexpr):
     """cos tile of the standalone loss (reference row j is column j) and its terms."""
     cos = cos_tile(x_tile, r_tile, inv_x, inv_r)
-    pos, neg, z = uss_terms(cos, y, l, cols, rows, cols, row_ok, col_ok, bias_ptr, bias_stride,
+    pos, neg, z = uss_terms(cos, y, lj, cols, rows, cols, row_ok, col_ok, bias_ptr, bias_stride,
                             scale, margin, IN_BATCH)
     return cos, pos, neg, z
 
@@ -92,9 +92,9 @@ def _ref_tile(x_tile, inv_x, y, rows, row_ok, cols, r_ptr, nr_ptr, l_ptr, valid_
               DP: tl.constexpr, UPCAST: tl.constexpr):
     """The reference rows `cols` against a block of rows of x (the row-major kernels' step):
     (reference rows read, their tile, 1/max(||r_j||, eps), cos tile, P, N, z)."""
-    col_ok, r_tile, inv_r, l = _ref_block(r_ptr, nr_ptr, l_ptr, valid_ptr, cols, N, D, DP,
-                                          HAS_VALID, UPCAST)
-    cos, pos, neg, z = _uss_tile(x_tile, r_tile, inv_x, inv_r, y, l, rows, cols, row_ok, col_ok,
+    col_ok, r_tile, inv_r, lj = _ref_block(r_ptr, nr_ptr, l_ptr, valid_ptr, cols, N, D, DP,
+                                           HAS_VALID, UPCAST)
+    cos, pos, neg, z = _uss_tile(x_tile, r_tile, inv_x, inv_r, y, lj, rows, cols, row_ok, col_ok,
                                  bias_ptr, bias_stride, scale, margin, IN_BATCH)
     return col_ok, r_tile, inv_r, cos, pos, neg, z
 
@@ -194,8 +194,8 @@ def _uss_bwd_cols_kernel(x_ptr, r_ptr, nx_ptr, nr_ptr, y_ptr, l_ptr, valid_ptr, 
     (·, k)), h_j = Σ_i g_ij cos_ij and Σ_i g_ij."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     d0 = tl.program_id(1) * DC
-    col_ok, r_tile, inv_r, l = _ref_block(r_ptr, nr_ptr, l_ptr, valid_ptr, cols, N, D, DP,
-                                          HAS_VALID, UPCAST)
+    col_ok, r_tile, inv_r, lj = _ref_block(r_ptr, nr_ptr, l_ptr, valid_ptr, cols, N, D, DP,
+                                           HAS_VALID, UPCAST)
     scale, margin = _params(params_ptr)
     acc_g = tl.zeros((BLOCK_N, DC), inv_r.dtype)
     h = tl.zeros((BLOCK_N,), inv_r.dtype)
@@ -206,7 +206,7 @@ def _uss_bwd_cols_kernel(x_ptr, r_ptr, nx_ptr, nr_ptr, y_ptr, l_ptr, valid_ptr, 
         go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
         a, fa, bn, fb = uss_row_stats(stats_ptr, rows, row_ok, B)
         cos, pos, neg, z = _uss_tile(
-            x_tile, r_tile, inv_x, inv_r, y, l, rows, cols, row_ok, col_ok, bias_ptr,
+            x_tile, r_tile, inv_x, inv_r, y, lj, rows, cols, row_ok, col_ok, bias_ptr,
             bias_stride, scale, margin, IN_BATCH)
         g = uss_grad(z, pos, neg, scale, a, fa, bn, fb, LSE, CLAMP) * go[:, None]
         h += tl.sum(g * cos, axis=0)
