@@ -3,7 +3,7 @@ planted in the source; the suite must catch it (a mutant is *killed* when the te
 its code fail). A survivor is a blind spot: kill it with a new test, or explain in docs/mutation.md
 why it is equivalent. The mutants are listed in scripts/mutants.toml.
 
-    .venv/bin/python scripts/mutate.py --write         # every mutant (about 40 minutes)
+    .venv/bin/python scripts/mutate.py --write         # every mutant (about 20 minutes)
     .venv/bin/python scripts/mutate.py --only c-clamp  # some, by id prefix
     .venv/bin/python scripts/mutate.py --list
 
@@ -12,7 +12,8 @@ once, so a mutant that no longer applies is reported, not silently skipped), reb
 extension when the file is C++/CUDA (incremental, CPU-only: UNITSFACE_NO_CUDA=1), runs its
 tests with -x, and restores the file (and the build) whatever happens. CUDA-only code cannot
 be killed on a machine without a GPU and is not mutated here. The result table goes to stdout
-and to docs/mutation.md's table when --write is given.
+and, with --write, into docs/mutation.md's table (the rows of the mutants run; the others keep
+their verdicts).
 """
 
 from __future__ import annotations
@@ -109,14 +110,28 @@ def main() -> None:
     killed = sum(v.startswith("killed") for _, v, _ in rows)
     print(f"\n{killed}/{len(rows)} killed")
     if args.write:
-        table = ["| mutant | file | bug | verdict |", "|---|---|---|---|"]
-        table += [f"| {m.id} | `{m.file}` | {m.what} | {v} |" for m, v, _ in rows]
-        doc = ROOT / "docs" / "mutation.md"
-        text = doc.read_text()
-        start, end = text.index("<!-- table -->"), text.index("<!-- /table -->")
-        doc.write_text(text[:start] + "<!-- table -->\n" + "\n".join(table) + "\n"
-                       + f"\nScore: {killed}/{len(rows)} killed.\n" + text[end:])
+        _write_table(ROOT / "docs" / "mutation.md", {m.id: v for m, v, _ in rows})
     sys.exit(0 if killed == len(rows) else 1)
+
+
+def _write_table(doc: Path, verdicts: dict[str, str]) -> None:
+    """docs/mutation.md's table with these verdicts: the mutants run now replace their rows,
+    the others keep the verdict the table had (so --only updates a part), in mutants.toml's
+    order; a mutant no longer in mutants.toml drops out."""
+    text = doc.read_text()
+    start, end = text.index("<!-- table -->"), text.index("<!-- /table -->")
+    kept = {}
+    for line in text[start:end].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0] not in ("mutant", "---"):
+            kept[cells[0]] = cells[3]
+    kept.update(verdicts)
+    table = ["| mutant | file | bug | verdict |", "|---|---|---|---|"]
+    listed = [(m, kept[m.id]) for m in load_mutants() if m.id in kept]
+    table += [f"| {m.id} | `{m.file}` | {m.what} | {v} |" for m, v in listed]
+    killed = sum(v.startswith("killed") for _, v in listed)
+    doc.write_text(text[:start] + "<!-- table -->\n" + "\n".join(table) + "\n"
+                   + f"\nScore: {killed}/{len(listed)} killed.\n" + text[end:])
 
 
 if __name__ == "__main__":
