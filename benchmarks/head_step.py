@@ -189,8 +189,15 @@ def main() -> None:
         print(f"dense baseline / sparse: {results[2]['median_s'] / results[0]['median_s']:.2f}×")
     _print_model()
     if args.json:
+        import datetime
+
+        import torch
+
+        from .__main__ import device_name
+        about = dict(device=device_name(args.device), date=f"{datetime.date.today()}",
+                     torch=torch.__version__)
         with open(args.json, "w") as f:
-            json.dump(dict(results=results, ratio=ratio, model=gpu_model()), f, indent=1)
+            json.dump(dict(about, results=results, ratio=ratio, model=gpu_model()), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -211,8 +211,10 @@ class SparseSGD(torch.optim.Optimizer):
                     # a dense gradient, or the first momentum step (SGD starts every row's
                     # momentum from that step's gradient): every row, now
                     lazy.catch_up(None)
-                    grad = p.grad.to_dense() if p.grad.is_sparse else p.grad
-                    self._update(p, None, grad, state, *hyper)
+                    if p.grad.is_sparse:  # a dense copy of our own: updated in place
+                        self._update_rows(p, None, p.grad.to_dense(), state, *hyper, owned=True)
+                    else:
+                        self._update(p, None, p.grad, state, *hyper)
                     lazy.base, lazy.history = lazy.step + 1, []
                     lazy.row_step.fill_(lazy.base)
         return loss
@@ -232,13 +234,21 @@ class SparseSGD(torch.optim.Optimizer):
             start += len(block)
 
     @staticmethod
-    def _update_rows(p, rows, grad, state, lr, mu, dampening, lam, nesterov) -> None:
+    def _update_rows(p, rows, grad, state, lr, mu, dampening, lam, nesterov,
+                     owned=False) -> None:
+        """`owned`: grad is a temporary of this step, so it takes the weight decay in place
+        and becomes the momentum buffer on the first step (torch.optim.SGD's values, bit for
+        bit, without a second and third C × D tensor at a million classes)."""
         w = p if rows is None else p.index_select(0, rows)
-        g = grad.add(w, alpha=lam) if lam != 0 else grad
+        if lam != 0:
+            g = grad.add_(w, alpha=lam) if owned else grad.add(w, alpha=lam)
+        else:
+            g = grad
         if mu != 0:
             buf = state.get("momentum_buffer")
             if buf is None:
-                v = state["momentum_buffer"] = g.clone()
+                fresh = owned or lam != 0  # g is no caller's tensor: it can be the buffer
+                v = state["momentum_buffer"] = g if fresh else g.clone()
             else:
                 v = buf if rows is None else buf.index_select(0, rows)
                 v.mul_(mu).add_(g, alpha=1 - dampening)
