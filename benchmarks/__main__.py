@@ -3,7 +3,10 @@ ours (triton / native) against eager PyTorch, torch.compile, a PartialFC-style h
 installed, cut-cross-entropy and Liger. See benchmarks/README.md.
 
 Defaults: GPU → bf16, B=512, D=512, C ∈ {10k, 100k, 1M (sample rate 0.1)};
-CPU → fp32, B=256, D=512, C = 50k; ``--quick`` → a CPU smoke run of tiny shapes.
+CPU → fp32, B=256, D=512, C ∈ {10k, 50k (the headline), 1M (sample rate 0.1)}: every
+implementation at the headline, eager, partialfc and native (one timed step each) at the
+other class counts, so that the curve takes about 3 minutes on 2 cores;
+``--quick`` → a CPU smoke run of tiny shapes.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ from . import impls, measure, report
 from .impls import IMPLS, Case
 
 GPU_CLASSES = [10_000, 100_000, 1_000_000]
-CPU_CLASSES = [50_000]
+CPU_CLASSES = [10_000, 50_000, 1_000_000]
 QUICK_CLASSES = [1_000, 4_000]
+CPU_CURVE_IMPLS = ["eager", "partialfc", "native"]
+"""On the CPU, the implementations timed at class counts other than the headline's (torch.compile
+recompiles per shape for 10–40 s there, longer than the steps it times)."""
 DEFERRED = ("compile",)
 """Measured in a second pass, after every other implementation on every case."""
 DENSE_LIMIT = 200_000
@@ -58,13 +64,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=_count, help="B (default 512 GPU, 256 CPU)")
     p.add_argument("--dim", type=_count, help="D (default 512)")
     p.add_argument("--classes", type=_count, nargs="+",
-                   help="numbers of classes C (default GPU: 10k 100k 1M, CPU: 50k)")
+                   help="numbers of classes C (default GPU: 10k 100k 1M, CPU: 10k 50k 1M)")
     p.add_argument("--sample-rate", type=float,
                    help=f"partial-FC sample rate for every C (default: 0.1 above "
                         f"{DENSE_LIMIT:,} classes, else 1 = all classes)")
     p.add_argument("--tasks", nargs="+", choices=impls.TASKS, default=list(impls.TASKS))
     p.add_argument("--repeats", type=int, help="timed steps per measurement (median reported; "
                    "default 10 GPU, 3 CPU, 2 quick)")
+    p.add_argument("--curve-impls", nargs="+", metavar="IMPL",
+                   help="implementations timed at the class counts other than the headline's "
+                        f"(default: all on GPU, {' '.join(CPU_CURVE_IMPLS)} on CPU)")
+    p.add_argument("--curve-repeats", type=int,
+                   help="timed steps for the cases other than the headline (default: --repeats "
+                        "on GPU, 1 on CPU, where a step at 1M classes takes seconds)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3 GPU, 1 CPU)")
     p.add_argument("--only", nargs="+", metavar="IMPL",
                    help=f"implementations to run (of: {', '.join(IMPLS)}; default all)")
@@ -85,6 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.only = _names(args.only)
+    args.curve_impls = _names(args.curve_impls) or None
 
     if args.device is None:
         args.device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
@@ -105,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dim = args.dim or 512
     args.classes = args.classes or (GPU_CLASSES if gpu else CPU_CLASSES)
     args.repeats = max(1, args.repeats or (10 if gpu else 3))
+    args.curve_repeats = max(1, args.curve_repeats or (args.repeats if gpu else 1))
+    if args.curve_impls is None and not gpu:
+        args.curve_impls = CPU_CURVE_IMPLS
     args.warmup = max(1, args.warmup if args.warmup is not None else (3 if gpu else 1))
     if args.sample_rate is not None and not 0 < args.sample_rate <= 1:
         raise SystemExit("--sample-rate must lie in (0, 1]")
@@ -227,6 +243,10 @@ def run(args) -> dict:
         names.remove("compile")
         skipped_notes.append("compile: not run by --quick (compiling takes longer than the smoke "
                              "run's minute); add --only ... compile to include it")
+    if args.curve_impls is not None and len(args.classes) > 1:
+        skipped_notes.append(f"class counts other than the headline's: only "
+                             f"{', '.join(args.curve_impls)} (--curve-impls), "
+                             f"{args.curve_repeats} timed step(s) (--curve-repeats)")
     os.makedirs(args.out, exist_ok=True)
     dev_name = device_name(args.device)
     now = _dt.datetime.now()
@@ -234,7 +254,9 @@ def run(args) -> dict:
     paths = {ext: os.path.join(args.out, f"{stem}.{ext}") for ext in ("json", "md", "png")}
     doc = {"device": dev_name, "device_slug": slug(dev_name), **_versions(),
            "date": now.strftime("%Y-%m-%d"), "datetime": now.isoformat(timespec="seconds"),
-           "mode": f"{args.isolate}, warmup {args.warmup}, repeats {args.repeats}",
+           "mode": f"{args.isolate}, warmup {args.warmup}, repeats {args.repeats}"
+                   + (f" (other class counts: {args.curve_repeats})"
+                      if args.curve_repeats != args.repeats else ""),
            "args": {k: v for k, v in vars(args).items()}, "checks": [], "rows": [],
            "summary": None, "notes": []}
     extra_notes = skipped_notes     # run-level notes (rows carry their own)
@@ -285,10 +307,15 @@ def run(args) -> dict:
         # Pass 1: the headline case with every implementation (its summary needs compile),
         # then everything but torch.compile case by case; pass 2: torch.compile on the other
         # cases, whose compilation dominates the run time, as far as --budget allows.
+        def wanted(c, n):
+            return c.task in IMPLS[n].tasks and (
+                c.classes == headline.classes or args.curve_impls is None
+                or n in args.curve_impls)
+
         jobs = [(c, n) for c in cases for n in names
-                if (n not in DEFERRED or c == headline) and c.task in IMPLS[n].tasks]
+                if (n not in DEFERRED or c == headline) and wanted(c, n)]
         jobs += [(c, n) for n in DEFERRED if n in names for c in cases
-                 if c != headline and c.task in IMPLS[n].tasks]
+                 if c != headline and wanted(c, n)]
         setups: dict = {}
         current = (None, None)          # (case, inputs) kept for in-process measurements
         progress = _Progress(len(jobs))
@@ -314,11 +341,11 @@ def run(args) -> dict:
                                 f"{case.label()}: inputs failed ({measure._short(e, 160)})")
                     inp = current[1]
                 progress.describe(f"{case.label()}: {name}")
+                reps = args.repeats if case.classes == headline.classes else args.curve_repeats
                 if args.isolate == "subprocess":
-                    res = measure.measure_isolated(case, name, args.warmup, args.repeats,
-                                                   args.timeout)
+                    res = measure.measure_isolated(case, name, args.warmup, reps, args.timeout)
                 else:
-                    res = measure.measure_impl(case, name, args.warmup, args.repeats, inp=inp)
+                    res = measure.measure_impl(case, name, args.warmup, reps, inp=inp)
             doc["rows"].append(report.make_row(case, name, res, mm, ref_loss))
             progress.update()
             if i + 1 == len(jobs) or jobs[i + 1][0] != case:

@@ -143,23 +143,34 @@ class Inputs:
 
 
 def make_inputs(case: Case) -> Inputs:
-    """Deterministic (seeded) inputs on the case's device, generated in place there."""
+    """Deterministic (seeded) inputs on the case's device, generated in place there. Under
+    partial FC only the sampled rows of W and the bank are random: no implementation reads
+    the others in a step, and drawing 2 × 2 GB of normals at 1M classes takes longer on a
+    CPU than the steps timed. The others hold a constant unit-norm row, written, so that
+    their memory is resident as in training."""
     dev = torch.device(case.device)
     dtype = case.torch_dtype
     g = torch.Generator(device=dev).manual_seed(case.seed)
     b, d, c = case.batch, case.dim, case.classes
     x = torch.randn(b, d, generator=g, device=dev, dtype=dtype).requires_grad_()
     labels = torch.randint(0, c, (b,), generator=g, device=dev)
-    centres = torch.randn(c, d, generator=g, device=dev, dtype=dtype).requires_grad_()
     index = None
     if case.sampled:
         cpu_gen = torch.Generator().manual_seed(case.seed + 1)
         index = uk.sample_classes(labels, c, case.num_sample, generator=cpu_gen)
     n = c if index is None else index.numel()
+
+    def rows(unit: bool = False):  # c × d, random (normal, or normalised) where read
+        r = torch.randn(n, d, generator=g, device=dev, dtype=dtype)
+        r = F.normalize(r, dim=1, eps=EPS) if unit else r
+        if index is None:
+            return r
+        return torch.full((c, d), d ** -0.5, device=dev, dtype=dtype).index_copy_(0, index, r)
+
+    centres = rows().requires_grad_()
     bank = bias = None
     if case.task == "objective":
-        bank = F.normalize(torch.randn(c, d, generator=g, device=dev, dtype=dtype), dim=1,
-                           eps=EPS)
+        bank = rows(unit=True)
         bias = torch.tensor([initial_threshold(x, labels, bank, index)], dtype=torch.float32,
                             device=dev).requires_grad_()
     return Inputs(x, labels, centres, bank, bias, index, n)
