@@ -30,6 +30,13 @@ SUITE_SECONDS="${SUITE_SECONDS:-300}"
 BUILD_SECONDS="${BUILD_SECONDS:-90}"
 TESTS_SECONDS="${TESTS_SECONDS:-80}"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# Peers the GPU image lacks (cut-cross-entropy, liger-kernel: pure-Python wheels) travel as
+# .whl/ in the repository root (benchmarks/README.md, "GPU suite"): installed beside the image's
+# packages, not over them.
+if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$ROOT"/.whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 T0=$(date +%s)
 SUMMARY=()

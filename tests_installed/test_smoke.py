@@ -5,7 +5,7 @@ environment outside the repository and runs this file from a directory without t
 (tests_installed/smoke.sh); `make smoke-oldest` does the same against the oldest supported
 torch. Not collected by the main `pytest tests` run.
 
-Only the public API (DESIGN.md §4) is used here, so that the package's internal modules can
+Only the public API (docs/design.md §4) is used here, so that the package's internal modules can
 move without touching these tests. CPU only: the triton backend runs under its interpreter.
 """
 
