@@ -45,7 +45,8 @@ export TORCH_CUDA_ARCH_LIST
 MAX_JOBS ?= 2
 export MAX_JOBS
 # pytest-xdist workers for make test: most tests are single-threaded (Triton's interpreter is
-# numpy), so one per core halves the suite's time on the 2-core CI machine.
+# numpy), so one per core halves the suite's time on the 2-core CI machine. worksteal: an idle
+# worker takes queued tests from the other (the slow compile checks otherwise end the run alone).
 TEST_WORKERS ?= 2
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
@@ -110,7 +111,7 @@ smoke-oldest:
 # UNITSFACE_REQUIRE_NATIVE=1: the extension was just built, so a native backend that does not
 # load is a failure of the run, not a skip (tests/helpers.py).
 test: build $(OLD_TRITON)/.installed smoke smoke-oldest
-	UNITSFACE_REQUIRE_NATIVE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	UNITSFACE_REQUIRE_NATIVE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 bench: build
 	$(PY) -m benchmarks
