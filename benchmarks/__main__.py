@@ -45,13 +45,13 @@ def _count(text: str) -> int:
     return int(round(float(m.group(1)) * mult))
 
 
-def _names(values) -> list[str]:
+def _names(values, flag: str) -> list[str]:
     out = []
     for v in values or []:
         out += [s for s in v.split(",") if s]
     bad = [n for n in out if n not in IMPLS]
     if bad:
-        raise SystemExit(f"--only: unknown implementation(s) {bad}; known: {', '.join(IMPLS)}")
+        raise SystemExit(f"{flag}: unknown implementation(s) {bad}; known: {', '.join(IMPLS)}")
     return out
 
 
@@ -96,8 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip the start-up correctness checks against the reference")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    args.only = _names(args.only)
-    args.curve_impls = _names(args.curve_impls) or None
+    args.only = _names(args.only, "--only")
+    args.curve_impls = _names(args.curve_impls, "--curve-impls") or None
 
     if args.device is None:
         args.device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
@@ -307,10 +307,12 @@ def run(args) -> dict:
         # Pass 1: the headline case with every implementation (its summary needs compile),
         # then everything but torch.compile case by case; pass 2: torch.compile on the other
         # cases, whose compilation dominates the run time, as far as --budget allows.
+        def at_headline(c):  # the headline's class count: every implementation, --repeats
+            return c.classes == headline.classes
+
         def wanted(c, n):
             return c.task in IMPLS[n].tasks and (
-                c.classes == headline.classes or args.curve_impls is None
-                or n in args.curve_impls)
+                at_headline(c) or args.curve_impls is None or n in args.curve_impls)
 
         jobs = [(c, n) for c in cases for n in names
                 if (n not in DEFERRED or c == headline) and wanted(c, n)]
@@ -341,7 +343,7 @@ def run(args) -> dict:
                                 f"{case.label()}: inputs failed ({measure._short(e, 160)})")
                     inp = current[1]
                 progress.describe(f"{case.label()}: {name}")
-                reps = args.repeats if case.classes == headline.classes else args.curve_repeats
+                reps = args.repeats if at_headline(case) else args.curve_repeats
                 if args.isolate == "subprocess":
                     res = measure.measure_isolated(case, name, args.warmup, reps, args.timeout)
                 else:

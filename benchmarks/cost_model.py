@@ -37,6 +37,7 @@ launches.
 from __future__ import annotations
 
 import argparse
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -240,27 +241,23 @@ def report(m: Model, title: str, dev: Device = H200, measured: dict | None = Non
     lines = [title, f"{'phase':9} {'kernel':18} {'launch':>6} {'GFLOP':>8} {'HBM MB':>8} "
              f"{'L2 MB':>8} {'MUFU G':>7} {'bound':>5} {'model ms':>9}"
              + (f" {'measured':>9}" if measured is not None else "")]
-    by_name: dict = {}
-    for k in m.kernels:
-        by_name.setdefault((k.phase, k.name), 0.0)
-        by_name[(k.phase, k.name)] += k.time(dev)
+    unmatched = dict(measured or {})
     for k in m.kernels:
         row = (f"{k.phase:9} {k.name:18} {k.launches:6d} {k.flops / 1e9:8.1f} "
                f"{k.hbm / 1e6:8.1f} {k.l2 / 1e6:8.1f} {k.mufu / 1e9:7.3f} {k.bound(dev):>5} "
                f"{1e3 * k.time(dev):9.3f}")
         if measured is not None:
-            got = measured.get((k.phase, k.name))
+            got = unmatched.pop((k.phase, k.name), None)
             row += f" {got:9.3f}" if got is not None else f" {'-':>9}"
-            measured = {key: v for key, v in measured.items() if key != (k.phase, k.name)}
         lines.append(row + f"  {k.what}")
     total = m.time(dev)
     lines.append(f"total {1e3 * total:.3f} ms predicted (class chunks: {m.chunks[0]} forward, "
                  f"{m.chunks[1]} backward); useful work "
                  f"{m.useful_flops / 1e9:.0f} GFLOP = {m.useful_flops / dev.mm_flops * 1e3:.3f} "
                  f"ms at the mm rate → {m.useful_flops / total / dev.mm_flops:.0%} of mm")
-    if measured:
+    if unmatched:
         lines.append("measured, not modelled: " + ", ".join(
-            f"{ph} {name} {ms:.3f} ms" for (ph, name), ms in measured.items()))
+            f"{ph} {name} {ms:.3f} ms" for (ph, name), ms in unmatched.items()))
     return "\n".join(lines)
 
 
@@ -273,6 +270,8 @@ def measure(b: int, d: int, n_classes: int, *, dtype=torch.bfloat16, form: str =
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from unitsface_kernels import fused_unitsface_loss, sample_classes
+
+    from .measure import time_steps
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -290,14 +289,7 @@ def measure(b: int, d: int, n_classes: int, *, dtype=torch.bfloat16, form: str =
 
     for _ in range(3):  # compile the kernels
         forward().backward()
-    steps = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        forward().backward()
-        end.record()
-        torch.cuda.synchronize()
-        steps.append(start.elapsed_time(end))
+    step_ms = statistics.median(time_steps(lambda: forward().backward(), repeats, dev)) * 1e3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(repeats):
             with record_function("cost_model.forward"):
@@ -319,7 +311,7 @@ def measure(b: int, d: int, n_classes: int, *, dtype=torch.bfloat16, form: str =
             continue
         name = next((k for k in kernels if k in e.name), "torch")
         out[(phase, name)] = out.get((phase, name), 0.0) + e.time_range.elapsed_us() / 1e3
-    return {k: v / repeats for k, v in out.items()}, sorted(steps)[len(steps) // 2]
+    return {k: v / repeats for k, v in out.items()}, step_ms
 
 
 def main() -> None:

@@ -34,10 +34,9 @@ import subprocess
 import sys
 import time
 
-from .procmem import malloc_trim, reset_hwm, status_kb
+from .procmem import malloc_trim, must_reset_hwm, status_kb
 
 TAG = "@@HEAD_STEP@@ "
-HBM_TB_S = 4.8  # H200 HBM3e bandwidth (TB/s)
 
 
 def _worker(cfg: dict) -> None:
@@ -65,7 +64,7 @@ def _worker(cfg: dict) -> None:
         torch.cuda.reset_peak_memory_stats(dev)
     else:
         malloc_trim()
-        reset_hwm()
+        must_reset_hwm()
     times = []
     for step in range(cfg["warmup"] + cfg["steps"]):
         x = torch.randn(b, d, generator=g, device=dev, dtype=dtype, requires_grad=True)
@@ -115,16 +114,20 @@ def gpu_model(classes_per_rank: int = 3_600_000, rate: float = 0.1, dim: int = 5
         "lazy SGD on sampled rows (read w, ∂W, v; write w, v)": 5 * sampled * f32,
         "catch-up of sampled rows (read + write w, v)": 4 * sampled * f32,
     }
-    ms = lambda n: n / (HBM_TB_S * 1e12) * 1e3  # noqa: E731
+    from .cost_model import H200  # the H200's effective HBM bandwidth, as the loss's model
+
+    ms = lambda n: n / H200.hbm_bps * 1e3  # noqa: E731
     return {"before": {k: (v, ms(v)) for k, v in before.items()},
             "after": {k: (v, ms(v)) for k, v in after.items()},
             "before_ms": ms(sum(before.values())), "after_ms": ms(sum(after.values()))}
 
 
 def _print_model() -> None:
+    from .cost_model import H200
+
     m = gpu_model()
     print("GPU model (H200, 29M identities over 8 ranks: 3.6M classes per rank, rate 0.1, "
-          f"D = 512, HBM {HBM_TB_S} TB/s): the head's bookkeeping per step")
+          f"D = 512, HBM {H200.hbm_bps / 1e12:.1f} TB/s): the head's bookkeeping per step")
     for side in ("before", "after"):
         print(f"  {side}:")
         for k, (n, t) in m[side].items():

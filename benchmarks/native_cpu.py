@@ -44,7 +44,7 @@ import sys
 import time
 
 from .cpu_headline import add_arguments, five_gemms
-from .procmem import malloc_trim, reset_hwm, status_kb
+from .procmem import malloc_trim, must_reset_hwm, status_kb
 
 TAG = "@@NATIVE_CPU@@ "
 
@@ -113,7 +113,7 @@ def worker(args):
     x.grad = centres.grad = bias.grad = None
     gc.collect()
     malloc_trim()
-    reset_hwm()
+    must_reset_hwm()
     (rss0,) = status_kb("VmRSS")
     loss = step()
     (hwm,) = status_kb("VmHWM")

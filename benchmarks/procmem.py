@@ -38,3 +38,10 @@ def reset_hwm() -> bool:
         return False
     hwm, rss = status_kb("VmHWM", "VmRSS")
     return hwm is not None and rss is not None and hwm <= rss + 1024
+
+
+def must_reset_hwm() -> None:
+    """reset_hwm(), or stop: a peak read without the reset would include the set-up's."""
+    if not reset_hwm():
+        raise SystemExit("cannot reset the RSS high-water mark (/proc/self/clear_refs, Linux "
+                         "≥ 4.0): the peak would include the set-up's memory")

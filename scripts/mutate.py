@@ -96,7 +96,8 @@ def main() -> None:
     p.add_argument("--list", action="store_true")
     p.add_argument("--write", action="store_true", help="update docs/mutation.md's table")
     args = p.parse_args()
-    chosen = [m for m in load_mutants()
+    mutants = load_mutants()
+    chosen = [m for m in mutants
               if not args.only or any(m.id.startswith(o) for o in args.only)]
     if args.list:
         for m in chosen:
@@ -110,11 +111,11 @@ def main() -> None:
     killed = sum(v.startswith("killed") for _, v, _ in rows)
     print(f"\n{killed}/{len(rows)} killed")
     if args.write:
-        _write_table(ROOT / "docs" / "mutation.md", {m.id: v for m, v, _ in rows})
+        _write_table(ROOT / "docs" / "mutation.md", mutants, {m.id: v for m, v, _ in rows})
     sys.exit(0 if killed == len(rows) else 1)
 
 
-def _write_table(doc: Path, verdicts: dict[str, str]) -> None:
+def _write_table(doc: Path, mutants: list[Mutant], verdicts: dict[str, str]) -> None:
     """docs/mutation.md's table with these verdicts: the mutants run now replace their rows,
     the others keep the verdict the table had (so --only updates a part), in mutants.toml's
     order; a mutant no longer in mutants.toml drops out."""
@@ -127,7 +128,7 @@ def _write_table(doc: Path, verdicts: dict[str, str]) -> None:
             kept[cells[0]] = cells[3]
     kept.update(verdicts)
     table = ["| mutant | file | bug | verdict |", "|---|---|---|---|"]
-    listed = [(m, kept[m.id]) for m in load_mutants() if m.id in kept]
+    listed = [(m, kept[m.id]) for m in mutants if m.id in kept]
     table += [f"| {m.id} | `{m.file}` | {m.what} | {v} |" for m, v in listed]
     killed = sum(v.startswith("killed") for _, v in listed)
     doc.write_text(text[:start] + "<!-- table -->\n" + "\n".join(table) + "\n"
