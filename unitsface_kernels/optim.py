@@ -211,22 +211,17 @@ class SparseSGD(torch.optim.Optimizer):
                     # a dense gradient, or the first momentum step (SGD starts every row's
                     # momentum from that step's gradient): every row, now
                     lazy.catch_up(None)
-                    if p.grad.is_sparse:  # a dense copy of our own: updated in place
-                        self._update_rows(p, None, p.grad.to_dense(), state, *hyper, owned=True)
-                    else:
-                        self._update(p, None, p.grad, state, *hyper)
+                    owned = p.grad.is_sparse  # then its dense copy is ours: updated in place
+                    grad = p.grad.to_dense() if owned else p.grad
+                    self._update_rows(p, None, grad, state, *hyper, owned=owned)
                     lazy.base, lazy.history = lazy.step + 1, []
                     lazy.row_step.fill_(lazy.base)
         return loss
 
     @staticmethod
     def _update(p, rows, grad, state, lr, mu, dampening, lam, nesterov) -> None:
-        """torch.optim.SGD's update of `rows` of p (every row when None) with their gradient
-        values (row j of `grad` for rows[j]), block by block: gathered once, updated in place,
-        written back once."""
-        if rows is None:
-            SparseSGD._update_rows(p, None, grad, state, lr, mu, dampening, lam, nesterov)
-            return
+        """torch.optim.SGD's update of `rows` of p with their gradient values (row j of `grad`
+        for rows[j]), block by block: gathered once, updated in place, written back once."""
         start = 0
         for block in _row_blocks(rows, p):
             SparseSGD._update_rows(p, block, grad[start:start + len(block)], state, lr, mu,
@@ -236,7 +231,8 @@ class SparseSGD(torch.optim.Optimizer):
     @staticmethod
     def _update_rows(p, rows, grad, state, lr, mu, dampening, lam, nesterov,
                      owned=False) -> None:
-        """`owned`: grad is a temporary of this step, so it takes the weight decay in place
+        """torch.optim.SGD's update of `rows` of p (every row when None) with `grad`.
+        `owned`: grad is a temporary of this step, so it takes the weight decay in place
         and becomes the momentum buffer on the first step (torch.optim.SGD's values, bit for
         bit, without a second and third C × D tensor at a million classes)."""
         w = p if rows is None else p.index_select(0, rows)

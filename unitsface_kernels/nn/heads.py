@@ -373,12 +373,11 @@ class UniTSFaceHead(checkpoint.Official, Threshold, MemoryBank, FreshWeights):
     def _softmax_kw(self) -> dict:
         return dict(scale=self.scale, margin_arc=self.margin_arc, margin_cos=self.margin_cos,
                     arcface_grad=self.arcface_grad, easy_margin=self.easy_margin,
-                    backend=self.backend)
+                    sparse_grad=self.sparse_grad, backend=self.backend)
 
     def _uss_kw(self) -> dict:
         return dict(uss_margin=self.uss_margin, uss_form=self.uss_form,
-                    uss_weight=self.uss_weight, official_clamp=self.official_clamp,
-                    sparse_grad=self.sparse_grad)
+                    uss_weight=self.uss_weight, official_clamp=self.official_clamp)
 
     def forward(self, x: Tensor, labels: Tensor, with_uss: bool = True) -> Tensor:
         x, labels = checked_batch(self, x, labels)
@@ -394,12 +393,10 @@ class UniTSFaceHead(checkpoint.Official, Threshold, MemoryBank, FreshWeights):
         if not with_uss:
             with no_autocast(x.device):
                 if sharded:
-                    loss = distributed.margin_softmax_loss(
-                        x, weight, labels, self.shard, gathered=True,
-                        sparse_grad=self.sparse_grad, **common)
+                    loss = distributed.margin_softmax_loss(x, weight, labels, self.shard,
+                                                           gathered=True, **common)
                 else:
-                    loss = fused_margin_softmax_loss(x, weight, labels,
-                                                     sparse_grad=self.sparse_grad, **common)
+                    loss = fused_margin_softmax_loss(x, weight, labels, **common)
             loss = loss + 0.0 * self.bias.sum()  # b takes part (zero gradient): DDP-friendly
             return self._update_bank(x, labels, loss, ())
         bank, valid = self._bank_for_loss(x.dtype)

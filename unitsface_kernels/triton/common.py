@@ -397,10 +397,6 @@ def _override(name: str, dp: int, bk: int) -> LaunchConfig | None:
     return LaunchConfig(bm, bn, dp, dc, warps, stages, bk)
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def launch_config(d: int, device: torch.device, dtype: torch.dtype) -> LaunchConfig:
     """Tile sizes of the USS kernels for embedding width d. Hopper's wgmma needs 64-row
     blocks; full-width tiles must fit shared memory (x tile + two reference tiles per
@@ -413,7 +409,7 @@ def launch_config(d: int, device: torch.device, dtype: torch.dtype) -> LaunchCon
         # the tests' odd shapes (37 rows, 53 references) spanning several partial blocks;
         # chunking D (dc < dp when dp > 64) exercises the feature-chunk path too.
         return LaunchConfig(32, 32, dp, min(dp, 64), 4, 1, 0)
-    esize = _element_size(dtype)
+    esize = dtype.itemsize
     override = _override("UNITSFACE_TRITON_TILES", dp, 0)
     if override:
         return override
@@ -507,7 +503,7 @@ def fused_config(d: int, device: torch.device, dtype: torch.dtype) -> FusedConfi
         # partial), split-K slices that are empty in the last chunk, several feature tiles.
         t = GemmTiles(32, 32, 32, 4, 1)
         return FusedConfig(t, t, t, chunk=128, splits=2)
-    esize = _element_size(dtype)
+    esize = dtype.itemsize
     if esize == 2:
         bk = min(dp, 64)
         cos = GemmTiles(128, 128, bk, 8, 3)
@@ -538,7 +534,7 @@ memory: D ≤ 2048 for 2-byte dtypes, 1024 for fp32; wider ones belong to the na
 def check_width(d: int, dtype: torch.dtype, device: torch.device) -> None:
     """The shapes and dtypes the compiled kernels support (the interpreter runs any)."""
     dp = max(16, triton.next_power_of_2(d))
-    if dp * _element_size(dtype) > MAX_ROW_BYTES:
+    if dp * dtype.itemsize > MAX_ROW_BYTES:
         raise ValueError(f"the triton backend supports embeddings up to {MAX_ROW_BYTES} bytes "
                          f"per padded row; D={d} in {dtype} is wider: use backend='native'")
     if dtype == torch.float64 and device.type == "cuda":

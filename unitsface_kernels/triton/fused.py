@@ -438,7 +438,7 @@ def plan(b: int, n_cls: int, d: int, dtype: torch.dtype, device: torch.device, g
         if cfg.chunk:
             most = cfg.chunk
         else:
-            per_class = b * torch.empty((), dtype=dtype).element_size() * g_buffers
+            per_class = b * dtype.itemsize * g_buffers
             most = max(granule, cfg.chunk_bytes // per_class // granule * granule)
         n_chunks = triton.cdiv(n_cls, most)
         chunk = min(most, triton.cdiv(triton.cdiv(n_cls, n_chunks), granule) * granule)
