@@ -258,8 +258,10 @@ struct ChunkRows {
   bool stage_unit = false;
   at::Tensor raw_buf, unit_buf;  // [2, c, D] in X
 
-  ChunkRows(const Call& call, int64_t c, bool with_bank, bool products) {
-    stage_raw[0] = !call.in_place(call.centres, false);
+  // with_w / with_bank: the parts whose dots the sweep computes (a backward for a per-class
+  // ∂b alone reads no W row); products: the ∂x products read the rows too.
+  ChunkRows(const Call& call, int64_t c, bool with_w, bool with_bank, bool products) {
+    stage_raw[0] = with_w && !call.in_place(call.centres, false);
     stage_raw[1] = with_bank && !call.in_place(call.bank, call.bank_valid.defined());
     stage_unit = products && !call.fold;
     if (stage_raw[0] || stage_raw[1]) raw_buf = at::empty({2, c, call.D}, call.x.options());
@@ -350,7 +352,7 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
     acc_w = at::empty({std::max<int64_t>(ns, 1), B, D}, call.opts);
     if (call.has_bank) acc_b = at::empty({std::max<int64_t>(ns, 1), B, D}, call.opts);
   }
-  ChunkRows rows(call, plan.c, call.has_bank, row_grads);
+  ChunkRows rows(call, plan.c, /*with_w=*/true, call.has_bank, row_grads);
   cuda_sweep::ChunkArgs<T, X> a = chunk_args<T, X>(call, cols, plan, o, dots, tiles);
   a.state = mptr<T>(state);
   a.acc_w = mptr<T>(acc_w);
@@ -543,7 +545,7 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
     const at::Tensor dots = at::empty({parts, B, plan.c}, call.opts);
     const at::Tensor tiles = at::empty({parts, B, plan.c}, x.options());
     const at::Tensor q = need_dw ? at::empty({plan.c, D}, call.opts) : at::Tensor();
-    ChunkRows rows(call, plan.c, do_b, sweep_dx);
+    ChunkRows rows(call, plan.c, do_w, do_b, sweep_dx);
     cuda_sweep::ChunkArgs<T, X> a = chunk_args<T, X>(call, cols, plan, o, dots, tiles);
     a.go = cptr<T>(go);
     a.stats = cptr<T>(stats);

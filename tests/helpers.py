@@ -174,13 +174,15 @@ def check(case, backend, dtype=None, reduction="mean", **kw):
     return loss, grads
 
 
-def check_frozen_x(case, **kw):
-    """native against the float64 reference with x taking no gradient: the plain forward and
-    backward (no row_grads) for the unitsface family."""
+def check_frozen_x(case, frozen=("x",), **kw):
+    """native against the float64 reference with x (and the other inputs named in `frozen`)
+    taking no gradient: the plain forward and backward (no row_grads) for the unitsface
+    family."""
     def grads_of(c, backend):
         leaves = leaves_of(c)
-        leaves["x"] = leaves["x"].detach()
-        names = [k for k in grad_names(c) if k != "x"]
+        for k in frozen:
+            leaves[k] = leaves[k].detach()
+        names = [k for k in grad_names(c) if k not in frozen]
         loss = loss_of(leaves, backend, "none", **kw)
         weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)).to(loss)
         return loss.detach(), dict(zip(names, torch.autograd.grad((loss * weights).sum(),

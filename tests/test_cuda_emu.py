@@ -118,6 +118,14 @@ def test_frozen_x(form):
     check_frozen_x(case_of(sampled=True, seed=5), uss_form=form)
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_per_class_threshold_gradient_alone(form):
+    """Only a per-class b takes a gradient: the backward sweeps the bank part alone (no W row
+    staged through the index)."""
+    check_frozen_x(case_of(sampled=True, vector_bias=True, seed=6), frozen=("x", "centres"),
+                   uss_form=form)
+
+
 @pytest.mark.parametrize("margins", list(MARGINS))
 def test_margins(margins):
     check(case_of(sampled=True, seed=6), "native", **MARGINS[margins])
