@@ -35,12 +35,13 @@ struct UssOptions {
   bool lse;       // the log-sum-exp form (else "pairs")
   bool clamp;     // the official clamp of every softplus argument to [−s, s]
   bool in_batch;  // the reference set is the batch itself (pairs j ≠ i)
+  double eps;     // the normalisation eps: x̂ = x / max(‖x‖, eps)
 
   static UssOptions unpack(c10::ArrayRef<double> v) {
     using namespace options_detail;
-    check_count("UssOptions", v, 5);
+    check_count("UssOptions", v, 6);
     return {v[0], v[1], flag("UssOptions", v, 2), flag("UssOptions", v, 3),
-            flag("UssOptions", v, 4)};
+            flag("UssOptions", v, 4), v[5]};
   }
 };
 
@@ -56,17 +57,18 @@ struct UnitsfaceOptions {
   double uss_weight;              // λ
   bool uss_lse;
   bool uss_clamp;                 // the official clamp in the USS part
+  double eps;                     // the normalisation eps: x̂ = x / max(‖x‖, eps)
 
   static UnitsfaceOptions unpack(c10::ArrayRef<double> v) {
     using namespace options_detail;
     const char* what = "UnitsfaceOptions";
-    check_count(what, v, 9);
+    check_count(what, v, 10);
     return {v[0], v[1], v[2], flag(what, v, 3), flag(what, v, 4), v[5], v[6], flag(what, v, 7),
-            flag(what, v, 8)};
+            flag(what, v, 8), v[9]};
   }
 
   // The USS part's settings, as the USS family's ops take them (never in-batch).
-  UssOptions uss() const { return {scale, uss_margin, uss_lse, uss_clamp, false}; }
+  UssOptions uss() const { return {scale, uss_margin, uss_lse, uss_clamp, false, eps}; }
 };
 
 }  // namespace unitsface

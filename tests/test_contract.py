@@ -20,7 +20,7 @@ def _uss_args(backend_case, lse=True, in_batch=False):
     c = backend_case
     ref = c["x"] if in_batch else c["ref"]
     ref_labels = c["labels"] if in_batch else torch.arange(ref.shape[0])
-    packed = options.UssOptions(16.0, 0.1, lse, True, in_batch).pack()
+    packed = options.UssOptions(16.0, 0.1, lse, True, in_batch, 1e-5).pack()
     return (c["x"], ref, c["labels"], ref_labels, c["ref_valid"], c["bias"], packed)
 
 

@@ -183,7 +183,7 @@ def test_no_bxn_allocation(backend, form, mode):
 
         ref_t = x.detach() if mode == "inbatch" else ref.detach()
         ref_labels = case["labels"] if mode == "inbatch" else torch.arange(n)
-        opts = UssOptions(64.0, 0.1, form == "lse", False, mode == "inbatch").pack()
+        opts = UssOptions(64.0, 0.1, form == "lse", False, mode == "inbatch", 1e-5).pack()
         with LargestAllocation() as inner:
             rows, stats, nx, nr = uss_forward(x.detach(), ref_t, case["labels"], ref_labels,
                                               case["ref_valid"], bias.detach(), opts)

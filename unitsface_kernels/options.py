@@ -19,6 +19,9 @@ from dataclasses import astuple, dataclass, fields
 from . import validation as check
 
 FORMS = ("pairs", "lse")
+EPS = 1e-5
+"""The official heads' normalisation eps, max(‖x‖, 1e-5); insightface's PartialFC_V2 and
+pytorch-metric-learning normalise with F.normalize's 1e-12 (docs/design.md §1)."""
 REDUCTIONS = ("mean", "sum", "none")
 ARCFACE_GRADS = ("exact", "straight_through")
 
@@ -47,6 +50,7 @@ class UssOptions(_Packed):
     lse: bool            # the log-sum-exp form (else "pairs")
     clamp: bool          # the official clamp of every softplus argument to [−s, s]
     in_batch: bool       # the reference set is the batch itself (pairs j ≠ i)
+    eps: float           # the normalisation eps: x̂ = x / max(‖x‖, eps)
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class UnitsfaceOptions(_Packed):
     uss_weight: float               # λ
     uss_lse: bool
     uss_clamp: bool                 # the official clamp in the USS part
+    eps: float                      # the normalisation eps: x̂ = x / max(‖x‖, eps)
 
     @property
     def arc(self) -> bool:
@@ -71,22 +76,24 @@ class UnitsfaceOptions(_Packed):
 
 # ----------------------------------------------------------------------------- from arguments
 
-def uss_options(*, scale, margin, form, official_clamp, in_batch=False) -> UssOptions:
+def uss_options(*, scale, margin, form, official_clamp, in_batch=False,
+                eps=EPS) -> UssOptions:
     return UssOptions(check.scale(scale), check.cos_margin(margin, "margin"),
                       check.choice(form, FORMS, "form") == "lse",
-                      check.flag(official_clamp, "official_clamp"), bool(in_batch))
+                      check.flag(official_clamp, "official_clamp"), bool(in_batch),
+                      check.norm_eps(eps))
 
 
 def softmax_options(*, scale, margin_arc, margin_cos, arcface_grad,
-                    easy_margin) -> UnitsfaceOptions:
+                    easy_margin, eps=EPS) -> UnitsfaceOptions:
     """The margin softmax alone (no bank)."""
     return unitsface_options(scale=scale, margin_arc=margin_arc, margin_cos=margin_cos,
                              arcface_grad=arcface_grad, easy_margin=easy_margin, uss_margin=0.0,
-                             uss_form="pairs", uss_weight=0.0, official_clamp=False)
+                             uss_form="pairs", uss_weight=0.0, official_clamp=False, eps=eps)
 
 
 def unitsface_options(*, scale, margin_arc, margin_cos, arcface_grad, easy_margin, uss_margin,
-                      uss_form, uss_weight, official_clamp) -> UnitsfaceOptions:
+                      uss_form, uss_weight, official_clamp, eps=EPS) -> UnitsfaceOptions:
     margin_arc = check.finite(margin_arc, "margin_arc")
     if not 0.0 <= margin_arc < math.pi:
         raise ValueError(f"margin_arc must lie in [0, π), got {margin_arc!r}")
@@ -96,4 +103,4 @@ def unitsface_options(*, scale, margin_arc, margin_cos, arcface_grad, easy_margi
         check.flag(easy_margin, "easy_margin"), check.cos_margin(uss_margin, "uss_margin"),
         check.non_negative(uss_weight, "uss_weight"),
         check.choice(uss_form, FORMS, "uss_form") == "lse",
-        check.flag(official_clamp, "official_clamp"))
+        check.flag(official_clamp, "official_clamp"), check.norm_eps(eps))

@@ -66,6 +66,14 @@ def non_negative(value, name: str) -> float:
     return value
 
 
+def norm_eps(value, name: str = "eps") -> float:
+    """The normalisation eps of max(‖x‖, eps): finite, in (0, 1]."""
+    value = finite(value, name)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must lie in (0, 1], got {value!r}")
+    return value
+
+
 def rate(value, name: str = "sample_rate") -> float:
     """A sampling rate in (0, 1]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
