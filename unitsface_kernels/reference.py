@@ -25,10 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .options import UnitsfaceOptions, UssOptions
+from .options import EPS, UnitsfaceOptions, UssOptions
 
-EPS = 1e-5
-"""The normalisation eps of F.normalize(·, eps=1e-5), as in the official code."""
 
 
 # ============================================================================ formulas
@@ -39,9 +37,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def normalize(t: torch.Tensor) -> torch.Tensor:
-    """t / max(||t||, 1e-5) row-wise, in the compute dtype."""
-    return F.normalize(t.to(compute_dtype(t.dtype)), dim=-1, eps=EPS)
+def normalize(t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """t / max(||t||, eps) row-wise, in the compute dtype (eps: the options' normalisation eps,
+    1e-5 by default as in the official code)."""
+    return F.normalize(t.to(compute_dtype(t.dtype)), dim=-1, eps=eps)
 
 
 def softplus(z: torch.Tensor) -> torch.Tensor:
@@ -192,7 +191,7 @@ def uss_masks(labels, ref_labels, ref_valid, in_batch: bool):
     return pos, ~same & valid
 
 
-def _reference_set(x, labels, ref, ref_labels, ref_valid):
+def _reference_set(x, labels, ref, ref_labels, ref_valid, eps=EPS):
     """(r̂, l, v, in_batch) with the defaults of docs/design.md §1.1: ref=None → the batch
     itself, ref_labels=None → l_j = j (a memory bank, one row per class), ref_valid=None →
     all valid."""
@@ -204,11 +203,12 @@ def _reference_set(x, labels, ref, ref_labels, ref_valid):
             ref_labels = torch.arange(ref.shape[0], device=ref.device)
     if ref_valid is None:
         ref_valid = torch.ones(ref.shape[0], dtype=torch.bool, device=ref.device)
-    return normalize(readable_rows(ref, ref_valid, x.dtype)), ref_labels, ref_valid, in_batch
+    return (normalize(readable_rows(ref, ref_valid, x.dtype), eps), ref_labels, ref_valid,
+            in_batch)
 
 
 def uss_rows(x, labels, bias, ref=None, ref_labels=None, ref_valid=None, *,
-             scale=64.0, margin=0.1, form="pairs", official_clamp=False):
+             scale=64.0, margin=0.1, form="pairs", official_clamp=False, eps=EPS):
     """Per-row USS loss L_i (docs/design.md §1.1).
 
     pairs: L_i = Σ_{P_i} softplus(b_j − s(cos_ij − m)) + Σ_{N_i} softplus(s·cos_ij − b_j)
@@ -217,8 +217,9 @@ def uss_rows(x, labels, bias, ref=None, ref_labels=None, ref_valid=None, *,
     the two logsumexps for "lse"); an empty set contributes 0.
     ``bias`` is a scalar b (numel 1) or one b_j per reference row (numel N).
     """
-    xh = normalize(x)
-    rh, ref_labels, ref_valid, in_batch = _reference_set(x, labels, ref, ref_labels, ref_valid)
+    xh = normalize(x, eps)
+    rh, ref_labels, ref_valid, in_batch = _reference_set(x, labels, ref, ref_labels, ref_valid,
+                                                         eps)
     z_pos, z_neg = uss_z(xh @ rh.T, bias, scale, margin)
     pos, neg = uss_masks(labels, ref_labels, ref_valid, in_batch)
     if form == "pairs":
@@ -230,20 +231,23 @@ def uss_rows(x, labels, bias, ref=None, ref_labels=None, ref_valid=None, *,
 
 
 def uss_loss(x, labels, bias, ref=None, ref_labels=None, ref_valid=None, *,
-             scale=64.0, margin=0.1, form="pairs", official_clamp=False, reduction="mean"):
+             scale=64.0, margin=0.1, form="pairs", official_clamp=False, reduction="mean",
+             eps=EPS):
     """USS loss with a reduction over rows; see :func:`uss_rows`."""
     rows = uss_rows(x, labels, bias, ref, ref_labels, ref_valid, scale=scale, margin=margin,
-                    form=form, official_clamp=official_clamp)
+                    form=form, official_clamp=official_clamp, eps=eps)
     return reduce_rows(rows, reduction)
 
 
-def uss_bias_init(x, labels, ref=None, ref_labels=None, ref_valid=None, *, scale=64.0):
+def uss_bias_init(x, labels, ref=None, ref_labels=None, ref_valid=None, *, scale=64.0,
+                  eps=EPS):
     """The official data-dependent initial threshold: b₀ = mean_i logsumexp_{j∈N_i}(s·cos_ij),
     averaged over the rows that have at least one negative (NaN when none has; a detached
     scalar)."""
     with torch.no_grad():
-        xh = normalize(x)
-        rh, ref_labels, ref_valid, in_batch = _reference_set(x, labels, ref, ref_labels, ref_valid)
+        xh = normalize(x, eps)
+        rh, ref_labels, ref_valid, in_batch = _reference_set(x, labels, ref, ref_labels,
+                                                             ref_valid, eps)
         _, neg = uss_masks(labels, ref_labels, ref_valid, in_batch)
         return mean_of_finite(masked_logsumexp(scale * (xh @ rh.T), neg))
 
@@ -257,13 +261,14 @@ def mean_of_finite(stat: torch.Tensor) -> torch.Tensor:
 
 
 def margin_softmax_rows(x, centres, labels, *, scale=64.0, margin_arc=0.0, margin_cos=0.4,
-                        arcface_grad="exact", easy_margin=False, index=None, sparse_grad=False):
+                        arcface_grad="exact", easy_margin=False, index=None, sparse_grad=False,
+                        eps=EPS):
     """Per-row CosFace/ArcFace softmax loss (docs/design.md §1.2) over all classes or over the
     partial-FC index S: L_i = logsumexp_c z_ic − z_{i,y_i}, z_ic = s·cos_ic (c ≠ y_i),
     z_iy = s·f(cos_iy) (:func:`target_logit`), cos clamped to [−1, 1]."""
     w = readable_rows(class_rows(centres, index, sparse_grad), None, x.dtype)
     local = labels if index is None else torch.searchsorted(index, labels)
-    cos = (normalize(x) @ normalize(w).T).clamp(-1.0, 1.0)
+    cos = (normalize(x, eps) @ normalize(w, eps).T).clamp(-1.0, 1.0)
     target = target_logit(cos.gather(1, local[:, None]), margin_arc, margin_cos,
                           straight_through=arcface_grad == "straight_through",
                           easy_margin=easy_margin)
@@ -279,19 +284,20 @@ def margin_softmax_loss(x, centres, labels, *, reduction="mean", **kw):
 def unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, index=None, scale=64.0,
                    margin_arc=0.0, margin_cos=0.4, arcface_grad="exact", easy_margin=False,
                    uss_margin=0.1, uss_form="pairs", uss_weight=1.0, official_clamp=False,
-                   reduction="mean", sparse_grad=False):
+                   reduction="mean", sparse_grad=False, eps=EPS):
     """The UniTSFace objective (docs/design.md §1.3): per row,
     L_i = L_softmax,i(x; W, margins) + λ·L_uss,i(x; bank, b), both over the same classes
     (all of them, or the partial-FC index S; the bank row of class c has label c)."""
     soft = margin_softmax_rows(x, centres, labels, scale=scale, margin_arc=margin_arc,
                                margin_cos=margin_cos, arcface_grad=arcface_grad,
-                               easy_margin=easy_margin, index=index, sparse_grad=sparse_grad)
+                               easy_margin=easy_margin, index=index, sparse_grad=sparse_grad,
+                               eps=eps)
     classes = torch.arange(bank.shape[0], device=bank.device) if index is None else index
     valid = bank_valid if bank_valid is not None else torch.ones(
         bank.shape[0], dtype=torch.bool, device=bank.device)
     bias_rows = bias if (index is None or bias.numel() == 1) else bias.reshape(-1)[index]
     uss = uss_rows(x, labels, bias_rows, bank[classes], classes, valid[classes], scale=scale,
-                   margin=uss_margin, form=uss_form, official_clamp=official_clamp)
+                   margin=uss_margin, form=uss_form, official_clamp=official_clamp, eps=eps)
     return reduce_rows(soft + uss_weight * uss, reduction)
 
 
@@ -326,8 +332,9 @@ def bank_update_(bank, bank_valid, x, labels):
 def _class_tiles(x, centres, bank, labels, index, bank_valid, bias, o: UnitsfaceOptions):
     """Eager logits of the classes S: z (softmax), the target mask, and USS (pos, neg, z⁺, z⁻)."""
     classes = torch.arange(centres.shape[0], device=x.device) if index is None else index
-    xh = normalize(x)
-    cos = (xh @ normalize(readable_rows(centres[classes], None, x.dtype)).T).clamp(-1.0, 1.0)
+    xh = normalize(x, o.eps)
+    cos = (xh @ normalize(readable_rows(centres[classes], None, x.dtype), o.eps).T).clamp(-1.0,
+                                                                                         1.0)
     is_t = labels[:, None] == classes[None, :]
     f = target_logit(cos, o.margin_arc, o.margin_cos, straight_through=o.arcface_straight_through,
                      easy_margin=o.easy_margin)
@@ -336,7 +343,7 @@ def _class_tiles(x, centres, bank, labels, index, bank_valid, bias, o: Unitsface
     if bank is not None:
         valid = (torch.ones_like(classes, dtype=torch.bool) if bank_valid is None
                  else bank_valid[classes])
-        cos_b = xh @ normalize(readable_rows(bank[classes], valid, x.dtype)).T
+        cos_b = xh @ normalize(readable_rows(bank[classes], valid, x.dtype), o.eps).T
         b = bias.reshape(-1)
         z_pos, z_neg = uss_z(cos_b, b if b.numel() == 1 else b[classes], o.scale, o.uss_margin)
         uss = (is_t & valid[None, :], ~is_t & valid[None, :], z_pos, z_neg)
@@ -426,7 +433,7 @@ def uss_fwd(x, ref, labels, ref_labels, ref_valid, bias, options):
     """Eager uss_fwd (reference rows with their own labels): (rows, stats [4, B], ||x||, ||r||)."""
     o = UssOptions.unpack(options)
     valid = torch.ones_like(ref_labels, dtype=torch.bool) if ref_valid is None else ref_valid
-    cos = normalize(x) @ normalize(readable_rows(ref, valid, x.dtype)).T
+    cos = normalize(x, o.eps) @ normalize(readable_rows(ref, valid, x.dtype), o.eps).T
     pos, neg = uss_masks(labels, ref_labels, valid, o.in_batch)
     rows, stats = _uss_stats(pos, neg, *uss_z(cos, bias, o.scale, o.margin), o.lse, o.clamp,
                              o.scale)
@@ -441,8 +448,8 @@ def uss_bwd(grad_rows, x, ref, labels, ref_labels, ref_valid, bias, stats, nx, n
     valid = torch.ones_like(ref_labels, dtype=torch.bool) if ref_valid is None else ref_valid
     with torch.enable_grad():
         xv, bv = _leaf(x, needs[0]), _leaf(bias, needs[2])
-        cos = normalize(xv if xv is not None else x) @ normalize(readable_rows(ref, valid,
-                                                                                x.dtype)).T
+        cos = (normalize(xv if xv is not None else x, o.eps)
+               @ normalize(readable_rows(ref, valid, x.dtype), o.eps).T)
         pos, neg = uss_masks(labels, ref_labels, valid, o.in_batch)
         z_pos, z_neg = uss_z(cos, bv if bv is not None else bias, o.scale, o.margin)
         row = _uss_surrogate(pos, neg, z_pos, z_neg, stats.to(z_pos.dtype), o.lse, o.clamp,
