@@ -184,7 +184,8 @@ def initial_threshold(x, labels, bank, index, rows: int = 64) -> float:
     and reference (unclamped) formulas agree."""
     classes = torch.arange(bank.shape[0], device=bank.device) if index is None else index
     rows_b = bank if index is None else bank[index]
-    b0 = reference.uss_bias_init(x[:rows].detach(), labels[:rows], rows_b, classes, scale=SCALE)
+    b0 = reference.eager_uss_bias_init(x[:rows].detach(), labels[:rows], rows_b, classes,
+                                       scale=SCALE)
     return float(b0)
 
 

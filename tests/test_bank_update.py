@@ -80,12 +80,12 @@ def test_matches_loop(device, bank_dtype, x_dtype, call):
 
 
 def test_matches_the_reference(device):
-    """The op and reference.bank_update_ (the fallback without the extension) agree."""
+    """The op and reference.eager_bank_update_ (the fallback without the extension) agree."""
     bank, bank_valid, x, labels = make_inputs(device)
     x[[0, 5]] *= 1e-7  # below the eps: stored as they are
     x[7, 3] = float("nan")
     want_bank, want_valid = bank.clone(), bank_valid.clone()
-    reference.bank_update_(want_bank, want_valid, x, labels)
+    reference.eager_bank_update_(want_bank, want_valid, x, labels)
     OP(bank, bank_valid, x, labels)
     torch.testing.assert_close(bank, want_bank, **TOL[torch.float32], equal_nan=True)
     assert torch.equal(bank_valid, want_valid)

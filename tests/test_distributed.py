@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 
 from unitsface_kernels import (contract, fused_margin_softmax_loss, fused_unitsface_loss,
                                fused_uss_loss, native, options, reference)
+from unitsface_kernels.layouts import UnitsfaceStat
 from unitsface_kernels.distributed import ClassShard, split_classes
 from unitsface_kernels.nn import PartialFC, SampleToSampleBCE, UniTSFaceHead, USSLoss
 from unitsface_kernels.optim import SparseSGD
@@ -439,8 +440,8 @@ def test_head_partial_fc_bias_init_and_bank(run):
         assert bool((h["dw"][sampled].abs().sum(1) > 0).all())
     index = torch.cat([h["index"] for h in heads])
     # b was initialised from the data, identically on every rank
-    b0 = reference.uss_bias_init(data["x"], labels, data["bank"][index], index,
-                                 data["valid"][index], scale=64.0)
+    b0 = reference.eager_uss_bias_init(data["x"], labels, data["bank"][index], index,
+                                       data["valid"][index], scale=64.0)
     for h in heads:
         torch.testing.assert_close(h["b0"], b0.reshape(1), **TOL)
     x = data["x"].clone().requires_grad_()
@@ -457,7 +458,7 @@ def test_head_partial_fc_bias_init_and_bank(run):
     torch.testing.assert_close(torch.cat([h["dw"] for h in heads]), w.grad, **TOL)
     # every shard wrote its rows of the bank from the gathered batch (last occurrence wins)
     bank, valid = data["bank"].clone(), data["valid"].clone()
-    reference.bank_update_(bank, valid, data["x"], labels)
+    reference.eager_bank_update_(bank, valid, data["x"], labels)
     torch.testing.assert_close(torch.cat([h["bank"] for h in heads]), bank, **TOL)
     assert torch.equal(torch.cat([h["valid"] for h in heads]), valid)
 
@@ -478,7 +479,7 @@ def test_partial_fc_and_uss_modules(run):
         torch.testing.assert_close(got["dx"], world * want["dx"][r * B:(r + 1) * B], **TOL)
         torch.testing.assert_close(got["db"], want["db"], **TOL)
     bank, valid = data["bank"].clone(), data["valid"].clone()
-    reference.bank_update_(bank, valid, data["x"], data["labels"])
+    reference.eager_bank_update_(bank, valid, data["x"], data["labels"])
     torch.testing.assert_close(torch.cat([res["modules"]["uss_module"]["bank"] for res in ranks]),
                                bank, **TOL)
 
@@ -487,7 +488,7 @@ def test_sample_to_sample_bce_module(run):
     """Every rank shifts its rows' thresholds by the same global b₀ and reports the global loss
     of the official per-row-threshold BCE."""
     _, data, ranks = run
-    b0 = reference.uss_bias_init(data["x"], data["labels"], data["bank"], None, data["valid"])
+    b0 = reference.eager_uss_bias_init(data["x"], data["labels"], data["bank"], None, data["valid"])
     bias = torch.cat([res["modules"]["s2s_bce"]["bias"] for res in ranks])
     torch.testing.assert_close(bias, torch.full((C,), float(b0), dtype=torch.float64), **TOL)
     want = reference.uss_loss(data["x"], data["labels"], bias, data["bank"], None, data["valid"],
@@ -539,19 +540,20 @@ def test_label_of_another_shard_has_no_target(backend):
     opts = options.unitsface_options(scale=16.0, margin_arc=0.0, margin_cos=0.4,
                                      arcface_grad="exact", easy_margin=False, uss_margin=0.1,
                                      uss_form="lse", uss_weight=1.0, official_clamp=False)
+    S = UnitsfaceStat
     fwd = contract.forward_op("unitsface", backend)
     rows, stats, *_ = fwd(x, w, bank, labels, None, None, torch.tensor(5.0, dtype=x.dtype),
                           opts.pack(), False)
     cos = reference.normalize(x) @ reference.normalize(w).T
     z = 16.0 * torch.where(labels[:, None] == torch.arange(37), cos - 0.4, cos)
-    torch.testing.assert_close(stats[0], torch.logsumexp(z, 1), **TOL)
+    torch.testing.assert_close(stats[S.LSE], torch.logsumexp(z, 1), **TOL)
     target = torch.where(labels >= 0, z.gather(1, labels.clamp_min(0)[:, None])[:, 0], 0.0)
-    torch.testing.assert_close(stats[5], target, **TOL)
+    torch.testing.assert_close(stats[S.TARGET], target, **TOL)
     cos_b = reference.normalize(x) @ reference.normalize(bank).T
     neg = torch.logsumexp(torch.where(labels[:, None] == torch.arange(37), -torch.inf,
                                       16.0 * cos_b - 5.0), 1)
-    torch.testing.assert_close(stats[3], neg, **TOL)
-    assert bool((stats[1][labels < 0] == -torch.inf).all())  # no positive
+    torch.testing.assert_close(stats[S.USS_B], neg, **TOL)
+    assert bool((stats[S.USS_A][labels < 0] == -torch.inf).all())  # no positive
 
 
 def test_mismatched_inputs_raise_on_every_rank(run):

@@ -86,8 +86,8 @@ def test_bank_dtype_and_reset():
 def test_bias_initialised_from_data():
     head = filled_head(backend="reference")
     x, labels = batch()
-    want = reference.uss_bias_init(x, labels, head.bank.clone(), None, head.bank_valid.clone(),
-                                   scale=64.0)
+    want = reference.eager_uss_bias_init(x, labels, head.bank.clone(), None,
+                                         head.bank_valid.clone(), scale=64.0)
     assert uss_bias_init(x, labels, head.bank, None, head.bank_valid,
                          backend="reference") == pytest.approx(float(want))
     head(x, labels)
@@ -103,7 +103,7 @@ def test_bias_init_with_partial_fc_uses_the_sampled_classes():
     x, labels = batch(C=40)
     torch.manual_seed(3)
     index = sample_classes(labels, 40, 10)
-    want = reference.uss_bias_init(x, labels, head.bank[index], index, head.bank_valid[index])
+    want = reference.eager_uss_bias_init(x, labels, head.bank[index], index, head.bank_valid[index])
     torch.manual_seed(3)
     head(x, labels)
     assert head.bias.item() == pytest.approx(float(want), rel=1e-6)
@@ -264,7 +264,7 @@ def test_uss_loss_inbatch_matches_functional(backend):
     assert not hasattr(mod, "bank")
     x, labels = batch(B=10, C=4)
     x.requires_grad_(True)
-    b0 = reference.uss_bias_init(x.detach(), labels)
+    b0 = reference.eager_uss_bias_init(x.detach(), labels)
     loss = mod(x, labels)
     assert mod.bias.item() == pytest.approx(b0.item(), rel=1e-5)
     x2 = x.detach().clone().requires_grad_(True)
@@ -458,11 +458,11 @@ def test_two_forwards_before_one_backward(backend):
     total = head(x1, y1) + head(x2, y2)
     total.backward()
     bank1, valid1 = bank0.clone(), valid0.clone()
-    reference.bank_update_(bank1, valid1, x1.detach(), y1)
+    reference.eager_bank_update_(bank1, valid1, x1.detach(), y1)
     _, g1, _, _ = _head_reference(head, x1, y1, bank0, valid0, head.bias)
     _, g2, _, _ = _head_reference(head, x2, y2, bank1, valid1, head.bias)
     assert rel_err(x1.grad, g1) < 1e-4 and rel_err(x2.grad, g2) < 1e-4
-    reference.bank_update_(bank1, valid1, x2.detach(), y2)
+    reference.eager_bank_update_(bank1, valid1, x2.detach(), y2)
     torch.testing.assert_close(head.bank, bank1)
 
 

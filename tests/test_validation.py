@@ -268,7 +268,7 @@ def test_bank_rule_zero_tiny_and_non_finite_rows(update):
     (zero included), a non-finite one is not."""
     from unitsface_kernels import reference
 
-    fn = bank_update_ if update == "public" else reference.bank_update_
+    fn = bank_update_ if update == "public" else reference.eager_bank_update_
     bank, valid = torch.ones(4, 3), torch.zeros(4, dtype=torch.bool)
     x = torch.tensor([[0.0, 0.0, 0.0], [3e-6, 0.0, 4e-6], [1.0, math.nan, 0.0], [0.0, 2.0, 0.0]])
     fn(bank, valid, x, torch.arange(4))
@@ -292,6 +292,6 @@ def test_native_and_reference_bank_updates_agree():
         a = (torch.zeros(30, 8, dtype=dtype), torch.zeros(30, dtype=torch.bool))
         b = (torch.zeros(30, 8, dtype=dtype), torch.zeros(30, dtype=torch.bool))
         bank_update_(*a, x, labels)
-        reference.bank_update_(*b, x, labels)
+        reference.eager_bank_update_(*b, x, labels)
         torch.testing.assert_close(a[0], b[0], equal_nan=True, rtol=0, atol=0)
         assert torch.equal(a[1], b[1])

@@ -54,12 +54,17 @@ def bank_update_(bank, bank_valid, x, labels):
     extension is built, else the eager reference (same result). Every check runs before
     anything is written."""
     labels = check_update_args(bank, bank_valid, x, labels)
-    x = x.detach()
+    return update_rows(bank, bank_valid, x.detach(), labels)
+
+
+def update_rows(bank, bank_valid, x, labels):
+    """:func:`bank_update_` of checked arguments (int64 labels in range, x detached): what
+    the modules call with the batch they checked."""
     if native.has_op("bank_update_", bank.device.type):
         torch.ops.unitsface.bank_update_(bank, bank_valid, x.contiguous(), labels)
         # A C++ op does not bump the version counters of what it writes: without this, a loss
         # that saved the bank for its backward would silently use the updated rows.
         torch.autograd.graph.increment_version([bank, bank_valid])
     elif check.values_readable(bank, bank_valid, x, labels):  # meta tensors: nothing to write
-        reference.bank_update_(bank, bank_valid, x, labels)
+        reference.eager_bank_update_(bank, bank_valid, x, labels)
     return bank

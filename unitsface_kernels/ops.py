@@ -3,6 +3,12 @@
 The maths is docs/design.md §1; :mod:`unitsface_kernels.reference` states it in eager
 PyTorch and :mod:`unitsface_kernels.contract` wires the fused kernels into autograd. With
 ``shard=`` the class-parallel versions of :mod:`unitsface_kernels.distributed` run instead.
+
+Each public function checks its arguments, builds its op family's settings object
+(:mod:`.options`) and resolves its backend once, then calls the internal entry of the family
+— :func:`run_uss`, :func:`run_threshold_init`, :func:`run_unitsface` — which checks nothing
+and goes straight to a backend. The modules (:mod:`unitsface_kernels.nn`) call those entries
+directly with the settings object they built and the batch they checked.
 """
 
 from __future__ import annotations
@@ -12,11 +18,81 @@ import torch
 from . import backends, contract, distributed, options, reference
 from . import validation as check
 from .bank import bank_update_  # noqa: F401  (public name)
+from .layouts import UssStat
+from .options import EPS, UnitsfaceOptions, UssOptions
 from .sampling import sample_classes  # noqa: F401  (public name)
 
 
+# ----------------------------------------------------------------------------- internal entries
+
+def run_uss(o: UssOptions, x, labels, bias, ref, ref_labels, ref_valid, *, backend: str,
+            reduction: str = "mean"):
+    """The USS loss of checked inputs on a resolved backend. ``o.in_batch``: the batch is
+    its own reference set (``ref``, ``ref_labels`` unused); else ``ref_labels=None`` means
+    bank row c holds class c."""
+    if backend == "reference":
+        rows = reference.uss_rows(x, labels, bias, None if o.in_batch else ref,
+                                  None if o.in_batch else ref_labels, ref_valid, **o.keywords())
+    else:
+        ref, ref_labels = _reference_set(o, x, labels, ref, ref_labels)
+        rows = contract.forward_op("uss", backend)(x, ref, labels, ref_labels, ref_valid, bias,
+                                                   o.pack())[0]
+    return reference.reduce_rows(rows.to(reference.compute_dtype(x.dtype)), reduction)
+
+
+@torch.no_grad()
+def run_threshold_init(o: UssOptions, x, labels, ref, ref_labels, ref_valid, *, backend: str):
+    """b₀ (see :func:`uss_bias_init`) of checked inputs on a resolved backend, with the scale,
+    eps and reference set of the loss settings ``o``."""
+    if backend == "reference":
+        return reference.eager_uss_bias_init(x, labels, None if o.in_batch else ref,
+                                             None if o.in_batch else ref_labels, ref_valid,
+                                             scale=o.scale, eps=o.eps)
+    ref, ref_labels = _reference_set(o, x, labels, ref, ref_labels)
+    zero = torch.zeros((), dtype=reference.compute_dtype(x.dtype), device=x.device)
+    stats = contract.forward_op("uss", backend)(x, ref, labels, ref_labels, ref_valid, zero,
+                                                o.threshold_init().pack())[1]
+    return reference.mean_of_finite(stats[UssStat.B])
+
+
+def run_unitsface(o: UnitsfaceOptions, x, labels, centres, bank, bias, *, bank_valid, index,
+                  sparse_grad: bool, backend: str, reduction: str = "mean"):
+    """The unitsface family of checked inputs on a resolved backend: the margin softmax over
+    the classes (of ``index``), plus λ·USS on their bank rows when ``bank`` is given."""
+    if backend == "reference":
+        if bank is None:
+            rows = reference.margin_softmax_rows(x, centres, labels, index=index,
+                                                 sparse_grad=sparse_grad,
+                                                 **o.keywords(uss=False))
+        else:
+            rows = reference.unitsface_loss(x, labels, centres, bank, bias,
+                                            bank_valid=bank_valid, index=index,
+                                            reduction="none", sparse_grad=sparse_grad,
+                                            **o.keywords())
+    else:
+        row_grads = contract.wants_row_grads("unitsface", backend, x,
+                                             uss_pairs=bank is not None and not o.uss_lse)
+        rows = contract.forward_op("unitsface", backend)(x, centres, bank, labels, index,
+                                                         bank_valid, bias, o.pack(), row_grads,
+                                                         sparse_grad)[0]
+    return reference.reduce_rows(rows.to(reference.compute_dtype(x.dtype)), reduction)
+
+
+def _reference_set(o: UssOptions, x, labels, ref, ref_labels):
+    """The fused ops' explicit reference set: the batch itself (in-batch), or ref with its
+    labels (l_j = j for a memory bank)."""
+    if o.in_batch:
+        return x, labels
+    if ref_labels is None:
+        ref_labels = torch.arange(ref.shape[0], device=x.device)
+    return ref, ref_labels
+
+
+# ----------------------------------------------------------------------------- checks
+
 def _uss_inputs(x, labels, bias, ref, ref_labels, ref_valid):
-    """Checked (x, labels, ref, ref_labels, ref_valid, bias, in_batch, value checks)."""
+    """Checked (x, labels, ref, ref_labels, ref_valid, bias, value checks); ref=None stays
+    None (in-batch pairs), ref_labels=None stays None (a memory bank)."""
     x = check.embeddings(x)
     labels = check.labels(labels, x.shape[0], x.device)
     values = check.ValueChecks()
@@ -24,25 +100,38 @@ def _uss_inputs(x, labels, bias, ref, ref_labels, ref_valid):
         if ref_labels is not None or ref_valid is not None:
             raise ValueError("ref_labels and ref_valid need ref: with ref=None the batch is its "
                              "own reference set (in-batch pairs)")
-        ref, ref_labels, in_batch = x, labels, True
     else:
         ref = check.reference_rows(ref, x, "ref")
-        in_batch = False
         if ref_labels is None:
             values.label_range(labels, ref.shape[0], "labels",
                                "memory-bank mode: bank row c holds class c")
-            ref_labels = torch.arange(ref.shape[0], device=x.device)
         else:
             ref_labels = check.labels(ref_labels, ref.shape[0], x.device, "ref_labels")
+    n = x.shape[0] if ref is None else ref.shape[0]
     if ref_valid is not None:
-        ref_valid = check.mask(ref_valid, ref.shape[0], x.device, "ref_valid")
-    bias = check.bias(bias, ref.shape[0], x)
-    return x, labels, ref, ref_labels, ref_valid, bias, in_batch, values
+        ref_valid = check.mask(ref_valid, n, x.device, "ref_valid")
+    bias = check.bias(bias, n, x)
+    return x, labels, ref, ref_labels, ref_valid, bias, values
 
+
+def _class_inputs(x, centres, labels, index):
+    """Checked (x, centres, labels, index, value checks) for the class-centre losses."""
+    x = check.embeddings(x)
+    centres = check.reference_rows(centres, x, "centres")
+    labels = check.labels(labels, x.shape[0], x.device)
+    values = check.ValueChecks()
+    values.label_range(labels, centres.shape[0], "labels", "class ids of the centres")
+    if index is not None:
+        index = check.index_tensor(index, x.device)
+        values.index(index, centres.shape[0], labels)
+    return x, centres, labels, index, values
+
+
+# ----------------------------------------------------------------------------- public
 
 def fused_uss_loss(x, labels, bias, ref=None, ref_labels=None, ref_valid=None, *, scale=64.0,
                    margin=0.1, form="pairs", official_clamp=False, reduction="mean",
-                   backend="auto", shard=None):
+                   backend="auto", shard=None, eps=EPS):
     """The unified-threshold sample-to-sample loss (docs/design.md §1.1) without a B×N matrix.
 
     pairs: L_i = Σ_{P_i} softplus(b − s(cos_ij − m)) + Σ_{N_i} softplus(s·cos_ij − b)
@@ -60,6 +149,8 @@ def fused_uss_loss(x, labels, bias, ref=None, ref_labels=None, ref_valid=None, *
         scale: s > 0. margin: m in [−1, 1], the positive margin. form: "pairs" (official)
             or "lse".
         official_clamp: clamp each softplus argument to [−s, s] as the official code does.
+        eps: the normalisation eps, x̂ = x / max(‖x‖, eps), in (0, 1] (the official 1e-5;
+            F.normalize's default is 1e-12).
         reduction: "mean" over rows, "sum", or "none" (per-row losses).
         backend: "auto", "triton", "native" or "reference".
         shard: a :class:`~unitsface_kernels.distributed.ClassShard` for class-parallel
@@ -77,77 +168,42 @@ def fused_uss_loss(x, labels, bias, ref=None, ref_labels=None, ref_valid=None, *
         return distributed.uss_loss(x, labels, bias, ref, shard, bank_valid=ref_valid,
                                     scale=scale, margin=margin, form=form,
                                     official_clamp=official_clamp, reduction=reduction,
-                                    backend=backend)
+                                    backend=backend, eps=eps)
     check.choice(reduction, options.REDUCTIONS, "reduction")
-    opts = options.uss_options(scale=scale, margin=margin, form=form,
-                               official_clamp=official_clamp, in_batch=ref is None)
-    x, labels, ref, ref_labels, ref_valid, bias, in_batch, values = _uss_inputs(
+    o = options.uss_options(scale=scale, margin=margin, form=form,
+                            official_clamp=official_clamp, in_batch=ref is None, eps=eps)
+    x, labels, ref, ref_labels, ref_valid, bias, values = _uss_inputs(
         x, labels, bias, ref, ref_labels, ref_valid)
     backend = backends.resolve(backend, x.device, "uss")
     values.run()
-    if backend == "reference":
-        rows = reference.uss_rows(x, labels, bias, None if in_batch else ref,
-                                  None if in_batch else ref_labels, ref_valid, scale=opts.scale,
-                                  margin=opts.margin, form=form, official_clamp=opts.clamp)
-    else:
-        rows = contract.forward_op("uss", backend)(x, ref, labels, ref_labels, ref_valid, bias,
-                                                   opts.pack())[0]
-    return reference.reduce_rows(rows.to(reference.compute_dtype(x.dtype)), reduction)
+    return run_uss(o, x, labels, bias, ref, ref_labels, ref_valid, backend=backend,
+                   reduction=reduction)
 
 
-@torch.no_grad()
 def uss_bias_init(x, labels, ref=None, ref_labels=None, ref_valid=None, *, scale=64.0,
-                  backend="auto"):
+                  backend="auto", eps=EPS):
     """The official data-dependent initial threshold (docs/design.md §1.1), detached:
 
         b₀ = mean_i logsumexp_{j ∈ N_i}(s·cos_ij)
 
-    over the rows that have at least one negative (NaN when none has). The fused backends
-    get it from the lse-form forward pass with b = 0 and m = 0, whose negative statistic is
-    exactly logsumexp_{N_i}(s·cos_ij); nothing B×N is formed.
+    over the rows that have at least one negative (NaN when none has), the cosines normalised
+    with ``eps``. The fused backends get it from the lse-form forward pass with b = 0 and
+    m = 0, whose negative statistic is exactly logsumexp_{N_i}(s·cos_ij); nothing B×N is
+    formed.
     """
-    opts = options.uss_options(scale=scale, margin=0.0, form="lse", official_clamp=False,
-                               in_batch=ref is None)
-    x, labels, ref, ref_labels, ref_valid, _, in_batch, values = _uss_inputs(
+    o = options.uss_options(scale=scale, margin=0.0, form="lse", official_clamp=False,
+                            in_batch=ref is None, eps=eps)
+    x, labels, ref, ref_labels, ref_valid, _, values = _uss_inputs(
         x, labels, 0.0, ref, ref_labels, ref_valid)
     backend = backends.resolve(backend, x.device, "uss")
     values.run()
-    if backend == "reference":
-        return reference.uss_bias_init(x, labels, None if in_batch else ref,
-                                       None if in_batch else ref_labels, ref_valid,
-                                       scale=opts.scale)
-    zero = torch.zeros((), dtype=reference.compute_dtype(x.dtype), device=x.device)
-    stats = contract.forward_op("uss", backend)(x, ref, labels, ref_labels, ref_valid, zero,
-                                                opts.pack())[1]
-    return reference.mean_of_finite(stats[2])
-
-
-def _class_inputs(x, centres, labels, index):
-    """Checked (x, centres, labels, index, value checks) for the class-centre losses."""
-    x = check.embeddings(x)
-    centres = check.reference_rows(centres, x, "centres")
-    labels = check.labels(labels, x.shape[0], x.device)
-    values = check.ValueChecks()
-    values.label_range(labels, centres.shape[0], "labels", "class ids of the centres")
-    if index is not None:
-        index = check.index_tensor(index, x.device)
-        values.index(index, centres.shape[0], labels)
-    return x, centres, labels, index, values
-
-
-def _unitsface_rows(backend, x, centres, bank, labels, index, bank_valid, bias, opts,
-                    sparse_grad):
-    """Per-row losses of the unitsface op family on a fused backend."""
-    row_grads = contract.wants_row_grads("unitsface", backend, x,
-                                         uss_pairs=bank is not None and not opts.uss_lse)
-    return contract.forward_op("unitsface", backend)(x, centres, bank, labels, index, bank_valid,
-                                                     bias, opts.pack(), row_grads,
-                                                     sparse_grad)[0]
+    return run_threshold_init(o, x, labels, ref, ref_labels, ref_valid, backend=backend)
 
 
 def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0, margin_cos=0.4,
                               arcface_grad="exact", easy_margin=False, index=None,
-                              sparse_grad=False, reduction="mean", backend="auto", shard=None):
+                              sparse_grad=False, reduction="mean", backend="auto", shard=None,
+                              eps=EPS):
     """CosFace / ArcFace softmax over normalised class centres (docs/design.md §1.2),
     optionally over a partial-FC index S, without a B×C (or B×|S|) matrix:
 
@@ -169,6 +225,8 @@ def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0,
             before 2022-12) or "straight_through" (arcface_torch today: no fallback, the
             target's gradient taken as if the margin were additive).
         easy_margin: apply the margin only where cos > 0 (insightface's easy_margin).
+        eps: the normalisation eps of x and W, x̂ = x / max(‖x‖, eps) (see
+            :func:`fused_uss_loss`).
         reduction: "mean", "sum" or "none". backend: "auto", "triton", "native", "reference".
         shard: a :class:`~unitsface_kernels.distributed.ClassShard` for class-parallel
             training: ``centres`` are this rank's rows [start, stop), ``index`` holds LOCAL
@@ -182,30 +240,23 @@ def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0,
         return distributed.margin_softmax_loss(
             x, centres, labels, shard, scale=scale, margin_arc=margin_arc,
             margin_cos=margin_cos, arcface_grad=arcface_grad, easy_margin=easy_margin,
-            index=index, sparse_grad=sparse_grad, reduction=reduction, backend=backend)
+            index=index, sparse_grad=sparse_grad, reduction=reduction, backend=backend, eps=eps)
     check.choice(reduction, options.REDUCTIONS, "reduction")
     sparse_grad = check.flag(sparse_grad, "sparse_grad")
-    opts = options.softmax_options(scale=scale, margin_arc=margin_arc, margin_cos=margin_cos,
-                                   arcface_grad=arcface_grad, easy_margin=easy_margin)
+    o = options.softmax_options(scale=scale, margin_arc=margin_arc, margin_cos=margin_cos,
+                                arcface_grad=arcface_grad, easy_margin=easy_margin, eps=eps)
     x, centres, labels, index, values = _class_inputs(x, centres, labels, index)
     backend = backends.resolve(backend, x.device, "unitsface")
     values.run()
-    if backend == "reference":
-        rows = reference.margin_softmax_rows(
-            x, centres, labels, scale=opts.scale, margin_arc=opts.margin_arc,
-            margin_cos=opts.margin_cos, arcface_grad=arcface_grad,
-            easy_margin=opts.easy_margin, index=index, sparse_grad=sparse_grad)
-    else:
-        rows = _unitsface_rows(backend, x, centres, None, labels, index, None, None, opts,
-                               sparse_grad)
-    return reference.reduce_rows(rows.to(reference.compute_dtype(x.dtype)), reduction)
+    return run_unitsface(o, x, labels, centres, None, None, bank_valid=None, index=index,
+                         sparse_grad=sparse_grad, backend=backend, reduction=reduction)
 
 
 def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, index=None,
                          scale=64.0, margin_arc=0.0, margin_cos=0.4, arcface_grad="exact",
                          easy_margin=False, uss_margin=0.1, uss_form="pairs", uss_weight=1.0,
                          official_clamp=False, sparse_grad=False, reduction="mean",
-                         backend="auto", shard=None):
+                         backend="auto", shard=None, eps=EPS):
     """The UniTSFace objective in one pass over the classes (docs/design.md §1.3):
 
         L_i = L_softmax,i(x; W[S], m2, m3) + λ·L_uss,i(x; bank[S], b, bank_valid[S])
@@ -224,6 +275,7 @@ def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, ind
             :func:`fused_margin_softmax_loss`.
         uss_margin: m of USS. uss_form: "pairs" or "lse". uss_weight: λ ≥ 0.
         official_clamp: the official clamp of USS's softplus arguments to [−s, s].
+        eps: the normalisation eps of x, W and the bank rows (see :func:`fused_uss_loss`).
         sparse_grad: W's gradient as a sparse COO tensor of the index's rows (see
             :func:`fused_margin_softmax_loss`).
         shard: a :class:`~unitsface_kernels.distributed.ClassShard` for class-parallel
@@ -237,13 +289,13 @@ def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, ind
             scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
             easy_margin=easy_margin, uss_margin=uss_margin, uss_form=uss_form,
             uss_weight=uss_weight, official_clamp=official_clamp, sparse_grad=sparse_grad,
-            reduction=reduction, backend=backend)
+            reduction=reduction, backend=backend, eps=eps)
     check.choice(reduction, options.REDUCTIONS, "reduction")
     sparse_grad = check.flag(sparse_grad, "sparse_grad")
-    opts = options.unitsface_options(
+    o = options.unitsface_options(
         scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
         easy_margin=easy_margin, uss_margin=uss_margin, uss_form=uss_form,
-        uss_weight=uss_weight, official_clamp=official_clamp)
+        uss_weight=uss_weight, official_clamp=official_clamp, eps=eps)
     x, centres, labels, index, values = _class_inputs(x, centres, labels, index)
     bank = check.reference_rows(bank, x, "bank")
     if bank.shape[0] != centres.shape[0]:
@@ -254,14 +306,5 @@ def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, ind
     bias = check.bias(bias, bank.shape[0], x, per="class")
     backend = backends.resolve(backend, x.device, "unitsface")
     values.run()
-    if backend == "reference":
-        rows = reference.unitsface_loss(
-            x, labels, centres, bank, bias, bank_valid=bank_valid, index=index, scale=opts.scale,
-            margin_arc=opts.margin_arc, margin_cos=opts.margin_cos, arcface_grad=arcface_grad,
-            easy_margin=opts.easy_margin, uss_margin=opts.uss_margin, uss_form=uss_form,
-            uss_weight=opts.uss_weight, official_clamp=opts.uss_clamp, reduction="none",
-            sparse_grad=sparse_grad)
-    else:
-        rows = _unitsface_rows(backend, x, centres, bank, labels, index, bank_valid, bias, opts,
-                               sparse_grad)
-    return reference.reduce_rows(rows.to(reference.compute_dtype(x.dtype)), reduction)
+    return run_unitsface(o, x, labels, centres, bank, bias, bank_valid=bank_valid, index=index,
+                         sparse_grad=sparse_grad, backend=backend, reduction=reduction)

@@ -1,27 +1,35 @@
-"""The scalar settings of the two op families, declared once (docs/design.md §3).
+"""The settings object of each op family, declared once (docs/design.md §3).
 
-Every backend's ops take their settings as one ``float[] options`` argument: the fields of
-:class:`UssOptions` or :class:`UnitsfaceOptions`, in declaration order, booleans as 0.0/1.0
-(:meth:`pack`). The Triton kernels read them back with :meth:`unpack`, the C++ ops with the
-struct of the same name in ``csrc/options.h`` (same fields, same order), the eager reference
-with :meth:`unpack` too. A new setting is a new field here, read by each backend's kernels:
-no op signature, fake kernel, autograd rule or distributed wrapper changes.
+:class:`UssOptions` and :class:`UnitsfaceOptions` hold every scalar setting of a loss (scale,
+margins, forms, the clamp, the normalisation eps). One is built and checked once — by a
+public function from its keyword arguments, or by a module when it is built — with the
+``*_options`` constructors below, which name each argument as the caller wrote it; it is then
+carried down unchanged: module → :mod:`.ops` → :mod:`.contract` → kernels.
 
-The public functions build these from the caller's arguments with the ``*_options``
-constructors below, which check every value and name the argument as the caller wrote it.
+Every backend's ops take it as one ``float[] options`` argument: the fields in declaration
+order, booleans as 0.0/1.0 (:meth:`pack`). The Triton kernels read them back with
+:meth:`unpack`, the C++ ops with the struct of the same name in ``csrc/options.h`` (same
+fields, same order), the eager reference with :meth:`unpack` too. A new setting is a new
+field here, read by each backend's kernels: no op signature, fake kernel, autograd rule or
+distributed wrapper changes. :meth:`keywords` turns an object back into the public keyword
+arguments (the eager formulas of :mod:`.reference` take those, and the modules show them).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass, fields, replace
 
 from . import validation as check
 
 FORMS = ("pairs", "lse")
 EPS = 1e-5
-"""The official heads' normalisation eps, max(‖x‖, 1e-5); insightface's PartialFC_V2 and
-pytorch-metric-learning normalise with F.normalize's 1e-12 (docs/design.md §1)."""
+"""The default normalisation eps, x̂ = x / max(‖x‖, eps): the official heads' 1e-5.
+insightface's PartialFC_V2 and pytorch-metric-learning normalise with F.normalize's 1e-12,
+which their drop-ins carry (docs/design.md §1)."""
+LIBRARY_EPS = 1e-12
+"""F.normalize's default eps: what arcface_torch's PartialFC_V2 and pytorch-metric-learning
+normalise with."""
 REDUCTIONS = ("mean", "sum", "none")
 ARCFACE_GRADS = ("exact", "straight_through")
 
@@ -52,6 +60,20 @@ class UssOptions(_Packed):
     in_batch: bool       # the reference set is the batch itself (pairs j ≠ i)
     eps: float           # the normalisation eps: x̂ = x / max(‖x‖, eps)
 
+    @property
+    def form(self) -> str:
+        return "lse" if self.lse else "pairs"
+
+    def keywords(self) -> dict:
+        """The public keyword arguments that build this object (:func:`uss_options`)."""
+        return dict(scale=self.scale, margin=self.margin, form=self.form,
+                    official_clamp=self.clamp, eps=self.eps)
+
+    def threshold_init(self) -> "UssOptions":
+        """The settings of b₀ = mean_i lse_{N_i}(s·cos_ij) (docs/design.md §1.1): the lse form
+        with m = 0 and no clamp, whose negative statistic B_i at b = 0 is that lse."""
+        return replace(self, margin=0.0, lse=True, clamp=False)
+
 
 @dataclass(frozen=True)
 class UnitsfaceOptions(_Packed):
@@ -72,6 +94,29 @@ class UnitsfaceOptions(_Packed):
     @property
     def arc(self) -> bool:
         return self.margin_arc != 0.0
+
+    @property
+    def arcface_grad(self) -> str:
+        return "straight_through" if self.arcface_straight_through else "exact"
+
+    @property
+    def uss_form(self) -> str:
+        return "lse" if self.uss_lse else "pairs"
+
+    def keywords(self, uss: bool = True) -> dict:
+        """The public keyword arguments that build this object (:func:`unitsface_options`;
+        without ``uss``, those of the margin softmax alone: :func:`softmax_options`)."""
+        out = dict(scale=self.scale, margin_arc=self.margin_arc, margin_cos=self.margin_cos,
+                   arcface_grad=self.arcface_grad, easy_margin=self.easy_margin, eps=self.eps)
+        if uss:
+            out.update(uss_margin=self.uss_margin, uss_form=self.uss_form,
+                       uss_weight=self.uss_weight, official_clamp=self.uss_clamp)
+        return out
+
+    def threshold_init(self) -> UssOptions:
+        """The settings of b₀ over the bank rows of the USS part (see
+        :meth:`UssOptions.threshold_init`)."""
+        return UssOptions(self.scale, 0.0, True, False, False, self.eps)
 
 
 # ----------------------------------------------------------------------------- from arguments

@@ -7,7 +7,9 @@ Half-precision inputs are upcast to float32 and float64 inputs stay float64
 (:func:`compute_dtype`), so calling these functions on ``x.double()`` gives the float64
 reference.
 
-Notation: x̂ = x / max(||x||, 1e-5) (``F.normalize``), cos_ij = x̂_i · r̂_j, s = scale,
+Notation: x̂ = x / max(||x||, eps) (``F.normalize``; eps the settings' normalisation eps,
+1e-5 by default as in the official code: ``eps=`` of the formulas, ``o.eps`` of the per-op
+forms), cos_ij = x̂_i · r̂_j, s = scale,
 softplus(z) = log(1 + e^z). Reference rows marked invalid are read as zero rows: they take
 no part in the loss, and whatever they hold (NaN included) reaches no gradient.
 
@@ -25,8 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .layouts import USS_STATS, UnitsfaceStat, UssStat
 from .options import EPS, UnitsfaceOptions, UssOptions
-
 
 
 # ============================================================================ formulas
@@ -127,6 +129,13 @@ def uss_lse_terms(a: torch.Tensor, b: torch.Tensor, scale: float, clamp: bool):
         inside = ~((stat < -scale) | (stat > scale)) if clamp else ~empty
         factors.append(torch.where(inside, torch.sigmoid(stat), torch.zeros_like(stat)))
     return rows, factors[0], factors[1]
+
+
+def uss_stats(a, fa, b, fb) -> torch.Tensor:
+    """The lse form's statistics stacked in the :class:`UssStat` layout [4, B]."""
+    out = [None] * len(UssStat)
+    out[UssStat.A], out[UssStat.SIGMA_A], out[UssStat.B], out[UssStat.SIGMA_B] = a, fa, b, fb
+    return torch.stack(out)
 
 
 def clamp_sym(z: torch.Tensor, scale: float) -> torch.Tensor:
@@ -239,8 +248,8 @@ def uss_loss(x, labels, bias, ref=None, ref_labels=None, ref_valid=None, *,
     return reduce_rows(rows, reduction)
 
 
-def uss_bias_init(x, labels, ref=None, ref_labels=None, ref_valid=None, *, scale=64.0,
-                  eps=EPS):
+def eager_uss_bias_init(x, labels, ref=None, ref_labels=None, ref_valid=None, *, scale=64.0,
+                        eps=EPS):
     """The official data-dependent initial threshold: b₀ = mean_i logsumexp_{j∈N_i}(s·cos_ij),
     averaged over the rows that have at least one negative (NaN when none has; a detached
     scalar)."""
@@ -312,7 +321,7 @@ def bank_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def bank_update_(bank, bank_valid, x, labels):
+def eager_bank_update_(bank, bank_valid, x, labels):
     """bank[y_i] ← :func:`bank_rows` (x_i), bank_valid[y_i] ← x_i is finite; when a label
     repeats, its last row wins."""
     b = labels.numel()
@@ -352,10 +361,11 @@ def _class_tiles(x, centres, bank, labels, index, bank_valid, bias, o: Unitsface
 
 def _uss_surrogate(pos, neg, z_pos, z_neg, stats4, lse, clamp, scale):
     """Per row, a function of z⁺, z⁻ whose gradient is the USS g for the given statistics
-    (the pairs loss itself; for lse σ(A)·Σ_P e^{z⁺ − A} + σ(B)·Σ_N e^{z⁻ − B})."""
+    (the pairs loss itself; for lse σ(A)·Σ_P e^{z⁺ − A} + σ(B)·Σ_N e^{z⁻ − B}); `stats4`
+    in the :class:`UssStat` layout."""
     if not lse:
         return _pair_sums(pos, neg, z_pos, z_neg, scale, clamp)
-    a, fa, b, fb = stats4
+    a, fa, b, fb = (stats4[k] for k in (UssStat.A, UssStat.SIGMA_A, UssStat.B, UssStat.SIGMA_B))
     out = torch.zeros_like(a)
     for z, mask, stat, f in ((z_pos, pos, a, fa), (z_neg, neg, b, fb)):
         safe = torch.where(torch.isfinite(stat), stat, torch.zeros_like(stat))
@@ -365,13 +375,13 @@ def _uss_surrogate(pos, neg, z_pos, z_neg, stats4, lse, clamp, scale):
 
 
 def _uss_stats(pos, neg, z_pos, z_neg, lse, clamp, scale):
-    """(USS rows, (A, σA', B, σB') — zeros for pairs)."""
+    """(USS rows, stats [4, B] in the :class:`UssStat` layout — zeros for pairs)."""
     if lse:
         a, b = masked_logsumexp(z_pos, pos), masked_logsumexp(z_neg, neg)
         rows, fa, fb = uss_lse_terms(a, b, scale, clamp)
-        return rows, torch.stack([a, fa, b, fb])
+        return rows, uss_stats(a, fa, b, fb)
     rows = _uss_surrogate(pos, neg, z_pos, z_neg, None, False, clamp, scale)
-    return rows, rows.new_zeros(4, rows.shape[0])
+    return rows, rows.new_zeros(len(UssStat), rows.shape[0])
 
 
 def _norms(*tensors):
@@ -383,14 +393,15 @@ def unitsface_fwd(x, centres, bank, labels, index, bank_valid, bias, options, ro
     """Eager unitsface_fwd: (rows, stats [7, B], ||x||, ||W[S]||, ||bank[S]||, ∅, ∅)."""
     o = UnitsfaceOptions.unpack(options)
     z, is_t, uss = _class_tiles(x, centres, bank, labels, index, bank_valid, bias, o)
-    stats = z.new_zeros(7, x.shape[0])
-    stats[0] = torch.logsumexp(z, dim=1)
-    stats[5] = torch.where(is_t, z, torch.zeros_like(z)).sum(1)
-    rows = stats[0] - stats[5]
+    stats = z.new_zeros(len(UnitsfaceStat), x.shape[0])
+    stats[UnitsfaceStat.LSE] = torch.logsumexp(z, dim=1)
+    stats[UnitsfaceStat.TARGET] = torch.where(is_t, z, torch.zeros_like(z)).sum(1)
+    rows = stats[UnitsfaceStat.LSE] - stats[UnitsfaceStat.TARGET]
     sel = slice(None) if index is None else index
     if uss is not None:
-        stats[6], stats[1:5] = _uss_stats(*uss, o.uss_lse, o.uss_clamp, o.scale)
-        rows = rows + o.uss_weight * stats[6]
+        stats[UnitsfaceStat.USS_LOSS], stats[USS_STATS] = _uss_stats(*uss, o.uss_lse,
+                                                                     o.uss_clamp, o.scale)
+        rows = rows + o.uss_weight * stats[UnitsfaceStat.USS_LOSS]
     read = [readable_rows(t[sel], None, x.dtype) for t in (centres, bank) if t is not None]
     nb = _norms(read[1])[0] if bank is not None else stats.new_empty(0)
     return (rows, stats) + _norms(x, read[0]) + (nb, stats.new_empty(0), stats.new_empty(0))
@@ -417,12 +428,12 @@ def unitsface_bwd(grad_rows, x, centres, bank, labels, index, bank_valid, bias, 
         xv, wv, bv = (leaf if leaf is not None else t
                       for leaf, t in zip(leaves, (x, centres, bias)))
         z, is_t, uss = _class_tiles(xv, wv, bank, labels, index, bank_valid, bv, o)
-        lse = stats[0].to(z.dtype)
+        lse = stats[UnitsfaceStat.LSE].to(z.dtype)
         row = (torch.exp(z - lse[:, None]).sum(1)
                - torch.where(is_t, z, torch.zeros_like(z)).sum(1))
         if uss is not None:
-            row = row + o.uss_weight * _uss_surrogate(*uss, stats[1:5].to(z.dtype), o.uss_lse,
-                                                      o.uss_clamp, o.scale)
+            row = row + o.uss_weight * _uss_surrogate(*uss, stats[USS_STATS].to(z.dtype),
+                                                      o.uss_lse, o.uss_clamp, o.scale)
         grads = _grads_of(row, grad_rows, leaves)
     if grads[1] is not None and index is not None:
         grads[1] = grads[1][index]

@@ -32,8 +32,10 @@ extension, and the tests' second opinion.
 
 Entry points: :class:`ClassShard`; :func:`gather_batch`; :func:`margin_softmax_loss`,
 :func:`uss_loss`, :func:`unitsface_loss` (also reached through ``shard=`` of the public
-``fused_*`` functions); :func:`uss_bias_init`, :func:`bank_update_` and
-:meth:`ClassShard.sample` for the modules' partial FC and memory bank.
+``fused_*`` functions); :func:`shard_uss_bias_init`, :func:`shard_bank_update_` and
+:meth:`ClassShard.sample` for the modules' threshold, memory bank and partial FC; the
+internal entries ``run_shard_*`` of :mod:`.losses`, which the modules call with their
+settings object and their checked, gathered batch.
 
 Layout: :mod:`.shard` (shard geometry), :mod:`.collectives` (the gather and the cross-rank
 agreement on inputs), :mod:`.statistics` (combining the partial statistics), :mod:`.losses`
@@ -41,8 +43,9 @@ agreement on inputs), :mod:`.statistics` (combining the partial statistics), :mo
 """
 
 from .collectives import gather_batch
-from .losses import bank_update_, margin_softmax_loss, uss_bias_init, uss_loss, unitsface_loss
+from .losses import (margin_softmax_loss, shard_bank_update_, shard_uss_bias_init,
+                     unitsface_loss, uss_loss)
 from .shard import ClassShard, split_classes
 
 __all__ = ["ClassShard", "split_classes", "gather_batch", "margin_softmax_loss", "uss_loss",
-           "unitsface_loss", "uss_bias_init", "bank_update_"]
+           "unitsface_loss", "shard_uss_bias_init", "shard_bank_update_"]

@@ -1,6 +1,12 @@
 """The class-parallel losses: every rank runs a backend's forward op on its class shard, the
 per-row statistics are combined across ranks (:mod:`.statistics`), and the backward op runs
-with the global statistics (see the package docstring)."""
+with the global statistics (see the package docstring).
+
+As in :mod:`unitsface_kernels.ops`, each public function checks its arguments (agreed on by
+every rank), builds its settings object and resolves its backend once, then calls an
+internal entry (:func:`run_shard_uss`, :func:`run_shard_unitsface`,
+:func:`run_shard_threshold_init`) that the modules call directly with their settings object
+and their gathered, checked batch."""
 
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ import torch.distributed as dist
 from .. import backends, contract, options, reference
 from .. import bank as memory_bank
 from .. import validation as check
+from ..layouts import UssStat
+from ..options import EPS
 from . import statistics
 from .collectives import checked_on_all, gather
 from .shard import ClassShard, require
@@ -136,37 +144,76 @@ def _rows(spec, x, centres, bias, labels, index, bank, bank_valid, ref_labels, r
     return reference.reduce_rows(rows.to(reference.compute_dtype(x.dtype)), reduction)
 
 
+# ----------------------------------------------------------------------------- internal entries
+
+def run_shard_unitsface(o, x, labels, centres, bank, bias, shard, *, bank_valid, index,
+                        sparse_grad: bool, backend: str, reduction: str = "mean"):
+    """The unitsface family on this rank's shard from checked inputs: the gathered batch
+    (global class ids), the shard's rows, ``index`` of LOCAL class ids holding every local
+    label; a scalar ``bias`` is the replicated unified threshold."""
+    spec = _Spec("unitsface", backend, o, shard, has_bank=bank is not None,
+                 replicated_bias=bias is None or bias.numel() == 1, sparse_grad=sparse_grad)
+    return _rows(spec, x, centres, bias, shard.local_labels(labels), index, bank, bank_valid,
+                 None, reduction)
+
+
+def run_shard_uss(o, x, labels, bias, bank, shard, *, bank_valid, backend: str,
+                  reduction: str = "mean"):
+    """USS against this rank's bank rows from checked inputs (the gathered batch)."""
+    spec = _Spec("uss", backend, o, shard, has_bank=True, replicated_bias=bias.numel() == 1)
+    ref_labels = torch.arange(shard.num_local, device=x.device)
+    return _rows(spec, x, None, bias, shard.local_labels(labels), None, bank, bank_valid,
+                 ref_labels, reduction)
+
+
+@torch.no_grad()
+def run_shard_threshold_init(o, x, labels, bank, shard, *, bank_valid, index, backend: str):
+    """b₀ over all ranks' valid bank rows (of the LOCAL classes ``index`` when given) from
+    checked inputs (the gathered batch), with the scale and eps of the loss settings ``o``."""
+    classes = torch.arange(shard.num_local, device=x.device) if index is None else index
+    valid = bank_valid[classes] if bank_valid is not None else None
+    zero = torch.zeros((), dtype=reference.compute_dtype(x.dtype), device=x.device)
+    stats = contract.forward_op("uss", backend)(
+        x.detach(), bank[classes].contiguous(), shard.local_labels(labels), classes.contiguous(),
+        valid, zero, o.threshold_init().pack())[1]
+    (neg,), _ = statistics.all_reduce_stats([stats[UssStat.B]], [], shard.group)
+    return reference.mean_of_finite(neg)
+
+
 # ----------------------------------------------------------------------------- the losses
 
 def margin_softmax_loss(x, centres, labels, shard, *, scale=64.0, margin_arc=0.0,
                         margin_cos=0.4, arcface_grad="exact", easy_margin=False, index=None,
-                        sparse_grad=False, reduction="mean", backend="auto", gathered=False):
+                        sparse_grad=False, reduction="mean", backend="auto", gathered=False,
+                        eps=EPS):
     """Class-parallel CosFace/ArcFace softmax (partial FC): ``centres`` are this rank's rows
     [start, stop); ``index`` (optional) is a sorted index of LOCAL class ids that holds every
     class of the global batch falling in the shard (:meth:`ClassShard.sample`).
 
     ``x``/``labels`` are this rank's batch (global class ids), or the gathered global batch
     with ``gathered=True``. Returns the global mean ("mean"), sum ("sum") or the global
-    per-row losses ("none", all ranks' rows in rank order), identical on every rank."""
+    per-row losses ("none", all ranks' rows in rank order), identical on every rank. The
+    settings are those of :func:`~unitsface_kernels.fused_margin_softmax_loss`."""
     def validate(x):
         check.choice(reduction, options.REDUCTIONS, "reduction")
         check.flag(sparse_grad, "sparse_grad")
-        opts = options.softmax_options(scale=scale, margin_arc=margin_arc,
-                                       margin_cos=margin_cos, arcface_grad=arcface_grad,
-                                       easy_margin=easy_margin)
-        return opts, _local_rows(centres, "centres", x, shard)
+        o = options.softmax_options(scale=scale, margin_arc=margin_arc, margin_cos=margin_cos,
+                                    arcface_grad=arcface_grad, easy_margin=easy_margin,
+                                    eps=eps)
+        return o, _local_rows(centres, "centres", x, shard)
 
-    x, labels, local, (opts, w), idx = _batch(x, labels, shard, gathered, validate, index)
-    spec = _Spec("unitsface", backends.resolve(backend, x.device, "unitsface"), opts, shard,
-                 sparse_grad=bool(sparse_grad))
-    return _rows(spec, x, w, None, local, idx, None, None, None, reduction)
+    x, labels, _, (o, w), idx = _batch(x, labels, shard, gathered, validate, index)
+    return run_shard_unitsface(o, x, labels, w, None, None, shard, bank_valid=None, index=idx,
+                               sparse_grad=bool(sparse_grad),
+                               backend=backends.resolve(backend, x.device, "unitsface"),
+                               reduction=reduction)
 
 
 def unitsface_loss(x, labels, centres, bank, bias, shard, *, bank_valid=None, index=None,
                    scale=64.0, margin_arc=0.0, margin_cos=0.4, arcface_grad="exact",
                    easy_margin=False, uss_margin=0.1, uss_form="pairs", uss_weight=1.0,
                    official_clamp=False, sparse_grad=False, reduction="mean", backend="auto",
-                   gathered=False):
+                   gathered=False, eps=EPS):
     """Class-parallel UniTSFace objective: ``centres``, ``bank``, ``bank_valid`` (and a
     per-class ``bias``) are this rank's rows; a scalar ``bias`` is the replicated unified
     threshold (it gets the full ∂L/∂b on every rank). ``index``: LOCAL class ids, as in
@@ -174,72 +221,66 @@ def unitsface_loss(x, labels, centres, bank, bias, shard, *, bank_valid=None, in
     def validate(x):
         check.choice(reduction, options.REDUCTIONS, "reduction")
         check.flag(sparse_grad, "sparse_grad")
-        opts = options.unitsface_options(
+        o = options.unitsface_options(
             scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
             easy_margin=easy_margin, uss_margin=uss_margin, uss_form=uss_form,
-            uss_weight=uss_weight, official_clamp=official_clamp)
+            uss_weight=uss_weight, official_clamp=official_clamp, eps=eps)
         w = _local_rows(centres, "centres", x, shard)
-        return (opts, w) + _local_bank(bank, bank_valid, x, shard) + (
+        return (o, w) + _local_bank(bank, bank_valid, x, shard) + (
             check.bias(bias, shard.num_local, x, per="class of the shard"),)
 
-    x, labels, local, (opts, w, bk, valid, b), idx = _batch(x, labels, shard, gathered,
-                                                            validate, index)
-    spec = _Spec("unitsface", backends.resolve(backend, x.device, "unitsface"), opts, shard,
-                 has_bank=True, replicated_bias=b.numel() == 1, sparse_grad=bool(sparse_grad))
-    return _rows(spec, x, w, b, local, idx, bk, valid, None, reduction)
+    x, labels, _, (o, w, bk, valid, b), idx = _batch(x, labels, shard, gathered, validate,
+                                                     index)
+    return run_shard_unitsface(o, x, labels, w, bk, b, shard, bank_valid=valid, index=idx,
+                               sparse_grad=bool(sparse_grad),
+                               backend=backends.resolve(backend, x.device, "unitsface"),
+                               reduction=reduction)
 
 
 def uss_loss(x, labels, bias, bank, shard, *, bank_valid=None, scale=64.0, margin=0.1,
              form="pairs", official_clamp=False, reduction="mean", backend="auto",
-             gathered=False):
+             gathered=False, eps=EPS):
     """Class-parallel USS in memory-bank mode: ``bank`` (and ``bank_valid``, a per-class
     ``bias``) are this rank's rows [start, stop); bank row c of the shard holds class
     start + c. A scalar ``bias`` is the replicated unified threshold."""
     def validate(x):
         check.choice(reduction, options.REDUCTIONS, "reduction")
-        opts = options.uss_options(scale=scale, margin=margin, form=form,
-                                   official_clamp=official_clamp)
-        return (opts,) + _local_bank(bank, bank_valid, x, shard) + (
+        o = options.uss_options(scale=scale, margin=margin, form=form,
+                                official_clamp=official_clamp, eps=eps)
+        return (o,) + _local_bank(bank, bank_valid, x, shard) + (
             check.bias(bias, shard.num_local, x, per="class of the shard"),)
 
-    x, labels, local, (opts, bk, valid, b), _ = _batch(x, labels, shard, gathered, validate,
-                                                       None)
-    spec = _Spec("uss", backends.resolve(backend, x.device, "uss"), opts, shard, has_bank=True,
-                 replicated_bias=b.numel() == 1)
-    ref_labels = torch.arange(shard.num_local, device=x.device)
-    return _rows(spec, x, None, b, local, None, bk, valid, ref_labels, reduction)
+    x, labels, _, (o, bk, valid, b), _ = _batch(x, labels, shard, gathered, validate, None)
+    return run_shard_uss(o, x, labels, b, bk, shard, bank_valid=valid,
+                         backend=backends.resolve(backend, x.device, "uss"),
+                         reduction=reduction)
 
 
-@torch.no_grad()
-def uss_bias_init(x, labels, bank, shard, *, bank_valid=None, index=None, scale=64.0,
-                  backend="auto", gathered=False):
+def shard_uss_bias_init(x, labels, bank, shard, *, bank_valid=None, index=None, scale=64.0,
+                        backend="auto", gathered=False, eps=EPS):
     """The official initial threshold over the sharded bank, the same on every rank:
     b₀ = mean_i logsumexp_{j∈N_i}(s·cos_ij) over all ranks' valid bank rows (of the sampled
     LOCAL classes ``index`` when given), averaged over the rows that have a negative
     (NaN when none has)."""
     def validate(x):
-        return (options.uss_options(scale=scale, margin=0.0, form="lse", official_clamp=False),
+        return (options.uss_options(scale=scale, margin=0.0, form="lse", official_clamp=False,
+                                    eps=eps),
                 _local_rows(bank, "bank", x, shard))
 
-    x, labels, local, (opts, bk), index = _batch(x.detach(), labels, shard, gathered, validate,
-                                                 index)
-    classes = torch.arange(shard.num_local, device=x.device) if index is None else index
-    valid = bank_valid[classes] if bank_valid is not None else None
-    fwd = contract.forward_op("uss", backends.resolve(backend, x.device, "uss"))
-    zero = torch.zeros((), dtype=reference.compute_dtype(x.dtype), device=x.device)
-    stats = fwd(x, bk[classes].contiguous(), local, classes.contiguous(), valid, zero,
-                opts.pack())[1]
-    (neg,), _ = statistics.all_reduce_stats([stats[2]], [], shard.group)
-    return reference.mean_of_finite(neg)
+    x, labels, _, (o, bk), index = _batch(x.detach(), labels, shard, gathered, validate, index)
+    return run_shard_threshold_init(o, x, labels, bk, shard, bank_valid=bank_valid,
+                                    index=index, backend=backends.resolve(backend, x.device,
+                                                                          "uss"))
 
 
 @torch.no_grad()
-def bank_update_(bank, bank_valid, x, labels, shard):
+def shard_bank_update_(bank, bank_valid, x, labels, shard):
     """This rank's part of the memory-bank update from the GATHERED batch (x, labels in
     global ids): bank[y − start] ← x's bank row for the rows whose class is in the shard (the
-    last occurrence of a label wins). No communication."""
+    last occurrence of a label wins). No communication, no check (the module checked the
+    batch)."""
     local = shard.local_labels(labels)
     mine = local >= 0
     if bool(mine.any()):
-        memory_bank.bank_update_(bank, bank_valid, x.detach()[mine], local[mine])
+        memory_bank.update_rows(bank, bank_valid, x.detach()[mine], local[mine])
     return bank

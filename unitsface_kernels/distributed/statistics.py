@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import reference
+from ..layouts import USS_STATS, UnitsfaceStat, UssStat
 
 
 def all_reduce_stats(lse_parts: list[Tensor], sum_parts: list[Tensor], group):
@@ -37,36 +38,37 @@ def all_reduce_stats(lse_parts: list[Tensor], sum_parts: list[Tensor], group):
 
 
 def combine_uss(rows: Tensor, stats: Tensor, o, group) -> tuple[Tensor, Tensor]:
-    """Global USS rows and stats [4, B] = (A, σA', B, σB') from this rank's partials
-    (o: UssOptions)."""
+    """Global USS rows and stats [4, B] (:class:`~unitsface_kernels.layouts.UssStat`) from
+    this rank's partials (o: UssOptions)."""
     if not o.lse:
         _, (total,) = all_reduce_stats([], [rows], group)
         return total, torch.zeros_like(stats)
-    (a, b), _ = all_reduce_stats([stats[0], stats[2]], [], group)
+    (a, b), _ = all_reduce_stats([stats[UssStat.A], stats[UssStat.B]], [], group)
     total, fa, fb = reference.uss_lse_terms(a, b, o.scale, o.clamp)
-    return total, torch.stack([a, fa, b, fb])
+    return total, reference.uss_stats(a, fa, b, fb)
 
 
 def combine_unitsface(rows: Tensor, stats: Tensor, o, has_bank: bool,
                       group) -> tuple[Tensor, Tensor]:
-    """Global rows and stats [7, B] = (lse_c z_ic, A, σA', B, σB', z_iy, USS loss) from this
-    rank's partials (o: UnitsfaceOptions)."""
-    lse_parts, sum_parts = [stats[0]], [stats[5]]
+    """Global rows and stats [7, B] (:class:`~unitsface_kernels.layouts.UnitsfaceStat`) from
+    this rank's partials (o: UnitsfaceOptions)."""
+    S = UnitsfaceStat
+    lse_parts, sum_parts = [stats[S.LSE]], [stats[S.TARGET]]
     if has_bank:
         if o.uss_lse:
-            lse_parts += [stats[1], stats[3]]
+            lse_parts += [stats[S.USS_A], stats[S.USS_B]]
         else:
-            sum_parts.append(stats[6])
+            sum_parts.append(stats[S.USS_LOSS])
     lse, sums = all_reduce_stats(lse_parts, sum_parts, group)
     out = torch.zeros_like(stats)
-    out[0], out[5] = lse[0], sums[0]
+    out[S.LSE], out[S.TARGET] = lse[0], sums[0]
     total = lse[0] - sums[0]
     if has_bank:
         if o.uss_lse:
             uss, fa, fb = reference.uss_lse_terms(lse[1], lse[2], o.scale, o.uss_clamp)
-            out[1], out[2], out[3], out[4] = lse[1], fa, lse[2], fb
+            out[USS_STATS] = reference.uss_stats(lse[1], fa, lse[2], fb)
         else:
             uss = sums[1]
-        out[6] = uss
+        out[S.USS_LOSS] = uss
         total = total + o.uss_weight * uss
     return total, out

@@ -10,17 +10,19 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import distributed, options
+from .. import options
 from .. import validation as check
 from ..backends import BACKENDS
 from ..distributed import gather_batch
-from ..ops import fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss, uss_bias_init
+from ..options import EPS, LIBRARY_EPS
 from . import checkpoint
-from .parts import (FreshWeights, MemoryBank, Threshold, checked_batch, fresh_rows,
-                    no_autocast, partial_fc_index, readable, resolve_backend, setup_classes,
-                    shard_repr)
+from .calls import (Settings, bank_eps, begin_call, call_threshold_init, call_unitsface,
+                    call_uss)
+from .parts import (FreshWeights, MemoryBank, Threshold, fresh_rows, no_autocast,
+                    partial_fc_index, readable, setup_classes, shard_repr)
 
-class PartialFC(checkpoint.Official, FreshWeights):
+
+class PartialFC(Settings, checkpoint.Official, FreshWeights):
     """The sample-to-class margin softmax (CosFace/ArcFace) with partial FC, shaped like
     insightface's ``PartialFC_V2``:
 
@@ -37,28 +39,33 @@ class PartialFC(checkpoint.Official, FreshWeights):
     (``int(sample_rate·num_local)`` classes per rank). ``process_group``: the ranks sharing
     the classes (None: the default group). ``arcface_grad`` and ``easy_margin``: the ArcFace
     conventions of :func:`~unitsface_kernels.fused_margin_softmax_loss`. ``fp16``: compute
-    the loss in float16 from float32 embeddings (what PartialFC_V2's ``fp16`` does).
+    the loss in float16 from float32 embeddings (what PartialFC_V2's ``fp16`` does). ``eps``:
+    the normalisation eps, x̂ = x / max(‖x‖, eps) (the official 1e-5; the drop-ins below
+    carry their library's F.normalize eps, 1e-12).
     ``sparse_grad``: with partial FC, ``weight`` gets a sparse gradient of the sampled rows
     (no dense C × D gradient per step); step it with
     :class:`~unitsface_kernels.optim.SparseSGD`, which keeps the other rows exactly where
     dense SGD would (the module brings the rows it reads up to date first).
 
     :meth:`from_insightface` builds one from arcface_torch's ``CombinedMarginLoss``;
-    ``load_official`` loads the official normalised softmax head's ``weight``.
+    ``load_official`` loads the official normalised softmax head's ``weight``. The settings
+    are checked once, when the module is built, and held in ``options`` (a
+    :class:`~unitsface_kernels.options.UnitsfaceOptions`); ``scale``, ``margin_cos``, … read
+    them.
     """
 
     OFFICIAL = (checkpoint.CENTRES,)
+    SETTINGS = ("scale", "margin_cos", "margin_arc", "arcface_grad", "easy_margin", "eps")
 
     def __init__(self, embedding_size: int, num_classes: int, sample_rate: float = 1.0, *,
                  scale: float = 64.0, margin_cos: float = 0.4, margin_arc: float = 0.0,
                  arcface_grad: str = "exact", easy_margin: bool = False, fp16: bool = False,
-                 sparse_grad: bool = False, backend: str = "auto",
+                 sparse_grad: bool = False, eps: float = EPS, backend: str = "auto",
                  class_parallel: Optional[bool] = None, process_group=None):
         super().__init__()
-        options.softmax_options(scale=scale, margin_arc=margin_arc, margin_cos=margin_cos,
-                                arcface_grad=arcface_grad, easy_margin=easy_margin)  # checks
-        self.scale, self.margin_cos, self.margin_arc = scale, margin_cos, margin_arc
-        self.arcface_grad, self.easy_margin = arcface_grad, easy_margin
+        self.options = options.softmax_options(scale=scale, margin_arc=margin_arc,
+                                               margin_cos=margin_cos, arcface_grad=arcface_grad,
+                                               easy_margin=easy_margin, eps=eps)
         self.fp16 = check.flag(fp16, "fp16")
         self.sparse_grad = check.flag(sparse_grad, "sparse_grad")
         self.backend = check.choice(backend, BACKENDS, "backend")
@@ -70,7 +77,8 @@ class PartialFC(checkpoint.Official, FreshWeights):
     @classmethod
     def from_insightface(cls, margin_loss, embedding_size: int, num_classes: int,
                          sample_rate: float = 1.0, fp16: bool = False, *,
-                         arcface_grad: str = "straight_through", **kwargs) -> "PartialFC":
+                         arcface_grad: str = "straight_through", eps: float = LIBRARY_EPS,
+                         **kwargs) -> "PartialFC":
         """The drop-in for arcface_torch's ``PartialFC_V2(margin_loss, embedding_size,
         num_classes, sample_rate, fp16)``, reading ``s``, ``m1``, ``m2``, ``m3``,
         ``easy_margin`` and ``interclass_filtering_threshold`` from its ``CombinedMarginLoss``
@@ -84,6 +92,8 @@ class PartialFC(checkpoint.Official, FreshWeights):
           ``easy_margin`` when the object sets it);
         * m3 > 0: CosFace with m3 (arcface_torch then ignores m2, and so does this).
 
+        The normalisation is PartialFC_V2's F.normalize: ``eps`` = 1e-12 (not the official
+        UniTSFace heads' 1e-5), which only embeddings or centres shorter than 1e-5 see.
         SphereFace's m1 ≠ 1, a negative m3 with m1 = 1 (arcface_torch raises) and inter-class
         filtering (``interclass_filtering_threshold > 0``) are not expressible by the fused
         kernels: they raise a ValueError naming the setting. Keyword arguments go to the
@@ -110,7 +120,7 @@ class PartialFC(checkpoint.Official, FreshWeights):
         else:
             raise ValueError(f"margin_loss.m3 = {m3}: CombinedMarginLoss supports m3 ≥ 0 only")
         return cls(embedding_size, num_classes, sample_rate, scale=s, arcface_grad=arcface_grad,
-                   fp16=fp16, **margins, **kwargs)
+                   fp16=fp16, eps=eps, **margins, **kwargs)
 
     @classmethod
     def from_pml(cls, loss, sample_rate: float = 1.0, **kwargs) -> "PartialFC":
@@ -123,9 +133,9 @@ class PartialFC(checkpoint.Official, FreshWeights):
         when class-parallel). With ``sample_rate=1`` the loss and its gradients are PML's
         (``head.weight.grad`` is ``loss.W.grad`` transposed); ``sample_rate < 1`` is partial
         FC, which PML does not have. Optimise ``head.parameters()`` instead of ``loss``'s.
+        The normalisation is PML's F.normalize: ``eps`` = 1e-12.
 
-        What differs: the normalisation's eps (1e-5 here, F.normalize's 1e-12 in PML: only
-        an embedding or a column of W shorter than 1e-5 sees it); cosines are clamped to
+        What differs: cosines are clamped to
         [−1, 1] here (PML clamps only the target's before its arccos: a difference of
         rounding); where the target's cosine is exactly ±1 PML's arccos has an infinite
         derivative and this stays finite (sin θ ≥ 1e-6); PML casts W to the embeddings' dtype
@@ -174,7 +184,8 @@ class PartialFC(checkpoint.Official, FreshWeights):
         if w.dim() != 2 or w.shape[1] != loss.num_classes:
             raise ValueError(f"loss.W has shape {tuple(w.shape)}, expected (embedding_size, "
                              f"num_classes={loss.num_classes})")
-        head = cls(w.shape[0], w.shape[1], sample_rate, **{"scale": s, **margins, **kwargs})
+        head = cls(w.shape[0], w.shape[1], sample_rate,
+                   **{"scale": s, "eps": LIBRARY_EPS, **margins, **kwargs})
         rows = w.t()[head.class_start:head.class_start + head.num_local]
         head.weight = nn.Parameter(rows.clone(memory_format=torch.contiguous_format))
         return head
@@ -187,38 +198,28 @@ class PartialFC(checkpoint.Official, FreshWeights):
         −1 for classes of other shards)."""
         return self.shard.local_labels(labels) if self.shard is not None else labels
 
-    def _softmax_kw(self) -> dict:
-        return dict(scale=self.scale, margin_arc=self.margin_arc, margin_cos=self.margin_cos,
-                    arcface_grad=self.arcface_grad, easy_margin=self.easy_margin,
-                    sparse_grad=self.sparse_grad, backend=self.backend)
+    def settings(self) -> dict:
+        return self.options.keywords(uss=False)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        embeddings, labels = checked_batch(self, embeddings, labels, "embeddings")
-        if self.fp16 and embeddings.dtype == torch.float32:
-            embeddings = embeddings.half()
-        resolve_backend(self, embeddings.device, "unitsface")
+        x, labels, backend = begin_call(self, embeddings, labels, "unitsface", "embeddings")
+        if self.fp16 and x.dtype == torch.float32:
+            x = x.half()
         if self.shard is not None:
-            embeddings, labels = gather_batch(embeddings, labels, self.shard)
+            x, labels = gather_batch(x, labels, self.shard)
         index = partial_fc_index(self, labels)
         fresh_rows(self.weight, index)
-        weight = readable(self.weight, embeddings.dtype)
-        with no_autocast(embeddings.device):
-            if self.shard is not None:
-                return distributed.margin_softmax_loss(embeddings, weight, labels, self.shard,
-                                                       index=index, gathered=True,
-                                                       **self._softmax_kw())
-            return fused_margin_softmax_loss(embeddings, weight, labels, index=index,
-                                             **self._softmax_kw())
+        with no_autocast(x.device):
+            return call_unitsface(self, backend, x, labels, readable(self.weight, x.dtype),
+                                  index=index)
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
-                f"sample_rate={self.sample_rate}, scale={self.scale}, "
-                f"margin_cos={self.margin_cos}, margin_arc={self.margin_arc}, "
-                f"arcface_grad={self.arcface_grad!r}, easy_margin={self.easy_margin}, "
+                f"sample_rate={self.sample_rate}, {self.settings_repr()}, "
                 f"sparse_grad={self.sparse_grad}, backend={self.backend!r}{shard_repr(self)}")
 
 
-class USSLoss(checkpoint.Official, Threshold, MemoryBank):
+class USSLoss(Settings, checkpoint.Official, Threshold, MemoryBank):
     """The unified-threshold-integrated sample-to-sample loss (docs/design.md §1.1) alone, with
     a learnable b (``bias``; data-initialised at the first training call while b ≤ 0): the
     official ``Unified_Threshold_Integrated_Sample_to_Sample_Loss`` (with its clamp: the
@@ -230,19 +231,23 @@ class USSLoss(checkpoint.Official, Threshold, MemoryBank):
 
     In bank mode under torch.distributed the bank is class-sharded (``class_parallel``,
     ``process_group``: see the package docstring); the in-batch mode stays per rank.
+    ``eps``: the normalisation eps (≤ 1e-5 in bank mode, see docs/design.md §1.4). The
+    settings are held in ``options`` (a :class:`~unitsface_kernels.options.UssOptions`).
     """
+
+    SETTINGS = ("scale", "margin", "form", "official_clamp", "eps")
 
     def __init__(self, embedding_size: Optional[int] = None, num_classes: Optional[int] = None,
                  *, scale: float = 64.0, margin: float = 0.1, form: str = "pairs",
                  official_clamp: bool = True, mode: str = "bank",
-                 bank_dtype: torch.dtype = torch.float32, backend: str = "auto",
-                 class_parallel: Optional[bool] = None, process_group=None):
+                 bank_dtype: torch.dtype = torch.float32, eps: float = EPS,
+                 backend: str = "auto", class_parallel: Optional[bool] = None,
+                 process_group=None):
         super().__init__()
         self.mode = check.choice(mode, ("bank", "inbatch"), "mode")
-        options.uss_options(scale=scale, margin=margin, form=form,
-                            official_clamp=official_clamp)  # checks the settings
-        self.scale, self.margin, self.form = scale, margin, form
-        self.official_clamp = official_clamp
+        self.options = options.uss_options(scale=scale, margin=margin, form=form,
+                                           official_clamp=official_clamp,
+                                           in_batch=self.mode == "inbatch", eps=eps)
         self.backend = check.choice(backend, BACKENDS, "backend")
         self.embedding_size = self.num_classes = None
         self.shard = None
@@ -250,44 +255,29 @@ class USSLoss(checkpoint.Official, Threshold, MemoryBank):
             if embedding_size is None or num_classes is None:
                 raise ValueError("mode='bank' needs embedding_size and num_classes (one bank "
                                  "row per class); mode='inbatch' needs neither")
+            bank_eps(self.options.eps)
             setup_classes(self, embedding_size, num_classes, class_parallel, process_group)
             self._init_bank(self.num_local, self.embedding_size, bank_dtype)
         elif embedding_size is not None:
             self.embedding_size = check.count(embedding_size, "embedding_size")
         self._init_threshold()
 
-    def _uss_kw(self) -> dict:
-        return dict(scale=self.scale, margin=self.margin, form=self.form,
-                    official_clamp=self.official_clamp, backend=self.backend)
-
     def forward(self, x: Tensor, labels: Tensor) -> Tensor:
         if self.mode == "inbatch":
-            x = check.embeddings(x)
-            if self.embedding_size is None:
-                self.embedding_size = x.shape[1]  # any width, checked as this one from now on
-            x, labels = checked_batch(self, x, labels)
-            resolve_backend(self, x.device, "uss")
-            self._maybe_init_threshold(lambda: uss_bias_init(
-                x.detach(), labels, scale=self.scale, backend=self.backend))
+            if self.embedding_size is None:  # any width, checked as this one from now on
+                self.embedding_size = check.embeddings(x).shape[1]
+            x, labels, backend = begin_call(self, x, labels, "uss")
+            self._maybe_init_threshold(lambda: call_threshold_init(self, backend, x, labels))
             with no_autocast(x.device):
-                return fused_uss_loss(x, labels, self.bias, **self._uss_kw())
-        x, labels = checked_batch(self, x, labels)
-        resolve_backend(self, x.device, "uss")
+                return call_uss(self, backend, x, labels, self.bias, None)
+        x, labels, backend = begin_call(self, x, labels, "uss")
         if self.shard is not None:
             x, labels = gather_batch(x, labels, self.shard)
         bank, valid = self._bank_for_loss(x.dtype)
-        if self.shard is not None:
-            self._maybe_init_threshold(lambda: distributed.uss_bias_init(
-                x, labels, bank, self.shard, bank_valid=valid, scale=self.scale,
-                backend=self.backend, gathered=True))
-            with no_autocast(x.device):
-                loss = distributed.uss_loss(x, labels, self.bias, bank, self.shard,
-                                            bank_valid=valid, gathered=True, **self._uss_kw())
-        else:
-            self._maybe_init_threshold(lambda: uss_bias_init(
-                x.detach(), labels, bank, None, valid, scale=self.scale, backend=self.backend))
-            with no_autocast(x.device):
-                loss = fused_uss_loss(x, labels, self.bias, bank, None, valid, **self._uss_kw())
+        self._maybe_init_threshold(lambda: call_threshold_init(self, backend, x, labels, bank,
+                                                               valid))
+        with no_autocast(x.device):
+            loss = call_uss(self, backend, x, labels, self.bias, bank, valid)
         return self._update_bank(x, labels, loss, (x, self.bias))
 
     def official_entries(self) -> tuple[checkpoint.Entry, ...]:
@@ -299,12 +289,11 @@ class USSLoss(checkpoint.Official, Threshold, MemoryBank):
     def extra_repr(self) -> str:
         size = (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 if self.mode == "bank" else "")
-        return (f"{size}mode={self.mode!r}, scale={self.scale}, margin={self.margin}, "
-                f"form={self.form!r}, official_clamp={self.official_clamp}, "
+        return (f"{size}mode={self.mode!r}, {self.settings_repr()}, "
                 f"backend={self.backend!r}{shard_repr(self)}")
 
 
-class UniTSFaceHead(checkpoint.Official, Threshold, MemoryBank, FreshWeights):
+class UniTSFaceHead(Settings, checkpoint.Official, Threshold, MemoryBank, FreshWeights):
     """The UniTSFace training head (Li et al., NeurIPS 2023): CosFace/ArcFace softmax over
     the class centres (with partial FC when sample_rate < 1) plus λ·USS against a memory bank
     of the last feature of every class, computed in one fused pass; returns the loss.
@@ -329,31 +318,37 @@ class UniTSFaceHead(checkpoint.Official, Threshold, MemoryBank, FreshWeights):
             softplus arguments to [−s, s] (default True: this module is the official head).
         sparse_grad: with partial FC, ``weight`` gets a sparse gradient of the sampled rows
             (see :class:`PartialFC`; step it with :class:`~unitsface_kernels.optim.SparseSGD`).
+        eps: the normalisation eps, x̂ = x / max(‖x‖, eps), of both parts (the official 1e-5;
+            at most 1e-5, see docs/design.md §1.4).
         class_parallel, process_group: class-parallel training under torch.distributed
             (None: automatic when initialised with several ranks; see the package docstring):
             this rank then holds the rows [class_start, class_start + num_local) of weight and
             bank, and samples int(sample_rate·num_local) classes of its shard per step.
+
+    The settings are checked once, when the module is built, and held in ``options`` (a
+    :class:`~unitsface_kernels.options.UnitsfaceOptions`), which every call hands down to the
+    kernels; ``scale``, ``margin_cos``, … read them.
     """
 
     OFFICIAL = (checkpoint.CENTRES, replace(checkpoint.FEAT_MEM, required=False),
                 checkpoint.BANK_BIAS)
+    SETTINGS = ("scale", "margin_cos", "margin_arc", "arcface_grad", "easy_margin",
+                "uss_margin", "uss_form", "uss_weight", "official_clamp", "eps")
 
     def __init__(self, embedding_size: int, num_classes: int, *, sample_rate: float = 1.0,
                  scale: float = 64.0, margin_cos: float = 0.4, margin_arc: float = 0.0,
                  arcface_grad: str = "exact", easy_margin: bool = False,
                  uss_margin: float = 0.1, uss_form: str = "pairs", uss_weight: float = 1.0,
                  official_clamp: bool = True, sparse_grad: bool = False,
-                 bank_dtype: torch.dtype = torch.float32, backend: str = "auto",
-                 class_parallel: Optional[bool] = None, process_group=None):
+                 bank_dtype: torch.dtype = torch.float32, eps: float = EPS,
+                 backend: str = "auto", class_parallel: Optional[bool] = None,
+                 process_group=None):
         super().__init__()
-        options.unitsface_options(  # checks the settings
+        self.options = options.unitsface_options(
             scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
             easy_margin=easy_margin, uss_margin=uss_margin, uss_form=uss_form,
-            uss_weight=uss_weight, official_clamp=official_clamp)
-        self.scale, self.margin_cos, self.margin_arc = scale, margin_cos, margin_arc
-        self.arcface_grad, self.easy_margin = arcface_grad, easy_margin
-        self.uss_margin, self.uss_form, self.uss_weight = uss_margin, uss_form, uss_weight
-        self.official_clamp = official_clamp
+            uss_weight=uss_weight, official_clamp=official_clamp, eps=eps)
+        bank_eps(self.options.eps)
         self.sparse_grad = check.flag(sparse_grad, "sparse_grad")
         self.backend = check.choice(backend, BACKENDS, "backend")
         setup_classes(self, embedding_size, num_classes, class_parallel, process_group,
@@ -370,66 +365,31 @@ class UniTSFaceHead(checkpoint.Official, Threshold, MemoryBank, FreshWeights):
             self.bias.zero_()
         self.reset_bank()
 
-    def _softmax_kw(self) -> dict:
-        return dict(scale=self.scale, margin_arc=self.margin_arc, margin_cos=self.margin_cos,
-                    arcface_grad=self.arcface_grad, easy_margin=self.easy_margin,
-                    sparse_grad=self.sparse_grad, backend=self.backend)
-
-    def _uss_kw(self) -> dict:
-        return dict(uss_margin=self.uss_margin, uss_form=self.uss_form,
-                    uss_weight=self.uss_weight, official_clamp=self.official_clamp)
-
     def forward(self, x: Tensor, labels: Tensor, with_uss: bool = True) -> Tensor:
-        x, labels = checked_batch(self, x, labels)
         with_uss = check.flag(with_uss, "with_uss")
-        resolve_backend(self, x.device, "unitsface")
-        sharded = self.shard is not None
-        if sharded:
+        x, labels, backend = begin_call(self, x, labels, "unitsface")
+        if self.shard is not None:
             x, labels = gather_batch(x, labels, self.shard)
         index = partial_fc_index(self, labels)
         fresh_rows(self.weight, index)
         weight = readable(self.weight, x.dtype)
-        common = dict(index=index, **self._softmax_kw())
         if not with_uss:
             with no_autocast(x.device):
-                if sharded:
-                    loss = distributed.margin_softmax_loss(x, weight, labels, self.shard,
-                                                           gathered=True, **common)
-                else:
-                    loss = fused_margin_softmax_loss(x, weight, labels, **common)
+                loss = call_unitsface(self, backend, x, labels, weight, index=index)
             loss = loss + 0.0 * self.bias.sum()  # b takes part (zero gradient): DDP-friendly
             return self._update_bank(x, labels, loss, ())
         bank, valid = self._bank_for_loss(x.dtype)
-        self._maybe_init_threshold(lambda: self._bias_init(x, labels, bank, valid, index))
+        # b₀ over the reference rows this step's loss uses: the (sampled) classes' bank rows
+        self._maybe_init_threshold(lambda: call_threshold_init(self, backend, x, labels, bank,
+                                                               valid, index))
         with no_autocast(x.device):
-            if sharded:
-                loss = distributed.unitsface_loss(x, labels, weight, bank, self.bias, self.shard,
-                                                  bank_valid=valid, gathered=True, **common,
-                                                  **self._uss_kw())
-            else:
-                loss = fused_unitsface_loss(x, labels, weight, bank, self.bias, bank_valid=valid,
-                                            **common, **self._uss_kw())
+            loss = call_unitsface(self, backend, x, labels, weight, bank, self.bias, valid,
+                                  index)
         return self._update_bank(x, labels, loss, (x, self.weight, self.bias))
-
-    def _bias_init(self, x, labels, bank, valid, index):
-        """b₀ over the reference rows this step's loss uses: the (sampled) classes' bank rows."""
-        if self.shard is not None:
-            return distributed.uss_bias_init(x, labels, bank, self.shard, bank_valid=valid,
-                                             index=index, scale=self.scale, backend=self.backend,
-                                             gathered=True)
-        if index is None:
-            return uss_bias_init(x.detach(), labels, bank, None, valid, scale=self.scale,
-                                 backend=self.backend)
-        return uss_bias_init(x.detach(), labels, bank[index], index, valid[index],
-                             scale=self.scale, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
-                f"sample_rate={self.sample_rate}, scale={self.scale}, "
-                f"margin_cos={self.margin_cos}, margin_arc={self.margin_arc}, "
-                f"arcface_grad={self.arcface_grad!r}, easy_margin={self.easy_margin}, "
-                f"uss_margin={self.uss_margin}, uss_form={self.uss_form!r}, "
-                f"uss_weight={self.uss_weight}, official_clamp={self.official_clamp}, "
+                f"sample_rate={self.sample_rate}, {self.settings_repr()}, "
                 f"sparse_grad={self.sparse_grad}, "
                 f"bank_dtype={self._buffers['bank'].dtype}, "
                 f"backend={self.backend!r}{shard_repr(self)}")

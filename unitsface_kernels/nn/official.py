@@ -10,7 +10,9 @@ the official initialisations (the README's table lists each with its function):
 
 The unified threshold's head is :class:`~unitsface_kernels.nn.USSLoss`, the normalised
 softmax :class:`~unitsface_kernels.nn.PartialFC` (or ``UniTSFaceHead(..., with_uss=False)``).
-Like the official heads they default to ``official_clamp=True``.
+Like the official heads they default to ``official_clamp=True``, and to the official
+normalisation eps 1e-5 (``eps``; at most 1e-5 for the heads on a memory bank,
+docs/design.md §1.4). Each holds its settings object in ``options``.
 """
 
 from __future__ import annotations
@@ -21,17 +23,18 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import distributed, options
+from .. import options
 from .. import validation as check
 from ..backends import BACKENDS
 from ..distributed import gather_batch
-from ..ops import fused_margin_softmax_loss, fused_uss_loss, uss_bias_init
+from ..options import EPS
 from . import checkpoint
-from .parts import (MemoryBank, Threshold, checked_batch, no_autocast, readable,
-                    resolve_backend, setup_classes, shard_repr)
+from .calls import (Settings, bank_eps, begin_call, call_threshold_init, call_unitsface,
+                    call_uss)
+from .parts import MemoryBank, Threshold, no_autocast, readable, setup_classes, shard_repr
 
 
-class _CentreBCE(checkpoint.Official, Threshold):
+class _CentreBCE(Settings, checkpoint.Official, Threshold):
     """Per-pair BCE against the class centres W (the USS formulas with ref = W, l_c = c):
     Σ_c softplus(b_c − s(cos_ic − m)) [c = y_i] + softplus(s·cos_ic − b_c) [c ≠ y_i].
     Single-process (under DDP it is replicated like any module)."""
@@ -39,13 +42,14 @@ class _CentreBCE(checkpoint.Official, Threshold):
     per_class: bool
 
     OFFICIAL = (checkpoint.CENTRES, checkpoint.CENTRE_BIAS)
+    SETTINGS = ("scale", "margin", "official_clamp", "eps")
 
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
-                 margin: float = 0.4, official_clamp: bool = True, backend: str = "auto"):
+                 margin: float = 0.4, official_clamp: bool = True, eps: float = EPS,
+                 backend: str = "auto"):
         super().__init__()
-        options.uss_options(scale=scale, margin=margin, form="pairs",
-                            official_clamp=official_clamp)  # checks the settings
-        self.scale, self.margin, self.official_clamp = scale, margin, official_clamp
+        self.options = options.uss_options(scale=scale, margin=margin, form="pairs",
+                                           official_clamp=official_clamp, eps=eps)
         self.backend = check.choice(backend, BACKENDS, "backend")
         self.embedding_size = check.count(embedding_size, "embedding_size")
         self.num_classes = check.count(num_classes, "num_classes")
@@ -61,17 +65,13 @@ class _CentreBCE(checkpoint.Official, Threshold):
             self.bias.fill_(math.log(10 * self.num_classes))
 
     def forward(self, x: Tensor, labels: Tensor) -> Tensor:
-        x, labels = checked_batch(self, x, labels)
-        resolve_backend(self, x.device, "uss")
+        x, labels, backend = begin_call(self, x, labels, "uss")
         with no_autocast(x.device):
-            return fused_uss_loss(x, labels, self.bias, readable(self.weight, x.dtype),
-                                  scale=self.scale, margin=self.margin,
-                                  official_clamp=self.official_clamp, backend=self.backend)
+            return call_uss(self, backend, x, labels, self.bias, readable(self.weight, x.dtype))
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
-                f"scale={self.scale}, margin={self.margin}, "
-                f"official_clamp={self.official_clamp}, backend={self.backend!r}")
+                f"{self.settings_repr()}, backend={self.backend!r}")
 
 
 class NormalizedBCE(_CentreBCE):
@@ -89,29 +89,28 @@ class UnifiedCrossEntropy(_CentreBCE):
     per_class = False
 
 
-class _BankHead(checkpoint.Official, Threshold, MemoryBank):
+class _BankHead(Settings, checkpoint.Official, Threshold, MemoryBank):
     """A sample-to-sample head on a class-sharded memory bank (see the package docstring)."""
 
     def _init_classes(self, embedding_size, num_classes, bank_dtype, backend, class_parallel,
                       process_group) -> None:
+        bank_eps(self.options.eps)
         self.backend = check.choice(backend, BACKENDS, "backend")
         setup_classes(self, embedding_size, num_classes, class_parallel, process_group)
         self._init_bank(self.num_local, self.embedding_size, bank_dtype)
 
     def _batch_and_bank(self, x: Tensor, labels: Tensor, family: str):
-        """The checked batch (gathered over the ranks when sharded) and the bank as the loss
-        reads it."""
-        x, labels = checked_batch(self, x, labels)
-        resolve_backend(self, x.device, family)
+        """The checked batch (gathered over the ranks when sharded), the backend, and the bank
+        as the loss reads it."""
+        x, labels, backend = begin_call(self, x, labels, family)
         if self.shard is not None:
             x, labels = gather_batch(x, labels, self.shard)
         bank, valid = self._bank_for_loss(x.dtype)
-        return x, labels, bank, valid
+        return x, labels, backend, bank, valid
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
-                f"scale={self.scale}, margin={self.margin}, backend={self.backend!r}"
-                f"{shard_repr(self)}")
+                f"{self.settings_repr()}, backend={self.backend!r}{shard_repr(self)}")
 
 
 class SampleToSampleSoftmax(_BankHead):
@@ -121,27 +120,27 @@ class SampleToSampleSoftmax(_BankHead):
     masked): a row never written is zero, i.e. a logit of 0."""
 
     OFFICIAL = (checkpoint.FEAT_MEM,)
+    SETTINGS = ("scale", "margin", "eps")
 
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
                  margin: float = 0.1, bank_dtype: torch.dtype = torch.float32,
-                 backend: str = "auto", class_parallel: Optional[bool] = None,
-                 process_group=None):
+                 eps: float = EPS, backend: str = "auto",
+                 class_parallel: Optional[bool] = None, process_group=None):
         super().__init__()
-        options.softmax_options(scale=scale, margin_arc=0.0, margin_cos=margin,
-                                arcface_grad="exact", easy_margin=False)  # checks
-        self.scale, self.margin = scale, margin
+        self.options = options.softmax_options(scale=scale, margin_arc=0.0, margin_cos=margin,
+                                               arcface_grad="exact", easy_margin=False,
+                                               eps=eps)
         self._init_classes(embedding_size, num_classes, bank_dtype, backend, class_parallel,
                            process_group)
 
+    def settings(self) -> dict:
+        return dict(scale=self.options.scale, margin=self.options.margin_cos,
+                    eps=self.options.eps)
+
     def forward(self, x: Tensor, labels: Tensor) -> Tensor:
-        x, labels, bank, _ = self._batch_and_bank(x, labels, "unitsface")
-        kw = dict(scale=self.scale, margin_cos=self.margin, backend=self.backend)
+        x, labels, backend, bank, _ = self._batch_and_bank(x, labels, "unitsface")
         with no_autocast(x.device):
-            if self.shard is not None:
-                loss = distributed.margin_softmax_loss(x, bank, labels, self.shard, gathered=True,
-                                                       **kw)
-            else:
-                loss = fused_margin_softmax_loss(x, bank, labels, **kw)
+            loss = call_unitsface(self, backend, x, labels, bank)
         return self._update_bank(x, labels, loss, (x,))
 
 
@@ -153,34 +152,24 @@ class SampleToSampleBCE(_BankHead):
     validity), m = 0.1, the official clamp by default."""
 
     OFFICIAL = (checkpoint.FEAT_MEM, checkpoint.BANK_BIAS)
+    SETTINGS = ("scale", "margin", "official_clamp", "eps")
 
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
                  margin: float = 0.1, official_clamp: bool = True,
-                 bank_dtype: torch.dtype = torch.float32, backend: str = "auto",
-                 class_parallel: Optional[bool] = None, process_group=None):
+                 bank_dtype: torch.dtype = torch.float32, eps: float = EPS,
+                 backend: str = "auto", class_parallel: Optional[bool] = None,
+                 process_group=None):
         super().__init__()
-        options.uss_options(scale=scale, margin=margin, form="pairs",
-                            official_clamp=official_clamp)  # checks the settings
-        self.scale, self.margin, self.official_clamp = scale, margin, official_clamp
+        self.options = options.uss_options(scale=scale, margin=margin, form="pairs",
+                                           official_clamp=official_clamp, eps=eps)
         self._init_classes(embedding_size, num_classes, bank_dtype, backend, class_parallel,
                            process_group)
         self._init_threshold(self.num_local)
 
     def forward(self, x: Tensor, labels: Tensor) -> Tensor:
-        x, labels, bank, valid = self._batch_and_bank(x, labels, "uss")
-        kw = dict(scale=self.scale, margin=self.margin, official_clamp=self.official_clamp,
-                  backend=self.backend)
-        if self.shard is not None:
-            self._maybe_init_threshold(lambda: distributed.uss_bias_init(
-                x, labels, bank, self.shard, bank_valid=valid, scale=self.scale,
-                backend=self.backend, gathered=True), add=True)
-            with no_autocast(x.device):
-                loss = distributed.uss_loss(x, labels, self.bias, bank, self.shard,
-                                            bank_valid=valid, gathered=True, **kw)
-        else:
-            self._maybe_init_threshold(lambda: uss_bias_init(
-                x.detach(), labels, bank, None, valid, scale=self.scale, backend=self.backend),
-                add=True)
-            with no_autocast(x.device):
-                loss = fused_uss_loss(x, labels, self.bias, bank, None, valid, **kw)
+        x, labels, backend, bank, valid = self._batch_and_bank(x, labels, "uss")
+        self._maybe_init_threshold(lambda: call_threshold_init(self, backend, x, labels, bank,
+                                                               valid), add=True)
+        with no_autocast(x.device):
+            loss = call_uss(self, backend, x, labels, self.bias, bank, valid)
         return self._update_bank(x, labels, loss, (x, self.bias))

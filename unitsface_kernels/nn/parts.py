@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from .. import backends, distributed, reference
 from .. import validation as check
-from ..bank import bank_update_
+from ..bank import update_rows
 from ..distributed import ClassShard
+from ..options import EPS
 from ..sampling import sample_classes
 
 BANK_DTYPES = check.FLOAT_DTYPES
@@ -73,10 +74,11 @@ class FreshWeights(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
 
-def pair_cosine(a, b) -> Tensor:
+def pair_cosine(a, b, eps: float = EPS) -> Tensor:
     """cos(a_i, b_i) row-wise in float32 (float64 for float64 inputs), with the eps rule of
-    the losses: x̂ = x / max(||x||, 1e-5). Lists and arrays are taken as tensors."""
-    a, b = reference.normalize(torch.as_tensor(a)), reference.normalize(torch.as_tensor(b))
+    the losses: x̂ = x / max(||x||, eps). Lists and arrays are taken as tensors."""
+    a = reference.normalize(torch.as_tensor(a), eps)
+    b = reference.normalize(torch.as_tensor(b), eps)
     return (a * b).sum(-1)
 
 
@@ -134,6 +136,7 @@ class Threshold(nn.Module):
     b/s verifies pairs), or one value per class (the official per-class BCE heads)."""
 
     scale: float
+    eps: float
     backend: str
 
     def _init_threshold(self, size: int = 1, init: float = 0.0) -> None:
@@ -159,7 +162,7 @@ class Threshold(nn.Module):
             if size is not None and t.shape[-1] != size:
                 raise ValueError(f"{name} has embedding size {t.shape[-1]} but this "
                                  f"{type(self).__name__} has embedding_size={size}")
-        return pair_cosine(a, b) > self.threshold
+        return pair_cosine(a, b, self.eps) > self.threshold
 
     def _mean_threshold(self) -> Tensor:
         """The mean b over all classes: per-class thresholds of a class-parallel module are
@@ -317,10 +320,11 @@ class MemoryBank(nn.Module):
         self._write_bank(bank, valid, x, labels)
 
     def _write_bank(self, bank, valid, x, labels) -> None:
+        # x and labels are the batch the call checked: the update checks nothing again
         if self.shard is not None:
-            distributed.bank_update_(bank, valid, x, labels, self.shard)
+            distributed.shard_bank_update_(bank, valid, x, labels, self.shard)
         else:
-            bank_update_(bank, valid, x, labels)
+            update_rows(bank, valid, x, labels)
 
 
 def resolve_backend(module, device: torch.device, family: str) -> str:
