@@ -14,6 +14,8 @@ import torch
 from helpers import fused_backends, make_case
 from unitsface_kernels import (bank_update_, contract, fused_margin_softmax_loss,
                                fused_unitsface_loss, fused_uss_loss, native, options, uss_bias_init)
+from unitsface_kernels.layouts import UnitsfaceStat, UssStat
+from unitsface_kernels.nn import UniTSFaceHead, USSLoss
 
 
 def _uss_args(backend_case, lse=True, in_batch=False):
@@ -98,6 +100,93 @@ def test_options_pack_and_unpack_field_for_field():
         assert cls.unpack(packed) == cls(*values)
         with pytest.raises(ValueError, match=f"{cls.__name__} has {len(fields)} fields"):
             cls.unpack(packed[:-1])
+
+
+def test_options_name_the_public_keywords():
+    """keywords() is the inverse of the *_options constructors: the eager formulas and the
+    modules read the same settings the kernels get."""
+    kw = dict(scale=16.0, margin_arc=0.3, margin_cos=0.1, arcface_grad="straight_through",
+              easy_margin=True, uss_margin=0.2, uss_form="lse", uss_weight=0.5,
+              official_clamp=True, eps=1e-9)
+    o = options.unitsface_options(**kw)
+    assert o.keywords() == kw and options.unitsface_options(**o.keywords()) == o
+    soft = {k: kw[k] for k in ("scale", "margin_arc", "margin_cos", "arcface_grad",
+                               "easy_margin", "eps")}
+    assert o.keywords(uss=False) == soft
+    u = options.uss_options(scale=8.0, margin=0.2, form="lse", official_clamp=True,
+                            in_batch=True, eps=1e-7)
+    assert u.keywords() == dict(scale=8.0, margin=0.2, form="lse", official_clamp=True,
+                                eps=1e-7)
+    assert u.threshold_init() == options.UssOptions(8.0, 0.0, True, False, True, 1e-7)
+    assert o.threshold_init() == options.UssOptions(16.0, 0.0, True, False, False, 1e-9)
+
+
+def test_stats_layouts_are_named_once():
+    """The ops' stats outputs have the rows the layouts name."""
+    assert [s.name for s in UssStat] == ["A", "SIGMA_A", "B", "SIGMA_B"]
+    assert len(UnitsfaceStat) == 7 and UnitsfaceStat.USS_LOSS == 6
+    c = make_case("unitsface", 5, 11, 6, torch.float64)
+    stats = contract.forward_op("unitsface", "reference")(*_unitsface_args(c))[1]
+    assert stats.shape == (len(UnitsfaceStat), 5)
+    u = make_case("uss", 5, 9, 6, torch.float64)
+    assert contract.forward_op("uss", "reference")(*_uss_args(u))[1].shape == (len(UssStat), 5)
+
+
+@pytest.mark.parametrize("backend", fused_backends("cpu", "unitsface"))
+def test_eps_reaches_the_kernels(backend, monkeypatch):
+    """eps= of every public function and module travels in the settings object to the op
+    (the packed options' last field), whichever backend runs it."""
+    seen = []
+    real = contract.forward_op
+
+    def spy(family, name):
+        op = real(family, name)
+
+        def call(*args):
+            packed = args[6] if family == "uss" else args[7]
+            cls = options.UssOptions if family == "uss" else options.UnitsfaceOptions
+            seen.append((family, cls.unpack(packed).eps))
+            return op(*args)
+        return call
+
+    monkeypatch.setattr(contract, "forward_op", spy)
+    u = make_case("uss", 6, 10, 4, torch.float64)
+    c = make_case("unitsface", 6, 10, 4, torch.float64)
+    fused_uss_loss(u["x"], u["labels"], u["bias"], u["ref"], backend=backend, eps=1e-9)
+    uss_bias_init(u["x"], u["labels"], u["ref"], backend=backend, eps=1e-8)
+    fused_margin_softmax_loss(c["x"], c["centres"], c["labels"], backend=backend, eps=1e-7)
+    fused_unitsface_loss(c["x"], c["labels"], c["centres"], c["bank"], c["bias"],
+                         backend=backend, eps=1e-6)
+    head = UniTSFaceHead(4, 10, eps=2e-6, backend=backend).double()
+    head(c["x"], c["labels"])
+    USSLoss(mode="inbatch", eps=3e-6, backend=backend)(u["x"], u["labels"])
+    assert seen == [("uss", 1e-9), ("uss", 1e-8), ("unitsface", 1e-7), ("unitsface", 1e-6),
+                    ("uss", 2e-6), ("unitsface", 2e-6), ("uss", 3e-6), ("uss", 3e-6)]
+
+
+def test_eps_of_the_public_functions():
+    """eps=1e-12 is F.normalize's default: at norm 2e-7 the reference backend then computes
+    what the dense formula with F.normalize computes, and eps is checked like every
+    setting."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(
+        9, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 9, (6,), generator=g)
+    x[::2] = 2e-7 * torch.nn.functional.normalize(x[::2])
+    cos = torch.nn.functional.normalize(x) @ torch.nn.functional.normalize(w).T
+    dense = torch.nn.functional.cross_entropy(
+        64.0 * (cos - 0.4 * torch.nn.functional.one_hot(labels, 9)), labels)
+    ours = fused_margin_softmax_loss(x, w, labels, eps=1e-12, backend="reference")
+    torch.testing.assert_close(ours, dense)
+    official = fused_margin_softmax_loss(x, w, labels, backend="reference")
+    assert abs(float(official - dense)) > 1e-2 * float(dense)
+    for fn, args in ((fused_margin_softmax_loss, (x, w, labels)),
+                     (fused_uss_loss, (x, labels, 1.0, w)), (uss_bias_init, (x, labels)),
+                     (fused_unitsface_loss, (x, labels, w, w, 1.0))):
+        with pytest.raises(ValueError, match=r"eps must lie in \(0, 1\], got 0.0"):
+            fn(*args, eps=0.0)
+        with pytest.raises(TypeError, match="eps must be a real number"):
+            fn(*args, eps="1e-5")
 
 
 def test_schemas_come_from_the_family_declarations():

@@ -31,8 +31,8 @@ import torch.multiprocessing as mp
 
 from unitsface_kernels import (contract, fused_margin_softmax_loss, fused_unitsface_loss,
                                fused_uss_loss, native, options, reference)
-from unitsface_kernels.layouts import UnitsfaceStat
 from unitsface_kernels.distributed import ClassShard, split_classes
+from unitsface_kernels.layouts import UnitsfaceStat
 from unitsface_kernels.nn import PartialFC, SampleToSampleBCE, UniTSFaceHead, USSLoss
 from unitsface_kernels.optim import SparseSGD
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unitsface_kernels import (fused_margin_softmax_loss, fused_uss_loss, reference,
+from unitsface_kernels import (fused_margin_softmax_loss, fused_uss_loss, options, reference,
                                sample_classes, uss_bias_init)
-from unitsface_kernels.nn import PartialFC, UniTSFaceHead, USSLoss, pair_cosine
+from unitsface_kernels.nn import (NormalizedBCE, PartialFC, SampleToSampleBCE,
+                                  SampleToSampleSoftmax, UniTSFaceHead, USSLoss, pair_cosine)
 
 from helpers import LargestAllocation, fused_backends, grad_cosine, rel_err
 
@@ -533,10 +534,165 @@ def test_any_integer_label_dtype():
     (PartialFC, dict(margin_cos=float("nan")), "margin_cos must be finite"),
     (USSLoss, dict(margin=float("inf")), "margin must be finite"),
     (USSLoss, dict(form="bce"), "form must be one of"),
+    (PartialFC, dict(eps=0.0), r"eps must lie in \(0, 1\]"),
+    (UniTSFaceHead, dict(eps=1e-3), "eps must be ≤ 1e-05 for a head with a memory bank"),
+    (USSLoss, dict(eps=1e-3), "eps must be ≤ 1e-05 for a head with a memory bank"),
 ])
 def test_settings_are_checked_when_built(cls, kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         cls(8, 6, **kw)
+
+
+def test_a_module_holds_its_settings_object():
+    """The settings are built and checked once, held in ``options`` (what every call hands
+    down to the kernels) and shown read-only in the constructor's words."""
+    head = UniTSFaceHead(8, 6, margin_arc=0.3, margin_cos=0.0, arcface_grad="straight_through",
+                         uss_form="lse", eps=1e-7, backend="reference")
+    o = head.options
+    assert isinstance(o, options.UnitsfaceOptions)
+    assert (o.margin_arc, o.arcface_straight_through, o.uss_lse, o.eps) == (0.3, True, True, 1e-7)
+    assert (head.arcface_grad, head.uss_form, head.eps, head.scale) == ("straight_through", "lse",
+                                                                        1e-7, 64.0)
+    assert "eps=1e-07" in repr(head) and "arcface_grad='straight_through'" in repr(head)
+    with pytest.raises(AttributeError):
+        head.scale = 32.0
+    uss = USSLoss(mode="inbatch", form="lse", eps=1e-9)
+    assert uss.options == options.uss_options(scale=64.0, margin=0.1, form="lse",
+                                              official_clamp=True, in_batch=True, eps=1e-9)
+    assert (uss.form, uss.eps) == ("lse", 1e-9)
+    assert PartialFC(8, 6).options == options.softmax_options(
+        scale=64.0, margin_arc=0.0, margin_cos=0.4, arcface_grad="exact", easy_margin=False)
+
+
+def _filled(module, C=10, D=16, seed=1):
+    """`module` with random weight/bank (all valid) where it has them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in ("weight", "bank"):
+            if hasattr(module, name):
+                getattr(module, name).copy_(torch.randn(C, D, generator=g))
+        if hasattr(module, "bank_valid"):
+            module.bank_valid.fill_(True)
+    return module
+
+
+MODULES = {
+    "head": lambda backend: filled_head(sample_rate=0.5, backend=backend),
+    "partial_fc": lambda backend: _filled(PartialFC(16, 10, 0.5, backend=backend)),
+    "uss_bank": lambda backend: _filled(USSLoss(16, 10, backend=backend)),
+    "uss_inbatch": lambda backend: USSLoss(mode="inbatch", embedding_size=16, backend=backend),
+    "normalized_bce": lambda backend: _filled(NormalizedBCE(16, 10, backend=backend)),
+    "s2s_softmax": lambda backend: _filled(SampleToSampleSoftmax(16, 10, backend=backend)),
+    "s2s_bce": lambda backend: _filled(SampleToSampleBCE(16, 10, backend=backend)),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference"] + fused_backends("cpu", "unitsface"))
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_a_module_call_checks_once_and_resolves_once(kind, backend, monkeypatch):
+    """One training step of a module (partial FC, b₀ from the data, the loss, backward, the
+    deferred bank update) checks its batch once, reads values back for its checks once, and
+    resolves its backend once: the walk down to the kernels never comes back to the argument
+    checks of the functions' layer."""
+    from unitsface_kernels import backends, validation
+
+    family = "unitsface" if kind in ("head", "partial_fc", "s2s_softmax") else "uss"
+    if backend != "reference" and backend not in fused_backends("cpu", family):
+        pytest.skip(f"no {backend} {family} ops here")
+    module = MODULES[kind](backend)
+    x, labels = batch()
+    x.requires_grad_()
+    calls = dict.fromkeys(["embeddings", "labels", "reference_rows", "bias", "mask",
+                           "index_tensor", "run", "resolve"], 0)
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in ("embeddings", "labels", "reference_rows", "bias", "mask", "index_tensor"):
+        monkeypatch.setattr(validation, name, counted(name, getattr(validation, name)))
+    monkeypatch.setattr(validation.ValueChecks, "run",
+                        counted("run", validation.ValueChecks.run))
+    monkeypatch.setattr(backends, "resolve", counted("resolve", backends.resolve))
+    bias = module.bias.detach().clone() if hasattr(module, "bias") else None
+    module(x, labels).backward()
+    if kind in ("head", "uss_bank", "uss_inbatch", "s2s_bce"):
+        assert not torch.equal(module.bias.detach(), bias)  # b₀ was taken from the data
+    values = int(kind != "uss_inbatch")  # in-batch: no class ids to check
+    assert calls == dict(embeddings=1, labels=1, reference_rows=0, bias=0, mask=0,
+                         index_tensor=0, run=values, resolve=1)
+
+
+def test_no_import_circle():
+    """The package's modules import each other without a circle (lazy imports inside
+    functions included): the layers only go down."""
+    import ast
+    import pathlib
+
+    import unitsface_kernels
+
+    root = pathlib.Path(unitsface_kernels.__file__).parent
+    names, trees = {}, {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        names[name], trees[name] = path, ast.parse(path.read_text())
+
+    def bound(package):
+        """The names a package's __init__ defines itself (not submodules)."""
+        out = set()
+        for node in trees[package].body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                out |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                out.add(node.name)
+            elif isinstance(node, ast.Assign):
+                out |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        return out
+
+    def targets(module, imported):
+        """`from module import imported`: the submodule when it is one (an extension such
+        as _C, absent here, is a leaf), else the module."""
+        if f"{module}.{imported}" in names:
+            return {f"{module}.{imported}"}
+        if names[module].name == "__init__.py" and imported not in bound(module):
+            return set()
+        return {module}
+
+    graph = {}
+    for name, path in names.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        edges = set()
+        for node in ast.walk(trees[name]):
+            if isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = ((f"{base}.{node.module}" if node.module else base) if node.level
+                          else node.module)
+                if module in names:
+                    for alias in node.names:
+                        edges |= targets(module, alias.name)
+            elif isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in names}
+        graph[name] = edges - {name}
+
+    state = {}
+
+    def visit(name, path):
+        state[name] = "open"
+        for nxt in sorted(graph.get(name, ())):
+            if state.get(nxt) == "open":
+                cycle = path[path.index(nxt):] + [nxt]
+                pytest.fail("import circle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert len(graph) > 20 and "unitsface_kernels.nn.calls" in graph
 
 
 def test_sizes_are_integers():

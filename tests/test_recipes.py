@@ -257,6 +257,40 @@ def test_partial_fc_from_insightface(data, backend, margins):
         torch.testing.assert_close(a, o)
 
 
+def _insightface_step(head, margin_loss, x, w, labels):
+    """(loss, ∂x, ∂W) of the head and of arcface_torch's PartialFC_V2 + CombinedMarginLoss
+    (F.normalize with its default eps 1e-12) on the same data."""
+    with torch.no_grad():
+        head.weight.copy_(w)
+    xl = x.clone().requires_grad_()
+    ours = head(xl, labels)
+    xo, wo = x.clone().requires_grad_(), w.clone().requires_grad_()
+    logits = F.linear(F.normalize(xo), F.normalize(wo)).clamp(-1, 1)
+    theirs = F.cross_entropy(margin_loss(logits, labels), labels)
+    return ((ours,) + torch.autograd.grad(ours, [xl, head.weight]),
+            (theirs,) + torch.autograd.grad(theirs, [xo, wo]))
+
+
+@pytest.mark.parametrize("margins", [(1.0, 0.5, 0.0), (1.0, 0.0, 0.4)])
+def test_from_insightface_carries_its_normalisation_eps(data, margins):
+    """Embeddings of norm 2e-7 (arcface_torch's own synthetic set collapses its last
+    BatchNorm to such): PartialFC_V2 normalises with F.normalize's 1e-12, and so does
+    from_insightface (eps=1e-12 in its settings), giving the same loss and gradients; the
+    official heads' 1e-5 would not."""
+    margin_loss = CombinedMarginLoss(64.0, *margins)
+    x = data["x"].clone()
+    x[::2] = 2e-7 * F.normalize(x[::2])
+    head = PartialFC.from_insightface(margin_loss, D, C, backend="reference").double()
+    assert head.eps == 1e-12 and head.options.eps == 1e-12
+    ours, theirs = _insightface_step(head, margin_loss, x, data["w"], data["labels"])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+    official = PartialFC.from_insightface(margin_loss, D, C, backend="reference",
+                                          eps=1e-5).double()
+    other, _ = _insightface_step(official, margin_loss, x, data["w"], data["labels"])
+    assert abs(float(other[0] - theirs[0])) > 1e-2 * abs(float(theirs[0]))
+
+
 def test_from_insightface_refuses_what_it_cannot_compute():
     with pytest.raises(ValueError, match="margin_loss.m1 = 1.35"):
         PartialFC.from_insightface(CombinedMarginLoss(64, 1.35, 0.0, 0.0), D, C)

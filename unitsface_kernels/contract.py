@@ -15,7 +15,8 @@ Op family ``uss`` (docs/design.md §1.1), ``unitsface::uss_{fwd,bwd}_{triton,nat
     bwd(grad_rows, x, ref, labels, ref_labels, ref_valid?, bias, stats, nx, nr,
         float[] options, bool[3] needs) -> (dx, dref, dbias)
 
-  stats = (A, σ(A)·[A unclamped], B, σ(B)·[B unclamped]) of the lse form (zeros for pairs).
+  stats = (A, σ(A)·[A unclamped], B, σ(B)·[B unclamped]) of the lse form (zeros for pairs),
+  the rows named by :class:`~unitsface_kernels.layouts.UssStat`.
   In in-batch mode the same tensor is passed as x and ref: autograd adds ∂x and ∂ref.
 
 Op family ``unitsface`` (§1.2–§1.3), ``unitsface::unitsface_{fwd,bwd}_{triton,native}``::
@@ -28,7 +29,7 @@ Op family ``unitsface`` (§1.2–§1.3), ``unitsface::unitsface_{fwd,bwd}_{trito
 
   The margin softmax over the classes S (the partial-FC index, or all), plus λ·USS on the bank
   rows of the same classes when a bank is given. stats = (lse_c z_ic, A, σA, B, σB, z_iy,
-  USS loss). A label that matches no column (−1, or a class of another shard) has no target
+  USS loss), the rows named by :class:`~unitsface_kernels.layouts.UnitsfaceStat`. A label that matches no column (−1, or a class of another shard) has no target
   there: z_iy = 0. With an index the backward's dcentres holds the rows of the classes of
   S only (row j for class S_j); the autograd rule scatters it into a dense C × D gradient, or
   passes it on as a sparse COO gradient of those rows when ``sparse_grad`` is set (it is read
@@ -44,8 +45,8 @@ Reference rows (ref, centres, bank) may come in another 16/32-bit float dtype th
 master weights with half embeddings): the kernels read them rounded to x's dtype, and their
 gradients come in their own dtype.
 
-``options`` is :meth:`~unitsface_kernels.options.UssOptions.pack` /
-:meth:`~unitsface_kernels.options.UnitsfaceOptions.pack`; ``needs`` says which of the three
+``options`` is the family's settings object, :meth:`~unitsface_kernels.options.UssOptions.pack`
+/ :meth:`~unitsface_kernels.options.UnitsfaceOptions.pack`, built once by the caller; ``needs`` says which of the three
 differentiable inputs want a gradient. Every output is in the accumulation dtype (float64 for
 float64 inputs, else float32) except the gradients, which come in their inputs' dtypes; a
 gradient that is not needed (or a missing bias) comes back as an empty tensor (custom ops
@@ -60,6 +61,7 @@ from typing import Callable
 import torch
 
 from . import reference
+from .layouts import UnitsfaceStat, UssStat
 
 _LIB = torch.library.Library("unitsface", "DEF")
 
@@ -110,14 +112,14 @@ class Family:
 
 def _uss_sizes(x, ref, *_):
     b = x.shape[0]
-    return (4, b), (b,), (ref.shape[0],)
+    return (len(UssStat), b), (b,), (ref.shape[0],)
 
 
 def _unitsface_sizes(x, centres, bank, labels, index, bank_valid, bias, options, row_grads=False,
                      sparse_grad=False):
     b = x.shape[0]
     s = centres.shape[0] if index is None else index.shape[0]
-    return ((7, b), (b,), (s,), (s if bank is not None else 0,),
+    return ((len(UnitsfaceStat), b), (b,), (s,), (s if bank is not None else 0,),
             (b, x.shape[1]) if row_grads else (0,), (b,) if row_grads else (0,))
 
 

@@ -19,6 +19,12 @@ def sample_classes(labels, num_classes, num_sample, generator=None):
     num_sample = check.count(num_sample, "num_sample")
     labels = labels.reshape(-1).to(torch.int64)
     check.label_range(labels, num_classes, "labels", "class ids")
+    return draw_classes(labels, num_classes, num_sample, generator)
+
+
+def draw_classes(labels, num_classes: int, num_sample: int, generator=None):
+    """:func:`sample_classes` of checked arguments (int64 labels in [0, num_classes)): what
+    the modules call with the batch they checked."""
     positives = torch.unique(labels)
     k = min(num_classes, max(num_sample, positives.numel()))
     # random scores in [0, 1) for all classes; positives get 2 so that top-k keeps them all

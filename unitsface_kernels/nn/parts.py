@@ -15,7 +15,7 @@ from .. import validation as check
 from ..bank import update_rows
 from ..distributed import ClassShard
 from ..options import EPS
-from ..sampling import sample_classes
+from ..sampling import draw_classes
 
 BANK_DTYPES = check.FLOAT_DTYPES
 
@@ -121,7 +121,7 @@ def partial_fc_index(module, labels: Tensor) -> Optional[Tensor]:
         return None
     if module.shard is not None:
         return module.shard.sample(labels, module.num_sample)
-    return sample_classes(labels, module.num_local, module.num_sample)
+    return draw_classes(labels, module.num_local, module.num_sample)
 
 
 def shard_repr(module) -> str:
