@@ -9,10 +9,16 @@ checkpoint with ``load_official``.
 
 Conventions shared by the modules:
 
-* **Checks.** Settings are checked when a module is built; a call checks its embeddings and
-  labels against the module (its ``embedding_size``, its ``num_classes``, the forward's own
-  argument names) before anything changes — a call that raises changes no threshold, bank
-  or parameter.
+* **Settings and checks.** Settings are checked once, when a module is built, into its op
+  family's settings object ``options`` (:mod:`unitsface_kernels.options`; the attributes
+  ``scale``, ``margin_cos``, ``eps``, … read it). A call checks its embeddings and labels
+  against the module (its ``embedding_size``, its ``num_classes``, the forward's own argument
+  names) and resolves its backend once, before anything changes — a call that raises changes
+  no threshold, bank or parameter — then hands the checked batch and ``options`` down to the
+  kernels, checking nothing again (:mod:`.calls`).
+* **Normalisation.** ``eps`` (x̂ = x / max(‖x‖, eps)) defaults to the official heads' 1e-5;
+  ``PartialFC.from_insightface`` and ``PartialFC.from_pml`` carry their library's 1e-12.
+  The heads on a memory bank take eps ≤ 1e-5 (docs/design.md §1.4).
 * **Precision.** The losses are computed in the dtype of the embeddings ``x``: under
   ``torch.autocast`` a bf16/fp16 backbone output makes the head's class-centre and bank GEMMs
   run in bf16/fp16 (what ``F.linear`` does in insightface's PartialFC_V2 under autocast), while
