@@ -1,5 +1,5 @@
 """What every module call shares: its settings and its one walk down the layers
-(docs/design.md §4):
+(docs/design.md §3–§4):
 
 * :class:`Settings` — a module holds its op family's settings object (``options``, built and
   checked once when the module is built) and shows its fields as read-only attributes in the
@@ -67,7 +67,6 @@ def begin_call(module, x, labels, family: str, x_name: str = "x") -> tuple[Tenso
     return x, labels, resolve_backend(module, x.device, family)
 
 
-
 def call_unitsface(module, backend: str, x, labels, centres, bank=None, bias=None, valid=None,
                    index=None):
     """The mean unitsface-family loss of a checked batch on the module's classes (the margin
@@ -76,7 +75,7 @@ def call_unitsface(module, backend: str, x, labels, centres, bank=None, bias=Non
               backend=backend)
     if module.shard is not None:
         return sharded.run_shard_unitsface(module.options, x, labels, centres, bank, bias,
-                                               module.shard, **kw)
+                                           module.shard, **kw)
     return ops.run_unitsface(module.options, x, labels, centres, bank, bias, **kw)
 
 
@@ -85,7 +84,7 @@ def call_uss(module, backend: str, x, labels, bias, ref, valid=None):
     its class centres; none in-batch), with ``module.options``."""
     if module.shard is not None:
         return sharded.run_shard_uss(module.options, x, labels, bias, ref, module.shard,
-                                         bank_valid=valid, backend=backend)
+                                     bank_valid=valid, backend=backend)
     return ops.run_uss(module.options, x, labels, bias, ref, None, valid, backend=backend)
 
 
@@ -96,8 +95,7 @@ def call_threshold_init(module, backend: str, x, labels, bank=None, valid=None, 
     o, x = module.options.threshold_init(), x.detach()
     if module.shard is not None:
         return sharded.run_shard_threshold_init(o, x, labels, bank, module.shard,
-                                                    bank_valid=valid, index=index,
-                                                    backend=backend)
+                                                bank_valid=valid, index=index, backend=backend)
     if index is not None:
         bank, valid = bank[index], valid[index]
     return ops.run_threshold_init(o, x, labels, bank, index, valid, backend=backend)

@@ -135,13 +135,12 @@ class PartialFC(Settings, checkpoint.Official, FreshWeights):
         FC, which PML does not have. Optimise ``head.parameters()`` instead of ``loss``'s.
         The normalisation is PML's F.normalize: ``eps`` = 1e-12.
 
-        What differs: cosines are clamped to
-        [−1, 1] here (PML clamps only the target's before its arccos: a difference of
-        rounding); where the target's cosine is exactly ±1 PML's arccos has an infinite
-        derivative and this stays finite (sin θ ≥ 1e-6); PML casts W to the embeddings' dtype
-        in place, here a float32 ``weight`` stays float32 (the kernels read it rounded to the
-        embeddings' dtype). Miners
-        (``indices_tuple``) and ``ref_emb`` are not taken; ``collect_stats`` changes no number
+        What differs: cosines are clamped to [−1, 1] here (PML clamps only the target's
+        before its arccos: a difference of rounding); where the target's cosine is exactly ±1
+        PML's arccos has an infinite derivative and this stays finite (sin θ ≥ 1e-6); PML
+        casts W to the embeddings' dtype in place, here a float32 ``weight`` stays float32
+        (the kernels read it rounded to the embeddings' dtype). Miners (``indices_tuple``)
+        and ``ref_emb`` are not taken; ``collect_stats`` changes no number
         and records nothing here. Another loss class (SubCenterArcFaceLoss, SphereFaceLoss,
         …), a reducer other than MeanReducer, a weight or embedding regulariser, or a
         distance other than plain CosineSimilarity raise a TypeError or ValueError naming it.
