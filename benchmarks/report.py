@@ -279,3 +279,26 @@ def plot(path: str, rows: list[dict], title: str) -> Optional[str]:
 
 def iter_notes(rows: Iterable[dict]) -> list[str]:
     return sorted({f"{r['impl']}: {r['note']}" for r in rows if r["status"] == "skip"})
+
+
+def main(argv=None) -> int:
+    """``python -m benchmarks.report FILE.json``: the tables and the summary of a run."""
+    import argparse
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("json", help="a benchmark run's JSON file")
+    args = ap.parse_args(argv)
+    with open(args.json) as f:
+        doc = json.load(f)
+    print(f"{doc['device']} · {doc['date']} · torch {doc['torch']} · triton {doc['triton']} · "
+          f"CUDA {doc.get('cuda')} · {doc.get('mode', '')}")
+    print(text_table(doc["rows"]))
+    print()
+    if doc.get("summary"):
+        print(summary_text(doc["summary"]))
+    for n in doc.get("notes", []):
+        print(f"note: {n}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""benchmarks/gpu_suite.sh without a GPU: its dry run (DRY_RUN=1) plans every step with the
+limit it gets if every step before it ran to its limit, and parses every step's command
+(benchmarks/dryrun.py). The plan proves the order (the headline before the cost models, the
+tests and the sweeps), that the limits add up to at most 8 minutes, and that the suite's files
+are at most 8, flat, in $OUT."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_suite.sh")
+
+
+def _var(name: str) -> str:
+    with open(SCRIPT) as f:
+        return re.search(rf"^{name}=(.*?)\s*(#.*)?$", f.read(), re.M).group(1)
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("suite")
+    env = dict(os.environ, DRY_RUN="1", OUT=str(out), PYTHON=sys.executable)
+    env.pop("SUITE_SECONDS", None)
+    proc = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=120)
+    return proc, out
+
+
+def _steps(stdout: str) -> list[tuple[str, int]]:
+    """(name, limit) in the order planned; a step skipped in the worst case has limit 0."""
+    steps = []
+    for line in stdout.splitlines():
+        m = re.match(r"== (\w+) \(limit (\d+)s\) -> ", line) or \
+            re.match(r"== (\w+): skipped, no time left", line)
+        if m:
+            steps.append((m.group(1), int(m.group(2)) if m.lastindex == 2 else 0))
+    return steps
+
+
+def test_script_parses():
+    assert subprocess.run(["bash", "-n", SCRIPT]).returncode == 0
+
+
+def test_every_command_parses(dry_run):
+    proc, _ = dry_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    checked = re.findall(r"^dry-run (\w+): (.*)$", proc.stdout, re.M)
+    assert [name for name, _ in checked] == [name for name, _ in _steps(proc.stdout)]
+    assert all(what == "ok" for _, what in checked), checked
+
+
+def test_headline_first_then_cost_models_then_the_rest(dry_run):
+    names = [name for name, _ in _steps(dry_run[0].stdout)]
+    assert names[:4] == ["env", "build", "extension", "headline"]
+    order = ["headline", "ceilings", "cost_triton", "cost_native", "tests", "accuracy", "curve",
+             "sweep", "fusion", "head_step"]
+    assert [n for n in names if n in order] == order
+    # the summary prints the benchmark's table before the step records
+    with open(SCRIPT) as f:
+        text = f.read()
+    summary = text[text.index("gpu_suite summary"):]
+    assert summary.index("benchmarks.report") < summary.index("for line in")
+
+
+def test_limits_add_up_to_eight_minutes(dry_run):
+    steps = _steps(dry_run[0].stdout)
+    total, grace, reserve = int(_var("SUITE_SECONDS").split("-")[-1].strip("}\"")), \
+        int(_var("GRACE")), int(_var("RESERVE"))
+    assert total == 480
+    planned = [limit for _, limit in steps if limit]
+    assert sum(limit + grace for limit in planned) + reserve <= total
+    # in that worst case the headline, the cost models and the tests still get their limits
+    limits = dict(steps)
+    assert limits["headline"] == 140 and limits["ceilings"] > 0 and limits["tests"] > 0
+    assert limits["cost_triton"] > 0 and limits["cost_native"] > 0
+
+
+def test_at_most_eight_flat_files(dry_run):
+    proc, out = dry_run
+    files = _var("FILES").strip("()").split()
+    assert len(files) <= 8 and len(set(files)) == len(files)
+    written = os.listdir(out)
+    assert set(written) <= set(files), written
+    assert all(os.path.isfile(os.path.join(out, f)) for f in written)
+    logs = set(re.findall(r"^== \w+ \(limit \d+s\) -> (\S+)$", proc.stdout, re.M))
+    assert logs <= set(files)
+    with open(SCRIPT) as f:
+        text = f.read()
+    # the benchmark writes <stem>.json/.md/.png, the ceilings their JSON: all among FILES
+    for stem in re.findall(r"--stem (\w+)", text):
+        assert {f"{stem}.json", f"{stem}.md", f"{stem}.png"} <= set(files)
+    for path in re.findall(r"--json \"\$OUT/([\w.]+)\"", text):
+        assert path in files
