@@ -97,3 +97,65 @@ def test_at_most_eight_flat_files(dry_run):
         assert {f"{stem}.json", f"{stem}.md", f"{stem}.png"} <= set(files)
     for path in re.findall(r"--json \"\$OUT/([\w.]+)\"", text):
         assert path in files
+
+
+def test_benchmark_times_ours_first_and_compile_last():
+    from benchmarks.__main__ import RUN_ORDER
+    from benchmarks.impls import IMPLS, OURS
+    assert sorted(RUN_ORDER) == sorted(IMPLS)
+    assert RUN_ORDER[:len(OURS)] == list(OURS)
+    assert RUN_ORDER[-2:] == ["eager", "compile"]
+
+
+def test_impl_budget_cuts_the_timed_steps():
+    """A measurement with no time left after its first step still times one step, says so,
+    and keeps its peak memory."""
+    from benchmarks import measure
+    from benchmarks.impls import Case
+    case = Case("softmax", 300, 16, 32, "float32", "cpu")
+    res = measure.measure_impl(case, "eager", warmup=3, repeats=50, budget_s=0.0)
+    assert res["status"] == "ok", res
+    assert len(res["times_s"]) == 1 and "1 of 50 timed steps" in res["note"]
+    assert res["peak_bytes"] >= 0 and "mm" not in res
+
+
+def test_sparse_rows_at_partial_fc_only():
+    """native-sparse: sparse_grad=True and a SparseSGD step; its gradient is counted by the
+    bytes it holds (the sampled rows), not as a C × D matrix."""
+    from benchmarks import impls, measure
+    from benchmarks.impls import Case
+    from unitsface_kernels import native
+    dense = Case("objective", 400, 16, 32, "float32", "cpu")
+    assert "partial FC" in impls.unavailable("native-sparse", dense)
+    if not native.has_family("unitsface"):
+        pytest.skip("the native extension is not built")
+    case = Case("objective", 400, 16, 32, "float32", "cpu", sample_rate=0.25)
+    inp = impls.make_inputs(case)
+    impls.build("native-sparse", inp, case)().backward()
+    g = inp.centres.grad
+    assert g.is_sparse and impls._nbytes(g) < case.classes * case.dim * 4
+    res = measure.measure_impl(case, "native-sparse", warmup=2, repeats=2)
+    assert res["status"] == "ok", res
+    assert res["grad_bytes"] < case.classes * case.dim * 4
+
+
+def test_plot_puts_each_point_at_its_class_count(tmp_path, monkeypatch):
+    """The class axis is to scale: logarithmic, each point at its C (not a category index)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from benchmarks import report
+    seen = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: seen.append(self))
+    rows = [dict(task="objective", classes=c, sample_rate=r, impl=i, status="ok",
+                 time_ms=1.0 + k, peak_mib=10.0 + k)
+            for k, (c, r, i) in enumerate([(10_000, 1.0, "native"), (50_000, 1.0, "native"),
+                                           (1_000_000, 0.1, "native"),
+                                           (1_000_000, 0.1, "native-sparse")])]
+    assert report.plot(str(tmp_path / "p.png"), rows, "t") is None
+    ax = seen[0].axes[0]
+    assert ax.get_xscale() == "log"
+    xs = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()}
+    assert xs["native"] == [10_000, 50_000, 1_000_000]
+    assert xs["native-sparse"] == [1_000_000]
