@@ -5,7 +5,9 @@ installed, cut-cross-entropy and Liger. See benchmarks/README.md.
 Defaults: GPU → bf16, B=512, D=512, C ∈ {10k, 100k, 1M (sample rate 0.1)};
 CPU → fp32, B=256, D=512, C ∈ {10k, 50k (the headline), 1M (sample rate 0.1)}: every
 implementation at the headline, eager, partialfc and native (one timed step each) at the
-other class counts, so that the curve takes about 3 minutes on 2 cores;
+other class counts, and native-sparse (sparse_grad=True + SparseSGD) at 1M, so that the
+curve takes about 3 minutes on 2 cores. Partial-FC points time ours both ways: the dense
+default and sparse_grad (the rows ``triton-sparse``, ``native-sparse``);
 ``--quick`` → a CPU smoke run of tiny shapes.
 """
 

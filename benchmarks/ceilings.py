@@ -138,7 +138,7 @@ def measure(b: int, d: int, c: int, dtype: torch.dtype) -> dict:
            f", torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}",
            "mm_flops": rates["cos"], "mm_by_product": rates,
            "mm_shape": {"batch": b, "dim": d, "classes": c, "dtype": str(dtype)},
-           "l2_bytes": int(props.L2_cache_size),
+           "l2_bytes": int(getattr(props, "L2_cache_size", 50 << 20)),
            "mufu_ops": 16 * props.multi_processor_count * clock_hz, "clock_hz": clock_hz}
     out.update(bandwidths(props.multi_processor_count))
     out.update(launch_costs())
