@@ -159,3 +159,33 @@ def test_plot_puts_each_point_at_its_class_count(tmp_path, monkeypatch):
     xs = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()}
     assert xs["native"] == [10_000, 50_000, 1_000_000]
     assert xs["native-sparse"] == [1_000_000]
+
+
+def test_resume_keeps_ok_rows_and_remeasures_the_rest(tmp_path):
+    """--resume (the suite's curve after its headline): an earlier run's ok rows stay and are
+    not measured again; its failed rows of this run's cases are dropped (measured again);
+    another device's file is not used."""
+    import json
+
+    from benchmarks.__main__ import _resume
+    from benchmarks.impls import Case
+    head = Case("objective", 100_000, 512, 512, "bfloat16", "cuda:0")
+    curve = Case("objective", 10_000, 512, 512, "bfloat16", "cuda:0")
+
+    def row(case, impl, status):
+        return dict(task=case.task, classes=case.classes, sample_rate=case.sample_rate,
+                    batch=case.batch, dim=case.dim, dtype=case.dtype, impl=impl, status=status)
+
+    old = {"device": "GPU X", "datetime": "then", "checks": [{"ok": True}],
+           "rows": [row(head, "triton", "ok"), row(head, "eager", "error"),
+                    row(Case("softmax", 7, 1, 1, "float32", "cpu"), "eager", "skip")]}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(old))
+    doc, notes = {"rows": [], "checks": []}, []
+    done = _resume(doc, str(path), [head, curve], "GPU X", notes)
+    assert done == {(head, "triton")}
+    assert [r["impl"] for r in doc["rows"]] == ["triton", "eager"]  # + the other case's row
+    assert doc["rows"][1]["classes"] == 7 and doc["checks"] == [{"ok": True}]
+    doc, notes = {"rows": [], "checks": []}, []
+    assert _resume(doc, str(path), [head], "GPU Y", notes) == set() and not doc["rows"]
+    assert "not this device" in notes[0]
