@@ -166,7 +166,8 @@ def measure_impl(case: Case, name: str, warmup: int, repeats: int,
 
     `budget_s`: the seconds this measurement may take. The first step (compilation) cannot be
     cut; after it, the warm-up stops and the timed steps are as many as fit in what is left
-    (at least one), and torch.mm's rate is not measured again (``note`` says so)."""
+    (at least one; ``note`` says so), and with the budget spent torch.mm's rate is not
+    measured again (the case's, measured before, stands)."""
     res = {"status": "ok", "note": ""}
     reason = impls.unavailable(name, case)
     if reason:

@@ -224,7 +224,8 @@ def write_text(path: str, text: str) -> None:
 def plot(path: str, rows: list[dict], title: str) -> Optional[str]:
     """Time and peak memory vs number of classes per implementation, one row of panels per
     task: both axes logarithmic, each point at its class count (the axis is to scale; a
-    partial-FC point is labelled with its rate). The sparse_grad rows are dotted. Returns
+    partial-FC point is labelled with its rate). The sparse_grad rows are dotted, in their
+backend's colour. Returns
     None on success, else why no plot was written."""
     try:
         import matplotlib
@@ -239,6 +240,9 @@ def plot(path: str, rows: list[dict], title: str) -> Optional[str]:
     import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
     markers = dict(zip(IMPLS, "osD^v<>*PXh"))
     colors = dict(zip(IMPLS, plt.get_cmap("tab10").colors))
+    for name, impl in IMPLS.items():  # a sparse_grad row takes its backend's colour
+        if impl.sparse:
+            colors[name] = colors[impl.backend]
     for i, task in enumerate(tasks):
         for j, (key, label) in enumerate((("time_ms", "fwd+bwd time (ms)"),
                                           ("peak_mib", "peak memory over inputs (MiB)"))):
