@@ -96,6 +96,11 @@ have_ext() { [ -z "$DRY_RUN" ] && ls unitsface_kernels/_C*.so >/dev/null 2>&1; }
 
 [ -n "$DRY_RUN" ] && : >"$PLAN"
 
+# The image presets CC and CXX to /opt/gcc, whose build of the extension crashes on the first
+# C++ exception (2026-11-28); torch passes `-ccbin $CC` to nvcc, so both are overridden, for
+# the build and for whatever compiles later (torch.compile, Triton).
+export CC="${SYSTEM_CC:-/usr/bin/gcc}" CXX="${SYSTEM_CXX:-/usr/bin/g++}"
+
 # ---------------------------------------------------------------------------- env
 ENV_SCRIPT='echo "# gpu_suite $(date -u +%Y-%m-%dT%H:%M:%SZ) in $PWD"
 nvidia-smi -L 2>&1 || true
@@ -116,10 +121,6 @@ if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
 fi
 
 # ---------------------------------------------------------------------------- build
-# The image presets CC and CXX to /opt/gcc, whose build of the extension crashes on the first
-# C++ exception (2026-11-28); torch passes `-ccbin $CC` to nvcc, so both are overridden, for
-# the build and for whatever compiles later (torch.compile, Triton).
-export CC="${SYSTEM_CC:-/usr/bin/gcc}" CXX="${SYSTEM_CXX:-/usr/bin/g++}"
 have_ext && rm -f unitsface_kernels/_C*.so
 run_step build 90 "$LOG" env CC="$CC" CXX="$CXX" \
   TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
