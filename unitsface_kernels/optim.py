@@ -347,6 +347,8 @@ class SparseSGD(torch.optim.Optimizer):
                     self._update_rows(p, None, grad, state, *hyper, owned=owned or maximize)
                     if self.capturable:
                         lazy.reset()
+                        if p.grad.is_sparse:  # its constants reach the device now, before
+                            self._device_matrix(p, *hyper)  # a capture of the sparse steps
                     else:
                         lazy.base, lazy.history = lazy.step + 1, []
                         lazy.row_step.fill_(lazy.base)

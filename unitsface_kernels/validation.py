@@ -323,7 +323,8 @@ class ValueChecks:
         def verdict(v):
             raise ValueError(f"{message}; got {name}[{v[0]}] = {v[1]}")
 
-        self._add(bad.any(), message, [first, lab[first]], verdict)
+        # a 1-element index: lab[first] with a 0-d tensor would read `first` back
+        self._add(bad.any(), message, [first, lab.index_select(0, first.reshape(1))], verdict)
 
     def index(self, index: torch.Tensor, num_classes: int, lab: torch.Tensor,
               name: str = "index", labels_name: str = "labels") -> None:
