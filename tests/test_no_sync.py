@@ -283,6 +283,17 @@ def _modules(backend):
     ]
 
 
+def _addresses(module, opt) -> dict:
+    """Where every piece of state of a module and its optimizer lives."""
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    if opt is not None:
+        for i, p in enumerate(opt.param_groups[0]["params"]):
+            lazy = p._unitsface_lazy
+            tensors |= {f"{i}.{k}": v for k, v in vars(lazy).items() if torch.is_tensor(v)}
+            tensors |= {f"{i}.{k}": v for k, v in opt.state[p].items() if torch.is_tensor(v)}
+    return {k: v.data_ptr() for k, v in tensors.items()}
+
+
 def _capturing(monkeypatch):
     """As while torch.cuda.graph captures: the checks choose the async mode themselves."""
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
@@ -292,8 +303,9 @@ def _capturing(monkeypatch):
 @pytest.mark.parametrize("backend", _marked("unitsface"))
 def test_module_steps_never_synchronise_when_capturing(backend, cuda_path, monkeypatch):
     """Forward, backward (the deferred bank update runs after it), and a SparseSGD
-    (capturable) step of every module, after an eager warm-up step: nothing synchronises.
-    The threshold starts at 0, so its initialisation runs in the recorded step too."""
+    (capturable) step of every module, after an eager warm-up step: nothing synchronises, and
+    every parameter, buffer and optimizer state stays where it was (updated in place). The
+    threshold starts at 0, so its initialisation runs in the recorded step too."""
     g = torch.Generator().manual_seed(0)
     syncs, found = Syncs(monkeypatch), {}
     for name, module in _modules(backend):
@@ -303,6 +315,7 @@ def test_module_steps_never_synchronise_when_capturing(backend, cuda_path, monke
         batches = [(torch.randn(8, 16, generator=g), torch.randint(0, 10, (8,), generator=g))
                    for _ in range(2)]
         for step, (x, labels) in enumerate(batches):
+            before = _addresses(module, opt)
             if hasattr(module, "bias"):
                 with torch.no_grad():
                     module.bias.zero_()  # b ≤ 0: the initialisation takes part
@@ -317,6 +330,8 @@ def test_module_steps_never_synchronise_when_capturing(backend, cuda_path, monke
                         opt.step()
             if step and syncs.events:
                 found[name] = syncs.events
+            if step:  # a replayed graph reads and writes the addresses it was captured with
+                assert _addresses(module, opt) == before, name
         if hasattr(module, "bias"):
             assert float(module.bias.detach().mean()) > 0, name  # initialised on the device
     assert not found

@@ -203,7 +203,8 @@ class _DeviceLazyRows:
         """After a sparse step of matrix `matrix` (2 × 2) that updated `rows`: the suffix
         products shift, the step count grows, the rows are current, and the next window of
         rows is brought up to date."""
-        self.suffix = torch.cat([self.suffix[:1], matrix @ self.suffix[:-1]])
+        # in place, like every buffer here: a captured graph replays on these addresses
+        self.suffix[1:] = matrix @ self.suffix[:-1]
         self.steps += 1
         self.row_step.index_copy_(0, rows, self.steps.expand(rows.shape[0]))
         self.lagging = True
