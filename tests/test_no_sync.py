@@ -400,3 +400,83 @@ def test_async_mode_steps_equal_eager_steps(name, backend):
         assert torch.equal(runs[0][1][key], runs[1][1][key]), key
     if "bias" in runs[0][1]:
         assert float(runs[0][1]["bias"].mean()) > 0  # initialised from the data
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+def _cuda_backends():
+    native_cuda = native.has_family("unitsface", "cuda")
+    return [_mark("triton"), "native" if native_cuda else pytest.param(
+        "native", marks=pytest.mark.skip(reason="the native extension has no CUDA ops"))]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", _cuda_backends())
+def test_captured_step_equals_eager_steps(backend):
+    """A UniTSFaceHead + SparseSGD(capturable) step with partial FC captured whole with
+    torch.cuda.graph after warm-up and replayed over new batches copied into static inputs:
+    the same losses, threshold (initialised inside the graph), bank and weights as the same
+    steps run eagerly, bit for bit (the kernels merge their partial results in a fixed
+    order), under a learning-rate schedule of a tensor lr. Needs a GPU: to be run there."""
+    import copy
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    heads = [unn.UniTSFaceHead(32, 300, sample_rate=0.1, sparse_grad=True,
+                               backend=backend).to(device)]
+    heads.append(copy.deepcopy(heads[0]))
+    opts = [SparseSGD(h.parameters(), lr=torch.tensor(0.1, dtype=torch.float64, device=device),
+                      momentum=0.9, weight_decay=5e-4, capturable=True) for h in heads]
+    schedules = [torch.optim.lr_scheduler.StepLR(o, 2, 0.5) for o in opts]
+    g = torch.Generator().manual_seed(1)
+
+    def batch():  # 8 identities at most: never more classes than |S| = 30
+        ids = torch.randint(0, 300, (8,), generator=g)
+        return (torch.randn(16, 32, generator=g).to(device),
+                ids[torch.randint(0, 8, (16,), generator=g)].to(device))
+
+    def step(head, opt, x, labels):
+        loss = head(x, labels)
+        loss.backward()
+        opt.step()
+        return loss
+
+    warm, data = [batch() for _ in range(3)], [batch() for _ in range(6)]
+    with uk.checks("async"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        for k, (head, opt) in enumerate(zip(heads, opts)):
+            with torch.cuda.stream(side if k == 0 else torch.cuda.current_stream()):
+                for i, (x, labels) in enumerate(warm):
+                    torch.cuda.manual_seed(i)
+                    opt.zero_grad(set_to_none=True)
+                    step(head, opt, x, labels)
+            torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():  # b ≤ 0 again: the replays initialise it on the device
+            for head in heads:
+                head.bias.zero_()
+        static_x, static_labels = (t.clone() for t in data[0])
+        graph = torch.cuda.CUDAGraph()
+        opts[0].zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            static_loss = step(heads[0], opts[0], static_x, static_labels)
+        torch.cuda.manual_seed(99)
+        replayed = []
+        for x, labels in data:
+            static_x.copy_(x)
+            static_labels.copy_(labels)
+            graph.replay()
+            replayed.append(static_loss.detach().clone())
+            schedules[0].step()
+        torch.cuda.manual_seed(99)
+        eager = []
+        for x, labels in data:
+            opts[1].zero_grad(set_to_none=True)
+            eager.append(step(heads[1], opts[1], x, labels).detach())
+            schedules[1].step()
+    assert torch.equal(torch.stack(replayed), torch.stack(eager))
+    for opt in opts:
+        opt.catch_up_all()
+    for name in ("weight", "bias", "bank", "bank_valid"):
+        assert torch.equal(getattr(heads[0], name), getattr(heads[1], name)), name
+    assert float(heads[0].bias) > 0  # initialised from the data inside the graph

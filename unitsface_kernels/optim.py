@@ -366,6 +366,7 @@ class SparseSGD(torch.optim.Optimizer):
                                        torch.tensor(a1, dtype=torch.float64, device=p.device))
         a0, a1 = self._matrix_parts[key]
         return a0 + a1 * (lr.to(torch.float64) if isinstance(lr, Tensor) else lr)
+
     @staticmethod
     def _update(p, rows, grad, state, lr, mu, dampening, lam, nesterov) -> None:
         """torch.optim.SGD's update of `rows` of p with their gradient values (row j of `grad`
