@@ -337,6 +337,17 @@ def test_module_steps_never_synchronise_when_capturing(backend, cuda_path, monke
     assert not found
 
 
+def test_verify_reads_nothing_back(monkeypatch):
+    head = unn.UniTSFaceHead(16, 40, backend="reference")
+    with torch.no_grad():
+        head.bias.fill_(20.0)
+    a, b = torch.randn(5, 16), torch.randn(5, 16)
+    with Syncs(monkeypatch) as syncs:
+        same = head.verify(a, b)
+    assert not syncs.events
+    assert torch.equal(same, unn.pair_cosine(a, b) > head.threshold)
+
+
 def test_capturing_chooses_the_async_mode(cuda_path, monkeypatch):
     """While capturing, a bad label is a device assert (RuntimeError on CPU), not a read-back
     and a ValueError."""

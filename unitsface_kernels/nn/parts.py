@@ -161,7 +161,9 @@ class Threshold(nn.Module):
             if size is not None and t.shape[-1] != size:
                 raise ValueError(f"{name} has embedding size {t.shape[-1]} but this "
                                  f"{type(self).__name__} has embedding_size={size}")
-        return pair_cosine(a, b) > self.threshold
+        cos = pair_cosine(a, b)
+        # t as a tensor (float64, as the float `threshold` computes it): no read-back
+        return cos > (self.bias.detach().mean().double() / self.scale).to(cos.device)
 
     def _mean_threshold(self) -> Tensor:
         """The mean b over all classes: per-class thresholds of a class-parallel module are
