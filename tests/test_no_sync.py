@@ -42,7 +42,7 @@ class Syncs(TorchDispatchMode):
         super().__init__()
         self.events: list[str] = []
         self.active = False
-        self.paused = 0
+        self.depth = self.paused = 0
         for name in ("tolist", "cpu", "numpy"):
             self._wrap(monkeypatch, torch.Tensor, name, f"Tensor.{name}")
         for owner, name in ((torch.cuda, "synchronize"), (torch.cuda.Stream, "synchronize"),
@@ -74,12 +74,15 @@ class Syncs(TorchDispatchMode):
 
         monkeypatch.setattr(owner, name, recording)
 
-    def __enter__(self):
-        self.events, self.active = [], True
+    def __enter__(self):  # re-entered inside a Triton op (below): one recording
+        if not self.depth:
+            self.events, self.active = [], True
+        self.depth += 1
         return super().__enter__()
 
     def __exit__(self, *exc):
-        self.active = False
+        self.depth -= 1
+        self.active = self.depth > 0
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -334,6 +337,33 @@ def test_module_steps_never_synchronise_when_capturing(backend, cuda_path, monke
                 assert _addresses(module, opt) == before, name
         if hasattr(module, "bias"):
             assert float(module.bias.detach().mean()) > 0, name  # initialised on the device
+    assert not found
+
+
+EAGER_READ_BACKS = {"UniTSFaceHead": 6, "UniTSFaceHead lse dense": 6, "PartialFC": 3,
+                    "USSLoss bank": 6, "USSLoss in-batch": 2, "NormalizedBCE": 2,
+                    "UnifiedCrossEntropy": 2, "SampleToSampleSoftmax": 3,
+                    "SampleToSampleBCE": 6}
+"""Read-backs of a training forward and backward of each module in the default eager mode,
+its threshold being initialised (b ≤ 0): the module's label check, partial-FC sampling's, the
+b ≤ 0 test, b₀'s finiteness, the loss's checks and the bank update's (one each, where the
+module has them)."""
+
+
+@pytest.mark.parametrize("backend", _backends("unitsface"))
+def test_module_steps_eager_mode_read_backs(backend, cuda_path, monkeypatch):
+    """The eager mode's read-backs per module step stay what they are (a new one fails), and
+    nothing else synchronises."""
+    g = torch.Generator().manual_seed(0)
+    syncs, found = Syncs(monkeypatch), {}
+    for name, module in _modules(backend):
+        x, labels = torch.randn(8, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
+        with syncs:
+            module(x.requires_grad_(), labels).backward()
+        others = [e for e in syncs.events if not e.startswith(("read-back", "Tensor.tolist"))
+                  and not (backend == "triton" and e.startswith("tensor from host data"))]
+        if syncs.read_backs != EAGER_READ_BACKS[name] or others:
+            found[name] = (syncs.read_backs, syncs.events)
     assert not found
 
 
