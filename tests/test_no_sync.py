@@ -11,8 +11,9 @@ and the stream and event waits. Triton kernels run under the interpreter, which 
 arguments through the host: a launch is paused from recording (on a GPU it is a launch), while
 the host functions of the Triton ops are recorded (the mode would be off inside a custom op).
 Where the code branches on the device type, the test takes the CUDA branch (SparseSGD's row
-blocks). What runs inside a native C++ op is not seen (the dispatcher does not re-enter the
-mode), only what the Python side does around it.
+blocks). Not seen: what runs inside a native C++ op (the dispatcher does not re-enter the
+mode; only what the Python side does around it), and a copy between devices (on the CPU it
+cannot be told from a copy on one device).
 
 In the async checks mode (:class:`unitsface_kernels.checks`, or a CUDA graph being captured)
 every public function, module step and SparseSGD(capturable=True) step records nothing; in the

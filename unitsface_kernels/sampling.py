@@ -24,7 +24,8 @@ def sample_classes(labels, num_classes, num_sample, generator=None, *, fixed_siz
 
     Whenever the batch has at most num_sample classes both give the same index for the same
     random state: every class gets a uniform score in [0, 1), the batch's classes score 2, and
-    S is the top |S| scores, sorted."""
+    S is the top |S| scores, sorted. A generator on another device than the labels' costs a
+    copy of the scores (for a captured call: no generator, or one on the labels' device)."""
     labels = check.tensor(labels, "labels")
     if labels.dtype not in check.INT_DTYPES:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
