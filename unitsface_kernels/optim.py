@@ -240,8 +240,9 @@ class SparseSGD(torch.optim.Optimizer):
     one-element tensor on the parameters' device, which a learning-rate scheduler updates in
     place (a float ``lr`` is baked into a captured graph). A sparse gradient must have sorted
     unique rows (one backward of one head per step; asserted on the device), and no row lags
-    more than ``max_lag`` / 2 steps (a round-robin window of rows is brought up to date at
-    every step)."""
+    more than ``max_lag`` / 2 steps (a round-robin window of 2·C / max_lag rows is brought up
+    to date at every step: about 2 / max_lag of a dense step's memory traffic, so a large
+    ``max_lag`` — 1024, say — costs less there; the step-matrix table has max_lag + 1 rows)."""
 
     def __init__(self, params, lr, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
