@@ -281,3 +281,26 @@ def test_capturable_window_bounds_the_lag():
         w.grad = torch.sparse_coo_tensor(torch.tensor([[10, 11]]), torch.ones(2, D), (C, D))
         opt.step()
         assert int((lazy.steps - lazy.row_step).max()) <= 4 + (step == 0) * C
+
+
+def test_capturable_catch_up_in_blocks(monkeypatch):
+    """The capturable catch-up of every row works in fixed-size blocks (3 rows here, a short
+    last one): the same weights and momentum as torch.optim.SGD."""
+    monkeypatch.setattr(optim, "_DEVICE_BLOCK_BYTES", 3 * D * 4)
+    hyper = HYPERS[1]
+    g = torch.Generator().manual_seed(8)
+    w0, b0 = torch.randn(C, D, generator=g), torch.randn(1, generator=g)
+    dense_p = [torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())]
+    lazy_p = [torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())]
+    dense = (torch.optim.SGD(dense_p, **hyper), *dense_p)
+    lazy = (SparseSGD(lazy_p, max_lag=8, capturable=True, **hyper), *lazy_p)
+    for step in range(STEPS):
+        rows, vals, gb = _grads(step, g)
+        rows, order = rows.sort()  # a capturable step asserts sorted rows
+        _set(dense, rows, vals[order], gb, sparse=False)
+        _set(lazy, rows, vals[order], gb, sparse=True)
+        dense[0].step()
+        lazy[0].step()
+        if step % 7 == 6:
+            _close(dense, lazy)
+    _close(dense, lazy)

@@ -37,6 +37,9 @@ _CPU_BLOCK_BYTES = 1 << 20
 """On the CPU the rows are gathered, updated and written back in blocks of about this size,
 so that the temporaries stay in cache instead of being fresh |S| × D allocations (each new
 page of which costs a fault): the step then costs about one read and write of its rows."""
+_DEVICE_BLOCK_BYTES = 64 << 20
+"""The capturable catch-up of many rows (every row: the dense step, ``state_dict``) works in
+blocks of about this size of rows."""
 
 
 def _row_blocks(rows: Tensor, p: Tensor):
@@ -184,6 +187,13 @@ class _DeviceLazyRows:
         p = self.param
         rows = (torch.arange(p.shape[0], device=p.device) if rows is None
                 else rows.to(device=p.device, dtype=torch.int64))
+        # blocks of a fixed size (every row: a few temporaries of 64 MiB, not of the C × D)
+        row_bytes = max(1, p[0].numel() * p.element_size())
+        for block in rows.split(max(1, _DEVICE_BLOCK_BYTES // row_bytes)):
+            self._catch_up_block(block)
+
+    def _catch_up_block(self, rows: Tensor) -> None:
+        p = self.param
         lag = (self.steps - self.row_step[rows]).clamp_(0, self.optimizer.max_lag)
         shape = (-1,) + (1,) * (p.dim() - 1)
         coef = self.suffix[lag].to(p.dtype)
