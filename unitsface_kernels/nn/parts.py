@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .. import backends, distributed, reference
 from .. import validation as check
-from ..bank import bank_update_
+from ..bank import write_rows_
 from ..distributed import ClassShard
 from ..sampling import sample_classes
 
@@ -230,7 +230,7 @@ class _Probe:
 
 
 class MemoryBank(nn.Module):
-    """Buffers ``bank`` (one row per class of this module, as bank_update_ stores it) and
+    """Buffers ``bank`` (one row per class of this module, as ``bank_update_`` stores it) and
     ``bank_valid``, and the training-mode update with the batch *after* the loss (the official
     order; the last occurrence of a label wins).
 
@@ -338,7 +338,7 @@ class MemoryBank(nn.Module):
         if self.shard is not None:
             distributed.bank_update_(bank, valid, x, labels, self.shard)
         else:
-            bank_update_(bank, valid, x, labels)
+            write_rows_(bank, valid, x, labels)  # labels were checked when the call began
 
 
 def resolve_backend(module, device: torch.device, family: str) -> str:
