@@ -5,7 +5,9 @@ installed, cut-cross-entropy and Liger. See benchmarks/README.md.
 Defaults: GPU → bf16, B=512, D=512, C ∈ {10k, 100k, 1M (sample rate 0.1)};
 CPU → fp32, B=256, D=512, C ∈ {10k, 50k (the headline), 1M (sample rate 0.1)}: every
 implementation at the headline, eager, partialfc and native (one timed step each) at the
-other class counts, so that the curve takes about 3 minutes on 2 cores;
+other class counts, and native-sparse (sparse_grad=True + SparseSGD) at 1M, so that the
+curve takes about 3 minutes on 2 cores. Partial-FC points time ours both ways: the dense
+default and sparse_grad (the rows ``triton-sparse``, ``native-sparse``);
 ``--quick`` → a CPU smoke run of tiny shapes.
 """
 
@@ -28,9 +30,13 @@ from .impls import IMPLS, Case
 GPU_CLASSES = [10_000, 100_000, 1_000_000]
 CPU_CLASSES = [10_000, 50_000, 1_000_000]
 QUICK_CLASSES = [1_000, 4_000]
-CPU_CURVE_IMPLS = ["eager", "partialfc", "native"]
+CPU_CURVE_IMPLS = ["eager", "partialfc", "native", "native-sparse"]
 """On the CPU, the implementations timed at class counts other than the headline's (torch.compile
 recompiles per shape for 10–40 s there, longer than the steps it times)."""
+RUN_ORDER = [*impls.OURS, *(n for n in IMPLS if n not in impls.OURS + ("eager", "compile")),
+             "eager", "compile"]
+"""The order of the measurements of a case: ours first, then the other fused or memory-saving
+heads, then eager and torch.compile, so that a slow compilation cannot starve ours."""
 DEFERRED = ("compile",)
 """Measured in a second pass, after every other implementation on every case."""
 DENSE_LIMIT = 200_000
@@ -90,6 +96,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float,
                    help="seconds: after this, remaining measurements are skipped (the results "
                         "so far are written)")
+    p.add_argument("--impl-budget", type=float, metavar="SECONDS",
+                   help="seconds per measurement: after the first step (compilation), the "
+                        "warm-up and the timed steps are cut to fit (at least one timed step)")
+    p.add_argument("--stem", help="output file name without extension (default "
+                                  "<device>-<date>)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of an earlier run in --out/<stem>.json (same device) and "
+                        "measure only what it lacks")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds per subprocess measurement (default 900)")
     p.add_argument("--no-check", action="store_true",
@@ -250,7 +264,7 @@ def run(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
     dev_name = device_name(args.device)
     now = _dt.datetime.now()
-    stem = f"{slug(dev_name)}-{now:%Y-%m-%d}" + ("-quick" if args.quick else "")
+    stem = args.stem or f"{slug(dev_name)}-{now:%Y-%m-%d}" + ("-quick" if args.quick else "")
     paths = {ext: os.path.join(args.out, f"{stem}.{ext}") for ext in ("json", "md", "png")}
     doc = {"device": dev_name, "device_slug": slug(dev_name), **_versions(),
            "date": now.strftime("%Y-%m-%d"), "datetime": now.isoformat(timespec="seconds"),
@@ -260,6 +274,9 @@ def run(args) -> dict:
            "args": {k: v for k, v in vars(args).items()}, "checks": [], "rows": [],
            "summary": None, "notes": []}
     extra_notes = skipped_notes     # run-level notes (rows carry their own)
+    done = set()                    # (case, impl) kept from the earlier run (--resume)
+    if args.resume and os.path.exists(paths["json"]):
+        done = _resume(doc, paths["json"], cases, dev_name, extra_notes)
 
     print(f"device: {dev_name} | torch {doc['torch']} | triton {doc['triton']} | native "
           f"unitsface op: {doc['native']} | {doc['mode']}", flush=True)
@@ -289,7 +306,7 @@ def run(args) -> dict:
         if not args.no_check:
             doc["checks"] += impls.check_eager_matches_reference(args.device)
             for name in impls.OURS:
-                if name in names:
+                if name in names and not IMPLS[name].sparse:
                     probe = impls.check_case("objective", args.device, 0.25)
                     if impls.unavailable(name, probe) is None:
                         for task in args.tasks:
@@ -311,9 +328,11 @@ def run(args) -> dict:
             return c.classes == headline.classes
 
         def wanted(c, n):
-            return c.task in IMPLS[n].tasks and (
-                at_headline(c) or args.curve_impls is None or n in args.curve_impls)
+            return c.task in IMPLS[n].tasks and (not IMPLS[n].sparse or c.sampled) and (
+                at_headline(c) or args.curve_impls is None or n in args.curve_impls) \
+                and (c, n) not in done
 
+        names = [n for n in RUN_ORDER if n in names]
         jobs = [(c, n) for c in cases for n in names
                 if (n not in DEFERRED or c == headline) and wanted(c, n)]
         jobs += [(c, n) for n in DEFERRED if n in names for c in cases
@@ -345,13 +364,16 @@ def run(args) -> dict:
                 progress.describe(f"{case.label()}: {name}")
                 reps = args.repeats if at_headline(case) else args.curve_repeats
                 if args.isolate == "subprocess":
-                    res = measure.measure_isolated(case, name, args.warmup, reps, args.timeout)
+                    res = measure.measure_isolated(case, name, args.warmup, reps, args.timeout,
+                                                   args.impl_budget)
                 else:
-                    res = measure.measure_impl(case, name, args.warmup, reps, inp=inp)
+                    res = measure.measure_impl(case, name, args.warmup, reps, inp=inp,
+                                               budget_s=args.impl_budget)
+                    if IMPLS[name].sparse:  # its optimizer moved W and b: fresh inputs next
+                        current = (None, None)
             doc["rows"].append(report.make_row(case, name, res, mm, ref_loss))
             progress.update()
-            if i + 1 == len(jobs) or jobs[i + 1][0] != case:
-                save()
+            save()
         current = (None, None)
     except KeyboardInterrupt as e:
         extra_notes.append(f"interrupted ({e}); results are partial")
@@ -368,6 +390,29 @@ def run(args) -> dict:
     written = [p for p in paths.values() if os.path.exists(p)]
     print("wrote " + ", ".join(written) + f"  ({time.monotonic() - start:.0f} s)")
     return doc
+
+
+def _resume(doc: dict, path: str, cases: list, dev_name: str, notes: list) -> set:
+    """Rows and checks of the earlier run in `path` into `doc`; the (case, impl) pairs with
+    an ok row there, which this run does not measure again."""
+    import json
+    with open(path) as f:
+        old = json.load(f)
+    if old.get("device") != dev_name:
+        notes.append(f"--resume: {path} is of {old.get('device')!r}, not this device: not kept")
+        return set()
+    by_key = {(c.task, c.classes, c.sample_rate, c.batch, c.dim, c.dtype): c for c in cases}
+    done = set()
+    for r in old.get("rows", []):
+        case = by_key.get((r["task"], r["classes"], r["sample_rate"], r["batch"], r["dim"],
+                           r["dtype"]))
+        if r["status"] == "ok" or case is None:
+            doc["rows"].append(r)
+            if case is not None:
+                done.add((case, r["impl"]))
+    doc["checks"] += old.get("checks", [])
+    notes.append(f"--resume: {len(doc['rows'])} rows kept from the run of {old.get('datetime')}")
+    return done
 
 
 def main(argv=None) -> int:

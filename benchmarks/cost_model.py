@@ -1,7 +1,8 @@
-"""Cost model of the Triton objective kernels: FLOPs and bytes per kernel, predicted H200 time.
+"""Cost model of the Triton objective kernels: FLOPs and bytes per kernel, predicted GPU time.
 
     python -m benchmarks.cost_model                     # headline + partial FC 1M at rate 0.1
     python -m benchmarks.cost_model --classes 10000 --form lse
+    python -m benchmarks.cost_model --inputs inputs.json --measure   # on a GPU (gpu_suite.sh)
 
 For the launch configuration that unitsface_kernels/triton/fused.py actually runs with on a
 GPU (its `plan`: class chunks, tiles, grids, split-K slices; valid on any machine, since the
@@ -18,20 +19,24 @@ plan only needs the GPU's tile table), every kernel launch of one forward + back
   only (``--g-in-hbm`` counts g's round trip in HBM too: the bound if L2 does not keep it);
 - transcendentals (MUFU instructions: ex2, lg2, rcp) of the loss epilogues, per element.
 
-Predicted time of a kernel = max(FLOPs / mm rate, HBM / HBM bandwidth, L2 / L2 bandwidth)
-+ transcendentals / MUFU rate + launches × launch gap. Triton's kernels run their epilogue
-after their K loop (no warp specialisation), so the epilogue is added, not overlapped; its
-other ALU work (masks, selects, scaling) is not modelled, which the measured times beside
-the predictions (benchmarks/gpu_suite.sh, ``--measure``) show. The host-side finishing
-(torch ops over O(B·D + tiles·B) numbers: merging statistics, the normalisation projection)
-is one entry per phase, bytes counted; its launches are the tensor ops that fused.py's host
-code runs (counted with a TorchDispatchMode on a small call: the pairs forward 35, the lse
-forward 60, the backward 23 or 24), plus the host-to-device copy of each phase's settings.
+Predicted time of a kernel = max(FLOPs / mm rate of its product, HBM / HBM bandwidth, L2 / L2
+bandwidth) + transcendentals / MUFU rate + launches × launch gap. Triton's kernels run their
+epilogue after their K loop (no warp specialisation), so the epilogue is added, not
+overlapped; its other ALU work (masks, selects, scaling) is not modelled, which the measured
+times beside the predictions (benchmarks/gpu_suite.sh, ``--measure``) show. The host-side
+finishing (torch ops over O(B·D + tiles·B) numbers: merging statistics, the normalisation
+projection) is one entry per phase, bytes counted; its launches are the tensor ops that
+fused.py's host code runs (counted with a TorchDispatchMode on a small call: the pairs forward
+35, the lse forward 60, the backward 23 or 24), plus the host-to-device copy of each phase's
+settings.
 
-Constants (H200 SXM): torch.mm in bf16 at the headline shape ran at 445–455 TFLOP/s
-(benchmarks/results/h200-2026-11-28, NOTES.md), taken as 450; HBM ≈ 4.0 TB/s effective;
-L2 ≈ 8 TB/s; MUFU 16 per SM per clock × 132 SMs × 1.98 GHz; ≈ 2 µs between dependent
-launches.
+Every rate is a parameter (:class:`benchmarks.device.Device`): the model prints its
+prediction with the pessimistic inputs (L2 5.5 TB/s, mm 450 TFLOP/s), the optimistic ones
+(L2 8 TB/s) and, given ``--inputs`` (the JSON that ``python -m benchmarks.ceilings``
+writes on a GPU), the measured ones.
+
+One function per launch plan (``PLANS``): :func:`fused_unitsface` counts
+``fused_unitsface_loss``; another op's plan is another function of the same signature.
 """
 
 from __future__ import annotations
@@ -42,18 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-@dataclass(frozen=True)
-class Device:
-    name: str = "H200"
-    mm_flops: float = 450e12     # bf16 torch.mm at the headline shape (measured, see above)
-    hbm_bps: float = 4.0e12
-    l2_bps: float = 8.0e12
-    mufu_ops: float = 16 * 132 * 1.98e9
-    launch_s: float = 2e-6
-
-
-H200 = Device()
+from .device import H200, OPTIMISTIC, PESSIMISTIC, Device, devices  # noqa: F401 (H200: head_step)
 
 
 @dataclass
@@ -63,21 +57,25 @@ class Kernel:
     phase: str        # "forward" or "backward"
     name: str         # the Triton kernel (or "torch" for the host-side finishing)
     what: str
+    product: str | None = None  # the GEMM shape it runs (device.PRODUCTS), for its mm rate
     launches: int = 0
     flops: float = 0.0
     hbm: float = 0.0  # bytes
     l2: float = 0.0   # bytes
     mufu: float = 0.0  # transcendental instructions
 
-    def time(self, dev: Device = H200) -> float:
-        """Predicted seconds on `dev`."""
-        bound = max(self.flops / dev.mm_flops, self.hbm / dev.hbm_bps, self.l2 / dev.l2_bps)
-        return bound + self.mufu / dev.mufu_ops + self.launches * dev.launch_s
+    def terms(self, dev: Device) -> dict:
+        return {"mm": self.flops / dev.mm(self.product), "HBM": self.hbm / dev.hbm_bps,
+                "L2": self.l2 / dev.l2_bps}
 
-    def bound(self, dev: Device = H200) -> str:
+    def time(self, dev: Device = OPTIMISTIC) -> float:
+        """Predicted seconds on `dev`."""
+        return max(self.terms(dev).values()) + self.mufu / dev.mufu_ops \
+            + self.launches * dev.launch_s
+
+    def bound(self, dev: Device = OPTIMISTIC) -> str:
         """Which of FLOPs, HBM and L2 sets the kernel's main term."""
-        terms = {"mm": self.flops / dev.mm_flops, "HBM": self.hbm / dev.hbm_bps,
-                 "L2": self.l2 / dev.l2_bps}
+        terms = self.terms(dev)
         return max(terms, key=terms.get)
 
 
@@ -87,20 +85,26 @@ class Model:
     useful_flops: float = 0.0   # 2·B·|S|·D per GEMM the maths needs (docs/design.md §7)
     chunks: tuple = (0, 0)      # class chunks of the forward and of the backward
 
-    def add(self, phase, name, what, **counts) -> None:
+    def add(self, phase, name, what, product=None, **counts) -> None:
         """Adds one launch's counts to the (phase, name, what) entry."""
         for k in self.kernels:
             if (k.phase, k.name, k.what) == (phase, name, what):
                 break
         else:
-            k = Kernel(phase, name, what)
+            k = Kernel(phase, name, what, product)
             self.kernels.append(k)
         k.launches += counts.pop("launches", 1)
         for key, v in counts.items():
             setattr(k, key, getattr(k, key) + v)
 
-    def time(self, dev: Device = H200) -> float:
+    def time(self, dev: Device = OPTIMISTIC) -> float:
         return sum(k.time(dev) for k in self.kernels)
+
+    def host_s(self, dev: Device = OPTIMISTIC) -> float:
+        """The host's time to enqueue the step (Triton launches from Python, torch ops): the
+        device cannot run ahead of it."""
+        return sum(k.launches * (dev.host_kernel_s if k.name == "torch" else dev.host_triton_s)
+                   for k in self.kernels)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -113,9 +117,10 @@ def _cdiv(a: int, b: int) -> int:
 _MUFU = {"softmax": 1, "uss_pairs_fwd": 4, "uss_lse": 1}
 
 
-def model(b: int = 512, d: int = 512, n_classes: int = 100_000, *, dtype=torch.bfloat16,
-          form: str = "pairs", rate: float = 1.0, total_classes: int | None = None,
-          sparse_grad: bool = False, g_in_hbm: bool = False, config=None) -> Model:
+def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
+                    dtype=torch.bfloat16, form: str = "pairs", rate: float = 1.0,
+                    total_classes: int | None = None, sparse_grad: bool = False,
+                    g_in_hbm: bool = False, config=None) -> Model:
     """The counts of one fused_unitsface_loss forward + backward (CosFace + λ·USS on a bank
     with a scalar threshold; x, W and b take gradients) at B = b, width d, |S| = n_classes
     sampled classes (of `total_classes`, when partial FC samples them: rate < 1), as
@@ -191,7 +196,7 @@ def _cos(m, phase, p, b, n_cols, d, e, acc, *, mats, g_bufs, row_outs, col_outs,
     progs = rb * ct * mats
     k = _cdiv(d, t.bk) * t.bk
     g = g_bufs * b * n_cols * e  # the gradient tiles written (forward pairs: the bank's)
-    m.add(phase, "_cos_kernel", "cosine tiles + loss epilogue",
+    m.add(phase, "_cos_kernel", "cosine tiles + loss epilogue", "cos",
           flops=2 * t.block_m * t.block_n * k * progs,
           # each program: its row block of x and its class tile of W or the bank, all of D
           l2=progs * (t.block_m + t.block_n) * d * e + g
@@ -211,7 +216,7 @@ def _dw(m, p, b, n_cols, d, e, acc, *, indexed, g_in_hbm):
     # each program: all B rows of its g̃ columns and of its x̂' features; the epilogue reads
     # h (one per row block), the norms and the W tile, and writes the ∂W tile
     epi = p.row_blocks * n_cols * acc * ft + n_cols * acc * ft + 2 * n_cols * d * e
-    m.add("backward", "_dw_kernel", "∂W = g̃ᵀ·x̂' + projection",
+    m.add("backward", "_dw_kernel", "∂W = g̃ᵀ·x̂' + projection", "dw",
           flops=2 * t.block_m * t.block_n * k * progs,
           l2=g * ft + b * d * e * ct + epi,
           hbm=b * d * e + p.row_blocks * n_cols * acc + n_cols * acc + 2 * n_cols * d * e
@@ -227,65 +232,79 @@ def _dx(m, phase, p, b, n_cols, d, e, acc, *, mats, indexed, g_in_hbm):
     k = sum(_cdiv(max(0, s), t.bk) * t.bk for s in slices)
     g = mats * b * n_cols * e
     part = p.splits * b * d * acc * 2  # read and written (the first chunk only writes: +0)
-    m.add(phase, "_dx_kernel", "∂x += g̃·R (split-K)",
+    m.add(phase, "_dx_kernel", "∂x += g̃·R (split-K)", "dx",
           flops=2 * t.block_m * t.block_n * k * rt * ft * mats,
           l2=g * ft + mats * n_cols * d * e * rt + part,
           hbm=mats * n_cols * d * e + (mats * n_cols * 8 if indexed else 0)
           + (g if g_in_hbm else 0))
 
 
+PLANS = {"fused_unitsface_loss": fused_unitsface}
+"""The launch plans counted, by the op that runs them: each a function (b, d, n_classes, *,
+dtype, form, rate, total_classes, sparse_grad, g_in_hbm, config) → Model."""
+
+
 # ----------------------------------------------------------------------------- printing
 
-def report(m: Model, title: str, dev: Device = H200, measured: dict | None = None) -> str:
-    """A table of the model's kernels (and the measured ms per (phase, kernel), if given)."""
+def report(m: Model, title: str, devs: list[Device], measured: dict | None = None) -> str:
+    """A table of the model's kernels with the predicted ms on each device of `devs` (the
+    first one's bound column), and the measured ms per (phase, kernel), if given."""
+    cols = "".join(f" {_short(dev):>9}" for dev in devs)
     lines = [title, f"{'phase':9} {'kernel':18} {'launch':>6} {'GFLOP':>8} {'HBM MB':>8} "
-             f"{'L2 MB':>8} {'MUFU G':>7} {'bound':>5} {'model ms':>9}"
+             f"{'L2 MB':>8} {'MUFU G':>7} {'bound':>5}{cols}"
              + (f" {'measured':>9}" if measured is not None else "")]
     unmatched = dict(measured or {})
     for k in m.kernels:
         row = (f"{k.phase:9} {k.name:18} {k.launches:6d} {k.flops / 1e9:8.1f} "
-               f"{k.hbm / 1e6:8.1f} {k.l2 / 1e6:8.1f} {k.mufu / 1e9:7.3f} {k.bound(dev):>5} "
-               f"{1e3 * k.time(dev):9.3f}")
+               f"{k.hbm / 1e6:8.1f} {k.l2 / 1e6:8.1f} {k.mufu / 1e9:7.3f} {k.bound(devs[0]):>5}"
+               + "".join(f" {1e3 * k.time(dev):9.3f}" for dev in devs))
         if measured is not None:
             got = unmatched.pop((k.phase, k.name), None)
             row += f" {got:9.3f}" if got is not None else f" {'-':>9}"
         lines.append(row + f"  {k.what}")
-    total = m.time(dev)
-    lines.append(f"total {1e3 * total:.3f} ms predicted (class chunks: {m.chunks[0]} forward, "
-                 f"{m.chunks[1]} backward); useful work "
-                 f"{m.useful_flops / 1e9:.0f} GFLOP = {m.useful_flops / dev.mm_flops * 1e3:.3f} "
-                 f"ms at the mm rate → {m.useful_flops / total / dev.mm_flops:.0%} of mm")
+    for dev in devs:
+        total = m.time(dev)
+        lines.append(f"predicted {1e3 * total:.3f} ms with the {dev.name} inputs ({dev.source}); "
+                     f"useful work {m.useful_flops / 1e9:.0f} GFLOP = "
+                     f"{m.useful_flops / dev.mm('cos') * 1e3:.3f} ms at its mm rate → "
+                     f"{m.useful_flops / total / dev.mm('cos'):.0%} of mm; host enqueue ≈ "
+                     f"{1e3 * m.host_s(dev):.3f} ms")
+    lines.append(f"class chunks: {m.chunks[0]} forward, {m.chunks[1]} backward")
     if unmatched:
         lines.append("measured, not modelled: " + ", ".join(
             f"{ph} {name} {ms:.3f} ms" for (ph, name), ms in unmatched.items()))
     return "\n".join(lines)
 
 
+def _short(dev: Device) -> str:
+    """A column header for the device's predictions."""
+    kind = dev.name.rsplit(", ", 1)[-1]
+    return {"optimistic": "opt", "pessimistic": "pess"}.get(kind, "inputs") + " ms"
+
+
 def measure(b: int, d: int, n_classes: int, *, dtype=torch.bfloat16, form: str = "pairs",
             rate: float = 1.0, repeats: int = 5) -> tuple[dict, float]:
     """On the GPU: ({(phase, kernel): ms per step} from torch.profiler, and the median ms of
-    a whole step from CUDA events) for the call that :func:`model` counts. Kernels that are
-    not the Triton objective's own count as "torch" (validation, statistics, finishing)."""
+    a whole step from CUDA events) for the call that :func:`fused_unitsface` counts, on the
+    benchmark's inputs (:func:`benchmarks.impls.make_inputs`). Kernels that are not the
+    Triton objective's own count as "torch" (validation, statistics, finishing)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from unitsface_kernels import fused_unitsface_loss, sample_classes
+    from unitsface_kernels import fused_unitsface_loss
 
+    from .impls import Case, make_inputs
     from .measure import time_steps
 
     dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(0)
     total = n_classes if rate >= 1.0 else round(n_classes / rate)
-    x = torch.randn(b, d, device=dev, dtype=dtype, generator=g).requires_grad_()
-    w = torch.randn(total, d, device=dev, dtype=dtype, generator=g).requires_grad_()
-    bank = torch.randn(total, d, device=dev, dtype=dtype, generator=g)
-    bias = torch.tensor([20.0], device=dev, requires_grad=True)
-    labels = torch.randint(0, total, (b,), device=dev, generator=g)
-    index = sample_classes(labels, total, n_classes, generator=g) if rate < 1.0 else None
+    inp = make_inputs(Case("objective", total, b, d, str(dtype).replace("torch.", ""), "cuda",
+                           sample_rate=rate))
 
     def forward():
-        return fused_unitsface_loss(x, labels, w, bank, bias, index=index, uss_form=form,
-                                    backend="triton")
+        inp.zero_grad()
+        return fused_unitsface_loss(inp.x, inp.labels, inp.centres, inp.bank, inp.bias,
+                                    index=inp.index, uss_form=form, backend="triton")
 
     for _ in range(3):  # compile the kernels
         forward().backward()
@@ -314,8 +333,9 @@ def measure(b: int, d: int, n_classes: int, *, dtype=torch.bfloat16, form: str =
     return {k: v / repeats for k, v in out.items()}, step_ms
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--op", choices=sorted(PLANS), default="fused_unitsface_loss")
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--classes", type=int, default=100_000)
@@ -323,26 +343,35 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     ap.add_argument("--g-in-hbm", action="store_true",
                     help="count the gradient tiles' round trip in HBM (L2 does not keep them)")
+    ap.add_argument("--inputs", metavar="JSON",
+                    help="measured device inputs (python -m benchmarks.ceilings --json): "
+                         "predict with them too, beside the pessimistic and optimistic ones")
     ap.add_argument("--measure", action="store_true",
                     help="on a GPU: per-kernel times (torch.profiler) beside the predictions")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     dt = getattr(torch, args.dtype)
     b, d, c = args.batch, args.dim, args.classes
+    devs = devices(args.inputs)
+    count = PLANS[args.op]
+    for dev in devs:
+        print(dev.table())
+    print()
     for rate in (1.0, 0.1):
         total = round(c / rate)
-        title = (f"objective fwd+bwd, {args.dtype}, B={b} D={d}, USS {args.form}, "
-                 f"{H200.name}: " + (f"C={c}" if rate == 1.0 else
-                                     f"partial FC, C={total} at rate {rate} (|S| = {c})"))
-        measured = step = None
+        title = (f"{args.op} fwd+bwd, {args.dtype}, B={b} D={d}, USS {args.form}: "
+                 + (f"C={c}" if rate == 1.0 else
+                    f"partial FC, C={total} at rate {rate} (|S| = {c})"))
+        measured = None
         if args.measure:
             measured, step = measure(b, d, c, dtype=dt, form=args.form, rate=rate)
             title += f"; {torch.cuda.get_device_name()}: a step takes {step:.3f} ms"
-        print(report(model(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,
-                           g_in_hbm=args.g_in_hbm), title, measured=measured))
+        print(report(count(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,
+                           g_in_hbm=args.g_in_hbm), title, devs, measured=measured))
         if rate < 1.0:
-            sparse = model(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,
+            sparse = count(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,
                            sparse_grad=True, g_in_hbm=args.g_in_hbm)
-            print(f"with sparse_grad=True (no dense ∂W): {1e3 * sparse.time():.3f} ms predicted")
+            print("with sparse_grad=True (no dense ∂W): " + ", ".join(
+                f"{1e3 * sparse.time(dev):.3f} ms ({dev.name})" for dev in devs))
         print()
 
 

@@ -1,24 +1,37 @@
 #!/usr/bin/env bash
-# GPU suite: build the extension for this GPU, run the cuda-marked tests, run the GPU benchmark.
-#
-# Made for a bare GPU machine with no network and the image's own python3 (no .venv):
+# GPU suite: the headline first, then the cost models' measured inputs, then the rest as time
+# allows — one call, at most SUITE_SECONDS (480 = 8 minutes) from a bare GPU machine.
 #
 #     bash benchmarks/gpu_suite.sh          # from anywhere; writes into ${OUT:-benchmarks/results}
+#     DRY_RUN=1 OUT=/tmp/plan bash benchmarks/gpu_suite.sh   # the plan, every command parsed
 #
-# Every step has a time limit (timeout) and the suite goes on after a failing step; the whole
-# run takes about 5 minutes (SUITE_SECONDS, default 300; the benchmark gets what the steps
-# before it leave, at least 60 s). It writes few, flat files into
-# $OUT: build.log, tests.log, accuracy.log, sweep.log (tile sweep, the Triton cost model's
-# predicted per-kernel times beside the measured ones, benchmarks.fusion, benchmarks.head_step,
-# benchmarks.native_cost),
-# bench.log and the benchmark's <device>-<date>.json/.md/.png, and prints a short summary.
+# Steps, in this order, each under its own `timeout` (the suite goes on after a failure):
+#   env        device, date, python/torch/triton/CUDA versions, the compilers
+#   wheels     peers that travel as .whl/ (cut-cross-entropy, Liger-Kernel), into /tmp/site
+#   build      the extension, CC and CXX the system compiler (torch passes `-ccbin $CC` to nvcc)
+#   extension  import it in a separate process; set it aside if that fails (native off)
+#   headline   THE HEADLINE TABLE: bf16, B=512, D=512, C=100k, the objective and the softmax
+#              part, every implementation in this one process on this card: ours first, then
+#              the peers, then eager and torch.compile, each with a time budget (--impl-budget)
+#   ceilings   the cost models' inputs measured here (mm rate per product, HBM, L2, launches)
+#   cost_triton, cost_native   per-kernel measured times beside both models' predictions
+#   tests      pytest -m cuda
+#   accuracy   worst loss error / gradient cosine vs the float64 reference, every variant
+#   curve      the benchmark's other class counts (10k; 1M at rate 0.1, dense and sparse_grad)
+#   sweep, fusion, head_step   tuning aids, as time allows
+# Each step's limit is its own (the *_S knobs below), cut to what is left of SUITE_SECONDS;
+# a step with under 10 s left is skipped. The plan (DRY_RUN=1) shows the limits each step gets
+# if every step before it ran to its limit.
 #
-# Knobs (environment): PYTHON (python3), OUT, SUITE_SECONDS (300), BUILD_SECONDS (90),
-# TESTS_SECONDS (80), ACCURACY_SECONDS (30), SWEEP_SECONDS (45), COST_SECONDS (30),
-# FUSION_SECONDS (20), HEAD_STEP_SECONDS (60), NATIVE_COST_SECONDS (30),
-# TEST_WORKERS (8; 0 = serial), UNITSFACE_CXX (the C++ compiler; default /usr/bin/g++, see
-# below), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16), BENCH_ARGS (extra arguments for
-# `python -m benchmarks`).
+# Files (flat, at most 8) in $OUT: suite.log (environment, build, headline output, the step
+# records and the summary), bench.json / bench.md / bench.png (the benchmark: headline and
+# curve), inputs.json (the measured inputs), cost.log (ceilings and both cost models), tests.log
+# (cuda tests, accuracy), extras.log (curve output, sweep, fusion, head_step).
+#
+# Knobs (environment): PYTHON (python3), OUT, SUITE_SECONDS (480), DRY_RUN, TEST_WORKERS (8),
+# TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16), SYSTEM_CC / SYSTEM_CXX (/usr/bin/gcc, /usr/bin/g++),
+# HEADLINE_IMPL_S (15: seconds per implementation), BENCH_ARGS (extra arguments for the
+# headline's `python -m benchmarks`).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT=$PWD
@@ -26,139 +39,158 @@ OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY="${PYTHON:-python3}"
-SUITE_SECONDS="${SUITE_SECONDS:-300}"
-BUILD_SECONDS="${BUILD_SECONDS:-90}"
-TESTS_SECONDS="${TESTS_SECONDS:-80}"
+DRY_RUN="${DRY_RUN:-}"
+SUITE_SECONDS="${SUITE_SECONDS:-480}"
+GRACE=5         # timeout -k: a step that ignores SIGTERM is killed this much later
+RESERVE=15      # for the summary (its python prints the benchmark table)
+MIN_STEP=10
+FILES=(suite.log bench.json bench.md bench.png inputs.json cost.log tests.log extras.log)
+LOG="$OUT/suite.log"
+PLAN=$(mktemp "${TMPDIR:-/tmp}/gpu_suite_plan.XXXXXX")   # DRY_RUN: the steps, for dryrun.py
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-# Peers the GPU image lacks (cut-cross-entropy, liger-kernel: pure-Python wheels) travel as
-# .whl/ in the repository root (benchmarks/README.md, "GPU suite"): installed beside the image's
-# packages, not over them.
-if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "$ROOT"/.whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+for f in "${FILES[@]}"; do rm -f "$OUT/$f"; done
+: >"$LOG"
 T0=$(date +%s)
+SPENT=0         # seconds used: the clock, or under DRY_RUN the limits of the steps so far
 SUMMARY=()
 
-elapsed() { echo $(( $(date +%s) - T0 )); }
+spent() { if [ -n "$DRY_RUN" ]; then echo "$SPENT"; else echo $(( $(date +%s) - T0 )); fi; }
 
-# run_step NAME LIMIT LOG CMD...: run CMD under `timeout`, append its output to LOG, record
-# the outcome; never stops the suite.
+# run_step NAME LIMIT LOG CMD...: run CMD under `timeout` (LIMIT, cut to what is left of
+# SUITE_SECONDS), append its output to LOG, record the outcome; never stops the suite. Under
+# DRY_RUN the step goes into the plan instead (benchmarks/dryrun.py parses it afterwards).
 run_step() {
   local name=$1 limit=$2 log=$3; shift 3
-  local t rc dt what
-  t=$(date +%s)
+  local left t rc dt what
+  left=$(( SUITE_SECONDS - $(spent) - RESERVE - GRACE ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt "$MIN_STEP" ]; then
+    echo "== $name: skipped, no time left" | tee -a "$log"
+    SUMMARY+=("$name: skipped (no time left)")
+    # the plan still carries it, so that the dry run parses its command too
+    [ -n "$DRY_RUN" ] && printf '%s\t0\t%s\t%s\n' "$name" "$(basename "$log")" "$(printf '%q ' "$@")" >>"$PLAN"
+    return 0
+  fi
   echo "== $name (limit ${limit}s): $*" >>"$log"
-  echo "== $name (limit ${limit}s) ..."
-  timeout -k 20 "$limit" "$@" >>"$log" 2>&1
+  echo "== $name (limit ${limit}s) -> $(basename "$log")"
+  if [ -n "$DRY_RUN" ]; then
+    printf '%s\t%s\t%s\t%s\n' "$name" "$limit" "$(basename "$log")" "$(printf '%q ' "$@")" >>"$PLAN"
+    SPENT=$(( SPENT + limit + GRACE ))
+    SUMMARY+=("$name: planned, limit ${limit}s")
+    return 0
+  fi
+  t=$(date +%s)
+  timeout -k "$GRACE" "$limit" "$@" >>"$log" 2>&1
   rc=$?
   dt=$(( $(date +%s) - t ))
   if [ $rc -eq 0 ]; then what=ok
   elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then what="TIMEOUT after ${limit}s"
   else what="FAILED (rc=$rc)"; fi
-  echo "== $name: $what (${dt}s)" >>"$log"
-  echo "== $name: $what (${dt}s)"
+  echo "== $name: $what (${dt}s)" | tee -a "$log"
   SUMMARY+=("$name: $what (${dt}s)")
   return $rc
 }
 
-# The same C++ compiler for the build and for whatever compiles later (torch.compile, Triton).
-# The image presets CXX=/opt/gcc/bin/g++, whose extension crashes on the first C++ exception
-# (seen on 2026-11-28: every bad-input test of the op killed its pytest worker): use the
-# system compiler unless UNITSFACE_CXX names another.
-if [ -n "${UNITSFACE_CXX:-}" ]; then export CXX=$UNITSFACE_CXX
-elif [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++; fi
+have_ext() { [ -z "$DRY_RUN" ] && ls unitsface_kernels/_C*.so >/dev/null 2>&1; }
 
-# ---------------------------------------------------------------------------- 0. environment
-{
-  echo "# gpu_suite $(date -u +%Y-%m-%dT%H:%M:%SZ) in $ROOT"
-  nvidia-smi -L 2>&1 || true
-  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda, "| gpu", torch.cuda.is_available() and torch.cuda.get_device_name(0))' 2>&1
-  "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1
-  echo "CXX=${CXX:-<unset>}"
-  command -v nvcc && nvcc --version | tail -n 2
-} >"$OUT/build.log" 2>&1
-head -n 5 "$OUT/build.log"
+[ -n "$DRY_RUN" ] && : >"$PLAN"
 
-# ---------------------------------------------------------------------------- 1. build
-rm -f unitsface_kernels/_C*.so
-run_step build "$BUILD_SECONDS" "$OUT/build.log" \
-  env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
-      "$PY" setup.py -q build_ext --inplace
+# The image presets CC and CXX to /opt/gcc, whose build of the extension crashes on the first
+# C++ exception (2026-11-28); torch passes `-ccbin $CC` to nvcc, so both are overridden, for
+# the build and for whatever compiles later (torch.compile, Triton).
+export CC="${SYSTEM_CC:-/usr/bin/gcc}" CXX="${SYSTEM_CXX:-/usr/bin/g++}"
 
-# A broken extension must not take the tests and the benchmark down with it: import it in a
-# separate process first, and set it aside if that fails (the triton backend still runs).
-if ls unitsface_kernels/_C*.so >/dev/null 2>&1; then
-  if timeout 60 "$PY" -c 'from unitsface_kernels import native; ext = native.require(); import torch; print("native extension loads; ops:", sorted(n for n in ("unitsface_fwd_native", "uss_fwd_native", "bank_update_") if native.has_op(n)))' >>"$OUT/build.log" 2>&1; then
-    SUMMARY+=("extension: $(tail -n 1 "$OUT/build.log")")
-  else
+# ---------------------------------------------------------------------------- env
+ENV_SCRIPT='echo "# gpu_suite $(date -u +%Y-%m-%dT%H:%M:%SZ) in $PWD"
+nvidia-smi -L 2>&1 || true
+"$0" -c "import sys, torch, triton; print(\"python\", sys.version.split()[0], \"| torch\", torch.__version__, \"| triton\", triton.__version__, \"| cuda\", torch.version.cuda, \"| gpu\", torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+echo "CC=${CC:-<unset>} CXX=${CXX:-<unset>}"
+command -v nvcc && nvcc --version | tail -n 2'
+bash -n -c "$ENV_SCRIPT" || echo "!! env script: syntax error" | tee -a "$LOG"
+run_step env 20 "$LOG" bash -c "$ENV_SCRIPT" "$PY"
+[ -z "$DRY_RUN" ] && sed -n '2,4p' "$LOG"
+
+# ---------------------------------------------------------------------------- wheels
+# Peers the GPU image lacks (pure-Python wheels; torch and triton are there) travel as .whl/
+# in the repository root (benchmarks/README.md): installed beside the image's packages.
+if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
+  run_step wheels 20 "$LOG" "$PY" -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --upgrade --target /tmp/site "$ROOT"/.whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+# ---------------------------------------------------------------------------- build
+have_ext && rm -f unitsface_kernels/_C*.so
+run_step build 90 "$LOG" env CC="$CC" CXX="$CXX" \
+  TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+  "$PY" setup.py -q build_ext --inplace
+if have_ext || [ -n "$DRY_RUN" ]; then
+  # a broken extension must not take the rest down: set it aside if it does not import
+  if ! run_step extension 20 "$LOG" "$PY" -c 'from unitsface_kernels import native; native.require(); print("native extension loads; families:", [f for f in ("unitsface", "uss") if native.has_family(f)])'; then
     mkdir -p /tmp/unitsface_broken_ext && mv unitsface_kernels/_C*.so /tmp/unitsface_broken_ext/
-    echo "!! the built extension does not import; moved to /tmp/unitsface_broken_ext (native backend off)" | tee -a "$OUT/build.log"
-    SUMMARY+=("extension: BUILT BUT DOES NOT IMPORT (set aside; native off)")
+    echo "!! the extension does not import; moved to /tmp/unitsface_broken_ext (native off)" | tee -a "$LOG"
   fi
-else
-  SUMMARY+=("extension: not built (native backend off)")
 fi
 
-# ---------------------------------------------------------------------------- 2. cuda tests
-# Per-test timeout (pytest-timeout) and parallel workers (pytest-xdist: Triton's JIT compiles
-# dominate the first run) when the image has them; TEST_WORKERS=0 runs serially.
-PYTEST_ARGS=()
-if "$PY" -c 'import pytest_timeout' >/dev/null 2>&1; then PYTEST_ARGS+=(--timeout=90); fi
-TEST_WORKERS="${TEST_WORKERS:-8}"
-if [ "$TEST_WORKERS" != 0 ] && "$PY" -c 'import xdist' >/dev/null 2>&1; then
-  PYTEST_ARGS+=(-n "$TEST_WORKERS")
-fi
-: >"$OUT/tests.log"
-run_step tests "$TESTS_SECONDS" "$OUT/tests.log" \
-  "$PY" -m pytest -v -rfE -m cuda -p no:cacheprovider ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"} tests
-TESTS_LINE=$(grep -E "(passed|failed|error|no tests ran|skipped)" "$OUT/tests.log" | tail -n 1)
-[ -n "$TESTS_LINE" ] && SUMMARY+=("pytest: $TESTS_LINE")
-
-# ---------------------------------------------------------------------------- 3. accuracy
-: >"$OUT/accuracy.log"
-run_step accuracy "${ACCURACY_SECONDS:-30}" "$OUT/accuracy.log" "$PY" -m benchmarks.accuracy
-cat "$OUT/accuracy.log"
-
-# ---------------------------------------------------------------------------- 4. tile sweep
-: >"$OUT/sweep.log"
-run_step sweep "${SWEEP_SECONDS:-45}" "$OUT/sweep.log" "$PY" -m benchmarks.tile_sweep
-# the Triton kernels' cost model: per-kernel predictions beside the measured times (same log)
-run_step cost_model "${COST_SECONDS:-30}" "$OUT/sweep.log" "$PY" -m benchmarks.cost_model --measure
-cat "$OUT/sweep.log"
-# the one-pass objective against its two losses called separately (same log: ≤ 8 files)
-run_step fusion "${FUSION_SECONDS:-20}" "$OUT/sweep.log" "$PY" -m benchmarks.fusion --repeats 10
-tail -n 4 "$OUT/sweep.log"
-# the head's whole training step at 1M classes (rate 0.1) against 100k (rate 1.0), sparse
-# gradients + SparseSGD, and the dense-gradient baseline (issue 17; printed into sweep.log)
-run_step head_step "${HEAD_STEP_SECONDS:-60}" "$OUT/sweep.log" \
-  "$PY" -m benchmarks.head_step --device cuda --steps 5
-tail -n 12 "$OUT/sweep.log"
-# the native CUDA sweep at the headline: its cost model (launches, FLOPs, bytes, predicted time
-# per kernel) beside the measured step and its kernels by group (needs the extension)
-if ls unitsface_kernels/_C*.so >/dev/null 2>&1; then
-  run_step native_cost "${NATIVE_COST_SECONDS:-30}" "$OUT/sweep.log" \
-    "$PY" -m benchmarks.native_cost --measure
-  tail -n 30 "$OUT/sweep.log"
-fi
-
-# ---------------------------------------------------------------------------- 5. benchmark
-LEFT=$(( SUITE_SECONDS - $(elapsed) ))
-[ $LEFT -lt 60 ] && LEFT=60
-BUDGET=$(( LEFT - 30 ))
-: >"$OUT/bench.log"
+# ---------------------------------------------------------------------------- headline
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-run_step bench "$LEFT" "$OUT/bench.log" \
-  "$PY" -m benchmarks --out "$OUT" --budget "$BUDGET" ${BENCH_ARGS:-}
+run_step headline 140 "$LOG" "$PY" -m benchmarks --out "$OUT" --stem bench --classes 100k \
+  --no-check --repeats 20 --impl-budget "${HEADLINE_IMPL_S:-15}" --budget 120 ${BENCH_ARGS:-}
+
+# ---------------------------------------------------------------------------- cost models
+run_step ceilings 30 "$OUT/cost.log" "$PY" -m benchmarks.ceilings --json "$OUT/inputs.json"
+INPUTS=()
+{ [ -n "$DRY_RUN" ] || [ -s "$OUT/inputs.json" ]; } && INPUTS=(--inputs "$OUT/inputs.json")
+run_step cost_triton 40 "$OUT/cost.log" "$PY" -m benchmarks.cost_model ${INPUTS[@]+"${INPUTS[@]}"} --measure
+if have_ext || [ -n "$DRY_RUN" ]; then
+  run_step cost_native 25 "$OUT/cost.log" "$PY" -m benchmarks.native_cost ${INPUTS[@]+"${INPUTS[@]}"} --measure
+fi
+
+# ---------------------------------------------------------------------------- cuda tests
+# parallel workers (pytest-xdist) and a per-test timeout (pytest-timeout) where the image has them
+PYTEST_ARGS=()
+if [ -z "$DRY_RUN" ]; then
+  "$PY" -c 'import pytest_timeout' >/dev/null 2>&1 && PYTEST_ARGS+=(--timeout=60)
+  [ "${TEST_WORKERS:-8}" != 0 ] && "$PY" -c 'import xdist' >/dev/null 2>&1 \
+    && PYTEST_ARGS+=(-n "${TEST_WORKERS:-8}")
+fi
+run_step tests 90 "$OUT/tests.log" "$PY" -m pytest -q -rfE -m cuda -p no:cacheprovider \
+  ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"} tests
+run_step accuracy 30 "$OUT/tests.log" "$PY" -m benchmarks.accuracy
+
+# ---------------------------------------------------------------------------- as time allows
+run_step curve 60 "$OUT/extras.log" "$PY" -m benchmarks --out "$OUT" --stem bench --resume \
+  --classes 10k 100k 1M --no-check --impl-budget 8 --budget 45
+run_step sweep 40 "$OUT/extras.log" "$PY" -m benchmarks.tile_sweep
+run_step fusion 20 "$OUT/extras.log" "$PY" -m benchmarks.fusion --repeats 10
+run_step head_step 40 "$OUT/extras.log" "$PY" -m benchmarks.head_step --device cuda --steps 5
 
 # ---------------------------------------------------------------------------- summary
-echo
-echo "================ gpu_suite summary ($(elapsed)s) ================"
-for line in "${SUMMARY[@]}"; do echo "  $line"; done
-echo "---------------- benchmark (tail of bench.log) ----------------"
-# the results table and the headline summary, without the progress bars
-tr '\r' '\n' <"$OUT/bench.log" | grep -v -E '[0-9]+/[0-9]+ \[' | tail -n 45
-echo "---------------- files in $OUT ----------------"
+{
+  echo
+  echo "================ gpu_suite summary ($(spent)s of ${SUITE_SECONDS}s) ================"
+  if [ -s "$OUT/bench.json" ]; then
+    "$PY" -m benchmarks.report "$OUT/bench.json" 2>&1
+  else
+    echo "(no benchmark results: see the headline step in suite.log)"
+  fi
+  echo "---------------- steps ----------------"
+  for line in "${SUMMARY[@]}"; do echo "  $line"; done
+  if [ -s "$OUT/cost.log" ]; then
+    echo "---------------- cost models ----------------"
+    grep -E "^(device inputs|  (mm rate|HBM|L2|launch gap)|predicted|  predicted|measured on)" "$OUT/cost.log"
+  fi
+  grep -E "(passed|failed|error|no tests ran)" "$OUT/tests.log" 2>/dev/null | tail -n 1
+} | tee -a "$LOG"
+if [ -n "$DRY_RUN" ]; then
+  "$PY" -m benchmarks.dryrun --plan "$PLAN" | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  rm -f "$PLAN"
+  exit "$rc"
+fi
+rm -f "$PLAN"
+extra=$(ls -A "$OUT" | grep -v -x -F "$(printf '%s\n' "${FILES[@]}")")
+[ -n "$extra" ] && echo "!! files in $OUT beyond the suite's own: $extra" | tee -a "$LOG"
 ls -la "$OUT"
 exit 0

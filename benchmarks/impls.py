@@ -27,6 +27,11 @@ pml        pytorch-metric-learning's CosFaceLoss (m = 0.4, s = 64; softmax only)
            the same loss, eager (its W is the case's centres, transposed: D × C)
 triton     ours, backend="triton" (CUDA)
 native     ours, backend="native" (wherever ``unitsface_kernels.native.has_family("unitsface")``)
+triton-sparse, native-sparse
+           ours under partial FC as the README recommends at a million classes: sparse_grad=True
+           (∂W as a sparse tensor of the sampled rows, no dense C × D gradient) and a
+           SparseSGD step (lr 0.1, momentum 0.9, weight decay 5e-4) of W and b after each
+           backward — an optimizer step the other rows do not take
 """
 
 from __future__ import annotations
@@ -134,12 +139,18 @@ class Inputs:
             t.grad = None
 
     def grad_bytes(self) -> int:
-        return sum(t.grad.numel() * t.grad.element_size() for t in self.leaves()
-                   if t.grad is not None)
+        return sum(_nbytes(t.grad) for t in self.leaves() if t.grad is not None)
 
     def input_bytes(self) -> int:
         ts = [self.x, self.labels, self.centres, self.bank, self.bias, self.index]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds (a sparse COO one: its indices and values)."""
+    if t.is_sparse:
+        return _nbytes(t._indices()) + _nbytes(t._values())
+    return t.numel() * t.element_size()
 
 
 def make_inputs(case: Case) -> Inputs:
@@ -332,6 +343,12 @@ class Impl:
     ours: bool
     same_math: bool           # computes the case's loss exactly (cce/liger: no margin)
     description: str
+    sparse: bool = False      # sparse_grad=True + a SparseSGD step (partial FC only)
+
+    @property
+    def backend(self) -> str:
+        """Ours: the backend= it runs ("triton-sparse" → "triton")."""
+        return self.name.split("-")[0]
 
 
 IMPLS = {
@@ -347,6 +364,10 @@ IMPLS = {
                 "pytorch-metric-learning CosFaceLoss (same loss), eager"),
     "triton": Impl("triton", TASKS, True, True, "ours, backend='triton'"),
     "native": Impl("native", TASKS, True, True, "ours, backend='native'"),
+    "triton-sparse": Impl("triton-sparse", TASKS, True, True,
+                          "ours, backend='triton', sparse_grad=True + SparseSGD step", True),
+    "native-sparse": Impl("native-sparse", TASKS, True, True,
+                          "ours, backend='native', sparse_grad=True + SparseSGD step", True),
 }
 OURS = tuple(n for n, i in IMPLS.items() if i.ours)
 
@@ -357,13 +378,15 @@ def unavailable(name: str, case: Case) -> Optional[str]:
     if case.task not in impl.tasks:
         return f"{name} does not implement the {case.task} task"
     dev = torch.device(case.device)
-    if name in ("triton", "native"):
+    if impl.ours:
         try:
-            backends.resolve(name, dev, "unitsface")
+            backends.resolve(impl.backend, dev, "unitsface")
         except Exception as e:  # noqa: BLE001 - the reason is the message
             return re.split(r"\. |; | \(", str(e))[0]
-        if name == "native" and not native.has_family("unitsface"):
+        if impl.backend == "native" and not native.has_family("unitsface"):
             return "the native backend has no unitsface op in this build"
+        if impl.sparse and not case.sampled:
+            return "sparse_grad needs partial FC (a sample rate < 1)"
     if name in ("cce", "liger"):
         module = {"cce": "cut_cross_entropy", "liger": "liger_kernel"}[name]
         if importlib.util.find_spec(module) is None:
@@ -398,13 +421,25 @@ def build(name: str, inp: Inputs, case: Case) -> Callable[[], torch.Tensor]:
         fn = pml_softmax(inp.num_used, case.dim)
         return lambda: fn(x, y, w, idx)
     if name in OURS:
+        be, sparse = IMPLS[name].backend, IMPLS[name].sparse
         if obj:
             return lambda: uk.fused_unitsface_loss(
                 x, y, w, bank, b, index=idx, scale=SCALE, margin_cos=MARGIN_COS,
-                uss_margin=USS_MARGIN, uss_weight=USS_WEIGHT, backend=name)
+                uss_margin=USS_MARGIN, uss_weight=USS_WEIGHT, sparse_grad=sparse, backend=be)
         return lambda: uk.fused_margin_softmax_loss(x, w, y, scale=SCALE, margin_cos=MARGIN_COS,
-                                                    index=idx, backend=name)
+                                                    index=idx, sparse_grad=sparse, backend=be)
     raise KeyError(f"unknown implementation {name!r}; known: {', '.join(IMPLS)}")
+
+
+def after_backward(name: str, inp: Inputs) -> Optional[Callable[[], None]]:
+    """What a step of `name` does after its backward: the SparseSGD step of the sparse rows
+    (README, "Millions of identities"), nothing for the others. It moves W and b: the
+    harness draws fresh inputs for whatever it measures next."""
+    if not IMPLS[name].sparse:
+        return None
+    from unitsface_kernels.optim import SparseSGD
+    params = [t for t in (inp.centres, inp.bias) if t is not None]
+    return SparseSGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4).step
 
 
 @torch.no_grad()

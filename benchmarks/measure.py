@@ -2,7 +2,9 @@
 subprocess (``python -m benchmarks.measure '<json>'``).
 
 Time: the median of `repeats` fwd+bwd steps after `warmup` steps (the first of which also
-compiles: torch.compile, Triton JIT). One step = ``zero_grad(set_to_none) → loss → backward``.
+compiles: torch.compile, Triton JIT). One step = ``zero_grad(set_to_none) → loss → backward``
+(→ the SparseSGD step, for the sparse_grad rows: impls.after_backward). A time budget per
+measurement cuts the warm-up and the timed steps after the first step (``measure_impl``).
 On CUDA each step is timed with a pair of CUDA events; on the CPU with time.perf_counter.
 
 Peak memory: one extra step, after the warm-up, with the gradients set to None first.
@@ -157,9 +159,15 @@ def _release(device: torch.device, compiled: bool) -> None:
 
 
 def measure_impl(case: Case, name: str, warmup: int, repeats: int,
-                 inp: Optional[impls.Inputs] = None, mm: bool = True) -> dict:
+                 inp: Optional[impls.Inputs] = None, mm: bool = True,
+                 budget_s: Optional[float] = None) -> dict:
     """Measure `name` on `case` in this process. Never raises for the implementation's own
-    failures: the returned dict's ``status`` is ok / skip / OOM / error (with ``note``)."""
+    failures: the returned dict's ``status`` is ok / skip / OOM / error (with ``note``).
+
+    `budget_s`: the seconds this measurement may take. The first step (compilation) cannot be
+    cut; after it, the warm-up stops and the timed steps are as many as fit in what is left
+    (at least one; ``note`` says so), and with the budget spent torch.mm's rate is not
+    measured again (the case's, measured before, stands)."""
     res = {"status": "ok", "note": ""}
     reason = impls.unavailable(name, case)
     if reason:
@@ -168,16 +176,21 @@ def measure_impl(case: Case, name: str, warmup: int, repeats: int,
     own = inp is None
     fn = None
     compiled_once = False
+    start = time.perf_counter()
+    deadline = None if budget_s is None else start + budget_s
     try:
         if own:
             inp = impls.make_inputs(case)
         res["num_used"] = inp.num_used
         fn = impls.build(name, inp, case)
+        after = impls.after_backward(name, inp)
 
         def step():
             inp.zero_grad()
             loss = fn()
             loss.backward()
+            if after is not None:
+                after()
             return loss
 
         sync(device)
@@ -188,16 +201,26 @@ def measure_impl(case: Case, name: str, warmup: int, repeats: int,
         compiled_once = True
         res["loss"] = float(loss.detach())
         del loss
+        one = res["first_step_s"]
         for _ in range(max(0, warmup - 1)):
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            t0 = time.perf_counter()
             step()
-        sync(device)
+            sync(device)
+            one = time.perf_counter() - t0
         peak, grads, method = peak_memory(step, inp, device)
         res.update(peak_bytes=int(peak), grad_bytes=int(grads),
                    work_bytes=int(max(0, peak - grads)),
                    mem_method=method)
+        if deadline is not None:
+            fit = max(1, int((deadline - time.perf_counter()) / max(one, 1e-6)))
+            if fit < repeats:
+                res["note"] = f"time budget ({budget_s:g} s): {fit} of {repeats} timed steps"
+                repeats = fit
         times = time_steps(step, repeats, device)
         res.update(time_s=statistics.median(times), min_time_s=min(times), times_s=times)
-        if mm:
+        if mm and (deadline is None or time.perf_counter() < deadline):
             # torch.mm's rate right after, in the same process: on a shared machine the load
             # drifts, and the ratio is only meaningful within one time window
             res["mm"] = measure_mm(case, 2, max(5, repeats) * (5 if device.type == "cuda" else 1))
@@ -246,13 +269,13 @@ def measure_mm(case: Case, warmup: int, repeats: int) -> dict:
 # ----------------------------------------------------------------------------- subprocess
 
 def measure_isolated(case: Case, name: str, warmup: int, repeats: int,
-                     timeout: float) -> dict:
+                     timeout: float, budget_s: Optional[float] = None) -> dict:
     """measure_impl in a fresh Python process (honest CPU peaks, crash isolation)."""
     reason = impls.unavailable(name, case)
     if reason:
         return {"status": "skip", "note": reason}
     payload = json.dumps({"case": case.to_dict(), "impl": name, "warmup": warmup,
-                          "repeats": repeats})
+                          "repeats": repeats, "budget_s": budget_s})
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
@@ -272,7 +295,7 @@ def measure_isolated(case: Case, name: str, warmup: int, repeats: int,
 def _worker(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     res = measure_impl(Case.from_dict(spec["case"]), spec["impl"], int(spec["warmup"]),
-                       int(spec["repeats"]))
+                       int(spec["repeats"]), budget_s=spec.get("budget_s"))
     sys.stdout.write(RESULT_TAG + json.dumps(res) + "\n")
     sys.stdout.flush()
     return 0

@@ -7,15 +7,18 @@ kernel the step launches — walking the same chunk plan as the driver, read fro
 (``unitsface_kernels._C.cuda_plan``, csrc/cuda_plan.h) — its tensor-core FLOPs, its HBM bytes
 and its L2 bytes (the chunk buffers the plan keeps in L2), and the time it takes at its
 roofline on a device: max(FLOPs / mm rate, HBM bytes / HBM bandwidth, L2 bytes / L2
-bandwidth), never less than a small per-kernel floor.
+bandwidth), never less than the launch gap; the device's rates are parameters
+(:class:`benchmarks.device.Device`): the pessimistic and optimistic presets and, with
+``--inputs``, the ones ``python -m benchmarks.ceilings`` measured.
 
     python -m benchmarks.native_cost              # the H200 headline: bf16, B = D = 512, C = 100k
-    python -m benchmarks.native_cost --measure    # on a GPU: also the measured step, per kernel
+    python -m benchmarks.native_cost --inputs inputs.json --measure   # on a GPU: measured too
 
 The model covers the path of the headline (no partial-FC index, reference rows in x's dtype,
 no bank validity mask: no staging; a scalar threshold in fp32). The public function adds a few
 launches of its own around the ops (the mean, its backward). ``--measure`` profiles the same
-step and prints launches and device time per kernel group beside the model.
+step on the benchmark's inputs (:func:`benchmarks.impls.make_inputs`) and prints launches and
+device time per kernel group beside the model's.
 """
 
 from __future__ import annotations
@@ -24,24 +27,9 @@ import argparse
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from .device import OPTIMISTIC, Device, devices
+
 F32 = 4
-
-
-@dataclass(frozen=True)
-class Device:
-    name: str
-    mm_flops: float        # FLOP/s that torch.mm reaches in the GEMM dtype
-    hbm_bps: float         # bytes/s
-    l2_bps: float          # bytes/s
-    l2_bytes: int          # what the plan sizes its chunks for
-    kernel_floor_s: float  # the shortest a launched kernel takes on the device
-    host_gemm_s: float     # host time to enqueue one ATen GEMM (dispatcher, cuBLAS set-up)
-    host_kernel_s: float   # host time to enqueue one of our kernels
-
-
-# H200: one 512 × 100k × 512 bf16 mm in 0.117 ms (≈ 450 TFLOP/s, docs/design.md §7), ≈ 4 TB/s
-# HBM3e (4.8 peak), ≈ 8 TB/s L2, 50 MiB L2; host costs typical of an ATen op and a raw launch.
-H200 = Device("H200", 450e12, 4.0e12, 8.0e12, 50 << 20, 2e-6, 8e-6, 3e-6)
 
 
 @dataclass(frozen=True)
@@ -65,7 +53,7 @@ class Step:
 class Kernel:
     phase: str  # "fwd" | "bwd"
     name: str
-    gemm: bool = False  # launched through ATen (cuBLAS)
+    product: str | None = None  # the GEMM it launches through ATen (cuBLAS): device.PRODUCTS
     launches: int = 0
     flops: float = 0.0
     hbm: float = 0.0
@@ -79,8 +67,8 @@ class Kernel:
         self.hbm += hbm
         self.l2 += l2
         if launches:
-            self.time_s += max(flops / dev.mm_flops, hbm / dev.hbm_bps, l2 / dev.l2_bps,
-                               launches * dev.kernel_floor_s)
+            self.time_s += max(flops / dev.mm(self.product), hbm / dev.hbm_bps,
+                               l2 / dev.l2_bps, launches * dev.launch_s)
 
 
 @dataclass
@@ -90,15 +78,14 @@ class Model:
     kernels: OrderedDict[tuple, Kernel] = field(default_factory=OrderedDict)
     plans: dict = field(default_factory=dict)
 
-    def k(self, phase: str, name: str) -> Kernel:
-        return self.kernels.setdefault((phase, name), Kernel(phase, name, "GEMM" in name
-                                                             or "bmm" in name))
+    def k(self, phase: str, name: str, product: str | None = None) -> Kernel:
+        return self.kernels.setdefault((phase, name), Kernel(phase, name, product))
 
     def host_s(self) -> float:
         """The host's time to enqueue the step: without a synchronisation inside a call the
         device runs behind it, so the step takes max(device, host)."""
         dev = self.device
-        return sum(k.launches * (dev.host_gemm_s if k.gemm else dev.host_kernel_s)
+        return sum(k.launches * (dev.host_gemm_s if k.product else dev.host_kernel_s)
                    for k in self.kernels.values())
 
     def total(self, attr: str, phase: str | None = None) -> float:
@@ -126,7 +113,7 @@ def products(m: Model, phase: str, p: dict, n: int, first: bool) -> None:
     st, dev = m.step, m.device
     full, rem = divmod(n, p["kw"])
     rw = 1 if first else 2
-    k = m.k(phase, "∂x products (split-K bmm)")
+    k = m.k(phase, "∂x products (split-K bmm)", "dx")
     for width, count in ((p["kw"], full), (rem, int(rem > 0))):
         if count:
             k.add(dev, 1, 2.0 * st.B * count * width * st.D,
@@ -134,7 +121,7 @@ def products(m: Model, phase: str, p: dict, n: int, first: bool) -> None:
                   l2=st.B * count * width * st.x_bytes)
 
 
-def model(st: Step = Step(), dev: Device = H200) -> Model:
+def model(st: Step = Step(), dev: Device = OPTIMISTIC) -> Model:
     m = Model(st, dev)
     B, D, S, xb = st.B, st.D, st.S, st.x_bytes
     # ---- forward
@@ -146,7 +133,7 @@ def model(st: Step = Step(), dev: Device = H200) -> Model:
                                          + (B + parts * S) * F32 + 4 * s_pad * F32)
     for q, n in chunks(p, S):
         for _ in range(parts):
-            m.k("fwd", "dots GEMM x·Rᵀ").add(dev, 1, 2.0 * B * n * D, hbm=n * D * xb,
+            m.k("fwd", "dots GEMM x·Rᵀ", "cos").add(dev, 1, 2.0 * B * n * D, hbm=n * D * xb,
                                              l2=B * D * xb + B * n * F32)
         tiles = parts * B * n * xb if st.row_grads else 0
         m.k("fwd", "epilogue").add(dev, hbm=n * (4 if st.bank else 1) * F32,
@@ -166,14 +153,14 @@ def model(st: Step = Step(), dev: Device = H200) -> Model:
     m.k("bwd", "rows (x̂, ∂x)").add(dev, hbm=B * D * (2 * xb + (F32 + xb if st.row_grads else 0)))
     for q, n in chunks(p, S):
         for _ in range(parts_b):
-            m.k("bwd", "dots GEMM x·Rᵀ").add(dev, 1, 2.0 * B * n * D, hbm=n * D * xb,
+            m.k("bwd", "dots GEMM x·Rᵀ", "cos").add(dev, 1, 2.0 * B * n * D, hbm=n * D * xb,
                                              l2=B * D * xb + B * n * F32)
         m.k("bwd", "epilogue").add(dev, hbm=n * (4 if parts_b == 2 else 1) * F32,
                                    l2=parts_b * B * n * (F32 + xb))
         if not st.row_grads:
             for _ in range(parts_b):
                 products(m, "bwd", p, n, q == 0)
-        m.k("bwd", "Q GEMM tileᵀ·x̂").add(dev, 1, 2.0 * B * n * D,
+        m.k("bwd", "Q GEMM tileᵀ·x̂", "dw").add(dev, 1, 2.0 * B * n * D,
                                           l2=B * n * xb + B * D * xb + n * D * F32)
         m.k("bwd", "∂W projection").add(dev, hbm=2 * n * D * xb, l2=n * D * F32)
     if not st.row_grads:
@@ -188,9 +175,7 @@ def useful_flops(st: Step) -> float:
 
 def report(m: Model) -> str:
     st, dev = m.step, m.device
-    lines = [(f"native CUDA sweep, cost model on {dev.name} (mm {dev.mm_flops / 1e12:.0f} "
-              f"TFLOP/s, HBM {dev.hbm_bps / 1e12:.1f} TB/s, L2 {dev.l2_bps / 1e12:.1f} TB/s, "
-              f"L2 {dev.l2_bytes >> 20} MiB)"),
+    lines = [f"native CUDA sweep, cost model with the {dev.name} inputs ({dev.source})",
              (f"step: B={st.B} D={st.D} S={st.S} x {8 * st.x_bytes}-bit, "
               f"{'objective' if st.bank else 'softmax'}, row_grads={st.row_grads}")]
     for phase, p in m.plans.items():
@@ -210,8 +195,20 @@ def report(m: Model) -> str:
     lines.append(f"  predicted: {t * 1e3:.3f} ms of device time per step (fwd "
                  f"{m.total('time_s', 'fwd') * 1e3:.3f}, bwd {m.total('time_s', 'bwd') * 1e3:.3f}; "
                  f"host enqueue ≈ {m.host_s() * 1e3:.3f} ms); useful FLOPs at "
-                 f"{useful_flops(st) / max(t, m.host_s()) / dev.mm_flops:.0%} of the mm rate")
+                 f"{useful_flops(st) / max(t, m.host_s()) / dev.mm('cos'):.0%} of the mm rate")
     return "\n".join(lines)
+
+
+def predicted_groups(m: Model) -> OrderedDict:
+    """The model's kernels by the measured groups (GROUPS): {group: [launches, µs]}."""
+    out: OrderedDict[str, list] = OrderedDict()
+    for k in m.kernels.values():
+        name = "GEMMs (cuBLAS)" if k.product else "rows" if k.name.startswith("rows") \
+            else k.name
+        row = out.setdefault(name, [0, 0.0])
+        row[0] += k.launches
+        row[1] += k.time_s * 1e6
+    return out
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -231,28 +228,27 @@ def _group(kernel: str) -> str:
     return "other"
 
 
-def measure(st: Step, repeats: int = 20) -> str:
-    """The step on the GPU: median wall time (CUDA events), and with the profiler the kernels
-    of one step by group (launches, device µs)."""
+def measure(st: Step, repeats: int = 20) -> tuple[float, OrderedDict]:
+    """The step on the GPU: median ms (CUDA events), and with the profiler the kernels of one
+    step by group ({group: [launches, device µs]})."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from unitsface_kernels import fused_unitsface_loss
+    from unitsface_kernels import fused_margin_softmax_loss, fused_unitsface_loss
 
+    from .impls import Case, make_inputs
     from .measure import time_steps
     dev = torch.device("cuda")
-    dt = {2: torch.bfloat16, 4: torch.float32}[st.x_bytes]
-    g = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(st.B, st.D, device=dev, generator=g).to(dt).requires_grad_()
-    w = torch.randn(st.S, st.D, device=dev, generator=g).to(dt).requires_grad_()
-    bank = torch.nn.functional.normalize(torch.randn(st.S, st.D, device=dev, generator=g)).to(dt)
-    b = torch.tensor([10.0], device=dev, requires_grad=True)
-    y = torch.randint(0, st.S, (st.B,), device=dev, generator=g)
+    dtype = {2: "bfloat16", 4: "float32"}[st.x_bytes]
+    inp = make_inputs(Case("objective" if st.bank else "softmax", st.S, st.B, st.D, dtype, "cuda"))
 
     def step():
-        for t in (x, w, b):
-            t.grad = None  # as optimizer.zero_grad() does: no accumulation kernels
-        loss = fused_unitsface_loss(x, y, w, bank, b, backend="native")
+        inp.zero_grad()  # as optimizer.zero_grad() does: no accumulation kernels
+        if st.bank:
+            loss = fused_unitsface_loss(inp.x, inp.labels, inp.centres, inp.bank, inp.bias,
+                                        backend="native")
+        else:
+            loss = fused_margin_softmax_loss(inp.x, inp.centres, inp.labels, backend="native")
         loss.backward()
 
     for _ in range(3):
@@ -267,11 +263,25 @@ def measure(st: Step, repeats: int = 20) -> str:
             row = groups.setdefault(_group(e.name), [0, 0.0])
             row[0] += 1
             row[1] += e.device_time_total
-    lines = [(f"measured on {torch.cuda.get_device_name()}: {times[len(times) // 2] * 1e3:.3f} ms "
-              f"per step (median of {repeats}); kernels of one step by group:")]
-    for name, (n, us) in groups.items():
-        lines.append(f"  {name:28} {n:8d} launches {us:10.1f} µs")
-    lines.append(f"  total {sum(r[0] for r in groups.values())} launches")
+    return times[len(times) // 2] * 1e3, groups
+
+
+def compare(models: list[Model], step_ms: float, groups: OrderedDict) -> str:
+    """The measured kernels by group beside each model's (launches, µs)."""
+    preds = [predicted_groups(m) for m in models]
+    import torch
+    head = "".join(f" {'model µs':>9}" for _ in models)
+    lines = [f"measured on {torch.cuda.get_device_name()}: {step_ms:.3f} ms per step; "
+             "kernels of one step by group (model µs: " + ", ".join(
+                 m.device.name for m in models) + "):",
+             f"  {'group':28} {'launches':>8} {'model':>6}{head} {'measured µs':>12}"]
+    for name in list(dict.fromkeys([*groups, *preds[0]])):
+        n, us = groups.get(name, (0, 0.0))
+        lines.append(f"  {name:28} {n:8d} {preds[0].get(name, (0, 0))[0]:6d}"
+                     + "".join(f" {p.get(name, (0, 0.0))[1]:9.1f}" for p in preds)
+                     + f" {us:12.1f}")
+    lines.append(f"  total {sum(r[0] for r in groups.values())} launches measured, "
+                 f"{models[0].total('launches'):.0f} modelled")
     return "\n".join(lines)
 
 
@@ -281,16 +291,21 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=Step.B)
     ap.add_argument("--dim", type=int, default=Step.D)
     ap.add_argument("--fp32", action="store_true", help="fp32 inputs (default bf16)")
+    ap.add_argument("--inputs", metavar="JSON",
+                    help="measured device inputs (python -m benchmarks.ceilings --json)")
     ap.add_argument("--measure", action="store_true", help="also measure the step (CUDA)")
     args = ap.parse_args(argv)
     st = Step(args.batch, args.dim, args.classes, 4 if args.fp32 else 2)
-    print(report(model(st)))
+    models = [model(st, dev) for dev in devices(args.inputs)]
+    print(report(models[0]))
+    for m in models[1:]:
+        print(f"  predicted with the {m.device.name} inputs: {m.total('time_s') * 1e3:.3f} ms")
     if args.measure:
         import torch
         if not torch.cuda.is_available():
             print("--measure: no CUDA device")
             return 1
-        print(measure(st))
+        print(compare(models, *measure(st)))
     return 0
 
 

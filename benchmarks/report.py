@@ -115,7 +115,7 @@ def _fmt(v, spec: str, missing: str = "-") -> str:
 
 
 COLUMNS = [  # header, width, row -> text
-    ("impl", 9, lambda r: r["impl"] + ("*" if r["ours"] else "")),
+    ("impl", 14, lambda r: r["impl"] + ("*" if r["ours"] else "")),
     ("time ms", 9, lambda r: _fmt(r.get("time_ms"), ".2f")),
     ("peak MiB", 9, lambda r: _fmt(r.get("peak_mib"), ".1f")),
     ("work MiB", 9, lambda r: _fmt(r.get("work_mib"), ".1f")),
@@ -222,8 +222,11 @@ def write_text(path: str, text: str) -> None:
 
 
 def plot(path: str, rows: list[dict], title: str) -> Optional[str]:
-    """Time and peak memory vs number of classes per implementation (log-log), one row of
-    panels per task. Returns None on success, else why no plot was written."""
+    """Time and peak memory vs number of classes per implementation, one row of panels per
+    task: both axes logarithmic, each point at its class count (the axis is to scale; a
+    partial-FC point is labelled with its rate). The sparse_grad rows are dotted, in their
+backend's colour. Returns
+    None on success, else why no plot was written."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -235,8 +238,11 @@ def plot(path: str, rows: list[dict], title: str) -> Optional[str]:
         return "no plot: no rows"
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4.2 * len(tasks)), squeeze=False)
     import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
-    markers = dict(zip(IMPLS, "osD^v*P"))
+    markers = dict(zip(IMPLS, "osD^v<>*PXh"))
     colors = dict(zip(IMPLS, plt.get_cmap("tab10").colors))
+    for name, impl in IMPLS.items():  # a sparse_grad row takes its backend's colour
+        if impl.sparse:
+            colors[name] = colors[impl.backend]
     for i, task in enumerate(tasks):
         for j, (key, label) in enumerate((("time_ms", "fwd+bwd time (ms)"),
                                           ("peak_mib", "peak memory over inputs (MiB)"))):
@@ -249,7 +255,8 @@ def plot(path: str, rows: list[dict], title: str) -> Optional[str]:
                     continue
                 ax.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts],
                         marker=markers.get(impl, "o"), color=colors.get(impl),
-                        linestyle="-" if IMPLS[impl].ours else "--",
+                        linestyle=(":" if IMPLS[impl].sparse else "-") if IMPLS[impl].ours
+                        else "--",
                         linewidth=2.2 if IMPLS[impl].ours else 1.2, label=impl)
                 for c, _, r in pts:
                     if r["sample_rate"] < 1:
@@ -261,7 +268,7 @@ def plot(path: str, rows: list[dict], title: str) -> Optional[str]:
             ax.set_xticks(cs)
             ax.set_xticklabels([_si(c) for c in cs])
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-            ax.set_xlabel("number of classes C")
+            ax.set_xlabel("number of classes C (log scale)")
             ax.set_ylabel(label)
             ax.set_title(f"{task}: {label.split(' (')[0]}")
             ax.grid(True, which="both", alpha=0.3)
@@ -276,3 +283,26 @@ def plot(path: str, rows: list[dict], title: str) -> Optional[str]:
 
 def iter_notes(rows: Iterable[dict]) -> list[str]:
     return sorted({f"{r['impl']}: {r['note']}" for r in rows if r["status"] == "skip"})
+
+
+def main(argv=None) -> int:
+    """``python -m benchmarks.report FILE.json``: the tables and the summary of a run."""
+    import argparse
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("json", help="a benchmark run's JSON file")
+    args = ap.parse_args(argv)
+    with open(args.json) as f:
+        doc = json.load(f)
+    print(f"{doc['device']} · {doc['date']} · torch {doc['torch']} · triton {doc['triton']} · "
+          f"CUDA {doc.get('cuda')} · {doc.get('mode', '')}")
+    print(text_table(doc["rows"]))
+    print()
+    if doc.get("summary"):
+        print(summary_text(doc["summary"]))
+    for n in doc.get("notes", []):
+        print(f"note: {n}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,12 +3,13 @@ launches against the launches the Triton objective actually makes."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
-from benchmarks import cost_model
+from benchmarks import cost_model, device
 from unitsface_kernels.triton.common import FusedConfig, GemmTiles
 
 T = GemmTiles(128, 128, 64, 8, 3)
@@ -24,7 +25,7 @@ def _entry(m, phase, name):
 
 
 def test_counts_by_hand():
-    m = cost_model.model(256, 128, 1000, dtype=torch.bfloat16, form="pairs", config=CFG)
+    m = cost_model.fused_unitsface(256, 128, 1000, dtype=torch.bfloat16, form="pairs", config=CFG)
     b, d, e = 256, 128, 2
     cols = 1024  # 1000 classes in whole 128-wide tiles: 4 per chunk
     cos = _entry(m, "forward", "_cos_kernel")
@@ -52,11 +53,46 @@ def test_counts_by_hand():
                      + 2 * 1000 * d * e)
     assert m.useful_flops == 5 * 2 * b * 1000 * d
     k = cos
-    dev = cost_model.H200
-    assert k.time(dev) == pytest.approx(
-        max(k.flops / dev.mm_flops, k.hbm / dev.hbm_bps, k.l2 / dev.l2_bps)
-        + k.mufu / dev.mufu_ops + 2 * dev.launch_s)
-    assert m.time(dev) == pytest.approx(sum(k.time(dev) for k in m.kernels))
+    for dev in (device.OPTIMISTIC, device.PESSIMISTIC, MEASURED):
+        assert k.time(dev) == pytest.approx(
+            max(k.flops / dev.mm("cos"), k.hbm / dev.hbm_bps, k.l2 / dev.l2_bps)
+            + k.mufu / dev.mufu_ops + 2 * dev.launch_s)
+        assert m.time(dev) == pytest.approx(sum(k.time(dev) for k in m.kernels))
+    # the measured cos rate (half the preset's) is the one the cosine tiles are timed at
+    assert MEASURED.mm("cos") == 225e12 and MEASURED.mm("dw") == 450e12
+    assert _entry(m, "backward", "_dw_kernel").product == "dw"
+
+
+MEASURED = device.from_dict({"name": "GPU X", "mm_flops": 225e12, "hbm_bps": 3.0e12,
+                             "l2_bps": 5.0e12, "mm_by_product": {"cos": 225e12, "dw": 450e12},
+                             "launch_s": 3e-6, "unknown_field": 1})
+
+
+def test_presets_are_the_issue_s_bracket():
+    """The pessimistic inputs are L2 5.5 TB/s and mm 450 TFLOP/s; the optimistic L2 8 TB/s;
+    the headline prediction is worse with the pessimistic ones, and a measured file's fields
+    replace the preset's (the rest stay, the source names what was measured)."""
+    pess, opt = device.PESSIMISTIC, device.OPTIMISTIC
+    assert (pess.l2_bps, pess.mm_flops, opt.l2_bps, opt.mm_flops) == (5.5e12, 450e12, 8e12, 450e12)
+    m = cost_model.fused_unitsface()
+    assert m.time(pess) > m.time(opt)
+    assert MEASURED.hbm_bps == 3.0e12 and MEASURED.mufu_ops == opt.mufu_ops
+    assert MEASURED.source.startswith("measured:") and "l2_bps" in MEASURED.source
+    assert device.devices(None) == [pess, opt]
+
+
+def test_main_prints_every_input_and_both_predictions(tmp_path, capsys):
+    """`python -m benchmarks.cost_model --inputs FILE`: the inputs of every device and the
+    headline predicted with the measured, the pessimistic and the optimistic ones."""
+    path = tmp_path / "inputs.json"
+    path.write_text(json.dumps(device.to_dict(MEASURED)))
+    cost_model.main(["--inputs", str(path)])
+    out = capsys.readouterr().out
+    m = cost_model.fused_unitsface()
+    for dev in (MEASURED, device.PESSIMISTIC, device.OPTIMISTIC):
+        assert f"device inputs: {dev.name}" in out
+        assert f"predicted {1e3 * m.time(dev):.3f} ms with the {dev.name} inputs" in out
+    assert "L2               5.50 TB/s" in out and "mm rate           225 TFLOP/s" in out
 
 
 class _Recorder:
@@ -94,7 +130,7 @@ def test_model_follows_the_launches(form, monkeypatch):
     fused_unitsface_loss(x, labels, w, bank, bias, uss_form=form,
                          backend="triton").backward()
     cfg = fused_config(d, torch.device("cpu"), torch.float32)
-    m = cost_model.model(b, d, c, dtype=torch.float32, form=form, config=cfg)
+    m = cost_model.fused_unitsface(b, d, c, dtype=torch.float32, form=form, config=cfg)
     launched = {}
     for name, grid, kw in log:
         n, progs, flops = launched.get(name, (0, 0, 0))
@@ -115,6 +151,19 @@ def test_model_follows_the_launches(form, monkeypatch):
 def test_measure_finds_every_kernel():
     """On a GPU, the profiler's kernels are attributed to the model's (phase, kernel) rows."""
     measured, step = cost_model.measure(256, 128, 4096, repeats=1)
-    m = cost_model.model(256, 128, 4096)
+    m = cost_model.fused_unitsface(256, 128, 4096)
     assert {(k.phase, k.name) for k in m.kernels} <= set(measured), measured
     assert step > 0 and all(v > 0 for v in measured.values())
+
+
+def test_stream_kernel_reads_what_it_sums():
+    """benchmarks.ceilings' bandwidth kernel: program p sums blocks p, p + P, ... (wrapping),
+    so its bytes are the bytes it is credited with (here under the interpreter on the CPU)."""
+    from benchmarks.ceilings import stream_sum
+    src = torch.randn(5 * 64, generator=torch.Generator().manual_seed(0))
+    out = stream_sum(src, programs=3, iters=4, block=64)
+    blocks = src.view(5, 64)
+    want = torch.stack([sum(blocks[(p + i * 3) % 5] for i in range(4)) for p in range(3)])
+    torch.testing.assert_close(out, want.flatten())
+    with pytest.raises(ValueError, match="multiple of block"):
+        stream_sum(src[:100], 1, 1, 64)

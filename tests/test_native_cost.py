@@ -50,3 +50,19 @@ def test_headline_counts(row_grads):
     if row_grads:
         assert launches_fwd + launches_bwd == 111
         assert 0.5e-3 < m.total("time_s") < 1.0e-3  # the issue's ≤ 1 ms, on paper
+
+
+def test_device_inputs_are_the_shared_ones():
+    """One Device description for both models: the pessimistic L2 slows the native sweep's
+    L2-bound kernels and nothing else, and the GEMMs take their product's mm rate."""
+    import dataclasses
+
+    from benchmarks import device
+    opt = native_cost.model(dev=device.OPTIMISTIC)
+    pess = native_cost.model(dev=device.PESSIMISTIC)
+    assert pess.total("time_s") > opt.total("time_s")
+    assert pess.total("launches") == opt.total("launches")
+    slow_q = dataclasses.replace(device.OPTIMISTIC, mm_by_product={"dw": 225e12})
+    q = native_cost.model(dev=slow_q).kernels[("bwd", "Q GEMM tileᵀ·x̂")]
+    assert q.product == "dw"
+    assert q.time_s == pytest.approx(opt.kernels[("bwd", "Q GEMM tileᵀ·x̂")].time_s * 2)

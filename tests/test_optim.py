@@ -211,3 +211,96 @@ def test_sparse_grad_only_with_partial_fc():
     head = PartialFC(16, 50, sparse_grad=True, backend="reference")
     head(torch.randn(8, 16), torch.randint(0, 50, (8,))).backward()
     assert not head.weight.grad.is_sparse
+
+
+# ----------------------------------------------------------------------------- option space
+
+def _sgd_options():
+    """torch.optim.SGD's option space: momentum 0 or 0.9 (with dampening, or Nesterov), weight
+    decay 0 or not, maximize either way."""
+    out = []
+    for momentum, dampening, nesterov in ((0.0, 0.0, False), (0.9, 0.0, False),
+                                          (0.9, 0.0, True), (0.9, 0.3, False)):
+        for weight_decay in (0.0, 5e-4):
+            for maximize in (False, True):
+                out.append(dict(momentum=momentum, dampening=dampening, nesterov=nesterov,
+                                weight_decay=weight_decay, maximize=maximize))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["eager", "capturable", "capturable_tensor_lr"])
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["none", "zeros"])
+@pytest.mark.parametrize("hyper", _sgd_options(),
+                         ids=lambda h: "-".join(f"{k}={v}" for k, v in h.items()))
+def test_equals_torch_sgd_over_its_option_space(hyper, set_to_none, mode):
+    """Gradients from autograd (an embedding lookup: sparse for SparseSGD, dense for
+    torch.optim.SGD), zero_grad either way, a learning-rate schedule: after every step the rows
+    stepped equal torch.optim.SGD's, and every 5 steps all weights and momentum buffers."""
+    g = torch.Generator().manual_seed(7)
+    w0, b0 = torch.randn(C, D, generator=g), torch.randn(1, generator=g)
+    params = [(torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone()))
+              for _ in range(2)]
+    lr = torch.tensor(0.1, dtype=torch.float64) if mode == "capturable_tensor_lr" else 0.1
+    lazy = SparseSGD(params[0], lr=lr, max_lag=8, capturable=mode != "eager", **hyper)
+    dense = torch.optim.SGD(params[1], lr=0.1, **hyper)
+    schedules = [torch.optim.lr_scheduler.MultiStepLR(o, [6, 15], 0.3) for o in (lazy, dense)]
+    for step in range(STEPS):
+        rows = (torch.randperm(C - 5, generator=g)[:6] + 5).sort().values
+        vals, gb = torch.randn(6, D, generator=g), torch.randn(1, generator=g)
+        for (w, b), opt, sparse in zip(params, (lazy, dense), (True, False)):
+            opt.zero_grad(set_to_none=set_to_none)
+            loss = (torch.nn.functional.embedding(rows, w, sparse=sparse) * vals).sum()
+            (loss + (b * gb).sum()).backward()
+            opt.step()
+        assert params[0][0].grad.is_sparse and not params[1][0].grad.is_sparse
+        assert _rel(params[0][0][rows], params[1][0][rows]) <= RTOL
+        if mode == "capturable_tensor_lr":
+            # a tensor lr rounds η·g before the add where torch's float alpha may fuse it: b,
+            # one number that random steps move through 0, agrees to RTOL of its scale
+            assert float((params[0][1] - params[1][1]).abs()) <= RTOL * max(
+                1.0, float(params[1][1].abs()))
+        else:
+            assert _rel(params[0][1], params[1][1]) <= RTOL
+        for s in schedules:
+            s.step()
+        if step % 5 == 4 or step == STEPS - 1:
+            _close((dense, *params[1]), (lazy, *params[0]))
+    assert float(lazy.param_groups[0]["lr"]) == pytest.approx(0.1 * 0.3 ** 2)
+    # rows 0-4 never had a gradient: they moved exactly when torch's SGD moved them
+    moves = hyper["weight_decay"] != 0
+    assert torch.equal(params[1][0][:5], w0[:5]) != moves
+
+
+def test_capturable_window_bounds_the_lag():
+    """A capturable SparseSGD brings a round-robin window of rows up to date at each step:
+    no row lags more than max_lag / 2 steps, rows that never get a gradient included."""
+    w = torch.nn.Parameter(torch.randn(C, D))
+    opt = SparseSGD([w], lr=0.1, momentum=0.9, weight_decay=5e-4, max_lag=8, capturable=True)
+    lazy = w._unitsface_lazy
+    for step in range(STEPS):
+        w.grad = torch.sparse_coo_tensor(torch.tensor([[10, 11]]), torch.ones(2, D), (C, D))
+        opt.step()
+        assert int((lazy.steps - lazy.row_step).max()) <= 4 + (step == 0) * C
+
+
+def test_capturable_catch_up_in_blocks(monkeypatch):
+    """The capturable catch-up of every row works in fixed-size blocks (3 rows here, a short
+    last one): the same weights and momentum as torch.optim.SGD."""
+    monkeypatch.setattr(optim, "_DEVICE_BLOCK_BYTES", 3 * D * 4)
+    hyper = HYPERS[1]
+    g = torch.Generator().manual_seed(8)
+    w0, b0 = torch.randn(C, D, generator=g), torch.randn(1, generator=g)
+    dense_p = [torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())]
+    lazy_p = [torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())]
+    dense = (torch.optim.SGD(dense_p, **hyper), *dense_p)
+    lazy = (SparseSGD(lazy_p, max_lag=8, capturable=True, **hyper), *lazy_p)
+    for step in range(STEPS):
+        rows, vals, gb = _grads(step, g)
+        rows, order = rows.sort()  # a capturable step asserts sorted rows
+        _set(dense, rows, vals[order], gb, sparse=False)
+        _set(lazy, rows, vals[order], gb, sparse=True)
+        dense[0].step()
+        lazy[0].step()
+        if step % 7 == 6:
+            _close(dense, lazy)
+    _close(dense, lazy)

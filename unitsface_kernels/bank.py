@@ -53,13 +53,13 @@ def bank_update_(bank, bank_valid, x, labels):
     wins. No gradient flows into the bank (x is detached). Uses the compiled op when the
     extension is built, else the eager reference (same result). Every check runs before
     anything is written."""
-    labels = check_update_args(bank, bank_valid, x, labels)
-    return update_rows(bank, bank_valid, x.detach(), labels)
+    return write_rows_(bank, bank_valid, x, check_update_args(bank, bank_valid, x, labels))
 
 
-def update_rows(bank, bank_valid, x, labels):
-    """:func:`bank_update_` of checked arguments (int64 labels in range, x detached): what
-    the modules call with the batch they checked."""
+def write_rows_(bank, bank_valid, x, labels):
+    """:func:`bank_update_` of arguments checked already (int64 labels in range): the
+    modules', whose batch was checked when the call began."""
+    x = x.detach()
     if native.has_op("bank_update_", bank.device.type):
         torch.ops.unitsface.bank_update_(bank, bank_valid, x.contiguous(), labels)
         # A C++ op does not bump the version counters of what it writes: without this, a loss

@@ -18,6 +18,10 @@ behind ``max_lag`` steps is brought up to date then, so the history stays short.
 Parameters with dense gradients (the threshold b, or a head without partial FC) are stepped
 as torch.optim.SGD steps them. AdamW is not offered: its second-moment decay does not
 compose into a replayable closed form once the learning rate or the bias correction change.
+
+``capturable=True`` keeps that bookkeeping on the device instead (:class:`_DeviceLazyRows`),
+so that a step reads nothing back and launches the same kernels every time: it can be
+captured in a CUDA graph (``examples/capture_step.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ _CPU_BLOCK_BYTES = 1 << 20
 """On the CPU the rows are gathered, updated and written back in blocks of about this size,
 so that the temporaries stay in cache instead of being fresh |S| × D allocations (each new
 page of which costs a fault): the step then costs about one read and write of its rows."""
+_DEVICE_BLOCK_BYTES = 64 << 20
+"""The capturable catch-up of many rows (every row: the dense step, ``state_dict``) works in
+blocks of about this size of rows."""
 
 
 def _row_blocks(rows: Tensor, p: Tensor):
@@ -43,17 +50,23 @@ def _row_blocks(rows: Tensor, p: Tensor):
     return rows.split(max(1, _CPU_BLOCK_BYTES // row_bytes))
 
 
-def _coalesced(grad: Tensor) -> Tensor:
+def _coalesced(grad: Tensor, capturable: bool) -> Tensor:
     """A sparse gradient with sorted unique row indices. The heads' gradients have them, but
     autograd's accumulation rebuilds the tensor without the flag; checking the order costs a
-    read of the indices where coalescing would sort them and sum the values."""
+    read of the indices where coalescing would sort them and sum the values. Capturable: the
+    order is asserted on the device instead (coalescing has a data-dependent size), so a
+    step's gradient must come from one backward of one head."""
     if grad.is_coalesced():
         return grad
     rows = grad._indices()[0]
-    if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
-        return torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape,
-                                       is_coalesced=True)
-    return grad.coalesce()
+    ordered = (rows[1:] > rows[:-1]).all()
+    if capturable:
+        torch._assert_async(ordered, "SparseSGD(capturable=True) needs a sparse gradient with "
+                            "sorted unique rows (one backward of one head per step)")
+    elif rows.numel() >= 2 and not bool(ordered):
+        return grad.coalesce()
+    return torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape,
+                                   is_coalesced=True)
 
 
 def zero_grad_step(lr: float, momentum: float, dampening: float, weight_decay: float,
@@ -63,13 +76,22 @@ def zero_grad_step(lr: float, momentum: float, dampening: float, weight_decay: f
 
         g = λ·w,  v' = μ·v + (1 − δ)·g,  w' = w − η·(g + μ·v' if Nesterov else v')
 
-    Without momentum w' = (1 − η·λ)·w."""
-    lam, mu, eta = weight_decay, momentum, lr
+    Without momentum w' = (1 − η·λ)·w. (The sign of `maximize` does not matter: it negates
+    the raw gradient, 0 here.)"""
+    a0, a1 = _affine_parts(momentum, dampening, weight_decay, nesterov)
+    return tuple(tuple(c0 + lr * c1 for c0, c1 in zip(r0, r1)) for r0, r1 in zip(a0, a1))
+
+
+def _affine_parts(momentum: float, dampening: float, weight_decay: float,
+                  nesterov: bool) -> tuple[Matrix, Matrix]:
+    """(A₀, A₁) with :func:`zero_grad_step` = A₀ + η·A₁ (the matrix is affine in the learning
+    rate η): the device form of a step needs only η on the device."""
+    lam, mu = weight_decay, momentum
     if mu == 0:
-        return (1.0 - eta * lam, 0.0), (0.0, 0.0)
+        return ((1.0, 0.0), (0.0, 0.0)), ((-lam, 0.0), (0.0, 0.0))
     v_w, v_v = (1.0 - dampening) * lam, mu
     d_w, d_v = (lam + mu * v_w, mu * v_v) if nesterov else (v_w, v_v)
-    return (1.0 - eta * d_w, -eta * d_v), (v_w, v_v)
+    return ((1.0, 0.0), (v_w, v_v)), ((-d_w, -d_v), (0.0, 0.0))
 
 
 def _matmul(a: Matrix, b: Matrix) -> Matrix:
@@ -129,36 +151,145 @@ class _LazyRows:
         self.row_step.index_fill_(0, rows, self.step)
 
 
+class _DeviceLazyRows:
+    """The capturable form of :class:`_LazyRows`: the same deferred steps with every number on
+    the device and every shape fixed, so that no call reads a value back.
+
+    ``steps`` counts the steps (a 0-d int64 tensor); row r is current up to ``row_step[r]``
+    and lags steps − row_step[r] steps. ``suffix[ℓ]`` is the product of the last ℓ step
+    matrices (suffix[0] = I), for ℓ ≤ max_lag: each step shifts it, suffix'[ℓ + 1] =
+    A·suffix[ℓ]. A row is brought up to date with suffix[its lag] (rows already current keep
+    their values exactly). No row lags more than max_lag steps: besides the rows it reads,
+    each step brings a window of ⌈2R / max_lag⌉ rows up to date, round robin over the R rows,
+    so every row is visited every max_lag / 2 steps."""
+
+    def __init__(self, optimizer: "SparseSGD", param: Tensor):
+        self.optimizer, self.param = optimizer, param
+        rows = param.shape[0] if param.dim() else 1
+        self.row_step = torch.zeros(rows, dtype=torch.int64, device=param.device)
+        self.steps = torch.zeros((), dtype=torch.int64, device=param.device)
+        lag = optimizer.max_lag
+        self.suffix = torch.eye(2, dtype=torch.float64, device=param.device).repeat(lag + 1, 1, 1)
+        window = min(rows, -(-2 * rows // lag))
+        self.window = torch.arange(window, device=param.device)
+        self.lagging = False  # whether any row may lag (host state: the same at every replay)
+
+    @property
+    def step(self) -> int:
+        return int(self.steps)
+
+    @torch.no_grad()
+    def catch_up(self, rows=None) -> None:
+        """Bring `rows` (an index tensor without repeats; None: every row) to the current
+        step, without reading anything back."""
+        if not self.lagging:
+            return
+        p = self.param
+        rows = (torch.arange(p.shape[0], device=p.device) if rows is None
+                else rows.to(device=p.device, dtype=torch.int64))
+        # blocks of a fixed size (every row: a few temporaries of 64 MiB, not of the C × D)
+        row_bytes = max(1, p[0].numel() * p.element_size())
+        for block in rows.split(max(1, _DEVICE_BLOCK_BYTES // row_bytes)):
+            self._catch_up_block(block)
+
+    def _catch_up_block(self, rows: Tensor) -> None:
+        p = self.param
+        lag = (self.steps - self.row_step[rows]).clamp_(0, self.optimizer.max_lag)
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        coef = self.suffix[lag].to(p.dtype)
+        a, b, c, d = (coef[:, i, j].reshape(shape) for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)))
+        behind = (lag > 0).reshape(shape)
+        w = p.index_select(0, rows)
+        buf = self.optimizer.state[p].get("momentum_buffer")
+        if buf is None:
+            p.index_copy_(0, rows, torch.where(behind, w * a, w))
+        else:
+            v = buf.index_select(0, rows)
+            p.index_copy_(0, rows, torch.where(behind, torch.addcmul(a * w, b, v), w))
+            buf.index_copy_(0, rows, torch.where(behind, torch.addcmul(v * d, c, w), v))
+        self.row_step.index_copy_(0, rows, self.steps.expand(rows.shape[0]))
+
+    def record(self, matrix: Tensor, rows: Tensor) -> None:
+        """After a sparse step of matrix `matrix` (2 × 2) that updated `rows`: the suffix
+        products shift, the step count grows, the rows are current, and the next window of
+        rows is brought up to date."""
+        # in place, like every buffer here: a captured graph replays on these addresses
+        self.suffix[1:] = matrix @ self.suffix[:-1]
+        self.steps += 1
+        self.row_step.index_copy_(0, rows, self.steps.expand(rows.shape[0]))
+        self.lagging = True
+        num_rows = self.row_step.shape[0]
+        self.catch_up((self.steps * self.window.shape[0] + self.window) % num_rows)
+
+    def reset(self) -> None:
+        """After a dense step: every row is current."""
+        self.steps += 1
+        self.row_step.copy_(self.steps.expand_as(self.row_step))
+        self.lagging = False
+
+    def load(self, steps: int) -> None:
+        self.steps.fill_(steps)
+        self.row_step.fill_(steps)
+        self.lagging = False
+
+
 class SparseSGD(torch.optim.Optimizer):
-    """torch.optim.SGD (lr, momentum, dampening, weight_decay, nesterov) for heads with sparse
-    row gradients: exactly the dense update, the rows without gradient updated lazily (see the
-    module docstring). Use it for the head's parameters, and any optimizer for the backbone:
+    """torch.optim.SGD (lr, momentum, dampening, weight_decay, nesterov, maximize) for heads
+    with sparse row gradients: exactly the dense update, the rows without gradient updated
+    lazily (see the module docstring). Use it for the head's parameters, and any optimizer for
+    the backbone:
 
         head = UniTSFaceHead(512, 1_000_000, sample_rate=0.1, sparse_grad=True)
         opt_head = SparseSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 
     ``max_lag``: a row left without gradient that many steps is updated then (bounding the
-    history of step matrices)."""
+    history of step matrices).
 
-    def __init__(self, params, lr: float, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, *, max_lag: int = 64):
-        for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening),
+    ``capturable``: keep the lazy bookkeeping on the device (no host read-back in a step, the
+    same kernels at every step), for a step captured in a CUDA graph. ``lr`` may then be a
+    one-element tensor on the parameters' device, which a learning-rate scheduler updates in
+    place (a float ``lr`` is baked into a captured graph). A sparse gradient must have sorted
+    unique rows (one backward of one head per step; asserted on the device), and no row lags
+    more than ``max_lag`` / 2 steps (a round-robin window of 2·C / max_lag rows is brought up
+    to date at every step: about 2 / max_lag of a dense step's memory traffic, so a large
+    ``max_lag`` — 1024, say — costs less there; the step-matrix table has max_lag + 1 rows)."""
+
+    def __init__(self, params, lr, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 max_lag: int = 64, capturable: bool = False):
+        if isinstance(lr, Tensor):
+            if not capturable:
+                raise ValueError("a tensor lr needs capturable=True (else the step reads it)")
+            if lr.numel() != 1 or not lr.is_floating_point():
+                raise ValueError(f"lr must be a one-element floating tensor, got dtype "
+                                 f"{lr.dtype} and shape {tuple(lr.shape)}")
+            lr_value = float(lr)
+        else:
+            lr_value = lr
+        for name, value in (("lr", lr_value), ("momentum", momentum), ("dampening", dampening),
                             ("weight_decay", weight_decay)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov needs momentum > 0 and dampening = 0 (as torch.optim.SGD)")
+        for name, value in (("maximize", maximize), ("capturable", capturable)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
         if isinstance(max_lag, bool) or not isinstance(max_lag, int) or max_lag < 2:
             raise ValueError(f"max_lag must be an integer ≥ 2, got {max_lag!r}")
         self.max_lag = max_lag
+        self.capturable = capturable
+        self._matrix_parts: dict[tuple, tuple[Tensor, Tensor]] = {}
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=nesterov))
+                                      weight_decay=weight_decay, nesterov=nesterov,
+                                      maximize=maximize))
 
     def add_param_group(self, param_group) -> None:
         super().add_param_group(param_group)
+        lazy_rows = _DeviceLazyRows if self.capturable else _LazyRows
         for p in self.param_groups[-1]["params"]:
-            p._unitsface_lazy = _LazyRows(self, p)
+            p._unitsface_lazy = lazy_rows(self, p)
 
     def catch_up_all(self) -> None:
         """Bring every row of every parameter to the current step."""
@@ -166,7 +297,8 @@ class SparseSGD(torch.optim.Optimizer):
             for p in group["params"]:
                 lazy = p._unitsface_lazy
                 lazy.catch_up(None)
-                lazy.base, lazy.history = lazy.step, []
+                if not self.capturable:
+                    lazy.base, lazy.history = lazy.step, []
 
     def state_dict(self):
         self.catch_up_all()
@@ -182,8 +314,12 @@ class SparseSGD(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in enumerate(params):
             lazy = p._unitsface_lazy
-            lazy.history, lazy.base = [], steps[i] if steps is not None else 0
-            lazy.row_step.fill_(lazy.base)
+            step = steps[i] if steps is not None else 0
+            if self.capturable:
+                lazy.load(step)
+            else:
+                lazy.history, lazy.base = [], step
+                lazy.row_step.fill_(lazy.base)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -194,29 +330,53 @@ class SparseSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             hyper = (group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
                      group["nesterov"])
+            maximize = group.get("maximize", False)
             for p in group["params"]:
                 if p.grad is None:
                     continue  # torch.optim.SGD leaves such a parameter alone: no step
                 lazy = p._unitsface_lazy
                 state = self.state[p]
                 if p.grad.is_sparse and (hyper[1] == 0 or "momentum_buffer" in state):
-                    grad = _coalesced(p.grad)
+                    grad = _coalesced(p.grad, self.capturable)
                     rows = grad.indices()[0]
                     lazy.catch_up(rows)
-                    self._update(p, rows, grad.values(), state, *hyper)
-                    lazy.history.append(zero_grad_step(*hyper))
-                    lazy.row_step.index_fill_(0, rows, lazy.step)
-                    self._bound(lazy)
+                    values = grad.values()
+                    self._update(p, rows, -values if maximize else values, state, *hyper)
+                    if self.capturable:
+                        lazy.record(self._device_matrix(p, *hyper), rows)
+                    else:
+                        lazy.history.append(zero_grad_step(*hyper))
+                        lazy.row_step.index_fill_(0, rows, lazy.step)
+                        self._bound(lazy)
                 else:
                     # a dense gradient, or the first momentum step (SGD starts every row's
                     # momentum from that step's gradient): every row, now
                     lazy.catch_up(None)
                     owned = p.grad.is_sparse  # then its dense copy is ours: updated in place
                     grad = p.grad.to_dense() if owned else p.grad
-                    self._update_rows(p, None, grad, state, *hyper, owned=owned)
-                    lazy.base, lazy.history = lazy.step + 1, []
-                    lazy.row_step.fill_(lazy.base)
+                    if maximize:
+                        grad = grad.neg_() if owned else -grad
+                    self._update_rows(p, None, grad, state, *hyper, owned=owned or maximize)
+                    if self.capturable:
+                        lazy.reset()
+                        if p.grad.is_sparse:  # its constants reach the device now, before
+                            self._device_matrix(p, *hyper)  # a capture of the sparse steps
+                    else:
+                        lazy.base, lazy.history = lazy.step + 1, []
+                        lazy.row_step.fill_(lazy.base)
         return loss
+
+    def _device_matrix(self, p, lr, mu, dampening, lam, nesterov) -> Tensor:
+        """:func:`zero_grad_step` as a 2 × 2 float64 tensor on p's device, A = A₀ + η·A₁
+        (affine in the learning rate η): A₀ and A₁ are copied to the device once per setting
+        (outside any capture: the warm-up steps), η may be a tensor."""
+        key = (mu, dampening, lam, nesterov, p.device)
+        if key not in self._matrix_parts:
+            a0, a1 = _affine_parts(mu, dampening, lam, nesterov)
+            self._matrix_parts[key] = (torch.tensor(a0, dtype=torch.float64, device=p.device),
+                                       torch.tensor(a1, dtype=torch.float64, device=p.device))
+        a0, a1 = self._matrix_parts[key]
+        return a0 + a1 * (lr.to(torch.float64) if isinstance(lr, Tensor) else lr)
 
     @staticmethod
     def _update(p, rows, grad, state, lr, mu, dampening, lam, nesterov) -> None:
@@ -251,7 +411,10 @@ class SparseSGD(torch.optim.Optimizer):
                 if rows is not None:
                     buf.index_copy_(0, rows, v)
             g = g.add(v, alpha=mu) if nesterov else v
-        w.add_(g, alpha=-lr)
+        if isinstance(lr, Tensor):  # capturable: read on the device
+            w.addcmul_(g, lr.reshape(()), value=-1)
+        else:
+            w.add_(g, alpha=-lr)
         if rows is not None:
             p.index_copy_(0, rows, w)
 

@@ -327,9 +327,9 @@ def eager_bank_update_(bank, bank_valid, x, labels):
     b = labels.numel()
     last = torch.full((bank.shape[0],), -1, dtype=torch.long, device=labels.device)
     last.scatter_reduce_(0, labels, torch.arange(b, device=labels.device), reduce="amax")
-    rows = last[last >= 0]
-    bank[labels[rows]] = bank_rows(x[rows]).to(bank.dtype)
-    bank_valid[labels[rows]] = torch.isfinite(x[rows]).all(dim=1)
+    rows = last[labels]  # each entry's winning row: repeats write the same values (no sync)
+    bank[labels] = bank_rows(x[rows]).to(bank.dtype)
+    bank_valid[labels] = torch.isfinite(x[rows]).all(dim=1)
     return bank
 
 

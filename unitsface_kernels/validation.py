@@ -6,10 +6,20 @@ Two kinds of check:
 * Shape, dtype, device and setting checks read no tensor data: they run everywhere, also on
   meta and fake tensors (shape inference) and while torch.compile traces.
 * Checks of tensor *values* (label ranges, the order of a partial-FC index, labels missing
-  from it) are collected in a :class:`ValueChecks` and evaluated together: one small summary
-  tensor read back with one ``tolist()``, so a call costs at most one host synchronisation on
-  CUDA tensors whatever it checks. They are skipped on meta/fake tensors and while
-  torch.compile traces (where reading a value would break the graph).
+  from it) are collected in a :class:`ValueChecks` and evaluated together, in one of two
+  modes (:class:`checks`):
+
+  - ``"eager"`` (the default): one small summary tensor read back with one ``tolist()``, so
+    a call costs at most one host synchronisation on CUDA tensors whatever it checks, and a
+    bad value raises a ValueError before anything changes;
+  - ``"async"`` (chosen with :class:`checks`, and always while the current CUDA stream is
+    being captured into a graph): no read-back at all; each check becomes a
+    ``torch._assert_async`` on the device, which fails the stream later (on CUDA a
+    device-side assert: the process's CUDA context is lost) instead of raising before the
+    call changes state.
+
+  They are skipped on meta/fake tensors and while torch.compile traces (where reading a
+  value would break the graph).
 """
 
 from __future__ import annotations
@@ -175,7 +185,8 @@ def bias(b, n: int, x: torch.Tensor, name: str = "bias",
          per: str = "reference row") -> torch.Tensor:
     """The unified threshold: a finite number, a one-element tensor, or one value per `per`."""
     if isinstance(b, numbers.Real) and not isinstance(b, bool):
-        return torch.tensor(finite(b, name), dtype=torch.float32, device=x.device)
+        # a fill, not torch.tensor: no host-to-device copy (which waits for the stream)
+        return torch.full((), finite(b, name), dtype=torch.float32, device=x.device)
     b = tensor(b, name)
     if b.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor, got {b.dtype}")
@@ -201,6 +212,57 @@ def index_tensor(index, device: torch.device, name: str = "index") -> torch.Tens
 
 # ----------------------------------------------------------------------------- values
 
+CHECK_MODES = ("eager", "async")
+_check_mode = "eager"
+
+
+class checks:
+    """How the checks of tensor values report (docs/design.md §5), for the whole process:
+
+    * ``"eager"`` (default): read back once per call; a bad value raises a ValueError that
+      shows it, before the call changes any state. Partial FC samples
+      max(#classes of the batch, num_sample) classes.
+    * ``"async"``: never synchronise with the host. Each check runs on the device as
+      ``torch._assert_async(ok, message)``: on CPU tensors it raises a RuntimeError at once,
+      on CUDA tensors it fails the stream later (a device-side assert, after which the CUDA
+      context is unusable) — a bad value is no longer reported before state changes, and the
+      message may not reach the user. Partial FC samples exactly num_sample classes
+      (:func:`~unitsface_kernels.sample_classes` with ``fixed_size``), and the modules'
+      threshold initialisation computes its candidate b₀ at every training call (see
+      ``nn.parts.Threshold``).
+
+    While the current CUDA stream is being captured into a graph the async mode applies
+    whatever was chosen (a read-back cannot be captured). ``checks(mode)`` sets the mode at
+    once; used as a context manager it restores the previous mode on exit::
+
+        unitsface_kernels.checks("async")          # from now on
+        with unitsface_kernels.checks("async"):    # for this block
+            ...
+    """
+
+    def __init__(self, mode: str):
+        global _check_mode
+        self.previous = _check_mode
+        _check_mode = choice(mode, CHECK_MODES, "mode")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _check_mode
+        _check_mode = self.previous
+
+
+def check_mode() -> str:
+    """The mode the value checks of a call made now run in (:class:`checks`)."""
+    return "async" if _check_mode == "async" or capturing() else "eager"
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a CUDA graph."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def values_readable(*tensors: torch.Tensor) -> bool:
     """False on meta/fake tensors and while torch.compile traces: no value can be read."""
     if torch.compiler.is_compiling():
@@ -209,33 +271,60 @@ def values_readable(*tensors: torch.Tensor) -> bool:
 
 
 class ValueChecks:
-    """Checks of tensor values, run together by :meth:`run` with one host read-back.
+    """Checks of tensor values, run together by :meth:`run`, in the mode of :func:`check_mode`
+    at construction.
 
-    Each check contributes a few int64 numbers (computed on the tensors' device, no sync) and
-    a verdict that turns them into an error message; :meth:`run` concatenates the numbers,
-    reads them back once and raises the first failure, in the order the checks were added."""
+    Each check contributes a failure flag (a bool scalar computed on the tensors' device, no
+    sync), a message for the async mode, and for the eager mode a few details and a verdict
+    that turns them into an error message. Eager: :meth:`run` concatenates the flags and
+    details (and the numbers asked for with :meth:`read`), reads them back once and raises the
+    first failure, in the order the checks were added. Async: :meth:`run` asserts on the
+    device that no flag is set."""
 
     def __init__(self):
+        self.asynchronous = check_mode() == "async"
         self._numbers: list[torch.Tensor] = []
-        self._verdicts: list[tuple[int, Callable[[list[int]], None]]] = []
+        self._verdicts: list[tuple[int, Callable[[list[int]], None] | None]] = []
+        self._asserts: list[tuple[torch.Tensor, str]] = []
 
-    def _add(self, numbers: list[torch.Tensor], verdict: Callable[[list[int]], None]) -> None:
+    def _add(self, failed: torch.Tensor, message: str, details: list[torch.Tensor],
+             verdict: Callable[[list[int]], None]) -> None:
+        if self.asynchronous:
+            self._asserts.append((failed, message))
+            return
+        numbers = [failed] + details
         self._numbers += [n.reshape(-1).to(torch.int64) for n in numbers]
         self._verdicts.append((sum(n.numel() for n in numbers), verdict))
+
+    def read(self, number: torch.Tensor) -> None:
+        """Read back an integer scalar with the summary (eager mode only): :meth:`run` returns
+        these numbers, in the order asked."""
+        if self.asynchronous:
+            raise RuntimeError("a value cannot be read back in the async checks mode")
+        self._numbers.append(number.reshape(1).to(torch.int64))
+        self._verdicts.append((1, None))
+
+    def at_most(self, value: torch.Tensor, bound: int, message: str,
+                verdict: Callable[[int], None]) -> None:
+        """An integer scalar ≤ bound; `verdict(value)` raises the eager error."""
+        self._add(value > bound, message, [value], lambda v: verdict(v[0]))
 
     def label_range(self, lab: torch.Tensor, num: int, name: str, what: str) -> None:
         """Every entry of `lab` in [0, num); `what` says what num counts."""
         if lab.numel() == 0 or not values_readable(lab):
             return
         bad = (lab < 0) | (lab >= num)
+        message = f"{name} must lie in [0, {num}) ({what})"
+        if self.asynchronous:
+            self._add(bad.any(), message, [], None)
+            return
         first = torch.argmax(bad.to(torch.int8))
 
         def verdict(v):
-            if v[0]:
-                raise ValueError(f"{name} must lie in [0, {num}) ({what}); got {name}[{v[1]}] = "
-                                 f"{v[2]}")
+            raise ValueError(f"{message}; got {name}[{v[0]}] = {v[1]}")
 
-        self._add([bad.any(), first, lab[first]], verdict)
+        # a 1-element index: lab[first] with a 0-d tensor would read `first` back
+        self._add(bad.any(), message, [first, lab.index_select(0, first.reshape(1))], verdict)
 
     def index(self, index: torch.Tensor, num_classes: int, lab: torch.Tensor,
               name: str = "index", labels_name: str = "labels") -> None:
@@ -243,41 +332,54 @@ class ValueChecks:
         if not values_readable(index, lab):
             return
         steps = index[1:] - index[:-1]
-        self._add([(steps == 0).any(), (steps < 0).any()], lambda v: _index_order(v, name))
+        dup, unsorted = (steps == 0).any(), (steps < 0).any()
+        self._add(dup | unsorted, f"{name} must be sorted (ascending) and unique",
+                  [dup, unsorted], lambda v: _index_order(v, name))
         self.label_range(index, num_classes, name, "class ids of the centres")
         at = torch.searchsorted(index, lab).clamp_max(index.shape[0] - 1)
         missing = index[at] != lab
+        message = (f"{labels_name} must all be in {name}: partial FC must sample every class "
+                   "present in the batch")
+        if self.asynchronous:
+            self._add(missing.any(), message, [], None)
+            return
         # the first 8 missing labels, sorted (a fixed-size summary: no data-dependent shape)
         big = torch.iinfo(torch.int64).max
         first = torch.sort(torch.where(missing, lab, big)).values[:8]
 
         def verdict(v):
-            if v[0]:
-                shown = sorted({x for x in v[1:] if x != big})
-                raise ValueError(f"{labels_name} {shown} are missing from {name}: partial FC "
-                                 "must sample every class present in the batch")
+            shown = sorted({x for x in v if x != big})
+            raise ValueError(f"{labels_name} {shown} are missing from {name}: partial FC "
+                             "must sample every class present in the batch")
 
-        self._add([missing.any(), first], verdict)
+        self._add(missing.any(), message, [first], verdict)
 
-    def run(self) -> None:
+    def run(self) -> list[int]:
+        """Raise the first failure (eager) or assert on the device (async); returns the
+        numbers asked for with :meth:`read` (eager)."""
+        for failed, message in self._asserts:
+            torch._assert_async(~failed, message)
         if not self._numbers:
-            return
+            return []
         values = torch.cat(self._numbers).tolist()
-        at = 0
+        at, read = 0, []
         for size, verdict in self._verdicts:
-            verdict(values[at:at + size])
+            if verdict is None:
+                read.append(values[at])
+            elif values[at]:
+                verdict(values[at + 1:at + size])
             at += size
+        return read
 
 
 def _index_order(v, name):
     if v[0]:
         raise ValueError(f"{name} has duplicated classes: it must be sorted and unique")
-    if v[1]:
-        raise ValueError(f"{name} is not sorted: it must be sorted (ascending) and unique")
+    raise ValueError(f"{name} is not sorted: it must be sorted (ascending) and unique")
 
 
 def label_range(lab: torch.Tensor, num: int, name: str, what: str) -> None:
     """One :meth:`ValueChecks.label_range`, run at once."""
-    checks = ValueChecks()
-    checks.label_range(lab, num, name, what)
-    checks.run()
+    values = ValueChecks()
+    values.label_range(lab, num, name, what)
+    values.run()

@@ -282,5 +282,5 @@ def shard_bank_update_(bank, bank_valid, x, labels, shard):
     local = shard.local_labels(labels)
     mine = local >= 0
     if bool(mine.any()):
-        memory_bank.update_rows(bank, bank_valid, x.detach()[mine], local[mine])
+        memory_bank.write_rows_(bank, bank_valid, x[mine], local[mine])
     return bank

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..sampling import draw_classes
+from ..sampling import sample_classes
 
 
 def split_classes(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -77,8 +77,8 @@ class ClassShard:
         class of ``labels`` (the gathered, global batch) that falls in the shard, plus uniformly
         random others, max(num_sample, #positives) in all (capped at num_local)."""
         local = self.local_labels(labels.reshape(-1).to(torch.int64))
-        return draw_classes(local[local >= 0], self.num_local, max(1, int(num_sample)),
-                            generator)
+        return sample_classes(local[local >= 0], self.num_local, max(1, int(num_sample)),
+                              generator)
 
 
 def require(shard) -> ClassShard:

@@ -12,10 +12,10 @@ from torch import Tensor, nn
 
 from .. import backends, distributed, reference
 from .. import validation as check
-from ..bank import update_rows
+from ..bank import write_rows_
 from ..distributed import ClassShard
 from ..options import EPS
-from ..sampling import draw_classes
+from ..sampling import sample_classes
 
 BANK_DTYPES = check.FLOAT_DTYPES
 
@@ -116,12 +116,14 @@ def setup_classes(module, embedding_size, num_classes, class_parallel, process_g
 def partial_fc_index(module, labels: Tensor) -> Optional[Tensor]:
     """Partial FC in training mode with num_sample < num_local: every class of the batch plus
     random others, sorted — LOCAL class ids of the shard when class-parallel (``labels`` is
-    then the gathered global batch). None (all classes) otherwise."""
+    then the gathered global batch). None (all classes) otherwise. Its size follows the
+    checks mode (:func:`~unitsface_kernels.sample_classes`): max(#classes of the batch,
+    num_sample) in the eager mode, exactly num_sample in the async one."""
     if not module.training or module.num_sample >= module.num_local:
         return None
     if module.shard is not None:
         return module.shard.sample(labels, module.num_sample)
-    return draw_classes(labels, module.num_local, module.num_sample)
+    return sample_classes(labels, module.num_local, module.num_sample)
 
 
 def shard_repr(module) -> str:
@@ -162,7 +164,9 @@ class Threshold(nn.Module):
             if size is not None and t.shape[-1] != size:
                 raise ValueError(f"{name} has embedding size {t.shape[-1]} but this "
                                  f"{type(self).__name__} has embedding_size={size}")
-        return pair_cosine(a, b, self.eps) > self.threshold
+        cos = pair_cosine(a, b, self.eps)
+        # t as a tensor (float64, as the float `threshold` computes it): no read-back
+        return cos > (self.bias.detach().mean().double() / self.scale).to(cos.device)
 
     def _mean_threshold(self) -> Tensor:
         """The mean b over all classes: per-class thresholds of a class-parallel module are
@@ -182,8 +186,22 @@ class Threshold(nn.Module):
         (the unified threshold's head) or b ← b + b₀ (``add``: the sample-to-sample BCE
         head's per-row thresholds), where init() gives the official
         b₀ = mean_i lse_{N_i}(s·cos_ij) over the reference rows the loss uses — NaN when there
-        is no negative yet: b is left alone and the next call tries again."""
-        if not self.training or not bool(self._mean_threshold() <= 0):
+        is no negative yet: b is left alone and the next call tries again.
+
+        In the eager checks mode the test b ≤ 0 is read on the host (one synchronisation) and
+        b₀ is computed only while it holds. In the async mode (:class:`unitsface_kernels.checks`,
+        CUDA graph capture) nothing is read: b₀ is computed at every training call (one more
+        forward pass over the reference rows) and chosen on the device, b ← where(mean b ≤ 0
+        and b₀ finite, b₀ (or b + b₀), b) — the same values."""
+        if not self.training:
+            return
+        if check.check_mode() == "async":
+            start = self._mean_threshold() <= 0
+            b0 = init().to(self.bias.dtype)
+            new = self.bias + b0 if add else b0.expand_as(self.bias)
+            self.bias.copy_(torch.where(start & torch.isfinite(b0), new, self.bias))
+            return
+        if not bool(self._mean_threshold() <= 0):
             return
         b0 = init().to(self.bias.dtype)
         if bool(torch.isfinite(b0)):
@@ -215,7 +233,7 @@ class _Probe:
 
 
 class MemoryBank(nn.Module):
-    """Buffers ``bank`` (one row per class of this module, as bank_update_ stores it) and
+    """Buffers ``bank`` (one row per class of this module, as ``bank_update_`` stores it) and
     ``bank_valid``, and the training-mode update with the batch *after* the loss (the official
     order; the last occurrence of a label wins).
 
@@ -324,7 +342,7 @@ class MemoryBank(nn.Module):
         if self.shard is not None:
             distributed.shard_bank_update_(bank, valid, x, labels, self.shard)
         else:
-            update_rows(bank, valid, x, labels)
+            write_rows_(bank, valid, x, labels)
 
 
 def resolve_backend(module, device: torch.device, family: str) -> str:
