@@ -179,7 +179,7 @@ def test_no_bxn_allocation(backend, form, mode):
     # inside the custom ops' bodies too (the mode does not see through a custom op call)
     if backend == "triton":
         from unitsface_kernels.options import UssOptions
-        from unitsface_kernels.triton.uss import uss_backward, uss_forward
+        from unitsface_kernels.triton.uss_loss import uss_backward, uss_forward
 
         ref_t = x.detach() if mode == "inbatch" else ref.detach()
         ref_labels = case["labels"] if mode == "inbatch" else torch.arange(n)
