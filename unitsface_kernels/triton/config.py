@@ -29,7 +29,7 @@ class GemmTiles:
 
 @dataclass(frozen=True)
 class FusedConfig:
-    """Launch configuration of the fused margin-softmax / objective kernels (fused.py).
+    """Launch configuration of the fused kernels (fused.py: every op family).
 
     cos: the cosine tiles (rows × classes, K = D) of the forward and of the backward's
         recomputation (one configuration for both: the backward recomputes the forward's
