@@ -112,7 +112,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 # Transcendentals per element of a tile's epilogue (MUFU instructions). Softmax, lse USS and
-# the backward's probabilities: one exp (ex2). Pairs USS forward (common.softplus_sigmoid):
+# the backward's probabilities: one exp (ex2). Pairs USS forward (maths.softplus_sigmoid):
 # one exp, the log of log1p and two reciprocals (σ and log1p's u/(w − 1)).
 _MUFU = {"softmax": 1, "uss_pairs_fwd": 4, "uss_lse": 1}
 

@@ -3,7 +3,7 @@
     python -m benchmarks.tile_sweep [--batch 512 --dim 512 --classes 100000]
 
 The fused kernels (unitsface_kernels/triton/fused.py) have one tuning per GEMM-shaped kernel,
-"block_m,block_n,bk,num_warps,num_stages" each (common.FUSED_KNOBS): UNITSFACE_TRITON_COS_TILES
+"block_m,block_n,bk,num_warps,num_stages" each (config.FUSED_KNOBS): UNITSFACE_TRITON_COS_TILES
 (the cosine tiles of the forward and of the backward's recomputation),
 UNITSFACE_TRITON_DW_TILES (∂W = g̃ᵀ·x̂') and UNITSFACE_TRITON_DX_TILES (the split-K ∂x
 product), and UNITSFACE_TRITON_CHUNK_MB (the gradient tiles' L2 budget per class chunk). The
@@ -19,7 +19,7 @@ import os
 
 import torch
 
-# the defaults first (common.fused_config: the first line times them), then one step away
+# the defaults first (config.fused_config: the first line times them), then one step away
 # from them per knob
 CANDIDATES = {
     "UNITSFACE_TRITON_COS_TILES": ["128,128,64,8,3", "128,256,64,8,3", "128,128,64,8,4"],

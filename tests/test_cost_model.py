@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks import cost_model, device
-from unitsface_kernels.triton.common import FusedConfig, GemmTiles
+from unitsface_kernels.triton.config import FusedConfig, GemmTiles
 
 T = GemmTiles(128, 128, 64, 8, 3)
 # B = 256, |S| = 1000, D = 128 in chunks of 512 classes: (0, 512) and (512, 488), each ∂x
@@ -114,7 +114,7 @@ def test_model_follows_the_launches(form, monkeypatch):
     makes (here under the interpreter's configuration), forward and backward."""
     from unitsface_kernels import fused_unitsface_loss
     from unitsface_kernels.triton import fused, norms
-    from unitsface_kernels.triton.common import fused_config
+    from unitsface_kernels.triton.config import fused_config
 
     log = []
     for mod, name in ((fused, "_cos_kernel"), (fused, "_dx_kernel"), (fused, "_dw_kernel"),

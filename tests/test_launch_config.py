@@ -1,7 +1,6 @@
-"""Tile configurations of the Triton kernels (unitsface_kernels.triton.common) and the fused
-kernels' plan (chunks of classes, split-K slices; unitsface_kernels.triton.fused.plan): the
-shapes the kernels rely on (powers of two, whole tiles per chunk) and the environment tuning
-knobs."""
+"""Tile configurations of the Triton kernels and their plan (chunks of columns, split-K
+slices; unitsface_kernels.triton.config): the shapes the kernels rely on (powers of two, whole
+tiles per chunk) and the environment tuning knobs."""
 
 from __future__ import annotations
 
@@ -12,12 +11,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from unitsface_kernels.triton.common import (FUSED_KNOBS, GemmTiles, LaunchConfig,  # noqa: E402
-                                             fused_config, launch_config)
-from unitsface_kernels.triton.fused import plan  # noqa: E402
+from unitsface_kernels.triton.config import (FUSED_KNOBS, GemmTiles,  # noqa: E402
+                                             fused_config, plan)
 
 DEVICES = [torch.device("cuda"), torch.device("cpu")]  # configs only: no GPU is touched
-KNOBS = ["UNITSFACE_TRITON_TILES", "UNITSFACE_TRITON_CHUNK_MB", *FUSED_KNOBS.values()]
+KNOBS = ["UNITSFACE_TRITON_CHUNK_MB", *FUSED_KNOBS.values()]
 
 
 @pytest.fixture(autouse=True)
@@ -34,10 +32,6 @@ def _power_of_two(v: int) -> bool:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("d", [1, 40, 70, 128, 130, 512, 1000, 2048])
 def test_defaults_fit_the_kernels(device, dtype, d):
-    cfg = launch_config(d, device, dtype)
-    assert cfg.dp >= d and _power_of_two(cfg.dp)
-    assert all(_power_of_two(v) for v in (cfg.block_m, cfg.block_n, cfg.dc, cfg.num_warps))
-    assert cfg.dp % cfg.dc == 0
     fused = fused_config(d, device, dtype)
     for tiles in (fused.cos, fused.dw, fused.dx):
         assert all(_power_of_two(v) for v in (tiles.block_m, tiles.block_n, tiles.bk,
@@ -69,6 +63,18 @@ def test_plan_covers_the_classes(device, b, s, d, buffers):
         assert p.n_chunks == 3 and p.splits == 2
 
 
+def test_interpreter_plan_crosses_a_chunk():
+    """Under the interpreter, a backward over more than one granule (32 columns) runs in two
+    chunks at least: the tests' small shapes (53 references, an in-batch B = 64) cross a chunk
+    boundary, and no gradient tile holds all of B × N; 128 columns per chunk at most."""
+    cpu = torch.device("cpu")
+    for n, chunks, chunk in ((32, 1, 32), (33, 2, 32), (53, 2, 32), (64, 2, 32),
+                             (200, 2, 128), (301, 3, 128)):
+        p = plan(37, n, 16, torch.float32, cpu, 1)
+        assert (p.n_chunks, p.chunk) == (chunks, chunk), n
+    assert plan(37, 301, 16, torch.float32, cpu, 0).n_chunks == 1  # no gradient tiles
+
+
 def test_headline_plan():
     """B = 512, D = 512, C = 100k in bf16 on an H200 (132 SMs): 4 chunks of 25088 classes
     (25 MB of bf16 gradient tiles each), 8 split-K slices (16 output tiles: one wave)."""
@@ -86,8 +92,6 @@ def test_override_parses(monkeypatch):
     cfg = fused_config(512, cuda, torch.bfloat16)
     assert cfg.cos == GemmTiles(128, 256, 64, 8, 4) and cfg.dx == GemmTiles(64, 128, 32, 4, 2)
     assert cfg.chunk_bytes == 8 << 20
-    monkeypatch.setenv("UNITSFACE_TRITON_TILES", "64,16,256,4,1")
-    assert launch_config(512, cuda, torch.bfloat16) == LaunchConfig(64, 16, 512, 256, 4, 1, 0)
     # the knobs are for GPUs: the interpreter keeps its own tiles
     assert fused_config(512, torch.device("cpu"), torch.bfloat16).cos.block_n == 32
 

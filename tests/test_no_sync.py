@@ -130,20 +130,6 @@ def _backends(family):
     return out
 
 
-_TRITON_SETUP = pytest.mark.xfail(
-    strict=True, reason="triton/fused.py and triton/uss.py build their settings with "
-                        "torch.tensor(params, device=…) per call (engine's change removes it)")
-
-
-def _mark(backend):
-    """The triton backend still copies its settings from the host in each call."""
-    return pytest.param(backend, marks=_TRITON_SETUP) if backend == "triton" else backend
-
-
-def _marked(family):
-    return [_mark(b) if isinstance(b, str) else b for b in _backends(family)]
-
-
 # ----------------------------------------------------------------------------- functions
 
 def _function_calls(backend):
@@ -219,7 +205,7 @@ def _other_calls():
             ("bank_update_ bf16", update(torch.bfloat16))]
 
 
-@pytest.mark.parametrize("backend", _marked("unitsface"))
+@pytest.mark.parametrize("backend", _backends("unitsface"))
 def test_functions_async_mode_never_synchronise(backend, cuda_path, monkeypatch):
     calls = _function_calls(backend)
     syncs, found = Syncs(monkeypatch), {}
@@ -257,9 +243,7 @@ def test_functions_eager_mode_read_back_at_most_once(backend, cuda_path, monkeyp
     for name, call in _function_calls(backend) + _other_calls():
         with syncs:
             call()
-        others = [e for e in syncs.events if not e.startswith(("read-back", "Tensor.tolist"))
-                  # the Triton host functions' settings copy: xfail in the async tests above
-                  and not (backend == "triton" and e.startswith("tensor from host data"))]
+        others = [e for e in syncs.events if not e.startswith(("read-back", "Tensor.tolist"))]
         if syncs.read_backs > 1 or others:
             found[name] = syncs.events
     assert not found
@@ -303,7 +287,7 @@ def _capturing(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
 
 
-@pytest.mark.parametrize("backend", _marked("unitsface"))
+@pytest.mark.parametrize("backend", _backends("unitsface"))
 def test_module_steps_never_synchronise_when_capturing(backend, cuda_path, monkeypatch):
     """Forward, backward (the deferred bank update runs after it), and a SparseSGD
     (capturable) step of every module, after an eager warm-up step: nothing synchronises, and
@@ -454,7 +438,7 @@ def test_async_mode_steps_equal_eager_steps(name, backend):
 
 def _cuda_backends():
     native_cuda = native.has_family("unitsface", "cuda")
-    return [_mark("triton"), "native" if native_cuda else pytest.param(
+    return ["triton", "native" if native_cuda else pytest.param(
         "native", marks=pytest.mark.skip(reason="the native extension has no CUDA ops"))]
 
 

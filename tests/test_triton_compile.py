@@ -12,13 +12,16 @@ build (build/triton-3.6.0, put first on PYTHONPATH; torch never imports it at th
 
 Each kernel prints ptxas's registers and spills, how many of its spill instructions (local
 loads and stores in the SASS) lie inside a loop, and the shapes of its matrix instructions
-(wgmma mMnNkK on Hopper, or mma.sync): the profiler of tile choices. Every case compiles the
-configuration of the benchmarks (lse form with the official clamp for USS; CosFace and pairs
-USS for the objective, whose kernels run in the forms a training step launches them: the
-forward with the USS part's row gradients, the backward without bank programs); the bf16
-D=512 case also compiles the other forms and options (`python tests/test_triton_compile.py
-bf16 512 variants`). At the headline (bf16 and fp16, D = 512) the fused kernels must show no
-spill instruction inside a loop and every product on wgmma with N ≥ 128.
+(wgmma mMnNkK on Hopper, or mma.sync): the profiler of tile choices. The kernels are the fused
+engine's three (the cosine tiles, ∂R, ∂x: triton/fused.py), compiled in the forms each op
+family launches: the objective (CosFace and pairs USS, as a training step launches them: the
+forward with the USS part's row gradients, the backward without bank programs) and the USS
+family (a bank in the lse form with the official clamp, as the benchmarks run it; at the
+headline also in-batch pairs and class centres with per-column thresholds, whose backward
+forms ∂ref). The bf16 D=512 case also compiles the objective's other forms and options
+(`python tests/test_triton_compile.py bf16 512 variants`). At the headline (bf16 and fp16,
+D = 512) every kernel but the row norms must show no spill instruction inside a loop and
+every product on wgmma with N ≥ 128.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ _TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
        torch.float64: "fp64"}
 _EMBEDDINGS = {"x_ptr", "r_ptr", "w_ptr", "bank_ptr", "t_ptr", "dw_ptr", "gw_ptr", "gb_ptr",
                "g_ptr", "xg_ptr"}
-_LABELS = {"y_ptr", "l_ptr", "idx_ptr"}
+_LABELS = {"y_ptr", "lab_ptr", "idx_ptr"}
+# the settings: fp32 scalars (the kernels' float arguments)
+_FLOATS = {"scale", "m3", "cos_m2", "sin_m2", "mm", "uss_m", "uss_w", "eps"}
 # integer arguments that are multiples of 16 at the headline (B = 512, D = 512, C = 100k and
 # its chunks): the JIT specializes them so, which lets loads and stores vectorize
 _ALIGNED_INTS = {"D", "B", "S", "g_stride", "col0", "n_cols", "k_split"}
@@ -46,7 +51,8 @@ _ALIGNED_INTS = {"D", "B", "S", "g_stride", "col0", "n_cols", "k_split"}
 
 def _compile(kernel, dtype, constexprs, cfg):
     """Compile `kernel` for sm_90: pointers to embeddings in `dtype`, statistics in the
-    accumulation dtype, labels int64, masks bool, every other argument an int32."""
+    accumulation dtype, labels int64, masks bool, the settings fp32, every other argument an
+    int32."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -64,6 +70,8 @@ def _compile(kernel, dtype, constexprs, cfg):
             signature[name] = "*i1"
         elif name.endswith("_ptr"):
             signature[name] = "*" + acc
+        elif name in _FLOATS:
+            signature[name] = "fp32"
         else:
             signature[name] = "i32"
     # as the JIT specializes them at run time: torch's allocations are 16-byte aligned, and
@@ -81,8 +89,14 @@ CASES = [(torch.bfloat16, 512), (torch.float16, 512), (torch.float32, 512), (tor
          (torch.float32, 1024), (torch.bfloat16, 2048)]
 
 
-USS_VARIANTS = {"lse+clamp": dict(LSE=True, CLAMP=True), "pairs": dict(LSE=False, CLAMP=False),
-                "pairs+clamp": dict(LSE=False, CLAMP=True)}
+USS_VARIANTS = {
+    "bank lse+clamp": dict(USS_LSE=True, USS_CLAMP=True, IN_BATCH=False, HAS_VALID=True,
+                           VECTOR_BIAS=False, REF_GRAD=False),
+    "in-batch pairs": dict(USS_LSE=False, USS_CLAMP=False, IN_BATCH=True, HAS_VALID=False,
+                           VECTOR_BIAS=False, REF_GRAD=True),
+    "centres pairs+clamp b_j": dict(USS_LSE=False, USS_CLAMP=True, IN_BATCH=False,
+                                    HAS_VALID=False, VECTOR_BIAS=True, REF_GRAD=True),
+}
 FUSED_VARIANTS = {
     "cosface+pairs": dict(ARC=False, ST=False, EASY=False, USS_LSE=False, USS_CLAMP=False),
     "arc+lse": dict(ARC=True, ST=False, EASY=False, USS_LSE=True, USS_CLAMP=False),
@@ -97,23 +111,24 @@ def fused_kernels(dtype, d, options):
     USS gradient tiles) and its ∂x product (pairs), the backward's cosine kernel (W programs;
     bank programs for lse), ∂W and ∂x."""
     from unitsface_kernels.triton import fused
-    from unitsface_kernels.triton.common import fused_config
-    from unitsface_kernels.triton.norms import _TL_DTYPES
+    from unitsface_kernels.triton.config import fused_config
+    from unitsface_kernels.triton.loads import TL_DTYPES
 
     cfg = fused_config(d, torch.device("cuda"), dtype)
     lse = options["USS_LSE"]
-    common = dict(HAS_INDEX=True, HAS_VALID=True, UPCAST=False, XT=_TL_DTYPES[dtype],
-                  VECTOR_BIAS=False,
+    common = dict(HAS_INDEX=True, HAS_LABELS=False, IN_BATCH=False, HAS_VALID=True,
+                  UPCAST=False, XT=TL_DTYPES[dtype], VECTOR_BIAS=False,
                   SCALE_G=dtype != torch.float16)
     cos = dict(common, **options, BLOCK_M=cfg.cos.block_m, BLOCK_N=cfg.cos.block_n,
                BK=cfg.cos.bk)
     fwd = dict(cos, BACKWARD=False, W_PROGS=True, BANK_PROGS=True, STORE_GW=False,
-               COL_H=False, STORE_GB=not lse, ROW_GB=False, COL_GB=False)
+               COL_H=False, STORE_GB=not lse, ROW_GB=False, COL_GB=False, COL_HB=False)
     bwd = dict(cos, BACKWARD=True, W_PROGS=True, BANK_PROGS=lse, STORE_GW=True, COL_H=True,
-               STORE_GB=lse, ROW_GB=lse, COL_GB=False)
+               STORE_GB=lse, ROW_GB=lse, COL_GB=False, COL_HB=False)
     dx = dict(HAS_INDEX=True, HAS_VALID=True, SCALE_G=common["SCALE_G"], UPCAST=False,
               XT=common["XT"], BLOCK_M=cfg.dx.block_m, BLOCK_N=cfg.dx.block_n, BK=cfg.dx.bk)
-    dw = dict(HAS_INDEX=True, SCALE_G=common["SCALE_G"], UPCAST=False, XT=common["XT"],
+    dw = dict(HAS_INDEX=True, HAS_VALID=False, SCALE_G=common["SCALE_G"], UPCAST=False,
+              XT=common["XT"],
               BLOCK_M=cfg.dw.block_m, BLOCK_N=cfg.dw.block_n, BK=cfg.dw.bk)
     out = [("fwd", fused._cos_kernel, fwd, cfg.cos, False)]
     if not lse:
@@ -125,38 +140,66 @@ def fused_kernels(dtype, d, options):
     return out
 
 
+def uss_kernels(dtype, d, options):
+    """(label, kernel, constexprs, tiles, is_product) of the USS family's launches in one
+    form (triton/uss_loss.py): the forward's cosine kernel (bank programs alone, the columns'
+    own labels), the backward's cosine kernel (g tiles; with a reference gradient also the
+    per-column sums of ∂ref's projection), ∂ref (with a reference gradient) and ∂x."""
+    from unitsface_kernels.triton import fused
+    from unitsface_kernels.triton.config import fused_config
+    from unitsface_kernels.triton.loads import TL_DTYPES
+
+    cfg = fused_config(d, torch.device("cuda"), dtype)
+    o = dict(options)
+    ref_grad = o.pop("REF_GRAD")
+    vector = o["VECTOR_BIAS"]
+    common = dict(o, HAS_INDEX=False, HAS_LABELS=True, ARC=False, ST=False, EASY=False,
+                  UPCAST=False, XT=TL_DTYPES[dtype], SCALE_G=dtype != torch.float16)
+    cos = dict(common, W_PROGS=False, BANK_PROGS=True, STORE_GW=False, COL_H=False,
+               BLOCK_M=cfg.cos.block_m, BLOCK_N=cfg.cos.block_n, BK=cfg.cos.bk)
+    fwd = dict(cos, BACKWARD=False, STORE_GB=False, ROW_GB=False, COL_GB=False, COL_HB=False)
+    bwd = dict(cos, BACKWARD=True, STORE_GB=True, ROW_GB=not vector, COL_GB=vector,
+               COL_HB=ref_grad)
+    flags = dict(HAS_INDEX=False, HAS_VALID=o["HAS_VALID"], SCALE_G=common["SCALE_G"],
+                 UPCAST=False, XT=common["XT"])
+    out = [("fwd", fused._cos_kernel, fwd, cfg.cos, False),
+           ("bwd", fused._cos_kernel, bwd, cfg.cos, False)]
+    if ref_grad:
+        out.append(("", fused._dw_kernel, dict(flags, BLOCK_M=cfg.dw.block_m,
+                                               BLOCK_N=cfg.dw.block_n, BK=cfg.dw.bk), cfg.dw,
+                    True))
+    out.append(("bwd", fused._dx_kernel, dict(flags, HAS_W=False, HAS_BANK=True,
+                                              BLOCK_M=cfg.dx.block_m, BLOCK_N=cfg.dx.block_n,
+                                              BK=cfg.dx.bk), cfg.dx, True))
+    return out
+
+
 HEADLINE = {(torch.bfloat16, 512), (torch.float16, 512)}
 """Cases whose fused kernels must show no spill inside a loop, and wgmma with N ≥ 128 in
 their products and cosine tiles."""
 
 
 def compile_all(dtype, d, variants=False):
-    """Compile every kernel in the configuration the launchers pick for width d (with
-    `variants`, in every form and option too)."""
-    from unitsface_kernels.triton import norms, uss
-    from unitsface_kernels.triton.common import launch_config
-    from unitsface_kernels.triton.norms import _TL_DTYPES
+    """Compile every kernel in the configuration the launchers pick for width d (the USS
+    family in each of its modes at the headline; with `variants`, the objective in every form
+    and option too)."""
+    from types import SimpleNamespace
 
-    cuda = torch.device("cuda")
-    cfg = launch_config(d, cuda, dtype)
-    tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DP=cfg.dp, UPCAST=False)
+    from unitsface_kernels.triton import norms
+    from unitsface_kernels.triton.loads import TL_DTYPES
+
     kernels = []
-    for name, options in list(USS_VARIANTS.items())[:None if variants else 1]:
-        uss_flags = dict(options, IN_BATCH=False, HAS_VALID=True, **tiles)
-        kernels += [
-            (name, uss._uss_fwd_kernel, uss_flags, cfg, False),
-            (name, uss._uss_bwd_rows_kernel, dict(uss_flags, NEED_DX=True, DC=cfg.dc), cfg,
-             False),
-            (name, uss._uss_bwd_cols_kernel, dict(uss_flags, NEED_DR=True, DC=cfg.dc), cfg,
-             False)]
-    fused_names = set()
+    n_uss = None if (dtype, d) in HEADLINE else 1
+    for name, options in list(USS_VARIANTS.items())[:n_uss]:
+        for step, kernel, flags, launch, product in uss_kernels(dtype, d, options):
+            kernels.append((f"uss {step} {name}".replace("  ", " "), kernel, flags, launch,
+                            product))
     for name, options in list(FUSED_VARIANTS.items())[:None if variants else 1]:
         for step, kernel, flags, launch, product in fused_kernels(dtype, d, options):
             kernels.append((f"{step} {name}".strip(), kernel, flags, launch, product))
-            fused_names.add(kernel.fn.__name__)
     kernels.append(("", norms._row_norms_kernel,
-                    dict(HAS_INDEX=True, BLOCK_R=32, BLOCK_D=256, XT=_TL_DTYPES[dtype],
-                         UPCAST=False), cfg, False))
+                    dict(HAS_INDEX=True, BLOCK_R=32, BLOCK_D=256, XT=TL_DTYPES[dtype],
+                         UPCAST=False), SimpleNamespace(num_warps=4, num_stages=3), False))
     problems = []
     for name, kernel, flags, launch, product in kernels:
         compiled = _compile(kernel, dtype, flags, launch)
@@ -166,7 +209,7 @@ def compile_all(dtype, d, variants=False):
         mma = ", ".join(sorted(report["mma"])) or "no MMA"
         print(f"{label}: {shared} bytes of shared memory; {report['text']}; {mma}", flush=True)
         assert shared <= SMEM_LIMIT, (label, shared)
-        if (dtype, d) in HEADLINE and kernel.fn.__name__ in fused_names:
+        if (dtype, d) in HEADLINE and kernel is not norms._row_norms_kernel:
             if report["spills_in_loops"]:
                 problems.append(f"{label}: {report['spills_in_loops']} spill instructions "
                                 "inside loops")

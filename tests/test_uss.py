@@ -179,7 +179,7 @@ def test_no_bxn_allocation(backend, form, mode):
     # inside the custom ops' bodies too (the mode does not see through a custom op call)
     if backend == "triton":
         from unitsface_kernels.options import UssOptions
-        from unitsface_kernels.triton.uss import uss_backward, uss_forward
+        from unitsface_kernels.triton.uss_loss import uss_backward, uss_forward
 
         ref_t = x.detach() if mode == "inbatch" else ref.detach()
         ref_labels = case["labels"] if mode == "inbatch" else torch.arange(n)
@@ -191,6 +191,73 @@ def test_no_bxn_allocation(backend, form, mode):
                          case["ref_valid"], bias.detach(), stats, nx, nr, opts,
                          [True, mode == "centres", True])
         assert inner.largest < limit, (inner.largest, inner.where)
+
+
+class _CountingKernel:
+    """Stands in for a jitted kernel: records each launch's keyword arguments, then launches
+    the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("backend", fused_backends("cpu", "uss")[:1])  # triton
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_runs_the_fused_engine(backend, form, mode, monkeypatch):
+    """docs/design.md §2: the USS family runs on the fused engine's kernels, bank programs
+    alone — forward: one cosine launch over all references; backward, per chunk of
+    references: the cosine kernel, ∂ref (when the reference rows take a gradient: in-batch,
+    class centres) and ∂x — and matches the reference."""
+    from unitsface_kernels.triton import fused
+
+    names = ("_cos_kernel", "_dw_kernel", "_dx_kernel")
+    counters = {name: _CountingKernel(getattr(fused, name)) for name in names}
+    for name, counter in counters.items():
+        monkeypatch.setattr(fused, name, counter)
+    b, n = (150, 0) if mode == "inbatch" else (37, 301)
+    case = make_case("uss", b, n, 16, torch.float32, "cpu", mode=mode, seed=11,
+                     vector_bias=mode == "centres")
+    check(case, backend, torch.float32, form=form)
+    n_ref = b if mode == "inbatch" else n
+    chunks = fused.plan(b, n_ref, 16, torch.float32, torch.device("cpu"), 1).n_chunks
+    assert chunks >= 2
+    cos = counters["_cos_kernel"].launches
+    assert all(k["BANK_PROGS"] and not k["W_PROGS"] and k["HAS_LABELS"] for k in cos)
+    assert all(k["IN_BATCH"] == (mode == "inbatch") for k in cos)
+    assert len([k for k in cos if not k["BACKWARD"]]) == 1
+    assert len([k for k in cos if k["BACKWARD"]]) == chunks
+    ref_grad = mode != "bank"
+    assert len(counters["_dw_kernel"].launches) == (chunks if ref_grad else 0)
+    assert len(counters["_dx_kernel"].launches) == chunks
+
+
+@pytest.mark.parametrize("backend", fused_backends("cpu", "uss")[:1])  # triton
+@pytest.mark.parametrize("form", FORMS)
+def test_triton_reads_other_dtype_refs_rounded(backend, form):
+    """Reference rows in fp32 with bf16 embeddings (docs/design.md §4) are read rounded to
+    bf16 in registers: the loss and ∂x are those of the call on a bf16 copy, bit for bit, and
+    ∂ref, in fp32, rounds to that call's."""
+    case = make_case("uss", 37, 53, 24, torch.bfloat16, "cpu", mode="centres", seed=2)
+    ref32 = torch.randn(53, 24, generator=torch.Generator().manual_seed(5))
+    out = {}
+    for ref in (ref32, ref32.to(torch.bfloat16)):
+        x = case["x"].clone().requires_grad_()
+        r = ref.clone().requires_grad_()
+        loss = fused_uss_loss(x, case["labels"], case["bias"], r, form=form, reduction="none",
+                              backend=backend)
+        loss.sum().backward()
+        out[ref.dtype] = (loss.detach(), x.grad, r.grad)
+    mixed, copy = out[torch.float32], out[torch.bfloat16]
+    assert torch.equal(mixed[0], copy[0]) and torch.equal(mixed[1], copy[1])
+    assert mixed[2].dtype == torch.float32
+    assert torch.equal(mixed[2].to(torch.bfloat16), copy[2])
 
 
 def test_allocation_detector_sees_the_reference_matrix():

@@ -245,7 +245,7 @@ def _triton_kernels(family: str):
     """The Triton host functions of a family (imported on first use: importing triton is
     slow, and it must not happen before conftest sets TRITON_INTERPRET)."""
     if family == "uss":
-        from .triton import uss as module
+        from .triton import uss_loss as module
         return module.uss_forward, module.uss_backward
     from .triton import fused as module
     return module.fused_forward, module.fused_backward

@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import clamp, clamp_min
+from .maths import clamp, clamp_min
 
 SIN_FLOOR = tl.constexpr(1e-12)
 """The floor of 1 − cos² under sin θ in the exact form (reference.target_logit)."""

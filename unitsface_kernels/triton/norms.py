@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import as_operand, upcast_tiles
+from .loads import TL_DTYPES, as_operand, upcast_tiles
 
 
 @triton.jit
@@ -29,10 +29,6 @@ def _row_norms_kernel(t_ptr, idx_ptr, out_ptr, n_rows, D, HAS_INDEX: tl.constexp
     tl.store(out_ptr + rows, tl.sqrt(acc), mask=rows < n_rows)
 
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-              torch.float64: tl.float64}
-
-
 def row_norms(t: torch.Tensor, index: torch.Tensor | None = None,
               as_dtype: torch.dtype | None = None) -> torch.Tensor:
     """||t_i|| (or ||t[index_j]||) of a contiguous (n × D) matrix, in fp32 (fp64 for fp64),
@@ -46,6 +42,6 @@ def row_norms(t: torch.Tensor, index: torch.Tensor | None = None,
     block_d = min(256, max(16, triton.next_power_of_2(d)))
     _row_norms_kernel[(triton.cdiv(n, block_r),)](
         t, index if index is not None else out, out, n, d, HAS_INDEX=index is not None,
-        BLOCK_R=block_r, BLOCK_D=block_d, XT=_TL_DTYPES[as_dtype],
+        BLOCK_R=block_r, BLOCK_D=block_d, XT=TL_DTYPES[as_dtype],
         UPCAST=upcast_tiles(as_dtype))
     return out

@@ -1,0 +1,189 @@
+"""Launch configuration of the fused kernels (docs/design.md §2): the tiles of each
+GEMM-shaped kernel (:func:`fused_config`, with its environment tuning knobs), the widths and
+dtypes the compiled kernels support (:func:`check_width`), and how one call runs — its chunks
+of classes and split-K slices (:func:`plan`, which the cost model reads too).
+
+The three kernels of fused.py have their own tiles: the cosine tiles (K = D), the ∂W product
+(K = rows) and the split-K ∂x product (K = the classes of a chunk).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+
+@dataclass(frozen=True)
+class GemmTiles:
+    """One GEMM-shaped kernel's tiles: block_m × block_n outputs, a K loop in bk-wide steps."""
+
+    block_m: int
+    block_n: int
+    bk: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """Launch configuration of the fused kernels (fused.py: every op family).
+
+    cos: the cosine tiles (rows × classes, K = D) of the forward and of the backward's
+        recomputation (one configuration for both: the backward recomputes the forward's
+        cosines bit for bit);
+    dw: ∂W = g̃ᵀ·x̂' (classes × features, K = rows);
+    dx: ∂x = g̃·R (rows × features, K = the classes of a chunk, cut into split-K slices);
+    chunk_bytes: the gradient tiles of one class chunk (B × chunk in x's dtype, per buffer)
+        stay below this, to stay in L2 between the kernel that writes them and the products
+        that read them; chunk: at most this many classes per chunk instead, and at least
+        two chunks where S holds more than `granule` classes (the interpreter's: the tests'
+        small shapes cross a chunk boundary);
+    programs: how many programs the split-K ∂x product aims for (one wave); splits: a fixed
+        split count instead (the interpreter's)."""
+
+    cos: GemmTiles
+    dw: GemmTiles
+    dx: GemmTiles
+    chunk_bytes: int = 32 << 20
+    chunk: int = 0
+    programs: int = 0
+    splits: int = 0
+
+    @property
+    def granule(self) -> int:
+        """Chunks are multiples of this many classes: whole tiles of every kernel."""
+        return max(self.cos.block_n, self.dw.block_m, self.dx.bk)
+
+
+FUSED_KNOBS = {"cos": "UNITSFACE_TRITON_COS_TILES", "dw": "UNITSFACE_TRITON_DW_TILES",
+               "dx": "UNITSFACE_TRITON_DX_TILES"}
+"""Tuning knobs of the fused kernels: "block_m,block_n,bk,num_warps,num_stages" (powers of two
+but num_stages); UNITSFACE_TRITON_CHUNK_MB sets chunk_bytes."""
+
+
+def _gemm_override(name: str, dp: int) -> GemmTiles | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        bm, bn, bk, warps, stages = (int(v) for v in value.split(","))
+    except ValueError as e:
+        raise ValueError(f"{name}={value!r}: expected 'block_m,block_n,bk,num_warps,"
+                         f"num_stages' (five integers): {e}") from None
+    for key, v in dict(block_m=bm, block_n=bn, bk=bk, num_warps=warps).items():
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"{name}={value!r}: {key}={v} is not a power of two")
+    if stages < 1:
+        raise ValueError(f"{name}={value!r}: num_stages={stages} must be at least 1")
+    return GemmTiles(bm, bn, bk, warps, stages)
+
+
+def fused_config(d: int, device: torch.device, dtype: torch.dtype) -> FusedConfig:
+    """Tiles of the fused kernels for embedding width d.
+
+    GPU defaults (2-byte dtypes) from the sm_90 compile (ptxas's report with triton 3.6 and
+    3.8, tests/test_triton_compile.py; not yet timed on a GPU): 128 × 128 cosine tiles with
+    8 warps (two warpgroups of wgmma m64n128; 128 × 256 leaves the backward's epilogue no
+    registers), 128 × 256 ∂W tiles and 128 × 128 ∂x tiles, K steps of 64, 3 stages.
+    fp32 (exact products on the FMA units, no TF32): 64 × 64 tiles, K steps of 32.
+    Tuning knobs: :data:`FUSED_KNOBS`, UNITSFACE_TRITON_CHUNK_MB."""
+    dp = max(16, triton.next_power_of_2(d))
+    if device.type != "cuda":
+        # Under the interpreter: small tiles so that the tests' odd shapes (37 rows, 53 or 301
+        # classes, D = 70) run the K loops' partial last steps, several chunks (the last one
+        # partial), split-K slices that are empty in the last chunk, several feature tiles.
+        t = GemmTiles(32, 32, 32, 4, 1)
+        return FusedConfig(t, t, t, chunk=128, splits=2)
+    esize = dtype.itemsize
+    if esize == 2:
+        bk = min(dp, 64)
+        cos = GemmTiles(128, 128, bk, 8, 3)
+        dw = GemmTiles(128, min(256, dp), 64, 8, 3)
+        dx = GemmTiles(128, min(128, dp), 64, 8, 3)
+    else:
+        bk = min(dp, 32)
+        cos = GemmTiles(64, 64, bk, 4, 2)
+        dw = GemmTiles(64, min(64, dp), 32, 4, 2)
+        dx = GemmTiles(64, min(64, dp), 32, 4, 2)
+    tiles = dict(cos=cos, dw=dw, dx=dx)
+    for key, knob in FUSED_KNOBS.items():
+        tiles[key] = _gemm_override(knob, dp) or tiles[key]
+    chunk_mb = os.environ.get("UNITSFACE_TRITON_CHUNK_MB")
+    chunk_bytes = int(float(chunk_mb) * (1 << 20)) if chunk_mb else 32 << 20
+    if chunk_bytes < 1:
+        raise ValueError(f"UNITSFACE_TRITON_CHUNK_MB={chunk_mb!r} must be positive")
+    return FusedConfig(**tiles, chunk_bytes=chunk_bytes,
+                       programs=torch.cuda.get_device_properties(device).multi_processor_count
+                       if torch.cuda.is_available() else 132)
+
+
+def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """The dtypes the compiled kernels support (the interpreter runs any). Every width D is
+    supported: each kernel loops over D, or tiles it, in steps of its own tile size."""
+    if dtype == torch.float64 and device.type == "cuda":
+        # Triton's fp64 tl.dot fails to compile for these tiles (triton 3.6 and 3.8, sm_90).
+        raise TypeError("the triton backend has no float64 kernels for GPUs (float64 is for "
+                        "gradcheck: run it on the CPU, or use backend='native' on the GPU)")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call runs: the configuration, the chunks of classes, the ∂x product's split-K
+    slices. `plan` is the only place that decides it (the cost model reads it too)."""
+
+    config: FusedConfig
+    rows: int          # B
+    classes: int       # |S|
+    width: int         # D
+    chunk: int         # classes per chunk (a multiple of config.granule, or all of S)
+    n_chunks: int
+    splits: int        # split-K slices of the ∂x product
+    k_split: int       # classes per slice (a multiple of config.dx.bk)
+
+    @property
+    def row_blocks(self) -> int:
+        return triton.cdiv(self.rows, self.config.cos.block_m)
+
+    @property
+    def class_tiles(self) -> int:
+        return triton.cdiv(self.classes, self.config.cos.block_n)
+
+    def chunks(self):
+        """(first column, columns) of every chunk, in order."""
+        for k in range(self.n_chunks):
+            col0 = k * self.chunk
+            yield col0, min(self.chunk, self.classes - col0)
+
+    @property
+    def dx_tiles(self) -> int:
+        return (triton.cdiv(self.rows, self.config.dx.block_m)
+                * triton.cdiv(self.width, self.config.dx.block_n))
+
+
+def plan(b: int, n_cls: int, d: int, dtype: torch.dtype, device: torch.device, g_buffers: int,
+         config: FusedConfig | None = None) -> Plan:
+    """Chunks and split-K slices of a call with B = b rows, |S| = n_cls classes, width d, that
+    keeps `g_buffers` gradient tiles (B × chunk each) per chunk (0: one chunk, all of S)."""
+    cfg = config or fused_config(d, device, dtype)
+    n_cls = max(1, n_cls)
+    granule = cfg.granule
+    if g_buffers == 0:
+        chunk, n_chunks = n_cls, 1
+    else:
+        if cfg.chunk:  # the interpreter's: S in two chunks at least, where it spans two tiles
+            most = min(cfg.chunk, triton.cdiv(triton.cdiv(n_cls, 2), granule) * granule)
+        else:
+            per_class = b * dtype.itemsize * g_buffers
+            most = max(granule, cfg.chunk_bytes // per_class // granule * granule)
+        n_chunks = triton.cdiv(n_cls, most)
+        chunk = min(most, triton.cdiv(triton.cdiv(n_cls, n_chunks), granule) * granule)
+        n_chunks = triton.cdiv(n_cls, chunk)
+    bk = cfg.dx.bk
+    out_tiles = triton.cdiv(b, cfg.dx.block_m) * triton.cdiv(d, cfg.dx.block_n)
+    splits = cfg.splits or max(1, cfg.programs // out_tiles)
+    k_split = triton.cdiv(triton.cdiv(chunk, splits), bk) * bk
+    splits = triton.cdiv(chunk, k_split)
+    return Plan(cfg, b, n_cls, d, chunk, n_chunks, splits, k_split)
