@@ -51,7 +51,7 @@ void row_norms_cpu(const T* p, T* out, int64_t n, int64_t d) {
 // those very rows of out (then it is updated in place).
 template <typename T, typename O>
 void column_fix_rows(const T* q, const T* r, const T* norms, O* out, const int64_t* idx,
-                     int64_t j0, int64_t n, int64_t D) {
+                     int64_t j0, int64_t n, int64_t D, T eps) {
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(D, 1));
   at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
@@ -60,8 +60,8 @@ void column_fix_rows(const T* q, const T* r, const T* norms, O* out, const int64
       T h = 0;
 #pragma omp simd reduction(+ : h)
       for (int64_t d = 0; d < D; ++d) h += qj[d] * rj[d];
-      const T inv = epi::inv_norm<T>(norms[j]);
-      const T coef = norms[j] >= static_cast<T>(kNormEps) ? h * inv * inv : T(0);
+      const T inv = epi::inv_norm<T>(norms[j], eps);
+      const T coef = norms[j] >= eps ? h * inv * inv : T(0);
       O* oj = out + (idx != nullptr ? idx[j] : j0 + j) * D;
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) oj[d] = static_cast<O>(qj[d] - coef * rj[d]);
@@ -87,15 +87,15 @@ at::Tensor row_norms(const at::Tensor& t, at::ScalarType acc) {
 
 void column_grads(at::Tensor& out, const at::Tensor& grads, const at::Tensor& xh,
                   const at::Tensor& r, const at::Tensor& norms, const at::Tensor& idx,
-                  int64_t j0, at::Tensor q) {
+                  int64_t j0, at::Tensor q, double eps) {
   const int64_t n = r.size(0), D = r.size(1);
   const at::Tensor idc = idx.defined() ? idx.narrow(0, j0, n) : at::Tensor();
   if (out.is_cuda()) {
     gemm_tn(q, grads, xh);
-    const at::Tensor inv = inv_norms(norms);
+    const at::Tensor inv = inv_norms(norms, eps);
     const at::Tensor rc = r.to(q.scalar_type());
     const at::Tensor h = (q * rc).sum(1);
-    const at::Tensor coef = at::where(norms >= kNormEps, h * inv * inv, at::zeros_like(h));
+    const at::Tensor coef = at::where(norms >= eps, h * inv * inv, at::zeros_like(h));
     write_columns(out, idx, j0, (q - coef.unsqueeze(1) * rc).to(out.scalar_type()));
     return;
   }
@@ -113,7 +113,8 @@ void column_grads(at::Tensor& out, const at::Tensor& grads, const at::Tensor& xh
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "column_out",
                                     [&] {
                                       column_fix_rows<T, scalar_t>(
-                                          qp, rp, np, out.data_ptr<scalar_t>(), ip, j0, n, D);
+                                          qp, rp, np, out.data_ptr<scalar_t>(), ip, j0, n, D,
+                                          static_cast<T>(eps));
                                     });
   });
 }

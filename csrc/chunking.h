@@ -155,18 +155,18 @@ inline void gemm_tn(at::Tensor& out, const at::Tensor& g, const at::Tensor& t) {
 // ||t_i|| of the rows of a (chunk of a) matrix, in the accumulation dtype.
 at::Tensor row_norms(const at::Tensor& t, at::ScalarType acc);
 
-// 1 / max(||t||, eps)
-inline at::Tensor inv_norms(const at::Tensor& norms) {
-  return norms.clamp_min(kNormEps).reciprocal();
+// 1 / max(||t||, eps), eps the options' normalisation eps
+inline at::Tensor inv_norms(const at::Tensor& norms, double eps) {
+  return norms.clamp_min(eps).reciprocal();
 }
 
 // Row side (docs/design.md §2): ∂L/∂t_i = (G_i − h_i·t̂_i) / max(||t_i||, eps) for
 // G_i = Σ_j g_ij r̂_j and h_i = Σ_j g_ij cos_ij, without the projection where ||t_i|| < eps
 // (the plain derivative of t / eps). All in the accumulation dtype.
 inline at::Tensor normalised_grad(const at::Tensor& G, const at::Tensor& h, const at::Tensor& t,
-                                  const at::Tensor& norms) {
-  const at::Tensor inv = inv_norms(norms);
-  const at::Tensor proj = at::where(norms >= kNormEps, h, at::zeros_like(h));
+                                  const at::Tensor& norms, double eps) {
+  const at::Tensor inv = inv_norms(norms, eps);
+  const at::Tensor proj = at::where(norms >= eps, h, at::zeros_like(h));
   return inv.unsqueeze(1) * (G - (proj * inv).unsqueeze(1) * t);
 }
 
@@ -177,14 +177,14 @@ inline at::Tensor normalised_grad(const at::Tensor& G, const at::Tensor& h, cons
 // of `out` (r's dtype). `q` is an n × D scratch in the accumulation dtype.
 void column_grads(at::Tensor& out, const at::Tensor& grads, const at::Tensor& xh,
                   const at::Tensor& r, const at::Tensor& norms, const at::Tensor& idx,
-                  int64_t j0, at::Tensor q);
+                  int64_t j0, at::Tensor q, double eps);
 
 // ∂L/∂b_j of a per-column threshold from the chunk's g'_ij = g_ij·inv_r_j:
 // ∂z/∂b = ±1 = −(1/s)·∂z/∂cos, so ∂b_j = −(1/s)·Σ_i g_ij = −(1/s)·Σ_i g'_ij / inv_r_j.
 inline at::Tensor bias_grad_columns(const at::Tensor& grads, const at::Tensor& norms,
-                                    double scale) {
+                                    double scale, double eps) {
   const at::Tensor colsum = grads.sum(0, /*keepdim=*/false, norms.scalar_type());
-  return colsum * norms.clamp_min(kNormEps) * (-1.0 / scale);
+  return colsum * norms.clamp_min(eps) * (-1.0 / scale);
 }
 
 // Per-row logsumexp from a running (max, Σ e^{z − max}) pair; −inf for an empty set

@@ -9,9 +9,3 @@
 #define UF_HOST_DEVICE inline
 #endif
 
-namespace unitsface {
-
-// F.normalize's eps: x̂ = x / max(||x||, kNormEps) (docs/design.md §1).
-constexpr double kNormEps = 1e-5;
-
-}  // namespace unitsface

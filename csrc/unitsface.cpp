@@ -139,7 +139,7 @@ UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOpt
   if (row_grads) rg.emplace(splits, B, call.D, call.has_bank, o, call.opts);
 
   const UnitsfaceChunk proto = call.proto(row_grads ? Pass::kForwardGrads : Pass::kForward, o,
-                                          chunking::inv_norms(nx));
+                                          chunking::inv_norms(nx, o.eps));
   call.sweep.run([&](int64_t sp, int64_t j0, int64_t n) {
     UnitsfaceChunk ck = proto;
     const at::Tensor st = state[sp];
@@ -148,7 +148,7 @@ UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOpt
     const at::Tensor wc = call.centre_rows(j0, n);
     const at::Tensor nwc = chunking::row_norms(wc, call.acc);
     nw.narrow(0, j0, n).copy_(nwc);
-    ck.softmax.inv_w = chunking::inv_norms(nwc);
+    ck.softmax.inv_w = chunking::inv_norms(nwc, o.eps);
     ck.softmax.dots = scratch(flat_w[sp], B, n);
     chunking::gemm_nt(ck.softmax.dots, call.xg, wc);
     at::Tensor bc;
@@ -157,7 +157,7 @@ UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOpt
       bc = call.bank_rows(j0, n);
       const at::Tensor nbc = chunking::row_norms(bc, call.acc);
       nb.narrow(0, j0, n).copy_(nbc);
-      ck.bank.inv_r = chunking::inv_norms(nbc);
+      ck.bank.inv_r = chunking::inv_norms(nbc, o.eps);
       ck.bank.dots = scratch(flat_b[sp], B, n);
       chunking::gemm_nt(ck.bank.dots, call.xg, bc);
       call.bank_cols.set(ck.bank, j0, n);
@@ -251,9 +251,9 @@ Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
   const at::Tensor nx = saved.nx.to(acc).contiguous();
   const at::Tensor nw = saved.nw.to(acc).contiguous();
   const at::Tensor nb = has_bank ? saved.nb.to(acc).contiguous() : at::Tensor();
-  const at::Tensor inv_x = chunking::inv_norms(nx);
-  const at::Tensor inv_w = chunking::inv_norms(nw);
-  const at::Tensor inv_b = has_bank ? chunking::inv_norms(nb) : at::Tensor();
+  const at::Tensor inv_x = chunking::inv_norms(nx, o.eps);
+  const at::Tensor inv_w = chunking::inv_norms(nw, o.eps);
+  const at::Tensor inv_b = has_bank ? chunking::inv_norms(nb, o.eps) : at::Tensor();
 
   at::Tensor hs = at::zeros({splits, 2, B}, call.opts);
   at::Tensor G = need_dx ? at::zeros({splits, B, D}, call.opts) : at::Tensor();
@@ -303,17 +303,18 @@ Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
     }
     if (need_dw) {
       chunking::column_grads(dw, ck.softmax.grads, xh, wc, nw.narrow(0, j0, n), at::Tensor(), j0,
-                             scratch(qflat[sp], n, D));
+                             scratch(qflat[sp], n, D), o.eps);
     }
     if (uss_db && vector_bias) {
       chunking::write_columns(db_cols, call.index, j0,
                               chunking::bias_grad_columns(ck.bank.grads, nb.narrow(0, j0, n),
-                                                          o.scale));
+                                                          o.scale, o.eps));
     }
   });
   hs = hs.sum(0);
   if (need_dx) {
-    dx = chunking::normalised_grad(G.sum(0), hs[0], call.xg.to(acc), nx).to(in.x.scalar_type());
+    dx = chunking::normalised_grad(G.sum(0), hs[0], call.xg.to(acc), nx, o.eps)
+             .to(in.x.scalar_type());
   }
   if (uss_db) {
     const at::Tensor b = vector_bias ? db_cols : hs[1].sum() * (-1.0 / o.scale);

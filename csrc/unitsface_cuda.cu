@@ -216,7 +216,7 @@ struct Columns {
 
   template <typename T, typename X>
   void compute(const Call& call, int64_t s_pad, bool with_bank, const at::Tensor& nx,
-               const at::Tensor& nw, const at::Tensor& nb, bool have_norms) {
+               const at::Tensor& nw, const at::Tensor& nb, bool have_norms, double eps) {
     cols = at::empty({4, s_pad}, call.opts);
     inv_x = at::empty({call.B}, call.opts);
     target = at::empty({call.B}, call.labels.options());
@@ -236,6 +236,7 @@ struct Columns {
     a.C = call.C;
     a.D = call.D;
     a.have_norms = have_norms;
+    a.eps = static_cast<T>(eps);
     a.nx = mptr<T>(nx);
     a.nw = mptr<T>(nw);
     a.nb = with_bank ? mptr<T>(nb) : nullptr;
@@ -341,7 +342,7 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
   at::Tensor nw = at::empty({S}, call.opts);
   at::Tensor nb = at::empty({call.has_bank ? S : 0}, call.opts);
   Columns cols;
-  cols.compute<T, X>(call, s_pad, call.has_bank, nx, nw, nb, /*have_norms=*/false);
+  cols.compute<T, X>(call, s_pad, call.has_bank, nx, nw, nb, /*have_norms=*/false, o.eps);
 
   const int64_t ns = plan.ns_used;
   at::Tensor state = at::empty({cuda_sweep::kStateRows, std::max<int64_t>(ns, 1), B}, call.opts);
@@ -402,6 +403,7 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
     f.up = a.up;
     f.scale = static_cast<T>(o.scale);
     f.weight = static_cast<T>(o.uss_weight);
+    f.eps = static_cast<T>(o.eps);
     f.x = call.x.const_data_ptr();
     f.nx = cptr<T>(nx);
     f.inv_x = cptr<T>(cols.inv_x);
@@ -495,7 +497,7 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
   const int64_t ns = plan.ns_used;
   const bool sweep = (do_w || do_b) && B > 0 && plan.n_chunks > 0;
   Columns cols;
-  cols.compute<T, X>(call, s_pad, do_b, nx, nw, nb, /*have_norms=*/true);
+  cols.compute<T, X>(call, s_pad, do_b, nx, nw, nb, /*have_norms=*/true, o.eps);
   const at::Tensor xh = need_dw ? at::empty({B, D}, x.options()) : at::Tensor();
   at::Tensor acc = sweep && sweep_dx ? at::empty({ns, B, D}, call.opts) : at::Tensor();
   at::Tensor hs = sweep ? at::empty({cuda_sweep::kBwdRows, ns, B}, call.opts) : at::Tensor();
@@ -515,6 +517,7 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
     r.dx_t = dtype_code(x.scalar_type());
     r.db_t = dtype_code(call.acc);
     r.db_scale = static_cast<T>(-1.0 / o.scale);
+    r.eps = static_cast<T>(o.eps);
     if (before) {
       r.xh = xh.defined() ? xh.data_ptr() : nullptr;
       if (row_grads) {
@@ -560,6 +563,7 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
     pr.ot = dtype_code(call.centres.scalar_type());
     pr.D = D;
     pr.fold_inv = call.fold;
+    pr.eps = static_cast<T>(o.eps);
     for (int64_t qi = 0; qi < plan.n_chunks; ++qi) {
       const int64_t j0 = qi * plan.c, n = std::min(plan.c, S - j0);
       rows.stage<T, X>(call, cols, j0, n, do_b);
@@ -591,7 +595,7 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
         chunking::write_columns(
             db_cols, call.index, j0,
             chunking::bias_grad_columns(tiles[1].as_strided({B, n}, {plan.c, 1}),
-                                        db_norms.narrow(0, j0, n), o.scale));
+                                        db_norms.narrow(0, j0, n), o.scale, o.eps));
       }
     }
   }

@@ -162,6 +162,7 @@ struct ColumnArgs {
   const int64_t* labels;    // B
   int64_t B, S, C, D;
   bool have_norms;          // nx, nw, nb hold the forward's norms: read, not computed
+  T eps;                    // the normalisation eps (the options')
   T *nx, *nw, *nb;          // B, S, S (nb null without a bank)
   T *inv_x, *inv_w, *inv_b, *vb, *cb;  // B, then padded per-column arrays (inv_b.. null)
   int64_t* target;          // B
@@ -189,7 +190,7 @@ __global__ void __launch_bounds__(kRowThreads) uf_columns_kernel(ColumnArgs<T> a
       }
       if (lane == 0) {
         if (!a.have_norms) a.nx[i] = norm;
-        a.inv_x[i] = epi::inv_norm<T>(norm);
+        a.inv_x[i] = epi::inv_norm<T>(norm, a.eps);
         const int64_t y = a.labels[i];
         int64_t t = -1;
         if (a.index == nullptr) {
@@ -232,10 +233,10 @@ __global__ void __launch_bounds__(kRowThreads) uf_columns_kernel(ColumnArgs<T> a
     if (lane != 0) continue;
     if (!is_bank) {
       if (!a.have_norms) a.nw[j] = norm;
-      a.inv_w[j] = epi::inv_norm<T>(norm);
+      a.inv_w[j] = epi::inv_norm<T>(norm, a.eps);
     } else {
       if (!a.have_norms) a.nb[j] = norm;
-      a.inv_b[j] = epi::inv_norm<T>(norm);
+      a.inv_b[j] = epi::inv_norm<T>(norm, a.eps);
       a.vb[j] = valid ? T(1) : T(0);
       a.cb[j] = a.bias[a.vector_bias ? row : 0];
     }
@@ -723,6 +724,7 @@ struct ProjectArgs {
   DType ot;
   int64_t j0, n, D;
   bool fold_inv;
+  T eps;                  // the normalisation eps
 };
 
 template <typename T, typename X>
@@ -740,7 +742,7 @@ __global__ void __launch_bounds__(kRowThreads) uf_project_kernel(ProjectArgs<T> 
     }
     h = warp_sum<T>(h);
     const T inv = a.inv_w[j];
-    const T coef = a.nw[j] >= static_cast<T>(kNormEps) ? h * inv * inv : T(0);
+    const T coef = a.nw[j] >= a.eps ? h * inv * inv : T(0);
     const T f = a.fold_inv ? T(1) : inv;
     for (int64_t d = lane; d < a.D; d += kWarp) {
       const T w = static_cast<T>(read_as<X>(a.centres, a.wt, row * a.D + d));
@@ -752,8 +754,8 @@ __global__ void __launch_bounds__(kRowThreads) uf_project_kernel(ProjectArgs<T> 
 // ------------------------------------------------------------------------ finishes
 // ∂L/∂x_i = inv_x·G − [‖x_i‖ ≥ eps]·h·inv_x²·x_i (chunking::normalised_grad), element d
 template <typename T>
-__device__ __forceinline__ T normalised_grad(T G, T h, T x, T nx, T inv_x) {
-  const T proj = nx >= static_cast<T>(kNormEps) ? h * inv_x : T(0);
+__device__ __forceinline__ T normalised_grad(T G, T h, T x, T nx, T inv_x, T eps) {
+  const T proj = nx >= eps ? h * inv_x : T(0);
   return inv_x * (G - proj * x);
 }
 
@@ -764,7 +766,7 @@ struct FinishArgs {
   const T *acc_w, *acc_b;   // forward (row_grads): [ns, B, D]; acc_b null without a bank
   bool has_bank, grads;
   epi::UssParams<T> up;
-  T scale, weight;
+  T scale, weight, eps;     // s, λ, the normalisation eps
   const void* x;            // B × D in X
   const T *nx, *inv_x;
   const int64_t *labels, *target;
@@ -904,7 +906,7 @@ __global__ void __launch_bounds__(kRowThreads) uf_fwd_finish(FinishArgs<T> a) {
       }
     }
     const T xd = static_cast<T>(static_cast<const X*>(a.x)[i * a.D + d]);
-    a.dx_rows[i * a.D + d] = normalised_grad<T>(G, h, xd, a.nx[i], a.inv_x[i]);
+    a.dx_rows[i * a.D + d] = normalised_grad<T>(G, h, xd, a.nx[i], a.inv_x[i], a.eps);
   }
   if (threadIdx.x == 0) a.db_rows[i] = gsum * (T(-1) / s);
 }
@@ -929,6 +931,7 @@ struct RowsArgs {
   void* db;                 // 1 value in db_t (a scalar threshold), or null
   DType db_t;
   T db_scale;               // −1/s
+  T eps;                    // the normalisation eps
 };
 
 template <typename T, typename X>
@@ -967,7 +970,7 @@ __global__ void __launch_bounds__(kRowThreads) uf_rows_kernel(RowsArgs<T> a) {
     } else {
       T G = 0;
       for (int64_t k = 0; k < a.ns; ++k) G += a.acc[(k * B + i) * a.D + d];
-      v = normalised_grad<T>(G, h, xd, a.nx[i], a.inv_x[i]);
+      v = normalised_grad<T>(G, h, xd, a.nx[i], a.inv_x[i], a.eps);
     }
     write_as<T>(a.dx, a.dx_t, i * a.D + d, v);
   }

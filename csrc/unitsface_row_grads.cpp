@@ -56,7 +56,7 @@ std::pair<at::Tensor, at::Tensor> RowGrads::finish(const at::Tensor& state,
   at::Tensor h = state[kHw] * p_norm;
   const at::Tensor coef_t = at::where(has_t, -s * state[kTargetState + 1], zero);
   const at::Tensor w_t = in.centres.index_select(0, y).to(acc);
-  G = G + (coef_t * chunking::inv_norms(in.nw).index_select(0, tcol)).unsqueeze(1) * w_t;
+  G = G + (coef_t * chunking::inv_norms(in.nw, o_.eps).index_select(0, tcol)).unsqueeze(1) * w_t;
   h = h + coef_t * state[kTargetState];
   at::Tensor gsum = zero;  // Σ_c g'_ic of USS (λ included)
   if (has_bank_) {
@@ -78,12 +78,12 @@ std::pair<at::Tensor, at::Tensor> RowGrads::finish(const at::Tensor& state,
       if (in.bank_valid.defined()) {
         b_t = at::where(in.bank_valid.index_select(0, y).unsqueeze(1), b_t, at::zeros({}, b_t.options()));
       }
-      G = G + (g_p * chunking::inv_norms(in.nb).index_select(0, tcol)).unsqueeze(1) * b_t;
+      G = G + (g_p * chunking::inv_norms(in.nb, o_.eps).index_select(0, tcol)).unsqueeze(1) * b_t;
       h = h + g_p * state[kUssSums + 2];
       gsum = lambda * s * stats[4] + g_p;
     }
   }
-  return {chunking::normalised_grad(G, h, in.x, in.nx), gsum * (-1.0 / s)};
+  return {chunking::normalised_grad(G, h, in.x, in.nx, o_.eps), gsum * (-1.0 / s)};
 }
 
 }  // namespace unitsface
