@@ -148,8 +148,10 @@ at::Tensor uss_lse_rows(const at::Tensor& stat_a, const at::Tensor& stat_b, at::
     const at::Tensor inside =
         clamp ? at::logical_not(at::logical_or(stat < -scale, stat > scale))
               : at::logical_not(empty);
-    stats[first + 2 * k].copy_(stat);
-    stats[first + 2 * k + 1].copy_(at::where(inside, at::sigmoid(stat), at::zeros_like(stat)));
+    const int64_t row = first + (k == 0 ? stats::kA : stats::kB);
+    stats[row].copy_(stat);
+    // (the σ row follows its statistic's: kSigmaA = kA + 1, kSigmaB = kB + 1)
+    stats[row + 1].copy_(at::where(inside, at::sigmoid(stat), at::zeros_like(stat)));
   }
   return rows;
 }

@@ -25,6 +25,7 @@
 
 #include "common.h"
 #include "options.h"
+#include "stats.h"
 
 namespace unitsface {
 namespace chunking {

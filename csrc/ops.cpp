@@ -9,12 +9,18 @@
 //
 // `import unitsface_kernels._C` only has to run the static initialisers of those files (their
 // TORCH_LIBRARY_IMPL blocks register the kernels with the dispatcher). The module itself has
-// one plain function, cuda_plan, the chunk plan of the CUDA sweep (csrc/cuda_plan.h): host
-// arithmetic, there in every build, so that the CPU tests and benchmarks/native_cost.py
-// read the plan the CUDA code uses. The pattern of pytorch/extension-cpp, without pybind11.
+// plain functions for what the tests and tools read of the C++ side, there in every build:
+// cuda_plan, the chunk plan of the CUDA sweep (csrc/cuda_plan.h: host arithmetic, so that the
+// CPU tests and benchmarks/native_cost.py read the plan the CUDA code uses), and
+// option_fields, the field tables of csrc/options.h. The pattern of pytorch/extension-cpp,
+// without pybind11.
 #include <Python.h>
 
+#include <string>
+#include <vector>
+
 #include "cuda_plan.h"
+#include "options.h"
 
 namespace {
 
@@ -35,10 +41,43 @@ PyObject* cuda_plan(PyObject* /*self*/, PyObject* args) {
                        static_cast<long long>(p.ns_used), static_cast<long long>(budget));
 }
 
+PyObject* names_tuple(const std::vector<std::string>& names) {
+  PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < names.size(); ++i) {
+    PyObject* s = PyUnicode_FromString(names[i].c_str());
+    if (s == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(out, static_cast<Py_ssize_t>(i), s);
+  }
+  return out;
+}
+
+// option_fields(struct_name) -> the field names of UssOptions or UnitsfaceOptions, in order
+PyObject* option_fields(PyObject* /*self*/, PyObject* args) {
+  const char* name = nullptr;
+  if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
+  const std::string which(name);
+  if (which == unitsface::UssOptions::kName) {
+    return names_tuple(unitsface::option_field_names<unitsface::UssOptions>());
+  }
+  if (which == unitsface::UnitsfaceOptions::kName) {
+    return names_tuple(unitsface::option_field_names<unitsface::UnitsfaceOptions>());
+  }
+  PyErr_Format(PyExc_ValueError, "option_fields: no settings struct %R (UssOptions or "
+               "UnitsfaceOptions)", PyTuple_GET_ITEM(args, 0));
+  return nullptr;
+}
+
 PyMethodDef methods[] = {
     {"cuda_plan", cuda_plan, METH_VARARGS,
      "cuda_plan(B, S, D, parts, acc_bytes, x_bytes, with_q, l2_bytes) -> (c, kw, ns, n_chunks, "
      "ns_used, budget): the chunk / split-K plan of the native CUDA sweep (csrc/cuda_plan.h)"},
+    {"option_fields", option_fields, METH_VARARGS,
+     "option_fields(struct_name) -> tuple of the field names that csrc/options.h unpacks for "
+     "'UssOptions' or 'UnitsfaceOptions', in packing order"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -181,13 +181,14 @@ UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOpt
   const auto merged = chunking::merge_splits(state, pairs);
   state = merged.first;
 
-  at::Tensor stats = at::zeros({7, B}, call.opts);
-  stats[0].copy_(chunking::lse_from(state[kMax], state[kSumExp]));
-  stats[5].copy_(state[kTargetLogit]);
-  at::Tensor rows = stats[0] - state[kTargetLogit];
+  at::Tensor stats = at::zeros({stats::kUnitsfaceRows, B}, call.opts);
+  stats[stats::kLse].copy_(chunking::lse_from(state[kMax], state[kSumExp]));
+  stats[stats::kTargetLogit].copy_(state[kTargetLogit]);
+  at::Tensor rows = stats[stats::kLse] - state[kTargetLogit];
   if (call.has_bank) {
-    stats[6].copy_(chunking::uss_rows_from_state(state, kUss, o.uss(), stats, 1));
-    rows = rows + o.uss_weight * stats[6];
+    stats[stats::kUssLoss].copy_(
+        chunking::uss_rows_from_state(state, kUss, o.uss(), stats, stats::kUss));
+    rows = rows + o.uss_weight * stats[stats::kUssLoss];
   }
   if (!rg) return {rows, stats, nx, nw, nb, nx.new_empty({0}), nx.new_empty({0})};
 
@@ -222,7 +223,7 @@ Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
   const at::ScalarType acc = acc_type(in.x.scalar_type());
   const int64_t B = in.x.size(0);
   TORCH_CHECK_VALUE(grad_rows.numel() == B && saved.nx.numel() == B && saved.stats.dim() == 2 &&
-                        saved.stats.size(0) == 7 && saved.stats.size(1) == B,
+                        saved.stats.size(0) == stats::kUnitsfaceRows && saved.stats.size(1) == B,
                     "unitsface_bwd_native: grad_rows, stats and nx must come from "
                     "unitsface_fwd_native on these inputs");
   const at::Tensor go = grad_rows.reshape({-1}).to(acc).contiguous();
@@ -271,9 +272,9 @@ Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
   proto.do_w = do_w;
   proto.do_b = do_b;
   proto.softmax.go = go;
-  proto.softmax.lse = saved.stats[0].to(acc).contiguous();
+  proto.softmax.lse = saved.stats[stats::kLse].to(acc).contiguous();
   proto.bank.go = go * o.uss_weight;
-  proto.bank.stats = saved.stats.narrow(0, 1, 4).to(acc).contiguous();
+  proto.bank.stats = saved.stats.narrow(0, stats::kUss, stats::kUssRows).to(acc).contiguous();
   call.sweep.run([&](int64_t sp, int64_t j0, int64_t n) {
     UnitsfaceChunk ck = proto;
     ck.softmax.h = hs[sp][0];

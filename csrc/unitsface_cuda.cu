@@ -386,7 +386,7 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
   }
 
   at::Tensor out_rows = at::empty({B}, call.opts);
-  at::Tensor stats = at::empty({7, B}, call.opts);
+  at::Tensor stats = at::empty({stats::kUnitsfaceRows, B}, call.opts);
   at::Tensor dx_rows = row_grads ? at::empty({B, D}, call.opts) : nx.new_empty({0});
   at::Tensor db_rows = row_grads ? at::empty({B}, call.opts) : nx.new_empty({0});
   if (B > 0) {
@@ -448,7 +448,7 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
   const bool need_db = needs[2] && bias_in.defined();
   const bool row_grads = saved.dx_rows.numel() > 0;
   TORCH_CHECK_VALUE(grad_rows.numel() == B && saved.nx.numel() == B && saved.stats.dim() == 2 &&
-                        saved.stats.size(0) == 7 && saved.stats.size(1) == B,
+                        saved.stats.size(0) == stats::kUnitsfaceRows && saved.stats.size(1) == B,
                     "unitsface_bwd_native: grad_rows, stats and nx must come from "
                     "unitsface_fwd_native on these inputs");
   TORCH_CHECK_VALUE(saved.nw.numel() == S && (!call.has_bank || saved.nb.numel() == S),

@@ -26,6 +26,7 @@
 #include "cuda_plan.h"
 #include "epilogue.h"
 #include "epilogue_cuda.h"  // warp_sum, block_sum_all
+#include "stats.h"
 
 namespace unitsface {
 namespace cuda_sweep {
@@ -310,7 +311,7 @@ struct ChunkArgs {
   T *acc_w, *acc_b;         // [ns, B, D] ∂x accumulators of the row_grads forward, or null
   // backward
   const T* go;              // B, upstream gradient per row
-  const T* stats;           // [7, B] (the forward's statistics)
+  const T* stats;           // [stats::kUnitsfaceRows, B] (the forward's statistics)
   T* hs;                    // [kBwdRows, ns, B]
 };
 
@@ -632,7 +633,7 @@ __device__ __forceinline__ void softmax_bwd_warp(const ChunkArgs<T, X>& a, const
   const T scale = a.sp.scale;
   const T* drow = a.dots + s.i * a.ld + s.base;
   const T* inv = a.inv_w + a.col0 + s.base;
-  const T ix = a.inv_x[s.i], go = a.go[s.i], lse = a.stats[s.i];
+  const T ix = a.inv_x[s.i], go = a.go[s.i], lse = a.stats[stats::kLse * a.B + s.i];
   T raw_t = 0, gt = 0;
   if (s.tl >= 0) {
     raw_t = drow[s.tl] * ix * inv[s.tl];
@@ -673,8 +674,9 @@ template <typename T, typename X>
 __device__ __forceinline__ void uss_bwd_warp(const ChunkArgs<T, X>& a, const Slice& s) {
   const T ix = a.inv_x[s.i], go = a.go[s.i] * a.weight;
   const int64_t B = a.B;
-  const T sa = a.stats[B + s.i], fa = a.stats[2 * B + s.i];
-  const T sb = a.stats[3 * B + s.i], fb = a.stats[4 * B + s.i];
+  const T* us = a.stats + stats::kUss * B;  // the USS block
+  const T sa = us[stats::kA * B + s.i], fa = us[stats::kSigmaA * B + s.i];
+  const T sb = us[stats::kB * B + s.i], fb = us[stats::kSigmaB * B + s.i];
   X* trow = a.tiles + a.part_stride + s.i * a.ld + s.base;
   T h = 0, gs = 0;
   for_bank_elems(a, s, ix, trow, [&](int, int, bool pos, bool neg, T cos, T zz) {
@@ -776,7 +778,7 @@ struct FinishArgs {
   DType bt;
   const bool* bank_valid;
   const T *inv_w, *inv_b;   // padded per-column arrays
-  T *rows, *stats;          // outputs: [B], [7, B]
+  T *rows, *stats;          // outputs: [B], [stats::kUnitsfaceRows, B]
   T *dx_rows, *db_rows;     // outputs (row_grads)
 };
 
@@ -851,13 +853,15 @@ __global__ void __launch_bounds__(kRowThreads) uf_fwd_finish(FinishArgs<T> a) {
     }
   }
   if (threadIdx.x == 0) {
-    a.stats[i] = lse;
-    a.stats[B + i] = a.has_bank && a.up.lse ? A : T(0);
-    a.stats[2 * B + i] = a.has_bank && a.up.lse ? sigA : T(0);
-    a.stats[3 * B + i] = a.has_bank && a.up.lse ? Bs : T(0);
-    a.stats[4 * B + i] = a.has_bank && a.up.lse ? sigB : T(0);
-    a.stats[5 * B + i] = zt;
-    a.stats[6 * B + i] = a.has_bank ? uss : T(0);
+    const bool lse_stats = a.has_bank && a.up.lse;
+    T* us = a.stats + stats::kUss * B;  // the USS block
+    a.stats[stats::kLse * B + i] = lse;
+    us[stats::kA * B + i] = lse_stats ? A : T(0);
+    us[stats::kSigmaA * B + i] = lse_stats ? sigA : T(0);
+    us[stats::kB * B + i] = lse_stats ? Bs : T(0);
+    us[stats::kSigmaB * B + i] = lse_stats ? sigB : T(0);
+    a.stats[stats::kTargetLogit * B + i] = zt;
+    a.stats[stats::kUssLoss * B + i] = a.has_bank ? uss : T(0);
     a.rows[i] = lse - zt + (a.has_bank ? a.weight * uss : T(0));
   }
   if (!a.grads) return;

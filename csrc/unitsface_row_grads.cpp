@@ -68,19 +68,19 @@ std::pair<at::Tensor, at::Tensor> RowGrads::finish(const at::Tensor& state,
     } else {
       // negatives: g' = λ·s·e^{z⁻ − B}·σB' = (λ·s·σB' / s⁻)·e^{z⁻ − m⁻}
       const at::Tensor sn = state[kUss + 3];
-      const at::Tensor c_n = at::where(sn > 0, lambda * s * stats[4] / sn, zero);
+      const at::Tensor c_n = at::where(sn > 0, lambda * s * stats[stats::kUss + stats::kSigmaB] / sn, zero);
       G = G + c_n.unsqueeze(1) * acc_b_;
       h = h + c_n * sums_h;
       // the positive (at most one bank row per class): g' = −λ·s·σA' (A = its z⁺), read as
       // the loss reads it (an invalid row is a zero row, and then no positive: σA' = 0)
-      const at::Tensor g_p = -lambda * s * stats[2];
+      const at::Tensor g_p = -lambda * s * stats[stats::kUss + stats::kSigmaA];
       at::Tensor b_t = in.bank.index_select(0, y).to(acc);
       if (in.bank_valid.defined()) {
         b_t = at::where(in.bank_valid.index_select(0, y).unsqueeze(1), b_t, at::zeros({}, b_t.options()));
       }
       G = G + (g_p * chunking::inv_norms(in.nb, o_.eps).index_select(0, tcol)).unsqueeze(1) * b_t;
       h = h + g_p * state[kUssSums + 2];
-      gsum = lambda * s * stats[4] + g_p;
+      gsum = lambda * s * stats[stats::kUss + stats::kSigmaB] + g_p;
     }
   }
   return {chunking::normalised_grad(G, h, in.x, in.nx, o_.eps), gsum * (-1.0 / s)};

@@ -134,7 +134,7 @@ UssForward uss_forward(const UssInputs& in, const UssOptions& o, UssEpilogue epi
     epilogue(ck);
   });
   state = chunking::merge_splits(state, chunking::uss_max_pairs(0, o.lse)).first;
-  at::Tensor stats = at::zeros({4, B}, call.opts);
+  at::Tensor stats = at::zeros({stats::kUssRows, B}, call.opts);
   at::Tensor rows = chunking::uss_rows_from_state(state, 0, o, stats, 0);
   return {rows, stats, nx, nr};
 }
@@ -151,7 +151,7 @@ Grads uss_backward(const at::Tensor& grad_rows, const UssInputs& in, const UssSa
   const UssCall call(in);
   const int64_t B = call.B, N = call.N, D = call.D;
   TORCH_CHECK_VALUE(grad_rows.numel() == B && saved.nx.numel() == B && saved.nr.numel() == N &&
-                        saved.stats.dim() == 2 && saved.stats.size(0) == 4 &&
+                        saved.stats.dim() == 2 && saved.stats.size(0) == stats::kUssRows &&
                         saved.stats.size(1) == B,
                     "uss_bwd_native: grad_rows, stats, nx and nr must come from uss_fwd_native "
                     "on these inputs");

@@ -92,7 +92,8 @@ UF_ALWAYS_INLINE void uss_bwd_row(const UssRows<T>& a, int64_t i) {
   T* g_out = a.grads + i * c;  // may alias d: each element is read, then written
   const T ix = a.inv_x[i], go = a.go[i];
   const int64_t yi = a.y[i], self = self_column(a, i);
-  const T sa = a.stats[i], fa = a.stats[B + i], sb = a.stats[2 * B + i], fb = a.stats[3 * B + i];
+  const T sa = a.stats[stats::kA * B + i], fa = a.stats[stats::kSigmaA * B + i];
+  const T sb = a.stats[stats::kB * B + i], fb = a.stats[stats::kSigmaB * B + i];
   T h = 0, gs = 0;
 #pragma omp simd reduction(+ : h, gs)
   for (int64_t j = 0; j < c; ++j) {

@@ -14,6 +14,7 @@ checks call torch.ops.unitsface.*_native.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shutil
 import subprocess
@@ -480,6 +481,28 @@ def test_uss_eps_from_the_options(budget, form, mode):
             assert g.numel() == 0
             continue
         assert_rows_close(name, g, leaves[name].grad, 1e-8)
+
+
+@pytest.mark.parametrize("cls", [options.UssOptions, options.UnitsfaceOptions])
+def test_option_fields_match_the_dataclasses(cls):
+    """csrc/options.h unpacks the packed options through its field table: the same names in
+    the same order as the Python dataclass (a field added on one side only fails here)."""
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    assert native.require().option_fields(cls.__name__) == names
+    with pytest.raises(ValueError, match="no settings struct"):
+        native.require().option_fields("Options")
+
+
+def test_option_flag_packing_is_checked_by_name():
+    """A flag packed as anything but 0.0 / 1.0 is refused, naming the field."""
+    case = uss_case("bank", 5, 30, 8)
+    args = list(uss_args(case))
+    packed = list(args[6])
+    packed[[f.name for f in dataclasses.fields(options.UssOptions)].index("clamp")] = 0.5
+    with pytest.raises(ValueError, match=r"UssOptions\.clamp is a flag"):
+        OPS.uss_fwd_native(*args[:6], packed)
+    with pytest.raises(ValueError, match="UssOptions has 6 fields, got 5"):
+        OPS.uss_fwd_native(*args[:6], packed[:5])
 
 
 @pytest.mark.parametrize("form", FORMS)
