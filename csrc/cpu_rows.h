@@ -18,6 +18,7 @@
 #include <string>
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include "rows.h"
 
@@ -38,10 +39,12 @@ namespace cpu {
 
 enum IsaLevel { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
 
-// The widest of the compiled instruction sets that this CPU runs, capped by
-// UNITSFACE_NATIVE_ISA=base|avx2|avx512 when set (tests run every variant that way; read at
-// every call so that a test can change it).
-inline IsaLevel isa_level() {
+inline const char* isa_name(IsaLevel level) {
+  return level == kAvx512 ? "avx512" : level == kAvx2 ? "avx2" : "base";
+}
+
+// The widest of the compiled instruction sets that this CPU runs.
+inline IsaLevel detected_isa() {
 #if UF_CPU_DISPATCH
   static const IsaLevel detected = [] {
     __builtin_cpu_init();
@@ -56,16 +59,24 @@ inline IsaLevel isa_level() {
     }
     return kBase;
   }();
-  IsaLevel level = detected;
-  if (const char* env = std::getenv("UNITSFACE_NATIVE_ISA")) {
-    const std::string cap(env);
-    const IsaLevel want = cap == "base" ? kBase : cap == "avx2" ? kAvx2 : kAvx512;
-    level = std::min(want, level);
-  }
-  return level;
+  return detected;
 #else
   return kBase;
 #endif
+}
+
+// The instruction set whose row kernels run: detected_isa(), capped by
+// UNITSFACE_NATIVE_ISA=base|avx2|avx512 when set (tests run every variant that way). Read at
+// every call, so that a test can change it; _C.selected_isa() reports it.
+inline IsaLevel isa_level() {
+  const IsaLevel level = detected_isa();
+  const char* env = std::getenv("UNITSFACE_NATIVE_ISA");
+  if (env == nullptr || *env == '\0') return level;
+  const std::string cap(env);
+  TORCH_CHECK_VALUE(cap == "base" || cap == "avx2" || cap == "avx512",
+                    "UNITSFACE_NATIVE_ISA must be base, avx2 or avx512, got '", cap, "'");
+  const IsaLevel want = cap == "base" ? kBase : cap == "avx2" ? kAvx2 : kAvx512;
+  return std::min(want, level);
 }
 
 template <typename T>

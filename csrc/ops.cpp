@@ -11,14 +11,15 @@
 // TORCH_LIBRARY_IMPL blocks register the kernels with the dispatcher). The module itself has
 // plain functions for what the tests and tools read of the C++ side, there in every build:
 // cuda_plan, the chunk plan of the CUDA sweep (csrc/cuda_plan.h: host arithmetic, so that the
-// CPU tests and benchmarks/native_cost.py read the plan the CUDA code uses), and
-// option_fields, the field tables of csrc/options.h. The pattern of pytorch/extension-cpp,
-// without pybind11.
+// CPU tests and benchmarks/native_cost.py read the plan the CUDA code uses), option_fields,
+// the field tables of csrc/options.h, and selected_isa, the instruction set of the CPU row
+// kernels. The pattern of pytorch/extension-cpp, without pybind11.
 #include <Python.h>
 
 #include <string>
 #include <vector>
 
+#include "cpu_rows.h"
 #include "cuda_plan.h"
 #include "options.h"
 
@@ -71,6 +72,17 @@ PyObject* option_fields(PyObject* /*self*/, PyObject* args) {
   return nullptr;
 }
 
+// selected_isa() -> "base" | "avx2" | "avx512": the instruction set whose CPU row kernels run
+// now (csrc/cpu_rows.h: this CPU's widest, capped by UNITSFACE_NATIVE_ISA)
+PyObject* selected_isa(PyObject* /*self*/, PyObject* /*args*/) {
+  try {
+    return PyUnicode_FromString(unitsface::cpu::isa_name(unitsface::cpu::isa_level()));
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
 PyMethodDef methods[] = {
     {"cuda_plan", cuda_plan, METH_VARARGS,
      "cuda_plan(B, S, D, parts, acc_bytes, x_bytes, with_q, l2_bytes) -> (c, kw, ns, n_chunks, "
@@ -78,6 +90,9 @@ PyMethodDef methods[] = {
     {"option_fields", option_fields, METH_VARARGS,
      "option_fields(struct_name) -> tuple of the field names that csrc/options.h unpacks for "
      "'UssOptions' or 'UnitsfaceOptions', in packing order"},
+    {"selected_isa", selected_isa, METH_NOARGS,
+     "selected_isa() -> 'base' | 'avx2' | 'avx512': the instruction set of the CPU row kernels "
+     "now (this CPU's widest, capped by UNITSFACE_NATIVE_ISA)"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -41,10 +41,51 @@ USS_MODES = ["bank", "inbatch", "centres"]
 SOFTMAX_MARGINS = list(MARGINS)  # cosface, arcface, combined, arcface_st, arcface_easy
 
 
+def cpu_isa() -> str | None:
+    """The widest of the extension's instruction sets that this CPU runs, from /proc/cpuinfo's
+    flags (the same features csrc/cpu/row_kernels.h asks the CPU for); None off x86 Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next(ln for ln in f if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return None
+    flags = set(line.split(":", 1)[1].split())
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma", "bmi2"} <= flags else "base"
+
+
+def capped_isa(cap: str) -> str:
+    """The instruction set the row kernels must run under UNITSFACE_NATIVE_ISA=cap."""
+    widest = cpu_isa() or "base"
+    return ISAS[min(ISAS.index(cap), ISAS.index(widest))]
+
+
 @pytest.fixture
 def isa(request, monkeypatch):
     monkeypatch.setenv("UNITSFACE_NATIVE_ISA", request.param)
+    if cpu_isa() is not None:  # the cap is what the row kernels run (read at every call)
+        assert native.selected_isa() == capped_isa(request.param)
     return request.param
+
+
+def test_selected_isa(monkeypatch):
+    """_C reports the instruction set its row kernels run: this CPU's widest (as /proc/cpuinfo
+    says), capped by UNITSFACE_NATIVE_ISA; an unknown cap is an error naming the variable."""
+    monkeypatch.delenv("UNITSFACE_NATIVE_ISA", raising=False)
+    widest = native.selected_isa()
+    assert widest in ISAS
+    if cpu_isa() is not None:
+        assert widest == cpu_isa()
+    for cap in ISAS:
+        monkeypatch.setenv("UNITSFACE_NATIVE_ISA", cap)
+        assert native.selected_isa() == ISAS[min(ISAS.index(cap), ISAS.index(widest))]
+    monkeypatch.setenv("UNITSFACE_NATIVE_ISA", "sse9")
+    with pytest.raises(ValueError, match="UNITSFACE_NATIVE_ISA must be base, avx2 or avx512"):
+        native.selected_isa()
+    case = uss_case("bank", 5, 30, 8)
+    with pytest.raises(ValueError, match="UNITSFACE_NATIVE_ISA"):
+        OPS.uss_fwd_native(*uss_args(case))
 
 
 @contextlib.contextmanager
