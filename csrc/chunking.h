@@ -1,5 +1,5 @@
-// Host-side helpers of the chunked native drivers (csrc/uss.cpp, csrc/unitsface.cpp,
-// csrc/unitsface_row_grads.cpp): the chunk-size policy and the sweep over chunks, chunk
+// Host-side helpers of the chunked native drivers (csrc/uss_sweep.cpp, csrc/cpu/unitsface_sweep.cpp,
+// csrc/cpu/unitsface_row_grads.cpp): the chunk-size policy and the sweep over chunks, chunk
 // gathers of reference rows, the chunk GEMMs, norms, the merge of per-split statistics and
 // the gradient finishes. Device-agnostic ATen code (the drivers run it for CPU and CUDA
 // tensors alike); the per-element maths is csrc/epilogue.h.

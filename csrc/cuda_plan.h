@@ -1,4 +1,4 @@
-// The chunk and split-K plan of the unitsface family's CUDA sweep (csrc/unitsface_cuda.cu),
+// The chunk and split-K plan of the unitsface family's CUDA sweep (csrc/cuda/unitsface_sweep.cu),
 // host-only C++ with no CUDA dependency: the CPU build compiles it too, and exposes it as
 // unitsface_kernels._C.cuda_plan (csrc/ops.cpp) for the CPU tests and the cost model
 // (benchmarks/native_cost.py).
@@ -25,7 +25,7 @@ namespace unitsface {
 namespace cuda_plan {
 
 constexpr int64_t kSliceMin = 128;   // one 4-wide vector per lane of a warp
-constexpr int64_t kSliceMax = 1024;  // eight vectors per lane (csrc/unitsface_cuda.cu's kVecs)
+constexpr int64_t kSliceMax = 1024;  // eight vectors per lane (csrc/cuda/unitsface_sweep.cu's kVecs)
 constexpr int64_t kTargetSplits = 8; // ∂x split-K: 8 × 16 output tiles at B = D = 512
 // The L2 size assumed when the device does not say (an H100 / H200 has 50 MiB).
 constexpr int64_t kDefaultL2Bytes = int64_t(50) << 20;

@@ -1,5 +1,5 @@
 // The elementwise loss maths of docs/design.md §1, written once for the CPU row kernels
-// (csrc/uss_rows.h, csrc/softmax_rows.h) and the CUDA epilogue kernels (csrc/*_cuda.cu).
+// (csrc/cpu/uss_rows.h, csrc/cpu/softmax_rows.h) and the CUDA epilogue kernels (csrc/cuda/*.cu).
 //
 // The native backend computes a chunk of raw dot products x_i · r_j with one ATen GEMM and
 // then runs ONE epilogue pass over the chunk; every function the epilogues call is here, as

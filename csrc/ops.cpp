@@ -2,10 +2,10 @@
 // (unitsface_kernels/contract.py, torch.library DEF of the `unitsface` namespace); this
 // extension only registers kernels for them, each op family in its own files:
 //
-//   uss_{fwd,bwd}_native        csrc/uss.cpp (drivers), csrc/uss_cpu.cpp, csrc/uss_cuda.cu
-//   unitsface_{fwd,bwd}_native  csrc/unitsface.cpp (CPU driver), csrc/unitsface_cpu.cpp,
-//                               csrc/unitsface_cuda.cu (the CUDA sweep, its own driver)
-//   bank_update_                csrc/bank_update.cpp, csrc/bank_update_cuda.cu
+//   uss_{fwd,bwd}_native        csrc/uss_sweep.cpp (drivers), csrc/cpu/uss.cpp, csrc/cuda/uss.cu
+//   unitsface_{fwd,bwd}_native  csrc/cpu/unitsface_sweep.cpp (CPU driver), csrc/cpu/unitsface.cpp,
+//                               csrc/cuda/unitsface_sweep.cu (the CUDA sweep, its own driver)
+//   bank_update_                csrc/bank_update.cpp, csrc/cuda/bank_update.cu
 //
 // `import unitsface_kernels._C` only has to run the static initialisers of those files (their
 // TORCH_LIBRARY_IMPL blocks register the kernels with the dispatcher). The module itself has
@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu_rows.h"
+#include "cpu/row_kernels.h"
 #include "cuda_plan.h"
 #include "options.h"
 
@@ -73,7 +73,7 @@ PyObject* option_fields(PyObject* /*self*/, PyObject* args) {
 }
 
 // selected_isa() -> "base" | "avx2" | "avx512": the instruction set whose CPU row kernels run
-// now (csrc/cpu_rows.h: this CPU's widest, capped by UNITSFACE_NATIVE_ISA)
+// now (csrc/cpu/row_kernels.h: this CPU's widest, capped by UNITSFACE_NATIVE_ISA)
 PyObject* selected_isa(PyObject* /*self*/, PyObject* /*args*/) {
   try {
     return PyUnicode_FromString(unitsface::cpu::isa_name(unitsface::cpu::isa_level()));

@@ -1,6 +1,6 @@
 // The arguments of the epilogue's row kernels: raw pointers into one chunk's tensors, the
-// same structs for the CPU row loops (csrc/uss_rows.h, csrc/softmax_rows.h) and the CUDA
-// kernels (csrc/uss_rows_cuda.cuh, csrc/*_cuda.cu). Row-major B × c blocks; per-row vectors
+// same structs for the CPU row loops (csrc/cpu/uss_rows.h, csrc/cpu/softmax_rows.h) and the CUDA
+// kernels (csrc/cuda/uss_rows.cuh, csrc/cuda/*.cu). Row-major B × c blocks; per-row vectors
 // have B entries, per-column vectors c; a "state" or "stats" pointer addresses rows of B
 // values (row k at k·B). Built from the chunk structs of csrc/uss.h / csrc/unitsface.h by
 // their rows_of() functions.

@@ -6,11 +6,11 @@
 // with row_grads (else empty)). A label that matches no column has no target: z_iy = 0, and
 // no USS positive.
 //
-// The drivers (csrc/unitsface.cpp) are ATen code around the epilogue of one chunk; the CPU
-// supplies its row loops (csrc/unitsface_cpu.cpp) and registers the op kernels below with
+// The drivers (csrc/cpu/unitsface_sweep.cpp) are ATen code around the epilogue of one chunk; the CPU
+// supplies its row loops (csrc/cpu/unitsface.cpp) and registers the op kernels below with
 // them. The bank part is the USS loss with column labels = the chunk's classes, and runs the
 // USS family's row code (UssChunk, csrc/uss.h). CUDA tensors go through their own sweep
-// (csrc/unitsface_cuda.cu: a plan sized for L2, split-K ∂x products, one fused ∂W projection,
+// (csrc/cuda/unitsface_sweep.cu: a plan sized for L2, split-K ∂x products, one fused ∂W projection,
 // row_grads too), which shares the argument checks below and the maths of csrc/epilogue.h.
 #pragma once
 
@@ -84,7 +84,7 @@ struct UnitsfaceSaved {
 };
 
 // Shapes, dtypes and devices of the op's inputs (TORCH_CHECK errors naming `op`); shared by
-// the CPU driver and the CUDA sweep (csrc/unitsface_cuda.cu).
+// the CPU driver and the CUDA sweep (csrc/cuda/unitsface_sweep.cu).
 void check_unitsface_args(const char* op, const UnitsfaceInputs& in);
 
 using UnitsfaceForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -97,7 +97,7 @@ Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
                          std::array<bool, 3> needs, UnitsfaceEpilogue epilogue);
 
 // A device's two drivers: the CPU's are the ones above with its row kernels as the epilogue
-// (csrc/unitsface_cpu.cpp); CUDA tensors have their own sweep (csrc/unitsface_cuda.cu).
+// (csrc/cpu/unitsface.cpp); CUDA tensors have their own sweep (csrc/cuda/unitsface_sweep.cu).
 using UnitsfaceForwardFn = UnitsfaceForward (*)(const UnitsfaceInputs& in,
                                                 const UnitsfaceOptions& o, bool row_grads);
 using UnitsfaceBackwardFn = Grads (*)(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
@@ -105,7 +105,7 @@ using UnitsfaceBackwardFn = Grads (*)(const at::Tensor& grad_rows, const Unitsfa
                                       std::array<bool, 3> needs);
 
 // The op kernels with the schemas of unitsface_kernels/contract.py around a device's drivers
-// (TORCH_LIBRARY_IMPL in csrc/unitsface_cpu.cpp, csrc/unitsface_cuda.cu).
+// (TORCH_LIBRARY_IMPL in csrc/cpu/unitsface.cpp, csrc/cuda/unitsface_sweep.cu).
 template <UnitsfaceForwardFn Forward>
 UnitsfaceForward unitsface_fwd_op(const at::Tensor& x, const at::Tensor& centres,
                                   const std::optional<at::Tensor>& bank, const at::Tensor& labels,

@@ -1,5 +1,5 @@
 // The argument checks of the unitsface family's ops (csrc/unitsface.h), shared by the CPU
-// driver (csrc/unitsface.cpp) and the CUDA sweep (csrc/unitsface_cuda.cu). In a file of their
+// driver (csrc/cpu/unitsface_sweep.cpp) and the CUDA sweep (csrc/cuda/unitsface_sweep.cu). In a file of their
 // own so that the host build of the CUDA sweep (csrc/emu/) links them without the CPU driver.
 #include "chunking.h"
 #include "unitsface.h"

@@ -1,4 +1,4 @@
-"""The native backend's CUDA sweep (csrc/unitsface_cuda.cu and its kernels) run on the CPU: the
+"""The native backend's CUDA sweep (csrc/cuda/unitsface_sweep.cu and its kernels) run on the CPU: the
 same source built for the host with the emulation of csrc/emu/cuda_emu.h (CUDA threads as
 fibers, shuffles and barriers emulated), its ops put in place of the native CPU kernels of the
 unitsface family for the duration of this module, and compared with the float64 reference

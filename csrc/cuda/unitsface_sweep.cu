@@ -1,6 +1,6 @@
 // unitsface::unitsface_{fwd,bwd}_native on CUDA tensors: the chunked sweep of the unitsface
 // family (docs/design.md §2) with its own driver, cuBLAS GEMMs through ATen and the kernels of
-// csrc/unitsface_cuda_kernels.cuh. (The CPU driver, csrc/unitsface.cpp, runs the same maths
+// csrc/cuda/sweep_*.cuh. (The CPU driver, csrc/cpu/unitsface_sweep.cpp, runs the same maths
 // with its own chunking; the per-element maths of both is csrc/epilogue.h.)
 //
 // Per call: one kernel for the norms (x, the W rows and the bank rows of S, read once) and the
@@ -20,7 +20,7 @@
 // the column's inverse norm except for fp16, whose product rows are normalised instead (an
 // fp16 tile g·inv_r overflows for rows below the eps).
 //
-// row_grads (the forward forms ∂L_i/∂x_i and ∂L_i/∂b during its sweep, csrc/unitsface_row_grads.h
+// row_grads (the forward forms ∂L_i/∂x_i and ∂L_i/∂b during its sweep, csrc/cpu/unitsface_row_grads.h
 // for the maths): 6 GEMM-equivalents per step for the objective (forward 2 dots + 2 products,
 // backward 1 dots + 1 ∂W product) instead of 7. No host synchronisation: every size is known
 // on the host, every value stays on the device. No float atomics: each output element has one
@@ -45,7 +45,11 @@
 #include "chunking.h"
 #include "cuda_plan.h"
 #include "unitsface.h"
-#include "unitsface_cuda_kernels.cuh"
+#include "cuda/sweep_backward.cuh"
+#include "cuda/sweep_finish.cuh"
+#include "cuda/sweep_forward.cuh"
+#include "cuda/sweep_project.cuh"
+#include "cuda/sweep_setup.cuh"
 
 namespace unitsface {
 namespace {

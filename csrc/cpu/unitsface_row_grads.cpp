@@ -1,5 +1,5 @@
-// The fused forward's per-row gradients: see csrc/unitsface_row_grads.h.
-#include "unitsface_row_grads.h"
+// The fused forward's per-row gradients: see csrc/cpu/unitsface_row_grads.h.
+#include "cpu/unitsface_row_grads.h"
 
 #include "chunking.h"
 

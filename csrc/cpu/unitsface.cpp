@@ -1,10 +1,10 @@
-// unitsface::unitsface_{fwd,bwd}_native on CPU tensors: the drivers of csrc/unitsface.cpp with
-// the row kernels of csrc/softmax_rows.h and csrc/uss_rows.h (for the instruction set that
-// csrc/cpu_rows.h picks) as the epilogue: per row, the softmax part, then USS on the bank
+// unitsface::unitsface_{fwd,bwd}_native on CPU tensors: the drivers of csrc/cpu/unitsface_sweep.cpp with
+// the row kernels of csrc/cpu/softmax_rows.h and csrc/cpu/uss_rows.h (for the instruction set that
+// csrc/cpu/row_kernels.h picks) as the epilogue: per row, the softmax part, then USS on the bank
 // rows (the USS family's row code, column labels = the chunk's classes).
 #include <torch/library.h>
 
-#include "cpu_rows.h"
+#include "cpu/row_kernels.h"
 #include "unitsface.h"
 
 namespace unitsface {

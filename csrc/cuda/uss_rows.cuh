@@ -1,12 +1,12 @@
 // The CUDA row code of USS (docs/design.md §1.1): one thread block per row of a chunk, its
 // threads striding over the chunk's columns with the maths of csrc/epilogue.h, the block
-// combining with csrc/epilogue_cuda.h. Used by the USS family's kernels (csrc/uss_cuda.cu) and
-// by the bank part of the unitsface kernels (csrc/unitsface_cuda.cu, column labels = the
-// chunk's classes), like the CPU row code of csrc/uss_rows.h.
+// combining with csrc/cuda/block_reduce.cuh. Used by the USS family's kernels (csrc/cuda/uss.cu) and
+// by the bank part of the unitsface kernels (csrc/cuda/unitsface_sweep.cu, column labels = the
+// chunk's classes), like the CPU row code of csrc/cpu/uss_rows.h.
 #pragma once
 
 #include "epilogue.h"
-#include "epilogue_cuda.h"
+#include "cuda/block_reduce.cuh"
 #include "rows.h"
 
 namespace unitsface {

@@ -1,9 +1,9 @@
 // The CPU row kernels of the epilogues and the choice of instruction set.
 //
-// The row kernels (csrc/uss_rows.h, csrc/softmax_rows.h) are plain loops over a row's chunk
+// The row kernels (csrc/cpu/uss_rows.h, csrc/cpu/softmax_rows.h) are plain loops over a row's chunk
 // of columns, written so that the compiler vectorises them. The extension is built without
-// -march flags, so they are compiled three times: csrc/rows_avx512.cpp (x86-64-v4),
-// csrc/rows_avx2.cpp (x86-64-v3: AVX2 + FMA) and csrc/rows_base.cpp (the baseline), each
+// -march flags, so they are compiled three times: csrc/cpu/rows_avx512.cpp (x86-64-v4),
+// csrc/cpu/rows_avx2.cpp (x86-64-v3: AVX2 + FMA) and csrc/cpu/rows_base.cpp (the baseline), each
 // including the row headers inside its own namespace under `#pragma GCC target`, and
 // row_kernels() picks one table of them at run time. (GCC's target_clones does not do: it
 // lowers the omp simd loops for the baseline before cloning, and the AVX-512 clone then stays
@@ -100,7 +100,7 @@ struct RowKernels {
   }
 };
 
-// Defined by csrc/row_kernels.h inside each csrc/rows_<isa>.cpp.
+// Defined by csrc/cpu/kernel_table.h inside each csrc/cpu/rows_<isa>.cpp.
 namespace base {
 template <typename T>
 RowKernels<T> kernels();

@@ -1,5 +1,5 @@
 // The unitsface family's CPU drivers (csrc/unitsface.h): ATen code around the row kernels'
-// epilogue (csrc/unitsface_cpu.cpp). CUDA tensors have their own sweep (csrc/unitsface_cuda.cu).
+// epilogue (csrc/cpu/unitsface.cpp). CUDA tensors have their own sweep (csrc/cuda/unitsface_sweep.cu).
 //
 // Forward, per chunk of c classes of S: the W rows and the bank rows of the chunk's classes (a
 // view, or a chunk-sized gather under partial FC; invalid bank rows read as zero rows), their
@@ -13,14 +13,14 @@
 //   Σ_i g'_ic                            (∂b_c of a per-class threshold)
 // The target column of row i is found once per call (a binary search of y_i in the sorted
 // index), so the softmax loops treat every other column alike and vectorise. With row_grads
-// the forward also forms ∂L_i/∂x_i (csrc/unitsface_row_grads.h) and the backward then
+// the forward also forms ∂L_i/∂x_i (csrc/cpu/unitsface_row_grads.h) and the backward then
 // only sweeps for ∂W (and a per-class threshold's ∂b).
 #include "unitsface.h"
 
 #include <optional>
 
 #include "chunking.h"
-#include "unitsface_row_grads.h"
+#include "cpu/unitsface_row_grads.h"
 
 namespace unitsface {
 
@@ -124,7 +124,7 @@ UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOpt
   check_unitsface_args("unitsface_fwd_native", in);
   TORCH_CHECK_VALUE(!in.x.is_cuda(),
                     "unitsface_fwd_native: this driver is for CPU tensors (CUDA tensors have "
-                    "their own sweep, csrc/unitsface_cuda.cu)");
+                    "their own sweep, csrc/cuda/unitsface_sweep.cu)");
   const UnitsfaceCall call(in);
   const int64_t B = call.B, S = call.S, splits = call.sweep.splits, c = call.sweep.c;
   const at::Tensor nx = chunking::row_norms(call.xg, call.acc);
