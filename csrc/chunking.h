@@ -37,11 +37,8 @@ constexpr int64_t kCpuChunkElems = int64_t(1) << 18;
 constexpr int64_t kCudaChunkElems = int64_t(1) << 23;
 
 inline int64_t budget_elems(bool cuda) {
-  if (const char* env = std::getenv("UNITSFACE_NATIVE_CHUNK_ELEMS")) {
-    const long long v = std::atoll(env);
-    if (v > 0) return static_cast<int64_t>(v);
-  }
-  return cuda ? kCudaChunkElems : kCpuChunkElems;
+  const int64_t forced = forced_chunk_elems();
+  return forced > 0 ? forced : cuda ? kCudaChunkElems : kCpuChunkElems;
 }
 
 // One sweep over `cols` columns for `rows` rows: c columns per chunk (at least 1, at most
@@ -174,18 +171,21 @@ inline at::Tensor normalised_grad(const at::Tensor& G, const at::Tensor& h, cons
 // Column side (docs/design.md §2), for the chunk's reference rows r (n × D, GEMM dtype) with
 // norms `norms`: Q = g'ᵀ · x̂ (one GEMM of the chunk's g'_ij = g_ij·inv_r_j with the
 // normalised batch), then ∂L/∂r_j = Q_j − inv_r_j²·(Q_j · r_j)·r_j (h_j = Σ_i g_ij cos_ij
-// = Q_j · r_j; no projection where ||r_j|| < eps), written into rows j0 + k (or idx[j0 + k])
-// of `out` (r's dtype). `q` is an n × D scratch in the accumulation dtype.
+// = Q_j · r_j; no projection where ||r_j|| < eps), written into rows j0 + k of `out` (r's
+// dtype). `q` is an n × D scratch in the accumulation dtype.
 void column_grads(at::Tensor& out, const at::Tensor& grads, const at::Tensor& xh,
-                  const at::Tensor& r, const at::Tensor& norms, const at::Tensor& idx,
-                  int64_t j0, at::Tensor q, double eps);
+                  const at::Tensor& r, const at::Tensor& norms, int64_t j0, at::Tensor q,
+                  double eps);
 
-// ∂L/∂b_j of a per-column threshold from the chunk's g'_ij = g_ij·inv_r_j:
-// ∂z/∂b = ±1 = −(1/s)·∂z/∂cos, so ∂b_j = −(1/s)·Σ_i g_ij = −(1/s)·Σ_i g'_ij / inv_r_j.
+// ∂L/∂b_j of a per-column threshold from a chunk's gradient tile, summed in `acc`:
+// ∂z/∂b = ±1 = −(1/s)·∂z/∂cos, so ∂b_j = −(1/s)·Σ_i g_ij. The tile holds g'_ij = g_ij·inv_r_j
+// when `norms` (‖r_j‖) is given (Σ_i g_ij = max(‖r_j‖, eps)·Σ_i g'_ij), g_ij itself when it
+// is undefined (the CUDA sweep's fp16 tiles).
 inline at::Tensor bias_grad_columns(const at::Tensor& grads, const at::Tensor& norms,
-                                    double scale, double eps) {
-  const at::Tensor colsum = grads.sum(0, /*keepdim=*/false, norms.scalar_type());
-  return colsum * norms.clamp_min(eps) * (-1.0 / scale);
+                                    double scale, double eps, at::ScalarType acc) {
+  at::Tensor colsum = grads.sum(0, /*keepdim=*/false, acc);
+  if (norms.defined()) colsum = colsum * norms.clamp_min(eps);
+  return colsum * (-1.0 / scale);
 }
 
 // Per-row logsumexp from a running (max, Σ e^{z − max}) pair; −inf for an empty set

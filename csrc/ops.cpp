@@ -33,13 +33,11 @@ PyObject* cuda_plan(PyObject* /*self*/, PyObject* args) {
   if (!PyArg_ParseTuple(args, "LLLLLLpL", &B, &S, &D, &parts, &acc, &xb, &with_q, &l2)) {
     return nullptr;
   }
-  namespace plan = unitsface::cuda_plan;
-  const int64_t budget =
-      plan::budget_elems(l2, plan::bytes_per_elem(B, D, parts, acc, xb, with_q != 0));
-  const plan::SweepPlan p = plan::plan_sweep(B, S, budget);
+  const unitsface::cuda_plan::SweepPlan p =
+      unitsface::cuda_plan::plan_chunks(B, S, D, parts, acc, xb, with_q != 0, l2);
   return Py_BuildValue("(LLLLLL)", static_cast<long long>(p.c), static_cast<long long>(p.kw),
                        static_cast<long long>(p.ns), static_cast<long long>(p.n_chunks),
-                       static_cast<long long>(p.ns_used), static_cast<long long>(budget));
+                       static_cast<long long>(p.ns_used), static_cast<long long>(p.budget));
 }
 
 PyObject* names_tuple(const std::vector<std::string>& names) {

@@ -194,13 +194,13 @@ Grads uss_backward(const at::Tensor& grad_rows, const UssInputs& in, const UssSa
       chunking::gemm_acc(g, ck.grads, rc);
     }
     if (need_dref) {
-      chunking::column_grads(dref, ck.grads, xh, rc, nr.narrow(0, j0, n), at::Tensor(), j0,
+      chunking::column_grads(dref, ck.grads, xh, rc, nr.narrow(0, j0, n), j0,
                              scratch(qflat[sp], n, D), o.eps);
     }
     if (need_dbias && vector_bias) {
       chunking::write_columns(dbias_cols, at::Tensor(), j0,
                               chunking::bias_grad_columns(ck.grads, nr.narrow(0, j0, n), o.scale,
-                                                          o.eps));
+                                                          o.eps, call.acc));
     }
   });
   hs = hs.sum(0);

@@ -1,7 +1,8 @@
-// unitsface::unitsface_{fwd,bwd}_native on CPU tensors: the drivers of csrc/cpu/unitsface_sweep.cpp with
-// the row kernels of csrc/cpu/softmax_rows.h and csrc/cpu/uss_rows.h (for the instruction set that
-// csrc/cpu/row_kernels.h picks) as the epilogue: per row, the softmax part, then USS on the bank
-// rows (the USS family's row code, column labels = the chunk's classes).
+// unitsface::unitsface_{fwd,bwd}_native on CPU tensors: the drivers of
+// csrc/cpu/unitsface_sweep.cpp, and their epilogue of one chunk, the row kernels of
+// csrc/cpu/softmax_rows.h and csrc/cpu/uss_rows.h (for the instruction set that
+// csrc/cpu/row_kernels.h picks): per row, the softmax part, then USS on the bank rows (the USS
+// family's row code, column labels = the chunk's classes).
 #include <torch/library.h>
 
 #include "cpu/row_kernels.h"
@@ -27,6 +28,8 @@ void run_rows(const UnitsfaceChunk& ck) {
   });
 }
 
+}  // namespace
+
 void unitsface_epilogue_cpu(const UnitsfaceChunk& ck) {
   if (ck.softmax.inv_x.scalar_type() == at::kDouble) {
     run_rows<double>(ck);
@@ -35,22 +38,9 @@ void unitsface_epilogue_cpu(const UnitsfaceChunk& ck) {
   }
 }
 
-UnitsfaceForward forward_cpu(const UnitsfaceInputs& in, const UnitsfaceOptions& o,
-                             bool row_grads) {
-  return unitsface_forward(in, o, row_grads, &unitsface_epilogue_cpu);
-}
-
-Grads backward_cpu(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
-                   const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
-                   std::array<bool, 3> needs) {
-  return unitsface_backward(grad_rows, in, saved, o, needs, &unitsface_epilogue_cpu);
-}
-
-}  // namespace
-
 TORCH_LIBRARY_IMPL(unitsface, CPU, m) {
-  m.impl("unitsface_fwd_native", &unitsface_fwd_op<&forward_cpu>);
-  m.impl("unitsface_bwd_native", &unitsface_bwd_op<&backward_cpu>);
+  m.impl("unitsface_fwd_native", &unitsface_fwd_op<&unitsface_forward_cpu>);
+  m.impl("unitsface_bwd_native", &unitsface_bwd_op<&unitsface_backward_cpu>);
 }
 
 }  // namespace unitsface

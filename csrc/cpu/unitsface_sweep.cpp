@@ -119,8 +119,8 @@ struct UnitsfaceCall {
 
 }  // namespace
 
-UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOptions& o,
-                                   bool row_grads, UnitsfaceEpilogue epilogue) {
+UnitsfaceForward unitsface_forward_cpu(const UnitsfaceInputs& in, const UnitsfaceOptions& o,
+                                       bool row_grads) {
   check_unitsface_args("unitsface_fwd_native", in);
   TORCH_CHECK_VALUE(!in.x.is_cuda(),
                     "unitsface_fwd_native: this driver is for CPU tensors (CUDA tensors have "
@@ -163,7 +163,7 @@ UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOpt
       call.bank_cols.set(ck.bank, j0, n);
     }
     if (rg) rg->bind(ck, st, sp);
-    epilogue(ck);
+    unitsface_epilogue_cpu(ck);
     if (rg) rg->accumulate(ck, sp, wc, bc);
   });
 
@@ -207,10 +207,11 @@ UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOpt
   return {rows, stats, nx, nw, nb, grads.first, grads.second};
 }
 
-Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
-                         const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
-                         std::array<bool, 3> needs, UnitsfaceEpilogue epilogue) {
+Grads unitsface_backward_cpu(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
+                             const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
+                             std::array<bool, 3> needs) {
   check_unitsface_args("unitsface_bwd_native", in);
+  check_unitsface_saved("unitsface_bwd_native", grad_rows, in, saved);
   const bool has_bank = in.bank.has_value();
   bool need_dx = needs[0];
   const bool need_dw = needs[1];
@@ -221,18 +222,9 @@ Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
   bool uss_db = need_db && has_bank;
   const bool vector_bias = has_bank && in.bias->numel() > 1;
   const at::ScalarType acc = acc_type(in.x.scalar_type());
-  const int64_t B = in.x.size(0);
-  TORCH_CHECK_VALUE(grad_rows.numel() == B && saved.nx.numel() == B && saved.stats.dim() == 2 &&
-                        saved.stats.size(0) == stats::kUnitsfaceRows && saved.stats.size(1) == B,
-                    "unitsface_bwd_native: grad_rows, stats and nx must come from "
-                    "unitsface_fwd_native on these inputs");
   const at::Tensor go = grad_rows.reshape({-1}).to(acc).contiguous();
   if (saved.dx_rows.numel() > 0) {
     // the fused forward formed ∂L_i/∂x_i and a scalar b's ∂L_i/∂b (row_grads)
-    TORCH_CHECK_VALUE(saved.dx_rows.dim() == 2 && saved.dx_rows.size(0) == B &&
-                          saved.dx_rows.size(1) == in.x.size(1) && saved.db_rows.numel() == B,
-                      "unitsface_bwd_native: dx_rows and db_rows must come from "
-                      "unitsface_fwd_native(row_grads=True) on these inputs");
     if (need_dx) dx = (saved.dx_rows * go.unsqueeze(1)).to(in.x.scalar_type());
     if (uss_db && !vector_bias) {
       db = (saved.db_rows * go).sum().reshape(in.bias->sizes()).to(in.bias->scalar_type());
@@ -245,10 +237,7 @@ Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
   if (!do_w && !do_b) return {dx, dw, db};
 
   const UnitsfaceCall call(in);
-  const int64_t S = call.S, D = call.D, splits = call.sweep.splits, c = call.sweep.c;
-  TORCH_CHECK_VALUE(saved.nw.numel() == S && (!has_bank || saved.nb.numel() == S),
-                    "unitsface_bwd_native: nw and nb must come from unitsface_fwd_native on "
-                    "these inputs");
+  const int64_t B = call.B, S = call.S, D = call.D, splits = call.sweep.splits, c = call.sweep.c;
   const at::Tensor nx = saved.nx.to(acc).contiguous();
   const at::Tensor nw = saved.nw.to(acc).contiguous();
   const at::Tensor nb = has_bank ? saved.nb.to(acc).contiguous() : at::Tensor();
@@ -296,20 +285,20 @@ Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
       ck.bank.grads = ck.bank.dots;
       call.bank_cols.set(ck.bank, j0, n);
     }
-    epilogue(ck);
+    unitsface_epilogue_cpu(ck);
     if (need_dx) {
       at::Tensor g = G[sp];
       chunking::gemm_acc(g, ck.softmax.grads, wc);
       if (do_b) chunking::gemm_acc(g, ck.bank.grads, bc);
     }
     if (need_dw) {
-      chunking::column_grads(dw, ck.softmax.grads, xh, wc, nw.narrow(0, j0, n), at::Tensor(), j0,
+      chunking::column_grads(dw, ck.softmax.grads, xh, wc, nw.narrow(0, j0, n), j0,
                              scratch(qflat[sp], n, D), o.eps);
     }
     if (uss_db && vector_bias) {
       chunking::write_columns(db_cols, call.index, j0,
                               chunking::bias_grad_columns(ck.bank.grads, nb.narrow(0, j0, n),
-                                                          o.scale, o.eps));
+                                                          o.scale, o.eps, acc));
     }
   });
   hs = hs.sum(0);

@@ -206,9 +206,8 @@ struct Call {
   }
 
   cuda_plan::SweepPlan plan(int64_t parts, bool with_q) const {
-    const int64_t bytes = cuda_plan::bytes_per_elem(B, D, parts, c10::elementSize(acc),
-                                                    c10::elementSize(xdt), with_q);
-    return cuda_plan::plan_sweep(B, S, cuda_plan::budget_elems(l2_bytes(), bytes));
+    return cuda_plan::plan_chunks(B, S, D, parts, c10::elementSize(acc), c10::elementSize(xdt),
+                                  with_q, l2_bytes());
   }
 };
 
@@ -451,19 +450,6 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
   const bool need_dx = needs[0], need_dw = needs[1];
   const bool need_db = needs[2] && bias_in.defined();
   const bool row_grads = saved.dx_rows.numel() > 0;
-  TORCH_CHECK_VALUE(grad_rows.numel() == B && saved.nx.numel() == B && saved.stats.dim() == 2 &&
-                        saved.stats.size(0) == stats::kUnitsfaceRows && saved.stats.size(1) == B,
-                    "unitsface_bwd_native: grad_rows, stats and nx must come from "
-                    "unitsface_fwd_native on these inputs");
-  TORCH_CHECK_VALUE(saved.nw.numel() == S && (!call.has_bank || saved.nb.numel() == S),
-                    "unitsface_bwd_native: nw and nb must come from unitsface_fwd_native on "
-                    "these inputs");
-  if (row_grads) {
-    TORCH_CHECK_VALUE(saved.dx_rows.dim() == 2 && saved.dx_rows.size(0) == B &&
-                          saved.dx_rows.size(1) == D && saved.db_rows.numel() == B,
-                      "unitsface_bwd_native: dx_rows and db_rows must come from "
-                      "unitsface_fwd_native(row_grads=True) on these inputs");
-  }
   // Gradients not asked for come back empty (the contract's fake kernels do the same); a
   // threshold only enters through USS, so without a bank its gradient is zero.
   at::Tensor dx = x.new_empty({0}), dw = x.new_empty({0}), db = x.new_empty({0});
@@ -490,10 +476,9 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
   const at::Tensor db_scalar = scalar_db ? at::empty({1}, call.opts) : at::Tensor();
   at::Tensor db_cols =
       (uss_db && call.vector_bias) ? at::zeros({call.C}, call.opts) : at::Tensor();
-  // a per-class ∂b_j = −(1/s)·Σ_i g_ij from the bank's tile, which holds g·inv_b (fp16: g, so
-  // the norms that bias_grad_columns multiplies back in are ones)
-  const at::Tensor db_norms =
-      !db_cols.defined() ? at::Tensor() : (call.fold ? nb : at::ones_like(nb));
+  // a per-class ∂b_j = −(1/s)·Σ_i g_ij from the bank's tile, which holds g·inv_b (fp16: g,
+  // and no norm to multiply back in)
+  const at::Tensor db_norms = db_cols.defined() && call.fold ? nb : at::Tensor();
 
   const int parts = do_b ? 2 : 1;
   const cuda_plan::SweepPlan plan = call.plan(parts, need_dw);
@@ -598,8 +583,10 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
       if (uss_db && call.vector_bias) {  // (ATen's column sum is deterministic)
         chunking::write_columns(
             db_cols, call.index, j0,
-            chunking::bias_grad_columns(tiles[1].as_strided({B, n}, {plan.c, 1}),
-                                        db_norms.narrow(0, j0, n), o.scale, o.eps));
+            chunking::bias_grad_columns(
+                tiles[1].as_strided({B, n}, {plan.c, 1}),
+                db_norms.defined() ? db_norms.narrow(0, j0, n) : at::Tensor(), o.scale, o.eps,
+                call.acc));
       }
     }
   }
@@ -615,6 +602,7 @@ Grads backward_cuda(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
                     const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
                     std::array<bool, 3> needs) {
   check_unitsface_args("unitsface_bwd_native", in);
+  check_unitsface_saved("unitsface_bwd_native", grad_rows, in, saved);
   const Call call(in);
   Grads out;
   dispatch_x(call.xdt, [&](auto t, auto xt) {
