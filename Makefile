@@ -49,7 +49,7 @@ export MAX_JOBS
 # worker takes queued tests from the other (the slow compile checks otherwise end the run alone).
 TEST_WORKERS ?= 2
 
-CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 BUILD_STAMP := build/.native-built
 # The oldest Triton the kernels must compile with (the lent GPUs' image has 3.6), unpacked
 # for tests/test_triton_compile.py only; the venv keeps the triton that torch wants.

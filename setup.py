@@ -3,9 +3,14 @@
 The Python package (reference, triton and the public API) is pure Python. The optional
 native backend is a torch extension, ``unitsface_kernels._C``, built from ``csrc/``:
 
-* a ``CUDAExtension`` (``csrc/*.cpp`` + ``csrc/*.cu``) when torch is a CUDA build and an
-  nvcc is found;
-* otherwise a ``CppExtension`` (``csrc/*.cpp`` only; the ops then exist for CPU tensors).
+* a ``CUDAExtension`` (the C++ sources ``csrc/*.cpp`` + ``csrc/cpu/*.cpp`` and the CUDA
+  sources ``csrc/cuda/*.cu``) when torch is a CUDA build and an nvcc is found;
+* otherwise a ``CppExtension`` (the C++ sources only; the ops then exist for CPU tensors).
+
+``csrc/`` is laid out by concern, as pytorch/extension-cpp: the shared headers, the
+device-agnostic drivers and the Python module at the top, the CPU kernels and drivers in
+``csrc/cpu/``, the CUDA kernels and drivers in ``csrc/cuda/`` (``csrc/emu/`` is the test-only
+host build of the CUDA sweep, not part of the extension).
 
 Build it with ``pip install --no-build-isolation .`` (or ``make build``): without
 ``--no-build-isolation`` pip would build against a fresh torch downloaded into an isolated
@@ -138,20 +143,21 @@ def _extensions():
     if use_cuda:
         cpp_extension.CUDA_HOME = cuda_home
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     omp_compile, omp_link = _openmp_flags()
     # No -std flag: torch.utils.cpp_extension adds the standard that torch needs (C++20 for
     # torch >= 2.10; forcing c++17 breaks the ATen headers).
     # -fno-trapping-math (clang's default; results are unchanged, IEEE semantics kept): with
     # trapping maths GCC keeps float comparisons out of the selects that the vectoriser needs,
-    # and the AVX2 copies of the CPU row kernels stayed scalar (see csrc/cpu_rows.h).
+    # and the AVX2 copies of the CPU row kernels stayed scalar (see csrc/cpu/row_kernels.h).
     cxx_flags = (["-O3", "-fno-trapping-math"] + omp_compile
                  + shlex.split(os.environ.get("UNITSFACE_CXXFLAGS", "")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
 
     if use_cuda:
-        sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             # Without a visible GPU torch cannot pick the arch list; A100 + H100/H200.
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"

@@ -27,6 +27,9 @@
 
 namespace unitsface {
 
+// The bank's own threshold (reference.bank_rows): fixed, whatever eps the losses normalise with.
+constexpr double kBankNormEps = 1e-5;
+
 // The checks of the arguments that read no tensor data (csrc/bank_update.cpp).
 void check_bank_update_args(const at::Tensor& bank, const at::Tensor& bank_valid,
                             const at::Tensor& x, const at::Tensor& labels);
@@ -37,7 +40,7 @@ template <typename acc_t>
 UF_HOST_DEVICE acc_t bank_row_divisor(acc_t sum_sq) {
   const acc_t norm = std::sqrt(sum_sq);
   // a NaN norm fails the test: x is stored as it is (and marked invalid: not finite)
-  return norm >= static_cast<acc_t>(kNormEps) ? norm : acc_t(1);
+  return norm >= static_cast<acc_t>(kBankNormEps) ? norm : acc_t(1);
 }
 
 }  // namespace unitsface

@@ -46,12 +46,12 @@ void row_norms_cpu(const T* p, T* out, int64_t n, int64_t d) {
   });
 }
 
-// ∂W rows of a chunk on the CPU in one pass over Q (see column_grads): out[row_j] =
-// Q_j − coef_j·r_j with coef_j = inv_r_j²·(Q_j·r_j), row_j = idx[j] or j0 + j. `q` may be
-// those very rows of out (then it is updated in place).
+// ∂W rows of a chunk on the CPU in one pass over Q (see column_grads): out[j0 + j] =
+// Q_j − coef_j·r_j with coef_j = inv_r_j²·(Q_j·r_j). `q` may be those very rows of out (then
+// it is updated in place).
 template <typename T, typename O>
-void column_fix_rows(const T* q, const T* r, const T* norms, O* out, const int64_t* idx,
-                     int64_t j0, int64_t n, int64_t D) {
+void column_fix_rows(const T* q, const T* r, const T* norms, O* out, int64_t j0, int64_t n,
+                     int64_t D, T eps) {
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(D, 1));
   at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
@@ -60,9 +60,9 @@ void column_fix_rows(const T* q, const T* r, const T* norms, O* out, const int64
       T h = 0;
 #pragma omp simd reduction(+ : h)
       for (int64_t d = 0; d < D; ++d) h += qj[d] * rj[d];
-      const T inv = epi::inv_norm<T>(norms[j]);
-      const T coef = norms[j] >= static_cast<T>(kNormEps) ? h * inv * inv : T(0);
-      O* oj = out + (idx != nullptr ? idx[j] : j0 + j) * D;
+      const T inv = epi::inv_norm<T>(norms[j], eps);
+      const T coef = norms[j] >= eps ? h * inv * inv : T(0);
+      O* oj = out + (j0 + j) * D;
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) oj[d] = static_cast<O>(qj[d] - coef * rj[d]);
     }
@@ -86,25 +86,23 @@ at::Tensor row_norms(const at::Tensor& t, at::ScalarType acc) {
 }
 
 void column_grads(at::Tensor& out, const at::Tensor& grads, const at::Tensor& xh,
-                  const at::Tensor& r, const at::Tensor& norms, const at::Tensor& idx,
-                  int64_t j0, at::Tensor q) {
+                  const at::Tensor& r, const at::Tensor& norms, int64_t j0, at::Tensor q,
+                  double eps) {
   const int64_t n = r.size(0), D = r.size(1);
-  const at::Tensor idc = idx.defined() ? idx.narrow(0, j0, n) : at::Tensor();
   if (out.is_cuda()) {
     gemm_tn(q, grads, xh);
-    const at::Tensor inv = inv_norms(norms);
+    const at::Tensor inv = inv_norms(norms, eps);
     const at::Tensor rc = r.to(q.scalar_type());
     const at::Tensor h = (q * rc).sum(1);
-    const at::Tensor coef = at::where(norms >= kNormEps, h * inv * inv, at::zeros_like(h));
-    write_columns(out, idx, j0, (q - coef.unsqueeze(1) * rc).to(out.scalar_type()));
+    const at::Tensor coef = at::where(norms >= eps, h * inv * inv, at::zeros_like(h));
+    out.narrow(0, j0, n).copy_(q - coef.unsqueeze(1) * rc);
     return;
   }
-  // the CPU: Q straight into the rows of out when they are contiguous rows in its dtype,
-  // then the projection in place
-  if (!idx.defined() && out.scalar_type() == q.scalar_type()) q = out.narrow(0, j0, n);
+  // the CPU: Q straight into the rows of out when they are in its dtype, then the projection
+  // in place
+  if (out.scalar_type() == q.scalar_type()) q = out.narrow(0, j0, n);
   gemm_tn(q, grads, xh);
   const at::Tensor rc = r.scalar_type() == q.scalar_type() ? r : r.to(q.scalar_type());
-  const int64_t* ip = idc.defined() ? idc.const_data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "column_grads", [&] {
     using T = scalar_t;
     const T* qp = q.const_data_ptr<T>();
@@ -113,7 +111,8 @@ void column_grads(at::Tensor& out, const at::Tensor& grads, const at::Tensor& xh
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "column_out",
                                     [&] {
                                       column_fix_rows<T, scalar_t>(
-                                          qp, rp, np, out.data_ptr<scalar_t>(), ip, j0, n, D);
+                                          qp, rp, np, out.data_ptr<scalar_t>(), j0, n, D,
+                                          static_cast<T>(eps));
                                     });
   });
 }
@@ -147,8 +146,10 @@ at::Tensor uss_lse_rows(const at::Tensor& stat_a, const at::Tensor& stat_b, at::
     const at::Tensor inside =
         clamp ? at::logical_not(at::logical_or(stat < -scale, stat > scale))
               : at::logical_not(empty);
-    stats[first + 2 * k].copy_(stat);
-    stats[first + 2 * k + 1].copy_(at::where(inside, at::sigmoid(stat), at::zeros_like(stat)));
+    const int64_t row = first + (k == 0 ? stats::kA : stats::kB);
+    stats[row].copy_(stat);
+    // (the σ row follows its statistic's: kSigmaA = kA + 1, kSigmaB = kB + 1)
+    stats[row + 1].copy_(at::where(inside, at::sigmoid(stat), at::zeros_like(stat)));
   }
   return rows;
 }

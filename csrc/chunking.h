@@ -1,5 +1,5 @@
-// Host-side helpers of the chunked native drivers (csrc/uss.cpp, csrc/unitsface.cpp,
-// csrc/unitsface_row_grads.cpp): the chunk-size policy and the sweep over chunks, chunk
+// Host-side helpers of the chunked native drivers (csrc/uss_sweep.cpp, csrc/cpu/unitsface_sweep.cpp,
+// csrc/cpu/unitsface_row_grads.cpp): the chunk-size policy and the sweep over chunks, chunk
 // gathers of reference rows, the chunk GEMMs, norms, the merge of per-split statistics and
 // the gradient finishes. Device-agnostic ATen code (the drivers run it for CPU and CUDA
 // tensors alike); the per-element maths is csrc/epilogue.h.
@@ -25,6 +25,7 @@
 
 #include "common.h"
 #include "options.h"
+#include "stats.h"
 
 namespace unitsface {
 namespace chunking {
@@ -36,11 +37,8 @@ constexpr int64_t kCpuChunkElems = int64_t(1) << 18;
 constexpr int64_t kCudaChunkElems = int64_t(1) << 23;
 
 inline int64_t budget_elems(bool cuda) {
-  if (const char* env = std::getenv("UNITSFACE_NATIVE_CHUNK_ELEMS")) {
-    const long long v = std::atoll(env);
-    if (v > 0) return static_cast<int64_t>(v);
-  }
-  return cuda ? kCudaChunkElems : kCpuChunkElems;
+  const int64_t forced = forced_chunk_elems();
+  return forced > 0 ? forced : cuda ? kCudaChunkElems : kCpuChunkElems;
 }
 
 // One sweep over `cols` columns for `rows` rows: c columns per chunk (at least 1, at most
@@ -155,36 +153,39 @@ inline void gemm_tn(at::Tensor& out, const at::Tensor& g, const at::Tensor& t) {
 // ||t_i|| of the rows of a (chunk of a) matrix, in the accumulation dtype.
 at::Tensor row_norms(const at::Tensor& t, at::ScalarType acc);
 
-// 1 / max(||t||, eps)
-inline at::Tensor inv_norms(const at::Tensor& norms) {
-  return norms.clamp_min(kNormEps).reciprocal();
+// 1 / max(||t||, eps), eps the options' normalisation eps
+inline at::Tensor inv_norms(const at::Tensor& norms, double eps) {
+  return norms.clamp_min(eps).reciprocal();
 }
 
 // Row side (docs/design.md §2): ∂L/∂t_i = (G_i − h_i·t̂_i) / max(||t_i||, eps) for
 // G_i = Σ_j g_ij r̂_j and h_i = Σ_j g_ij cos_ij, without the projection where ||t_i|| < eps
 // (the plain derivative of t / eps). All in the accumulation dtype.
 inline at::Tensor normalised_grad(const at::Tensor& G, const at::Tensor& h, const at::Tensor& t,
-                                  const at::Tensor& norms) {
-  const at::Tensor inv = inv_norms(norms);
-  const at::Tensor proj = at::where(norms >= kNormEps, h, at::zeros_like(h));
+                                  const at::Tensor& norms, double eps) {
+  const at::Tensor inv = inv_norms(norms, eps);
+  const at::Tensor proj = at::where(norms >= eps, h, at::zeros_like(h));
   return inv.unsqueeze(1) * (G - (proj * inv).unsqueeze(1) * t);
 }
 
 // Column side (docs/design.md §2), for the chunk's reference rows r (n × D, GEMM dtype) with
 // norms `norms`: Q = g'ᵀ · x̂ (one GEMM of the chunk's g'_ij = g_ij·inv_r_j with the
 // normalised batch), then ∂L/∂r_j = Q_j − inv_r_j²·(Q_j · r_j)·r_j (h_j = Σ_i g_ij cos_ij
-// = Q_j · r_j; no projection where ||r_j|| < eps), written into rows j0 + k (or idx[j0 + k])
-// of `out` (r's dtype). `q` is an n × D scratch in the accumulation dtype.
+// = Q_j · r_j; no projection where ||r_j|| < eps), written into rows j0 + k of `out` (r's
+// dtype). `q` is an n × D scratch in the accumulation dtype.
 void column_grads(at::Tensor& out, const at::Tensor& grads, const at::Tensor& xh,
-                  const at::Tensor& r, const at::Tensor& norms, const at::Tensor& idx,
-                  int64_t j0, at::Tensor q);
+                  const at::Tensor& r, const at::Tensor& norms, int64_t j0, at::Tensor q,
+                  double eps);
 
-// ∂L/∂b_j of a per-column threshold from the chunk's g'_ij = g_ij·inv_r_j:
-// ∂z/∂b = ±1 = −(1/s)·∂z/∂cos, so ∂b_j = −(1/s)·Σ_i g_ij = −(1/s)·Σ_i g'_ij / inv_r_j.
+// ∂L/∂b_j of a per-column threshold from a chunk's gradient tile, summed in `acc`:
+// ∂z/∂b = ±1 = −(1/s)·∂z/∂cos, so ∂b_j = −(1/s)·Σ_i g_ij. The tile holds g'_ij = g_ij·inv_r_j
+// when `norms` (‖r_j‖) is given (Σ_i g_ij = max(‖r_j‖, eps)·Σ_i g'_ij), g_ij itself when it
+// is undefined (the CUDA sweep's fp16 tiles).
 inline at::Tensor bias_grad_columns(const at::Tensor& grads, const at::Tensor& norms,
-                                    double scale) {
-  const at::Tensor colsum = grads.sum(0, /*keepdim=*/false, norms.scalar_type());
-  return colsum * norms.clamp_min(kNormEps) * (-1.0 / scale);
+                                    double scale, double eps, at::ScalarType acc) {
+  at::Tensor colsum = grads.sum(0, /*keepdim=*/false, acc);
+  if (norms.defined()) colsum = colsum * norms.clamp_min(eps);
+  return colsum * (-1.0 / scale);
 }
 
 // Per-row logsumexp from a running (max, Σ e^{z − max}) pair; −inf for an empty set

@@ -1,4 +1,4 @@
-// The chunk and split-K plan of the unitsface family's CUDA sweep (csrc/unitsface_cuda.cu),
+// The chunk and split-K plan of the unitsface family's CUDA sweep (csrc/cuda/unitsface_sweep.cu),
 // host-only C++ with no CUDA dependency: the CPU build compiles it too, and exposes it as
 // unitsface_kernels._C.cuda_plan (csrc/ops.cpp) for the CPU tests and the cost model
 // (benchmarks/native_cost.py).
@@ -19,13 +19,14 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
+
+#include "common.h"  // forced_chunk_elems
 
 namespace unitsface {
 namespace cuda_plan {
 
 constexpr int64_t kSliceMin = 128;   // one 4-wide vector per lane of a warp
-constexpr int64_t kSliceMax = 1024;  // eight vectors per lane (csrc/unitsface_cuda.cu's kVecs)
+constexpr int64_t kSliceMax = 1024;  // eight vectors per lane (csrc/cuda/unitsface_sweep.cu's kVecs)
 constexpr int64_t kTargetSplits = 8; // ∂x split-K: 8 × 16 output tiles at B = D = 512
 // The L2 size assumed when the device does not say (an H100 / H200 has 50 MiB).
 constexpr int64_t kDefaultL2Bytes = int64_t(50) << 20;
@@ -38,6 +39,7 @@ struct SweepPlan {
   int64_t ns = 0;        // slices per (full) chunk: c / kw
   int64_t n_chunks = 0;  // ⌈S / c⌉
   int64_t ns_used = 0;   // splits that hold columns: min(ns, ⌈S / kw⌉)
+  int64_t budget = 0;    // the elements per chunk buffer it was planned for (plan_chunks)
 };
 
 // Bytes per (row, column) element of a chunk: each part's fp32 (acc_bytes) dots and its
@@ -53,10 +55,7 @@ inline int64_t bytes_per_elem(int64_t B, int64_t D, int64_t parts, int64_t acc_b
 // Elements (rows × columns) per chunk: UNITSFACE_NATIVE_CHUNK_ELEMS when set (tests force many
 // chunks with it), else what fits in L2 at bytes_per_elem bytes per (row, column).
 inline int64_t budget_elems(int64_t l2_bytes, int64_t bytes_per_elem) {
-  if (const char* env = std::getenv("UNITSFACE_NATIVE_CHUNK_ELEMS")) {
-    const long long v = std::atoll(env);
-    if (v > 0) return static_cast<int64_t>(v);
-  }
+  if (const int64_t forced = forced_chunk_elems(); forced > 0) return forced;
   if (l2_bytes <= 0) l2_bytes = kDefaultL2Bytes;
   return std::max<int64_t>(kMinBudgetElems, l2_bytes / std::max<int64_t>(bytes_per_elem, 1));
 }
@@ -80,6 +79,18 @@ inline SweepPlan plan_sweep(int64_t B, int64_t S, int64_t budget) {
   p.c = p.ns * p.kw;
   p.n_chunks = (S + p.c - 1) / p.c;
   p.ns_used = std::min(p.ns, (S + p.kw - 1) / p.kw);
+  return p;
+}
+
+// The sweep's plan for B rows, S columns and D features: `parts` parts of acc_bytes dots and
+// x_bytes tiles per (row, column) (with_q: and the backward's Q rows), sized for an L2 of
+// l2_bytes (the driver, csrc/cuda/unitsface_sweep.cu, and _C.cuda_plan for the cost model).
+inline SweepPlan plan_chunks(int64_t B, int64_t S, int64_t D, int64_t parts, int64_t acc_bytes,
+                             int64_t x_bytes, bool with_q, int64_t l2_bytes) {
+  const int64_t budget =
+      budget_elems(l2_bytes, bytes_per_elem(B, D, parts, acc_bytes, x_bytes, with_q));
+  SweepPlan p = plan_sweep(B, S, budget);
+  p.budget = budget;
   return p;
 }
 

@@ -1,11 +1,11 @@
 // The elementwise loss maths of docs/design.md §1, written once for the CPU row kernels
-// (csrc/uss_rows.h, csrc/softmax_rows.h) and the CUDA epilogue kernels (csrc/*_cuda.cu).
+// (csrc/cpu/uss_rows.h, csrc/cpu/softmax_rows.h) and the CUDA epilogue kernels (csrc/cuda/*.cu).
 //
 // The native backend computes a chunk of raw dot products x_i · r_j with one ATen GEMM and
 // then runs ONE epilogue pass over the chunk; every function the epilogues call is here, as
 // an inline UF_HOST_DEVICE function, so the CPU tests exercise the arithmetic the GPU runs.
 //
-//   cos_ij = (x_i · r_j) · inv_x_i · inv_r_j,   inv_t = 1 / max(||t||, 1e-5)
+//   cos_ij = (x_i · r_j) · inv_x_i · inv_r_j,   inv_t = 1 / max(||t||, eps)  (the options' eps)
 //
 // USS (§1.1), per reference pair:
 //   z⁺ = b_j − s·(cos − m)  (j ∈ P_i),         z⁻ = s·cos − b_j  (j ∈ N_i)
@@ -26,7 +26,7 @@
 #include <cstring>
 #include <limits>
 
-#include "common.h"  // UF_HOST_DEVICE, kNormEps
+#include "common.h"  // UF_HOST_DEVICE
 #include "options.h"
 
 namespace unitsface {
@@ -134,8 +134,7 @@ UF_HOST_DEVICE T clamp_unit(T c) {
   return c < T(-1) ? T(-1) : (c > T(1) ? T(1) : c);
 }
 template <typename T>
-UF_HOST_DEVICE T inv_norm(T norm) {
-  const T eps = static_cast<T>(kNormEps);
+UF_HOST_DEVICE T inv_norm(T norm, T eps) {
   return T(1) / (norm < eps ? eps : norm);
 }
 // softplus(z) = log(1 + e^z) = max(z, 0) + log1p(e^{−|z|}), exact for every z

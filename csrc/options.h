@@ -1,35 +1,77 @@
 // The scalar settings of the two op families, as the ops receive them: one `float[] options`
 // argument packed by unitsface_kernels/options.py (UssOptions.pack / UnitsfaceOptions.pack).
-// The structs below mirror those dataclasses field for field, in the same order (booleans
-// packed as 0.0 / 1.0); a new setting is a new field in both places and nothing else changes
-// in any op signature.
+// Each struct below lists its fields once more in its field table, fields(): (the Python
+// dataclass field's name, the member), in the dataclasses' order; unpack() reads the packed
+// values through that table (booleans packed as 0.0 / 1.0) and _C.option_fields() hands its
+// names to the tests, which compare them with the dataclasses' fields. A new setting is a new
+// field in both places and nothing else changes in any op signature.
 #pragma once
 
 #include <cstddef>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
 namespace unitsface {
-namespace options_detail {
 
-inline void check_count(const char* what, c10::ArrayRef<double> v, size_t expected) {
-  TORCH_CHECK_VALUE(v.size() == expected, what, " has ", expected, " fields, got ", v.size(),
-                    " option values (csrc/options.h and unitsface_kernels/options.py must "
-                    "declare the same fields)");
+// One entry of a field table: the packed field's name and the member it is read into.
+template <typename S, typename M>
+struct Field {
+  const char* name;
+  M S::*member;
+};
+template <typename S, typename M>
+constexpr Field<S, M> field(const char* name, M S::*member) {
+  return {name, member};
 }
 
-// A boolean field: exactly 0.0 or 1.0 (anything else means the packing went wrong).
-inline bool flag(const char* what, c10::ArrayRef<double> v, size_t i) {
-  TORCH_CHECK_VALUE(v[i] == 0.0 || v[i] == 1.0, what, ": option ", i,
-                    " is a flag and must be 0.0 or 1.0, got ", v[i]);
-  return v[i] == 1.0;
+namespace options_detail {
+
+// v[i] into the field: a double as it is, a bool from exactly 0.0 or 1.0 (anything else means
+// the packing went wrong)
+template <typename S, typename M>
+void read(S& out, const Field<S, M>& f, const char* what, double v) {
+  if constexpr (std::is_same_v<M, bool>) {
+    TORCH_CHECK_VALUE(v == 0.0 || v == 1.0, what, ".", f.name,
+                      " is a flag and must be packed as 0.0 or 1.0, got ", v);
+    out.*(f.member) = v == 1.0;
+  } else {
+    out.*(f.member) = v;
+  }
 }
 
 }  // namespace options_detail
 
+// The settings struct S from its packed values, through S::fields().
+template <typename S>
+S unpack_options(c10::ArrayRef<double> v) {
+  constexpr auto table = S::fields();
+  constexpr size_t n = std::tuple_size_v<decltype(table)>;
+  TORCH_CHECK_VALUE(v.size() == n, S::kName, " has ", n, " fields, got ", v.size(),
+                    " option values (csrc/options.h and unitsface_kernels/options.py must "
+                    "declare the same fields)");
+  S out{};
+  size_t i = 0;
+  std::apply([&](const auto&... f) { (options_detail::read(out, f, S::kName, v[i++]), ...); },
+             table);
+  return out;
+}
+
+// The names of S's fields, in packing order.
+template <typename S>
+std::vector<std::string> option_field_names() {
+  std::vector<std::string> names;
+  std::apply([&](const auto&... f) { (names.emplace_back(f.name), ...); }, S::fields());
+  return names;
+}
+
 // USS (docs/design.md §1.1): z⁺ = b − s(cos − m), z⁻ = s·cos − b.
 struct UssOptions {
+  static constexpr const char* kName = "UssOptions";
   double scale;   // s
   double margin;  // m, the positive margin
   bool lse;       // the log-sum-exp form (else "pairs")
@@ -37,17 +79,20 @@ struct UssOptions {
   bool in_batch;  // the reference set is the batch itself (pairs j ≠ i)
   double eps;     // the normalisation eps: x̂ = x / max(‖x‖, eps)
 
-  static UssOptions unpack(c10::ArrayRef<double> v) {
-    using namespace options_detail;
-    check_count("UssOptions", v, 6);
-    return {v[0], v[1], flag("UssOptions", v, 2), flag("UssOptions", v, 3),
-            flag("UssOptions", v, 4), v[5]};
+  static constexpr auto fields() {
+    return std::make_tuple(field("scale", &UssOptions::scale),
+                           field("margin", &UssOptions::margin), field("lse", &UssOptions::lse),
+                           field("clamp", &UssOptions::clamp),
+                           field("in_batch", &UssOptions::in_batch),
+                           field("eps", &UssOptions::eps));
   }
+  static UssOptions unpack(c10::ArrayRef<double> v) { return unpack_options<UssOptions>(v); }
 };
 
 // The margin softmax over class centres (§1.2), plus λ·USS on the bank rows of the same
 // classes (§1.3) when the op is given a bank.
 struct UnitsfaceOptions {
+  static constexpr const char* kName = "UnitsfaceOptions";
   double scale;                   // s, shared by both parts
   double margin_arc;              // m2 (ArcFace)
   double margin_cos;              // m3 (CosFace)
@@ -59,12 +104,18 @@ struct UnitsfaceOptions {
   bool uss_clamp;                 // the official clamp in the USS part
   double eps;                     // the normalisation eps: x̂ = x / max(‖x‖, eps)
 
+  static constexpr auto fields() {
+    using O = UnitsfaceOptions;
+    return std::make_tuple(
+        field("scale", &O::scale), field("margin_arc", &O::margin_arc),
+        field("margin_cos", &O::margin_cos),
+        field("arcface_straight_through", &O::arcface_straight_through),
+        field("easy_margin", &O::easy_margin), field("uss_margin", &O::uss_margin),
+        field("uss_weight", &O::uss_weight), field("uss_lse", &O::uss_lse),
+        field("uss_clamp", &O::uss_clamp), field("eps", &O::eps));
+  }
   static UnitsfaceOptions unpack(c10::ArrayRef<double> v) {
-    using namespace options_detail;
-    const char* what = "UnitsfaceOptions";
-    check_count(what, v, 10);
-    return {v[0], v[1], v[2], flag(what, v, 3), flag(what, v, 4), v[5], v[6], flag(what, v, 7),
-            flag(what, v, 8), v[9]};
+    return unpack_options<UnitsfaceOptions>(v);
   }
 
   // The USS part's settings, as the USS family's ops take them (never in-batch).

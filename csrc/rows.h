@@ -1,6 +1,6 @@
 // The arguments of the epilogue's row kernels: raw pointers into one chunk's tensors, the
-// same structs for the CPU row loops (csrc/uss_rows.h, csrc/softmax_rows.h) and the CUDA
-// kernels (csrc/uss_rows_cuda.cuh, csrc/*_cuda.cu). Row-major B × c blocks; per-row vectors
+// same structs for the CPU row loops (csrc/cpu/uss_rows.h, csrc/cpu/softmax_rows.h) and the CUDA
+// kernels (csrc/cuda/uss_rows.cuh, csrc/cuda/*.cu). Row-major B × c blocks; per-row vectors
 // have B entries, per-column vectors c; a "state" or "stats" pointer addresses rows of B
 // values (row k at k·B). Built from the chunk structs of csrc/uss.h / csrc/unitsface.h by
 // their rows_of() functions.
@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "epilogue.h"
+#include "stats.h"
 
 namespace unitsface {
 
@@ -38,7 +39,7 @@ struct UssRows {
   epi::UssParams<T> p;
   T* state;           // forward: 4 rows: Σ softplus (pairs) | m⁺, s⁺, m⁻, s⁻ (lse)
   const T* go;        // backward: upstream gradient per row (λ included in the bank part)
-  const T* stats;     // backward: 4 rows: A, σA', B, σB' (lse)
+  const T* stats;     // backward: the 4 rows of stats::UssRow (lse)
   T* hs;              // backward: 2 rows, += Σ_j g_ij cos_ij, Σ_j g_ij
   // fused forward (the bank part of unitsface's row_grads, CPU): uss_rows.h's fwd_grads
   T* sums;            // 3 rows, += Σ g·cos and Σ g (pairs) | Σ_N e^{z⁻ − m⁻}·cos (lse,
@@ -77,7 +78,7 @@ struct SoftmaxRows {
   epi::SoftmaxParams<T> p;
   T* state;              // forward: 3 rows: m, Σ e^{z − m}, z_iy
   const T* go;           // backward: upstream gradient per row
-  const T* lse;          // backward: the row's logsumexp (stats row 0)
+  const T* lse;          // backward: the row's logsumexp (stats row stats::kLse)
   T* h;                  // backward: 1 row, += Σ_c g_ic cos_ic
   // fused forward (row_grads, CPU): softmax_rows.h's fwd_grads
   T* target_state;       // 3 rows: the target's raw cosine, κ = ∂z_iy/∂cos / s,

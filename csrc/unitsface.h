@@ -2,15 +2,15 @@
 // plus λ·USS on the memory bank rows of the same classes (§1.3), as chunked ATen GEMMs plus
 // one fused epilogue pass per chunk. Schemas, outputs and statistics: the op contract,
 // unitsface_kernels/contract.py (rows [B], stats [7, B] = (lse_c z_ic, A, σA, B, σB, z_iy,
-// USS loss), nx [B], nw [S], nb [S] (empty without a bank), dx_rows [B, D] and db_rows [B]
+// USS loss) (rows named in csrc/stats.h), nx [B], nw [S], nb [S] (empty without a bank), dx_rows [B, D] and db_rows [B]
 // with row_grads (else empty)). A label that matches no column has no target: z_iy = 0, and
 // no USS positive.
 //
-// The drivers (csrc/unitsface.cpp) are ATen code around the epilogue of one chunk; the CPU
-// supplies its row loops (csrc/unitsface_cpu.cpp) and registers the op kernels below with
-// them. The bank part is the USS loss with column labels = the chunk's classes, and runs the
+// The CPU drivers (csrc/cpu/unitsface_sweep.cpp) are ATen code around the epilogue of one
+// chunk, the CPU row loops (csrc/cpu/unitsface.cpp, which registers the op kernels below with
+// the drivers). The bank part is the USS loss with column labels = the chunk's classes, and runs the
 // USS family's row code (UssChunk, csrc/uss.h). CUDA tensors go through their own sweep
-// (csrc/unitsface_cuda.cu: a plan sized for L2, split-K ∂x products, one fused ∂W projection,
+// (csrc/cuda/unitsface_sweep.cu: a plan sized for L2, split-K ∂x products, one fused ∂W projection,
 // row_grads too), which shares the argument checks below and the maths of csrc/epilogue.h.
 #pragma once
 
@@ -70,8 +70,6 @@ struct UnitsfaceChunk {
   UssChunk bank;
 };
 
-using UnitsfaceEpilogue = void (*)(const UnitsfaceChunk&);
-
 // The op's tensor inputs and the forward outputs its backward receives.
 struct UnitsfaceInputs {
   at::Tensor x, centres;
@@ -84,20 +82,27 @@ struct UnitsfaceSaved {
 };
 
 // Shapes, dtypes and devices of the op's inputs (TORCH_CHECK errors naming `op`); shared by
-// the CPU driver and the CUDA sweep (csrc/unitsface_cuda.cu).
+// the CPU driver and the CUDA sweep (csrc/cuda/unitsface_sweep.cu), like the next one.
 void check_unitsface_args(const char* op, const UnitsfaceInputs& in);
+// The backward's upstream gradient and saved tensors: shaped as unitsface_fwd_native returns
+// them for these inputs (dx_rows / db_rows only when the forward formed them).
+void check_unitsface_saved(const char* op, const at::Tensor& grad_rows,
+                           const UnitsfaceInputs& in, const UnitsfaceSaved& saved);
 
 using UnitsfaceForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                     at::Tensor, at::Tensor>;
 
-UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOptions& o,
-                                   bool row_grads, UnitsfaceEpilogue epilogue);
-Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
-                         const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
-                         std::array<bool, 3> needs, UnitsfaceEpilogue epilogue);
+// The CPU drivers (csrc/cpu/unitsface_sweep.cpp), around the epilogue of one chunk that runs
+// the CPU row kernels (csrc/cpu/unitsface.cpp). CUDA tensors have their own sweep
+// (csrc/cuda/unitsface_sweep.cu).
+UnitsfaceForward unitsface_forward_cpu(const UnitsfaceInputs& in, const UnitsfaceOptions& o,
+                                       bool row_grads);
+Grads unitsface_backward_cpu(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
+                             const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
+                             std::array<bool, 3> needs);
+void unitsface_epilogue_cpu(const UnitsfaceChunk& ck);
 
-// A device's two drivers: the CPU's are the ones above with its row kernels as the epilogue
-// (csrc/unitsface_cpu.cpp); CUDA tensors have their own sweep (csrc/unitsface_cuda.cu).
+// A device's two drivers.
 using UnitsfaceForwardFn = UnitsfaceForward (*)(const UnitsfaceInputs& in,
                                                 const UnitsfaceOptions& o, bool row_grads);
 using UnitsfaceBackwardFn = Grads (*)(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
@@ -105,7 +110,7 @@ using UnitsfaceBackwardFn = Grads (*)(const at::Tensor& grad_rows, const Unitsfa
                                       std::array<bool, 3> needs);
 
 // The op kernels with the schemas of unitsface_kernels/contract.py around a device's drivers
-// (TORCH_LIBRARY_IMPL in csrc/unitsface_cpu.cpp, csrc/unitsface_cuda.cu).
+// (TORCH_LIBRARY_IMPL in csrc/cpu/unitsface.cpp, csrc/cuda/unitsface_sweep.cu).
 template <UnitsfaceForwardFn Forward>
 UnitsfaceForward unitsface_fwd_op(const at::Tensor& x, const at::Tensor& centres,
                                   const std::optional<at::Tensor>& bank, const at::Tensor& labels,

@@ -1,7 +1,8 @@
-// The argument checks of the unitsface family's ops (csrc/unitsface.h), shared by the CPU
-// driver (csrc/unitsface.cpp) and the CUDA sweep (csrc/unitsface_cuda.cu). In a file of their
+// The argument checks of the unitsface family's ops (csrc/unitsface.h), inputs and saved
+// tensors, shared by the CPU driver (csrc/cpu/unitsface_sweep.cpp) and the CUDA sweep (csrc/cuda/unitsface_sweep.cu). In a file of their
 // own so that the host build of the CUDA sweep (csrc/emu/) links them without the CPU driver.
 #include "chunking.h"
+#include "stats.h"
 #include "unitsface.h"
 
 namespace unitsface {
@@ -54,6 +55,24 @@ void check_unitsface_args(const char* op, const UnitsfaceInputs& in) {
                       ": bias must hold 1 value or one per class (", C, "), got shape ",
                       b.sizes());
     TORCH_CHECK_VALUE(b.device() == dev, op, ": bias must be on ", dev);
+  }
+}
+
+void check_unitsface_saved(const char* op, const at::Tensor& grad_rows,
+                           const UnitsfaceInputs& in, const UnitsfaceSaved& saved) {
+  const int64_t B = in.x.size(0), D = in.x.size(1);
+  const int64_t S = in.index.has_value() ? in.index->numel() : in.centres.size(0);
+  TORCH_CHECK_VALUE(grad_rows.numel() == B && saved.nx.numel() == B && saved.stats.dim() == 2 &&
+                        saved.stats.size(0) == stats::kUnitsfaceRows && saved.stats.size(1) == B,
+                    op, ": grad_rows, stats and nx must come from unitsface_fwd_native on these "
+                    "inputs");
+  TORCH_CHECK_VALUE(saved.nw.numel() == S && (!in.bank.has_value() || saved.nb.numel() == S), op,
+                    ": nw and nb must come from unitsface_fwd_native on these inputs");
+  if (saved.dx_rows.numel() > 0) {  // the forward formed the per-row gradients (row_grads)
+    TORCH_CHECK_VALUE(saved.dx_rows.dim() == 2 && saved.dx_rows.size(0) == B &&
+                          saved.dx_rows.size(1) == D && saved.db_rows.numel() == B,
+                      op, ": dx_rows and db_rows must come from "
+                      "unitsface_fwd_native(row_grads=True) on these inputs");
   }
 }
 

@@ -3,8 +3,8 @@
 // unitsface_kernels/contract.py (rows [B], stats [4, B] = (A, σ(A)·[A unclamped], B,
 // σ(B)·[B unclamped]) of the lse form and zeros for pairs, nx [B] = ||x_i||, nr [N]).
 //
-// The drivers (csrc/uss.cpp) are device-agnostic; each device supplies the epilogue that runs
-// one chunk (the CPU row loops of csrc/uss_cpu.cpp, the CUDA kernels of csrc/uss_cuda.cu) and
+// The drivers (csrc/uss_sweep.cpp) are device-agnostic; each device supplies the epilogue that runs
+// one chunk (the CPU row loops of csrc/cpu/uss.cpp, the CUDA kernels of csrc/cuda/uss.cu) and
 // registers the op kernels below with it.
 #pragma once
 
@@ -115,7 +115,7 @@ Grads uss_backward(const at::Tensor& grad_rows, const UssInputs& in, const UssSa
                    const UssOptions& o, std::array<bool, 3> needs, UssEpilogue epilogue);
 
 // The op kernels with the schemas of unitsface_kernels/contract.py; each device registers
-// them with its epilogue (TORCH_LIBRARY_IMPL in csrc/uss_cpu.cpp, csrc/uss_cuda.cu).
+// them with its epilogue (TORCH_LIBRARY_IMPL in csrc/cpu/uss.cpp, csrc/cuda/uss.cu).
 template <UssEpilogue Epilogue>
 UssForward uss_fwd_op(const at::Tensor& x, const at::Tensor& ref, const at::Tensor& labels,
                       const at::Tensor& ref_labels, const std::optional<at::Tensor>& ref_valid,

@@ -10,8 +10,9 @@ why it is equivalent. The mutants are listed in scripts/mutants.toml.
 Each mutant replaces one exact snippet of one file (the script checks that it occurs exactly
 once, so a mutant that no longer applies is reported, not silently skipped), rebuilds the
 extension when the file is C++/CUDA (incremental, CPU-only: UNITSFACE_NO_CUDA=1), runs its
-tests with -x, and restores the file (and the build) whatever happens. CUDA-only code cannot
-be killed on a machine without a GPU and is not mutated here. The result table goes to stdout
+tests with -x, and restores the file (and the build) whatever happens. The CUDA sweep's
+mutants run through its CPU emulation (tests/test_cuda_emu.py rebuilds it); other CUDA-only
+code cannot be killed on a machine without a GPU and is not mutated here. The result table goes to stdout
 and, with --write, into docs/mutation.md's table (the rows of the mutants run; the others keep
 their verdicts).
 """

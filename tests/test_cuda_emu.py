@@ -1,4 +1,4 @@
-"""The native backend's CUDA sweep (csrc/unitsface_cuda.cu and its kernels) run on the CPU: the
+"""The native backend's CUDA sweep (csrc/cuda/unitsface_sweep.cu and its kernels) run on the CPU: the
 same source built for the host with the emulation of csrc/emu/cuda_emu.h (CUDA threads as
 fibers, shuffles and barriers emulated), its ops put in place of the native CPU kernels of the
 unitsface family for the duration of this module, and compared with the float64 reference
@@ -231,6 +231,68 @@ def test_ops_with_classes_outside_the_index(budget, form, row_grads, vector_bias
     for name, g, w in zip(("x", "centres", "bias"), grads, want):
         assert_close_grad(g, w, torch.float64, name, scalar_scale=scale)
     assert_close_loss(got[0], ref[0], torch.float64)
+
+
+# Row norms below the default eps (1e-5), at an eps of 1e-12 (1 % over it: at exactly the eps
+# the gradient jumps, and which side a norm rounds to is not the test's business) and below it.
+TINY_NORMS = (3e-7, 2e-9, 1.01e-12, 4e-13)
+
+
+def with_tiny_rows(t, rows):
+    """t with rows[k] rescaled to the norm TINY_NORMS[k]."""
+    t = t.clone()
+    for r, norm in zip(rows, TINY_NORMS):
+        t[r] = t[r] / t[r].norm() * norm
+    return t
+
+
+def assert_rows_close(name, g, w, rtol):
+    """Each row of g within rtol of w's row (relative to that row: the tiny rows' gradients,
+    of order 1/eps, would hide every other row in a global norm)."""
+    g, w = g.detach().double().reshape(len(g), -1), w.detach().double().reshape(len(w), -1)
+    err, size = (g - w).norm(dim=1), w.norm(dim=1)
+    bad = err > rtol * size + 1e-12 * float(w.norm())
+    assert not bad.any(), f"{name}: rows {bad.nonzero()[:, 0].tolist()} off by {err[bad]} of {size[bad]}"
+
+
+@pytest.mark.parametrize("budget", ["300"], indirect=True)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("row_grads", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_eps_from_the_options(budget, form, row_grads, dtype):
+    """The sweep normalises with the options' eps (1e-12 here), in the norms kernel, the ∂W
+    projection and both ∂x finishes: rows of x, W and the bank with norms below 1e-5, at 1e-12
+    and below it, against the reference's per-op forms with the same options; and the default
+    eps gives another loss."""
+    case = case_of(vector_bias=True, seed=16)
+    case = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in case.items()}
+    labels = case["labels"]
+    case["x"] = with_tiny_rows(case["x"], range(4))
+    case["centres"] = with_tiny_rows(case["centres"], labels[:4].tolist())
+    case["bank"] = with_tiny_rows(case["bank"], [298, 299, 300, 297])
+    index = torch.arange(0, 301, 2)
+    index = torch.unique(torch.cat([index, labels, torch.tensor([297, 298, 299, 300])]))
+    packed = opts(uss_form=form, uss_weight=0.7, margin_arc=0.2, eps=1e-12)
+    args = (case["x"], case["centres"], case["bank"], labels, index, case["bank_valid"],
+            case["bias"], packed)
+    ref = reference.unitsface_fwd(*args)
+    got = torch.ops.unitsface_emu.unitsface_fwd(*args, row_grads)
+    assert_close_loss(got[0], ref[0], dtype)
+    for g, w in zip(got[2:4], ref[2:4]):
+        torch.testing.assert_close(g, w.to(g.dtype), rtol=1e-5, atol=0)
+    default = reference.unitsface_fwd(*args[:7], opts(uss_form=form, uss_weight=0.7,
+                                                      margin_arc=0.2))
+    assert not torch.allclose(got[0].double(), default[0].double(), rtol=1e-3, atol=0)
+    go = torch.rand(case["x"].shape[0], dtype=dtype, generator=torch.Generator().manual_seed(1))
+    want = reference.unitsface_bwd(go, *args[:7], ref[1], *ref[2:], packed, [True] * 3)
+    grads = torch.ops.unitsface_emu.unitsface_bwd(go, *args[:7], *got[1:], packed, [True] * 3)
+    for name, g, w in zip(("x", "centres"), grads, want):
+        assert g.dtype == dtype
+        assert_rows_close(name, g, w, 1e-8 if dtype == torch.float64 else 1e-4)
+    # (∂b sums bounded terms over the rows, the tiny ones no larger than the others)
+    assert_close_grad(grads[2], want[2], dtype, "bias", scalar_scale=float(ref[0].abs().sum()))
+    assert float(grads[0][3].abs().max()) > 1e6  # ∂x of a row at norm 4e-13: of order 1/eps
 
 
 @pytest.mark.parametrize("budget", ["300", None], indirect=True)

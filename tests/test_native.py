@@ -14,6 +14,7 @@ checks call torch.ops.unitsface.*_native.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shutil
 import subprocess
@@ -40,10 +41,51 @@ USS_MODES = ["bank", "inbatch", "centres"]
 SOFTMAX_MARGINS = list(MARGINS)  # cosface, arcface, combined, arcface_st, arcface_easy
 
 
+def cpu_isa() -> str | None:
+    """The widest of the extension's instruction sets that this CPU runs, from /proc/cpuinfo's
+    flags (the same features csrc/cpu/row_kernels.h asks the CPU for); None off x86 Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next(ln for ln in f if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return None
+    flags = set(line.split(":", 1)[1].split())
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma", "bmi2"} <= flags else "base"
+
+
+def capped_isa(cap: str) -> str:
+    """The instruction set the row kernels must run under UNITSFACE_NATIVE_ISA=cap."""
+    widest = cpu_isa() or "base"
+    return ISAS[min(ISAS.index(cap), ISAS.index(widest))]
+
+
 @pytest.fixture
 def isa(request, monkeypatch):
     monkeypatch.setenv("UNITSFACE_NATIVE_ISA", request.param)
+    if cpu_isa() is not None:  # the cap is what the row kernels run (read at every call)
+        assert native.selected_isa() == capped_isa(request.param)
     return request.param
+
+
+def test_selected_isa(monkeypatch):
+    """_C reports the instruction set its row kernels run: this CPU's widest (as /proc/cpuinfo
+    says), capped by UNITSFACE_NATIVE_ISA; an unknown cap is an error naming the variable."""
+    monkeypatch.delenv("UNITSFACE_NATIVE_ISA", raising=False)
+    widest = native.selected_isa()
+    assert widest in ISAS
+    if cpu_isa() is not None:
+        assert widest == cpu_isa()
+    for cap in ISAS:
+        monkeypatch.setenv("UNITSFACE_NATIVE_ISA", cap)
+        assert native.selected_isa() == ISAS[min(ISAS.index(cap), ISAS.index(widest))]
+    monkeypatch.setenv("UNITSFACE_NATIVE_ISA", "sse9")
+    with pytest.raises(ValueError, match="UNITSFACE_NATIVE_ISA must be base, avx2 or avx512"):
+        native.selected_isa()
+    case = uss_case("bank", 5, 30, 8)
+    with pytest.raises(ValueError, match="UNITSFACE_NATIVE_ISA"):
+        OPS.uss_fwd_native(*uss_args(case))
 
 
 @contextlib.contextmanager
@@ -375,6 +417,133 @@ def uss_args(case, form="lse"):
     packed = options.uss_options(scale=16.0, margin=0.1, form=form, official_clamp=False,
                                  in_batch=case["ref"] is None).pack()
     return (case["x"], ref, case["labels"], ref_labels, case["ref_valid"], case["bias"], packed)
+
+
+# ---------------------------------------------------------------- the normalisation eps
+
+# Row norms below the default eps (1e-5), at an eps of 1e-12 (1 % over it: at exactly the eps
+# the gradient jumps, and which side a norm rounds to is not the test's business) and below it.
+TINY_NORMS = (3e-7, 2e-9, 1.01e-12, 4e-13)
+
+
+def with_tiny_rows(t, rows):
+    """t with rows[k] rescaled to the norm TINY_NORMS[k]."""
+    t = t.clone()
+    for r, norm in zip(rows, TINY_NORMS):
+        t[r] = t[r] / t[r].norm() * norm
+    return t
+
+
+def assert_rows_close(name, g, w, rtol):
+    """Each row of g within rtol of w's row (relative to that row: the tiny rows' gradients,
+    of order 1/eps, would hide every other row in a global norm)."""
+    g, w = g.detach().double().reshape(len(g), -1), w.detach().double().reshape(len(w), -1)
+    err, size = (g - w).norm(dim=1), w.norm(dim=1)
+    bad = err > rtol * size + 1e-12 * float(w.norm())
+    assert not bad.any(), f"{name}: rows {bad.nonzero()[:, 0].tolist()} off by {err[bad]} of {size[bad]}"
+
+
+@pytest.mark.parametrize("budget", ["97", None], indirect=True)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("row_grads", [False, True])
+def test_unitsface_eps_from_the_options(budget, form, sampled, row_grads):
+    """unitsface_{fwd,bwd}_native normalise with the options' eps (1e-12 here, as
+    insightface's and pytorch-metric-learning's F.normalize), not a constant: rows of x, W and
+    the bank with norms below 1e-5, at 1e-12 and below it match the reference's per-op forms
+    read with the same options, and differ from them under the default eps."""
+    case = unitsface_case(9, 40, 8, torch.float64, sampled=sampled, vector_bias=True, rate=0.5)
+    labels = case["labels"]
+    cols = case["index"] if sampled else torch.arange(40)
+    targets = labels[:4] if not sampled else labels[torch.isin(labels, cols)][:4]
+    case = dict(case, x=with_tiny_rows(case["x"], range(4)),
+                centres=with_tiny_rows(case["centres"], targets.tolist()),
+                bank=with_tiny_rows(case["bank"], cols[-4:].tolist()))
+    args = uf_args(case, form, eps=1e-12)
+    want = reference.unitsface_fwd(*args)
+    got = OPS.unitsface_fwd_native(*args, row_grads)
+    for g, w in zip(got[:4], want[:4]):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    valid = case["bank_valid"][cols]  # (an invalid bank row's norm is the op's own business)
+    torch.testing.assert_close(got[4][valid], want[4][valid], rtol=1e-9, atol=1e-12)
+    other = reference.unitsface_fwd(*uf_args(case, form))  # the default eps, 1e-5
+    assert not torch.allclose(got[0], other[0], rtol=1e-3, atol=0)
+    go = torch.rand(9, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    needs = [True, True, True]
+    want_g = reference.unitsface_bwd(go, *args[:7], want[1], *want[2:], args[7], needs)
+    got_g = OPS.unitsface_bwd_native(go, *args[:7], *got[1:], args[7], needs)
+    for name, g, w in zip(("x", "centres", "bias"), got_g, want_g):
+        assert_rows_close(name, g, w, 1e-8)
+    # the tiny rows' ∂x is of order 1/eps: the eps was applied to them
+    assert float(got_g[0][3].abs().max()) > 1e6
+
+
+@pytest.mark.parametrize("budget", ["97", None], indirect=True)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mode", USS_MODES)
+def test_uss_eps_from_the_options(budget, form, mode):
+    """uss_{fwd,bwd}_native with eps = 1e-12 and rows of x and of the reference set below 1e-5,
+    at 1e-12 and below it: the loss and every gradient (∂ref of class centres too) against the
+    float64 reference formula with the same eps (autograd)."""
+    case = uss_case(mode, 9, 30, 8, torch.float64, vector_bias=mode != "inbatch")
+    x = with_tiny_rows(case["x"], range(4))
+    ref = None if case["ref"] is None else with_tiny_rows(case["ref"], [0, 2, 5, 7])
+    in_batch = ref is None
+    ref_labels = case["labels"] if in_batch else torch.arange(30)
+    packed = options.uss_options(scale=16.0, margin=0.1, form=form, official_clamp=False,
+                                 in_batch=in_batch, eps=1e-12).pack()
+    args = (x, x if in_batch else ref, case["labels"], ref_labels, case["ref_valid"],
+            case["bias"], packed)
+    rows, stats, nx, nr = OPS.uss_fwd_native(*args)
+    want = reference.uss_fwd(*args)
+    for g, w in zip((rows, stats, nx), want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    valid = slice(None) if case["ref_valid"] is None else case["ref_valid"]
+    torch.testing.assert_close(nr[valid], want[3][valid], rtol=1e-9, atol=1e-12)
+    default = reference.uss_fwd(*args[:6], options.uss_options(
+        scale=16.0, margin=0.1, form=form, official_clamp=False, in_batch=in_batch).pack())
+    assert not torch.allclose(rows, default[0], rtol=1e-3, atol=0)
+    go = torch.rand(9, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    needs = [True, mode != "bank", True]
+    got = OPS.uss_bwd_native(go, *args[:6], stats, nx, nr, packed, needs)
+    if in_batch:  # x is the reference set too: its gradient is the row and the column side
+        got = (got[0] + got[1], x.new_empty(0), got[2])
+    leaves = {"x": x.clone().requires_grad_(), "bias": case["bias"].clone().requires_grad_()}
+    if mode == "centres":
+        leaves["ref"] = ref.clone().requires_grad_()
+    eager = reference.uss_rows(leaves["x"], case["labels"], leaves["bias"],
+                               None if in_batch else leaves.get("ref", ref),
+                               None if in_batch else ref_labels, case["ref_valid"], scale=16.0,
+                               margin=0.1, form=form, eps=1e-12)
+    (eager * go).sum().backward()
+    names = ("x", "ref", "bias")
+    for name, g in zip(names, got):
+        if name not in leaves:
+            assert g.numel() == 0
+            continue
+        assert_rows_close(name, g, leaves[name].grad, 1e-8)
+
+
+@pytest.mark.parametrize("cls", [options.UssOptions, options.UnitsfaceOptions])
+def test_option_fields_match_the_dataclasses(cls):
+    """csrc/options.h unpacks the packed options through its field table: the same names in
+    the same order as the Python dataclass (a field added on one side only fails here)."""
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    assert native.require().option_fields(cls.__name__) == names
+    with pytest.raises(ValueError, match="no settings struct"):
+        native.require().option_fields("Options")
+
+
+def test_option_flag_packing_is_checked_by_name():
+    """A flag packed as anything but 0.0 / 1.0 is refused, naming the field."""
+    case = uss_case("bank", 5, 30, 8)
+    args = list(uss_args(case))
+    packed = list(args[6])
+    packed[[f.name for f in dataclasses.fields(options.UssOptions)].index("clamp")] = 0.5
+    with pytest.raises(ValueError, match=r"UssOptions\.clamp is a flag"):
+        OPS.uss_fwd_native(*args[:6], packed)
+    with pytest.raises(ValueError, match="UssOptions has 6 fields, got 5"):
+        OPS.uss_fwd_native(*args[:6], packed[:5])
 
 
 @pytest.mark.parametrize("form", FORMS)

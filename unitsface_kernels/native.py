@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-__all__ = ["available", "load", "require", "has_op", "has_family"]
+__all__ = ["available", "load", "require", "has_op", "has_family", "selected_isa"]
 
 BUILD_HINT = (
     "the native backend needs the compiled extension unitsface_kernels._C; build it with "
@@ -82,3 +82,9 @@ def has_op(name: str, device: str = "cpu") -> bool:
 def has_family(family: str, device: str = "cpu") -> bool:
     """True when the native forward and backward of op family `family` run on `device`."""
     return has_op(f"{family}_fwd_native", device) and has_op(f"{family}_bwd_native", device)
+
+
+def selected_isa() -> str:
+    """The instruction set whose CPU row kernels the native ops run now: "base", "avx2" or
+    "avx512", the widest this CPU runs, capped by UNITSFACE_NATIVE_ISA (read at every call)."""
+    return require().selected_isa()

@@ -1,5 +1,5 @@
 // A host emulation of the little of CUDA that the unitsface sweep's kernels use
-// (csrc/unitsface_cuda_kernels.cuh), for tests without a GPU. A launch runs its blocks one
+// (csrc/cuda/sweep_*.cuh), for tests without a GPU. A launch runs its blocks one
 // after another; the threads of a block are fibers (ucontext) on the calling thread, switched
 // at the points where CUDA threads synchronise: __shfl_xor_sync is a barrier of the warp
 // (each lane's value goes through a per-warp slot array, double-buffered so that a lane that

@@ -1,4 +1,4 @@
-// The unitsface family's CUDA sweep (csrc/unitsface_cuda.cu and its kernels) built for the host
+// The unitsface family's CUDA sweep (csrc/cuda/unitsface_sweep.cu and its kernels) built for the host
 // with the emulation of csrc/emu/cuda_emu.h, its ops registered for CPU tensors as
 // unitsface_emu::unitsface_fwd / unitsface_bwd (the schemas of the native ops). Test-only: not
 // part of the extension (setup.py compiles csrc/*.cpp, not this folder); tests/test_cuda_emu.py
@@ -9,7 +9,7 @@
 #include "cuda_emu.h"
 
 #define UNITSFACE_CUDA_EMU 1
-#include "../unitsface_cuda.cu"
+#include "../cuda/unitsface_sweep.cu"
 
 namespace {
 int64_t kernel_launches() { return cuda_emu::g_launches; }

@@ -1,6 +1,6 @@
 // The CPU row kernels of the margin softmax (docs/design.md §1.2) on one chunk of classes
-// (SoftmaxRows, csrc/rows.h). Compiled once per instruction set: csrc/rows_<isa>.cpp include
-// this file inside their namespace (see csrc/cpu_rows.h), so it includes nothing and needs
+// (SoftmaxRows, csrc/rows.h). Compiled once per instruction set: csrc/cpu/rows_<isa>.cpp include
+// this file inside their namespace (see csrc/cpu/row_kernels.h), so it includes nothing and needs
 // SoftmaxRows, epi:: and UF_ALWAYS_INLINE in scope.
 //
 // The target column of a row is known (SoftmaxRows::target), so every loop treats all columns
@@ -76,7 +76,7 @@ void softmax_bwd(const SoftmaxRows<T>& args, int64_t r0, int64_t r1) {
 }
 
 // Fused forward (row_grads): the forward's statistics plus the weights of the ∂x GEMM, written
-// to grads, and the per-row scalars of G_i and h_i (target_state; csrc/unitsface_row_grads.cpp
+// to grads, and the per-row scalars of G_i and h_i (target_state; csrc/cpu/unitsface_row_grads.cpp
 // finishes them). p_ic = e^{z_ic − m}/Σ is not final before the sweep ends, so, like
 // flash-attention's output, the weights are e^{z − m_new}·κ_c·inv_w_c relative to the running
 // max (κ_c: the clamp mask, times f'(cos) at the target), and alpha = e^{m_old − m_new}

@@ -9,7 +9,7 @@
 #include <torch/library.h>
 
 #include "bank_update.h"
-#include "epilogue_cuda.h"
+#include "cuda/block_reduce.cuh"
 
 namespace unitsface {
 namespace {

@@ -120,21 +120,21 @@ UssForward uss_forward(const UssInputs& in, const UssOptions& o, UssEpilogue epi
   UssChunk proto;
   proto.pass = Pass::kForward;
   proto.options = o;
-  proto.inv_x = chunking::inv_norms(nx);
+  proto.inv_x = chunking::inv_norms(nx, o.eps);
   call.sweep.run([&](int64_t sp, int64_t j0, int64_t n) {
     UssChunk ck = proto;
     ck.state = state[sp];
     const at::Tensor rc = call.rows(j0, n);
     const at::Tensor nrc = chunking::row_norms(rc, call.acc);
     nr.narrow(0, j0, n).copy_(nrc);
-    ck.inv_r = chunking::inv_norms(nrc);
+    ck.inv_r = chunking::inv_norms(nrc, o.eps);
     ck.dots = scratch(flat[sp], B, n);
     chunking::gemm_nt(ck.dots, call.xg, rc);
     call.cols.set(ck, j0, n);
     epilogue(ck);
   });
   state = chunking::merge_splits(state, chunking::uss_max_pairs(0, o.lse)).first;
-  at::Tensor stats = at::zeros({4, B}, call.opts);
+  at::Tensor stats = at::zeros({stats::kUssRows, B}, call.opts);
   at::Tensor rows = chunking::uss_rows_from_state(state, 0, o, stats, 0);
   return {rows, stats, nx, nr};
 }
@@ -151,14 +151,14 @@ Grads uss_backward(const at::Tensor& grad_rows, const UssInputs& in, const UssSa
   const UssCall call(in);
   const int64_t B = call.B, N = call.N, D = call.D;
   TORCH_CHECK_VALUE(grad_rows.numel() == B && saved.nx.numel() == B && saved.nr.numel() == N &&
-                        saved.stats.dim() == 2 && saved.stats.size(0) == 4 &&
+                        saved.stats.dim() == 2 && saved.stats.size(0) == stats::kUssRows &&
                         saved.stats.size(1) == B,
                     "uss_bwd_native: grad_rows, stats, nx and nr must come from uss_fwd_native "
                     "on these inputs");
   const at::Tensor nx = saved.nx.to(call.acc).contiguous();
   const at::Tensor nr = saved.nr.to(call.acc).contiguous();
-  const at::Tensor inv_x = chunking::inv_norms(nx);
-  const at::Tensor inv_r = chunking::inv_norms(nr);
+  const at::Tensor inv_x = chunking::inv_norms(nx, o.eps);
+  const at::Tensor inv_r = chunking::inv_norms(nr, o.eps);
   const int64_t splits = call.sweep.splits, c = call.sweep.c;
 
   at::Tensor hs = at::zeros({splits, 2, B}, call.opts);
@@ -194,17 +194,18 @@ Grads uss_backward(const at::Tensor& grad_rows, const UssInputs& in, const UssSa
       chunking::gemm_acc(g, ck.grads, rc);
     }
     if (need_dref) {
-      chunking::column_grads(dref, ck.grads, xh, rc, nr.narrow(0, j0, n), at::Tensor(), j0,
-                             scratch(qflat[sp], n, D));
+      chunking::column_grads(dref, ck.grads, xh, rc, nr.narrow(0, j0, n), j0,
+                             scratch(qflat[sp], n, D), o.eps);
     }
     if (need_dbias && vector_bias) {
       chunking::write_columns(dbias_cols, at::Tensor(), j0,
-                              chunking::bias_grad_columns(ck.grads, nr.narrow(0, j0, n), o.scale));
+                              chunking::bias_grad_columns(ck.grads, nr.narrow(0, j0, n), o.scale,
+                                                          o.eps, call.acc));
     }
   });
   hs = hs.sum(0);
   if (need_dx) {
-    dx = chunking::normalised_grad(G.sum(0), hs[0], call.xg.to(call.acc), nx)
+    dx = chunking::normalised_grad(G.sum(0), hs[0], call.xg.to(call.acc), nx, o.eps)
              .to(in.x.scalar_type());
   }
   if (need_dbias) {

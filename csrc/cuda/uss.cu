@@ -1,7 +1,7 @@
-// unitsface::uss_{fwd,bwd}_native on CUDA tensors: the drivers of csrc/uss.cpp (cuBLAS GEMMs
+// unitsface::uss_{fwd,bwd}_native on CUDA tensors: the drivers of csrc/uss_sweep.cpp (cuBLAS GEMMs
 // through at::mm on chunk views; 16-bit inputs give fp32 dots through mm's out_dtype) with the
 // epilogue kernels below, one thread block per row of a chunk running the row code of
-// csrc/uss_rows_cuda.cuh.
+// csrc/cuda/uss_rows.cuh.
 #include <limits>
 
 #include <ATen/ATen.h>
@@ -9,7 +9,7 @@
 #include <torch/library.h>
 
 #include "uss.h"
-#include "uss_rows_cuda.cuh"
+#include "cuda/uss_rows.cuh"
 
 namespace unitsface {
 namespace {

@@ -1,5 +1,5 @@
-// The fused forward's per-row gradients: see csrc/unitsface_row_grads.h.
-#include "unitsface_row_grads.h"
+// The fused forward's per-row gradients: see csrc/cpu/unitsface_row_grads.h.
+#include "cpu/unitsface_row_grads.h"
 
 #include "chunking.h"
 
@@ -56,7 +56,7 @@ std::pair<at::Tensor, at::Tensor> RowGrads::finish(const at::Tensor& state,
   at::Tensor h = state[kHw] * p_norm;
   const at::Tensor coef_t = at::where(has_t, -s * state[kTargetState + 1], zero);
   const at::Tensor w_t = in.centres.index_select(0, y).to(acc);
-  G = G + (coef_t * chunking::inv_norms(in.nw).index_select(0, tcol)).unsqueeze(1) * w_t;
+  G = G + (coef_t * chunking::inv_norms(in.nw, o_.eps).index_select(0, tcol)).unsqueeze(1) * w_t;
   h = h + coef_t * state[kTargetState];
   at::Tensor gsum = zero;  // Σ_c g'_ic of USS (λ included)
   if (has_bank_) {
@@ -68,22 +68,22 @@ std::pair<at::Tensor, at::Tensor> RowGrads::finish(const at::Tensor& state,
     } else {
       // negatives: g' = λ·s·e^{z⁻ − B}·σB' = (λ·s·σB' / s⁻)·e^{z⁻ − m⁻}
       const at::Tensor sn = state[kUss + 3];
-      const at::Tensor c_n = at::where(sn > 0, lambda * s * stats[4] / sn, zero);
+      const at::Tensor c_n = at::where(sn > 0, lambda * s * stats[stats::kUss + stats::kSigmaB] / sn, zero);
       G = G + c_n.unsqueeze(1) * acc_b_;
       h = h + c_n * sums_h;
       // the positive (at most one bank row per class): g' = −λ·s·σA' (A = its z⁺), read as
       // the loss reads it (an invalid row is a zero row, and then no positive: σA' = 0)
-      const at::Tensor g_p = -lambda * s * stats[2];
+      const at::Tensor g_p = -lambda * s * stats[stats::kUss + stats::kSigmaA];
       at::Tensor b_t = in.bank.index_select(0, y).to(acc);
       if (in.bank_valid.defined()) {
         b_t = at::where(in.bank_valid.index_select(0, y).unsqueeze(1), b_t, at::zeros({}, b_t.options()));
       }
-      G = G + (g_p * chunking::inv_norms(in.nb).index_select(0, tcol)).unsqueeze(1) * b_t;
+      G = G + (g_p * chunking::inv_norms(in.nb, o_.eps).index_select(0, tcol)).unsqueeze(1) * b_t;
       h = h + g_p * state[kUssSums + 2];
-      gsum = lambda * s * stats[4] + g_p;
+      gsum = lambda * s * stats[stats::kUss + stats::kSigmaB] + g_p;
     }
   }
-  return {chunking::normalised_grad(G, h, in.x, in.nx), gsum * (-1.0 / s)};
+  return {chunking::normalised_grad(G, h, in.x, in.nx, o_.eps), gsum * (-1.0 / s)};
 }
 
 }  // namespace unitsface

@@ -24,7 +24,7 @@
 
 namespace unitsface {
 
-// Rows of the forward's running state [splits, rows, B] (csrc/unitsface.cpp): the plain
+// Rows of the forward's running state [splits, rows, B] (csrc/cpu/unitsface_sweep.cpp): the plain
 // forward's 7, then those of the fused forward.
 enum StateRow : int64_t {
   kMax = 0,          // softmax: running max m of the logits

@@ -1,9 +1,9 @@
-// unitsface::uss_{fwd,bwd}_native on CPU tensors: the drivers of csrc/uss.cpp with the row
-// kernels of csrc/uss_rows.h (for the instruction set that csrc/cpu_rows.h picks) as the
+// unitsface::uss_{fwd,bwd}_native on CPU tensors: the drivers of csrc/uss_sweep.cpp with the row
+// kernels of csrc/cpu/uss_rows.h (for the instruction set that csrc/cpu/row_kernels.h picks) as the
 // epilogue, run over the chunk's rows on torch's intra-op threads.
 #include <torch/library.h>
 
-#include "cpu_rows.h"
+#include "cpu/row_kernels.h"
 #include "uss.h"
 
 namespace unitsface {

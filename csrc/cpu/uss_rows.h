@@ -1,7 +1,7 @@
 // The CPU row kernels of USS (docs/design.md §1.1) on one chunk of reference rows (UssRows,
 // csrc/rows.h): the USS family's chunks, and the bank part of the unitsface family (column
-// labels = the classes of the chunk). Compiled once per instruction set: csrc/rows_<isa>.cpp
-// include this file inside their namespace (see csrc/cpu_rows.h), so it includes nothing and
+// labels = the classes of the chunk). Compiled once per instruction set: csrc/cpu/rows_<isa>.cpp
+// include this file inside their namespace (see csrc/cpu/row_kernels.h), so it includes nothing and
 // needs UssRows, epi:: and UF_ALWAYS_INLINE in scope.
 //
 // The loops are written for GCC's vectoriser: `#pragma omp simd` reductions, masks combined
@@ -92,7 +92,8 @@ UF_ALWAYS_INLINE void uss_bwd_row(const UssRows<T>& a, int64_t i) {
   T* g_out = a.grads + i * c;  // may alias d: each element is read, then written
   const T ix = a.inv_x[i], go = a.go[i];
   const int64_t yi = a.y[i], self = self_column(a, i);
-  const T sa = a.stats[i], fa = a.stats[B + i], sb = a.stats[2 * B + i], fb = a.stats[3 * B + i];
+  const T sa = a.stats[stats::kA * B + i], fa = a.stats[stats::kSigmaA * B + i];
+  const T sb = a.stats[stats::kB * B + i], fb = a.stats[stats::kSigmaB * B + i];
   T h = 0, gs = 0;
 #pragma omp simd reduction(+ : h, gs)
   for (int64_t j = 0; j < c; ++j) {
@@ -127,7 +128,7 @@ void uss_bwd(const UssRows<T>& args, int64_t r0, int64_t r1) {
 }
 
 // Fused forward (the bank part of unitsface's row_grads): the forward's statistics plus, in
-// the same sweep, what ∂L_i/∂x_i needs (csrc/unitsface_row_grads.cpp finishes it), with the
+// the same sweep, what ∂L_i/∂x_i needs (csrc/cpu/unitsface_row_grads.cpp finishes it), with the
 // weights of the ∂x GEMM written to grads:
 //   pairs: g'_ij = λ·∂(term)/∂cos_ij·inv_r_j for P and N; sums += (Σ g·cos, Σ g).
 //   lse:   e^{z⁻ − m⁻_new}·inv_r_j on N (the final factor λ·s·σB / s⁻ comes at the end),

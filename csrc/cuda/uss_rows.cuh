@@ -1,12 +1,12 @@
 // The CUDA row code of USS (docs/design.md §1.1): one thread block per row of a chunk, its
 // threads striding over the chunk's columns with the maths of csrc/epilogue.h, the block
-// combining with csrc/epilogue_cuda.h. Used by the USS family's kernels (csrc/uss_cuda.cu) and
-// by the bank part of the unitsface kernels (csrc/unitsface_cuda.cu, column labels = the
-// chunk's classes), like the CPU row code of csrc/uss_rows.h.
+// combining with csrc/cuda/block_reduce.cuh. Used by the USS family's kernels (csrc/cuda/uss.cu) and
+// by the bank part of the unitsface kernels (csrc/cuda/unitsface_sweep.cu, column labels = the
+// chunk's classes), like the CPU row code of csrc/cpu/uss_rows.h.
 #pragma once
 
 #include "epilogue.h"
-#include "epilogue_cuda.h"
+#include "cuda/block_reduce.cuh"
 #include "rows.h"
 
 namespace unitsface {
@@ -62,7 +62,8 @@ __device__ __forceinline__ void uss_bwd_row(const UssRows<T>& a, G* grads, int64
   G* g_out = grads + i * c;
   const T ix = a.inv_x[i], go = a.go[i];
   const int64_t yi = a.y[i], self = self_column(a, i);
-  const T sa = a.stats[i], fa = a.stats[B + i], sb = a.stats[2 * B + i], fb = a.stats[3 * B + i];
+  const T sa = a.stats[stats::kA * B + i], fa = a.stats[stats::kSigmaA * B + i];
+  const T sb = a.stats[stats::kB * B + i], fb = a.stats[stats::kSigmaB * B + i];
   for (int64_t j = threadIdx.x; j < c; j += kThreads) {
     const bool pos = uss_pos(a, yi, self, j), neg = uss_neg(a, yi, j);
     const T cos = d[j] * ix * a.inv_r[j];

@@ -1,5 +1,5 @@
-// The CPU row kernels compiled for x86-64-v3: AVX2 + FMA (see csrc/cpu_rows.h).
-#include "cpu_rows.h"
+// The CPU row kernels compiled for x86-64-v3: AVX2 + FMA (see csrc/cpu/row_kernels.h).
+#include "cpu/row_kernels.h"
 
 #if UF_CPU_DISPATCH
 #pragma GCC push_options
@@ -7,9 +7,9 @@
 namespace unitsface {
 namespace cpu {
 namespace avx2 {
-#include "uss_rows.h"
-#include "softmax_rows.h"
-#include "row_kernels.h"
+#include "cpu/uss_rows.h"
+#include "cpu/softmax_rows.h"
+#include "cpu/kernel_table.h"
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace unitsface

@@ -1,6 +1,6 @@
 // unitsface::unitsface_{fwd,bwd}_native on CUDA tensors: the chunked sweep of the unitsface
 // family (docs/design.md §2) with its own driver, cuBLAS GEMMs through ATen and the kernels of
-// csrc/unitsface_cuda_kernels.cuh. (The CPU driver, csrc/unitsface.cpp, runs the same maths
+// csrc/cuda/sweep_*.cuh. (The CPU driver, csrc/cpu/unitsface_sweep.cpp, runs the same maths
 // with its own chunking; the per-element maths of both is csrc/epilogue.h.)
 //
 // Per call: one kernel for the norms (x, the W rows and the bank rows of S, read once) and the
@@ -20,7 +20,7 @@
 // the column's inverse norm except for fp16, whose product rows are normalised instead (an
 // fp16 tile g·inv_r overflows for rows below the eps).
 //
-// row_grads (the forward forms ∂L_i/∂x_i and ∂L_i/∂b during its sweep, csrc/unitsface_row_grads.h
+// row_grads (the forward forms ∂L_i/∂x_i and ∂L_i/∂b during its sweep, csrc/cpu/unitsface_row_grads.h
 // for the maths): 6 GEMM-equivalents per step for the objective (forward 2 dots + 2 products,
 // backward 1 dots + 1 ∂W product) instead of 7. No host synchronisation: every size is known
 // on the host, every value stays on the device. No float atomics: each output element has one
@@ -45,7 +45,11 @@
 #include "chunking.h"
 #include "cuda_plan.h"
 #include "unitsface.h"
-#include "unitsface_cuda_kernels.cuh"
+#include "cuda/sweep_backward.cuh"
+#include "cuda/sweep_finish.cuh"
+#include "cuda/sweep_forward.cuh"
+#include "cuda/sweep_project.cuh"
+#include "cuda/sweep_setup.cuh"
 
 namespace unitsface {
 namespace {
@@ -202,9 +206,8 @@ struct Call {
   }
 
   cuda_plan::SweepPlan plan(int64_t parts, bool with_q) const {
-    const int64_t bytes = cuda_plan::bytes_per_elem(B, D, parts, c10::elementSize(acc),
-                                                    c10::elementSize(xdt), with_q);
-    return cuda_plan::plan_sweep(B, S, cuda_plan::budget_elems(l2_bytes(), bytes));
+    return cuda_plan::plan_chunks(B, S, D, parts, c10::elementSize(acc), c10::elementSize(xdt),
+                                  with_q, l2_bytes());
   }
 };
 
@@ -216,7 +219,7 @@ struct Columns {
 
   template <typename T, typename X>
   void compute(const Call& call, int64_t s_pad, bool with_bank, const at::Tensor& nx,
-               const at::Tensor& nw, const at::Tensor& nb, bool have_norms) {
+               const at::Tensor& nw, const at::Tensor& nb, bool have_norms, double eps) {
     cols = at::empty({4, s_pad}, call.opts);
     inv_x = at::empty({call.B}, call.opts);
     target = at::empty({call.B}, call.labels.options());
@@ -236,6 +239,7 @@ struct Columns {
     a.C = call.C;
     a.D = call.D;
     a.have_norms = have_norms;
+    a.eps = static_cast<T>(eps);
     a.nx = mptr<T>(nx);
     a.nw = mptr<T>(nw);
     a.nb = with_bank ? mptr<T>(nb) : nullptr;
@@ -341,7 +345,7 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
   at::Tensor nw = at::empty({S}, call.opts);
   at::Tensor nb = at::empty({call.has_bank ? S : 0}, call.opts);
   Columns cols;
-  cols.compute<T, X>(call, s_pad, call.has_bank, nx, nw, nb, /*have_norms=*/false);
+  cols.compute<T, X>(call, s_pad, call.has_bank, nx, nw, nb, /*have_norms=*/false, o.eps);
 
   const int64_t ns = plan.ns_used;
   at::Tensor state = at::empty({cuda_sweep::kStateRows, std::max<int64_t>(ns, 1), B}, call.opts);
@@ -385,7 +389,7 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
   }
 
   at::Tensor out_rows = at::empty({B}, call.opts);
-  at::Tensor stats = at::empty({7, B}, call.opts);
+  at::Tensor stats = at::empty({stats::kUnitsfaceRows, B}, call.opts);
   at::Tensor dx_rows = row_grads ? at::empty({B, D}, call.opts) : nx.new_empty({0});
   at::Tensor db_rows = row_grads ? at::empty({B}, call.opts) : nx.new_empty({0});
   if (B > 0) {
@@ -402,6 +406,7 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
     f.up = a.up;
     f.scale = static_cast<T>(o.scale);
     f.weight = static_cast<T>(o.uss_weight);
+    f.eps = static_cast<T>(o.eps);
     f.x = call.x.const_data_ptr();
     f.nx = cptr<T>(nx);
     f.inv_x = cptr<T>(cols.inv_x);
@@ -445,19 +450,6 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
   const bool need_dx = needs[0], need_dw = needs[1];
   const bool need_db = needs[2] && bias_in.defined();
   const bool row_grads = saved.dx_rows.numel() > 0;
-  TORCH_CHECK_VALUE(grad_rows.numel() == B && saved.nx.numel() == B && saved.stats.dim() == 2 &&
-                        saved.stats.size(0) == 7 && saved.stats.size(1) == B,
-                    "unitsface_bwd_native: grad_rows, stats and nx must come from "
-                    "unitsface_fwd_native on these inputs");
-  TORCH_CHECK_VALUE(saved.nw.numel() == S && (!call.has_bank || saved.nb.numel() == S),
-                    "unitsface_bwd_native: nw and nb must come from unitsface_fwd_native on "
-                    "these inputs");
-  if (row_grads) {
-    TORCH_CHECK_VALUE(saved.dx_rows.dim() == 2 && saved.dx_rows.size(0) == B &&
-                          saved.dx_rows.size(1) == D && saved.db_rows.numel() == B,
-                      "unitsface_bwd_native: dx_rows and db_rows must come from "
-                      "unitsface_fwd_native(row_grads=True) on these inputs");
-  }
   // Gradients not asked for come back empty (the contract's fake kernels do the same); a
   // threshold only enters through USS, so without a bank its gradient is zero.
   at::Tensor dx = x.new_empty({0}), dw = x.new_empty({0}), db = x.new_empty({0});
@@ -484,10 +476,9 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
   const at::Tensor db_scalar = scalar_db ? at::empty({1}, call.opts) : at::Tensor();
   at::Tensor db_cols =
       (uss_db && call.vector_bias) ? at::zeros({call.C}, call.opts) : at::Tensor();
-  // a per-class ∂b_j = −(1/s)·Σ_i g_ij from the bank's tile, which holds g·inv_b (fp16: g, so
-  // the norms that bias_grad_columns multiplies back in are ones)
-  const at::Tensor db_norms =
-      !db_cols.defined() ? at::Tensor() : (call.fold ? nb : at::ones_like(nb));
+  // a per-class ∂b_j = −(1/s)·Σ_i g_ij from the bank's tile, which holds g·inv_b (fp16: g,
+  // and no norm to multiply back in)
+  const at::Tensor db_norms = db_cols.defined() && call.fold ? nb : at::Tensor();
 
   const int parts = do_b ? 2 : 1;
   const cuda_plan::SweepPlan plan = call.plan(parts, need_dw);
@@ -495,7 +486,7 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
   const int64_t ns = plan.ns_used;
   const bool sweep = (do_w || do_b) && B > 0 && plan.n_chunks > 0;
   Columns cols;
-  cols.compute<T, X>(call, s_pad, do_b, nx, nw, nb, /*have_norms=*/true);
+  cols.compute<T, X>(call, s_pad, do_b, nx, nw, nb, /*have_norms=*/true, o.eps);
   const at::Tensor xh = need_dw ? at::empty({B, D}, x.options()) : at::Tensor();
   at::Tensor acc = sweep && sweep_dx ? at::empty({ns, B, D}, call.opts) : at::Tensor();
   at::Tensor hs = sweep ? at::empty({cuda_sweep::kBwdRows, ns, B}, call.opts) : at::Tensor();
@@ -515,6 +506,7 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
     r.dx_t = dtype_code(x.scalar_type());
     r.db_t = dtype_code(call.acc);
     r.db_scale = static_cast<T>(-1.0 / o.scale);
+    r.eps = static_cast<T>(o.eps);
     if (before) {
       r.xh = xh.defined() ? xh.data_ptr() : nullptr;
       if (row_grads) {
@@ -560,6 +552,7 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
     pr.ot = dtype_code(call.centres.scalar_type());
     pr.D = D;
     pr.fold_inv = call.fold;
+    pr.eps = static_cast<T>(o.eps);
     for (int64_t qi = 0; qi < plan.n_chunks; ++qi) {
       const int64_t j0 = qi * plan.c, n = std::min(plan.c, S - j0);
       rows.stage<T, X>(call, cols, j0, n, do_b);
@@ -590,8 +583,10 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
       if (uss_db && call.vector_bias) {  // (ATen's column sum is deterministic)
         chunking::write_columns(
             db_cols, call.index, j0,
-            chunking::bias_grad_columns(tiles[1].as_strided({B, n}, {plan.c, 1}),
-                                        db_norms.narrow(0, j0, n), o.scale));
+            chunking::bias_grad_columns(
+                tiles[1].as_strided({B, n}, {plan.c, 1}),
+                db_norms.defined() ? db_norms.narrow(0, j0, n) : at::Tensor(), o.scale, o.eps,
+                call.acc));
       }
     }
   }
@@ -607,6 +602,7 @@ Grads backward_cuda(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
                     const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
                     std::array<bool, 3> needs) {
   check_unitsface_args("unitsface_bwd_native", in);
+  check_unitsface_saved("unitsface_bwd_native", grad_rows, in, saved);
   const Call call(in);
   Grads out;
   dispatch_x(call.xdt, [&](auto t, auto xt) {

@@ -1,5 +1,5 @@
-// The table of one instruction set's row kernels (csrc/cpu_rows.h). Included by each
-// csrc/rows_<isa>.cpp inside its namespace, after the row headers, in the same
+// The table of one instruction set's row kernels (csrc/cpu/row_kernels.h). Included by each
+// csrc/cpu/rows_<isa>.cpp inside its namespace, after the row headers, in the same
 // `#pragma GCC target` region (so the instantiations below are compiled for that target).
 #pragma once
 

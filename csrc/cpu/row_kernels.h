@@ -1,9 +1,9 @@
 // The CPU row kernels of the epilogues and the choice of instruction set.
 //
-// The row kernels (csrc/uss_rows.h, csrc/softmax_rows.h) are plain loops over a row's chunk
+// The row kernels (csrc/cpu/uss_rows.h, csrc/cpu/softmax_rows.h) are plain loops over a row's chunk
 // of columns, written so that the compiler vectorises them. The extension is built without
-// -march flags, so they are compiled three times: csrc/rows_avx512.cpp (x86-64-v4),
-// csrc/rows_avx2.cpp (x86-64-v3: AVX2 + FMA) and csrc/rows_base.cpp (the baseline), each
+// -march flags, so they are compiled three times: csrc/cpu/rows_avx512.cpp (x86-64-v4),
+// csrc/cpu/rows_avx2.cpp (x86-64-v3: AVX2 + FMA) and csrc/cpu/rows_base.cpp (the baseline), each
 // including the row headers inside its own namespace under `#pragma GCC target`, and
 // row_kernels() picks one table of them at run time. (GCC's target_clones does not do: it
 // lowers the omp simd loops for the baseline before cloning, and the AVX-512 clone then stays
@@ -18,6 +18,7 @@
 #include <string>
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include "rows.h"
 
@@ -38,10 +39,12 @@ namespace cpu {
 
 enum IsaLevel { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
 
-// The widest of the compiled instruction sets that this CPU runs, capped by
-// UNITSFACE_NATIVE_ISA=base|avx2|avx512 when set (tests run every variant that way; read at
-// every call so that a test can change it).
-inline IsaLevel isa_level() {
+inline const char* isa_name(IsaLevel level) {
+  return level == kAvx512 ? "avx512" : level == kAvx2 ? "avx2" : "base";
+}
+
+// The widest of the compiled instruction sets that this CPU runs.
+inline IsaLevel detected_isa() {
 #if UF_CPU_DISPATCH
   static const IsaLevel detected = [] {
     __builtin_cpu_init();
@@ -56,16 +59,24 @@ inline IsaLevel isa_level() {
     }
     return kBase;
   }();
-  IsaLevel level = detected;
-  if (const char* env = std::getenv("UNITSFACE_NATIVE_ISA")) {
-    const std::string cap(env);
-    const IsaLevel want = cap == "base" ? kBase : cap == "avx2" ? kAvx2 : kAvx512;
-    level = std::min(want, level);
-  }
-  return level;
+  return detected;
 #else
   return kBase;
 #endif
+}
+
+// The instruction set whose row kernels run: detected_isa(), capped by
+// UNITSFACE_NATIVE_ISA=base|avx2|avx512 when set (tests run every variant that way). Read at
+// every call, so that a test can change it; _C.selected_isa() reports it.
+inline IsaLevel isa_level() {
+  const IsaLevel level = detected_isa();
+  const char* env = std::getenv("UNITSFACE_NATIVE_ISA");
+  if (env == nullptr || *env == '\0') return level;
+  const std::string cap(env);
+  TORCH_CHECK_VALUE(cap == "base" || cap == "avx2" || cap == "avx512",
+                    "UNITSFACE_NATIVE_ISA must be base, avx2 or avx512, got '", cap, "'");
+  const IsaLevel want = cap == "base" ? kBase : cap == "avx2" ? kAvx2 : kAvx512;
+  return std::min(want, level);
 }
 
 template <typename T>
@@ -89,7 +100,7 @@ struct RowKernels {
   }
 };
 
-// Defined by csrc/row_kernels.h inside each csrc/rows_<isa>.cpp.
+// Defined by csrc/cpu/kernel_table.h inside each csrc/cpu/rows_<isa>.cpp.
 namespace base {
 template <typename T>
 RowKernels<T> kernels();

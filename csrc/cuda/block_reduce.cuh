@@ -1,5 +1,5 @@
-// Block-level reductions of the CUDA kernels (csrc/uss_rows_cuda.cuh, csrc/unitsface_cuda.cu,
-// csrc/bank_update_cuda.cu). One thread block handles one row of a chunk: its threads stride
+// Block-level reductions of the CUDA kernels (csrc/cuda/uss_rows.cuh, csrc/cuda/unitsface_sweep.cu,
+// csrc/cuda/bank_update.cu). One thread block handles one row of a chunk: its threads stride
 // over the chunk's columns, each keeping running sums / (max, sum-exp) pairs with the
 // functions of csrc/epilogue.h, and the block combines them here. Only thread 0's result is
 // meaningful (block_sum_all: every thread's). The order of combination depends only on

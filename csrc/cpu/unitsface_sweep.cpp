@@ -1,5 +1,5 @@
 // The unitsface family's CPU drivers (csrc/unitsface.h): ATen code around the row kernels'
-// epilogue (csrc/unitsface_cpu.cpp). CUDA tensors have their own sweep (csrc/unitsface_cuda.cu).
+// epilogue (csrc/cpu/unitsface.cpp). CUDA tensors have their own sweep (csrc/cuda/unitsface_sweep.cu).
 //
 // Forward, per chunk of c classes of S: the W rows and the bank rows of the chunk's classes (a
 // view, or a chunk-sized gather under partial FC; invalid bank rows read as zero rows), their
@@ -13,14 +13,14 @@
 //   Σ_i g'_ic                            (∂b_c of a per-class threshold)
 // The target column of row i is found once per call (a binary search of y_i in the sorted
 // index), so the softmax loops treat every other column alike and vectorise. With row_grads
-// the forward also forms ∂L_i/∂x_i (csrc/unitsface_row_grads.h) and the backward then
+// the forward also forms ∂L_i/∂x_i (csrc/cpu/unitsface_row_grads.h) and the backward then
 // only sweeps for ∂W (and a per-class threshold's ∂b).
 #include "unitsface.h"
 
 #include <optional>
 
 #include "chunking.h"
-#include "unitsface_row_grads.h"
+#include "cpu/unitsface_row_grads.h"
 
 namespace unitsface {
 
@@ -119,12 +119,12 @@ struct UnitsfaceCall {
 
 }  // namespace
 
-UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOptions& o,
-                                   bool row_grads, UnitsfaceEpilogue epilogue) {
+UnitsfaceForward unitsface_forward_cpu(const UnitsfaceInputs& in, const UnitsfaceOptions& o,
+                                       bool row_grads) {
   check_unitsface_args("unitsface_fwd_native", in);
   TORCH_CHECK_VALUE(!in.x.is_cuda(),
                     "unitsface_fwd_native: this driver is for CPU tensors (CUDA tensors have "
-                    "their own sweep, csrc/unitsface_cuda.cu)");
+                    "their own sweep, csrc/cuda/unitsface_sweep.cu)");
   const UnitsfaceCall call(in);
   const int64_t B = call.B, S = call.S, splits = call.sweep.splits, c = call.sweep.c;
   const at::Tensor nx = chunking::row_norms(call.xg, call.acc);
@@ -139,7 +139,7 @@ UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOpt
   if (row_grads) rg.emplace(splits, B, call.D, call.has_bank, o, call.opts);
 
   const UnitsfaceChunk proto = call.proto(row_grads ? Pass::kForwardGrads : Pass::kForward, o,
-                                          chunking::inv_norms(nx));
+                                          chunking::inv_norms(nx, o.eps));
   call.sweep.run([&](int64_t sp, int64_t j0, int64_t n) {
     UnitsfaceChunk ck = proto;
     const at::Tensor st = state[sp];
@@ -148,7 +148,7 @@ UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOpt
     const at::Tensor wc = call.centre_rows(j0, n);
     const at::Tensor nwc = chunking::row_norms(wc, call.acc);
     nw.narrow(0, j0, n).copy_(nwc);
-    ck.softmax.inv_w = chunking::inv_norms(nwc);
+    ck.softmax.inv_w = chunking::inv_norms(nwc, o.eps);
     ck.softmax.dots = scratch(flat_w[sp], B, n);
     chunking::gemm_nt(ck.softmax.dots, call.xg, wc);
     at::Tensor bc;
@@ -157,13 +157,13 @@ UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOpt
       bc = call.bank_rows(j0, n);
       const at::Tensor nbc = chunking::row_norms(bc, call.acc);
       nb.narrow(0, j0, n).copy_(nbc);
-      ck.bank.inv_r = chunking::inv_norms(nbc);
+      ck.bank.inv_r = chunking::inv_norms(nbc, o.eps);
       ck.bank.dots = scratch(flat_b[sp], B, n);
       chunking::gemm_nt(ck.bank.dots, call.xg, bc);
       call.bank_cols.set(ck.bank, j0, n);
     }
     if (rg) rg->bind(ck, st, sp);
-    epilogue(ck);
+    unitsface_epilogue_cpu(ck);
     if (rg) rg->accumulate(ck, sp, wc, bc);
   });
 
@@ -181,13 +181,14 @@ UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOpt
   const auto merged = chunking::merge_splits(state, pairs);
   state = merged.first;
 
-  at::Tensor stats = at::zeros({7, B}, call.opts);
-  stats[0].copy_(chunking::lse_from(state[kMax], state[kSumExp]));
-  stats[5].copy_(state[kTargetLogit]);
-  at::Tensor rows = stats[0] - state[kTargetLogit];
+  at::Tensor stats = at::zeros({stats::kUnitsfaceRows, B}, call.opts);
+  stats[stats::kLse].copy_(chunking::lse_from(state[kMax], state[kSumExp]));
+  stats[stats::kTargetLogit].copy_(state[kTargetLogit]);
+  at::Tensor rows = stats[stats::kLse] - state[kTargetLogit];
   if (call.has_bank) {
-    stats[6].copy_(chunking::uss_rows_from_state(state, kUss, o.uss(), stats, 1));
-    rows = rows + o.uss_weight * stats[6];
+    stats[stats::kUssLoss].copy_(
+        chunking::uss_rows_from_state(state, kUss, o.uss(), stats, stats::kUss));
+    rows = rows + o.uss_weight * stats[stats::kUssLoss];
   }
   if (!rg) return {rows, stats, nx, nw, nb, nx.new_empty({0}), nx.new_empty({0})};
 
@@ -206,10 +207,11 @@ UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOpt
   return {rows, stats, nx, nw, nb, grads.first, grads.second};
 }
 
-Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
-                         const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
-                         std::array<bool, 3> needs, UnitsfaceEpilogue epilogue) {
+Grads unitsface_backward_cpu(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
+                             const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
+                             std::array<bool, 3> needs) {
   check_unitsface_args("unitsface_bwd_native", in);
+  check_unitsface_saved("unitsface_bwd_native", grad_rows, in, saved);
   const bool has_bank = in.bank.has_value();
   bool need_dx = needs[0];
   const bool need_dw = needs[1];
@@ -220,18 +222,9 @@ Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
   bool uss_db = need_db && has_bank;
   const bool vector_bias = has_bank && in.bias->numel() > 1;
   const at::ScalarType acc = acc_type(in.x.scalar_type());
-  const int64_t B = in.x.size(0);
-  TORCH_CHECK_VALUE(grad_rows.numel() == B && saved.nx.numel() == B && saved.stats.dim() == 2 &&
-                        saved.stats.size(0) == 7 && saved.stats.size(1) == B,
-                    "unitsface_bwd_native: grad_rows, stats and nx must come from "
-                    "unitsface_fwd_native on these inputs");
   const at::Tensor go = grad_rows.reshape({-1}).to(acc).contiguous();
   if (saved.dx_rows.numel() > 0) {
     // the fused forward formed ∂L_i/∂x_i and a scalar b's ∂L_i/∂b (row_grads)
-    TORCH_CHECK_VALUE(saved.dx_rows.dim() == 2 && saved.dx_rows.size(0) == B &&
-                          saved.dx_rows.size(1) == in.x.size(1) && saved.db_rows.numel() == B,
-                      "unitsface_bwd_native: dx_rows and db_rows must come from "
-                      "unitsface_fwd_native(row_grads=True) on these inputs");
     if (need_dx) dx = (saved.dx_rows * go.unsqueeze(1)).to(in.x.scalar_type());
     if (uss_db && !vector_bias) {
       db = (saved.db_rows * go).sum().reshape(in.bias->sizes()).to(in.bias->scalar_type());
@@ -244,16 +237,13 @@ Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
   if (!do_w && !do_b) return {dx, dw, db};
 
   const UnitsfaceCall call(in);
-  const int64_t S = call.S, D = call.D, splits = call.sweep.splits, c = call.sweep.c;
-  TORCH_CHECK_VALUE(saved.nw.numel() == S && (!has_bank || saved.nb.numel() == S),
-                    "unitsface_bwd_native: nw and nb must come from unitsface_fwd_native on "
-                    "these inputs");
+  const int64_t B = call.B, S = call.S, D = call.D, splits = call.sweep.splits, c = call.sweep.c;
   const at::Tensor nx = saved.nx.to(acc).contiguous();
   const at::Tensor nw = saved.nw.to(acc).contiguous();
   const at::Tensor nb = has_bank ? saved.nb.to(acc).contiguous() : at::Tensor();
-  const at::Tensor inv_x = chunking::inv_norms(nx);
-  const at::Tensor inv_w = chunking::inv_norms(nw);
-  const at::Tensor inv_b = has_bank ? chunking::inv_norms(nb) : at::Tensor();
+  const at::Tensor inv_x = chunking::inv_norms(nx, o.eps);
+  const at::Tensor inv_w = chunking::inv_norms(nw, o.eps);
+  const at::Tensor inv_b = has_bank ? chunking::inv_norms(nb, o.eps) : at::Tensor();
 
   at::Tensor hs = at::zeros({splits, 2, B}, call.opts);
   at::Tensor G = need_dx ? at::zeros({splits, B, D}, call.opts) : at::Tensor();
@@ -271,9 +261,9 @@ Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
   proto.do_w = do_w;
   proto.do_b = do_b;
   proto.softmax.go = go;
-  proto.softmax.lse = saved.stats[0].to(acc).contiguous();
+  proto.softmax.lse = saved.stats[stats::kLse].to(acc).contiguous();
   proto.bank.go = go * o.uss_weight;
-  proto.bank.stats = saved.stats.narrow(0, 1, 4).to(acc).contiguous();
+  proto.bank.stats = saved.stats.narrow(0, stats::kUss, stats::kUssRows).to(acc).contiguous();
   call.sweep.run([&](int64_t sp, int64_t j0, int64_t n) {
     UnitsfaceChunk ck = proto;
     ck.softmax.h = hs[sp][0];
@@ -295,25 +285,26 @@ Grads unitsface_backward(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
       ck.bank.grads = ck.bank.dots;
       call.bank_cols.set(ck.bank, j0, n);
     }
-    epilogue(ck);
+    unitsface_epilogue_cpu(ck);
     if (need_dx) {
       at::Tensor g = G[sp];
       chunking::gemm_acc(g, ck.softmax.grads, wc);
       if (do_b) chunking::gemm_acc(g, ck.bank.grads, bc);
     }
     if (need_dw) {
-      chunking::column_grads(dw, ck.softmax.grads, xh, wc, nw.narrow(0, j0, n), at::Tensor(), j0,
-                             scratch(qflat[sp], n, D));
+      chunking::column_grads(dw, ck.softmax.grads, xh, wc, nw.narrow(0, j0, n), j0,
+                             scratch(qflat[sp], n, D), o.eps);
     }
     if (uss_db && vector_bias) {
       chunking::write_columns(db_cols, call.index, j0,
                               chunking::bias_grad_columns(ck.bank.grads, nb.narrow(0, j0, n),
-                                                          o.scale));
+                                                          o.scale, o.eps, acc));
     }
   });
   hs = hs.sum(0);
   if (need_dx) {
-    dx = chunking::normalised_grad(G.sum(0), hs[0], call.xg.to(acc), nx).to(in.x.scalar_type());
+    dx = chunking::normalised_grad(G.sum(0), hs[0], call.xg.to(acc), nx, o.eps)
+             .to(in.x.scalar_type());
   }
   if (uss_db) {
     const at::Tensor b = vector_bias ? db_cols : hs[1].sum() * (-1.0 / o.scale);

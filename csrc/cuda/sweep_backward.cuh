@@ -1,0 +1,96 @@
+// The backward epilogue of the unitsface CUDA sweep: per chunk, the gradient tiles from the
+// forward's statistics and the per-split row sums.
+#pragma once
+
+#include "cuda/sweep_chunk.cuh"
+
+namespace unitsface {
+namespace cuda_sweep {
+
+// Backward: g_ij = go_i·∂L_i/∂cos_ij from the forward's statistics (final: no running max),
+// written to the tile (·inv_r when fold_inv); per split the row sums Σ g·cos (∂x) and Σ g of
+// the bank part (a scalar threshold's ∂b).
+template <typename T, typename X>
+__device__ __forceinline__ void softmax_bwd_warp(const ChunkArgs<T, X>& a, const Slice& s) {
+  const T scale = a.sp.scale;
+  const T* drow = a.dots + s.i * a.ld + s.base;
+  const T* inv = a.inv_w + a.col0 + s.base;
+  const T ix = a.inv_x[s.i], go = a.go[s.i], lse = a.stats[stats::kLse * a.B + s.i];
+  T raw_t = 0, gt = 0;
+  if (s.tl >= 0) {
+    raw_t = drow[s.tl] * ix * inv[s.tl];
+    const T zt = epi::softmax_z<T>(raw_t, true, a.sp);
+    gt = epi::softmax_grad<T>(raw_t, zt, true, lse, a.sp) * go;
+  }
+  X* trow = a.tiles + s.i * a.ld + s.base;
+  T h = 0;
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    if (v * kWarpCols >= a.kw) break;
+    T d[4], w[4], g[4];
+    const int64_t off = v * kWarpCols + s.lane * 4;
+    load4<T>(drow + off, d);
+    load4<T>(inv + off, w);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t jj = col_of(s.lane, v, e);
+      const bool other = (jj < s.width) & (jj != s.tl);
+      const T raw = d[e] * ix * w[e];
+      const T zz = scale * epi::clamp_unit<T>(raw);
+      const T gg = other ? epi::softmax_grad_other<T>(raw, zz, lse, scale) * go : T(0);
+      h += other ? gg * raw : T(0);  // (selects: a masked column's values may be garbage)
+      g[e] = other ? gg * (a.fold_inv ? w[e] : T(1)) : T(0);
+      g[e] = jj == s.tl ? gt * (a.fold_inv ? w[e] : T(1)) : g[e];
+    }
+    store4<X, T>(trow + off, g);
+  }
+  h = warp_sum<T>(h);
+  if (s.tl >= 0) h += gt * raw_t;
+  if (s.lane == 0) {
+    T& hh = a.hs[(int64_t(kHW) * a.ns + s.k) * a.B + s.i];
+    hh = (a.first ? T(0) : hh) + h;
+  }
+}
+
+template <typename T, typename X>
+__device__ __forceinline__ void uss_bwd_warp(const ChunkArgs<T, X>& a, const Slice& s) {
+  const T ix = a.inv_x[s.i], go = a.go[s.i] * a.weight;
+  const int64_t B = a.B;
+  const T* us = a.stats + stats::kUss * B;  // the USS block
+  const T sa = us[stats::kA * B + s.i], fa = us[stats::kSigmaA * B + s.i];
+  const T sb = us[stats::kB * B + s.i], fb = us[stats::kSigmaB * B + s.i];
+  X* trow = a.tiles + a.part_stride + s.i * a.ld + s.base;
+  T h = 0, gs = 0;
+  for_bank_elems(a, s, ix, trow, [&](int, int, bool pos, bool neg, T cos, T zz) {
+    const bool in = pos | neg;
+    const T gg = in ? epi::uss_grad<T>(zz, pos, sa, fa, sb, fb, a.up) * go : T(0);
+    h += in ? gg * cos : T(0);  // (selects: a masked column's values may be garbage)
+    gs += gg;
+    return gg;
+  });
+  h = warp_sum<T>(h);
+  gs = warp_sum<T>(gs);
+  if (s.lane == 0) {
+    T& hh = a.hs[(int64_t(kHB) * a.ns + s.k) * B + s.i];
+    T& gg = a.hs[(int64_t(kGB) * a.ns + s.k) * B + s.i];
+    hh = (a.first ? T(0) : hh) + h;
+    gg = (a.first ? T(0) : gg) + gs;
+  }
+}
+
+// grid (⌈B / kEpiWarps⌉, slices, 2): z = 0 the softmax part (skipped unless do_w), 1 the bank
+template <typename T, typename X>
+__global__ void __launch_bounds__(kEpiWarps* kWarp)
+    uf_bwd_epilogue(ChunkArgs<T, X> a, bool do_w, bool do_b) {
+  const int64_t i = int64_t(blockIdx.x) * kEpiWarps + threadIdx.x / kWarp;
+  if (i >= a.B) return;
+  const Slice s = slice_of(a, i);
+  if (blockIdx.z == 0) {
+    if (do_w) softmax_bwd_warp<T, X>(a, s);
+  } else {
+    if (do_b) uss_bwd_warp<T, X>(a, s);
+  }
+}
+
+}  // namespace cuda_sweep
+}  // namespace unitsface

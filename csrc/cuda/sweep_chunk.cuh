@@ -1,0 +1,129 @@
+// What the forward and backward epilogues of the unitsface CUDA sweep share
+// (csrc/cuda/sweep_forward.cuh, csrc/cuda/sweep_backward.cuh): the chunk's arguments, one
+// warp's slice of a row, and the loop over the bank part's elements of a slice.
+#pragma once
+
+#include "cuda/sweep_common.cuh"
+
+namespace unitsface {
+namespace cuda_sweep {
+
+// ------------------------------------------------------------------------ epilogues
+// One chunk: columns [col0, col0 + n) of S, slices of kw columns; dots and tiles are
+// [parts][B][ld] (part 1: the bank), per-column arrays indexed by the global column.
+template <typename T, typename X>
+struct ChunkArgs {
+  const T* dots;
+  X* tiles;                 // gradient tiles (row_grads forward, backward), or null
+  int64_t ld, part_stride;  // row stride (the plan's c) and B·ld
+  int64_t B, D, n, col0, kw, ns;
+  bool first;               // the sweep's first chunk: the running state starts here
+  bool fold_inv;            // tiles carry the inverse norm of their column (not fp16)
+  const T* inv_x;
+  const int64_t* target;
+  const T *inv_w, *inv_b, *vb, *cb;
+  epi::SoftmaxParams<T> sp;
+  epi::UssParams<T> up;
+  T weight;                 // λ
+  // forward
+  T* state;                 // [kStateRows, ns, B]
+  T *acc_w, *acc_b;         // [ns, B, D] ∂x accumulators of the row_grads forward, or null
+  // backward
+  const T* go;              // B, upstream gradient per row
+  const T* stats;           // [stats::kUnitsfaceRows, B] (the forward's statistics)
+  T* hs;                    // [kBwdRows, ns, B]
+};
+
+// The slice of one warp: columns [base, base + width) of the chunk.
+struct Slice {
+  int64_t i, base, width, tl;  // row, first column, columns, the row's target column or −1
+  int k, lane;
+};
+
+template <typename T, typename X>
+__device__ __forceinline__ Slice slice_of(const ChunkArgs<T, X>& a, int64_t i) {
+  Slice s;
+  s.i = i;
+  s.k = blockIdx.y;
+  s.lane = threadIdx.x % kWarp;
+  s.base = int64_t(s.k) * a.kw;
+  const int64_t rest = a.n - s.base;
+  s.width = rest < a.kw ? rest : a.kw;
+  const int64_t t = a.target[i] - a.col0 - s.base;
+  s.tl = (t >= 0 && t < s.width) ? t : -1;
+  return s;
+}
+
+// column index of element e of vector v of this lane, inside the slice
+__device__ __forceinline__ int64_t col_of(int lane, int v, int e) {
+  return int64_t(v) * kWarpCols + lane * 4 + e;
+}
+
+template <typename T>
+__device__ __forceinline__ T& state_at(T* st, int r, const Slice& s, int64_t ns, int64_t B) {
+  return st[(int64_t(r) * ns + s.k) * B + s.i];
+}
+
+// acc[k][i][:] *= f (the lazy rescale of a ∂x accumulator row when its running max moved)
+template <typename T>
+__device__ __forceinline__ void rescale_row(T* acc, const Slice& s, int64_t B, int64_t D, T f) {
+  T* row = acc + (int64_t(s.k) * B + s.i) * D;
+  for (int64_t d = s.lane; d < D; d += kWarp) row[d] *= f;
+}
+
+
+// The bank part's inputs of one 4-column vector of a lane: raw dots, inverse norms, validity
+// (1 / 0) and thresholds.
+template <typename T>
+struct BankVec {
+  T d[4], w[4], val[4], b[4];
+};
+
+template <typename T, typename X>
+__device__ __forceinline__ void load_bank_vec(const ChunkArgs<T, X>& a, const Slice& s,
+                                              int64_t off, BankVec<T>& q) {
+  const int64_t c0 = a.col0 + s.base;
+  load4<T>(a.dots + a.part_stride + s.i * a.ld + s.base + off, q.d);
+  load4<T>(a.inv_b + c0 + off, q.w);
+  load4<T>(a.vb + c0 + off, q.val);
+  load4<T>(a.cb + c0 + off, q.b);
+}
+
+// USS membership of element e of vector v of this lane from its column's validity: P = {the
+// target column}, N = the slice's other columns
+__device__ __forceinline__ void bank_member(const Slice& s, int v, int e, bool valid, bool& pos,
+                                            bool& neg) {
+  const int64_t jj = col_of(s.lane, v, e);
+  const bool ok = (jj < s.width) & valid;
+  pos = ok & (jj == s.tl);
+  neg = ok & (jj != s.tl);
+}
+
+// The bank part's elements of this lane's vectors of the slice: r = f(v, e, pos, neg, cos, z)
+// for each (z = z⁺ on P, z⁻ elsewhere), and, when trow is given, the tile's value r·inv_b (r
+// where the tile does not carry the inverse norms) written where the element is in P or N, 0
+// elsewhere (a select: a masked column's inverse norm may be garbage, and 0·NaN is NaN).
+template <typename T, typename X, typename F>
+__device__ __forceinline__ void for_bank_elems(const ChunkArgs<T, X>& a, const Slice& s, T ix,
+                                               X* trow, F&& f) {
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    if (v * kWarpCols >= a.kw) break;  // warp-uniform: the slice ends
+    BankVec<T> q;
+    T g[4];
+    const int64_t off = v * kWarpCols + s.lane * 4;
+    load_bank_vec(a, s, off, q);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      bool pos, neg;
+      bank_member(s, v, e, q.val[e] != T(0), pos, neg);
+      const T cos = q.d[e] * ix * q.w[e];
+      const T r = f(v, e, pos, neg, cos, epi::uss_z<T>(cos, q.b[e], pos, a.up));
+      g[e] = (pos | neg) ? r * (a.fold_inv ? q.w[e] : T(1)) : T(0);
+    }
+    if (trow != nullptr) store4<X, T>(trow + off, g);
+  }
+}
+
+}  // namespace cuda_sweep
+}  // namespace unitsface
