@@ -1,4 +1,4 @@
-"""Cost model of the native backend's CUDA sweep (csrc/unitsface_cuda.cu, docs/design.md §2).
+"""Cost model of the native backend's CUDA sweep (csrc/cuda/unitsface_sweep.cu, docs/design.md §2).
 
 One training step of the UniTSFace objective as ``fused_unitsface_loss(backend="native")``
 runs it on CUDA tensors that take a gradient: the forward with the per-row gradients

@@ -164,21 +164,28 @@ def test_eps_reaches_the_kernels(backend, monkeypatch):
                     ("uss", 2e-6), ("unitsface", 2e-6), ("uss", 3e-6), ("uss", 3e-6)]
 
 
-def test_eps_of_the_public_functions():
-    """eps=1e-12 is F.normalize's default: at norm 2e-7 the reference backend then computes
-    what the dense formula with F.normalize computes, and eps is checked like every
+@pytest.mark.parametrize("backend", ["reference"] + fused_backends("cpu", "unitsface"))
+def test_eps_of_the_public_functions(backend):
+    """eps=1e-12 is F.normalize's default: at norm 2e-7 every backend then computes what the
+    dense formula with F.normalize computes (loss and ∂x), and eps is checked like every
     setting."""
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(
         9, 5, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 9, (6,), generator=g)
     x[::2] = 2e-7 * torch.nn.functional.normalize(x[::2])
+    x.requires_grad_()
     cos = torch.nn.functional.normalize(x) @ torch.nn.functional.normalize(w).T
     dense = torch.nn.functional.cross_entropy(
         64.0 * (cos - 0.4 * torch.nn.functional.one_hot(labels, 9)), labels)
-    ours = fused_margin_softmax_loss(x, w, labels, eps=1e-12, backend="reference")
+    ours = fused_margin_softmax_loss(x, w, labels, eps=1e-12, backend=backend)
     torch.testing.assert_close(ours, dense)
-    official = fused_margin_softmax_loss(x, w, labels, backend="reference")
+    # ∂x of the tiny rows is of order 1/‖x‖: compared row by row, relative to each row
+    got, want = (torch.autograd.grad(t, x)[0] for t in (ours, dense))
+    for g_row, w_row in zip(got, want):
+        torch.testing.assert_close(g_row / w_row.norm(), w_row / w_row.norm())
+    x = x.detach()
+    official = fused_margin_softmax_loss(x, w, labels, backend=backend)
     assert abs(float(official - dense)) > 1e-2 * float(dense)
     for fn, args in ((fused_margin_softmax_loss, (x, w, labels)),
                      (fused_uss_loss, (x, labels, 1.0, w)), (uss_bias_init, (x, labels)),

@@ -104,11 +104,10 @@ SCENARIOS = {
                                                       margin_cos=0.0, easy_margin=True,
                                                       uss_form="lse", official_clamp=True,
                                                       b=9.0)),
-    # F.normalize's eps (from_insightface's) with a third of the rows at norm ~1e-7; the
-    # kernels read o.eps once their owners land it (issue 28): the eager per-shard ops now
+    # F.normalize's eps (from_insightface's) with a third of the rows at norm ~1e-7: every
+    # backend's kernels read it from the options
     "unitsface_eps_tiny_pfc": ("unitsface", dict(scale=64.0, uss_form="pairs", b=20.0,
-                                                 eps=1e-12, tiny=True, pfc=True,
-                                                 only=("reference",))),
+                                                 eps=1e-12, tiny=True, pfc=True)),
 }
 _OBJECTIVE_KEYS = ("arcface_grad", "easy_margin", "official_clamp", "eps")
 
@@ -368,8 +367,6 @@ def _worker(rank, world, init_file, out_dir):
         results["memory"] = _run_memory(rank, world, ClassShard.from_group, _fused_backend())
         for backend in _backends():
             for name, (kind, opts) in SCENARIOS.items():
-                if backend not in opts.get("only", (backend,)):
-                    continue
                 t = time.perf_counter()
                 results[(backend, name)] = _run_shard(kind, opts, data, shard, rank, backend)
                 results["times"][(backend, name)] = time.perf_counter() - t
@@ -418,8 +415,6 @@ def test_matches_single_process(run, name, backend):
         pytest.skip(f"backend {backend!r} does not run on this machine")
     world, data, ranks = run
     kind, opts = SCENARIOS[name]
-    if backend not in opts.get("only", (backend,)):
-        pytest.skip(f"the {backend} kernels do not read the eps setting yet (issue 28)")
     want = _oracle(kind, opts, data)
     for r, res in enumerate(ranks):
         got = res[(backend, name)]

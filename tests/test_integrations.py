@@ -85,15 +85,16 @@ def test_from_pml_matches_pml(backend, dtype, kind):
     torch.testing.assert_close(ow, gw)
 
 
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
 @pytest.mark.parametrize("kind", ["CosFaceLoss", "ArcFaceLoss"])
-def test_from_pml_carries_its_normalisation_eps(kind):
+def test_from_pml_carries_its_normalisation_eps(kind, backend):
     """Embeddings of norm 2e-7: PML normalises with F.normalize's 1e-12, and so does the head
     from_pml builds (eps=1e-12 in its settings): the same loss and gradients, where the
     official heads' 1e-5 would read those rows as x / 1e-5."""
     losses = _pml()
     torch.manual_seed(0)
     pml_loss = getattr(losses, kind)(num_classes=C, embedding_size=D).to(torch.float64)
-    head = PartialFC.from_pml(pml_loss, backend="reference")
+    head = PartialFC.from_pml(pml_loss, backend=backend)
     assert head.eps == 1e-12
     x, labels = _batch(pml_loss, torch.float64)
     x[::2] = 2e-7 * F.normalize(x[::2])
@@ -101,7 +102,7 @@ def test_from_pml_carries_its_normalisation_eps(kind):
     torch.testing.assert_close(ours, loss)
     torch.testing.assert_close(ox, gx)
     torch.testing.assert_close(ow, gw)
-    official = PartialFC.from_pml(pml_loss, backend="reference", eps=1e-5)
+    official = PartialFC.from_pml(pml_loss, backend=backend, eps=1e-5)
     (_, _, _), (other, _, _) = _pml_and_ours(pml_loss, official, x, labels)
     assert abs(float(other - loss)) > 1e-2 * abs(float(loss))
 

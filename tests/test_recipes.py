@@ -271,8 +271,9 @@ def _insightface_step(head, margin_loss, x, w, labels):
             (theirs,) + torch.autograd.grad(theirs, [xo, wo]))
 
 
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
 @pytest.mark.parametrize("margins", [(1.0, 0.5, 0.0), (1.0, 0.0, 0.4)])
-def test_from_insightface_carries_its_normalisation_eps(data, margins):
+def test_from_insightface_carries_its_normalisation_eps(data, margins, backend):
     """Embeddings of norm 2e-7 (arcface_torch's own synthetic set collapses its last
     BatchNorm to such): PartialFC_V2 normalises with F.normalize's 1e-12, and so does
     from_insightface (eps=1e-12 in its settings), giving the same loss and gradients; the
@@ -280,12 +281,12 @@ def test_from_insightface_carries_its_normalisation_eps(data, margins):
     margin_loss = CombinedMarginLoss(64.0, *margins)
     x = data["x"].clone()
     x[::2] = 2e-7 * F.normalize(x[::2])
-    head = PartialFC.from_insightface(margin_loss, D, C, backend="reference").double()
+    head = PartialFC.from_insightface(margin_loss, D, C, backend=backend).double()
     assert head.eps == 1e-12 and head.options.eps == 1e-12
     ours, theirs = _insightface_step(head, margin_loss, x, data["w"], data["labels"])
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)
-    official = PartialFC.from_insightface(margin_loss, D, C, backend="reference",
+    official = PartialFC.from_insightface(margin_loss, D, C, backend=backend,
                                           eps=1e-5).double()
     other, _ = _insightface_step(official, margin_loss, x, data["w"], data["labels"])
     gap = (other[0] - theirs[0]).detach()
