@@ -130,7 +130,8 @@ def uss_lse_terms(a: torch.Tensor, b: torch.Tensor, scale: float, clamp: bool):
 
 
 def clamp_sym(z: torch.Tensor, scale: float) -> torch.Tensor:
-    """z clamped to [−s, s] (the official clamp), its gradient zero where the clamp is active.
+    """z clamped to [−s, s] (the official clamp; the cosines' clamp to [−1, 1]), its gradient
+    zero where the clamp is active.
     Unlike torch.clamp's, its gradient at a NaN is NaN: data NaN reaches the gradients of
     what it touches (docs/design.md §5)."""
     return torch.where(z > scale, scale, torch.where(z < -scale, -scale, z))
@@ -268,7 +269,7 @@ def margin_softmax_rows(x, centres, labels, *, scale=64.0, margin_arc=0.0, margi
     z_iy = s·f(cos_iy) (:func:`target_logit`), cos clamped to [−1, 1]."""
     w = readable_rows(class_rows(centres, index, sparse_grad), None, x.dtype)
     local = labels if index is None else torch.searchsorted(index, labels)
-    cos = (normalize(x, eps) @ normalize(w, eps).T).clamp(-1.0, 1.0)
+    cos = clamp_sym(normalize(x, eps) @ normalize(w, eps).T, 1.0)
     target = target_logit(cos.gather(1, local[:, None]), margin_arc, margin_cos,
                           straight_through=arcface_grad == "straight_through",
                           easy_margin=easy_margin)
@@ -333,8 +334,7 @@ def _class_tiles(x, centres, bank, labels, index, bank_valid, bias, o: Unitsface
     """Eager logits of the classes S: z (softmax), the target mask, and USS (pos, neg, z⁺, z⁻)."""
     classes = torch.arange(centres.shape[0], device=x.device) if index is None else index
     xh = normalize(x, o.eps)
-    cos = (xh @ normalize(readable_rows(centres[classes], None, x.dtype), o.eps).T).clamp(-1.0,
-                                                                                         1.0)
+    cos = clamp_sym(xh @ normalize(readable_rows(centres[classes], None, x.dtype), o.eps).T, 1.0)
     is_t = labels[:, None] == classes[None, :]
     f = target_logit(cos, o.margin_arc, o.margin_cos, straight_through=o.arcface_straight_through,
                      easy_margin=o.easy_margin)
