@@ -202,6 +202,7 @@ UnitsfaceForward unitsface_forward(const UnitsfaceInputs& in, const UnitsfaceOpt
   rgi.target = call.target;
   rgi.nw = nw;
   rgi.nb = nb;
+  rgi.read = call.xdt;
   const auto grads = rg->finish(state, stats, rgi);
   return {rows, stats, nx, nw, nb, grads.first, grads.second};
 }
