@@ -70,13 +70,28 @@ def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
+class _ReadAs(torch.autograd.Function):
+    """Rows rounded to x's dtype, returned in x's compute dtype; their gradient goes back in the
+    rows' own dtype straight from the compute dtype (autograd's cast would round it to x's
+    dtype first — and overflow, for a bf16 row's gradient of ~1/eps under fp16 x)."""
+
+    @staticmethod
+    def forward(ctx, ref, dtype):
+        ctx.ref_dtype = ref.dtype
+        return ref.to(dtype).to(compute_dtype(dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.ref_dtype), None
+
+
 def readable_rows(ref: torch.Tensor, valid: torch.Tensor | None,
                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """The reference rows as the losses read them: rounded to x's dtype (`dtype`: reference
-    rows may be fp32 master weights for half embeddings, or a half bank for fp32 ones), and
-    rows marked invalid are zero."""
+    rows may be fp32 master weights for half embeddings, or a half bank for fp32 ones; then
+    given in x's compute dtype), and rows marked invalid are zero."""
     if dtype is not None and ref.dtype != dtype:
-        ref = ref.to(dtype)
+        ref = _ReadAs.apply(ref, dtype)
     if valid is None:
         return ref
     return torch.where(valid[:, None], ref, torch.zeros((), dtype=ref.dtype, device=ref.device))
