@@ -204,6 +204,11 @@ Grads uss_backward(const at::Tensor& grad_rows, const UssInputs& in, const UssSa
     }
   });
   hs = hs.sum(0);
+  // an invalid row takes no part: its gradient is exactly zero, also when x holds NaN (Q's
+  // gᵀ·x̂ would carry 0·NaN into it)
+  if (need_dref && in.ref_valid.has_value()) {
+    dref.masked_fill_(in.ref_valid->logical_not().unsqueeze(1), 0);
+  }
   if (need_dx) {
     dx = chunking::normalised_grad(G.sum(0), hs[0], call.xg.to(call.acc), nx, o.eps)
              .to(in.x.scalar_type());

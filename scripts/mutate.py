@@ -29,7 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PY = str(ROOT / ".venv" / "bin" / "python")
+PY = sys.executable
+"""The interpreter running this script (.venv/bin/python) runs the builds and the tests, with
+this checkout first on the path (a git worktree has no .venv of its own, and the venv's
+editable install may point at another checkout)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ def _replace(path: Path, old: str, new: str) -> str:
 
 
 def _build() -> bool:
-    env = dict(os.environ, UNITSFACE_NO_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    env = dict(os.environ, UNITSFACE_NO_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"),
+               PYTHONPATH=str(ROOT))
     done = subprocess.run([PY, "setup.py", "build_ext", "--inplace"], cwd=ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return done.returncode == 0
@@ -68,7 +72,7 @@ def _build() -> bool:
 def _run_tests(tests) -> str:
     """The verdict of the mutant's tests: "SURVIVED" when they pass, "killed" when one fails;
     anything else (no test selected: pytest's exit code 5, a usage error) is not a kill."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     done = subprocess.run([PY, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           timeout=1800)

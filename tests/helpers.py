@@ -9,7 +9,10 @@ inputs that take one; :func:`check` compares a backend with the float64 referenc
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import re
 
 import pytest
 import torch
@@ -51,6 +54,49 @@ def fused_backends(device: str, family: str) -> list:
         out.append(pytest.param("native", marks=pytest.mark.skip(
             reason=f"the native extension has no {family} ops for {device} tensors (not built)")))
     return out
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@functools.cache
+def build_cuda_emulation() -> None:
+    """Compiles (once; ninja keeps the objects under build/) and loads the host build of the
+    native CUDA sweep of the unitsface family (csrc/emu/): ops
+    unitsface_emu::unitsface_{fwd,bwd} with the native ops' schemas."""
+    from torch.utils import cpp_extension
+    tag = re.sub(r"[^A-Za-z0-9.-]+", "_", f"torch{torch.__version__}")
+    build_dir = os.path.join(ROOT, "build", f"cuda-emu-{tag}")
+    os.makedirs(build_dir, exist_ok=True)
+    csrc = os.path.join(ROOT, "csrc")
+    cpp_extension.load(
+        name="unitsface_cuda_emu",
+        sources=[os.path.join(csrc, "emu", "unitsface_cuda_emu.cpp"),
+                 os.path.join(csrc, "unitsface_args.cpp"), os.path.join(csrc, "chunking.cpp")],
+        extra_include_paths=[csrc], extra_cflags=["-O1", "-g0"], build_directory=build_dir,
+        is_python_module=False)
+
+
+@contextlib.contextmanager
+def cuda_emulation():
+    """While active, backend="native" on CPU tensors of the unitsface family runs the emulated
+    CUDA sweep instead of the native CPU kernels, and torch.empty fills memory with NaN
+    (torch's deterministic mode), so that a padded column or an unwritten buffer that reaches
+    a result shows."""
+    build_cuda_emulation()
+    # the extension registers its CPU kernels when it loads: load it first, or it would
+    # replace the emulation's on the first call
+    assert native.has_family("unitsface"), "the native extension is not built"
+    lib = torch.library.Library("unitsface", "IMPL")
+    lib.impl("unitsface_fwd_native", lambda *a: torch.ops.unitsface_emu.unitsface_fwd(*a), "CPU")
+    lib.impl("unitsface_bwd_native", lambda *a: torch.ops.unitsface_emu.unitsface_bwd(*a), "CPU")
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        lib._destroy()
 
 
 def all_backends(device: str, family: str) -> list:

@@ -217,10 +217,16 @@ def _autograd(family: Family, bwd_op):
     positions = family.grad_positions
     names = [n for _, n in family.inputs]
     indexed = names.index(family.indexed) if family.indexed else None
+    bias = names.index("bias")
 
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(*output[1:])
-        ctx.save_for_backward(*inputs[:n_in], *output[1:])
+        saved = list(inputs[:n_in])
+        if saved[bias] is not None:
+            # b by value (1 or N numbers): a module's data-dependent threshold start may write
+            # b in place before this call's backward (two forwards, then one backward)
+            saved[bias] = saved[bias].detach().clone()
+        ctx.save_for_backward(*saved, *output[1:])
         ctx.options = inputs[n_in]
         ctx.sparse_grad = bool(inputs[-1]) if family.indexed else False
 

@@ -72,13 +72,28 @@ def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
+class _ReadAs(torch.autograd.Function):
+    """Rows rounded to x's dtype, returned in x's compute dtype; their gradient goes back in the
+    rows' own dtype straight from the compute dtype (autograd's cast would round it to x's
+    dtype first — and overflow, for a bf16 row's gradient of ~1/eps under fp16 x)."""
+
+    @staticmethod
+    def forward(ctx, ref, dtype):
+        ctx.ref_dtype = ref.dtype
+        return ref.to(dtype).to(compute_dtype(dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.ref_dtype), None
+
+
 def readable_rows(ref: torch.Tensor, valid: torch.Tensor | None,
                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """The reference rows as the losses read them: rounded to x's dtype (`dtype`: reference
-    rows may be fp32 master weights for half embeddings, or a half bank for fp32 ones), and
-    rows marked invalid are zero."""
+    rows may be fp32 master weights for half embeddings, or a half bank for fp32 ones; then
+    given in x's compute dtype), and rows marked invalid are zero."""
     if dtype is not None and ref.dtype != dtype:
-        ref = ref.to(dtype)
+        ref = _ReadAs.apply(ref, dtype)
     if valid is None:
         return ref
     return torch.where(valid[:, None], ref, torch.zeros((), dtype=ref.dtype, device=ref.device))
@@ -139,7 +154,8 @@ def uss_stats(a, fa, b, fb) -> torch.Tensor:
 
 
 def clamp_sym(z: torch.Tensor, scale: float) -> torch.Tensor:
-    """z clamped to [−s, s] (the official clamp), its gradient zero where the clamp is active.
+    """z clamped to [−s, s] (the official clamp; the cosines' clamp to [−1, 1]), its gradient
+    zero where the clamp is active.
     Unlike torch.clamp's, its gradient at a NaN is NaN: data NaN reaches the gradients of
     what it touches (docs/design.md §5)."""
     return torch.where(z > scale, scale, torch.where(z < -scale, -scale, z))
@@ -277,7 +293,7 @@ def margin_softmax_rows(x, centres, labels, *, scale=64.0, margin_arc=0.0, margi
     z_iy = s·f(cos_iy) (:func:`target_logit`), cos clamped to [−1, 1]."""
     w = readable_rows(class_rows(centres, index, sparse_grad), None, x.dtype)
     local = labels if index is None else torch.searchsorted(index, labels)
-    cos = (normalize(x, eps) @ normalize(w, eps).T).clamp(-1.0, 1.0)
+    cos = clamp_sym(normalize(x, eps) @ normalize(w, eps).T, 1.0)
     target = target_logit(cos.gather(1, local[:, None]), margin_arc, margin_cos,
                           straight_through=arcface_grad == "straight_through",
                           easy_margin=easy_margin)
@@ -342,8 +358,7 @@ def _class_tiles(x, centres, bank, labels, index, bank_valid, bias, o: Unitsface
     """Eager logits of the classes S: z (softmax), the target mask, and USS (pos, neg, z⁺, z⁻)."""
     classes = torch.arange(centres.shape[0], device=x.device) if index is None else index
     xh = normalize(x, o.eps)
-    cos = (xh @ normalize(readable_rows(centres[classes], None, x.dtype), o.eps).T).clamp(-1.0,
-                                                                                         1.0)
+    cos = clamp_sym(xh @ normalize(readable_rows(centres[classes], None, x.dtype), o.eps).T, 1.0)
     is_t = labels[:, None] == classes[None, :]
     f = target_logit(cos, o.margin_arc, o.margin_cos, straight_through=o.arcface_straight_through,
                      easy_margin=o.easy_margin)

@@ -55,7 +55,7 @@ std::pair<at::Tensor, at::Tensor> RowGrads::finish(const at::Tensor& state,
   at::Tensor G = acc_w_ * p_norm.unsqueeze(1);
   at::Tensor h = state[kHw] * p_norm;
   const at::Tensor coef_t = at::where(has_t, -s * state[kTargetState + 1], zero);
-  const at::Tensor w_t = in.centres.index_select(0, y).to(acc);
+  const at::Tensor w_t = in.centres.index_select(0, y).to(in.read).to(acc);
   G = G + (coef_t * chunking::inv_norms(in.nw, o_.eps).index_select(0, tcol)).unsqueeze(1) * w_t;
   h = h + coef_t * state[kTargetState];
   at::Tensor gsum = zero;  // Σ_c g'_ic of USS (λ included)
@@ -74,7 +74,7 @@ std::pair<at::Tensor, at::Tensor> RowGrads::finish(const at::Tensor& state,
       // the positive (at most one bank row per class): g' = −λ·s·σA' (A = its z⁺), read as
       // the loss reads it (an invalid row is a zero row, and then no positive: σA' = 0)
       const at::Tensor g_p = -lambda * s * stats[stats::kUss + stats::kSigmaA];
-      at::Tensor b_t = in.bank.index_select(0, y).to(acc);
+      at::Tensor b_t = in.bank.index_select(0, y).to(in.read).to(acc);
       if (in.bank_valid.defined()) {
         b_t = at::where(in.bank_valid.index_select(0, y).unsqueeze(1), b_t, at::zeros({}, b_t.options()));
       }

@@ -46,6 +46,7 @@ struct RowGradsInputs {
   at::Tensor labels;  // B int64
   at::Tensor target;  // B: the column of y_i in S, −1
   at::Tensor nw, nb;  // S
+  at::ScalarType read;  // x's dtype: rows of another dtype are read rounded to it
 };
 
 class RowGrads {

@@ -203,6 +203,7 @@ UnitsfaceForward unitsface_forward_cpu(const UnitsfaceInputs& in, const Unitsfac
   rgi.target = call.target;
   rgi.nw = nw;
   rgi.nb = nb;
+  rgi.read = call.xdt;
   const auto grads = rg->finish(state, stats, rgi);
   return {rows, stats, nx, nw, nb, grads.first, grads.second};
 }
