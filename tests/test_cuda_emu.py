@@ -14,55 +14,25 @@ the GPU (speed, cuBLAS's rounding) are not tested here.
 
 from __future__ import annotations
 
-import os
-import re
-
 import pytest
 import torch
-from helpers import (FORMS, MARGINS, REQUIRE_NATIVE, assert_close_grad, assert_close_loss, check,
-                     check_empty_bank_is_softmax_alone, check_frozen_x,
-                     check_invalid_rows_reach_nothing, check_nan_in_valid_bank_row, make_case,
-                     same_label_and_zero_rows)
+from helpers import (FORMS, MARGINS, REQUIRE_NATIVE, assert_close_grad, assert_close_loss,
+                     assert_rows_close, check, check_empty_bank_is_softmax_alone, check_frozen_x,
+                     check_invalid_rows_reach_nothing, check_nan_in_valid_bank_row, cuda_emulation,
+                     make_case, same_label_and_zero_rows, with_tiny_rows)
 from unitsface_kernels import (contract, fused_margin_softmax_loss, fused_unitsface_loss, native,
                                options, reference)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(
     not native.has_family("unitsface") and not REQUIRE_NATIVE,
     reason="the native extension is not built (the public functions refuse backend='native')")
 
 
-def _build_emulation():
-    """Compiles (once; ninja keeps the objects under build/) and loads the host build of the
-    CUDA sweep: ops unitsface_emu::unitsface_{fwd,bwd} with the native ops' schemas."""
-    from torch.utils import cpp_extension
-    tag = re.sub(r"[^A-Za-z0-9.-]+", "_", f"torch{torch.__version__}")
-    build_dir = os.path.join(ROOT, "build", f"cuda-emu-{tag}")
-    os.makedirs(build_dir, exist_ok=True)
-    csrc = os.path.join(ROOT, "csrc")
-    cpp_extension.load(
-        name="unitsface_cuda_emu",
-        sources=[os.path.join(csrc, "emu", "unitsface_cuda_emu.cpp"),
-                 os.path.join(csrc, "unitsface_args.cpp"), os.path.join(csrc, "chunking.cpp")],
-        extra_include_paths=[csrc], extra_cflags=["-O1", "-g0"], build_directory=build_dir,
-        is_python_module=False)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def emulated():
     """backend="native" on CPU tensors runs the emulated CUDA sweep; torch.empty gives NaN."""
-    _build_emulation()
-    lib = torch.library.Library("unitsface", "IMPL")
-    lib.impl("unitsface_fwd_native", lambda *a: torch.ops.unitsface_emu.unitsface_fwd(*a), "CPU")
-    lib.impl("unitsface_bwd_native", lambda *a: torch.ops.unitsface_emu.unitsface_bwd(*a), "CPU")
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)  # (fills torch.empty with NaN)
-    try:
+    with cuda_emulation():
         yield
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        lib._destroy()
 
 
 @pytest.fixture
@@ -231,28 +201,6 @@ def test_ops_with_classes_outside_the_index(budget, form, row_grads, vector_bias
     for name, g, w in zip(("x", "centres", "bias"), grads, want):
         assert_close_grad(g, w, torch.float64, name, scalar_scale=scale)
     assert_close_loss(got[0], ref[0], torch.float64)
-
-
-# Row norms below the default eps (1e-5), at an eps of 1e-12 (1 % over it: at exactly the eps
-# the gradient jumps, and which side a norm rounds to is not the test's business) and below it.
-TINY_NORMS = (3e-7, 2e-9, 1.01e-12, 4e-13)
-
-
-def with_tiny_rows(t, rows):
-    """t with rows[k] rescaled to the norm TINY_NORMS[k]."""
-    t = t.clone()
-    for r, norm in zip(rows, TINY_NORMS):
-        t[r] = t[r] / t[r].norm() * norm
-    return t
-
-
-def assert_rows_close(name, g, w, rtol):
-    """Each row of g within rtol of w's row (relative to that row: the tiny rows' gradients,
-    of order 1/eps, would hide every other row in a global norm)."""
-    g, w = g.detach().double().reshape(len(g), -1), w.detach().double().reshape(len(w), -1)
-    err, size = (g - w).norm(dim=1), w.norm(dim=1)
-    bad = err > rtol * size + 1e-12 * float(w.norm())
-    assert not bad.any(), f"{name}: rows {bad.nonzero()[:, 0].tolist()} off by {err[bad]} of {size[bad]}"
 
 
 @pytest.mark.parametrize("budget", ["300"], indirect=True)

@@ -22,9 +22,10 @@ import subprocess
 import pytest
 import torch
 
-from helpers import (DTYPES, FORMS, MARGINS, check, check_empty_bank_is_softmax_alone,
-                     check_frozen_x, check_invalid_rows_reach_nothing, check_nan_in_valid_bank_row,
-                     grad_names, leaves_of, loss_of, make_case, run, same_label_and_zero_rows)
+from helpers import (DTYPES, FORMS, MARGINS, assert_rows_close, check,
+                     check_empty_bank_is_softmax_alone, check_frozen_x,
+                     check_invalid_rows_reach_nothing, check_nan_in_valid_bank_row, grad_names,
+                     leaves_of, loss_of, make_case, run, same_label_and_zero_rows, with_tiny_rows)
 from unitsface_kernels import (backends, fused_margin_softmax_loss, fused_unitsface_loss,
                                fused_uss_loss, native, options, reference, uss_bias_init)
 
@@ -420,28 +421,6 @@ def uss_args(case, form="lse"):
 
 
 # ---------------------------------------------------------------- the normalisation eps
-
-# Row norms below the default eps (1e-5), at an eps of 1e-12 (1 % over it: at exactly the eps
-# the gradient jumps, and which side a norm rounds to is not the test's business) and below it.
-TINY_NORMS = (3e-7, 2e-9, 1.01e-12, 4e-13)
-
-
-def with_tiny_rows(t, rows):
-    """t with rows[k] rescaled to the norm TINY_NORMS[k]."""
-    t = t.clone()
-    for r, norm in zip(rows, TINY_NORMS):
-        t[r] = t[r] / t[r].norm() * norm
-    return t
-
-
-def assert_rows_close(name, g, w, rtol):
-    """Each row of g within rtol of w's row (relative to that row: the tiny rows' gradients,
-    of order 1/eps, would hide every other row in a global norm)."""
-    g, w = g.detach().double().reshape(len(g), -1), w.detach().double().reshape(len(w), -1)
-    err, size = (g - w).norm(dim=1), w.norm(dim=1)
-    bad = err > rtol * size + 1e-12 * float(w.norm())
-    assert not bad.any(), f"{name}: rows {bad.nonzero()[:, 0].tolist()} off by {err[bad]} of {size[bad]}"
-
 
 @pytest.mark.parametrize("budget", ["97", None], indirect=True)
 @pytest.mark.parametrize("form", FORMS)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import (DTYPES, FORMS, MARGINS, LargestAllocation, all_backends, as_float64,
-                     check, fp64_backends, fused_backends, make_case, passes_gradcheck,
-                     run)
+from helpers import (DTYPES, FORMS, MARGINS, CountingKernel, LargestAllocation, all_backends,
+                     as_float64, check, fp64_backends, fused_backends, make_case,
+                     passes_gradcheck, run)
 from unitsface_kernels import fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss
 
 
@@ -121,20 +121,6 @@ def test_threshold_gradient_alone(backend, vector_bias):
     torch.testing.assert_close(grads[0], grads[1])
 
 
-class _CountingKernel:
-    """Stands in for a jitted kernel: records each launch's keyword arguments, then launches
-    the real one."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 @pytest.mark.parametrize("backend", fused_backends("cpu", "unitsface")[:1])  # triton
 @pytest.mark.parametrize("form", FORMS)
 def test_triton_launches_per_chunk(backend, form, monkeypatch):
@@ -146,7 +132,7 @@ def test_triton_launches_per_chunk(backend, form, monkeypatch):
 
     names = ("_cos_kernel", "_dw_kernel", "_dx_kernel")
     for c in (301, 620):  # 3 and 5 chunks of the interpreter's 128 classes
-        counters = {name: _CountingKernel(getattr(fused, name)) for name in names}
+        counters = {name: CountingKernel(getattr(fused, name)) for name in names}
         for name, counter in counters.items():
             monkeypatch.setattr(fused, name, counter)
         case = case_of(37, c, 16, torch.float32, "cpu", seed=c)

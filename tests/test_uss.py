@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from helpers import (DTYPES, FORMS, LargestAllocation, all_backends, check, fp64_backends,
-                     fused_backends, grad_names, make_case, passes_gradcheck, run)
+from helpers import (DTYPES, FORMS, CountingKernel, LargestAllocation, all_backends, check,
+                     fp64_backends, fused_backends, grad_names, make_case, passes_gradcheck, run)
 from unitsface_kernels import fused_uss_loss, reference, uss_bias_init
 
 MODES = ["bank", "inbatch", "centres"]
@@ -193,20 +193,6 @@ def test_no_bxn_allocation(backend, form, mode):
         assert inner.largest < limit, (inner.largest, inner.where)
 
 
-class _CountingKernel:
-    """Stands in for a jitted kernel: records each launch's keyword arguments, then launches
-    the real one."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 @pytest.mark.parametrize("backend", fused_backends("cpu", "uss")[:1])  # triton
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("mode", MODES)
@@ -218,7 +204,7 @@ def test_triton_runs_the_fused_engine(backend, form, mode, monkeypatch):
     from unitsface_kernels.triton import fused
 
     names = ("_cos_kernel", "_dw_kernel", "_dx_kernel")
-    counters = {name: _CountingKernel(getattr(fused, name)) for name in names}
+    counters = {name: CountingKernel(getattr(fused, name)) for name in names}
     for name, counter in counters.items():
         monkeypatch.setattr(fused, name, counter)
     b, n = (150, 0) if mode == "inbatch" else (37, 301)
