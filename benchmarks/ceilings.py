@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
@@ -29,6 +28,7 @@ import triton.language as tl
 
 from .device import PRODUCTS
 from .device import from_dict as _device
+from .measure import median_ms
 
 
 @triton.jit
@@ -55,20 +55,6 @@ def stream_sum(src: torch.Tensor, programs: int, iters: int, block: int) -> torc
     return out
 
 
-def _median_ms(fn, reps: int = 10, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def mm_rates(b: int, d: int, c: int, dtype: torch.dtype) -> dict:
     """FLOP/s of torch.mm at each product's shape (random data)."""
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -78,21 +64,21 @@ def mm_rates(b: int, d: int, c: int, dtype: torch.dtype) -> dict:
     runs = {"cos": lambda: torch.mm(x, w.t()), "dw": lambda: torch.mm(gt.t(), x),
             "dx": lambda: torch.mm(gt, w)}
     flops = 2.0 * b * c * d
-    return {p: flops / (_median_ms(runs[p]) * 1e-3) for p in PRODUCTS}
+    return {p: flops / (median_ms(runs[p]) * 1e-3) for p in PRODUCTS}
 
 
 def bandwidths(sms: int) -> dict:
     """HBM (copy, read + written; and the stream kernel's read rate) and L2 (read) bytes/s."""
     big = torch.empty(1 << 28, device="cuda", dtype=torch.float32).normal_()  # 1 GiB
     dst = torch.empty_like(big)
-    copy_ms = _median_ms(lambda: dst.copy_(big))
+    copy_ms = median_ms(lambda: dst.copy_(big))
     block, programs = 4096, 8 * sms
     iters_hbm = big.numel() // (block * programs)
-    hbm_read_ms = _median_ms(lambda: stream_sum(big, programs, iters_hbm, block))
+    hbm_read_ms = median_ms(lambda: stream_sum(big, programs, iters_hbm, block))
     del big, dst
     small = torch.randn(1 << 22, device="cuda")  # 16 MiB: in L2 on an H100 or H200
     iters_l2 = 256
-    l2_ms = _median_ms(lambda: stream_sum(small, programs, iters_l2, block))
+    l2_ms = median_ms(lambda: stream_sum(small, programs, iters_l2, block))
     return {"hbm_bps": 2 * (1 << 30) / (copy_ms * 1e-3),
             "hbm_read_bps": programs * iters_hbm * block * 4 / (hbm_read_ms * 1e-3),
             "l2_bps": programs * iters_l2 * block * 4 / (l2_ms * 1e-3)}
@@ -113,7 +99,7 @@ def launch_costs(n: int = 1000) -> dict:
             for _ in range(n):
                 one.add_(1)
     torch.cuda.synchronize()
-    gap_ms = _median_ms(graph.replay, reps=5)
+    gap_ms = median_ms(graph.replay, warmup=2, reps=5)
 
     def host(fn) -> float:
         fn()

@@ -87,6 +87,13 @@ def time_steps(step: Callable[[], object], repeats: int, device: torch.device) -
     return times
 
 
+def median_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> float:
+    """Median milliseconds per call of fn() on the current CUDA device, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(time_steps(fn, reps, torch.device("cuda"))) * 1e3
+
+
 # ----------------------------------------------------------------------------- CPU memory
 
 def _rss_bytes() -> int:

@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from .measure import median_ms
+
 # the defaults first (config.fused_config: the first line times them), then one step away
 # from them per knob
 CANDIDATES = {
@@ -27,21 +29,6 @@ CANDIDATES = {
     "UNITSFACE_TRITON_DX_TILES": ["128,256,64,8,3"],
     "UNITSFACE_TRITON_CHUNK_MB": ["16"],
 }
-
-
-def _time(fn, warmup=3, reps=10) -> float:
-    """Median milliseconds of fn() with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -61,7 +48,7 @@ def main() -> None:
     bias = torch.tensor([20.0], device=dev, requires_grad=True)
     labels = torch.randint(0, c, (b,), device=dev, generator=g)
 
-    mm_ms = _time(lambda: torch.mm(x.detach(), w.detach().T))
+    mm_ms = median_ms(lambda: torch.mm(x.detach(), w.detach().T))
     useful = 5 * 2 * b * c * d
     print(f"torch.mm {b}x{d} @ {d}x{c} bf16: {mm_ms:.3f} ms "
           f"({2 * b * c * d / mm_ms / 1e9:.0f} TFLOP/s); useful work = 5 such GEMMs")
@@ -86,7 +73,7 @@ def _timed(knob: str, tiles: str, fn):
     """Median ms of fn() under one tuning; None (and a line saying why) if it fails."""
     os.environ[knob] = tiles
     try:
-        return _time(fn)
+        return median_ms(fn)
     except Exception as e:  # a config that does not fit is a finding, not a crash
         print(f"{knob:>27} {tiles:>16} failed: {type(e).__name__}: {str(e)[:120]}")
         return None
