@@ -36,12 +36,15 @@ prediction with the pessimistic inputs (L2 5.5 TB/s, mm 450 TFLOP/s), the optimi
 writes on a GPU), the measured ones.
 
 One function per launch plan (``PLANS``): :func:`fused_unitsface` counts
-``fused_unitsface_loss``; another op's plan is another function of the same signature.
+``fused_unitsface_loss``, :func:`fused_uss` counts ``fused_uss_loss`` (a memory bank, or the
+batch itself: ``--op fused_uss_loss_inbatch``); another op's plan is another function of the
+same signature.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 from dataclasses import dataclass, field
 
@@ -113,8 +116,9 @@ def _cdiv(a: int, b: int) -> int:
 
 # Transcendentals per element of a tile's epilogue (MUFU instructions). Softmax, lse USS and
 # the backward's probabilities: one exp (ex2). Pairs USS forward (maths.softplus_sigmoid):
-# one exp, the log of log1p and two reciprocals (σ and log1p's u/(w − 1)).
-_MUFU = {"softmax": 1, "uss_pairs_fwd": 4, "uss_lse": 1}
+# one exp, the log of log1p and two reciprocals (σ and log1p's u/(w − 1)); its backward: σ,
+# one exp and one reciprocal.
+_MUFU = {"softmax": 1, "uss_pairs_fwd": 4, "uss_pairs_bwd": 2, "uss_lse": 1}
 
 
 def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
@@ -239,9 +243,67 @@ def _dx(m, phase, p, b, n_cols, d, e, acc, *, mats, indexed, g_in_hbm):
           + (g if g_in_hbm else 0))
 
 
-PLANS = {"fused_unitsface_loss": fused_unitsface}
+def fused_uss(b: int = 512, d: int = 512, n_classes: int = 100_000, *, dtype=torch.bfloat16,
+              form: str = "pairs", rate: float = 1.0, total_classes: int | None = None,
+              sparse_grad: bool = False, g_in_hbm: bool = False, config=None,
+              in_batch: bool = False) -> Model:
+    """The counts of one fused_uss_loss forward + backward (a scalar threshold; x and b take
+    gradients) as triton/uss_loss.py lays it out: a memory bank of n_classes rows, or with
+    ``in_batch`` the batch itself (N = B; the reference rows take a gradient, ∂ref through the
+    ∂W-type product). No partial FC (rate, total_classes, sparse_grad are not used). The
+    host-side finishing's launches are read off uss_loss.py's code, not counted with a
+    dispatch mode as the objective's are."""
+    from unitsface_kernels.triton.fused import plan
+
+    cuda = torch.device("cuda")
+    e = torch.empty((), dtype=dtype).element_size()
+    acc = 4
+    lse = form == "lse"
+    n = b if in_batch else n_classes
+    m = Model()
+    m.useful_flops = (3 if in_batch else 2) * 2 * b * n * d
+
+    # ---- forward (uss_forward): norms, then one cosine launch over every column (bank
+    # programs alone, no gradient tile), the per-tile partials merged by the host
+    fwd = plan(b, n, d, dtype, cuda, 0, config)
+    for rows in (b, n):
+        m.add("forward", "_row_norms_kernel", "‖x‖, ‖ref‖", hbm=rows * d * e + rows * acc,
+              l2=rows * d * e + rows * acc)
+    for _, n_cols in fwd.chunks():
+        _cos(m, "forward", fwd, b, n_cols, d, e, acc, mats=1, g_bufs=0,
+             row_outs=4 if lse else 1, col_outs=0, indexed=False,
+             mufu=_MUFU["uss_lse"] if lse else _MUFU["uss_pairs_fwd"], g_in_hbm=g_in_hbm)
+    fin = fwd.class_tiles * b * acc * (4 if lse else 1) + b * acc * 8
+    m.add("forward", "torch", "finish: statistics", hbm=fin, l2=fin, launches=25 if lse else 3)
+
+    # ---- backward (uss_backward): x̂' = go·x̂ (in-batch), then per chunk the cosine tiles
+    # (g, Σ_j g per row for ∂b), ∂ref = gᵀ·x̂' (in-batch), ∂x += g·R
+    bwd = plan(b, n, d, dtype, cuda, 1, config)
+    m.chunks = (fwd.n_chunks, bwd.n_chunks)
+    if in_batch:
+        pre = 2 * b * d * e + 3 * b * acc
+        m.add("backward", "torch", "x̂' = go·x̂", hbm=pre, l2=pre, launches=6)
+    for _, n_cols in bwd.chunks():
+        _cos(m, "backward", bwd, b, n_cols, d, e, acc, mats=1, g_bufs=1, row_outs=1,
+             col_outs=1 if in_batch else 0, indexed=False,
+             mufu=_MUFU["uss_lse"] if lse else _MUFU["uss_pairs_bwd"], g_in_hbm=g_in_hbm)
+        if in_batch:
+            _dw(m, bwd, b, n_cols, d, e, acc, indexed=False, g_in_hbm=g_in_hbm)
+        _dx(m, "backward", bwd, b, n_cols, d, e, acc, mats=1, indexed=False,
+            g_in_hbm=g_in_hbm)
+    fin = bwd.splits * b * d * acc + 6 * b * d * acc + b * d * e + bwd.class_tiles * b * acc
+    m.add("backward", "torch", "finish: Σ slices, projection, ∂b", hbm=fin, l2=fin,
+          launches=14)
+    return m
+
+
+PLANS = {"fused_unitsface_loss": fused_unitsface, "fused_uss_loss": fused_uss,
+         "fused_uss_loss_inbatch": functools.partial(fused_uss, in_batch=True)}
 """The launch plans counted, by the op that runs them: each a function (b, d, n_classes, *,
-dtype, form, rate, total_classes, sparse_grad, g_in_hbm, config) → Model."""
+dtype, form, rate, total_classes, sparse_grad, g_in_hbm, config) → Model (the in-batch USS
+plan takes N = B)."""
+PARTIAL_FC = ("fused_unitsface_loss",)
+"""The plans that partial FC applies to (the others are counted at rate 1 only)."""
 
 
 # ----------------------------------------------------------------------------- printing
@@ -356,13 +418,15 @@ def main(argv=None) -> None:
     for dev in devs:
         print(dev.table())
     print()
-    for rate in (1.0, 0.1):
+    if args.op == "fused_uss_loss_inbatch":
+        c = b  # the batch is its own reference set
+    for rate in (1.0, 0.1) if args.op in PARTIAL_FC else (1.0,):
         total = round(c / rate)
         title = (f"{args.op} fwd+bwd, {args.dtype}, B={b} D={d}, USS {args.form}: "
                  + (f"C={c}" if rate == 1.0 else
                     f"partial FC, C={total} at rate {rate} (|S| = {c})"))
         measured = None
-        if args.measure:
+        if args.measure and args.op in PARTIAL_FC:  # (the objective's kernels only)
             measured, step = measure(b, d, c, dtype=dt, form=args.form, rate=rate)
             title += f"; {torch.cuda.get_device_name()}: a step takes {step:.3f} ms"
         print(report(count(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,

@@ -68,6 +68,27 @@ MEASURED = device.from_dict({"name": "GPU X", "mm_flops": 225e12, "hbm_bps": 3.0
                              "launch_s": 3e-6, "unknown_field": 1})
 
 
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_uss_plan_counts_its_gemms(in_batch):
+    """fused_uss_loss on the engine: the forward cosines, their recomputation and ∂x (3
+    GEMM-equivalents), plus ∂ref when the batch is its own reference set (4); the useful work
+    is 2 (3) of them (docs/design.md §2)."""
+    b, d, n = 256, 128, 1000
+    m = cost_model.fused_uss(b, d, n, dtype=torch.bfloat16, form="pairs", config=CFG,
+                             in_batch=in_batch)
+    n = b if in_batch else n
+    cols = -(-n // 128) * 128  # whole 128-wide tiles
+    one = 2 * b * cols * d
+    fwd = _entry(m, "forward", "_cos_kernel")
+    assert (fwd.launches, fwd.flops) == (1, one)  # one launch over every column
+    assert _entry(m, "backward", "_cos_kernel").flops == one
+    assert _entry(m, "backward", "_dx_kernel").flops == one
+    dws = [k for k in m.kernels if k.name == "_dw_kernel"]
+    assert [k.flops for k in dws] == ([one] if in_batch else [])
+    assert m.useful_flops == (3 if in_batch else 2) * 2 * b * n * d
+    assert cost_model.PLANS["fused_uss_loss_inbatch"](b, d, 7).useful_flops == 3 * 2 * b * b * d
+
+
 def test_presets_are_the_issue_s_bracket():
     """The pessimistic inputs are L2 5.5 TB/s and mm 450 TFLOP/s; the optimistic L2 8 TB/s;
     the headline prediction is worse with the pessimistic ones, and a measured file's fields
