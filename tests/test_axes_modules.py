@@ -123,13 +123,13 @@ class Shadow:
                 and float(b.detach().mean()) <= 0:
             with torch.no_grad():
                 if name == "USSLoss-inbatch":
-                    b0 = reference.uss_bias_init(x64, labels, scale=s)
+                    b0 = reference.eager_uss_bias_init(x64, labels, scale=s)
                 elif index is None:
-                    b0 = reference.uss_bias_init(x64, labels, self._bank64(), None, self.valid,
-                                                 scale=s)
+                    b0 = reference.eager_uss_bias_init(x64, labels, self._bank64(), None,
+                                                       self.valid, scale=s)
                 else:
-                    b0 = reference.uss_bias_init(x64, labels, self._bank64()[index], index,
-                                                 self.valid[index], scale=s)
+                    b0 = reference.eager_uss_bias_init(x64, labels, self._bank64()[index],
+                                                       index, self.valid[index], scale=s)
                 if math.isfinite(float(b0)):
                     new = b + b0 if name == "SampleToSampleBCE" else b0.expand_as(b)
                     self.bias = b = new.detach().clone().requires_grad_()
@@ -158,7 +158,7 @@ class Shadow:
             loss = reference.uss_loss(x64, labels, b, self.weight, scale=s, margin=m.margin,
                                       official_clamp=clamp)
         if name in BANKED:
-            reference.bank_update_(self.bank, self.valid, x.detach(), labels)
+            reference.eager_bank_update_(self.bank, self.valid, x.detach(), labels)
         return loss, x64
 
 
