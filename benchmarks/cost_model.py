@@ -345,15 +345,17 @@ def _short(dev: Device) -> str:
 
 
 def measure(b: int, d: int, n_classes: int, *, dtype=torch.bfloat16, form: str = "pairs",
-            rate: float = 1.0, repeats: int = 5) -> tuple[dict, float]:
+            rate: float = 1.0, repeats: int = 5,
+            op: str = "fused_unitsface_loss") -> tuple[dict, float]:
     """On the GPU: ({(phase, kernel): ms per step} from torch.profiler, and the median ms of
-    a whole step from CUDA events) for the call that :func:`fused_unitsface` counts, on the
-    benchmark's inputs (:func:`benchmarks.impls.make_inputs`). Kernels that are not the
-    Triton objective's own count as "torch" (validation, statistics, finishing)."""
+    a whole step from CUDA events) for the call that the plan PLANS[op] counts, on the
+    benchmark's inputs (:func:`benchmarks.impls.make_inputs`; the USS calls read its bank, or
+    the batch itself). Kernels that are not the Triton engine's own count as "torch"
+    (validation, statistics, finishing)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from unitsface_kernels import fused_unitsface_loss
+    from unitsface_kernels import fused_unitsface_loss, fused_uss_loss
 
     from .impls import Case, make_inputs
     from .measure import time_steps
@@ -362,11 +364,18 @@ def measure(b: int, d: int, n_classes: int, *, dtype=torch.bfloat16, form: str =
     total = n_classes if rate >= 1.0 else round(n_classes / rate)
     inp = make_inputs(Case("objective", total, b, d, str(dtype).replace("torch.", ""), "cuda",
                            sample_rate=rate))
+    calls = {
+        "fused_unitsface_loss": lambda: fused_unitsface_loss(
+            inp.x, inp.labels, inp.centres, inp.bank, inp.bias, index=inp.index, uss_form=form,
+            backend="triton"),
+        "fused_uss_loss": lambda: fused_uss_loss(inp.x, inp.labels, inp.bias, inp.bank,
+                                                 form=form, backend="triton"),
+        "fused_uss_loss_inbatch": lambda: fused_uss_loss(inp.x, inp.labels, inp.bias,
+                                                         form=form, backend="triton")}
 
     def forward():
         inp.zero_grad()
-        return fused_unitsface_loss(inp.x, inp.labels, inp.centres, inp.bank, inp.bias,
-                                    index=inp.index, uss_form=form, backend="triton")
+        return calls[op]()
 
     for _ in range(3):  # compile the kernels
         forward().backward()
@@ -397,7 +406,8 @@ def measure(b: int, d: int, n_classes: int, *, dtype=torch.bfloat16, form: str =
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--op", choices=sorted(PLANS), default="fused_unitsface_loss")
+    ap.add_argument("--op", choices=sorted(PLANS), nargs="+", default=["fused_unitsface_loss"],
+                    help="the launch plans to count, one after the other")
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--classes", type=int, default=100_000)
@@ -412,22 +422,28 @@ def main(argv=None) -> None:
                     help="on a GPU: per-kernel times (torch.profiler) beside the predictions")
     args = ap.parse_args(argv)
     dt = getattr(torch, args.dtype)
-    b, d, c = args.batch, args.dim, args.classes
     devs = devices(args.inputs)
-    count = PLANS[args.op]
     for dev in devs:
         print(dev.table())
     print()
-    if args.op == "fused_uss_loss_inbatch":
+    for op in args.op:
+        _print_plan(op, args, dt, devs)
+
+
+def _print_plan(op: str, args, dt, devs) -> None:
+    """The report of one plan at the arguments' shape (and at partial FC, where it applies)."""
+    b, d, c = args.batch, args.dim, args.classes
+    count = PLANS[op]
+    if op == "fused_uss_loss_inbatch":
         c = b  # the batch is its own reference set
-    for rate in (1.0, 0.1) if args.op in PARTIAL_FC else (1.0,):
+    for rate in (1.0, 0.1) if op in PARTIAL_FC else (1.0,):
         total = round(c / rate)
-        title = (f"{args.op} fwd+bwd, {args.dtype}, B={b} D={d}, USS {args.form}: "
+        title = (f"{op} fwd+bwd, {args.dtype}, B={b} D={d}, USS {args.form}: "
                  + (f"C={c}" if rate == 1.0 else
                     f"partial FC, C={total} at rate {rate} (|S| = {c})"))
         measured = None
-        if args.measure and args.op in PARTIAL_FC:  # (the objective's kernels only)
-            measured, step = measure(b, d, c, dtype=dt, form=args.form, rate=rate)
+        if args.measure:
+            measured, step = measure(b, d, c, dtype=dt, form=args.form, rate=rate, op=op)
             title += f"; {torch.cuda.get_device_name()}: a step takes {step:.3f} ms"
         print(report(count(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,
                            g_in_hbm=args.g_in_hbm), title, devs, measured=measured))

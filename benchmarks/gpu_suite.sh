@@ -142,7 +142,9 @@ run_step headline 140 "$LOG" "$PY" -m benchmarks --out "$OUT" --stem bench --cla
 run_step ceilings 30 "$OUT/cost.log" "$PY" -m benchmarks.ceilings --json "$OUT/inputs.json"
 INPUTS=()
 { [ -n "$DRY_RUN" ] || [ -s "$OUT/inputs.json" ]; } && INPUTS=(--inputs "$OUT/inputs.json")
-run_step cost_triton 40 "$OUT/cost.log" "$PY" -m benchmarks.cost_model ${INPUTS[@]+"${INPUTS[@]}"} --measure
+# the objective's kernels, then fused_uss_loss's (a memory bank: the same kernels' bank programs)
+run_step cost_triton 60 "$OUT/cost.log" "$PY" -m benchmarks.cost_model ${INPUTS[@]+"${INPUTS[@]}"} --measure \
+  --op fused_unitsface_loss fused_uss_loss
 if have_ext || [ -n "$DRY_RUN" ]; then
   run_step cost_native 25 "$OUT/cost.log" "$PY" -m benchmarks.native_cost ${INPUTS[@]+"${INPUTS[@]}"} --measure
 fi
