@@ -96,7 +96,8 @@ def assert_rows_close(name, g, w, rtol):
     g, w = g.detach().double().reshape(len(g), -1), w.detach().double().reshape(len(w), -1)
     err, size = (g - w).norm(dim=1), w.norm(dim=1)
     bad = err > rtol * size + 1e-12 * float(w.norm())
-    assert not bad.any(), f"{name}: rows {bad.nonzero()[:, 0].tolist()} off by {err[bad]} of {size[bad]}"
+    assert not bad.any(), (f"{name}: rows {bad.nonzero()[:, 0].tolist()} off by {err[bad]} "
+                           f"of {size[bad]}")
 
 
 class CountingKernel:

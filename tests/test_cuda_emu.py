@@ -1,9 +1,9 @@
-"""The native backend's CUDA sweep (csrc/cuda/unitsface_sweep.cu and its kernels) run on the CPU: the
-same source built for the host with the emulation of csrc/emu/cuda_emu.h (CUDA threads as
-fibers, shuffles and barriers emulated), its ops put in place of the native CPU kernels of the
-unitsface family for the duration of this module, and compared with the float64 reference
-through the public functions (helpers.check) or, where the public functions cannot reach a
-case (labels outside the index, as class-parallel ranks have), op by op.
+"""The native backend's CUDA sweep (csrc/cuda/unitsface_sweep.cu and its kernels) run on the
+CPU: the same source built for the host with the emulation of csrc/emu/cuda_emu.h (CUDA
+threads as fibers, shuffles and barriers emulated), its ops put in place of the native CPU
+kernels of the unitsface family for the duration of this module, and compared with the
+float64 reference through the public functions (helpers.check) or, where the public functions
+cannot reach a case (labels outside the index, as class-parallel ranks have), op by op.
 
 Chunk budgets (the `budget` fixture): "300" gives chunks of one slice of 128 columns (301
 classes: three chunks, the last one partial), None the L2-sized plan. Memory from torch.empty

@@ -29,8 +29,8 @@ Op family ``unitsface`` (§1.2–§1.3), ``unitsface::unitsface_{fwd,bwd}_{trito
 
   The margin softmax over the classes S (the partial-FC index, or all), plus λ·USS on the bank
   rows of the same classes when a bank is given. stats = (lse_c z_ic, A, σA, B, σB, z_iy,
-  USS loss), the rows named by :class:`~unitsface_kernels.layouts.UnitsfaceStat`. A label that matches no column (−1, or a class of another shard) has no target
-  there: z_iy = 0. With an index the backward's dcentres holds the rows of the classes of
+  USS loss), the rows named by :class:`~unitsface_kernels.layouts.UnitsfaceStat`. A label
+  that matches no column (−1, or a class of another shard) has no target there: z_iy = 0. With an index the backward's dcentres holds the rows of the classes of
   S only (row j for class S_j); the autograd rule scatters it into a dense C × D gradient, or
   passes it on as a sparse COO gradient of those rows when ``sparse_grad`` is set (it is read
   by the autograd rule only). ``row_grads`` (see :data:`ROW_GRADS`): the forward also forms
@@ -46,8 +46,8 @@ master weights with half embeddings): the kernels read them rounded to x's dtype
 gradients come in their own dtype.
 
 ``options`` is the family's settings object, :meth:`~unitsface_kernels.options.UssOptions.pack`
-/ :meth:`~unitsface_kernels.options.UnitsfaceOptions.pack`, built once by the caller; ``needs`` says which of the three
-differentiable inputs want a gradient. Every output is in the accumulation dtype (float64 for
+/ :meth:`~unitsface_kernels.options.UnitsfaceOptions.pack`, built once by the caller;
+``needs`` says which of the three differentiable inputs want a gradient. Every output is in the accumulation dtype (float64 for
 float64 inputs, else float32) except the gradients, which come in their inputs' dtypes; a
 gradient that is not needed (or a missing bias) comes back as an empty tensor (custom ops
 return no None).

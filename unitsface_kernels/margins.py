@@ -227,7 +227,8 @@ def elastic_plus_order(drawn: torch.Tensor, target_cos: torch.Tensor) -> torch.T
 
 def clip_with_grad(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """torch.clamp with its gradient (1 inside, 0 outside) but NaN in, NaN out for both."""
-    return torch.where(t < lo, torch.full_like(t, lo), torch.where(t > hi, torch.full_like(t, hi), t))
+    return torch.where(t < lo, torch.full_like(t, lo),
+                       torch.where(t > hi, torch.full_like(t, hi), t))
 
 
 # ----------------------------------------------------------------------------- the logits

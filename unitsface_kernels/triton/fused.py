@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layouts import USS_STATS, UnitsfaceStat
 from ..options import UnitsfaceOptions, UssOptions
 from .config import Plan, check_dtype, plan
 from .finish import merge_lse, tangent_grad, uss_lse_finish
@@ -62,13 +63,9 @@ from .uss_terms import uss_grad, uss_pairs_grad, uss_row_stats, uss_terms
 
 __all__ = ["fused_forward", "fused_backward", "plan", "Sweep", "kernel_scalars"]
 
-# The objective's per-row statistics (unitsface_kernels.contract, stats [7, B]): the softmax's
-# logsumexp, the USS lse statistics (A, σA', B, σB'), the target logit and the USS loss. The
-# kernels read the first five; the last two serve class-parallel training. (The USS family's
-# stats [4, B] are the USS lse statistics alone.)
-STAT_LSE, STAT_USS_LSE, STAT_TARGET, STAT_USS = 0, slice(1, 5), 5, 6
-N_STATS = 7
-
+# The objective's per-row statistics are the rows of layouts.UnitsfaceStat (stats [7, B]):
+# the kernels read the softmax's lse and the USS part's four; the target logit and the USS
+# loss serve class-parallel training.
 # The forward's per-(column tile, row) partials fpart[tile, k, i]: max and sum-exp of z, the
 # target logit (W programs); the USS part (bank programs): pairs Σ softplus and Σ_j g'_ij
 # (the latter with the forward's row gradients); lse (max⁺, sumexp⁺, max⁻, sumexp⁻).
@@ -521,8 +518,8 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, options, ro
     that part's per-row gradients, which need no global statistic: dx_rows = λ·∂USS_i/∂x_i
     [B, D] and db_rows = λ·∂USS_i/∂b [B] (zeros where there is no such part).
 
-    Returns (rows, stats [N_STATS, B], ||x_i||, ||W[S_j]||, ||bank[S_j]|| (empty without USS),
-    dx_rows, db_rows)."""
+    Returns (rows, stats [7, B] (the rows of layouts.UnitsfaceStat), ||x_i||, ||W[S_j]||,
+    ||bank[S_j]|| (empty without USS), dx_rows, db_rows)."""
     o = UnitsfaceOptions.unpack(options)
     bsz, d = x.shape
     check_dtype(x.dtype, x.device)
@@ -542,17 +539,17 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, options, ro
                    w_progs=True, bank_progs=has_uss, store_gb=uss_rows)
         if uss_rows:
             dx_launch(p, s, gb, gb, part, col0, n_cols, k, has_w=False, has_bank=True)
-    stats = torch.zeros(N_STATS, bsz, dtype=acc, device=x.device)
-    stats[STAT_LSE] = merge_lse(fpart[:, FP_MAX], fpart[:, FP_SUMEXP])
-    stats[STAT_TARGET] = fpart[:, FP_TARGET].sum(dim=0)
-    rows = stats[STAT_LSE] - stats[STAT_TARGET]
+    stats = torch.zeros(len(UnitsfaceStat), bsz, dtype=acc, device=x.device)
+    stats[UnitsfaceStat.LSE] = merge_lse(fpart[:, FP_MAX], fpart[:, FP_SUMEXP])
+    stats[UnitsfaceStat.TARGET] = fpart[:, FP_TARGET].sum(dim=0)
+    rows = stats[UnitsfaceStat.LSE] - stats[UnitsfaceStat.TARGET]
     if has_uss:
         if o.uss_lse:
-            stats[STAT_USS], stats[STAT_USS_LSE] = uss_lse_finish(fpart[:, FP_USS_LSE],
-                                                                  o.scale, o.uss_clamp)
+            stats[UnitsfaceStat.USS_LOSS], stats[USS_STATS] = uss_lse_finish(
+                fpart[:, FP_USS_LSE], o.scale, o.uss_clamp)
         else:
-            stats[STAT_USS] = fpart[:, FP_USS].sum(dim=0)
-        rows = rows + o.uss_weight * stats[STAT_USS]
+            stats[UnitsfaceStat.USS_LOSS] = fpart[:, FP_USS].sum(dim=0)
+        rows = rows + o.uss_weight * stats[UnitsfaceStat.USS_LOSS]
     if uss_rows:
         dx_rows = tangent_grad(part.sum(dim=0), x, nx, o.eps)
         db_rows = fpart[:, FP_GSUM].sum(dim=0) / -o.scale
@@ -599,8 +596,8 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
     xg = go_unit_rows(x, go, nx, o.eps) if need_dw else x
     if w_progs or bank_progs:
         for k, (col0, n_cols) in enumerate(p.chunks()):
-            cos_launch(p, s, go, stats[STAT_LSE], stats[STAT_USS_LSE], gsum, cpart, gw, gb,
-                       col0, n_cols, backward=True, w_progs=w_progs, bank_progs=bank_progs,
+            cos_launch(p, s, go, stats[UnitsfaceStat.LSE], stats[USS_STATS], gsum, cpart, gw,
+                       gb, col0, n_cols, backward=True, w_progs=w_progs, bank_progs=bank_progs,
                        store_gw=w_progs, col_h=need_dw, store_gb=store_gb, row_gb=row_gb,
                        col_gb=col_gb)
             if need_dw:
