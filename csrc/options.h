@@ -103,6 +103,13 @@ struct UnitsfaceOptions {
   bool uss_lse;
   bool uss_clamp;                 // the official clamp in the USS part
   double eps;                     // the normalisation eps: x̂ = x / max(‖x‖, eps)
+  // The margin family (docs/design.md §1.5); CosFace/ArcFace leave them at these values.
+  bool row_margins = false;       // a_i, d_i from margin_rows (MarginRow kA, kD), not m2, m3
+  bool no_fallback = false;       // cos(θ + a) − d everywhere (ElasticFace-Arc)
+  bool angle_clip = false;        // AdaFace: cosines in ±(1 − ε), cos(clip(θ + a, ε, π − ε)) − d
+  bool curricular = false;        // negatives c > HARD_i become c·(T_i + c)
+  double interclass_threshold = 0.0;  // τ > 0: negatives with c > τ get logit 0, no gradient
+  double sub_centers = 1.0;       // K rows per class in centres (row c·K + k)
 
   static constexpr auto fields() {
     using O = UnitsfaceOptions;
@@ -112,10 +119,24 @@ struct UnitsfaceOptions {
         field("arcface_straight_through", &O::arcface_straight_through),
         field("easy_margin", &O::easy_margin), field("uss_margin", &O::uss_margin),
         field("uss_weight", &O::uss_weight), field("uss_lse", &O::uss_lse),
-        field("uss_clamp", &O::uss_clamp), field("eps", &O::eps));
+        field("uss_clamp", &O::uss_clamp), field("eps", &O::eps),
+        field("row_margins", &O::row_margins), field("no_fallback", &O::no_fallback),
+        field("angle_clip", &O::angle_clip), field("curricular", &O::curricular),
+        field("interclass_threshold", &O::interclass_threshold),
+        field("sub_centers", &O::sub_centers));
   }
   static UnitsfaceOptions unpack(c10::ArrayRef<double> v) {
     return unpack_options<UnitsfaceOptions>(v);
+  }
+
+  // K, the sub-centres per class.
+  int64_t k() const { return static_cast<int64_t>(sub_centers); }
+  // Whether the ops read margin_rows [4, B] (the margin family's per-row inputs).
+  bool needs_margin_rows() const { return row_margins || curricular; }
+  // Whether any setting beyond CosFace/ArcFace is on.
+  bool margin_family() const {
+    return needs_margin_rows() || no_fallback || angle_clip || interclass_threshold > 0.0 ||
+           sub_centers != 1.0;
   }
 
   // The USS part's settings, as the USS family's ops take them (never in-batch).

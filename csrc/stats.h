@@ -25,4 +25,14 @@ constexpr int64_t kUnitsfaceRows = 7;
 static_assert(kUss + kUssRows == kTargetLogit, "the USS block sits between lse and z_iy");
 
 }  // namespace stats
+
+// The unitsface family's margin_rows[4, B] (the margin family's per-row inputs,
+// docs/design.md §1.5; unitsface_kernels/layouts.py MarginRow).
+namespace margin_row {
+constexpr int64_t kA = 0;     // angular margin a_i (row_margins)
+constexpr int64_t kD = 1;     // additive margin d_i (row_margins)
+constexpr int64_t kHard = 2;  // curricular: the hard-negative threshold cos(θ_iy + a_i)
+constexpr int64_t kT = 3;     // curricular: t, the moving average of the target cosine
+constexpr int64_t kRows = 4;
+}  // namespace margin_row
 }  // namespace unitsface

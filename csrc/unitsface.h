@@ -76,14 +76,16 @@ struct UnitsfaceInputs {
   std::optional<at::Tensor> bank;
   at::Tensor labels;
   std::optional<at::Tensor> index, bank_valid, bias;
+  std::optional<at::Tensor> margin_rows;  // [4, B] (csrc/stats.h margin_row), or none
 };
 struct UnitsfaceSaved {
   at::Tensor stats, nx, nw, nb, dx_rows, db_rows;
 };
 
-// Shapes, dtypes and devices of the op's inputs (TORCH_CHECK errors naming `op`); shared by
-// the CPU driver and the CUDA sweep (csrc/cuda/unitsface_sweep.cu), like the next one.
-void check_unitsface_args(const char* op, const UnitsfaceInputs& in);
+// Shapes, dtypes and devices of the op's inputs (TORCH_CHECK errors naming `op`), and that
+// margin_rows is given exactly when the options read it; shared by the CPU driver and the
+// CUDA sweep (csrc/cuda/unitsface_sweep.cu), like the next one.
+void check_unitsface_args(const char* op, const UnitsfaceInputs& in, const UnitsfaceOptions& o);
 // The backward's upstream gradient and saved tensors: shaped as unitsface_fwd_native returns
 // them for these inputs (dx_rows / db_rows only when the forward formed them).
 void check_unitsface_saved(const char* op, const at::Tensor& grad_rows,
@@ -117,10 +119,11 @@ UnitsfaceForward unitsface_fwd_op(const at::Tensor& x, const at::Tensor& centres
                                   const std::optional<at::Tensor>& index,
                                   const std::optional<at::Tensor>& bank_valid,
                                   const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& margin_rows,
                                   c10::ArrayRef<double> options, bool row_grads,
                                   bool /*sparse_grad: read by the autograd rule only*/) {
   const at::OptionalDeviceGuard guard(at::device_of(x));
-  return Forward({x, centres, bank, labels, index, bank_valid, bias},
+  return Forward({x, centres, bank, labels, index, bank_valid, bias, margin_rows},
                  UnitsfaceOptions::unpack(options), row_grads);
 }
 
@@ -129,12 +132,13 @@ Grads unitsface_bwd_op(const at::Tensor& grad_rows, const at::Tensor& x,
                        const at::Tensor& centres, const std::optional<at::Tensor>& bank,
                        const at::Tensor& labels, const std::optional<at::Tensor>& index,
                        const std::optional<at::Tensor>& bank_valid,
-                       const std::optional<at::Tensor>& bias, const at::Tensor& stats,
+                       const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& margin_rows, const at::Tensor& stats,
                        const at::Tensor& nx, const at::Tensor& nw, const at::Tensor& nb,
                        const at::Tensor& dx_rows, const at::Tensor& db_rows,
                        c10::ArrayRef<double> options, std::array<bool, 3> needs) {
   const at::OptionalDeviceGuard guard(at::device_of(x));
-  return Backward(grad_rows, {x, centres, bank, labels, index, bank_valid, bias},
+  return Backward(grad_rows, {x, centres, bank, labels, index, bank_valid, bias, margin_rows},
                   {stats, nx, nw, nb, dx_rows, db_rows}, UnitsfaceOptions::unpack(options), needs);
 }
 

@@ -7,7 +7,7 @@
 
 namespace unitsface {
 
-void check_unitsface_args(const char* op, const UnitsfaceInputs& in) {
+void check_unitsface_args(const char* op, const UnitsfaceInputs& in, const UnitsfaceOptions& o) {
   const at::Tensor &x = in.x, &centres = in.centres;
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D (B, D), got shape ", x.sizes());
   TORCH_CHECK_VALUE(centres.dim() == 2 && centres.size(1) == x.size(1), op,
@@ -25,7 +25,28 @@ void check_unitsface_args(const char* op, const UnitsfaceInputs& in) {
   const auto dev = x.device();
   TORCH_CHECK_VALUE(centres.device() == dev && in.labels.device() == dev, op,
                     ": every tensor must be on ", dev);
-  const int64_t C = centres.size(0);
+  const int64_t K = o.k();
+  TORCH_CHECK_VALUE(K >= 1 && static_cast<double>(K) == o.sub_centers, op,
+                    ": sub_centers must be an integer >= 1, got ", o.sub_centers);
+  TORCH_CHECK_VALUE(centres.size(0) % K == 0, op, ": centres must hold K = ", K,
+                    " rows per class, got ", centres.size(0), " rows");
+  const int64_t C = centres.size(0) / K;  // classes
+  TORCH_CHECK_VALUE(in.margin_rows.has_value() == o.needs_margin_rows(), op,
+                    o.needs_margin_rows() ? ": these options read margin_rows [4, B], none given"
+                                          : ": margin_rows given but the options do not read it");
+  if (in.margin_rows.has_value()) {
+    const at::Tensor& m = *in.margin_rows;
+    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == margin_row::kRows && m.size(1) == x.size(0),
+                      op, ": margin_rows must have shape (", margin_row::kRows, ", ", x.size(0),
+                      "), got ", m.sizes());
+    TORCH_CHECK_TYPE(m.scalar_type() == chunking::acc_type(x.scalar_type()), op,
+                     ": margin_rows must be in the accumulation dtype of x, got ",
+                     m.scalar_type());
+    TORCH_CHECK_VALUE(m.device() == dev, op, ": margin_rows must be on ", dev);
+  }
+  // TODO(margins): the native kernels of the margin family.
+  TORCH_CHECK_NOT_IMPLEMENTED(!o.margin_family(), op,
+                              ": the margin family is not in the native kernels yet");
   if (in.index.has_value()) {
     TORCH_CHECK_TYPE(!at::isFloatingType(in.index->scalar_type()), op,
                      ": index must be an integer tensor");
@@ -35,8 +56,8 @@ void check_unitsface_args(const char* op, const UnitsfaceInputs& in) {
   if (in.bank.has_value()) {
     const at::Tensor& bank = *in.bank;
     TORCH_CHECK_VALUE(bank.dim() == 2 && bank.size(0) == C && bank.size(1) == x.size(1), op,
-                      ": bank must have the shape of centres ", centres.sizes(), ", got ",
-                      bank.sizes());
+                      ": bank must have one row per class (", C, ", ", x.size(1),
+                      "), got ", bank.sizes());
     TORCH_CHECK_TYPE(chunking::reads_as(bank.scalar_type(), x.scalar_type()), op,
                      ": bank has dtype ", bank.scalar_type(), " but x has ", x.scalar_type());
     TORCH_CHECK_VALUE(bank.device() == dev, op, ": bank must be on ", dev);

@@ -31,7 +31,7 @@ def _unitsface_args(c, bank=True):
         scale=16.0, margin_arc=0.3, margin_cos=0.1, arcface_grad="exact", easy_margin=False,
         uss_margin=0.1, uss_form="lse", uss_weight=0.5, official_clamp=True).pack()
     return (c["x"], c["centres"], c["bank"] if bank else None, c["labels"], c["index"],
-            c["bank_valid"] if bank else None, c["bias"] if bank else None, packed, False)
+            c["bank_valid"] if bank else None, c["bias"] if bank else None, None, packed, False)
 
 
 def _grad(t):
@@ -67,10 +67,10 @@ def test_opcheck_unitsface(backend, bank):
     fwd = contract.forward_op("unitsface", backend)
     torch.library.opcheck(fwd, args)
     out = fwd(*args)
-    detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args[:7])
+    detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args[:8])
     bwd = contract.backward_op("unitsface", backend)
     torch.library.opcheck(bwd, (torch.rand(5, dtype=torch.float64),) + detached
-                          + (*out[1:], args[7], [True, True, bank]))
+                          + (*out[1:], args[8], [True, True, bank]))
 
 
 @pytest.mark.skipif(not native.has_family("unitsface"), reason="the native extension is not built")
@@ -143,7 +143,7 @@ def test_eps_reaches_the_kernels(backend, monkeypatch):
         op = real(family, name)
 
         def call(*args):
-            packed = args[6] if family == "uss" else args[7]
+            packed = args[6] if family == "uss" else args[8]
             cls = options.UssOptions if family == "uss" else options.UnitsfaceOptions
             seen.append((family, cls.unpack(packed).eps))
             return op(*args)

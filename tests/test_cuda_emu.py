@@ -62,7 +62,7 @@ def test_emulation_runs():
                                backend="native")
     rows = torch.ops.unitsface_emu.unitsface_fwd(
         case["x"], case["centres"], case["bank"], case["labels"], None, case["bank_valid"],
-        case["bias"], opts())[0]
+        case["bias"], None, opts())[0]
     torch.testing.assert_close(got, rows.float(), rtol=0, atol=0)
 
 
@@ -186,7 +186,7 @@ def test_ops_with_classes_outside_the_index(budget, form, row_grads, vector_bias
     keep[torch.randperm(301, generator=torch.Generator().manual_seed(0))[:100]] = False
     index = keep.nonzero()[:, 0]
     args = (case["x"], case["centres"], case["bank"], case["labels"], index,
-            case["bank_valid"], case["bias"],
+            case["bank_valid"], case["bias"], None,
             opts(uss_form=form, uss_weight=0.7, margin_arc=0.2))
     ref = reference.unitsface_fwd(*args)
     got = torch.ops.unitsface_emu.unitsface_fwd(*args, row_grads)
@@ -195,8 +195,8 @@ def test_ops_with_classes_outside_the_index(budget, form, row_grads, vector_bias
     go = torch.rand(case["x"].shape[0], dtype=torch.float64,
                     generator=torch.Generator().manual_seed(1))
     saved = (ref[1],) + tuple(got[2:])
-    want = reference.unitsface_bwd(go, *args[:7], ref[1], *ref[2:], args[7], [True] * 3)
-    grads = torch.ops.unitsface_emu.unitsface_bwd(go, *args[:7], *saved, args[7], [True] * 3)
+    want = reference.unitsface_bwd(go, *args[:8], ref[1], *ref[2:], args[8], [True] * 3)
+    grads = torch.ops.unitsface_emu.unitsface_bwd(go, *args[:8], *saved, args[8], [True] * 3)
     scale = float(ref[0].abs().sum())
     for name, g, w in zip(("x", "centres", "bias"), grads, want):
         assert_close_grad(g, w, torch.float64, name, scalar_scale=scale)
@@ -223,18 +223,18 @@ def test_eps_from_the_options(budget, form, row_grads, dtype):
     index = torch.unique(torch.cat([index, labels, torch.tensor([297, 298, 299, 300])]))
     packed = opts(uss_form=form, uss_weight=0.7, margin_arc=0.2, eps=1e-12)
     args = (case["x"], case["centres"], case["bank"], labels, index, case["bank_valid"],
-            case["bias"], packed)
+            case["bias"], None, packed)
     ref = reference.unitsface_fwd(*args)
     got = torch.ops.unitsface_emu.unitsface_fwd(*args, row_grads)
     assert_close_loss(got[0], ref[0], dtype)
     for g, w in zip(got[2:4], ref[2:4]):
         torch.testing.assert_close(g, w.to(g.dtype), rtol=1e-5, atol=0)
-    default = reference.unitsface_fwd(*args[:7], opts(uss_form=form, uss_weight=0.7,
+    default = reference.unitsface_fwd(*args[:8], opts(uss_form=form, uss_weight=0.7,
                                                       margin_arc=0.2))
     assert not torch.allclose(got[0].double(), default[0].double(), rtol=1e-3, atol=0)
     go = torch.rand(case["x"].shape[0], dtype=dtype, generator=torch.Generator().manual_seed(1))
-    want = reference.unitsface_bwd(go, *args[:7], ref[1], *ref[2:], packed, [True] * 3)
-    grads = torch.ops.unitsface_emu.unitsface_bwd(go, *args[:7], *got[1:], packed, [True] * 3)
+    want = reference.unitsface_bwd(go, *args[:8], ref[1], *ref[2:], packed, [True] * 3)
+    grads = torch.ops.unitsface_emu.unitsface_bwd(go, *args[:8], *got[1:], packed, [True] * 3)
     for name, g, w in zip(("x", "centres"), grads, want):
         assert g.dtype == dtype
         assert_rows_close(name, g, w, 1e-8 if dtype == torch.float64 else 1e-4)

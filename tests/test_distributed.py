@@ -555,7 +555,7 @@ def test_label_of_another_shard_has_no_target(backend):
     S = UnitsfaceStat
     fwd = contract.forward_op("unitsface", backend)
     rows, stats, *_ = fwd(x, w, bank, labels, None, None, torch.tensor(5.0, dtype=x.dtype),
-                          opts.pack(), False)
+                          None, opts.pack(), False)
     cos = reference.normalize(x) @ reference.normalize(w).T
     z = 16.0 * torch.where(labels[:, None] == torch.arange(37), cos - 0.4, cos)
     torch.testing.assert_close(stats[S.LSE], torch.logsumexp(z, 1), **TOL)

@@ -129,9 +129,9 @@ def test_no_bxs_allocation(backend, sampled):
                                easy_margin=False).pack()
         with LargestAllocation() as inner:
             out = fused_forward(x.detach(), w.detach(), None, case["labels"], case["index"],
-                                None, None, opts, False)
+                                None, None, None, opts, False)
             fused_backward(torch.ones_like(out[0]), x.detach(), w.detach(), None,
-                           case["labels"], case["index"], None, None, *out[1:], opts,
+                           case["labels"], case["index"], None, None, None, *out[1:], opts,
                            [True, True, False])
         assert inner.largest < b * s, (inner.largest, inner.where)
 

@@ -409,7 +409,7 @@ def uf_options(form="lse", **kw):
 
 def uf_args(case, form="lse", **kw):
     return (case["x"], case["centres"], case["bank"], case["labels"], case["index"],
-            case["bank_valid"], case["bias"], uf_options(form, **kw))
+            case["bank_valid"], case["bias"], None, uf_options(form, **kw))
 
 
 def uss_args(case, form="lse"):
@@ -449,8 +449,8 @@ def test_unitsface_eps_from_the_options(budget, form, sampled, row_grads):
     assert not torch.allclose(got[0], other[0], rtol=1e-3, atol=0)
     go = torch.rand(9, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     needs = [True, True, True]
-    want_g = reference.unitsface_bwd(go, *args[:7], want[1], *want[2:], args[7], needs)
-    got_g = OPS.unitsface_bwd_native(go, *args[:7], *got[1:], args[7], needs)
+    want_g = reference.unitsface_bwd(go, *args[:8], want[1], *want[2:], args[8], needs)
+    got_g = OPS.unitsface_bwd_native(go, *args[:8], *got[1:], args[8], needs)
     for name, g, w in zip(("x", "centres", "bias"), got_g, want_g):
         assert_rows_close(name, g, w, 1e-8)
     # the tiny rows' ∂x is of order 1/eps: the eps was applied to them
@@ -556,8 +556,8 @@ def test_labels_matching_no_column_have_no_target(form, sampled):
         uss = reference.softplus(torch.logsumexp(z_neg.masked_fill(~valid, -math.inf), dim=1))
     torch.testing.assert_close(rows[missing], (lse + 0.7 * uss)[missing])
     # and the backward runs (no target: the softmax gradient is s·p everywhere)
-    out = OPS.unitsface_bwd_native(torch.ones(9, dtype=torch.float64), *args[:7], stats, nx, nw,
-                                   nb, dx_rows, db_rows, args[7], [True, True, True])
+    out = OPS.unitsface_bwd_native(torch.ones(9, dtype=torch.float64), *args[:8], stats, nx, nw,
+                                   nb, dx_rows, db_rows, args[8], [True, True, True])
     assert all(torch.isfinite(t).all() for t in out)
 
 
@@ -582,8 +582,8 @@ def test_row_grads_match_plain(form, sampled, vector_bias, threads, device, monk
         for a, b in zip(plain[:5], fused[:5]):
             torch.testing.assert_close(a, b)
         go = torch.rand(21, dtype=torch.float64, device=device)
-        want = OPS.unitsface_bwd_native(go, *args[:7], *plain[1:], args[7], [True, True, True])
-        got = OPS.unitsface_bwd_native(go, *args[:7], *fused[1:], args[7], [True, True, True])
+        want = OPS.unitsface_bwd_native(go, *args[:8], *plain[1:], args[8], [True, True, True])
+        got = OPS.unitsface_bwd_native(go, *args[:8], *fused[1:], args[8], [True, True, True])
     for a, b in zip(want, got):
         torch.testing.assert_close(a, b)
 
@@ -602,7 +602,7 @@ def test_opcheck_unitsface(dtype, row_grads, with_bank):
     torch.library.opcheck(OPS.unitsface_fwd_native.default, (*grads, *args[2:], row_grads))
     out = OPS.unitsface_fwd_native(*args, row_grads)
     for needs in ([True, True, True], [False, True, False], [False, False, False]):
-        bwd_args = (torch.rand(5), *args[:7], *out[1:], args[7], needs)
+        bwd_args = (torch.rand(5), *args[:8], *out[1:], args[8], needs)
         torch.library.opcheck(OPS.unitsface_bwd_native.default, bwd_args)
         got = OPS.unitsface_bwd_native(*bwd_args)
         # ∂centres holds the rows of the index's classes (contract.py)

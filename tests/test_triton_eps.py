@@ -93,11 +93,12 @@ def test_unitsface_ops_read_eps(backend, form, row_grads):
         o = options.unitsface_options(**kw, eps=eps)
         xl, wl, bl = (t.clone().requires_grad_() for t in (x, centres, bias))
         out = contract.forward_op("unitsface", backend)(xl, wl, bank, labels, index, valid, bl,
-                                                        o.pack(), row_grads, False)
+                                                        None, o.pack(), row_grads, False)
         per_eps[eps] = (out[0].detach(),) + _grads(out[0], [xl, wl, bl], go)
         if eps != EPS:
             continue
-        want = reference.unitsface_fwd(x, centres, bank, labels, index, valid, bias, o.pack())
+        want = reference.unitsface_fwd(x, centres, bank, labels, index, valid, bias, None,
+                                         o.pack())
         _close(out[0], want[0], "rows (per-op form)")
         _close(out[1], want[1], "stats (per-op form)")
         xr, wr, br = (t.clone().requires_grad_() for t in (x, centres, bias))

@@ -21,19 +21,28 @@ Op family ``uss`` (docs/design.md §1.1), ``unitsface::uss_{fwd,bwd}_{triton,nat
 
 Op family ``unitsface`` (§1.2–§1.3), ``unitsface::unitsface_{fwd,bwd}_{triton,native}``::
 
-    fwd(x, centres, bank?, labels, index?, bank_valid?, bias?, float[] options,
+    fwd(x, centres, bank?, labels, index?, bank_valid?, bias?, margin_rows?, float[] options,
         bool row_grads=False, bool sparse_grad=False)
-        -> (rows [B], stats [7, B], nx [B], nw [S], nb [S | 0], dx_rows [B, D | 0], db_rows [B | 0])
-    bwd(grad_rows, x, centres, bank?, labels, index?, bank_valid?, bias?, stats, nx, nw, nb,
-        dx_rows, db_rows, float[] options, bool[3] needs) -> (dx, dcentres [S, D], dbias)
+        -> (rows [B], stats [7, B], nx [B], nw [S·K], nb [S | 0], dx_rows [B, D | 0],
+            db_rows [B | 0])
+    bwd(grad_rows, x, centres, bank?, labels, index?, bank_valid?, bias?, margin_rows?, stats,
+        nx, nw, nb, dx_rows, db_rows, float[] options, bool[3] needs)
+        -> (dx, dcentres [S·K, D], dbias)
 
   The margin softmax over the classes S (the partial-FC index, or all), plus λ·USS on the bank
   rows of the same classes when a bank is given. stats = (lse_c z_ic, A, σA, B, σB, z_iy,
   USS loss), the rows named by :class:`~unitsface_kernels.layouts.UnitsfaceStat`. A label
-  that matches no column (−1, or a class of another shard) has no target there: z_iy = 0. With an index the backward's dcentres holds the rows of the classes of
-  S only (row j for class S_j); the autograd rule scatters it into a dense C × D gradient, or
-  passes it on as a sparse COO gradient of those rows when ``sparse_grad`` is set (it is read
-  by the autograd rule only). ``row_grads`` (see :data:`ROW_GRADS`): the forward also forms
+  that matches no column (−1, or a class of another shard) has no target there: z_iy = 0.
+  The margin family (docs/design.md §1.5) is carried by the options' margin fields and, when
+  they read it (``options.needs_margin_rows``), by ``margin_rows [4, B]`` in the accumulation
+  dtype, the per-row inputs named by :class:`~unitsface_kernels.layouts.MarginRow` (no
+  gradient flows into it through the op). With K = ``options.sub_centers`` > 1, centres holds
+  K rows per class (row c·K + k; the bank, bank_valid and a per-class bias keep one per
+  class), nw and dcentres hold the K rows of each class of S (row j·K + k for class S_j), and
+  the class cosine is the maximum over its K rows, its gradient reaching the first arg-max row.
+  With an index the backward's dcentres holds the rows of the classes of S only; the autograd
+  rule scatters it into a dense gradient, or passes it on as a sparse COO gradient of those
+  rows when ``sparse_grad`` is set (it is read by the autograd rule only). ``row_grads`` (see :data:`ROW_GRADS`): the forward also forms
   per-row gradients dx_rows [B, D] and db_rows [B] in its sweep, and the backward then uses
   them instead of recomputing. The native backend (CPU and CUDA tensors) forms the whole
   ∂L_i/∂x_i and ∂L_i/∂b (scalar b), valid for the statistics of this very call only (never
@@ -62,6 +71,7 @@ import torch
 
 from . import reference
 from .layouts import UnitsfaceStat, UssStat
+from .options import UnitsfaceOptions
 
 _LIB = torch.library.Library("unitsface", "DEF")
 
@@ -115,11 +125,17 @@ def _uss_sizes(x, ref, *_):
     return (len(UssStat), b), (b,), (ref.shape[0],)
 
 
-def _unitsface_sizes(x, centres, bank, labels, index, bank_valid, bias, options, row_grads=False,
-                     sparse_grad=False):
+def sub_centers(options) -> int:
+    """K of a packed unitsface settings object."""
+    return UnitsfaceOptions.unpack(options).k
+
+
+def _unitsface_sizes(x, centres, bank, labels, index, bank_valid, bias, margin_rows, options,
+                     row_grads=False, sparse_grad=False):
     b = x.shape[0]
-    s = centres.shape[0] if index is None else index.shape[0]
-    return ((len(UnitsfaceStat), b), (b,), (s,), (s if bank is not None else 0,),
+    k = sub_centers(options)
+    s = centres.shape[0] // k if index is None else index.shape[0]
+    return ((len(UnitsfaceStat), b), (b,), (s * k,), (s if bank is not None else 0,),
             (b, x.shape[1]) if row_grads else (0,), (b,) if row_grads else (0,))
 
 
@@ -132,7 +148,8 @@ FAMILIES = {
     "unitsface": Family(
         "unitsface",
         (("Tensor", "x"), ("Tensor", "centres"), ("Tensor?", "bank"), ("Tensor", "labels"),
-         ("Tensor?", "index"), ("Tensor?", "bank_valid"), ("Tensor?", "bias")),
+         ("Tensor?", "index"), ("Tensor?", "bank_valid"), ("Tensor?", "bias"),
+         ("Tensor?", "margin_rows")),
         ("x", "centres", "bias"), ("stats", "nx", "nw", "nb", "dx_rows", "db_rows"),
         ("bool row_grads=False", "bool sparse_grad=False"), _unitsface_sizes,
         indexed="index"),
@@ -191,20 +208,29 @@ def _fake_backward(family: Family):
             t = args[pos]
             if not need or t is None:
                 out.append(args[0].new_empty(0))
-            elif k == 1 and index is not None:  # the rows of the index
-                out.append(t.new_empty(index.shape[0], *t.shape[1:]))
+            elif k == 1 and index is not None:  # the rows of the index (K per class)
+                out.append(t.new_empty(index.shape[0] * sub_centers(args[-2]), *t.shape[1:]))
             else:
                 out.append(torch.empty_like(t))
         return tuple(out)
     return fake
 
 
-def expand_rows(grad: torch.Tensor, index, shape, sparse: bool) -> torch.Tensor:
-    """The gradient of the rows index[j] (row j of `grad`) as the gradient of the whole tensor
-    of `shape`: a sparse COO tensor of those rows (``sparse``), else dense with zero rows
-    elsewhere."""
+def class_row_ids(index: torch.Tensor, k: int) -> torch.Tensor:
+    """The rows of centres that hold the classes index[j] with K = k sub-centres each:
+    index[j]·k + r in the order (j, r), sorted as index is."""
+    if k == 1:
+        return index
+    return (index[:, None] * k + torch.arange(k, device=index.device)).reshape(-1)
+
+
+def expand_rows(grad: torch.Tensor, index, shape, sparse: bool, k: int = 1) -> torch.Tensor:
+    """The gradient of the rows of the classes index[j] (rows j·k … j·k + k − 1 of `grad`) as
+    the gradient of the whole tensor of `shape`: a sparse COO tensor of those rows
+    (``sparse``), else dense with zero rows elsewhere."""
     if index is None:
         return grad
+    index = class_row_ids(index, k)
     if sparse:
         return torch.sparse_coo_tensor(index[None], grad, tuple(shape), is_coalesced=True)
     return grad.new_zeros(tuple(shape)).index_copy_(0, index, grad)
@@ -229,6 +255,7 @@ def _autograd(family: Family, bwd_op):
         ctx.save_for_backward(*saved, *output[1:])
         ctx.options = inputs[n_in]
         ctx.sparse_grad = bool(inputs[-1]) if family.indexed else False
+        ctx.k = sub_centers(ctx.options) if family.indexed else 1
 
     def backward(ctx, grad_rows, *_):
         saved = ctx.saved_tensors
@@ -236,7 +263,7 @@ def _autograd(family: Family, bwd_op):
         grads = list(bwd_op(grad_rows.contiguous(), *saved, ctx.options, needs))
         if indexed is not None and needs[1]:
             grads[1] = expand_rows(grads[1], saved[indexed], saved[positions[1]].shape,
-                                   ctx.sparse_grad)
+                                   ctx.sparse_grad, ctx.k)
         out = [None] * len(ctx.needs_input_grad)
         for p, g, need in zip(positions, grads, needs):
             out[p] = g if need else None

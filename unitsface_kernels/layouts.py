@@ -35,3 +35,18 @@ class UnitsfaceStat(IntEnum):
 
 USS_STATS = slice(UnitsfaceStat.USS_A, UnitsfaceStat.USS_SIGMA_B + 1)
 """The USS part's rows of the unitsface layout, in :class:`UssStat` order."""
+
+
+class MarginRow(IntEnum):
+    """Rows of the ``unitsface`` family's ``margin_rows [4, B]`` (accumulation dtype), the
+    per-row inputs of the margin family (docs/design.md §1.5), given when the options ask for
+    them (:attr:`~unitsface_kernels.options.UnitsfaceOptions.needs_margin_rows`): the angular
+    margin a_i and the additive one d_i (``row_margins``: they replace m2, m3), and for
+    ``curricular`` the hard-negative threshold cos(θ_iy + a_i) (no fallback) and t, the moving
+    average of the target cosine (the same value in every row). The ops take no gradient
+    through them (MagFace's ∂L/∂a_i is formed by the caller from the statistics)."""
+
+    A = 0
+    D = 1
+    HARD = 2
+    T = 3

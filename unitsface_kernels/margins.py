@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from . import validation as check
-from .options import EPS
+from .options import ANGLE_EPS, EPS
 
 KINDS = ("arcface", "curricular", "adaface", "magface", "elastic_arc", "elastic_cos")
 
@@ -82,8 +82,6 @@ DEFAULTS = {"adaface": dict(m=0.4, momentum=1.0), "elastic_cos": dict(m=0.35)}
 """Each kind's defaults where they differ from the dataclass's: its authors' code's
 (AdaFace's head.py: m = 0.4, t_alpha = 1.0; ElasticFace-Cos: m = 0.35)."""
 
-ADAFACE_EPS = 1e-3
-"""AdaFace's ε: its cosine clamp, its θ clip and the σ + ε of its standardisation."""
 
 
 def margin(kind: str = "arcface", **settings) -> Margin:
@@ -195,7 +193,7 @@ def row_inputs(mg: Margin, x: torch.Tensor, target_cos: torch.Tensor, state: Mar
             mean, std, n = batch_stats if batch_stats is not None else norm_statistics(norms)
             state.norm_mean = _ema(state.norm_mean, mean, mg.momentum, n >= 1)
             state.norm_std = _ema(state.norm_std, std, mg.momentum, n >= 2)
-        z = (norms - state.norm_mean.to(dt)) / (state.norm_std.to(dt) + ADAFACE_EPS)
+        z = (norms - state.norm_mean.to(dt)) / (state.norm_std.to(dt) + ANGLE_EPS)
         z = (z * mg.h).clip(-1.0, 1.0)
         return RowInputs(-mg.m * z, mg.m + mg.m * z, zeros, state)
     if mg.kind == "magface":
@@ -257,7 +255,7 @@ def target_cosine(mg: Margin, c: torch.Tensor, a: torch.Tensor, d: torch.Tensor)
         return c - d
     if mg.kind == "adaface":
         theta = torch.acos(c)
-        return torch.cos(clip_with_grad(theta + a, ADAFACE_EPS, math.pi - ADAFACE_EPS)) - d
+        return torch.cos(clip_with_grad(theta + a, ANGLE_EPS, math.pi - ANGLE_EPS)) - d
     if mg.straight_through:
         f = c * torch.cos(a) - torch.sqrt(torch.clamp(1.0 - c * c, min=0.0)) * torch.sin(a)
         return c + (f - c).detach() - d
@@ -273,7 +271,7 @@ def target_cosine(mg: Margin, c: torch.Tensor, a: torch.Tensor, d: torch.Tensor)
 def clamp_cosines(mg: Margin, cos: torch.Tensor) -> torch.Tensor:
     """Every cosine clamped as the margin's code clamps it: [−1, 1], AdaFace [−1 + ε, 1 − ε]
     (its gradient zero outside)."""
-    lim = 1.0 - ADAFACE_EPS if mg.kind == "adaface" else 1.0
+    lim = 1.0 - ANGLE_EPS if mg.kind == "adaface" else 1.0
     return clip_with_grad(cos, -lim, lim)
 
 

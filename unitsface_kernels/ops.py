@@ -56,10 +56,11 @@ def run_threshold_init(o: UssOptions, x, labels, ref, ref_labels, ref_valid, *, 
 
 
 def run_unitsface(o: UnitsfaceOptions, x, labels, centres, bank, bias, *, bank_valid, index,
-                  sparse_grad: bool, backend: str, reduction: str = "mean"):
+                  sparse_grad: bool, backend: str, reduction: str = "mean", margin_rows=None):
     """The unitsface family of checked inputs on a resolved backend: the margin softmax over
-    the classes (of ``index``), plus λ·USS on their bank rows when ``bank`` is given."""
-    if backend == "reference":
+    the classes (of ``index``), plus λ·USS on their bank rows when ``bank`` is given;
+    ``margin_rows`` [4, B], the margin family's per-row inputs when ``o`` reads them."""
+    if backend == "reference" and not o.margin_family:
         if bank is None:
             rows = reference.margin_softmax_rows(x, centres, labels, index=index,
                                                  sparse_grad=sparse_grad,
@@ -73,8 +74,8 @@ def run_unitsface(o: UnitsfaceOptions, x, labels, centres, bank, bias, *, bank_v
         row_grads = contract.wants_row_grads("unitsface", backend, x,
                                              uss_pairs=bank is not None and not o.uss_lse)
         rows = contract.forward_op("unitsface", backend)(x, centres, bank, labels, index,
-                                                         bank_valid, bias, o.pack(), row_grads,
-                                                         sparse_grad)[0]
+                                                         bank_valid, bias, margin_rows, o.pack(),
+                                                         row_grads, sparse_grad)[0]
     return reference.reduce_rows(rows.to(reference.compute_dtype(x.dtype)), reduction)
 
 

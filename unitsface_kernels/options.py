@@ -31,6 +31,9 @@ LIBRARY_EPS = 1e-12
 """F.normalize's default eps: what arcface_torch's PartialFC_V2 and pytorch-metric-learning
 normalise with."""
 REDUCTIONS = ("mean", "sum", "none")
+ANGLE_EPS = 1e-3
+"""AdaFace's ε (``angle_clip``): its clamp of every cosine to ±(1 − ε), its clip of θ + a to
+[ε, π − ε] and the σ + ε of its norm standardisation."""
 ARCFACE_GRADS = ("exact", "straight_through")
 
 
@@ -90,10 +93,40 @@ class UnitsfaceOptions(_Packed):
     uss_lse: bool
     uss_clamp: bool                 # the official clamp in the USS part
     eps: float                      # the normalisation eps: x̂ = x / max(‖x‖, eps)
+    # The margin family (docs/design.md §1.5): CosFace/ArcFace leave these at their defaults.
+    row_margins: bool = False       # a_i, d_i from margin_rows (MarginRow.A, .D), not m2, m3
+    no_fallback: bool = False       # cos(θ + a) − d everywhere (ElasticFace-Arc)
+    angle_clip: bool = False        # AdaFace: cosines in ±(1 − ε), cos(clip(θ + a, ε, π − ε)) − d
+    curricular: bool = False        # negatives c > MarginRow.HARD become c·(MarginRow.T + c)
+    interclass_threshold: float = 0.0   # τ > 0: negatives with c > τ get logit 0, no gradient
+    sub_centers: float = 1.0        # K rows per class in centres (row c·K + k), the class
+    #                                 cosine their maximum (an integer ≥ 1, packed as a float)
 
     @property
     def arc(self) -> bool:
         return self.margin_arc != 0.0
+
+    @property
+    def k(self) -> int:
+        """K, the sub-centres per class, as an int."""
+        return int(self.sub_centers)
+
+    @property
+    def margin_family(self) -> bool:
+        """Whether any setting beyond CosFace/ArcFace is on (docs/design.md §1.5)."""
+        return (self.needs_margin_rows or self.no_fallback or self.angle_clip
+                or self.interclass_threshold > 0.0 or self.sub_centers != 1.0)
+
+    @property
+    def needs_margin_rows(self) -> bool:
+        """Whether the ops read the per-row margin inputs ``margin_rows`` [4, B]
+        (:class:`~unitsface_kernels.layouts.MarginRow`)."""
+        return self.row_margins or self.curricular
+
+    @property
+    def cos_limit(self) -> float:
+        """Every cosine is clamped to [−lim, lim] before the logits (AdaFace: 1 − ε)."""
+        return 1.0 - ANGLE_EPS if self.angle_clip else 1.0
 
     @property
     def arcface_grad(self) -> str:

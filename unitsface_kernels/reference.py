@@ -27,8 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .layouts import USS_STATS, UnitsfaceStat, UssStat
-from .options import EPS, UnitsfaceOptions, UssOptions
+from .layouts import USS_STATS, MarginRow, UnitsfaceStat, UssStat
+from .options import ANGLE_EPS, EPS, UnitsfaceOptions, UssOptions
 
 
 # ============================================================================ formulas
@@ -177,31 +177,73 @@ def _pair_sums(pos, neg, z_pos, z_neg, scale, clamp):
                           zero).sum(1))
 
 
-def target_logit(cos: torch.Tensor, margin_arc: float, margin_cos: float, *,
-                 straight_through: bool = False, easy_margin: bool = False) -> torch.Tensor:
-    """f(cos) of the target class (docs/design.md §1.2).
+def target_logit(cos: torch.Tensor, margin_arc, margin_cos, *, straight_through: bool = False,
+                 easy_margin: bool = False, no_fallback: bool = False,
+                 angle_clip: bool = False) -> torch.Tensor:
+    """f(cos) of the target class (docs/design.md §1.2, §1.5); the margins m2 = a, m3 = d are
+    numbers, or per-row tensors broadcasting against cos (the margin family's a_i, d_i).
 
-    f = cos(θ + m2) − m3 with θ = arccos(cos), written as cos·cos m2 − sin θ·sin m2 − m3.
+    f = cos(θ + a) − d with θ = arccos(cos), written as cos·cos a − sin θ·sin a − d.
     Exact (default): sin θ = sqrt(max(1 − cos², 1e-12)) so that f' stays finite at cos = ±1,
-    and insightface's fallback cos − m2·sin m2 − m3 where θ + m2 > π (cos ≤ −cos m2) keeps f
-    monotone. ``straight_through`` (insightface's arcface_torch since 2022-12): no fallback,
-    and the gradient is taken as if f(cos) = cos (f' = 1). ``easy_margin``: f(cos) = cos
-    where cos ≤ 0 (the margin only applies to positive cosines)."""
-    if margin_arc == 0.0:
+    and insightface's fallback cos − a·sin a − d where θ + a > π (cos ≤ −cos a) keeps f
+    monotone (``no_fallback``: ElasticFace-Arc, none). ``straight_through`` (insightface's
+    arcface_torch since 2022-12): no fallback, and the gradient is taken as if f(cos) = cos
+    (f' = 1). ``easy_margin``: f(cos) = cos where cos ≤ 0 (the margin only applies to positive
+    cosines). ``angle_clip`` (AdaFace): f = cos(clip(θ + a, ε, π − ε)) − d, ε = ANGLE_EPS,
+    without fallback (its gradient zero where the clip is active)."""
+    if isinstance(margin_arc, float) and margin_arc == 0.0:
         f = cos - margin_cos
+    elif angle_clip:
+        theta = torch.acos(cos)
+        f = torch.cos(clamp_sym(theta + margin_arc - math.pi / 2, math.pi / 2 - ANGLE_EPS)
+                      + math.pi / 2) - margin_cos
     else:
+        a = margin_arc
+        cos_a, sin_a = ((math.cos(a), math.sin(a)) if isinstance(a, float)
+                        else (torch.cos(a), torch.sin(a)))
         floor = 0.0 if straight_through else 1e-12
         sin_t = torch.sqrt(torch.clamp(1.0 - cos * cos, min=floor))
-        f = cos * math.cos(margin_arc) - sin_t * math.sin(margin_arc)
-        if not (straight_through or easy_margin):
-            f = torch.where(cos > -math.cos(margin_arc), f,
-                            cos - margin_arc * math.sin(margin_arc))
+        f = cos * cos_a - sin_t * sin_a
+        if not (straight_through or easy_margin or no_fallback):
+            f = torch.where(cos > -cos_a, f, cos - a * sin_a)
         f = f - margin_cos
     if easy_margin:
         f = torch.where(cos > 0, f, cos)
     if straight_through:
         f = cos + (f - cos).detach()
     return f
+
+
+def class_row_ids(classes: torch.Tensor, k: int) -> torch.Tensor:
+    """The rows of centres that hold `classes` with K = k sub-centres each (row c·k + r), in
+    the order (class, r)."""
+    if k == 1:
+        return classes
+    return (classes[:, None] * k + torch.arange(k, device=classes.device)).reshape(-1)
+
+
+def class_cosines(cos: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, N·K] cosines of every sub-centre → [B, N] class cosines, the maximum over each
+    class's K rows; its gradient reaches the first arg-max row only (a NaN row is the
+    maximum: it propagates)."""
+    if k == 1:
+        return cos
+    per = cos.reshape(cos.shape[0], -1, k)
+    return per.gather(2, per.max(dim=2).indices[..., None])[..., 0]
+
+
+def negative_cosines(c: torch.Tensor, hard, t, *, curricular: bool,
+                     interclass_threshold: float) -> torch.Tensor:
+    """n(c), the negatives' cosines after the margin family's modulation (docs/design.md
+    §1.5): CurricularFace's c·(t + c) where c > `hard` (per row [B, 1]; t [B, 1] the moving
+    average, no gradient through either), then insightface's inter-class filtering: 0 where
+    c > τ > 0, with no gradient."""
+    out = c
+    if curricular:
+        out = torch.where(c > hard, c * (t + c), c)
+    if interclass_threshold > 0:
+        out = torch.where(c.detach() > interclass_threshold, torch.zeros_like(c), out)
+    return out
 
 
 # ============================================================================ the losses
@@ -354,15 +396,28 @@ def eager_bank_update_(bank, bank_valid, x, labels):
 # unitsface_kernels.contract). The backward is autograd of a surrogate whose gradient in the
 # logits is exactly the kernels' g for the given (possibly global) statistics.
 
-def _class_tiles(x, centres, bank, labels, index, bank_valid, bias, o: UnitsfaceOptions):
-    """Eager logits of the classes S: z (softmax), the target mask, and USS (pos, neg, z⁺, z⁻)."""
-    classes = torch.arange(centres.shape[0], device=x.device) if index is None else index
+def _class_tiles(x, centres, bank, labels, index, bank_valid, bias, margin_rows,
+                 o: UnitsfaceOptions):
+    """Eager logits of the classes S: z (softmax), the target mask, and USS (pos, neg, z⁺, z⁻).
+    With the margin family's settings (docs/design.md §1.5): the class cosine is the maximum
+    over its K sub-centre rows, every cosine is clamped to ±o.cos_limit, the target's margins
+    come per row from `margin_rows` (``row_margins``) and the negatives are modulated."""
+    k = o.k
+    classes = (torch.arange(centres.shape[0] // k, device=x.device) if index is None
+               else index)
     xh = normalize(x, o.eps)
-    cos = clamp_sym(xh @ normalize(readable_rows(centres[classes], None, x.dtype), o.eps).T, 1.0)
+    w = normalize(readable_rows(centres[class_row_ids(classes, k)], None, x.dtype), o.eps)
+    cos = clamp_sym(class_cosines(xh @ w.T, k), o.cos_limit)
     is_t = labels[:, None] == classes[None, :]
-    f = target_logit(cos, o.margin_arc, o.margin_cos, straight_through=o.arcface_straight_through,
-                     easy_margin=o.easy_margin)
-    z = o.scale * torch.where(is_t, f, cos)
+    m = None if margin_rows is None else margin_rows.to(cos.dtype)[:, :, None]
+    a, d = (m[MarginRow.A], m[MarginRow.D]) if o.row_margins else (o.margin_arc, o.margin_cos)
+    f = target_logit(cos, a, d, straight_through=o.arcface_straight_through,
+                     easy_margin=o.easy_margin, no_fallback=o.no_fallback,
+                     angle_clip=o.angle_clip)
+    neg = negative_cosines(cos, None if m is None else m[MarginRow.HARD],
+                           None if m is None else m[MarginRow.T], curricular=o.curricular,
+                           interclass_threshold=o.interclass_threshold)
+    z = o.scale * torch.where(is_t, f, neg)
     uss = None
     if bank is not None:
         valid = (torch.ones_like(classes, dtype=torch.bool) if bank_valid is None
@@ -403,21 +458,26 @@ def _norms(*tensors):
     return tuple(t.to(compute_dtype(t.dtype)).norm(dim=1) for t in tensors)
 
 
-def unitsface_fwd(x, centres, bank, labels, index, bank_valid, bias, options, row_grads=False,
-                  sparse_grad=False):
-    """Eager unitsface_fwd: (rows, stats [7, B], ||x||, ||W[S]||, ||bank[S]||, ∅, ∅)."""
+def unitsface_fwd(x, centres, bank, labels, index, bank_valid, bias, margin_rows, options,
+                  row_grads=False, sparse_grad=False):
+    """Eager unitsface_fwd: (rows, stats [7, B], ||x||, ||W[S]|| (K rows per class),
+    ||bank[S]||, ∅, ∅)."""
     o = UnitsfaceOptions.unpack(options)
-    z, is_t, uss = _class_tiles(x, centres, bank, labels, index, bank_valid, bias, o)
+    z, is_t, uss = _class_tiles(x, centres, bank, labels, index, bank_valid, bias, margin_rows,
+                                o)
     stats = z.new_zeros(len(UnitsfaceStat), x.shape[0])
     stats[UnitsfaceStat.LSE] = torch.logsumexp(z, dim=1)
     stats[UnitsfaceStat.TARGET] = torch.where(is_t, z, torch.zeros_like(z)).sum(1)
     rows = stats[UnitsfaceStat.LSE] - stats[UnitsfaceStat.TARGET]
-    sel = slice(None) if index is None else index
     if uss is not None:
         stats[UnitsfaceStat.USS_LOSS], stats[USS_STATS] = _uss_stats(*uss, o.uss_lse,
                                                                      o.uss_clamp, o.scale)
         rows = rows + o.uss_weight * stats[UnitsfaceStat.USS_LOSS]
-    read = [readable_rows(t[sel], None, x.dtype) for t in (centres, bank) if t is not None]
+    sel = [slice(None) if index is None else index] * 2
+    if index is not None:
+        sel[0] = class_row_ids(index, o.k)
+    read = [readable_rows(t[s], None, x.dtype)
+            for t, s in zip((centres, bank), sel) if t is not None]
     nb = _norms(read[1])[0] if bank is not None else stats.new_empty(0)
     return (rows, stats) + _norms(x, read[0]) + (nb, stats.new_empty(0), stats.new_empty(0))
 
@@ -433,8 +493,8 @@ def _leaf(t, need):
     return t.detach().requires_grad_() if (need and t is not None) else None
 
 
-def unitsface_bwd(grad_rows, x, centres, bank, labels, index, bank_valid, bias, stats, nx, nw,
-                  nb, dx_rows, db_rows, options, needs):
+def unitsface_bwd(grad_rows, x, centres, bank, labels, index, bank_valid, bias, margin_rows,
+                  stats, nx, nw, nb, dx_rows, db_rows, options, needs):
     """Eager unitsface_bwd from the (global) statistics: autograd of the surrogate
     Σ_i go_i·[Σ_c e^{z_ic − lse_i} − z_iy + λ·USS'_i]; ∂centres of the rows of the index."""
     o = UnitsfaceOptions.unpack(options)
@@ -442,7 +502,8 @@ def unitsface_bwd(grad_rows, x, centres, bank, labels, index, bank_valid, bias, 
         leaves = [_leaf(t, n) for t, n in zip((x, centres, bias), needs)]
         xv, wv, bv = (leaf if leaf is not None else t
                       for leaf, t in zip(leaves, (x, centres, bias)))
-        z, is_t, uss = _class_tiles(xv, wv, bank, labels, index, bank_valid, bv, o)
+        z, is_t, uss = _class_tiles(xv, wv, bank, labels, index, bank_valid, bv, margin_rows,
+                                    o)
         lse = stats[UnitsfaceStat.LSE].to(z.dtype)
         row = (torch.exp(z - lse[:, None]).sum(1)
                - torch.where(is_t, z, torch.zeros_like(z)).sum(1))
@@ -451,7 +512,7 @@ def unitsface_bwd(grad_rows, x, centres, bank, labels, index, bank_valid, bias, 
                                                       o.uss_lse, o.uss_clamp, o.scale)
         grads = _grads_of(row, grad_rows, leaves)
     if grads[1] is not None and index is not None:
-        grads[1] = grads[1][index]
+        grads[1] = grads[1][class_row_ids(index, o.k)]
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 

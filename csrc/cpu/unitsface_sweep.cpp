@@ -121,7 +121,7 @@ struct UnitsfaceCall {
 
 UnitsfaceForward unitsface_forward_cpu(const UnitsfaceInputs& in, const UnitsfaceOptions& o,
                                        bool row_grads) {
-  check_unitsface_args("unitsface_fwd_native", in);
+  check_unitsface_args("unitsface_fwd_native", in, o);
   TORCH_CHECK_VALUE(!in.x.is_cuda(),
                     "unitsface_fwd_native: this driver is for CPU tensors (CUDA tensors have "
                     "their own sweep, csrc/cuda/unitsface_sweep.cu)");
@@ -211,7 +211,7 @@ UnitsfaceForward unitsface_forward_cpu(const UnitsfaceInputs& in, const Unitsfac
 Grads unitsface_backward_cpu(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
                              const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
                              std::array<bool, 3> needs) {
-  check_unitsface_args("unitsface_bwd_native", in);
+  check_unitsface_args("unitsface_bwd_native", in, o);
   check_unitsface_saved("unitsface_bwd_native", grad_rows, in, saved);
   const bool has_bank = in.bank.has_value();
   bool need_dx = needs[0];

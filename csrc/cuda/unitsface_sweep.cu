@@ -430,7 +430,7 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
 
 UnitsfaceForward forward_cuda(const UnitsfaceInputs& in, const UnitsfaceOptions& o,
                               bool row_grads) {
-  check_unitsface_args("unitsface_fwd_native", in);
+  check_unitsface_args("unitsface_fwd_native", in, o);
   const Call call(in);
   UnitsfaceForward out;
   dispatch_x(call.xdt, [&](auto t, auto xt) {
@@ -601,7 +601,7 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
 Grads backward_cuda(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
                     const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
                     std::array<bool, 3> needs) {
-  check_unitsface_args("unitsface_bwd_native", in);
+  check_unitsface_args("unitsface_bwd_native", in, o);
   check_unitsface_saved("unitsface_bwd_native", grad_rows, in, saved);
   const Call call(in);
   Grads out;

@@ -18,10 +18,12 @@ int64_t kernel_launches() { return cuda_emu::g_launches; }
 TORCH_LIBRARY(unitsface_emu, m) {
   m.def("kernel_launches() -> int", &kernel_launches);
   m.def("unitsface_fwd(Tensor x, Tensor centres, Tensor? bank, Tensor labels, Tensor? index, "
-        "Tensor? bank_valid, Tensor? bias, float[] options, bool row_grads=False, "
+        "Tensor? bank_valid, Tensor? bias, Tensor? margin_rows, float[] options, "
+        "bool row_grads=False, "
         "bool sparse_grad=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("unitsface_bwd(Tensor grad_rows, Tensor x, Tensor centres, Tensor? bank, "
-        "Tensor labels, Tensor? index, Tensor? bank_valid, Tensor? bias, Tensor stats, "
+        "Tensor labels, Tensor? index, Tensor? bank_valid, Tensor? bias, Tensor? margin_rows, "
+        "Tensor stats, "
         "Tensor nx, Tensor nw, Tensor nb, Tensor dx_rows, Tensor db_rows, float[] options, "
         "bool[3] needs) -> (Tensor, Tensor, Tensor)");
   m.impl("unitsface_fwd", c10::DispatchKey::CPU,

@@ -51,8 +51,8 @@ class _ShardRows(torch.autograd.Function):
         packed = spec.options.pack()
         group = spec.shard.group
         if spec.family == "unitsface":
-            rows, stats, *saved = fwd(x, centres, bank, labels, index, bank_valid, bias, packed,
-                                      False, spec.sparse_grad)
+            rows, stats, *saved = fwd(x, centres, bank, labels, index, bank_valid, bias, None,
+                                      packed, False, spec.sparse_grad)
             total, stats = statistics.combine_unitsface(rows, stats, spec.options,
                                                         spec.has_bank, group)
         else:
@@ -74,8 +74,8 @@ class _ShardRows(torch.autograd.Function):
         packed = spec.options.pack()
         grad_rows = grad_rows.contiguous()
         if spec.family == "unitsface":
-            dx, dw, db = bwd(grad_rows, x, centres, bank, labels, index, bank_valid, bias, stats,
-                             *saved, packed, [need_dx, need_dw, need_db])
+            dx, dw, db = bwd(grad_rows, x, centres, bank, labels, index, bank_valid, bias, None,
+                             stats, *saved, packed, [need_dx, need_dw, need_db])
             if need_dw:  # the backward gives the rows of the index
                 dw = contract.expand_rows(dw, index, centres.shape, spec.sparse_grad)
         else:

@@ -509,8 +509,14 @@ def go_unit_rows(x, go, nx, eps):
     return (x.to(nx.dtype) * (go / nx.clamp_min(eps))[:, None]).to(x.dtype)
 
 
-def fused_forward(x, centres, bank, labels, index, bank_valid, bias, options, row_grads=False,
-                  sparse_grad=False):
+def _no_margin_family(o: UnitsfaceOptions) -> None:
+    # TODO(margins): the Triton kernels of the margin family (docs/design.md §1.5).
+    if o.margin_family:
+        raise NotImplementedError("the margin family is not in the Triton kernels yet")
+
+
+def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows, options,
+                  row_grads=False, sparse_grad=False):
     """Per-row loss (softmax + λ·USS when `bank` is given) and the backward's statistics: the
     unitsface_fwd op of unitsface_kernels.contract (options: UnitsfaceOptions.pack()).
 
@@ -521,6 +527,7 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, options, ro
     Returns (rows, stats [7, B] (the rows of layouts.UnitsfaceStat), ||x_i||, ||W[S_j]||,
     ||bank[S_j]|| (empty without USS), dx_rows, db_rows)."""
     o = UnitsfaceOptions.unpack(options)
+    _no_margin_family(o)
     bsz, d = x.shape
     check_dtype(x.dtype, x.device)
     has_uss = bank is not None
@@ -560,8 +567,8 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, options, ro
     return rows, stats, nx, nw, nb, dx_rows, db_rows
 
 
-def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias, stats, nx, nw,
-                   nb, dx_rows, db_rows, options, needs):
+def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias, margin_rows,
+                   stats, nx, nw, nb, dx_rows, db_rows, options, needs):
     """(∂x, ∂centres, ∂bias): the unitsface_bwd op of unitsface_kernels.contract; empty where
     not needed. ∂centres holds the rows of the index's classes (row j: class S_j).
 
