@@ -1,26 +1,30 @@
-"""The margin family (docs/design.md §1.4) in eager PyTorch: the Python home of every margin
-beyond CosFace/ArcFace, each as its authors' public code computes it.
+"""The margin family (docs/design.md §1.4, §1.5) in eager PyTorch: its settings, its per-row
+inputs and moving statistics, and the float64 oracle of each margin as its authors' public
+code computes it.
 
 A margin is described by three pieces, the shape every backend computes it in:
 
 * **per-row inputs**, made once per step before the pass over the classes: an angular margin
   a_i and an additive margin d_i (from the feature norms, drawn from a distribution, or fixed),
   plus the moving statistics the margin keeps (updated from the whole batch — over every rank
-  in class-parallel training — and returned, never updated in place here);
-* **the target logit** f(c; a_i, d_i) of the target cosine c (times s), written in one
-  function, :func:`target_cosine`, with the conventions of its authors (fallback where
-  θ + a > π, easy margin, clipping of θ + a);
+  in class-parallel training — and returned, never updated in place here): :func:`row_inputs`,
+  handed to the ops as ``margin_rows`` by :func:`margin_rows`;
+* **the target logit** s·f(c; a_i, d_i) of the target cosine c;
 * **a modulation of the negatives** n(c) where the margin has one (CurricularFace's hard
   negatives, insightface's inter-class filtering, AdaFace's clamp of every cosine).
+
+The last two are formulas of the ops, written once in Python in :mod:`.reference`
+(``target_logit``, ``class_cosines``, ``negative_cosines``); a margin picks them through the
+settings of the ops (:func:`option_fields`).
 
 Two settings apply to every margin: ``sub_centers`` K (sub-center ArcFace: K rows per class in
 W, row c·K + k, the class cosine the maximum over them, its gradient reaching the arg-max row
 only) and ``interclass_threshold`` τ (insightface: a negative whose cosine exceeds τ > 0 gets
 logit 0 — it stays in the softmax's sum as e⁰ — and no gradient).
 
-Where a paper and its code disagree, the code is followed; docs/design.md §1.4 lists each case.
-Every function here materialises the B × N cosines (it is the oracle, not a fast path) and is
-differentiated by autograd.
+Where a paper and its code disagree, the code is followed; docs/design.md §1.5 lists each case.
+The oracle :func:`margin_family_rows` materialises the B × N cosines (it is not a fast path)
+and is differentiated by autograd.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from . import validation as check
-from .options import ANGLE_EPS, EPS
+from .layouts import MarginRow
+from .options import ANGLE_EPS, EPS, UnitsfaceOptions, softmax_options
+from .reference import (clamp_sym, class_cosines, class_row_ids, negative_cosines, normalize,
+                        readable_rows, target_logit)
 
 KINDS = ("arcface", "curricular", "adaface", "magface", "elastic_arc", "elastic_cos")
 
@@ -229,102 +236,123 @@ def clip_with_grad(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
                        torch.where(t > hi, torch.full_like(t, hi), t))
 
 
-# ----------------------------------------------------------------------------- the logits
+# ----------------------------------------------------------------------------- the ops' settings
 
-def class_cosines(cos: torch.Tensor, sub_centers: int) -> torch.Tensor:
-    """[B, N·K] cosines of every sub-centre → [B, N] class cosines, the maximum over each
-    class's K rows (its gradient reaches the arg-max row only)."""
-    if sub_centers == 1:
-        return cos
-    return cos.reshape(cos.shape[0], -1, sub_centers).amax(dim=2)
-
-
-def target_cosine(mg: Margin, c: torch.Tensor, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """f(c; a, d), the target's cosine after the margin (its logit is s·f), for target
-    cosines c [B] and per-row margins a, d [B] (:func:`row_inputs`); c is already clamped the
-    way the margin clamps every cosine (:func:`clamp_cosines`).
-
-    arcface, curricular: cos(θ + a) − d, insightface's fallback c − a·sin a − d where
-      θ + a > π (c ≤ −cos a); sin θ = sqrt(max(1 − c², 1e-12)) keeps f' finite at c = ±1
-      (the authors' sqrt(1 − c²) has an infinite gradient there, the only difference);
-      arcface with straight_through: no fallback, and the gradient taken as if f = c − d;
-    adaface: cos(clip(θ + a, ε, π − ε)) − d;
-    magface: cos(θ + a), and with easy_margin c where c ≤ 0, else the fallback c − a·sin a;
-    elastic_arc: cos(θ + a) with no fallback; elastic_cos: c − d."""
-    if mg.kind == "elastic_cos":
-        return c - d
-    if mg.kind == "adaface":
-        theta = torch.acos(c)
-        return torch.cos(clip_with_grad(theta + a, ANGLE_EPS, math.pi - ANGLE_EPS)) - d
-    if mg.straight_through:
-        f = c * torch.cos(a) - torch.sqrt(torch.clamp(1.0 - c * c, min=0.0)) * torch.sin(a)
-        return c + (f - c).detach() - d
-    sin_t = torch.sqrt(torch.clamp(1.0 - c * c, min=1e-12))
-    f = c * torch.cos(a) - sin_t * torch.sin(a)
-    if mg.kind == "elastic_arc":
-        return f
-    if mg.kind == "magface" and mg.easy_margin:
-        return torch.where(c > 0, f, c)
-    return torch.where(c > -torch.cos(a), f, c - a * torch.sin(a)) - d
-
-
-def clamp_cosines(mg: Margin, cos: torch.Tensor) -> torch.Tensor:
-    """Every cosine clamped as the margin's code clamps it: [−1, 1], AdaFace [−1 + ε, 1 − ε]
-    (its gradient zero outside)."""
-    lim = 1.0 - ANGLE_EPS if mg.kind == "adaface" else 1.0
-    return clip_with_grad(cos, -lim, lim)
-
-
-def negative_cosines(mg: Margin, c: torch.Tensor, c_target: torch.Tensor, a: torch.Tensor,
-                     state: MarginState) -> torch.Tensor:
-    """n(c) of the negatives [B, N] (the target column is overwritten afterwards).
-
-    curricular: c·(t + c) where c > cos(θ_y + a) (the margin's cos(θ + m) without the
-      fallback, compared without gradient, as the code does), t the updated moving average;
-    every margin with τ > 0: 0 where c > τ (no gradient), after the modulation above."""
-    out = c
-    if mg.kind == "curricular":
-        sin_y = torch.sqrt(torch.clamp(1.0 - c_target * c_target, min=1e-12))
-        hard_at = (c_target * torch.cos(a) - sin_y * torch.sin(a)).detach()
-        t = state.t.to(c.dtype)
-        out = torch.where(c > hard_at[:, None], c * (t + c), c)
-    if mg.interclass_threshold > 0:
-        out = torch.where(c.detach() > mg.interclass_threshold, torch.zeros_like(c), out)
+def option_fields(mg: Margin) -> dict:
+    """The :class:`~unitsface_kernels.options.UnitsfaceOptions` fields with which the
+    ``unitsface`` ops compute margin `mg` (docs/design.md §1.5): every formula of the family
+    lives in :mod:`.reference` (target_logit, class_cosines, negative_cosines) and in the
+    kernels; a margin is a choice of those fields plus its per-row inputs."""
+    out = dict(margin_arc=0.0, margin_cos=0.0, arcface_straight_through=False,
+               easy_margin=False, row_margins=False, no_fallback=False, angle_clip=False,
+               curricular=False, interclass_threshold=float(mg.interclass_threshold),
+               sub_centers=float(mg.sub_centers))
+    if mg.kind == "arcface":
+        out.update(margin_arc=float(mg.m), margin_cos=float(mg.m3),
+                   arcface_straight_through=mg.straight_through)
+    elif mg.kind == "curricular":
+        out.update(margin_arc=float(mg.m), curricular=True)
+    elif mg.kind == "adaface":
+        out.update(row_margins=True, angle_clip=True)
+    elif mg.kind == "magface":
+        out.update(row_margins=True, easy_margin=mg.easy_margin)
+    elif mg.kind == "elastic_arc":
+        out.update(row_margins=True, no_fallback=True)
+    else:  # elastic_cos: a = 0, cos(θ + 0) − d = c − d
+        out.update(row_margins=True)
     return out
 
 
-def margin_logits(mg: Margin, cos: torch.Tensor, local: torch.Tensor, rows: RowInputs,
-                  scale: float) -> torch.Tensor:
-    """z [B, N] = s·(n(c) on the negatives, f(c_y) on the target column `local` [B])."""
-    c = clamp_cosines(mg, class_cosines(cos, mg.sub_centers))
-    c_t = c.gather(1, local[:, None])[:, 0]
-    neg = negative_cosines(mg, c, c_t, rows.a, rows.state)
-    f = target_cosine(mg, c_t, rows.a, rows.d)
-    return scale * neg.scatter(1, local[:, None], f[:, None])
+def margin_options(mg: Margin, base: UnitsfaceOptions) -> UnitsfaceOptions:
+    """`base` (scale, eps, the USS part) with the margin fields of `mg`."""
+    return replace(base, **option_fields(mg))
+
+
+def target_of(o: UnitsfaceOptions, c: torch.Tensor, a, d) -> torch.Tensor:
+    """f(c; a, d) of the target cosines c with the settings `o` (:func:`reference.target_logit`);
+    a, d: m2, m3 of `o` unless ``o.row_margins`` (then the per-row margins, broadcasting)."""
+    if not o.row_margins:
+        a, d = o.margin_arc, o.margin_cos
+    return target_logit(c, a, d, straight_through=o.arcface_straight_through,
+                        easy_margin=o.easy_margin, no_fallback=o.no_fallback,
+                        angle_clip=o.angle_clip)
+
+
+def hard_threshold(o: UnitsfaceOptions, c_target: torch.Tensor, a) -> torch.Tensor:
+    """CurricularFace's HARD_i = cos(θ_iy + a_i) without the fallback, taken without gradient
+    (its code compares the negatives with it under no_grad)."""
+    a = a if o.row_margins else o.margin_arc
+    return target_logit(c_target.detach(), a, 0.0, no_fallback=True).detach()
+
+
+def margin_rows(o: UnitsfaceOptions, rows: RowInputs, c_target: torch.Tensor):
+    """The ops' ``margin_rows [4, B]`` (:class:`~unitsface_kernels.layouts.MarginRow`; None
+    when `o` reads none), detached: A, D = a_i, d_i; HARD_i (curricular) = cos(θ_iy + a_i)
+    without fallback; T_i = t, the moving average after this step's update."""
+    if not o.needs_margin_rows:
+        return None
+    a, d = rows.a.detach(), rows.d.detach()
+    out = torch.zeros(len(MarginRow), a.shape[0], dtype=a.dtype, device=a.device)
+    out[MarginRow.A], out[MarginRow.D] = a, d
+    if o.curricular:
+        out[MarginRow.HARD] = hard_threshold(o, c_target.to(a.dtype), a)
+        out[MarginRow.T] = rows.state.t.detach().to(a.dtype)
+    return out
+
+
+def target_cosines(o: UnitsfaceOptions, x: torch.Tensor, centres: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+    """c_iy [B], detached: the class cosine of each row's target (the maximum over its K
+    sub-centre rows, clamped to ±o.cos_limit) from a gather of the B·K target rows of
+    `centres` — read rounded to x's dtype and normalised with o.eps, as the kernels read them;
+    O(B·K·D), no B × N matrix. A label −1 (a class of another shard) gives 0: summed over the
+    ranks, each row gets the one rank's value that owns its class."""
+    k = o.k
+    with torch.no_grad():
+        mine = labels >= 0
+        rows = class_row_ids(torch.where(mine, labels, torch.zeros_like(labels)), k)
+        w = normalize(readable_rows(centres[rows], None, x.dtype), o.eps)
+        per = (w.reshape(x.shape[0], k, -1) * normalize(x, o.eps)[:, None, :]).sum(-1)
+        c = clamp_sym(per.max(dim=1).values, o.cos_limit)
+        return torch.where(mine, c, torch.zeros_like(c))
+
+
+# ----------------------------------------------------------------------------- the oracle
+
+def margin_logits(o: UnitsfaceOptions, cos: torch.Tensor, local: torch.Tensor,
+                  rows: RowInputs) -> torch.Tensor:
+    """z [B, N] = s·(n(c) on the negatives, f(c_y) on the target column `local` [B]) from the
+    sub-centre cosines [B, N·K], with the formulas of :mod:`.reference`; `rows.a` may carry
+    a gradient (MagFace), which reaches the target through f."""
+    c = clamp_sym(class_cosines(cos, o.k), o.cos_limit)
+    c_t = c.gather(1, local[:, None])
+    f = target_of(o, c_t, rows.a[:, None], rows.d[:, None])
+    hard = hard_threshold(o, c_t, rows.a[:, None]) if o.curricular else None
+    t = rows.state.t.to(c.dtype) if o.curricular else None
+    neg = negative_cosines(c, hard, t, curricular=o.curricular,
+                           interclass_threshold=o.interclass_threshold)
+    return o.scale * neg.scatter(1, local[:, None], f)
 
 
 def margin_family_rows(x, centres, labels, mg: Margin, state: MarginState, *, scale=64.0,
                        index=None, training=True, drawn=None, generator=None, eps=EPS):
     """Per-row loss of the margin softmax with margin `mg` over all classes or the partial-FC
     index S (sorted classes; with K sub-centres the rows c·K … c·K + K − 1 of each class of S
-    are read): L_i = lse_c z_ic − z_{i,y_i} + extra_i (MagFace's λ_g·g).
+    are read): L_i = lse_c z_ic − z_{i,y_i} + extra_i (MagFace's λ_g·g), differentiated by
+    autograd (MagFace's a_i carries its gradient into the norm).
 
     Returns (rows [B], the state after this step's update)."""
-    from .reference import normalize, readable_rows
-
+    o = margin_options(mg, softmax_options(scale=scale, margin_arc=0.0, margin_cos=0.0,
+                                           arcface_grad="exact", easy_margin=False, eps=eps))
     k = mg.sub_centers
     if index is None:
-        w = centres
-        local = labels
+        w, local = centres, labels
     else:
-        rows_of = (index[:, None] * k + torch.arange(k, device=index.device)).reshape(-1)
-        w = centres[rows_of]
-        local = torch.searchsorted(index, labels)
-    w = readable_rows(w, None, x.dtype)
-    cos = normalize(x, eps) @ normalize(w, eps).T
-    c_t = clamp_cosines(mg, class_cosines(cos, k)).gather(1, local[:, None])[:, 0]
+        w, local = centres[class_row_ids(index, k)], torch.searchsorted(index, labels)
+    cos = normalize(x, eps) @ normalize(readable_rows(w, None, x.dtype), eps).T
+    c_t = clamp_sym(class_cosines(cos, k), o.cos_limit).gather(1, local[:, None])[:, 0]
     rows = row_inputs(mg, x, c_t.detach(), state, training=training, drawn=drawn,
                       generator=generator)
-    z = margin_logits(mg, cos, local, rows, scale)
+    z = margin_logits(o, cos, local, rows)
     loss = torch.logsumexp(z, dim=1) - z.gather(1, local[:, None])[:, 0] + rows.extra
     return loss, rows.state

@@ -397,16 +397,19 @@ def eager_bank_update_(bank, bank_valid, x, labels):
 # logits is exactly the kernels' g for the given (possibly global) statistics.
 
 def _class_tiles(x, centres, bank, labels, index, bank_valid, bias, margin_rows,
-                 o: UnitsfaceOptions):
+                 o: UnitsfaceOptions, sparse_grad: bool = False):
     """Eager logits of the classes S: z (softmax), the target mask, and USS (pos, neg, z⁺, z⁻).
     With the margin family's settings (docs/design.md §1.5): the class cosine is the maximum
     over its K sub-centre rows, every cosine is clamped to ±o.cos_limit, the target's margins
-    come per row from `margin_rows` (``row_margins``) and the negatives are modulated."""
+    come per row from `margin_rows` (``row_margins``) and the negatives are modulated.
+    ``sparse_grad``: the centres' gradient is a sparse tensor of the index's rows (autograd of
+    the eager form, as the fused ops' autograd rule gives it)."""
     k = o.k
     classes = (torch.arange(centres.shape[0] // k, device=x.device) if index is None
                else index)
     xh = normalize(x, o.eps)
-    w = normalize(readable_rows(centres[class_row_ids(classes, k)], None, x.dtype), o.eps)
+    rows = class_rows(centres, None if index is None else class_row_ids(index, k), sparse_grad)
+    w = normalize(readable_rows(rows, None, x.dtype), o.eps)
     cos = clamp_sym(class_cosines(xh @ w.T, k), o.cos_limit)
     is_t = labels[:, None] == classes[None, :]
     m = None if margin_rows is None else margin_rows.to(cos.dtype)[:, :, None]
@@ -464,7 +467,7 @@ def unitsface_fwd(x, centres, bank, labels, index, bank_valid, bias, margin_rows
     ||bank[S]||, ∅, ∅)."""
     o = UnitsfaceOptions.unpack(options)
     z, is_t, uss = _class_tiles(x, centres, bank, labels, index, bank_valid, bias, margin_rows,
-                                o)
+                                o, sparse_grad)
     stats = z.new_zeros(len(UnitsfaceStat), x.shape[0])
     stats[UnitsfaceStat.LSE] = torch.logsumexp(z, dim=1)
     stats[UnitsfaceStat.TARGET] = torch.where(is_t, z, torch.zeros_like(z)).sum(1)
