@@ -126,6 +126,16 @@ def margin(kind: str = "arcface", **settings) -> Margin:
     return out
 
 
+def checked(mg) -> Margin:
+    """`mg` as a caller handed it in: a :class:`Margin` whose settings pass :func:`margin`'s
+    checks (a Margin built directly is checked here)."""
+    if not isinstance(mg, Margin):
+        raise TypeError("margin must be a unitsface_kernels.margins.Margin (margins.margin(...)), "
+                        f"got {type(mg).__name__}")
+    return margin(mg.kind, **{f.name: getattr(mg, f.name) for f in fields(Margin)
+                              if f.name != "kind"})
+
+
 @dataclass
 class MarginState:
     """The moving statistics a margin keeps (a module's buffers), with their authors' initial

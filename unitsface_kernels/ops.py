@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backends, contract, distributed, options, reference
+from . import backends, contract, distributed, margin_calls, margins, options, reference
 from . import validation as check
 from .bank import bank_update_  # noqa: F401  (public name)
 from .layouts import UssStat
@@ -71,11 +71,9 @@ def run_unitsface(o: UnitsfaceOptions, x, labels, centres, bank, bias, *, bank_v
                                             reduction="none", sparse_grad=sparse_grad,
                                             **o.keywords())
     else:
-        row_grads = contract.wants_row_grads("unitsface", backend, x,
-                                             uss_pairs=bank is not None and not o.uss_lse)
-        rows = contract.forward_op("unitsface", backend)(x, centres, bank, labels, index,
-                                                         bank_valid, bias, margin_rows, o.pack(),
-                                                         row_grads, sparse_grad)[0]
+        rows = margin_calls.op_rows(o, x, labels, centres, bank, bias, bank_valid=bank_valid,
+                                    index=index, sparse_grad=sparse_grad, backend=backend,
+                                    margin_rows=margin_rows)[0]
     return reference.reduce_rows(rows.to(reference.compute_dtype(x.dtype)), reduction)
 
 
@@ -115,16 +113,18 @@ def _uss_inputs(x, labels, bias, ref, ref_labels, ref_valid):
     return x, labels, ref, ref_labels, ref_valid, bias, values
 
 
-def _class_inputs(x, centres, labels, index):
-    """Checked (x, centres, labels, index, value checks) for the class-centre losses."""
+def _class_inputs(x, centres, labels, index, k: int = 1):
+    """Checked (x, centres, labels, index, value checks) for the class-centre losses, with
+    K = k rows of centres per class."""
     x = check.embeddings(x)
     centres = check.reference_rows(centres, x, "centres")
+    num_classes = margin_calls.check_sub_centres(centres, k)
     labels = check.labels(labels, x.shape[0], x.device)
     values = check.ValueChecks()
-    values.label_range(labels, centres.shape[0], "labels", "class ids of the centres")
+    values.label_range(labels, num_classes, "labels", "class ids of the centres")
     if index is not None:
         index = check.index_tensor(index, x.device)
-        values.index(index, centres.shape[0], labels)
+        values.index(index, num_classes, labels)
     return x, centres, labels, index, values
 
 
@@ -204,7 +204,8 @@ def uss_bias_init(x, labels, ref=None, ref_labels=None, ref_valid=None, *, scale
 def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0, margin_cos=0.4,
                               arcface_grad="exact", easy_margin=False, index=None,
                               sparse_grad=False, reduction="mean", backend="auto", shard=None,
-                              eps=EPS):
+                              eps=EPS, margin=None, margin_state=None, margin_training=True,
+                              margin_drawn=None, generator=None):
     """CosFace / ArcFace softmax over normalised class centres (docs/design.md §1.2),
     optionally over a partial-FC index S, without a B×C (or B×|S|) matrix:
 
@@ -234,6 +235,21 @@ def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0,
             class ids, and the loss is over the batches of all ranks
             (see :mod:`unitsface_kernels.distributed`).
 
+    The margin family (docs/design.md §1.5):
+        margin: a :class:`~unitsface_kernels.margins.Margin` (``margins.margin(kind, ...)``:
+            arcface with K sub-centres and inter-class filtering, curricular, adaface,
+            magface, elastic_arc, elastic_cos); margin_arc, margin_cos, arcface_grad and
+            easy_margin must then keep their defaults. With K sub-centres ``centres`` holds
+            C·K rows (class c: rows c·K … c·K + K − 1); labels and ``index`` are classes.
+        margin_state: a :class:`~unitsface_kernels.margins.MarginState` on x's device,
+            required by the kinds with moving statistics (curricular, adaface); its tensors
+            are updated in place by a training call, after every check has passed.
+        margin_training: whether the call updates the moving statistics (True); False reads
+            them frozen (the authors' code updates them in eval mode too).
+        margin_drawn: (B,) explicit ElasticFace margins (to reproduce another implementation's
+            draws); else they are drawn from N(m, std) with ``generator``.
+        MagFace's regulariser λ_g·g(‖x_i‖) is added to each row's loss.
+
     The loss reported per row is lse − z_iy, exact for every p_iy (insightface's
     DistCrossEntropy reports −log(max(p_iy, 1e-30)), which differs only above 69).
     """
@@ -244,11 +260,21 @@ def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0,
             index=index, sparse_grad=sparse_grad, reduction=reduction, backend=backend, eps=eps)
     check.choice(reduction, options.REDUCTIONS, "reduction")
     sparse_grad = check.flag(sparse_grad, "sparse_grad")
+    margin_calls.refuse_softmax_settings(margin, margin_arc=margin_arc, margin_cos=margin_cos,
+                                         arcface_grad=arcface_grad, easy_margin=easy_margin)
     o = options.softmax_options(scale=scale, margin_arc=margin_arc, margin_cos=margin_cos,
                                 arcface_grad=arcface_grad, easy_margin=easy_margin, eps=eps)
-    x, centres, labels, index, values = _class_inputs(x, centres, labels, index)
+    x, centres, labels, index, values = _class_inputs(x, centres, labels, index,
+                                                      margin_calls.sub_centres_of(margin))
+    call = margin_calls.checked_call(margin, margin_state, margin_training, margin_drawn,
+                                     generator, x)
     backend = backends.resolve(backend, x.device, "unitsface")
     values.run()
+    if call is not None:
+        return margin_calls.run_margin_unitsface(
+            margins.margin_options(call.margin, o), call, x, labels, centres, None, None,
+            bank_valid=None, index=index, sparse_grad=sparse_grad, backend=backend,
+            reduction=reduction)
     return run_unitsface(o, x, labels, centres, None, None, bank_valid=None, index=index,
                          sparse_grad=sparse_grad, backend=backend, reduction=reduction)
 
@@ -257,7 +283,8 @@ def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, ind
                          scale=64.0, margin_arc=0.0, margin_cos=0.4, arcface_grad="exact",
                          easy_margin=False, uss_margin=0.1, uss_form="pairs", uss_weight=1.0,
                          official_clamp=False, sparse_grad=False, reduction="mean",
-                         backend="auto", shard=None, eps=EPS):
+                         backend="auto", shard=None, eps=EPS, margin=None, margin_state=None,
+                         margin_training=True, margin_drawn=None, generator=None):
     """The UniTSFace objective in one pass over the classes (docs/design.md §1.3):
 
         L_i = L_softmax,i(x; W[S], m2, m3) + λ·L_uss,i(x; bank[S], b, bank_valid[S])
@@ -283,6 +310,9 @@ def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, ind
             training: centres, bank, bank_valid (and a per-class bias) are this rank's rows
             [start, stop), ``index`` holds LOCAL class ids, a scalar bias is replicated, and
             the loss is over the batches of all ranks (see :mod:`unitsface_kernels.distributed`).
+        margin, margin_state, margin_training, margin_drawn, generator: a margin of the family
+            for the softmax part, as in :func:`fused_margin_softmax_loss`; with K sub-centres
+            centres holds C·K rows while bank, bank_valid and a per-class bias keep C.
     """
     if shard is not None:
         return distributed.unitsface_loss(
@@ -293,19 +323,29 @@ def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, ind
             reduction=reduction, backend=backend, eps=eps)
     check.choice(reduction, options.REDUCTIONS, "reduction")
     sparse_grad = check.flag(sparse_grad, "sparse_grad")
+    margin_calls.refuse_softmax_settings(margin, margin_arc=margin_arc, margin_cos=margin_cos,
+                                         arcface_grad=arcface_grad, easy_margin=easy_margin)
     o = options.unitsface_options(
         scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
         easy_margin=easy_margin, uss_margin=uss_margin, uss_form=uss_form,
         uss_weight=uss_weight, official_clamp=official_clamp, eps=eps)
-    x, centres, labels, index, values = _class_inputs(x, centres, labels, index)
+    k = margin_calls.sub_centres_of(margin)
+    x, centres, labels, index, values = _class_inputs(x, centres, labels, index, k)
     bank = check.reference_rows(bank, x, "bank")
-    if bank.shape[0] != centres.shape[0]:
-        raise ValueError(f"bank has {bank.shape[0]} rows but centres has {centres.shape[0]}: "
-                         "one bank row per class")
+    if bank.shape[0] * k != centres.shape[0]:
+        raise ValueError(f"bank has {bank.shape[0]} rows but centres has {centres.shape[0]} "
+                         f"(sub_centers={k} per class): one bank row per class")
     if bank_valid is not None:
         bank_valid = check.mask(bank_valid, bank.shape[0], x.device, "bank_valid")
     bias = check.bias(bias, bank.shape[0], x, per="class")
+    call = margin_calls.checked_call(margin, margin_state, margin_training, margin_drawn,
+                                     generator, x)
     backend = backends.resolve(backend, x.device, "unitsface")
     values.run()
+    if call is not None:
+        return margin_calls.run_margin_unitsface(
+            margins.margin_options(call.margin, o), call, x, labels, centres, bank, bias,
+            bank_valid=bank_valid, index=index, sparse_grad=sparse_grad, backend=backend,
+            reduction=reduction)
     return run_unitsface(o, x, labels, centres, bank, bias, bank_valid=bank_valid, index=index,
                          sparse_grad=sparse_grad, backend=backend, reduction=reduction)
