@@ -188,6 +188,44 @@ def _function_calls(backend):
             ("uss_bias_init", bias_init)]
 
 
+def _margin_calls(backend):
+    """(name, call) of the public functions with a margin of the family (forward and
+    backward), the moving statistics updated in place."""
+    from unitsface_kernels import margins as M
+
+    obj = make_case("unitsface", 9, 40, 16, sampled=True, seed=6)
+    g = torch.Generator().manual_seed(7)
+    sub = torch.randn(40 * 2, 16, generator=g)
+
+    def leaf(t):
+        return t.detach().clone().requires_grad_()
+
+    def softmax(mg, centres, **kw):
+        def call():
+            uk.fused_margin_softmax_loss(leaf(obj["x"]), leaf(centres), obj["labels"],
+                                         index=obj["index"], margin=mg, backend=backend,
+                                         **kw).backward()
+        return call
+
+    def unitsface(mg, **kw):
+        def call():
+            uk.fused_unitsface_loss(leaf(obj["x"]), obj["labels"], leaf(obj["centres"]),
+                                    obj["bank"], leaf(obj["bias"]),
+                                    bank_valid=obj["bank_valid"], index=obj["index"],
+                                    margin=mg, backend=backend, **kw).backward()
+        return call
+
+    return [("curricular K=2 filter sparse", softmax(
+                M.margin("curricular", sub_centers=2, interclass_threshold=0.3), sub,
+                margin_state=M.MarginState(), sparse_grad=True)),
+            ("adaface objective", unitsface(M.margin("adaface"), margin_state=M.MarginState())),
+            ("magface objective", unitsface(M.margin("magface"))),
+            ("elastic_cos+ generator", softmax(M.margin("elastic_cos", plus=True),
+                                               obj["centres"], generator=g)),
+            ("elastic_arc drawn", softmax(M.margin("elastic_arc"), obj["centres"],
+                                          margin_drawn=torch.full((9,), 0.5)))]
+
+
 def _other_calls():
     labels = torch.tensor([3, 7, 7, 1])
 
@@ -215,6 +253,23 @@ def test_functions_async_mode_never_synchronise(backend, cuda_path, monkeypatch)
                 call()
             if syncs.events:
                 found[name] = syncs.events
+    assert not found
+
+
+@pytest.mark.parametrize("backend", _backends("unitsface"))
+def test_margin_calls_never_synchronise(backend, cuda_path, monkeypatch):
+    """The margin family's calls: nothing in the async mode, one summary read back in the
+    eager one (its per-row inputs and moving statistics stay on the device)."""
+    syncs, found = Syncs(monkeypatch), {}
+    for mode in ("async", "eager"):
+        with uk.checks(mode):
+            for name, call in _margin_calls(backend):
+                with syncs:
+                    call()
+                others = [e for e in syncs.events
+                          if not e.startswith(("read-back", "Tensor.tolist"))]
+                if others or syncs.read_backs > (mode == "eager"):
+                    found[f"{name} ({mode})"] = syncs.events
     assert not found
 
 

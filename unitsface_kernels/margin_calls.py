@@ -19,7 +19,7 @@ One step, in order:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -101,13 +101,13 @@ def check_state(state, device: torch.device, name: str = "margin_state") -> None
     if not isinstance(state, MarginState):
         raise TypeError(f"{name} must be a unitsface_kernels.margins.MarginState, got "
                         f"{type(state).__name__}")
-    for f in fields(MarginState):
-        t = check.tensor(getattr(state, f.name), f"{name}.{f.name}")
+    for stat in margins.STATISTICS:
+        t = check.tensor(getattr(state, stat), f"{name}.{stat}")
         if t.dtype not in check.FLOAT_DTYPES or t.numel() != 1:
-            raise ValueError(f"{name}.{f.name} must be a one-element floating tensor, got "
+            raise ValueError(f"{name}.{stat} must be a one-element floating tensor, got "
                              f"dtype {t.dtype} and shape {tuple(t.shape)}")
         if t.device != device:
-            raise ValueError(f"{name}.{f.name} is on {t.device} but x is on {device}: the moving "
+            raise ValueError(f"{name}.{stat} is on {t.device} but x is on {device}: the moving "
                              "statistics live on the batch's device")
 
 
@@ -155,9 +155,9 @@ def commit_state(call: MarginCall, after: MarginState) -> None:
     """The caller's moving statistics ← `after` in place (training, stateful kinds only)."""
     if not call.training or call.state is None or call.margin.kind not in STATEFUL:
         return
-    for f in fields(MarginState):
-        target = getattr(call.state, f.name)
-        target.copy_(getattr(after, f.name).reshape(target.shape))
+    for stat in margins.STATISTICS:
+        target = getattr(call.state, stat)
+        target.copy_(getattr(after, stat).reshape(target.shape))
 
 
 def op_rows(o: UnitsfaceOptions, x, labels, centres, bank, bias, *, bank_valid, index,

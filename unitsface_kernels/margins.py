@@ -85,6 +85,9 @@ class Margin:
     interclass_threshold: float = 0.0   # τ > 0: negatives above it get logit 0, no gradient
 
 
+SETTINGS = tuple(f.name for f in fields(Margin) if f.name != "kind")
+"""The settings of a Margin beyond its kind (named once: torch.compile traces no fields())."""
+
 DEFAULTS = {"adaface": dict(m=0.4, momentum=1.0), "elastic_cos": dict(m=0.35)}
 """Each kind's defaults where they differ from the dataclass's: its authors' code's
 (AdaFace's head.py: m = 0.4, t_alpha = 1.0; ElasticFace-Cos: m = 0.35)."""
@@ -94,9 +97,8 @@ DEFAULTS = {"adaface": dict(m=0.4, momentum=1.0), "elastic_cos": dict(m=0.35)}
 def margin(kind: str = "arcface", **settings) -> Margin:
     """A checked :class:`Margin`; every bad setting raises naming it (docs/design.md §5)."""
     check.choice(kind, KINDS, "kind")
-    known = {f.name for f in fields(Margin)} - {"kind"}
     for name in settings:
-        if name not in known:
+        if name not in SETTINGS:
             raise TypeError(f"margin() got an unexpected setting {name!r}")
     out = replace(Margin(kind=kind, **DEFAULTS.get(kind, {})), **settings)
     for name in ("m", "m3", "h", "lambda_g"):
@@ -128,12 +130,14 @@ def margin(kind: str = "arcface", **settings) -> Margin:
 
 def checked(mg) -> Margin:
     """`mg` as a caller handed it in: a :class:`Margin` whose settings pass :func:`margin`'s
-    checks (a Margin built directly is checked here)."""
+    checks (a Margin built directly is checked here; while torch.compile traces, only its
+    type is: the settings checks are host code on constants, run by every eager call)."""
     if not isinstance(mg, Margin):
         raise TypeError("margin must be a unitsface_kernels.margins.Margin (margins.margin(...)), "
                         f"got {type(mg).__name__}")
-    return margin(mg.kind, **{f.name: getattr(mg, f.name) for f in fields(Margin)
-                              if f.name != "kind"})
+    if torch.compiler.is_compiling():
+        return mg
+    return margin(mg.kind, **{name: getattr(mg, name) for name in SETTINGS})
 
 
 @dataclass
@@ -144,6 +148,10 @@ class MarginState:
     t: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     norm_mean: torch.Tensor = field(default_factory=lambda: torch.full((), 20.0))
     norm_std: torch.Tensor = field(default_factory=lambda: torch.full((), 100.0))
+
+
+STATISTICS = tuple(f.name for f in fields(MarginState))
+"""The moving statistics of a MarginState, by name."""
 
 
 # ----------------------------------------------------------------------------- per-row inputs

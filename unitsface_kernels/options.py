@@ -45,11 +45,11 @@ class _Packed:
 
     @classmethod
     def unpack(cls, values):
-        names = fields(cls)
-        if len(values) != len(names):
-            raise ValueError(f"{cls.__name__} has {len(names)} fields, got {len(values)} "
+        flags = cls._BOOL_FIELDS
+        if len(values) != len(flags):
+            raise ValueError(f"{cls.__name__} has {len(flags)} fields, got {len(values)} "
                              "option values")
-        return cls(*(bool(v) if f.type == "bool" else float(v) for f, v in zip(names, values)))
+        return cls(*(bool(v) if flag else float(v) for flag, v in zip(flags, values)))
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,11 @@ class UnitsfaceOptions(_Packed):
         """The settings of b₀ over the bank rows of the USS part (see
         :meth:`UssOptions.threshold_init`)."""
         return UssOptions(self.scale, 0.0, True, False, False, self.eps)
+
+
+for _cls in (UssOptions, UnitsfaceOptions):
+    # which fields are bools, read by unpack (named once: torch.compile traces no fields())
+    _cls._BOOL_FIELDS = tuple(f.type == "bool" for f in fields(_cls))
 
 
 # ----------------------------------------------------------------------------- from arguments
