@@ -582,3 +582,135 @@ def test_mismatched_inputs_raise_on_every_rank(run):
                            ("index", "missing from index")):
             assert (text in e[case]) if mine else ("rejected its inputs" in e[case]), \
                 (case, r, e[case])
+
+
+# ----------------------------------------------------------------------------- margin family
+
+MARGIN_SCENARIOS = {
+    # name: (margin kind, its settings, with the bank (the objective), partial FC)
+    "curricular_k2_pfc": ("curricular", dict(sub_centers=2), False, True),
+    "adaface_objective": ("adaface", dict(momentum=0.5), True, False),
+    "magface": ("magface", {}, False, False),
+    "magface_objective_pfc": ("magface", dict(easy_margin=False), True, True),
+    "elastic_arc_generator": ("elastic_arc", dict(std=0.05), False, False),
+    "elastic_cos_plus_drawn": ("elastic_cos", dict(plus=True), False, True),
+    "filter_k3_objective": ("arcface", dict(m=0.5, sub_centers=3, interclass_threshold=0.2),
+                            True, True),
+}
+
+
+def _margin_call(name, data, x, labels, centres, bank, bias, valid, index, backend, shard):
+    """One margin step through the public function (shard=None: the single process over the
+    global batch); returns the loss and the moving statistics after it."""
+    from unitsface_kernels import margins as M
+
+    kind, settings, with_bank, _ = MARGIN_SCENARIOS[name]
+    mg = M.margin(kind, **settings)
+    state = M.MarginState(torch.tensor(0.3, dtype=torch.float64),
+                          torch.tensor(2.0, dtype=torch.float64),
+                          torch.tensor(1.0, dtype=torch.float64))
+    kw = dict(scale=16.0, index=index, backend=backend, shard=shard, margin=mg,
+              margin_state=state)
+    if name.endswith("_generator"):
+        kw["generator"] = torch.Generator().manual_seed(11)   # seeded alike on every rank
+    if name.endswith("_drawn"):
+        kw["margin_drawn"] = 0.35 + 0.05 * torch.randn(
+            len(data["labels"]), generator=torch.Generator().manual_seed(12),
+            dtype=torch.float64)
+    if with_bank:
+        loss = fused_unitsface_loss(x, labels, centres, bank, bias, bank_valid=valid,
+                                    uss_form="lse", uss_weight=0.5, **kw)
+    else:
+        loss = fused_margin_softmax_loss(x, centres, labels, **kw)
+    return loss, state
+
+
+def _margin_centres(name, data):
+    """W with K rows per class (the global one; shard r holds rows [start·K, stop·K))."""
+    kind, settings, _, _ = MARGIN_SCENARIOS[name]
+    k = settings.get("sub_centers", 1)
+    g = torch.Generator().manual_seed(99)
+    w = data["centres"].repeat_interleave(k, 0)
+    return w + 0.3 * torch.randn(w.shape, generator=g, dtype=torch.float64), k
+
+
+def _run_margin_shard(name, data, shard, rank, backend):
+    w, k = _margin_centres(name, data)
+    sl = slice(shard.start, shard.stop)
+    x = data["x"][rank * B:(rank + 1) * B].clone().mul_(3.0).requires_grad_()
+    labels = data["labels"][rank * B:(rank + 1) * B]
+    index = None
+    if MARGIN_SCENARIOS[name][3]:
+        index = data["index"][(data["index"] >= shard.start) & (data["index"] < shard.stop)]
+        index = index - shard.start
+    centres = w[shard.start * k:shard.stop * k].clone().requires_grad_()
+    bias = torch.tensor([5.0], dtype=torch.float64, requires_grad=True)
+    try:
+        loss, state = _margin_call(name, data, x, labels, centres, data["bank"][sl], bias,
+                                   data["valid"][sl], index, backend, shard)
+        loss.backward()
+    except NotImplementedError as e:  # a fused backend without the margin family
+        return dict(error=str(e))
+    return dict(loss=loss.detach(), dx=x.grad, dw=centres.grad, db=bias.grad,
+                state=(state.t, state.norm_mean, state.norm_std))
+
+
+def _margin_oracle(name, data):
+    w, _ = _margin_centres(name, data)
+    x = data["x"].clone().mul_(3.0).requires_grad_()
+    centres = w.clone().requires_grad_()
+    bias = torch.tensor([5.0], dtype=torch.float64, requires_grad=True)
+    index = data["index"] if MARGIN_SCENARIOS[name][3] else None
+    loss, state = _margin_call(name, data, x, data["labels"], centres, data["bank"], bias,
+                               data["valid"], index, "reference", None)
+    loss.backward()
+    return dict(loss=loss.detach(), dx=x.grad, dw=centres.grad, db=bias.grad,
+                state=(state.t, state.norm_mean, state.norm_std))
+
+
+def _margin_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        data = make_data(world)
+        shard = ClassShard.from_group(C)
+        results = {(backend, name): _run_margin_shard(name, data, shard, rank, backend)
+                   for backend in _backends() for name in MARGIN_SCENARIOS}
+        results["shard"] = (shard.start, shard.stop)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def margin_run(tmp_path_factory):
+    world = 2
+    tmp = tmp_path_factory.mktemp("margin_dist")
+    mp.spawn(_margin_worker, args=(world, str(tmp / "init"), str(tmp)), nprocs=world,
+             join=True)
+    return world, make_data(world), [torch.load(tmp / f"rank{r}.pt", weights_only=False)
+                                     for r in range(world)]
+
+
+@pytest.mark.parametrize("backend", ["triton", "native", "reference"])
+@pytest.mark.parametrize("name", list(MARGIN_SCENARIOS))
+def test_margin_step_matches_single_process(margin_run, name, backend):
+    """A sharded margin step (2 ranks) equals the single-process one over the global batch:
+    the loss and the moving statistics on every rank, w·∂L/∂x of each rank's rows (MagFace's
+    gradient into the norm counted once), ∂W of the shards' K rows per class, ∂b."""
+    if backend not in _backends():
+        pytest.skip(f"backend {backend!r} does not run on this machine")
+    world, data, ranks = margin_run
+    want = _margin_oracle(name, data)
+    for r, res in enumerate(ranks):
+        got = res[(backend, name)]
+        assert "error" not in got, got.get("error")
+        torch.testing.assert_close(got["loss"], want["loss"], **TOL)
+        torch.testing.assert_close(got["dx"], world * want["dx"][r * B:(r + 1) * B], **TOL)
+        for a, b in zip(got["state"], want["state"]):
+            torch.testing.assert_close(a, b, **TOL)
+        if MARGIN_SCENARIOS[name][2]:
+            torch.testing.assert_close(got["db"], want["db"], **TOL)
+    dw = torch.cat([res[(backend, name)]["dw"] for res in ranks])
+    torch.testing.assert_close(dw, want["dw"], **TOL)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import unitsface_kernels as uk
 from unitsface_kernels import margins as M
-from unitsface_kernels import reference
+from unitsface_kernels import optim, reference
 
 from helpers import (all_backends, assert_close_grad, assert_close_loss, fused_backends,
                      passes_gradcheck)
@@ -413,3 +413,114 @@ def test_autocast_changes_nothing(name):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = _public(c, "reference", _state())
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- modules
+
+def _module_batch(mg, seed=16):
+    c = _case(mg, seed=seed)
+    return c["x"], c["labels"]
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
+@pytest.mark.parametrize("name", ["arcface_k3", "curricular", "adaface", "magface"])
+def test_partial_fc_with_a_margin(backend, name):
+    """PartialFC(margin=…): weight (C·K) × D, the public function's loss with the module's
+    buffers as the state; train() updates the statistics, eval() reads them frozen; they are
+    persistent buffers (state_dict) starting at the authors' values; extra_repr shows it."""
+    mg = _margin(name)
+    head = uk.nn.PartialFC(D, C, scale=S, margin=mg, backend=backend).double()
+    assert head.weight.shape == (C * mg.sub_centers, D)
+    x, labels = _module_batch(mg)
+    stateful = mg.kind in ("curricular", "adaface")
+    if stateful:
+        assert {"margin_t", "margin_norm_mean", "margin_norm_std"} <= set(head.state_dict())
+        assert (float(head.margin_t), float(head.margin_norm_mean),
+                float(head.margin_norm_std)) == (0.0, 20.0, 100.0)
+    state = M.MarginState() if stateful else None
+    if stateful:
+        state = M.MarginState(*(t.double() for t in (state.t, state.norm_mean, state.norm_std)))
+    want = uk.fused_margin_softmax_loss(x, head.weight.detach(), labels, scale=S, margin=mg,
+                                        margin_state=state, backend="reference")
+    torch.testing.assert_close(head(x, labels), want, rtol=1e-10, atol=1e-10)
+    if stateful:
+        moved = head.margin_state()
+        _same_state(moved, state, rtol=0, atol=0)
+        head.eval()
+        before = _copy(moved)
+        head(x, labels)
+        _same_state(head.margin_state(), before, rtol=0, atol=0)
+    assert f"margin={mg!r}" in repr(head)
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
+def test_unitsface_head_with_a_margin(backend):
+    mg = _margin("curricular_k2_filter")
+    head = uk.nn.UniTSFaceHead(D, C, scale=S, margin=mg, backend=backend).double()
+    assert head.weight.shape == (2 * C, D) and head.bank.shape == (C, D)
+    x, labels = _module_batch(mg, seed=17)
+    state = M.MarginState(*(t.double() for t in (M.MarginState().t, M.MarginState().norm_mean,
+                                                   M.MarginState().norm_std)))
+    want = uk.fused_margin_softmax_loss(x, head.weight.detach(), labels, scale=S, margin=mg,
+                                        margin_state=state, backend="reference")
+    torch.testing.assert_close(head(x, labels, with_uss=False), want, rtol=1e-10, atol=1e-10)
+    _same_state(head.margin_state(), state, rtol=0, atol=0)
+    loss = head(x, labels)   # with the bank written by the first call: the USS part too
+    loss.backward()
+    assert torch.isfinite(loss) and head.weight.grad.shape == (2 * C, D)
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
+def test_sparse_sgd_steps_the_k_rows_like_dense_sgd(backend):
+    """Partial FC with K = 3: the sparse gradient holds the K rows of each sampled class, and
+    SparseSGD over it trains the weight as dense SGD does."""
+    mg = _margin("arcface_k3")
+    heads = [uk.nn.PartialFC(D, C, sample_rate=0.4, scale=S, margin=mg, sparse_grad=sparse,
+                             backend=backend).double() for sparse in (True, False)]
+    heads[1].load_state_dict(heads[0].state_dict())
+    opts = [optim.SparseSGD(heads[0].parameters(), lr=0.1, momentum=0.9,
+                               weight_decay=5e-4),
+            torch.optim.SGD(heads[1].parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)]
+    for step in range(3):
+        x, labels = _module_batch(mg, seed=20 + step)
+        for head, opt in zip(heads, opts):
+            torch.manual_seed(step)     # the same partial-FC draw for both
+            opt.zero_grad()
+            head(x, labels).backward()
+            if head.sparse_grad:
+                g = head.weight.grad.coalesce()
+                rows = g.indices()[0]
+                assert bool((rows.reshape(-1, 3) % 3 == torch.arange(3)).all())
+            opt.step()
+    torch.testing.assert_close(heads[0].state_dict()["weight"], heads[1].weight.detach(),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_module_refuses_margin_with_its_own_margins():
+    with pytest.raises(ValueError, match="margin_arc cannot be combined with margin="):
+        uk.nn.PartialFC(D, C, margin_arc=0.5, margin=_margin("curricular"))
+    with pytest.raises(TypeError, match="margin must be a unitsface_kernels.margins.Margin"):
+        uk.nn.UniTSFaceHead(D, C, margin="arcface")
+
+
+class _CombinedMarginLoss:
+    """The attributes of arcface_torch's CombinedMarginLoss that PartialFC reads."""
+
+    def __init__(self, s, m1, m2, m3, interclass_filtering_threshold=0.0):
+        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+        self.interclass_filtering_threshold = interclass_filtering_threshold
+        self.easy_margin = False
+
+
+@pytest.mark.parametrize("m2,m3", [(0.5, 0.0), (0.0, 0.35)])
+def test_from_insightface_maps_interclass_filtering(m2, m3):
+    head = uk.nn.PartialFC.from_insightface(_CombinedMarginLoss(S, 1.0, m2, m3, 0.2), D, C,
+                                            backend="reference").double()
+    assert head.margin.interclass_threshold == 0.2
+    assert (head.margin.m, head.margin.m3, head.margin.straight_through) == (m2, m3, m2 > 0)
+    x, labels = _module_batch(head.margin, seed=18)
+    want, _ = M.margin_family_rows(x, head.weight.detach(), labels, head.margin, M.MarginState(),
+                                   scale=S, eps=1e-12)
+    torch.testing.assert_close(head(x, labels), want.mean(), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="interclass_filtering_threshold"):
+        uk.nn.PartialFC.from_insightface(_CombinedMarginLoss(S, 1.0, m2, m3, 1.5), D, C)

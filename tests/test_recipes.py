@@ -225,6 +225,11 @@ class CombinedMarginLoss:
 
     def __call__(self, logits, labels):
         rows = torch.arange(len(labels))
+        if self.interclass_filtering_threshold > 0:  # negatives above τ: logit 0, no gradient
+            with torch.no_grad():
+                dirty = (logits > self.interclass_filtering_threshold).float()
+                dirty[rows, labels] = 0.0
+            logits = (1 - dirty) * logits
         target = logits[rows, labels]
         logits = logits.clone()
         if self.m1 == 1.0 and self.m3 == 0.0:
@@ -239,7 +244,8 @@ class CombinedMarginLoss:
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
-@pytest.mark.parametrize("margins", [(1.0, 0.5, 0.0), (1.0, 0.0, 0.4), (1.0, 0.3, 0.2)])
+@pytest.mark.parametrize("margins", [(1.0, 0.5, 0.0), (1.0, 0.0, 0.4), (1.0, 0.3, 0.2),
+                                     (1.0, 0.5, 0.0, 0.1), (1.0, 0.0, 0.4, 0.1)])
 def test_partial_fc_from_insightface(data, backend, margins):
     """PartialFC.from_insightface(CombinedMarginLoss(...)) computes what arcface_torch's
     PartialFC_V2 + CombinedMarginLoss + cross-entropy compute, loss and gradients."""
@@ -296,8 +302,8 @@ def test_from_insightface_carries_its_normalisation_eps(data, margins, backend):
 def test_from_insightface_refuses_what_it_cannot_compute():
     with pytest.raises(ValueError, match="margin_loss.m1 = 1.35"):
         PartialFC.from_insightface(CombinedMarginLoss(64, 1.35, 0.0, 0.0), D, C)
-    with pytest.raises(ValueError, match="interclass_filtering_threshold = 0.4"):
-        PartialFC.from_insightface(CombinedMarginLoss(64, 1.0, 0.5, 0.0, 0.4), D, C)
+    with pytest.raises(ValueError, match="interclass_filtering_threshold = 1.4"):
+        PartialFC.from_insightface(CombinedMarginLoss(64, 1.0, 0.5, 0.0, 1.4), D, C)
     with pytest.raises(ValueError, match="margin_loss.m3 = -0.1"):
         PartialFC.from_insightface(CombinedMarginLoss(64, 1.0, 0.5, -0.1), D, C)
     with pytest.raises(TypeError, match="has no m1, m2"):

@@ -140,14 +140,20 @@ def per_row_inputs(o: UnitsfaceOptions, call: MarginCall, x: Tensor, c_target: T
 
 
 def finish_rows(o: UnitsfaceOptions, loss_rows: Tensor, stats: Tensor, c_target: Tensor,
-                rows: RowInputs) -> Tensor:
+                rows: RowInputs, share: int = 1) -> Tensor:
     """The op's per-row losses with what it does not form (step 4 of the module docstring):
-    MagFace's ∂L_i/∂a_i and its regulariser. `stats`: the op's (global) statistics."""
+    MagFace's ∂L_i/∂a_i and its regulariser. `stats`: the op's (global) statistics.
+    ``share``: the number of ranks that add these same terms to the same gathered rows
+    (class-parallel): each adds their whole value and 1/share of their gradient, so that the
+    gathered rows' gradients, summed over the ranks, count them once."""
+    extra = rows.extra.to(loss_rows.dtype)  # zeros but for MagFace
     if rows.a.requires_grad or rows.d.requires_grad:
         p = torch.exp(stats[UnitsfaceStat.TARGET] - stats[UnitsfaceStat.LSE]).detach()
         f = margins.target_of(o, c_target.detach().to(rows.a.dtype), rows.a, rows.d)
-        loss_rows = loss_rows + o.scale * (p.to(f.dtype) - 1.0) * (f - f.detach())
-    return loss_rows + rows.extra.to(loss_rows.dtype)  # zeros but for MagFace
+        extra = extra + o.scale * (p.to(f.dtype) - 1.0) * (f - f.detach())
+    if share > 1:
+        extra = extra.detach() + (extra - extra.detach()) / share
+    return loss_rows + extra
 
 
 @torch.no_grad()

@@ -257,7 +257,9 @@ def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0,
         return distributed.margin_softmax_loss(
             x, centres, labels, shard, scale=scale, margin_arc=margin_arc,
             margin_cos=margin_cos, arcface_grad=arcface_grad, easy_margin=easy_margin,
-            index=index, sparse_grad=sparse_grad, reduction=reduction, backend=backend, eps=eps)
+            index=index, sparse_grad=sparse_grad, reduction=reduction, backend=backend, eps=eps,
+            margin=margin, margin_state=margin_state, margin_training=margin_training,
+            margin_drawn=margin_drawn, generator=generator)
     check.choice(reduction, options.REDUCTIONS, "reduction")
     sparse_grad = check.flag(sparse_grad, "sparse_grad")
     margin_calls.refuse_softmax_settings(margin, margin_arc=margin_arc, margin_cos=margin_cos,
@@ -320,7 +322,9 @@ def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, ind
             scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
             easy_margin=easy_margin, uss_margin=uss_margin, uss_form=uss_form,
             uss_weight=uss_weight, official_clamp=official_clamp, sparse_grad=sparse_grad,
-            reduction=reduction, backend=backend, eps=eps)
+            reduction=reduction, backend=backend, eps=eps, margin=margin,
+            margin_state=margin_state, margin_training=margin_training,
+            margin_drawn=margin_drawn, generator=generator)
     check.choice(reduction, options.REDUCTIONS, "reduction")
     sparse_grad = check.flag(sparse_grad, "sparse_grad")
     margin_calls.refuse_softmax_settings(margin, margin_arc=margin_arc, margin_cos=margin_cos,

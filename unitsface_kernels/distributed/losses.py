@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import backends, contract, options, reference
+from .. import backends, contract, margin_calls, margins, options, reference
 from .. import bank as memory_bank
 from .. import validation as check
 from ..layouts import UssStat
@@ -38,21 +38,23 @@ class _Spec:
 
 
 class _ShardRows(torch.autograd.Function):
-    """Global per-row losses of the gathered batch from this rank's class shard.
+    """Global per-row losses of the gathered batch from this rank's class shard, and the
+    global statistics (no gradient).
 
     Inputs that take a gradient: x (gathered), the reference rows with a gradient (centres;
-    None for the bank-only USS), the threshold b. The other tensors ride along in `rest`.
+    None for the bank-only USS), the threshold b. The other tensors ride along in `rest`
+    (``margin_rows``: the margin family's per-row inputs of the gathered batch, or None).
     Always the plain forward (no per-row gradients: they would use the local statistics)."""
 
     @staticmethod
     def forward(ctx, x, centres, bias, spec, rest):
-        labels, index, bank, bank_valid, ref_labels = rest
+        labels, index, bank, bank_valid, ref_labels, margin_rows = rest
         fwd = contract.forward_op(spec.family, spec.backend)
         packed = spec.options.pack()
         group = spec.shard.group
         if spec.family == "unitsface":
-            rows, stats, *saved = fwd(x, centres, bank, labels, index, bank_valid, bias, None,
-                                      packed, False, spec.sparse_grad)
+            rows, stats, *saved = fwd(x, centres, bank, labels, index, bank_valid, bias,
+                                      margin_rows, packed, False, spec.sparse_grad)
             total, stats = statistics.combine_unitsface(rows, stats, spec.options,
                                                         spec.has_bank, group)
         else:
@@ -60,24 +62,26 @@ class _ShardRows(torch.autograd.Function):
             total, stats = statistics.combine_uss(rows, stats, spec.options, group)
         ctx.spec = spec
         ctx.save_for_backward(x, centres, bias, labels, index, bank, bank_valid, ref_labels,
-                              stats, *saved)
-        return total
+                              margin_rows, stats, *saved)
+        ctx.mark_non_differentiable(stats)
+        return total, stats
 
     @staticmethod
-    def backward(ctx, grad_rows):
+    def backward(ctx, grad_rows, _):
         spec = ctx.spec
-        x, centres, bias, labels, index, bank, bank_valid, ref_labels, stats, *saved = \
-            ctx.saved_tensors
+        x, centres, bias, labels, index, bank, bank_valid, ref_labels, margin_rows, stats, \
+            *saved = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         need_db = need_db and bias is not None
         bwd = contract.backward_op(spec.family, spec.backend)
         packed = spec.options.pack()
         grad_rows = grad_rows.contiguous()
         if spec.family == "unitsface":
-            dx, dw, db = bwd(grad_rows, x, centres, bank, labels, index, bank_valid, bias, None,
-                             stats, *saved, packed, [need_dx, need_dw, need_db])
-            if need_dw:  # the backward gives the rows of the index
-                dw = contract.expand_rows(dw, index, centres.shape, spec.sparse_grad)
+            dx, dw, db = bwd(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
+                             margin_rows, stats, *saved, packed, [need_dx, need_dw, need_db])
+            if need_dw:  # the backward gives the rows of the index (K per class)
+                dw = contract.expand_rows(dw, index, centres.shape, spec.sparse_grad,
+                                          spec.options.k)
         else:
             dx, _, db = bwd(grad_rows, x, bank, labels, ref_labels, bank_valid, bias, stats,
                             *saved, packed, [need_dx, False, need_db])
@@ -112,12 +116,15 @@ def _batch(x, labels, shard, gathered, validate, index):
     return x, labels, local, checked, idx
 
 
-def _local_rows(t, name, x, shard):
+def _local_rows(t, name, x, shard, k: int = 1):
+    """The shard's rows of `t`: K = k per class (centres with sub-centres: rows
+    [start·K, stop·K) of the global W)."""
     t = check.reference_rows(t, x, name)
-    if t.shape[0] != shard.num_local:
+    if t.shape[0] != shard.num_local * k:
+        per = f" × sub_centers={k}" if k > 1 else ""
         raise ValueError(f"{name} has {t.shape[0]} rows but this rank's shard holds "
-                         f"{shard.num_local} classes [{shard.start}, {shard.stop}): pass the "
-                         "shard's rows only")
+                         f"{shard.num_local} classes [{shard.start}, {shard.stop}){per}: pass "
+                         "the shard's rows only")
     return t
 
 
@@ -140,19 +147,46 @@ def _local_bank(bank, bank_valid, x, shard):
 
 
 def _rows(spec, x, centres, bias, labels, index, bank, bank_valid, ref_labels, reduction):
-    rows = _ShardRows.apply(x, centres, bias, spec, (labels, index, bank, bank_valid, ref_labels))
+    rows = _ShardRows.apply(x, centres, bias, spec,
+                            (labels, index, bank, bank_valid, ref_labels, None))[0]
     return reference.reduce_rows(rows.to(reference.compute_dtype(x.dtype)), reduction)
+
+
+def _margin_rows(spec, call, x, centres, bias, local, index, bank, bank_valid, reduction):
+    """The unitsface family with a margin of the family on this rank's shard (the steps of
+    :mod:`unitsface_kernels.margin_calls`, over the gathered batch): the target cosines from
+    the rank that owns each label (the others give 0; summed over the ranks), the per-row
+    inputs and moving statistics from the gathered batch — the same on every rank
+    (ElasticFace's draws too, from one generator seeded alike on every rank, or
+    ``margin_drawn`` of the global batch) — then the shard's op with the global statistics.
+    MagFace's terms are formed on every rank alike: their gradient is shared by the ranks."""
+    o = spec.options
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        c_target = margins.target_cosines(o, x, centres, local)
+        dist.all_reduce(c_target, group=spec.shard.group)
+        rows, margin_rows = margin_calls.per_row_inputs(o, call, x, c_target)
+        total, stats = _ShardRows.apply(x, centres, bias, spec, (local, index, bank, bank_valid,
+                                                                 None, margin_rows))
+        total = margin_calls.finish_rows(o, total.to(reference.compute_dtype(x.dtype)), stats,
+                                         c_target, rows, share=spec.shard.world_size)
+    margin_calls.commit_state(call, rows.state)
+    return reference.reduce_rows(total, reduction)
 
 
 # ----------------------------------------------------------------------------- internal entries
 
 def run_shard_unitsface(o, x, labels, centres, bank, bias, shard, *, bank_valid, index,
-                        sparse_grad: bool, backend: str, reduction: str = "mean"):
+                        sparse_grad: bool, backend: str, reduction: str = "mean", margin=None):
     """The unitsface family on this rank's shard from checked inputs: the gathered batch
     (global class ids), the shard's rows, ``index`` of LOCAL class ids holding every local
-    label; a scalar ``bias`` is the replicated unified threshold."""
+    label; a scalar ``bias`` is the replicated unified threshold. ``margin``: a checked
+    :class:`~unitsface_kernels.margin_calls.MarginCall` for the gathered batch, whose fields
+    ``o`` already carries."""
     spec = _Spec("unitsface", backend, o, shard, has_bank=bank is not None,
                  replicated_bias=bias is None or bias.numel() == 1, sparse_grad=sparse_grad)
+    if margin is not None:
+        return _margin_rows(spec, margin, x, centres, bias, shard.local_labels(labels), index,
+                            bank, bank_valid, reduction)
     return _rows(spec, x, centres, bias, shard.local_labels(labels), index, bank, bank_valid,
                  None, reduction)
 
@@ -185,7 +219,8 @@ def run_shard_threshold_init(o, x, labels, bank, shard, *, bank_valid, index, ba
 def margin_softmax_loss(x, centres, labels, shard, *, scale=64.0, margin_arc=0.0,
                         margin_cos=0.4, arcface_grad="exact", easy_margin=False, index=None,
                         sparse_grad=False, reduction="mean", backend="auto", gathered=False,
-                        eps=EPS):
+                        eps=EPS, margin=None, margin_state=None, margin_training=True,
+                        margin_drawn=None, generator=None):
     """Class-parallel CosFace/ArcFace softmax (partial FC): ``centres`` are this rank's rows
     [start, stop); ``index`` (optional) is a sorted index of LOCAL class ids that holds every
     class of the global batch falling in the shard (:meth:`ClassShard.sample`).
@@ -193,48 +228,74 @@ def margin_softmax_loss(x, centres, labels, shard, *, scale=64.0, margin_arc=0.0
     ``x``/``labels`` are this rank's batch (global class ids), or the gathered global batch
     with ``gathered=True``. Returns the global mean ("mean"), sum ("sum") or the global
     per-row losses ("none", all ranks' rows in rank order), identical on every rank. The
-    settings are those of :func:`~unitsface_kernels.fused_margin_softmax_loss`."""
+    settings are those of :func:`~unitsface_kernels.fused_margin_softmax_loss`; with a margin
+    of the family (``margin`` …) see :func:`_margin_rows`: ``margin_drawn`` holds the margins
+    of the global batch, ``generator`` must be seeded alike on every rank, ``margin_state``
+    ends identical on every rank, and with K sub-centres ``centres`` are the shard's rows
+    [start·K, stop·K)."""
     def validate(x):
         check.choice(reduction, options.REDUCTIONS, "reduction")
         check.flag(sparse_grad, "sparse_grad")
-        o = options.softmax_options(scale=scale, margin_arc=margin_arc, margin_cos=margin_cos,
-                                    arcface_grad=arcface_grad, easy_margin=easy_margin,
-                                    eps=eps)
-        return o, _local_rows(centres, "centres", x, shard)
+        o = _margin_settings(margin, options.softmax_options(
+            scale=scale, margin_arc=margin_arc, margin_cos=margin_cos,
+            arcface_grad=arcface_grad, easy_margin=easy_margin, eps=eps),
+            margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
+            easy_margin=easy_margin)
+        return o, _local_rows(centres, "centres", x, shard, o.k)
 
     x, labels, _, (o, w), idx = _batch(x, labels, shard, gathered, validate, index)
+    call = _margin_call(shard, x, margin, margin_state, margin_training, margin_drawn,
+                        generator)
     return run_shard_unitsface(o, x, labels, w, None, None, shard, bank_valid=None, index=idx,
                                sparse_grad=bool(sparse_grad),
                                backend=backends.resolve(backend, x.device, "unitsface"),
-                               reduction=reduction)
+                               reduction=reduction, margin=call)
+
+
+def _margin_settings(margin, o, **given):
+    """The settings `o` with the fields of a margin of the family (`given`: the CosFace/ArcFace
+    keywords, which must then keep their defaults)."""
+    margin_calls.refuse_softmax_settings(margin, **given)
+    return o if margin is None else margins.margin_options(margins.checked(margin), o)
+
+
+def _margin_call(shard, x, margin, state, training, drawn, generator):
+    """The checked margin arguments for the gathered batch x, agreed on by every rank."""
+    return checked_on_all(shard, x.device, lambda: margin_calls.checked_call(
+        margin, state, training, drawn, generator, x))
 
 
 def unitsface_loss(x, labels, centres, bank, bias, shard, *, bank_valid=None, index=None,
                    scale=64.0, margin_arc=0.0, margin_cos=0.4, arcface_grad="exact",
                    easy_margin=False, uss_margin=0.1, uss_form="pairs", uss_weight=1.0,
                    official_clamp=False, sparse_grad=False, reduction="mean", backend="auto",
-                   gathered=False, eps=EPS):
+                   gathered=False, eps=EPS, margin=None, margin_state=None,
+                   margin_training=True, margin_drawn=None, generator=None):
     """Class-parallel UniTSFace objective: ``centres``, ``bank``, ``bank_valid`` (and a
     per-class ``bias``) are this rank's rows; a scalar ``bias`` is the replicated unified
     threshold (it gets the full ∂L/∂b on every rank). ``index``: LOCAL class ids, as in
-    :func:`margin_softmax_loss`."""
+    :func:`margin_softmax_loss`, as is a margin of the family."""
     def validate(x):
         check.choice(reduction, options.REDUCTIONS, "reduction")
         check.flag(sparse_grad, "sparse_grad")
-        o = options.unitsface_options(
+        o = _margin_settings(margin, options.unitsface_options(
             scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
             easy_margin=easy_margin, uss_margin=uss_margin, uss_form=uss_form,
-            uss_weight=uss_weight, official_clamp=official_clamp, eps=eps)
-        w = _local_rows(centres, "centres", x, shard)
+            uss_weight=uss_weight, official_clamp=official_clamp, eps=eps),
+            margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
+            easy_margin=easy_margin)
+        w = _local_rows(centres, "centres", x, shard, o.k)
         return (o, w) + _local_bank(bank, bank_valid, x, shard) + (
             check.bias(bias, shard.num_local, x, per="class of the shard"),)
 
     x, labels, _, (o, w, bk, valid, b), idx = _batch(x, labels, shard, gathered, validate,
                                                      index)
+    call = _margin_call(shard, x, margin, margin_state, margin_training, margin_drawn,
+                        generator)
     return run_shard_unitsface(o, x, labels, w, bk, b, shard, bank_valid=valid, index=idx,
                                sparse_grad=bool(sparse_grad),
                                backend=backends.resolve(backend, x.device, "unitsface"),
-                               reduction=reduction)
+                               reduction=reduction, margin=call)
 
 
 def uss_loss(x, labels, bias, bank, shard, *, bank_valid=None, scale=64.0, margin=0.1,

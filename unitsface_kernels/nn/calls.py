@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .. import ops
+from .. import margin_calls, ops
 from ..distributed import losses as sharded
 from ..options import EPS
 from .parts import checked_batch, resolve_backend
@@ -70,12 +70,17 @@ def begin_call(module, x, labels, family: str, x_name: str = "x") -> tuple[Tenso
 def call_unitsface(module, backend: str, x, labels, centres, bank=None, bias=None, valid=None,
                    index=None):
     """The mean unitsface-family loss of a checked batch on the module's classes (the margin
-    softmax over ``centres``, plus λ·USS on ``bank`` when given), with ``module.options``."""
+    softmax over ``centres``, plus λ·USS on ``bank`` when given), with ``module.options`` and
+    the module's margin of the family, if it has one (:meth:`.margin.MarginHead.margin_call`)."""
     kw = dict(bank_valid=valid, index=index, sparse_grad=getattr(module, "sparse_grad", False),
               backend=backend)
+    margin = module.margin_call() if hasattr(module, "margin_call") else None
     if module.shard is not None:
         return sharded.run_shard_unitsface(module.options, x, labels, centres, bank, bias,
-                                           module.shard, **kw)
+                                           module.shard, margin=margin, **kw)
+    if margin is not None:
+        return margin_calls.run_margin_unitsface(module.options, margin, x, labels, centres,
+                                                 bank, bias, **kw)
     return ops.run_unitsface(module.options, x, labels, centres, bank, bias, **kw)
 
 

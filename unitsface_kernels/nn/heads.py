@@ -10,19 +10,20 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import options
+from .. import margins, options
 from .. import validation as check
 from ..backends import BACKENDS
 from ..distributed import gather_batch
 from ..options import EPS, LIBRARY_EPS
 from . import checkpoint
+from .margin import MarginHead
 from .calls import (Settings, bank_eps, begin_call, call_threshold_init, call_unitsface,
                     call_uss)
 from .parts import (FreshWeights, MemoryBank, Threshold, fresh_rows, no_autocast,
                     partial_fc_index, readable, setup_classes, shard_repr)
 
 
-class PartialFC(Settings, checkpoint.Official, FreshWeights):
+class PartialFC(Settings, checkpoint.Official, MarginHead, FreshWeights):
     """The sample-to-class margin softmax (CosFace/ArcFace) with partial FC, shaped like
     insightface's ``PartialFC_V2``:
 
@@ -52,6 +53,13 @@ class PartialFC(Settings, checkpoint.Official, FreshWeights):
     are checked once, when the module is built, and held in ``options`` (a
     :class:`~unitsface_kernels.options.UnitsfaceOptions`); ``scale``, ``margin_cos``, … read
     them.
+
+    ``margin``: a margin of the family (:func:`unitsface_kernels.margins.margin`: sub-center
+    ArcFace, inter-class filtering, CurricularFace, AdaFace, MagFace, ElasticFace; see
+    :class:`~unitsface_kernels.nn.margin.MarginHead` for its moving statistics, buffers
+    updated in training mode only). With K sub-centres ``weight`` is (C·K) × D, class c's rows
+    c·K … c·K + K − 1; partial FC samples classes, all K rows of each (the sparse gradient
+    holds those rows).
     """
 
     OFFICIAL = (checkpoint.CENTRES,)
@@ -61,17 +69,22 @@ class PartialFC(Settings, checkpoint.Official, FreshWeights):
                  scale: float = 64.0, margin_cos: float = 0.4, margin_arc: float = 0.0,
                  arcface_grad: str = "exact", easy_margin: bool = False, fp16: bool = False,
                  sparse_grad: bool = False, eps: float = EPS, backend: str = "auto",
-                 class_parallel: Optional[bool] = None, process_group=None):
+                 class_parallel: Optional[bool] = None, process_group=None,
+                 margin: Optional[margins.Margin] = None):
         super().__init__()
         self.options = options.softmax_options(scale=scale, margin_arc=margin_arc,
                                                margin_cos=margin_cos, arcface_grad=arcface_grad,
                                                easy_margin=easy_margin, eps=eps)
+        k = self._init_margin(margin, dict(margin_arc=margin_arc, margin_cos=margin_cos,
+                                           arcface_grad=arcface_grad, easy_margin=easy_margin))
+        if self.margin is not None:
+            self.options = margins.margin_options(self.margin, self.options)
         self.fp16 = check.flag(fp16, "fp16")
         self.sparse_grad = check.flag(sparse_grad, "sparse_grad")
         self.backend = check.choice(backend, BACKENDS, "backend")
         setup_classes(self, embedding_size, num_classes, class_parallel, process_group,
                       sample_rate)
-        self.weight = nn.Parameter(torch.empty(self.num_local, self.embedding_size))
+        self.weight = nn.Parameter(torch.empty(self.num_local * k, self.embedding_size))
         self.reset_parameters()
 
     @classmethod
@@ -94,9 +107,11 @@ class PartialFC(Settings, checkpoint.Official, FreshWeights):
 
         The normalisation is PartialFC_V2's F.normalize: ``eps`` = 1e-12 (not the official
         UniTSFace heads' 1e-5), which only embeddings or centres shorter than 1e-5 see.
-        SphereFace's m1 ≠ 1, a negative m3 with m1 = 1 (arcface_torch raises) and inter-class
-        filtering (``interclass_filtering_threshold > 0``) are not expressible by the fused
-        kernels: they raise a ValueError naming the setting. Keyword arguments go to the
+        Inter-class filtering (``interclass_filtering_threshold`` τ > 0: a negative with
+        cos > τ gets logit 0 and no gradient) becomes ``margin=margins.margin("arcface", …,
+        interclass_threshold=τ)``. SphereFace's m1 ≠ 1 and a negative m3 with m1 = 1
+        (arcface_torch raises) are not expressible by the fused kernels: they raise a
+        ValueError naming the setting. Keyword arguments go to the
         constructor (backend, class_parallel, process_group)."""
         missing = [a for a in ("s", "m1", "m2", "m3") if not hasattr(margin_loss, a)]
         if missing:
@@ -105,22 +120,35 @@ class PartialFC(Settings, checkpoint.Official, FreshWeights):
                             f"{', '.join(missing)}")
         s, m1, m2, m3 = (check.finite(getattr(margin_loss, a), f"margin_loss.{a}")
                          for a in ("s", "m1", "m2", "m3"))
-        filtering = getattr(margin_loss, "interclass_filtering_threshold", 0) or 0
-        if filtering > 0:
-            raise ValueError(f"margin_loss.interclass_filtering_threshold = {filtering}: "
-                             "inter-class filtering is not supported by the fused kernels")
+        filtering = check.finite(getattr(margin_loss, "interclass_filtering_threshold", 0) or 0,
+                                 "margin_loss.interclass_filtering_threshold")
         if m1 != 1.0:
             raise ValueError(f"margin_loss.m1 = {m1}: SphereFace's multiplicative margin is "
                              "not supported by the fused kernels (m1 must be 1)")
         easy = bool(getattr(margin_loss, "easy_margin", False)) and arcface_grad == "exact"
         if m3 == 0.0:
-            margins = dict(margin_arc=m2, margin_cos=0.0, easy_margin=easy)
+            chosen = dict(margin_arc=m2, margin_cos=0.0, easy_margin=easy)
         elif m3 > 0.0:
-            margins = dict(margin_arc=0.0, margin_cos=m3)
+            chosen = dict(margin_arc=0.0, margin_cos=m3)
         else:
             raise ValueError(f"margin_loss.m3 = {m3}: CombinedMarginLoss supports m3 ≥ 0 only")
-        return cls(embedding_size, num_classes, sample_rate, scale=s, arcface_grad=arcface_grad,
-                   fp16=fp16, eps=eps, **margins, **kwargs)
+        if filtering <= 0:
+            return cls(embedding_size, num_classes, sample_rate, scale=s,
+                       arcface_grad=arcface_grad, fp16=fp16, eps=eps, **chosen, **kwargs)
+        # the filter is a margin of the family: arcface (or CosFace) with τ
+        if chosen.get("easy_margin"):
+            raise ValueError("margin_loss.easy_margin with interclass_filtering_threshold > 0 "
+                             "is not expressible with arcface_grad='exact': take "
+                             "arcface_grad='straight_through' (arcface_torch's)")
+        if not 0.0 < filtering <= 1.0:
+            raise ValueError(f"margin_loss.interclass_filtering_threshold = {filtering}: a "
+                             "cosine threshold must lie in [0, 1]")
+        mg = margins.margin("arcface", m=chosen["margin_arc"], m3=chosen["margin_cos"],
+                            straight_through=(arcface_grad == "straight_through"
+                                              and chosen["margin_arc"] > 0),
+                            interclass_threshold=filtering)
+        return cls(embedding_size, num_classes, sample_rate, scale=s, fp16=fp16, eps=eps,
+                   margin=mg, **kwargs)
 
     @classmethod
     def from_pml(cls, loss, sample_rate: float = 1.0, **kwargs) -> "PartialFC":
@@ -207,7 +235,7 @@ class PartialFC(Settings, checkpoint.Official, FreshWeights):
         if self.shard is not None:
             x, labels = gather_batch(x, labels, self.shard)
         index = partial_fc_index(self, labels)
-        fresh_rows(self.weight, index)
+        fresh_rows(self.weight, self.weight_rows(index))
         with no_autocast(x.device):
             return call_unitsface(self, backend, x, labels, readable(self.weight, x.dtype),
                                   index=index)
@@ -215,7 +243,8 @@ class PartialFC(Settings, checkpoint.Official, FreshWeights):
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"sample_rate={self.sample_rate}, {self.settings_repr()}, "
-                f"sparse_grad={self.sparse_grad}, backend={self.backend!r}{shard_repr(self)}")
+                f"sparse_grad={self.sparse_grad}, backend={self.backend!r}{shard_repr(self)}"
+                f"{self.margin_repr()}")
 
 
 class USSLoss(Settings, checkpoint.Official, Threshold, MemoryBank):
@@ -292,7 +321,8 @@ class USSLoss(Settings, checkpoint.Official, Threshold, MemoryBank):
                 f"backend={self.backend!r}{shard_repr(self)}")
 
 
-class UniTSFaceHead(Settings, checkpoint.Official, Threshold, MemoryBank, FreshWeights):
+class UniTSFaceHead(Settings, checkpoint.Official, Threshold, MemoryBank, MarginHead,
+                    FreshWeights):
     """The UniTSFace training head (Li et al., NeurIPS 2023): CosFace/ArcFace softmax over
     the class centres (with partial FC when sample_rate < 1) plus λ·USS against a memory bank
     of the last feature of every class, computed in one fused pass; returns the loss.
@@ -323,6 +353,8 @@ class UniTSFaceHead(Settings, checkpoint.Official, Threshold, MemoryBank, FreshW
             (None: automatic when initialised with several ranks; see the package docstring):
             this rank then holds the rows [class_start, class_start + num_local) of weight and
             bank, and samples int(sample_rate·num_local) classes of its shard per step.
+        margin: a margin of the family for the softmax part, as in :class:`PartialFC`
+            (``weight`` is (C·K) × D with K sub-centres; the bank keeps one row per class).
 
     The settings are checked once, when the module is built, and held in ``options`` (a
     :class:`~unitsface_kernels.options.UnitsfaceOptions`), which every call hands down to the
@@ -341,19 +373,23 @@ class UniTSFaceHead(Settings, checkpoint.Official, Threshold, MemoryBank, FreshW
                  official_clamp: bool = True, sparse_grad: bool = False,
                  bank_dtype: torch.dtype = torch.float32, eps: float = EPS,
                  backend: str = "auto", class_parallel: Optional[bool] = None,
-                 process_group=None):
+                 process_group=None, margin: Optional[margins.Margin] = None):
         super().__init__()
         self.options = options.unitsface_options(
             scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
             easy_margin=easy_margin, uss_margin=uss_margin, uss_form=uss_form,
             uss_weight=uss_weight, official_clamp=official_clamp, eps=eps)
+        k = self._init_margin(margin, dict(margin_arc=margin_arc, margin_cos=margin_cos,
+                                           arcface_grad=arcface_grad, easy_margin=easy_margin))
+        if self.margin is not None:
+            self.options = margins.margin_options(self.margin, self.options)
         bank_eps(self.options.eps)
         self.sparse_grad = check.flag(sparse_grad, "sparse_grad")
         self.backend = check.choice(backend, BACKENDS, "backend")
         setup_classes(self, embedding_size, num_classes, class_parallel, process_group,
                       sample_rate)
         self._init_threshold()
-        self.weight = nn.Parameter(torch.empty(self.num_local, self.embedding_size))
+        self.weight = nn.Parameter(torch.empty(self.num_local * k, self.embedding_size))
         self._init_bank(self.num_local, self.embedding_size, bank_dtype)
         self.reset_parameters()
 
@@ -370,7 +406,7 @@ class UniTSFaceHead(Settings, checkpoint.Official, Threshold, MemoryBank, FreshW
         if self.shard is not None:
             x, labels = gather_batch(x, labels, self.shard)
         index = partial_fc_index(self, labels)
-        fresh_rows(self.weight, index)
+        fresh_rows(self.weight, self.weight_rows(index))
         weight = readable(self.weight, x.dtype)
         if not with_uss:
             with no_autocast(x.device):
@@ -391,4 +427,4 @@ class UniTSFaceHead(Settings, checkpoint.Official, Threshold, MemoryBank, FreshW
                 f"sample_rate={self.sample_rate}, {self.settings_repr()}, "
                 f"sparse_grad={self.sparse_grad}, "
                 f"bank_dtype={self._buffers['bank'].dtype}, "
-                f"backend={self.backend!r}{shard_repr(self)}")
+                f"backend={self.backend!r}{shard_repr(self)}{self.margin_repr()}")
