@@ -28,7 +28,7 @@ from torch import Tensor
 from . import contract, margins, reference
 from . import validation as check
 from .layouts import UnitsfaceStat
-from .margins import Margin, MarginState, RowInputs  # noqa: F401  (Margin: annotations)
+from .margins import Margin, MarginState, RowInputs
 from .options import UnitsfaceOptions
 
 STATEFUL = ("curricular", "adaface")
@@ -129,13 +129,14 @@ def check_sub_centres(centres: Tensor, k: int, name: str = "centres") -> int:
 _NO_STATE = MarginState()  # read by no kind without moving statistics
 
 
-def per_row_inputs(o: UnitsfaceOptions, call: MarginCall, x: Tensor, c_target: Tensor,
-                   batch_stats=None) -> tuple[RowInputs, Optional[Tensor]]:
-    """(the per-row inputs with the state after this step, ``margin_rows`` for the op)."""
+def per_row_inputs(o: UnitsfaceOptions, call: MarginCall, x: Tensor,
+                   c_target: Tensor) -> tuple[RowInputs, Optional[Tensor]]:
+    """(the per-row inputs with the state after this step, ``margin_rows`` for the op), from
+    the whole batch x (class-parallel: the gathered one, so every rank gets the same)."""
     rows = margins.row_inputs(call.margin, x, c_target,
                               call.state if call.state is not None else _NO_STATE,
                               training=call.training, drawn=call.drawn,
-                              generator=call.generator, batch_stats=batch_stats)
+                              generator=call.generator)
     return rows, margins.margin_rows(o, rows, c_target)
 
 
