@@ -349,6 +349,21 @@ def test_a_raising_call_changes_no_state(backend):
     assert state.norm_mean != before.norm_mean
 
 
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
+def test_equal_norms_give_std_zero_and_finite_margins(backend):
+    """AdaFace on a batch whose norms are all equal: the batch std is 0, the margins finite
+    (σ + ε), the moving std moves towards 0 and the oracle's numbers come out."""
+    c = _case(_margin("adaface"), seed=19)
+    c["x"] = F.normalize(c["x"]) * 7.0
+    loss, grads, state = _ours(c, backend)
+    want, want_grads, want_state = _theirs(c)
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grads["centres"], want_grads["centres"], rtol=1e-9, atol=1e-11)
+    assert torch.isfinite(loss)
+    assert float(state.norm_std) == pytest.approx(0.5 * 4.0, abs=1e-12)   # momentum 0.5
+    _same_state(state, want_state, rtol=1e-12, atol=1e-12)
+
+
 def test_nan_propagates_and_keeps_the_statistics_finite():
     c = _case(_margin("adaface"), seed=12)
     c["x"][3, 0] = math.nan
