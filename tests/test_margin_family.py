@@ -373,6 +373,26 @@ def test_nan_propagates_and_keeps_the_statistics_finite():
     assert torch.isfinite(state.norm_mean) and torch.isfinite(state.norm_std)
 
 
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
+@pytest.mark.parametrize("name", ["curricular_k2_filter", "adaface", "magface", "elastic_arc"])
+def test_meta_tensors(backend, name):
+    """On meta tensors a margin call gives the loss's and gradients' shapes, and the shape
+    checks still raise."""
+    mg = _margin(name)
+    c = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v)
+         for k, v in _case(mg, with_bank=True, seed=21).items()}
+    c["drawn"] = None
+    state = M.MarginState(*(torch.zeros((), device="meta") for _ in range(3)))
+    leaves = _leaves(c)
+    loss = _public(leaves, backend, state, "none")
+    assert loss.shape == (B,) and loss.device.type == "meta"
+    loss.sum().backward()
+    assert leaves["centres"].grad.shape == c["centres"].shape
+    with pytest.raises(ValueError, match="not a multiple of sub_centers" if mg.sub_centers > 1
+                       else "one bank row per class"):
+        _public(dict(c, centres=c["centres"][:-1]), backend, state)
+
+
 # ----------------------------------------------------------------------------- compile, autocast
 
 @pytest.mark.parametrize("name", ["curricular", "magface", "adaface"])

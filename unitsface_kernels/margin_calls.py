@@ -19,6 +19,7 @@ One step, in order:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -167,6 +168,14 @@ def commit_state(call: MarginCall, after: MarginState) -> None:
         target.copy_(getattr(after, stat).reshape(target.shape))
 
 
+def no_autocast(device: torch.device):
+    """Autocast off on `device` (the per-row inputs and the reference's GEMMs stay in the
+    accumulation dtype); nothing to switch on a device without autocast (meta)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def op_rows(o: UnitsfaceOptions, x, labels, centres, bank, bias, *, bank_valid, index,
             sparse_grad: bool, backend: str, margin_rows=None) -> tuple[Tensor, Tensor]:
     """(per-row losses, statistics) of the ``unitsface`` op on a resolved backend."""
@@ -183,7 +192,7 @@ def run_margin_unitsface(o: UnitsfaceOptions, call: MarginCall, x, labels, centr
                          reduction: str = "mean") -> Tensor:
     """The unitsface family with a margin of the family, from checked inputs and the settings
     `o` that already carry the margin's fields (:func:`margins.margin_options`)."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with no_autocast(x.device):
         c_target = margins.target_cosines(o, x, centres, labels)
         rows, margin_rows = per_row_inputs(o, call, x, c_target)
         loss_rows, stats = op_rows(o, x, labels, centres, bank, bias, bank_valid=bank_valid,

@@ -161,7 +161,7 @@ def _margin_rows(spec, call, x, centres, bias, local, index, bank, bank_valid, r
     ``margin_drawn`` of the global batch) — then the shard's op with the global statistics.
     MagFace's terms are formed on every rank alike: their gradient is shared by the ranks."""
     o = spec.options
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with margin_calls.no_autocast(x.device):
         c_target = margins.target_cosines(o, x, centres, local)
         dist.all_reduce(c_target, group=spec.shard.group)
         rows, margin_rows = margin_calls.per_row_inputs(o, call, x, c_target)
