@@ -45,6 +45,11 @@ Conventions shared by the modules:
   rows the loss uses (the valid bank rows of the sampled classes, or the batch itself in
   in-batch mode). When there is no negative yet (an empty bank) b is left alone and the next
   call tries again. The heads on class centres start at the official log(10·C).
+* **Margins of the family.** :class:`PartialFC` and :class:`UniTSFaceHead` take ``margin=``
+  (:func:`unitsface_kernels.margins.margin`: sub-center ArcFace, inter-class filtering,
+  CurricularFace, AdaFace, MagFace, ElasticFace; docs/design.md §1.5): K sub-centres make
+  ``weight`` (C·K) × D, and the moving statistics are persistent buffers, updated in training
+  mode and frozen in eval mode (:class:`.margin.MarginHead`).
 * **Official behaviour.** The modules are the official heads: the USS-type ones default to
   ``official_clamp=True`` (each softplus argument clamped to [−s, s], as head.py does); the
   functions keep ``official_clamp=False``.
