@@ -416,10 +416,10 @@ def test_torch_compile_fullgraph(name):
     _same_state(states[0], states[1])
 
 
-@pytest.mark.parametrize("backend", fused_backends("cpu", "unitsface"))
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
 def test_torch_compile_fullgraph_objective(backend):
-    """The objective with a margin on the fused backends (their ops are opaque to the
-    compiler; the reference's eager per-op form of the USS part is not traceable)."""
+    """The objective with a margin, on every backend (the fused ops are opaque to the
+    compiler; the reference's eager per-op forms are traced)."""
     c = _cast(_case(_margin("curricular_k2_filter"), sampled=True, with_bank=True, seed=15),
               torch.float32)
     states = [_state(), _state()]

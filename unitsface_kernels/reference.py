@@ -148,9 +148,8 @@ def uss_lse_terms(a: torch.Tensor, b: torch.Tensor, scale: float, clamp: bool):
 
 def uss_stats(a, fa, b, fb) -> torch.Tensor:
     """The lse form's statistics stacked in the :class:`UssStat` layout [4, B]."""
-    out = [None] * len(UssStat)
-    out[UssStat.A], out[UssStat.SIGMA_A], out[UssStat.B], out[UssStat.SIGMA_B] = a, fa, b, fb
-    return torch.stack(out)
+    by_row = {UssStat.A: a, UssStat.SIGMA_A: fa, UssStat.B: b, UssStat.SIGMA_B: fb}
+    return torch.stack([by_row[row] for row in UssStat])  # (traceable: no list item stores)
 
 
 def clamp_sym(z: torch.Tensor, scale: float) -> torch.Tensor:
