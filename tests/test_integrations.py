@@ -86,6 +86,35 @@ def test_from_pml_matches_pml(backend, dtype, kind):
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_from_pml_subcenter_matches_pml(backend, dtype):
+    """PML's SubCenterArcFaceLoss (K = 3, m = 28.6°, s = 64): the class cosine is the max over
+    its K columns of W (column c·K + k, our row c·K + k); the same loss and gradients for the
+    embeddings and for W (zero on every sub-centre that is no row's arg-max), with partial FC
+    off; with sample_rate < 1 the head samples classes, all K rows of each."""
+    losses = _pml()
+    torch.manual_seed(0)
+    pml_loss = losses.SubCenterArcFaceLoss(num_classes=C, embedding_size=D,
+                                           sub_centers=3).to(dtype)
+    head = PartialFC.from_pml(pml_loss, backend=backend)
+    assert head.weight.shape == (3 * C, D) and head.margin.sub_centers == 3
+    assert head.margin.m == pytest.approx(math.radians(28.6))
+    x, labels = _batch(pml_loss, dtype)
+    (loss, gx, gw), (ours, ox, ow) = _pml_and_ours(pml_loss, head, x, labels)
+    torch.testing.assert_close(ours, loss)
+    torch.testing.assert_close(ox, gx)
+    torch.testing.assert_close(ow, gw)
+    (_, _, gw1), (_, _, ow1) = _pml_and_ours(pml_loss, head, x[:1], labels[:1])
+    torch.testing.assert_close(ow1, gw1)  # one row: one sub-centre per class takes a gradient
+    assert ((ow1.abs().sum(0).reshape(C, 3) > 0).sum(1) == 1).all()
+    sampled = PartialFC.from_pml(pml_loss, sample_rate=0.5, backend=backend)
+    xl = x.clone().requires_grad_()
+    sampled(xl, labels).backward()
+    rows = sampled.weight.grad.abs().sum(1).reshape(C, 3) > 0
+    assert rows.any(1).sum() <= int(0.5 * C) + labels.unique().numel()
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
 @pytest.mark.parametrize("kind", ["CosFaceLoss", "ArcFaceLoss"])
 def test_from_pml_carries_its_normalisation_eps(kind, backend):
     """Embeddings of norm 2e-7: PML normalises with F.normalize's 1e-12, and so does the head
@@ -134,11 +163,11 @@ def test_from_pml_refuses_what_it_cannot_compute():
     from pytorch_metric_learning import distances, reducers, regularizers
 
     sizes = dict(num_classes=C, embedding_size=D)
-    for other in (losses.SubCenterArcFaceLoss(**sizes), losses.SphereFaceLoss(**sizes),
-                  losses.NormalizedSoftmaxLoss(**sizes), losses.LargeMarginSoftmaxLoss(**sizes)):
+    for other in (losses.SphereFaceLoss(**sizes), losses.NormalizedSoftmaxLoss(**sizes),
+                  losses.LargeMarginSoftmaxLoss(**sizes)):
         with pytest.raises(TypeError, match=type(other).__name__):
             PartialFC.from_pml(other)
-    with pytest.raises(TypeError, match="CosFaceLoss or ArcFaceLoss"):
+    with pytest.raises(TypeError, match="CosFaceLoss, ArcFaceLoss or SubCenterArcFaceLoss"):
         PartialFC.from_pml(torch.nn.CrossEntropyLoss())
     with pytest.raises(ValueError, match="reducer is SumReducer"):
         PartialFC.from_pml(losses.CosFaceLoss(C, D, reducer=reducers.SumReducer()))

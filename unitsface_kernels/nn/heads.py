@@ -169,9 +169,13 @@ class PartialFC(Settings, checkpoint.Official, MarginHead, FreshWeights):
         casts W to the embeddings' dtype in place, here a float32 ``weight`` stays float32
         (the kernels read it rounded to the embeddings' dtype). Miners (``indices_tuple``)
         and ``ref_emb`` are not taken; ``collect_stats`` changes no number
-        and records nothing here. Another loss class (SubCenterArcFaceLoss, SphereFaceLoss,
-        …), a reducer other than MeanReducer, a weight or embedding regulariser, or a
-        distance other than plain CosineSimilarity raise a TypeError or ValueError naming it.
+        and records nothing here. ``SubCenterArcFaceLoss`` (K = ``loss.sub_centers``
+        sub-centres per class, PML's column c·K + k: the same row order as here) becomes
+        ``margin=margins.margin("arcface", m=loss.margin, sub_centers=K)`` with the weight
+        (C·K, D); its ``get_outliers`` (a data-cleaning helper, not the loss) is not taken.
+        Another loss class (SphereFaceLoss, …), a reducer other than MeanReducer, a weight or
+        embedding regulariser, or a distance other than plain CosineSimilarity raise a
+        TypeError or ValueError naming it.
         Keyword arguments go to the constructor (backend, class_parallel, process_group, …;
         an explicit setting such as ``arcface_grad`` wins over the one read from ``loss``).
         """
@@ -181,10 +185,12 @@ class PartialFC(Settings, checkpoint.Official, MarginHead, FreshWeights):
             from pytorch_metric_learning import reducers as pml_reducers
         except ImportError:  # then `loss` cannot be one of its losses
             pml_losses = None
-        kinds = () if pml_losses is None else (pml_losses.CosFaceLoss, pml_losses.ArcFaceLoss)
-        if type(loss) not in kinds:  # subclasses (SubCenterArcFaceLoss, …) compute more
-            raise TypeError(f"loss must be pytorch_metric_learning's CosFaceLoss or ArcFaceLoss; "
-                            f"got {type(loss).__module__}.{type(loss).__name__}")
+        kinds = () if pml_losses is None else (pml_losses.CosFaceLoss, pml_losses.ArcFaceLoss,
+                                               pml_losses.SubCenterArcFaceLoss)
+        if type(loss) not in kinds:  # other subclasses (SphereFaceLoss, …) compute more
+            raise TypeError(f"loss must be pytorch_metric_learning's CosFaceLoss, ArcFaceLoss or "
+                            f"SubCenterArcFaceLoss; got "
+                            f"{type(loss).__module__}.{type(loss).__name__}")
         name = type(loss).__name__
         for reg in ("weight_regularizer", "embedding_regularizer"):
             if getattr(loss, reg, None) is not None:
@@ -202,18 +208,21 @@ class PartialFC(Settings, checkpoint.Official, MarginHead, FreshWeights):
         s = check.scale(loss.scale, "loss.scale")
         m = check.finite(loss.margin, "loss.margin")
         if name == "CosFaceLoss":
-            margins = dict(margin_arc=0.0, margin_cos=check.cos_margin(m, "loss.margin"))
-        elif 0.0 <= m < torch.pi:
-            margins = dict(margin_arc=m, margin_cos=0.0, arcface_grad="exact")
-        else:
+            margin_kw = dict(margin_arc=0.0, margin_cos=check.cos_margin(m, "loss.margin"))
+        elif not 0.0 <= m < torch.pi:
             raise ValueError(f"loss.margin = {m!r} rad: an ArcFace margin must lie in [0, π)")
+        elif name == "SubCenterArcFaceLoss":
+            margin_kw = dict(margin=margins.margin("arcface", m=m, sub_centers=loss.sub_centers))
+        else:
+            margin_kw = dict(margin_arc=m, margin_cos=0.0, arcface_grad="exact")
+        k = loss.sub_centers if name == "SubCenterArcFaceLoss" else 1
         w = loss.W.detach()
-        if w.dim() != 2 or w.shape[1] != loss.num_classes:
+        if w.dim() != 2 or w.shape[1] != loss.num_classes * k:
             raise ValueError(f"loss.W has shape {tuple(w.shape)}, expected (embedding_size, "
-                             f"num_classes={loss.num_classes})")
-        head = cls(w.shape[0], w.shape[1], sample_rate,
-                   **{"scale": s, "eps": LIBRARY_EPS, **margins, **kwargs})
-        rows = w.t()[head.class_start:head.class_start + head.num_local]
+                             f"num_classes={loss.num_classes} × sub_centers={k})")
+        head = cls(w.shape[0], loss.num_classes, sample_rate,
+                   **{"scale": s, "eps": LIBRARY_EPS, **margin_kw, **kwargs})
+        rows = w.t()[head.class_start * k:(head.class_start + head.num_local) * k]
         head.weight = nn.Parameter(rows.clone(memory_format=torch.contiguous_format))
         return head
 
