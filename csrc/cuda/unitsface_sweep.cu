@@ -209,10 +209,11 @@ struct Call {
     return !index.defined() && table.scalar_type() == xdt && !masked;
   }
 
-  // (a chunk's W part has K columns per class; the plan sizes the per-class buffers)
+  // The chunk plan over the S classes. With K > 1 sub-centres a class column also has K
+  // sub-centre dots and K product-tile entries per row (SubCentres): counted as K more parts.
   cuda_plan::SweepPlan plan(int64_t parts, bool with_q) const {
-    return cuda_plan::plan_chunks(B, S, D, parts, c10::elementSize(acc), c10::elementSize(xdt),
-                                  with_q, l2_bytes());
+    return cuda_plan::plan_chunks(B, S, D, parts + (K > 1 ? K : 0), c10::elementSize(acc),
+                                  c10::elementSize(xdt), with_q, l2_bytes());
   }
 };
 
