@@ -8,7 +8,8 @@
 // Per row: the class cosines c_j = max_r cos_{j·K+r} (first arg-max; NaN wins) into a
 // scratch row, then the loops of csrc/cpu/softmax_rows.h with the family's logits
 // (epi::family_z) and factors κ (epi::family_kappa); the gradient of class j goes to its
-// arg-max column j·K + arg_j, the other K − 1 columns get 0.
+// arg-max column j·K + arg_j, the other K − 1 columns get 0. As there, the loops treat every
+// class as a negative (so that they vectorise) and the target is fixed up after them.
 #pragma once
 
 // A task's scratch: the class cosines (raw, before the clamp) and arg-max rows of one row.
@@ -35,14 +36,17 @@ UF_ALWAYS_INLINE void class_cosines(const SoftmaxRows<T>& a, int64_t i, FamilySc
     }
     return;
   }
+  // sub-centre by sub-centre over the classes (strided loads, but the loops vectorise)
+#pragma omp simd
   for (int64_t j = 0; j < c; ++j) {
-    T best = d[j * K] * ix * a.inv_w[j * K];
-    int32_t am = 0;
-    for (int32_t r = 1; r < K; ++r) {
-      epi::sub_centre_max<T>(best, am, d[j * K + r] * ix * a.inv_w[j * K + r], r);
+    cos[j] = d[j * K] * ix * a.inv_w[j * K];
+    arg[j] = 0;
+  }
+  for (int32_t r = 1; r < K; ++r) {
+#pragma omp simd
+    for (int64_t j = 0; j < c; ++j) {
+      epi::sub_centre_max<T>(cos[j], arg[j], d[j * K + r] * ix * a.inv_w[j * K + r], r);
     }
-    cos[j] = best;
-    arg[j] = am;
   }
 }
 
@@ -58,8 +62,9 @@ UF_ALWAYS_INLINE void scatter_class_grads(const SoftmaxRows<T>& a, int64_t i, co
     for (int64_t j = 0; j < c; ++j) g_out[j] = wt[j] * a.inv_w[j];
     return;
   }
-  for (int64_t j = 0; j < c; ++j) {
-    for (int32_t r = 0; r < K; ++r) {
+  for (int32_t r = 0; r < K; ++r) {
+#pragma omp simd
+    for (int64_t j = 0; j < c; ++j) {
       g_out[j * K + r] = r == arg[j] ? wt[j] * a.inv_w[j * K + r] : T(0);
     }
   }
@@ -80,6 +85,7 @@ void family_fwd(const SoftmaxRows<T>& args, int64_t r0, int64_t r1) {
     const int64_t t = chunk_target(a, i);
     const T raw_t = t >= 0 ? z[t] : T(0);
     T cm = neg_big;
+#pragma omp simd reduction(max : cm)
     for (int64_t j = 0; j < c; ++j) {
       z[j] = epi::family_z<T>(z[j], false, rt);
       const T zm = j != t ? z[j] : neg_big;
@@ -113,12 +119,19 @@ void family_bwd(const SoftmaxRows<T>& args, int64_t r0, int64_t r1) {
     class_cosines(a, i, sc);
     const T go = a.go[i], lse = a.lse[i];
     const int64_t t = chunk_target(a, i);
+    const T raw_t = t >= 0 ? cos[t] : T(0);
     T h = 0;
+#pragma omp simd reduction(+ : h)
     for (int64_t j = 0; j < c; ++j) {
       const T raw = cos[j];
-      const T g = epi::family_grad<T>(raw, j == t, lse, rt) * go;
+      const T g = j != t ? epi::family_grad<T>(raw, false, lse, rt) * go : T(0);
       h += g * raw;
       cos[j] = g;
+    }
+    if (t >= 0) {
+      const T g = epi::family_grad<T>(raw_t, true, lse, rt) * go;
+      h += g * raw_t;
+      cos[t] = g;
     }
     scatter_class_grads(a, i, cos, sc.arg.data());
     a.h[i] += h;
@@ -142,26 +155,40 @@ void family_fwd_grads(const SoftmaxRows<T>& args, int64_t r0, int64_t r1) {
     const epi::RowTerms<T> rt = epi::row_terms<T>(a.p, a.margin_rows, B, i);
     class_cosines(a, i, sc);
     const int64_t t = chunk_target(a, i);
-    T cm = neg_big;
+    T cm = neg_big, raw_t = 0, zt = 0, kappa_t = 0;
+#pragma omp simd reduction(max : cm)
     for (int64_t j = 0; j < c; ++j) {
-      z[j] = epi::family_z<T>(cos[j], j == t, rt);
-      cm = z[j] > cm ? z[j] : cm;
+      z[j] = epi::family_z<T>(cos[j], false, rt);
+      const T zm = j != t ? z[j] : neg_big;
+      cm = zm > cm ? zm : cm;
     }
     if (t >= 0) {
-      st[2 * B + i] += z[t];
-      ts[i] = cos[t];
-      ts[B + i] = epi::family_kappa<T>(cos[t], true, rt);
+      raw_t = cos[t];
+      zt = epi::family_z<T>(raw_t, true, rt);
+      kappa_t = epi::family_kappa<T>(raw_t, true, rt);
+      cm = zt > cm ? zt : cm;
+      st[2 * B + i] += zt;
+      ts[i] = raw_t;
+      ts[B + i] = kappa_t;
       a.target_arg[i] = static_cast<T>(sc.arg[t]);
     }
     const T m_old = st[i];
     const T m_new = cm > m_old ? cm : m_old;
     T se = 0, hw = 0;
+#pragma omp simd reduction(+ : se, hw)
     for (int64_t j = 0; j < c; ++j) {
       const T e = epi::uf_exp<T>(z[j] - m_new);
-      const T w = e * epi::family_kappa<T>(cos[j], j == t, rt);
-      se += e;
+      const T w = j != t ? e * epi::family_kappa<T>(cos[j], false, rt) : T(0);
+      se += j != t ? e : T(0);
       hw += w * cos[j];
       cos[j] = w;
+    }
+    if (t >= 0) {
+      const T e = epi::uf_exp<T>(zt - m_new);
+      const T w = e * kappa_t;
+      se += e;
+      hw += w * raw_t;
+      cos[t] = w;
     }
     scatter_class_grads(a, i, cos, sc.arg.data());
     const T alpha = epi::uf_exp<T>(m_old - m_new);
