@@ -15,6 +15,9 @@
 // Margin softmax (§1.2), per class column:
 //   z = s·clamp(cos, −1, 1) (non-target),  z_iy = s·f(clamp(cos_iy))  (target)
 //   ∂/∂cos = s·p (non-target), s·(p − 1)·f'(c) (target),  0 where the [−1, 1] clamp is active
+// The margin family (§1.5), per class: c = the max of its K sub-centre cosines, clamped to
+//   ±lim; z = s·n(c) (n: curricular, inter-class filter) or s·f(c; a_i, d_i) (per-row margins,
+//   no fallback, angle clip); ∂/∂c = s·p·n'(c) | s·(p − 1)·f'(c) (family_z, family_kappa).
 //
 // Transcendentals: uf_exp / uf_log1p. Device code and float64 use the C library; float on
 // the host uses the branch-free polynomial versions below (1–2 ulp), which the compiler
@@ -28,6 +31,7 @@
 
 #include "common.h"  // UF_HOST_DEVICE
 #include "options.h"
+#include "stats.h"  // margin_row
 
 namespace unitsface {
 namespace epi {
@@ -233,26 +237,100 @@ UF_HOST_DEVICE T uss_grad(T z, bool pos, T a, T fa, T bn, T fb, const UssParams<
 template <typename T>
 struct SoftmaxParams {
   T scale;
-  T m3;                   // additive cosine margin (CosFace)
-  T cos_m2;               // cos m2 (ArcFace angular margin)
+  T m3;                   // additive cosine margin d (CosFace; a row's d_i under row_margins)
+  T cos_m2;               // cos a (ArcFace angular margin a = m2, or a row's a_i)
   T sin_m2;
-  T m2_sin_m2;            // m2·sin m2, insightface's fallback
-  bool arc;               // m2 ≠ 0
+  T m2_sin_m2;            // a·sin a, insightface's fallback
+  bool arc;               // a ≠ 0 (always under row_margins, as the reference's tensor a)
   bool straight_through;  // arcface_grad="straight_through"
   bool easy;              // easy_margin
+  // The margin family (docs/design.md §1.5); CosFace/ArcFace: the defaults of softmax_params.
+  bool row_margins;       // a, d per row (margin_rows; row_terms)
+  bool fallback;          // insightface's fallback applies: exact ArcFace only (not with
+                          // straight-through, easy margin, no_fallback or angle_clip)
+  T lim;                  // every cosine clamped to [−lim, lim] (angle_clip: 1 − ε)
+  bool angle_clip;        // the target's θ + a clipped to [ε, π − ε] ...
+  T clip_top, clip_bot;   // ... which, in cosine space, is c > clip_top or c < clip_bot
+  T cos_eps;              // cos ε, the clipped target's value (±)
+  bool curricular;        // negatives above a row's HARD become c·(T + c)
+  bool filter;            // τ > 0: negatives above τ get logit 0 and no gradient
+  T tau;
 };
+
+// The angle clip of θ + a to [ε, π − ε] in cosine space (θ = arccos c, decreasing in c):
+// θ + a < ε ⇔ ε − a > 0 and c > cos(ε − a); θ + a > π − ε ⇔ a > −ε and c < −cos(ε + a). A
+// threshold outside [−1, 1] (±2) makes a side never (or always) active.
+template <typename T>
+UF_HOST_DEVICE void set_angle_clip(SoftmaxParams<T>& p, T a) {
+  const T eps = static_cast<T>(kAngleEps), pi = static_cast<T>(3.14159265358979323846);
+  const T lo = eps - a, hi = eps + a;  // θ < lo clips up; θ > π − hi clips down
+  p.clip_top = lo <= T(0) ? T(2) : (lo >= pi ? T(-2) : std::cos(lo));
+  p.clip_bot = hi <= T(0) ? T(-2) : (hi >= pi ? T(2) : -std::cos(hi));
+}
+
+// The target's margins a, d (m2, m3; a row's a_i, d_i under row_margins).
+template <typename T>
+UF_HOST_DEVICE void set_target_margins(SoftmaxParams<T>& p, T a, T d, bool arc) {
+  p.m3 = d;
+  p.cos_m2 = std::cos(a);
+  p.sin_m2 = std::sin(a);
+  p.m2_sin_m2 = a * p.sin_m2;
+  p.arc = arc;
+  if (p.angle_clip) set_angle_clip<T>(p, a);
+}
 
 template <typename T>
 inline SoftmaxParams<T> softmax_params(const UnitsfaceOptions& o) {
+  SoftmaxParams<T> p{};
+  p.scale = static_cast<T>(o.scale);
+  p.straight_through = o.arcface_straight_through;
+  p.easy = o.easy_margin;
+  p.row_margins = o.row_margins;
+  p.fallback = !(o.arcface_straight_through || o.easy_margin || o.no_fallback || o.angle_clip);
+  p.lim = static_cast<T>(o.cos_limit());
+  p.angle_clip = o.angle_clip;
+  p.cos_eps = static_cast<T>(std::cos(kAngleEps));
+  p.curricular = o.curricular;
+  p.filter = o.interclass_threshold > 0.0;
+  p.tau = static_cast<T>(o.interclass_threshold);
+  // (m2's cos and sin in double, then rounded: the same constants as before the family)
   const double m2 = o.margin_arc;
-  return {static_cast<T>(o.scale),
-          static_cast<T>(o.margin_cos),
-          static_cast<T>(std::cos(m2)),
-          static_cast<T>(std::sin(m2)),
-          static_cast<T>(m2 * std::sin(m2)),
-          m2 != 0.0,
-          o.arcface_straight_through,
-          o.easy_margin};
+  set_target_margins<T>(p, static_cast<T>(m2), static_cast<T>(o.margin_cos), m2 != 0.0);
+  p.cos_m2 = static_cast<T>(std::cos(m2));
+  p.sin_m2 = static_cast<T>(std::sin(m2));
+  p.m2_sin_m2 = static_cast<T>(m2 * std::sin(m2));
+  return p;
+}
+
+// The per-row inputs of the margin family (margin_rows [4, B], csrc/stats.h margin_row):
+// the row's target margins (row_margins) into its params, its curricular HARD and T.
+template <typename T>
+struct RowTerms {
+  SoftmaxParams<T> p;
+  T hard, t;
+};
+template <typename T>
+UF_HOST_DEVICE RowTerms<T> row_terms(const SoftmaxParams<T>& p, const T* margin_rows, int64_t B,
+                                     int64_t i) {
+  RowTerms<T> r{p, T(0), T(0)};
+  if (p.row_margins) {
+    set_target_margins<T>(r.p, margin_rows[margin_row::kA * B + i],
+                          margin_rows[margin_row::kD * B + i], true);
+  }
+  if (p.curricular) {
+    r.hard = margin_rows[margin_row::kHard * B + i];
+    r.t = margin_rows[margin_row::kT * B + i];
+  }
+  return r;
+}
+
+// Folds sub-centre r's cosine v into its class's running maximum (best, arg): the first
+// arg-max wins a tie, and a NaN is the maximum (the first NaN), so that NaN propagates.
+template <typename T>
+UF_HOST_DEVICE void sub_centre_max(T& best, int32_t& arg, T v, int32_t r) {
+  const bool take = (v > best) | ((v != v) & (best == best));
+  best = take ? v : best;
+  arg = take ? r : arg;
 }
 
 // sin θ = sqrt(max(1 − c², floor)): floor 1e-12 for the exact gradient (f' stays finite at
@@ -264,34 +342,59 @@ UF_HOST_DEVICE T sin_theta(T c, const SoftmaxParams<T>& p) {
   return std::sqrt(om > floor ? om : floor);
 }
 
-// f(c) of the target class, docs/design.md §1.2 (reference.target_logit):
-//   f = cos(θ + m2) − m3 = c·cos m2 − sin θ·sin m2 − m3;
-//   exact: insightface's fallback c − m2·sin m2 − m3 where θ + m2 > π (c ≤ −cos m2);
-//   straight-through or easy margin: no fallback;
-//   easy margin: f = c where c ≤ 0 (no margin there, the CosFace m3 included).
+// Whether the angle clip is active at c (angle_clip).
+template <typename T>
+UF_HOST_DEVICE bool angle_clipped(T c, const SoftmaxParams<T>& p) {
+  return p.angle_clip & ((c > p.clip_top) | (c < p.clip_bot));
+}
+
+// f(c) of the target class, docs/design.md §1.2, §1.5 (reference.target_logit):
+//   f = cos(θ + a) − d = c·cos a − sin θ·sin a − d;
+//   exact: insightface's fallback c − a·sin a − d where θ + a > π (c ≤ −cos a);
+//   straight-through, easy margin, no_fallback, angle_clip: no fallback;
+//   angle_clip: cos(clip(θ + a, ε, π − ε)) − d, i.e. ±cos ε − d where the clip is active;
+//   easy margin: f = c where c ≤ 0 (no margin there, the CosFace d included).
 template <typename T>
 UF_HOST_DEVICE T target_logit(T c, const SoftmaxParams<T>& p) {
   T f = c - p.m3;
   if (p.arc) {
     const T margin = c * p.cos_m2 - sin_theta<T>(c, p) * p.sin_m2;
-    const bool fallback = !(p.straight_through | p.easy) & !(c > -p.cos_m2);
-    f = (fallback ? c - p.m2_sin_m2 : margin) - p.m3;
+    const bool fallback = p.fallback & !(c > -p.cos_m2);
+    T g = fallback ? c - p.m2_sin_m2 : margin;
+    if (p.angle_clip) g = c > p.clip_top ? p.cos_eps : (c < p.clip_bot ? -p.cos_eps : g);
+    f = g - p.m3;
   }
   return (p.easy & !(c > T(0))) ? c : f;
 }
 
 // f'(c), the factor of the target's ∂L/∂cos = s·(p − 1)·f'(c): 1 under straight-through
 // (insightface computes the margin under no_grad); else the derivative of the branch of f
-// that applies: cos m2 + sin m2·c / sin θ on the margin (cos m2 where 1 − c² ≤ 1e-12, the
-// floor of sin θ), 1 on the fallback and on the easy margin's c ≤ 0.
+// that applies: cos a + sin a·c / sin θ on the margin (cos a where 1 − c² ≤ 1e-12, the
+// floor of sin θ), 0 where the angle clip is active, 1 on the fallback and on the easy
+// margin's c ≤ 0.
 template <typename T>
 UF_HOST_DEVICE T target_slope(T c, const SoftmaxParams<T>& p) {
   if (p.straight_through | !p.arc) return T(1);
   const T om = T(1) - c * c;
   const T slope = om > T(1e-12) ? p.cos_m2 + p.sin_m2 * c / sin_theta<T>(c, p) : p.cos_m2;
-  const bool on_margin = p.easy ? c > T(0) : c > -p.cos_m2;
-  return on_margin ? slope : T(1);
+  const bool on_margin = p.easy ? c > T(0) : (!p.fallback | (c > -p.cos_m2));
+  return on_margin ? (angle_clipped<T>(c, p) ? T(0) : slope) : T(1);
 }
+
+// n(c) of a negative class (reference.negative_cosines): c·(T + c) where curricular and
+// c > HARD, else c; then 0 where τ > 0 and c > τ.
+template <typename T>
+UF_HOST_DEVICE T negative_logit(T c, T hard, T t, const SoftmaxParams<T>& p) {
+  const T n = (p.curricular & (c > hard)) ? c * (t + c) : c;
+  return (p.filter & (c > p.tau)) ? T(0) : n;
+}
+// n'(c): T + 2c on a curricular hard negative, 1 on the others, 0 where the filter is active
+template <typename T>
+UF_HOST_DEVICE T negative_slope(T c, T hard, T t, const SoftmaxParams<T>& p) {
+  const T d = (p.curricular & (c > hard)) ? t + T(2) * c : T(1);
+  return (p.filter & (c > p.tau)) ? T(0) : d;
+}
+
 // the logit of a raw cosine: s·clamp(cos) (non-target) or s·f(clamp(cos)) (target)
 template <typename T>
 UF_HOST_DEVICE T softmax_z(T cos_raw, bool target, const SoftmaxParams<T>& p) {
@@ -317,6 +420,27 @@ template <typename T>
 UF_HOST_DEVICE T softmax_grad(T cos_raw, T z, bool target, T lse, const SoftmaxParams<T>& p) {
   if (!target) return softmax_grad_other<T>(cos_raw, z, lse, p.scale);
   return p.scale * (uf_exp<T>(z - lse) - T(1)) * target_kappa<T>(cos_raw, p);
+}
+
+// The margin family's logit and κ of a class cosine c_raw (its sub-centres' maximum, before
+// the clamp to ±lim), with the row's terms r: z = s·f(clamp c) (target) or s·n(clamp c);
+// κ = ∂(z/s)/∂c_raw = f' | n' inside the clamp, 0 outside. ∂L_i/∂c = s·(p − [target])·κ.
+template <typename T>
+UF_HOST_DEVICE T family_z(T cos_raw, bool target, const RowTerms<T>& r) {
+  const T c = clamp_sym<T>(cos_raw, r.p.lim);
+  return r.p.scale * (target ? target_logit<T>(c, r.p) : negative_logit<T>(c, r.hard, r.t, r.p));
+}
+template <typename T>
+UF_HOST_DEVICE T family_kappa(T cos_raw, bool target, const RowTerms<T>& r) {
+  const T c = clamp_sym<T>(cos_raw, r.p.lim);
+  const T slope = target ? target_slope<T>(c, r.p) : negative_slope<T>(c, r.hard, r.t, r.p);
+  return ((cos_raw >= -r.p.lim) & (cos_raw <= r.p.lim)) ? slope : T(0);
+}
+// ∂L_i/∂c of a class given the row's final lse: s·(p − [target])·κ
+template <typename T>
+UF_HOST_DEVICE T family_grad(T cos_raw, bool target, T lse, const RowTerms<T>& r) {
+  const T p = uf_exp<T>(family_z<T>(cos_raw, target, r) - lse);
+  return r.p.scale * (target ? p - T(1) : p) * family_kappa<T>(cos_raw, target, r);
 }
 
 }  // namespace epi

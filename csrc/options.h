@@ -18,6 +18,10 @@
 
 namespace unitsface {
 
+// AdaFace's ε (options.ANGLE_EPS): the cosines' clamp to ±(1 − ε) and the clip of θ + a to
+// [ε, π − ε] under angle_clip.
+constexpr double kAngleEps = 1e-3;
+
 // One entry of a field table: the packed field's name and the member it is read into.
 template <typename S, typename M>
 struct Field {
@@ -133,6 +137,8 @@ struct UnitsfaceOptions {
   int64_t k() const { return static_cast<int64_t>(sub_centers); }
   // Whether the ops read margin_rows [4, B] (the margin family's per-row inputs).
   bool needs_margin_rows() const { return row_margins || curricular; }
+  // Every cosine is clamped to [−lim, lim] before the logits (AdaFace: 1 − ε).
+  double cos_limit() const { return angle_clip ? 1.0 - kAngleEps : 1.0; }
   // Whether any setting beyond CosFace/ArcFace is on.
   bool margin_family() const {
     return needs_margin_rows() || no_fallback || angle_clip || interclass_threshold > 0.0 ||

@@ -66,16 +66,20 @@ UF_HOST_DEVICE int64_t self_column(const UssRows<T>& a, int64_t i) {
   return a.in_batch ? i - a.col0 : -1;
 }
 
-// The margin softmax over one chunk of classes (docs/design.md §1.2).
+// The margin softmax over one chunk of classes (docs/design.md §1.2, the family §1.5). With K
+// sub-centres per class the dots, grads and inv_w have c·K columns, class j's in j·K + r.
 template <typename T>
 struct SoftmaxRows {
-  T* dots;               // B × c raw dots x_i · w_c; the forward writes logits over them
-  T* grads;              // CPU backward / fused forward: B × c, g_ic·inv_w_c (may alias dots)
+  T* dots;               // B × c·K raw dots x_i · w_r; the forward writes logits over them
+  T* grads;              // CPU backward / fused forward: B × c·K, g_ir·inv_w_r (may alias
+                         // dots; with K > 1 nonzero on each class's arg-max row only)
   const T* inv_x;        // B
-  const T* inv_w;        // c
+  const T* inv_w;        // c·K
   const int64_t* target; // B   the column (in S) of y_i, −1 when y_i is not in S
   int64_t B, c, col0;    // the chunk holds columns [col0, col0 + c) of S
+  int64_t k;             // K, the sub-centres per class
   epi::SoftmaxParams<T> p;
+  const T* margin_rows;  // the family: [4, B] (csrc/stats.h margin_row), or null
   T* state;              // forward: 3 rows: m, Σ e^{z − m}, z_iy
   const T* go;           // backward: upstream gradient per row
   const T* lse;          // backward: the row's logsumexp (stats row stats::kLse)
@@ -84,6 +88,7 @@ struct SoftmaxRows {
   T* target_state;       // 3 rows: the target's raw cosine, κ = ∂z_iy/∂cos / s,
                          // Σ_c e^{z − m}·κ_c·cos_c (rescaled with m; κ_c = clamp mask)
   T* alpha;              // 1 row: e^{m_old − m_new} of this chunk
+  T* target_arg;         // the family: 1 row, the arg-max sub-centre r of the target class
 };
 
 // The column of row i's own class inside a chunk of SoftmaxRows, or −1.

@@ -2,8 +2,10 @@
 // plus λ·USS on the memory bank rows of the same classes (§1.3), as chunked ATen GEMMs plus
 // one fused epilogue pass per chunk. Schemas, outputs and statistics: the op contract,
 // unitsface_kernels/contract.py (rows [B], stats [7, B] = (lse_c z_ic, A, σA, B, σB, z_iy,
-// USS loss) (rows named in csrc/stats.h), nx [B], nw [S], nb [S] (empty without a bank), dx_rows [B, D] and db_rows [B]
-// with row_grads (else empty)). A label that matches no column has no target: z_iy = 0, and
+// USS loss) (rows named in csrc/stats.h), nx [B], nw [S·K], nb [S] (empty without a bank), dx_rows [B, D] and db_rows [B]
+// with row_grads (else empty)). With K sub-centres (the margin family, docs/design.md §1.5)
+// the GEMMs run over the S·K centre rows of the classes of S (row index[j]·K + r) and the
+// epilogue reduces each class's K columns to their maximum; the bank stays per class. A label that matches no column has no target: z_iy = 0, and
 // no USS positive.
 //
 // The CPU drivers (csrc/cpu/unitsface_sweep.cpp) are ATen code around the epilogue of one
@@ -35,6 +37,8 @@ struct SoftmaxChunk {
   at::Tensor state;            // forward
   at::Tensor go, lse, h;       // backward
   at::Tensor target_state, alpha;  // fused forward
+  at::Tensor margin_rows;          // the family's [4, B], or undefined
+  at::Tensor target_arg;           // fused forward, the family
 };
 
 template <typename T>
@@ -48,9 +52,12 @@ SoftmaxRows<T> rows_of(const SoftmaxChunk& ck, const UnitsfaceOptions& o) {
   a.inv_w = ck.inv_w.const_data_ptr<T>();
   a.target = ck.target.const_data_ptr<int64_t>();
   a.B = ck.dots.size(0);
-  a.c = ck.dots.size(1);
+  a.k = o.k();
+  a.c = ck.dots.size(1) / a.k;
   a.col0 = ck.col0;
   a.p = epi::softmax_params<T>(o);
+  a.margin_rows = ptr_or_null<T>(ck.margin_rows);
+  a.target_arg = ptr_or_null<T>(ck.target_arg);
   a.state = ptr_or_null<T>(ck.state);
   a.go = ptr_or_null<T>(ck.go);
   a.lse = ptr_or_null<T>(ck.lse);
@@ -89,7 +96,8 @@ void check_unitsface_args(const char* op, const UnitsfaceInputs& in, const Units
 // The backward's upstream gradient and saved tensors: shaped as unitsface_fwd_native returns
 // them for these inputs (dx_rows / db_rows only when the forward formed them).
 void check_unitsface_saved(const char* op, const at::Tensor& grad_rows,
-                           const UnitsfaceInputs& in, const UnitsfaceSaved& saved);
+                           const UnitsfaceInputs& in, const UnitsfaceSaved& saved,
+                           const UnitsfaceOptions& o);
 
 using UnitsfaceForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                     at::Tensor, at::Tensor>;

@@ -44,9 +44,6 @@ void check_unitsface_args(const char* op, const UnitsfaceInputs& in, const Units
                      m.scalar_type());
     TORCH_CHECK_VALUE(m.device() == dev, op, ": margin_rows must be on ", dev);
   }
-  // TODO(margins): the native kernels of the margin family.
-  TORCH_CHECK_NOT_IMPLEMENTED(!o.margin_family(), op,
-                              ": the margin family is not in the native kernels yet");
   if (in.index.has_value()) {
     TORCH_CHECK_TYPE(!at::isFloatingType(in.index->scalar_type()), op,
                      ": index must be an integer tensor");
@@ -80,15 +77,17 @@ void check_unitsface_args(const char* op, const UnitsfaceInputs& in, const Units
 }
 
 void check_unitsface_saved(const char* op, const at::Tensor& grad_rows,
-                           const UnitsfaceInputs& in, const UnitsfaceSaved& saved) {
-  const int64_t B = in.x.size(0), D = in.x.size(1);
-  const int64_t S = in.index.has_value() ? in.index->numel() : in.centres.size(0);
+                           const UnitsfaceInputs& in, const UnitsfaceSaved& saved,
+                           const UnitsfaceOptions& o) {
+  const int64_t B = in.x.size(0), D = in.x.size(1), K = o.k();
+  const int64_t S = in.index.has_value() ? in.index->numel() : in.centres.size(0) / K;
   TORCH_CHECK_VALUE(grad_rows.numel() == B && saved.nx.numel() == B && saved.stats.dim() == 2 &&
                         saved.stats.size(0) == stats::kUnitsfaceRows && saved.stats.size(1) == B,
                     op, ": grad_rows, stats and nx must come from unitsface_fwd_native on these "
                     "inputs");
-  TORCH_CHECK_VALUE(saved.nw.numel() == S && (!in.bank.has_value() || saved.nb.numel() == S), op,
-                    ": nw and nb must come from unitsface_fwd_native on these inputs");
+  // nw: the S·K centre rows; nb: the S bank rows
+  TORCH_CHECK_VALUE(saved.nw.numel() == S * K && (!in.bank.has_value() || saved.nb.numel() == S),
+                    op, ": nw and nb must come from unitsface_fwd_native on these inputs");
   if (saved.dx_rows.numel() > 0) {  // the forward formed the per-row gradients (row_grads)
     TORCH_CHECK_VALUE(saved.dx_rows.dim() == 2 && saved.dx_rows.size(0) == B &&
                           saved.dx_rows.size(1) == D && saved.db_rows.numel() == B,

@@ -269,3 +269,45 @@ def test_cost_model_launches(budget, row_grads, with_bank, monkeypatch):
     gemms = sum(e.name in ("aten::mm", "aten::baddbmm") for e in prof.events())
     m = native_cost.model(native_cost.Step(37, 16, 301, 4, bank=with_bank, row_grads=row_grads))
     assert kernels + gemms == m.total("launches")
+
+
+# ----------------------------------------------------------------------------- the margin family
+
+@pytest.mark.parametrize("kind", ["cosface_k3", "arcface_k2", "interclass", "curricular",
+                                  "adaface", "magface", "magface_fallback", "elastic_arc",
+                                  "elastic_cos", "everything"])
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_margin_family_ops_float64(kind, sampled, with_bank):
+    """test_margin_ops.py's cases of the family on the emulated sweep: forward (plain) and
+    backward against the reference's per-op forms, to round-off."""
+    from test_margin_native import assert_float64_exact, go_of, reference_ops, run_ops
+    from test_margin_ops import _case
+    o, args = _case(kind, torch.float64, sampled, with_bank)
+    go = go_of(args)
+    want, want_g = reference_ops(args, go)
+    ops = torch.ops.unitsface_emu
+    got, got_g = run_ops(ops.unitsface_fwd, ops.unitsface_bwd, args, go, False)
+    assert_float64_exact(got, got_g, want, want_g)
+
+
+@pytest.mark.parametrize("budget", ["300", None], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("row_grads", [False, True])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_margin_family_whole(budget, dtype, row_grads, sampled):
+    """Row margins + curricular + inter-class filter + K = 2 + a bank (+ a partial-FC index)
+    on the emulated sweep over three chunks (budget "300") or one: float64 to round-off, the
+    other dtypes within their rounding; with the forward's per-row gradients or ∂x from the
+    backward's sweep."""
+    from test_margin_native import (assert_float64_exact, assert_low_precision, family_case,
+                                    go_of, reference_ops, run_ops)
+    o, args = family_case(dtype, sampled=sampled)
+    go = go_of(args)
+    want, want_g = reference_ops(args, go)
+    ops = torch.ops.unitsface_emu
+    got, got_g = run_ops(ops.unitsface_fwd, ops.unitsface_bwd, args, go, row_grads)
+    if dtype == torch.float64:
+        assert_float64_exact(got, got_g, want, want_g)
+    else:
+        assert_low_precision(got, got_g, want, want_g, dtype)

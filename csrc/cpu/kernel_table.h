@@ -6,7 +6,8 @@
 template <typename T>
 RowKernels<T> kernels() {
   return {&uss_fwd<T>,     &uss_bwd<T>,     &uss_fwd_grads<T>,
-          &softmax_fwd<T>, &softmax_bwd<T>, &softmax_fwd_grads<T>};
+          &softmax_fwd<T>, &softmax_bwd<T>, &softmax_fwd_grads<T>,
+          &family_fwd<T>,  &family_bwd<T>,  &family_fwd_grads<T>};
 }
 template RowKernels<float> kernels<float>();
 template RowKernels<double> kernels<double>();

@@ -1,6 +1,6 @@
 // The CPU row kernels of the epilogues and the choice of instruction set.
 //
-// The row kernels (csrc/cpu/uss_rows.h, csrc/cpu/softmax_rows.h) are plain loops over a row's chunk
+// The row kernels (csrc/cpu/uss_rows.h, csrc/cpu/softmax_rows.h, csrc/cpu/family_rows.h) are plain loops over a row's chunk
 // of columns, written so that the compiler vectorises them. The extension is built without
 // -march flags, so they are compiled three times: csrc/cpu/rows_avx512.cpp (x86-64-v4),
 // csrc/cpu/rows_avx2.cpp (x86-64-v3: AVX2 + FMA) and csrc/cpu/rows_base.cpp (the baseline), each
@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <vector>  // csrc/cpu/family_rows.h
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -89,11 +90,18 @@ template <typename T>
 struct RowKernels {
   UssRowFn<T> uss_fwd, uss_bwd, uss_fwd_grads;
   SoftmaxRowFn<T> softmax_fwd, softmax_bwd, softmax_fwd_grads;
+  SoftmaxRowFn<T> family_fwd, family_bwd, family_fwd_grads;  // the margin family
 
   UssRowFn<T> uss(Pass pass) const {
     return pass == Pass::kForward ? uss_fwd : pass == Pass::kBackward ? uss_bwd : uss_fwd_grads;
   }
-  SoftmaxRowFn<T> softmax(Pass pass) const {
+  // the margin softmax's kernels: the family's when any of its settings is on
+  SoftmaxRowFn<T> softmax(Pass pass, bool family) const {
+    if (family) {
+      return pass == Pass::kForward    ? family_fwd
+             : pass == Pass::kBackward ? family_bwd
+                                       : family_fwd_grads;
+    }
     return pass == Pass::kForward    ? softmax_fwd
            : pass == Pass::kBackward ? softmax_bwd
                                      : softmax_fwd_grads;

@@ -9,6 +9,7 @@ namespace cpu {
 namespace avx2 {
 #include "cpu/uss_rows.h"
 #include "cpu/softmax_rows.h"
+#include "cpu/family_rows.h"
 #include "cpu/kernel_table.h"
 }  // namespace avx2
 }  // namespace cpu

@@ -7,6 +7,7 @@ namespace cpu {
 namespace base {
 #include "cpu/uss_rows.h"
 #include "cpu/softmax_rows.h"
+#include "cpu/family_rows.h"
 #include "cpu/kernel_table.h"
 }  // namespace base
 }  // namespace cpu

@@ -1,6 +1,7 @@
 // unitsface::unitsface_{fwd,bwd}_native on CPU tensors: the drivers of
 // csrc/cpu/unitsface_sweep.cpp, and their epilogue of one chunk, the row kernels of
-// csrc/cpu/softmax_rows.h and csrc/cpu/uss_rows.h (for the instruction set that
+// csrc/cpu/softmax_rows.h (csrc/cpu/family_rows.h for the margin family) and
+// csrc/cpu/uss_rows.h (for the instruction set that
 // csrc/cpu/row_kernels.h picks): per row, the softmax part, then USS on the bank rows (the USS
 // family's row code, column labels = the chunk's classes).
 #include <torch/library.h>
@@ -18,10 +19,10 @@ void run_rows(const UnitsfaceChunk& ck) {
   UssRows<T> b{};
   if (ck.do_w) w = rows_of<T>(ck.softmax, ck.options);
   if (ck.do_b) b = rows_of<T>(ck.bank);
-  const cpu::SoftmaxRowFn<T> softmax = k.softmax(ck.pass);
+  const cpu::SoftmaxRowFn<T> softmax = k.softmax(ck.pass, ck.options.margin_family());
   const cpu::UssRowFn<T> uss = k.uss(ck.pass);
   const int64_t rows = ck.softmax.inv_x.size(0);
-  const int64_t cols = ck.do_w ? w.c : b.c;
+  const int64_t cols = ck.do_w ? w.c * w.k : b.c;
   cpu::for_rows(rows, cols * (ck.do_w + ck.do_b), [&](int64_t r0, int64_t r1) {
     if (ck.do_w) softmax(w, r0, r1);
     if (ck.do_b) uss(b, r0, r1);

@@ -17,6 +17,7 @@ void RowGrads::bind(UnitsfaceChunk& ck, const at::Tensor& state, int64_t sp) con
   ck.softmax.grads = ck.softmax.dots;
   ck.softmax.target_state = state.narrow(0, kTargetState, 3);
   ck.softmax.alpha = alpha_[sp][0];
+  ck.softmax.target_arg = state[kTargetArg];
   if (!has_bank_) return;
   ck.bank.grads = ck.bank.dots;
   ck.bank.sums = state.narrow(0, kUssSums, 3);
@@ -48,15 +49,18 @@ std::pair<at::Tensor, at::Tensor> RowGrads::finish(const at::Tensor& state,
   const at::ScalarType acc = in.x.scalar_type();
   const at::Tensor has_t = in.target >= 0;
   const at::Tensor tcol = in.target.clamp_min(0);
-  const at::Tensor y = in.labels.clamp(0, in.centres.size(0) - 1);
+  const at::Tensor y = in.labels.clamp(0, in.centres.size(0) / in.k - 1);
+  // the target class's arg-max sub-centre row: in centres, and among the S·K rows of nw
+  const at::Tensor arg_t = state[kTargetArg].to(at::kLong);
   const at::Tensor zero = at::zeros_like(in.nx);
   // softmax: s·p·κ relative to the final Σ e^{z − m}, then the target's −s·κ_t·ŵ_t
   const at::Tensor p_norm = s / state[kSumExp];
   at::Tensor G = acc_w_ * p_norm.unsqueeze(1);
   at::Tensor h = state[kHw] * p_norm;
   const at::Tensor coef_t = at::where(has_t, -s * state[kTargetState + 1], zero);
-  const at::Tensor w_t = in.centres.index_select(0, y).to(in.read).to(acc);
-  G = G + (coef_t * chunking::inv_norms(in.nw, o_.eps).index_select(0, tcol)).unsqueeze(1) * w_t;
+  const at::Tensor w_t = in.centres.index_select(0, y * in.k + arg_t).to(in.read).to(acc);
+  const at::Tensor inv_wt = chunking::inv_norms(in.nw, o_.eps).index_select(0, tcol * in.k + arg_t);
+  G = G + (coef_t * inv_wt).unsqueeze(1) * w_t;
   h = h + coef_t * state[kTargetState];
   at::Tensor gsum = zero;  // Σ_c g'_ic of USS (λ included)
   if (has_bank_) {

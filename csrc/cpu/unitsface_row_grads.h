@@ -35,7 +35,8 @@ enum StateRow : int64_t {
   kTargetState = 7,  // fused: 3 rows (SoftmaxRows::target_state), the last (kHw) relative to m
   kHw = 9,
   kUssSums = 10,     // fused: 3 rows (UssRows::sums), the first relative to m⁻ (lse)
-  kFusedRows = 13,
+  kTargetArg = 13,   // fused: the target's arg-max sub-centre (SoftmaxRows::target_arg)
+  kFusedRows = 14,
 };
 
 // What the finish reads besides the accumulators.
@@ -45,6 +46,7 @@ struct RowGradsInputs {
   at::Tensor centres, bank, bank_valid;  // bank / bank_valid undefined without them
   at::Tensor labels;  // B int64
   at::Tensor target;  // B: the column of y_i in S, −1
+  int64_t k = 1;      // K sub-centres per class
   at::Tensor nw, nb;  // S
   at::ScalarType read;  // x's dtype: rows of another dtype are read rounded to it
 };

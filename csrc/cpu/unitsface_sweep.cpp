@@ -1,7 +1,7 @@
 // The unitsface family's CPU drivers (csrc/unitsface.h): ATen code around the row kernels'
 // epilogue (csrc/cpu/unitsface.cpp). CUDA tensors have their own sweep (csrc/cuda/unitsface_sweep.cu).
 //
-// Forward, per chunk of c classes of S: the W rows and the bank rows of the chunk's classes (a
+// Forward, per chunk of c classes of S: the W rows (c·K with K sub-centres) and the bank rows of the chunk's classes (a
 // view, or a chunk-sized gather under partial FC; invalid bank rows read as zero rows), their
 // norms, the GEMMs x·W_cᵀ and x·bank_cᵀ (raw; inverse norms applied in the epilogue), one
 // epilogue pass per row: online max / sum-exp of the margin logits and the target logit, and
@@ -52,35 +52,49 @@ at::Tensor target_columns(const at::Tensor& labels, const at::Tensor& index, int
   return at::where(index.index_select(0, pos) == y, pos, at::full_like(pos, -1)).contiguous();
 }
 
+// The centre rows of the classes of S with K sub-centres each: index[j]·K + r in the order
+// (j, r) (contract.class_row_ids); the index itself for K = 1; undefined without an index
+// (then the rows of classes [j0, j0 + n) are rows [j0·K, (j0 + n)·K)).
+at::Tensor class_row_ids(const at::Tensor& index, int64_t K) {
+  if (!index.defined() || K == 1) return index;
+  return (index.unsqueeze(1) * K + at::arange(K, index.options())).reshape({-1});
+}
+
 // The per-call pieces shared by the forward and the backward.
 struct UnitsfaceCall {
   at::ScalarType acc, gdt, xdt;  // accumulation, GEMM operands, x (centres and bank read in it)
-  int64_t B, D, C, S;
+  int64_t B, D, K, C, S;         // K sub-centres per class, C classes (centres: C·K rows)
   bool has_bank;
   at::Tensor xg;       // x in the GEMM dtype, contiguous
   at::Tensor centres;  // contiguous
   at::Tensor bank;     // contiguous (has_bank)
   at::Tensor index;    // S classes, or undefined (all)
+  at::Tensor row_ids;  // the S·K centre rows of S (class_row_ids)
   at::Tensor target;   // B
+  at::Tensor margin_rows;  // the family's [4, B], contiguous, or undefined
   chunking::Sweep sweep;
   UssColumns bank_cols;  // the bank part: column labels = the classes of S (has_bank)
   at::TensorOptions opts;
 
-  explicit UnitsfaceCall(const UnitsfaceInputs& in)
+  UnitsfaceCall(const UnitsfaceInputs& in, const UnitsfaceOptions& o)
       : acc(acc_type(in.x.scalar_type())),
         gdt(chunking::gemm_type(in.x)),
         xdt(in.x.scalar_type()),
         B(in.x.size(0)),
         D(in.x.size(1)),
-        C(in.centres.size(0)),
+        K(o.k()),
+        C(in.centres.size(0) / K),
         has_bank(in.bank.has_value()),
         xg(in.x.to(gdt).contiguous()),
         centres(in.centres.contiguous()),
         index(class_index(in)),
+        row_ids(class_row_ids(index, K)),
         target(target_columns(in.labels, index, C)),
-        sweep(B, index.defined() ? index.numel() : C, /*cuda=*/false),
+        // (a chunk of c classes has B·c·K dots)
+        sweep(B * K, index.defined() ? index.numel() : C, /*cuda=*/false),
         opts(xg.options().dtype(acc)) {
     S = sweep.cols;
+    if (in.margin_rows.has_value()) margin_rows = in.margin_rows->contiguous();
     if (!has_bank) return;
     bank = in.bank->contiguous();
     const at::Tensor classes =
@@ -95,8 +109,9 @@ struct UnitsfaceCall {
   at::Tensor of_classes(const at::Tensor& v) const {
     return index.defined() ? v.index_select(0, index) : v;
   }
+  // the n·K centre rows of classes [j0, j0 + n) of S
   at::Tensor centre_rows(int64_t j0, int64_t n) const {
-    return chunking::chunk_rows(centres, index, j0, n, xdt, gdt);
+    return chunking::chunk_rows(centres, row_ids, j0 * K, n * K, xdt, gdt);
   }
   // invalid bank rows read as zero rows
   at::Tensor bank_rows(int64_t j0, int64_t n) const {
@@ -110,6 +125,7 @@ struct UnitsfaceCall {
     ck.do_b = has_bank;
     ck.softmax.inv_x = inv_x;
     ck.softmax.target = target;
+    ck.softmax.margin_rows = margin_rows;
     ck.bank.pass = pass;
     ck.bank.options = o.uss();
     ck.bank.inv_x = inv_x;
@@ -125,15 +141,16 @@ UnitsfaceForward unitsface_forward_cpu(const UnitsfaceInputs& in, const Unitsfac
   TORCH_CHECK_VALUE(!in.x.is_cuda(),
                     "unitsface_fwd_native: this driver is for CPU tensors (CUDA tensors have "
                     "their own sweep, csrc/cuda/unitsface_sweep.cu)");
-  const UnitsfaceCall call(in);
-  const int64_t B = call.B, S = call.S, splits = call.sweep.splits, c = call.sweep.c;
+  const UnitsfaceCall call(in, o);
+  const int64_t B = call.B, S = call.S, K = call.K, splits = call.sweep.splits;
+  const int64_t c = call.sweep.c;
   const at::Tensor nx = chunking::row_norms(call.xg, call.acc);
   at::Tensor state = at::zeros({splits, row_grads ? kFusedRows : kPlainRows, B}, call.opts);
   state.select(1, kMax).fill_(epi::kNegBig);
   if (call.has_bank) chunking::init_uss_state(state, kUss, o.uss_lse);
-  at::Tensor nw = at::empty({S}, call.opts);
+  at::Tensor nw = at::empty({S * K}, call.opts);
   at::Tensor nb = at::empty({call.has_bank ? S : 0}, call.opts);
-  const at::Tensor flat_w = at::empty({splits, B * c}, call.opts);
+  const at::Tensor flat_w = at::empty({splits, B * c * K}, call.opts);
   const at::Tensor flat_b = call.has_bank ? at::empty({splits, B * c}, call.opts) : at::Tensor();
   std::optional<RowGrads> rg;
   if (row_grads) rg.emplace(splits, B, call.D, call.has_bank, o, call.opts);
@@ -147,9 +164,9 @@ UnitsfaceForward unitsface_forward_cpu(const UnitsfaceInputs& in, const Unitsfac
     ck.softmax.col0 = j0;
     const at::Tensor wc = call.centre_rows(j0, n);
     const at::Tensor nwc = chunking::row_norms(wc, call.acc);
-    nw.narrow(0, j0, n).copy_(nwc);
+    nw.narrow(0, j0 * K, n * K).copy_(nwc);
     ck.softmax.inv_w = chunking::inv_norms(nwc, o.eps);
-    ck.softmax.dots = scratch(flat_w[sp], B, n);
+    ck.softmax.dots = scratch(flat_w[sp], B, n * K);
     chunking::gemm_nt(ck.softmax.dots, call.xg, wc);
     at::Tensor bc;
     if (call.has_bank) {
@@ -201,6 +218,7 @@ UnitsfaceForward unitsface_forward_cpu(const UnitsfaceInputs& in, const Unitsfac
   if (in.bank_valid.has_value()) rgi.bank_valid = *in.bank_valid;
   rgi.labels = in.labels.to(at::kLong);
   rgi.target = call.target;
+  rgi.k = K;
   rgi.nw = nw;
   rgi.nb = nb;
   rgi.read = call.xdt;
@@ -212,7 +230,7 @@ Grads unitsface_backward_cpu(const at::Tensor& grad_rows, const UnitsfaceInputs&
                              const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
                              std::array<bool, 3> needs) {
   check_unitsface_args("unitsface_bwd_native", in, o);
-  check_unitsface_saved("unitsface_bwd_native", grad_rows, in, saved);
+  check_unitsface_saved("unitsface_bwd_native", grad_rows, in, saved, o);
   const bool has_bank = in.bank.has_value();
   bool need_dx = needs[0];
   const bool need_dw = needs[1];
@@ -237,8 +255,9 @@ Grads unitsface_backward_cpu(const at::Tensor& grad_rows, const UnitsfaceInputs&
   const bool do_b = has_bank && (need_dx || uss_db);
   if (!do_w && !do_b) return {dx, dw, db};
 
-  const UnitsfaceCall call(in);
-  const int64_t B = call.B, S = call.S, D = call.D, splits = call.sweep.splits, c = call.sweep.c;
+  const UnitsfaceCall call(in, o);
+  const int64_t B = call.B, S = call.S, D = call.D, K = call.K, splits = call.sweep.splits;
+  const int64_t c = call.sweep.c;
   const at::Tensor nx = saved.nx.to(acc).contiguous();
   const at::Tensor nw = saved.nw.to(acc).contiguous();
   const at::Tensor nb = has_bank ? saved.nb.to(acc).contiguous() : at::Tensor();
@@ -250,13 +269,13 @@ Grads unitsface_backward_cpu(const at::Tensor& grad_rows, const UnitsfaceInputs&
   at::Tensor G = need_dx ? at::zeros({splits, B, D}, call.opts) : at::Tensor();
   const at::Tensor xh =
       need_dw ? (call.xg.to(acc) * inv_x.unsqueeze(1)).to(call.gdt) : at::Tensor();
-  // ∂centres of the classes of S only, row j for class S_j (compact: the caller scatters it
-  // or hands it on as a sparse gradient; contract.py), in the centres' dtype
-  if (need_dw) dw = at::empty({S, D}, call.centres.options());
+  // ∂centres of the classes of S only, rows j·K + r for class S_j (compact: the caller
+  // scatters it or hands it on as a sparse gradient; contract.py), in the centres' dtype
+  if (need_dw) dw = at::empty({S * K, D}, call.centres.options());
   at::Tensor db_cols = (uss_db && vector_bias) ? at::zeros({call.C}, call.opts) : at::Tensor();
-  const at::Tensor flat_w = do_w ? at::empty({splits, B * c}, call.opts) : at::Tensor();
+  const at::Tensor flat_w = do_w ? at::empty({splits, B * c * K}, call.opts) : at::Tensor();
   const at::Tensor flat_b = do_b ? at::empty({splits, B * c}, call.opts) : at::Tensor();
-  const at::Tensor qflat = need_dw ? at::empty({splits, c * D}, call.opts) : at::Tensor();
+  const at::Tensor qflat = need_dw ? at::empty({splits, c * K * D}, call.opts) : at::Tensor();
 
   UnitsfaceChunk proto = call.proto(Pass::kBackward, o, inv_x);
   proto.do_w = do_w;
@@ -273,8 +292,8 @@ Grads unitsface_backward_cpu(const at::Tensor& grad_rows, const UnitsfaceInputs&
     if (do_w) {
       wc = call.centre_rows(j0, n);
       ck.softmax.col0 = j0;
-      ck.softmax.inv_w = inv_w.narrow(0, j0, n);
-      ck.softmax.dots = scratch(flat_w[sp], B, n);
+      ck.softmax.inv_w = inv_w.narrow(0, j0 * K, n * K);
+      ck.softmax.dots = scratch(flat_w[sp], B, n * K);
       chunking::gemm_nt(ck.softmax.dots, call.xg, wc);
       ck.softmax.grads = ck.softmax.dots;  // the g' blocks overwrite the dots (fp32 GEMMs)
     }
@@ -293,8 +312,8 @@ Grads unitsface_backward_cpu(const at::Tensor& grad_rows, const UnitsfaceInputs&
       if (do_b) chunking::gemm_acc(g, ck.bank.grads, bc);
     }
     if (need_dw) {
-      chunking::column_grads(dw, ck.softmax.grads, xh, wc, nw.narrow(0, j0, n), j0,
-                             scratch(qflat[sp], n, D), o.eps);
+      chunking::column_grads(dw, ck.softmax.grads, xh, wc, nw.narrow(0, j0 * K, n * K), j0 * K,
+                             scratch(qflat[sp], n * K, D), o.eps);
     }
     if (uss_db && vector_bias) {
       chunking::write_columns(db_cols, call.index, j0,

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "cuda/sweep_chunk.cuh"
+#include "cuda/sweep_family.cuh"
 
 namespace unitsface {
 namespace cuda_sweep {
@@ -78,15 +79,20 @@ __device__ __forceinline__ void uss_bwd_warp(const ChunkArgs<T, X>& a, const Sli
   }
 }
 
-// grid (⌈B / kEpiWarps⌉, slices, 2): z = 0 the softmax part (skipped unless do_w), 1 the bank
-template <typename T, typename X>
+// grid (⌈B / kEpiWarps⌉, slices, 2): z = 0 the softmax part (skipped unless do_w; Family: the
+// margin family's, csrc/cuda/sweep_family.cuh), 1 the bank
+template <typename T, typename X, bool Family>
 __global__ void __launch_bounds__(kEpiWarps* kWarp)
     uf_bwd_epilogue(ChunkArgs<T, X> a, bool do_w, bool do_b) {
   const int64_t i = int64_t(blockIdx.x) * kEpiWarps + threadIdx.x / kWarp;
   if (i >= a.B) return;
   const Slice s = slice_of(a, i);
   if (blockIdx.z == 0) {
-    if (do_w) softmax_bwd_warp<T, X>(a, s);
+    if constexpr (Family) {
+      if (do_w) family_bwd_warp<T, X>(a, s);
+    } else {
+      if (do_w) softmax_bwd_warp<T, X>(a, s);
+    }
   } else {
     if (do_b) uss_bwd_warp<T, X>(a, s);
   }

@@ -23,6 +23,10 @@ struct ChunkArgs {
   const int64_t* target;
   const T *inv_w, *inv_b, *vb, *cb;
   epi::SoftmaxParams<T> sp;
+  // the margin family (csrc/cuda/sweep_family.cuh)
+  const T* margin_rows;     // [4, B] (csrc/stats.h margin_row), or null
+  bool cosines;             // K > 1: the W part's dots are the class cosines (sub-centre max)
+  const int32_t* arg;       // K > 1: [B, ld] the arg-max sub-centre of each class column
   epi::UssParams<T> up;
   T weight;                 // λ
   // forward

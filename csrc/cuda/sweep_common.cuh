@@ -1,7 +1,8 @@
 // The kernels of the unitsface family's CUDA sweep (the driver: csrc/cuda/unitsface_sweep.cu; the
 // chunk and slice plan: csrc/cuda_plan.h), one file per phase: set-up (norms, column arrays,
 // chunk staging: sweep_setup.cuh), the forward epilogue (sweep_forward.cuh), the backward
-// epilogue (sweep_backward.cuh), the ∂W projection (sweep_project.cuh) and the finishes that
+// epilogue (sweep_backward.cuh), the margin family's epilogues and sub-centre kernels
+// (sweep_family.cuh), the ∂W projection (sweep_project.cuh) and the finishes that
 // merge the splits (sweep_finish.cuh); this file holds what they share. The per-element maths
 // is csrc/epilogue.h, the same functions the CPU row loops call.
 //
@@ -55,7 +56,8 @@ enum StateRow : int {
   kUh = 10,     //      pairs: Σ g·cos | lse: Σ_N e^{z⁻ − m⁻}·cos, relative to m⁻ (row_grads)
   kUg = 11,     //      pairs: Σ g                                           (row_grads)
   kUcp = 12,    //      lse: the cosine of the positive                      (row_grads)
-  kStateRows = 13,
+  kTArg = 13,   // softmax, K > 1: the target's arg-max sub-centre r          (row_grads)
+  kStateRows = 14,
 };
 
 // The backward's per-split row sums: [kBwdRows, ns, B].

@@ -19,7 +19,7 @@ __device__ __forceinline__ T normalised_grad(T G, T h, T x, T nx, T inv_x, T eps
 
 template <typename T>
 struct FinishArgs {
-  int64_t B, D, ns, C;
+  int64_t B, D, ns, C, K;  // C classes, K sub-centres each
   const T* state;           // forward: [kStateRows, ns, B]
   const T *acc_w, *acc_b;   // forward (row_grads): [ns, B, D]; acc_b null without a bank
   bool has_bank, grads;
@@ -33,7 +33,7 @@ struct FinishArgs {
   const void* bank;         // for the positive's bank row b_y (row_grads, lse)
   DType bt;
   const bool* bank_valid;
-  const T *inv_w, *inv_b;   // padded per-column arrays
+  const T *inv_w, *inv_b;   // padded per-column arrays (inv_w: per sub-centre row)
   T *rows, *stats;          // outputs: [B], [stats::kUnitsfaceRows, B]
   T *dx_rows, *db_rows;     // outputs (row_grads)
 };
@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kRowThreads) uf_fwd_finish(FinishArgs<T> a) {
   // softmax: (max, Σ) merged, the target logit
   T m = neg_big;
   for (int64_t k = 0; k < ns; ++k) m = max_keep<T>(m, st(kM, k));
-  T S = 0, zt = 0, hw = 0, traw = 0, tkappa = 0;
+  T S = 0, zt = 0, hw = 0, traw = 0, tkappa = 0, targ = 0;
   for (int64_t k = 0; k < ns; ++k) {
     const T f = epi::uf_exp<T>(st(kM, k) - m);
     S += f * st(kS, k);
@@ -59,6 +59,7 @@ __global__ void __launch_bounds__(kRowThreads) uf_fwd_finish(FinishArgs<T> a) {
       hw += f * st(kHw, k);
       traw += st(kTRaw, k);
       tkappa += st(kTKappa, k);
+      if (a.K > 1) targ += st(kTArg, k);
     }
   }
   const T lse = S == T(0) ? -inf : m + std::log(S);
@@ -131,7 +132,9 @@ __global__ void __launch_bounds__(kRowThreads) uf_fwd_finish(FinishArgs<T> a) {
   y = y < 0 ? 0 : (y >= a.C ? a.C - 1 : y);
   const T p_norm = s / S;
   const T coef_t = has_t ? -s * tkappa : T(0);
-  const T wt_coef = coef_t * a.inv_w[tcol];
+  // the target class's arg-max sub-centre row (K > 1)
+  const int64_t t_sub = static_cast<int64_t>(targ);
+  const T wt_coef = coef_t * a.inv_w[tcol * a.K + t_sub];
   T h = hw * p_norm + coef_t * traw;
   T gsum = 0, c_n = 0, g_p = 0, bt_coef = 0;
   if (a.has_bank) {
@@ -158,7 +161,9 @@ __global__ void __launch_bounds__(kRowThreads) uf_fwd_finish(FinishArgs<T> a) {
       }
     }
     T G = gw * p_norm;
-    if (has_t) G += wt_coef * static_cast<T>(read_as<X>(a.centres, a.wt, y * a.D + d));
+    if (has_t) {
+      G += wt_coef * static_cast<T>(read_as<X>(a.centres, a.wt, (y * a.K + t_sub) * a.D + d));
+    }
     if (a.has_bank) {
       G += (a.up.lse ? c_n : T(1)) * gb;
       if (a.up.lse && bt_coef != T(0)) {

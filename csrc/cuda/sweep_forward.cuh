@@ -3,6 +3,7 @@
 #pragma once
 
 #include "cuda/sweep_chunk.cuh"
+#include "cuda/sweep_family.cuh"
 
 namespace unitsface {
 namespace cuda_sweep {
@@ -215,14 +216,19 @@ __device__ __forceinline__ void uss_fwd_warp(const ChunkArgs<T, X>& a, const Sli
   if (Grads && !a.first && alpha_n != T(1)) rescale_row<T>(a.acc_b, s, a.B, a.D, alpha_n);
 }
 
-// grid (⌈B / kEpiWarps⌉, slices of the chunk, parts), kEpiWarps warps per block
-template <typename T, typename X, bool Grads>
+// grid (⌈B / kEpiWarps⌉, slices of the chunk, parts), kEpiWarps warps per block; Family:
+// the margin family's softmax part (csrc/cuda/sweep_family.cuh)
+template <typename T, typename X, bool Grads, bool Family>
 __global__ void __launch_bounds__(kEpiWarps* kWarp) uf_fwd_epilogue(ChunkArgs<T, X> a) {
   const int64_t i = int64_t(blockIdx.x) * kEpiWarps + threadIdx.x / kWarp;
   if (i >= a.B) return;  // a whole warp: no barrier below
   const Slice s = slice_of(a, i);
   if (blockIdx.z == 0) {
-    softmax_fwd_warp<T, X, Grads>(a, s);
+    if constexpr (Family) {
+      family_fwd_warp<T, X, Grads>(a, s);
+    } else {
+      softmax_fwd_warp<T, X, Grads>(a, s);
+    }
   } else {
     uss_fwd_warp<T, X, Grads>(a, s);
   }

@@ -9,14 +9,15 @@ namespace unitsface {
 namespace cuda_sweep {
 
 // ------------------------------------------------------------------------ column set-up
-// Per call: norms of x's rows, of the W rows of S and of the bank rows of S (read rounded to
+// Per call: norms of x's rows, of the S·K W rows of S (K sub-centres per class, row
+// index[j]·K + r) and of the bank rows of S (read rounded to
 // X, an invalid bank row read as a zero row), or those norms from the forward (`have_norms`,
 // the backward); then the padded per-column arrays of the epilogues (inverse norms, validity,
 // thresholds) and each row's target column (the column of y_i in S, −1 when y_i is not there).
 template <typename T>
 struct ColumnArgs {
   const void* x;        // B × D, dtype X
-  const void* centres;  // C × D
+  const void* centres;  // C·K × D
   DType wt;
   const void* bank;     // C × D or null
   DType bt;
@@ -25,11 +26,12 @@ struct ColumnArgs {
   const T* bias;            // 1 or C values, or null (no bank)
   bool vector_bias;
   const int64_t* labels;    // B
-  int64_t B, S, C, D;
+  int64_t B, S, C, D, K;  // C classes, K sub-centres each
   bool have_norms;          // nx, nw, nb hold the forward's norms: read, not computed
   T eps;                    // the normalisation eps (the options')
-  T *nx, *nw, *nb;          // B, S, S (nb null without a bank)
-  T *inv_x, *inv_w, *inv_b, *vb, *cb;  // B, then padded per-column arrays (inv_b.. null)
+  T *nx, *nw, *nb;          // B, S·K, S (nb null without a bank)
+  T *inv_x, *inv_w, *inv_b, *vb, *cb;  // B, then padded per-column arrays (inv_w: per
+                                       // sub-centre row; inv_b.. null)
   int64_t* target;          // B
 };
 
@@ -37,7 +39,8 @@ template <typename T, typename X>
 __global__ void __launch_bounds__(kRowThreads) uf_columns_kernel(ColumnArgs<T> a) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = int64_t(gridDim.x) * (kRowThreads / kWarp);
-  const int64_t tasks = a.B + a.S * (a.bank != nullptr ? 2 : 1);
+  const int64_t SK = a.S * a.K;
+  const int64_t tasks = a.B + SK + (a.bank != nullptr ? a.S : 0);
   for (int64_t task = int64_t(blockIdx.x) * (kRowThreads / kWarp) + threadIdx.x / kWarp;
        task < tasks; task += warps) {
     if (task < a.B) {  // a row of x
@@ -76,10 +79,12 @@ __global__ void __launch_bounds__(kRowThreads) uf_columns_kernel(ColumnArgs<T> a
       }
       continue;
     }
-    const bool is_bank = task >= a.B + a.S;
-    const int64_t j = task - a.B - (is_bank ? a.S : 0);
-    const int64_t row = a.index != nullptr ? a.index[j] : j;
-    const bool valid = !is_bank || a.bank_valid == nullptr || a.bank_valid[row];
+    const bool is_bank = task >= a.B + SK;
+    const int64_t j = task - a.B - (is_bank ? SK : 0);  // a bank column, or a W row of S
+    const int64_t jc = is_bank ? j : j / a.K;            // its class's column in S
+    const int64_t cls = a.index != nullptr ? a.index[jc] : jc;
+    const int64_t row = is_bank ? cls : cls * a.K + (j - jc * a.K);
+    const bool valid = !is_bank || a.bank_valid == nullptr || a.bank_valid[cls];
     T norm;
     if (a.have_norms) {
       norm = is_bank ? a.nb[j] : a.nw[j];
@@ -109,8 +114,8 @@ __global__ void __launch_bounds__(kRowThreads) uf_columns_kernel(ColumnArgs<T> a
 }
 
 // ------------------------------------------------------------------------ chunk staging
-// Rows [j0, j0 + n) of S of the W table (part 0) and the bank (part 1) into contiguous
-// n × D buffers in X: `raw` (gathered through the index, converted, invalid bank rows as zero
+// Rows [j0, j0 + n) of S of the W table (part 0: their n·K sub-centre rows) and the bank
+// (part 1) into contiguous n·K × D / n × D buffers in X: `raw` (gathered through the index, converted, invalid bank rows as zero
 // rows) for the GEMMs, and/or `unit` = raw·inv (normalised rows, |entries| ≤ 1) for the ∂x
 // products of fp16, whose gradient tiles do not carry the inverse norms (fp16 overflows where
 // g·inv_r would be stored for a row below the eps).
@@ -120,10 +125,11 @@ struct StageArgs {
   DType dt[2];
   const bool* bank_valid;   // part 1 only, or null
   const int64_t* index;     // or null
-  const T* inv[2];          // padded per-column inverse norms (for `unit`)
-  void* raw[2];             // n × D in X, or null (part not staged raw)
-  void* unit[2];            // n × D in X, or null
+  const T* inv[2];          // padded per-row inverse norms (for `unit`)
+  void* raw[2];             // n·k × D in X, or null (part not staged raw)
+  void* unit[2];            // n·k × D in X, or null
   int64_t j0, n, D;
+  int64_t k[2];             // rows per class: K (W), 1 (bank)
 };
 
 template <typename T, typename X>
@@ -137,14 +143,16 @@ __global__ void __launch_bounds__(kRowThreads) uf_stage_kernel(StageArgs<T> a) {
   const void* table = part == 0 ? a.table[0] : a.table[1];
   const DType dt = part == 0 ? a.dt[0] : a.dt[1];
   const T* invs = part == 0 ? a.inv[0] : a.inv[1];
+  const int64_t K = part == 0 ? a.k[0] : a.k[1];
   if (raw == nullptr && unit == nullptr) return;
   const int64_t warps = int64_t(gridDim.x) * (kRowThreads / kWarp);
-  for (int64_t r = int64_t(blockIdx.x) * (kRowThreads / kWarp) + threadIdx.x / kWarp; r < a.n;
-       r += warps) {
-    const int64_t j = a.j0 + r;
-    const int64_t row = a.index != nullptr ? a.index[j] : j;
-    const bool valid = part == 0 || a.bank_valid == nullptr || a.bank_valid[row];
-    const T inv = invs != nullptr ? invs[j] : T(1);
+  for (int64_t r = int64_t(blockIdx.x) * (kRowThreads / kWarp) + threadIdx.x / kWarp;
+       r < a.n * K; r += warps) {
+    const int64_t j = a.j0 + r / K;  // the class's column in S
+    const int64_t cls = a.index != nullptr ? a.index[j] : j;
+    const int64_t row = cls * K + r % K;
+    const bool valid = part == 0 || a.bank_valid == nullptr || a.bank_valid[cls];
+    const T inv = invs != nullptr ? invs[a.j0 * K + r] : T(1);
     for (int64_t d = lane; d < a.D; d += kWarp) {
       const X v = valid ? read_as<X>(table, dt, row * a.D + d) : X(0);
       if (raw != nullptr) raw[r * a.D + d] = v;

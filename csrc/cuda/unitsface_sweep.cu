@@ -171,17 +171,21 @@ void slice_products(at::Tensor& acc, const at::Tensor& tile, const at::Tensor& r
 // The per-call pieces shared by the forward and the backward.
 struct Call {
   at::ScalarType acc, xdt;
-  int64_t B = 0, D = 0, C = 0, S = 0;
+  int64_t B = 0, D = 0, K = 1, C = 0, S = 0;  // K sub-centres per class, C classes
   bool has_bank = false, vector_bias = false, fold = true;
-  at::Tensor x, centres, bank, index, labels, bank_valid, bias;
+  bool family = false;  // the margin family's epilogues (csrc/cuda/sweep_family.cuh)
+  at::Tensor x, centres, bank, index, labels, bank_valid, bias, margin_rows;
   at::TensorOptions opts;
   Stream stream;
 
-  explicit Call(const UnitsfaceInputs& in)
+  Call(const UnitsfaceInputs& in, const UnitsfaceOptions& o)
       : acc(chunking::acc_type(in.x.scalar_type())), xdt(in.x.scalar_type()) {
     B = in.x.size(0);
     D = in.x.size(1);
-    C = in.centres.size(0);
+    K = o.k();
+    C = in.centres.size(0) / K;
+    family = o.margin_family();
+    if (in.margin_rows.has_value()) margin_rows = in.margin_rows->contiguous();
     has_bank = in.bank.has_value();
     fold = xdt != at::kHalf;
     x = in.x.contiguous();
@@ -205,22 +209,25 @@ struct Call {
     return !index.defined() && table.scalar_type() == xdt && !masked;
   }
 
+  // The chunk plan over the S classes. With K > 1 sub-centres a class column also has K
+  // sub-centre dots and K product-tile entries per row (SubCentres): counted as K more parts.
   cuda_plan::SweepPlan plan(int64_t parts, bool with_q) const {
-    return cuda_plan::plan_chunks(B, S, D, parts, c10::elementSize(acc), c10::elementSize(xdt),
-                                  with_q, l2_bytes());
+    return cuda_plan::plan_chunks(B, S, D, parts + (K > 1 ? K : 0), c10::elementSize(acc),
+                                  c10::elementSize(xdt), with_q, l2_bytes());
   }
 };
 
 // The padded per-column arrays (inverse norms, bank validity, thresholds), the rows' inverse
 // norms and targets, and (forward) the norms themselves.
 struct Columns {
-  at::Tensor cols;  // [4, s_pad]: inv_w, inv_b, vb, cb
+  at::Tensor cols;  // [4, s_pad·K]: inv_w (per sub-centre row), then per class (the first
+                    // s_pad entries) inv_b, vb, cb
   at::Tensor inv_x, target;
 
   template <typename T, typename X>
   void compute(const Call& call, int64_t s_pad, bool with_bank, const at::Tensor& nx,
                const at::Tensor& nw, const at::Tensor& nb, bool have_norms, double eps) {
-    cols = at::empty({4, s_pad}, call.opts);
+    cols = at::empty({4, s_pad * call.K}, call.opts);
     inv_x = at::empty({call.B}, call.opts);
     target = at::empty({call.B}, call.labels.options());
     cuda_sweep::ColumnArgs<T> a{};
@@ -238,6 +245,7 @@ struct Columns {
     a.S = call.S;
     a.C = call.C;
     a.D = call.D;
+    a.K = call.K;
     a.have_norms = have_norms;
     a.eps = static_cast<T>(eps);
     a.nx = mptr<T>(nx);
@@ -249,7 +257,7 @@ struct Columns {
     a.vb = mptr<T>(cols[2]);
     a.cb = mptr<T>(cols[3]);
     a.target = mptr<int64_t>(target);
-    const int64_t tasks = call.B + call.S * (with_bank ? 2 : 1);
+    const int64_t tasks = call.B + call.S * call.K + (with_bank ? call.S : 0);
     if (tasks == 0) return;
     launch(&cuda_sweep::uf_columns_kernel<T, X>, grid_for(tasks), cuda_sweep::kRowThreads, call.stream, a);
   }
@@ -260,7 +268,7 @@ struct Columns {
 struct ChunkRows {
   bool stage_raw[2] = {false, false};
   bool stage_unit = false;
-  at::Tensor raw_buf, unit_buf;  // [2, c, D] in X
+  at::Tensor raw_buf, unit_buf;  // [2, c·K, D] in X (the bank part uses c rows)
 
   // with_w / with_bank: the parts whose dots the sweep computes (a backward for a per-class
   // ∂b alone reads no W row); products: the ∂x products read the rows too.
@@ -268,8 +276,10 @@ struct ChunkRows {
     stage_raw[0] = with_w && !call.in_place(call.centres, false);
     stage_raw[1] = with_bank && !call.in_place(call.bank, call.bank_valid.defined());
     stage_unit = products && !call.fold;
-    if (stage_raw[0] || stage_raw[1]) raw_buf = at::empty({2, c, call.D}, call.x.options());
-    if (stage_unit) unit_buf = at::empty({2, c, call.D}, call.x.options());
+    if (stage_raw[0] || stage_raw[1]) {
+      raw_buf = at::empty({2, c * call.K, call.D}, call.x.options());
+    }
+    if (stage_unit) unit_buf = at::empty({2, c * call.K, call.D}, call.x.options());
   }
 
   template <typename T, typename X>
@@ -291,17 +301,79 @@ struct ChunkRows {
     a.j0 = j0;
     a.n = n;
     a.D = call.D;
-    const dim3 grid(grid_for(n), with_bank ? 2 : 1);
+    a.k[0] = call.K;
+    a.k[1] = 1;
+    const dim3 grid(grid_for(n * call.K), with_bank ? 2 : 1);
     launch(&cuda_sweep::uf_stage_kernel<T, X>, grid, cuda_sweep::kRowThreads, call.stream, a);
   }
 
-  // the rows the GEMMs read (raw), and the rows the ∂x products read
+  // the rows the GEMMs read (raw), and the rows the ∂x products read: n·K of W, n of the bank
   at::Tensor rows(const Call& call, int p, int64_t j0, int64_t n) const {
-    if (stage_raw[p]) return raw_buf[p].narrow(0, 0, n);
-    return (p == 0 ? call.centres : call.bank).narrow(0, j0, n);
+    const int64_t k = p == 0 ? call.K : 1;
+    if (stage_raw[p]) return raw_buf[p].narrow(0, 0, n * k);
+    return (p == 0 ? call.centres : call.bank).narrow(0, j0 * k, n * k);
   }
   at::Tensor product_rows(const Call& call, int p, int64_t j0, int64_t n) const {
-    return stage_unit ? unit_buf[p].narrow(0, 0, n) : rows(call, p, j0, n);
+    return stage_unit ? unit_buf[p].narrow(0, 0, n * (p == 0 ? call.K : 1))
+                      : rows(call, p, j0, n);
+  }
+};
+
+// K > 1 sub-centres per class (csrc/cuda/sweep_family.cuh): the W GEMM's B × n·K raw dots,
+// reduced to the class cosines in the W part's dots (arg-max in `arg`), and the n·K-column
+// product tile expanded from the W part's class tile. With K = 1 all of it is the W part's
+// own dots and tile.
+template <typename T, typename X>
+struct SubCentres {
+  const Call& call;
+  int64_t c;
+  at::Tensor dots_k, arg, tile_k;
+  cuda_sweep::SubCentreArgs<T, X> a{};
+
+  SubCentres(const Call& call_, const Columns& cols, int64_t c_, const at::Tensor& dots,
+             const at::Tensor& tiles)
+      : call(call_), c(c_) {
+    if (call.K == 1) return;
+    dots_k = at::empty({call.B, c * call.K}, call.opts);
+    arg = at::empty({call.B, c}, call.labels.options().dtype(at::kInt));
+    a.dots_k = dots_k.const_data_ptr<T>();
+    a.inv_x = cptr<T>(cols.inv_x);
+    a.inv_wk = cptr<T>(cols.cols[0]);
+    a.cos = mptr<T>(dots[0]);
+    a.arg = arg.data_ptr<int32_t>();
+    if (tiles.defined()) {
+      tile_k = at::empty({call.B, c * call.K}, call.x.options());
+      a.tile = tiles[0].const_data_ptr<X>();
+      a.tile_k = tile_k.data_ptr<X>();
+    }
+    a.B = call.B;
+    a.ld = c;
+    a.k = call.K;
+    a.fold_inv = call.fold;
+  }
+  const int32_t* arg_ptr() const { return cptr<int32_t>(arg); }
+  // where the W GEMM writes its B × n·K dots
+  at::Tensor w_dots(const at::Tensor& dots, int64_t n) const {
+    if (call.K == 1) return dots[0].as_strided({call.B, n}, {c, 1});
+    return dots_k.as_strided({call.B, n * call.K}, {c * call.K, 1});
+  }
+  // the class cosines after the W GEMM
+  void reduce(int64_t j0, int64_t n) {
+    if (call.K == 1) return;
+    a.n = n;
+    a.col0 = j0;
+    launch(&cuda_sweep::uf_class_cos_kernel<T, X>, grid_for(call.B * n / cuda_sweep::kWarp + 1),
+           cuda_sweep::kRowThreads, call.stream, a);
+  }
+  // the product tile (B × n·K, row stride tile().stride(0)) after the epilogue
+  at::Tensor tile(const at::Tensor& tiles, int64_t j0, int64_t n) {
+    if (call.K == 1) return tiles[0];
+    a.n = n;
+    a.col0 = j0;
+    launch(&cuda_sweep::uf_expand_kernel<T, X>,
+           grid_for(call.B * n * call.K / cuda_sweep::kWarp + 1), cuda_sweep::kRowThreads,
+           call.stream, a);
+    return tile_k;
   }
 };
 
@@ -328,6 +400,8 @@ cuda_sweep::ChunkArgs<T, X> chunk_args(const Call& call, const Columns& cols,
   a.vb = cptr<T>(cols.cols[2]);
   a.cb = cptr<T>(cols.cols[3]);
   a.sp = epi::softmax_params<T>(o);
+  a.margin_rows = cptr<T>(call.margin_rows);
+  a.cosines = call.K > 1;
   a.up = epi::uss_params<T>(o.uss());
   a.weight = static_cast<T>(o.uss_weight);
   return a;
@@ -342,10 +416,11 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
   const cuda_plan::SweepPlan plan = call.plan(parts, /*with_q=*/false);
   const int64_t s_pad = std::max<int64_t>(plan.n_chunks, 1) * plan.c;
   at::Tensor nx = at::empty({B}, call.opts);
-  at::Tensor nw = at::empty({S}, call.opts);
+  at::Tensor nw = at::empty({S * call.K}, call.opts);
   at::Tensor nb = at::empty({call.has_bank ? S : 0}, call.opts);
   Columns cols;
   cols.compute<T, X>(call, s_pad, call.has_bank, nx, nw, nb, /*have_norms=*/false, o.eps);
+  const int64_t K = call.K;
 
   const int64_t ns = plan.ns_used;
   at::Tensor state = at::empty({cuda_sweep::kStateRows, std::max<int64_t>(ns, 1), B}, call.opts);
@@ -358,6 +433,8 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
   }
   ChunkRows rows(call, plan.c, /*with_w=*/true, call.has_bank, row_grads);
   cuda_sweep::ChunkArgs<T, X> a = chunk_args<T, X>(call, cols, plan, o, dots, tiles);
+  SubCentres<T, X> sub(call, cols, plan.c, dots, tiles);
+  a.arg = sub.arg_ptr();
   a.state = mptr<T>(state);
   a.acc_w = mptr<T>(acc_w);
   a.acc_b = mptr<T>(acc_b);
@@ -365,9 +442,11 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
   for (int64_t q = 0; q < plan.n_chunks && B > 0; ++q) {
     const int64_t j0 = q * plan.c, n = std::min(plan.c, S - j0);
     rows.stage<T, X>(call, cols, j0, n, call.has_bank);
-    for (int p = 0; p < parts; ++p) {
-      gemm_nt(dots[p].as_strided({B, n}, {plan.c, 1}), call.x, rows.rows(call, p, j0, n));
+    gemm_nt(sub.w_dots(dots, n), call.x, rows.rows(call, 0, j0, n));
+    if (call.has_bank) {
+      gemm_nt(dots[1].as_strided({B, n}, {plan.c, 1}), call.x, rows.rows(call, 1, j0, n));
     }
+    sub.reduce(j0, n);
     a.n = n;
     a.col0 = j0;
     a.first = q == 0;
@@ -375,13 +454,18 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
                     static_cast<unsigned>((n + plan.kw - 1) / plan.kw), parts);
     const unsigned threads = cuda_sweep::kEpiWarps * cuda_sweep::kWarp;
     if (row_grads) {
-      launch(&cuda_sweep::uf_fwd_epilogue<T, X, true>, grid, dim3(threads), call.stream, a);
+      launch(call.family ? &cuda_sweep::uf_fwd_epilogue<T, X, true, true>
+                         : &cuda_sweep::uf_fwd_epilogue<T, X, true, false>,
+             grid, dim3(threads), call.stream, a);
     } else {
-      launch(&cuda_sweep::uf_fwd_epilogue<T, X, false>, grid, dim3(threads), call.stream, a);
+      launch(call.family ? &cuda_sweep::uf_fwd_epilogue<T, X, false, true>
+                         : &cuda_sweep::uf_fwd_epilogue<T, X, false, false>,
+             grid, dim3(threads), call.stream, a);
     }
     if (row_grads) {
       const double beta = q == 0 ? 0.0 : 1.0;
-      slice_products(acc_w, tiles[0], rows.product_rows(call, 0, j0, n), n, plan.kw, beta);
+      slice_products(acc_w, sub.tile(tiles, j0, n), rows.product_rows(call, 0, j0, n), n * K,
+                     plan.kw * K, beta);
       if (call.has_bank) {
         slice_products(acc_b, tiles[1], rows.product_rows(call, 1, j0, n), n, plan.kw, beta);
       }
@@ -398,6 +482,7 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
     f.D = D;
     f.ns = plan.n_chunks > 0 ? ns : 0;
     f.C = call.C;
+    f.K = K;
     f.state = cptr<T>(state);
     f.acc_w = cptr<T>(acc_w);
     f.acc_b = cptr<T>(acc_b);
@@ -431,7 +516,7 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
 UnitsfaceForward forward_cuda(const UnitsfaceInputs& in, const UnitsfaceOptions& o,
                               bool row_grads) {
   check_unitsface_args("unitsface_fwd_native", in, o);
-  const Call call(in);
+  const Call call(in, o);
   UnitsfaceForward out;
   dispatch_x(call.xdt, [&](auto t, auto xt) {
     out = forward_typed<decltype(t), decltype(xt)>(call, o, row_grads);
@@ -463,7 +548,7 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
       call.has_bank && (sweep_dx || (uss_db && (call.vector_bias || !row_grads)));
   const bool scalar_db = uss_db && !call.vector_bias;
   if (need_dx) dx = at::empty_like(x);
-  if (need_dw) dw = at::empty({S, D}, call.centres.options());
+  if (need_dw) dw = at::empty({S * call.K, D}, call.centres.options());
   if (!need_dx && !need_dw && !uss_db) return {dx, dw, db};
 
   const at::Tensor go = grad_rows.reshape({-1}).to(call.acc).contiguous();
@@ -536,9 +621,12 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
   if (sweep) {
     const at::Tensor dots = at::empty({parts, B, plan.c}, call.opts);
     const at::Tensor tiles = at::empty({parts, B, plan.c}, x.options());
-    const at::Tensor q = need_dw ? at::empty({plan.c, D}, call.opts) : at::Tensor();
+    const int64_t K = call.K;
+    const at::Tensor q = need_dw ? at::empty({plan.c * K, D}, call.opts) : at::Tensor();
     ChunkRows rows(call, plan.c, do_w, do_b, sweep_dx);
     cuda_sweep::ChunkArgs<T, X> a = chunk_args<T, X>(call, cols, plan, o, dots, tiles);
+    SubCentres<T, X> sub(call, cols, plan.c, dots, tiles);
+    a.arg = sub.arg_ptr();
     a.go = cptr<T>(go);
     a.stats = cptr<T>(stats);
     a.hs = mptr<T>(hs);
@@ -546,6 +634,7 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
     pr.centres = call.centres.const_data_ptr();
     pr.wt = dtype_code(call.centres.scalar_type());
     pr.index = cptr<int64_t>(call.index);
+    pr.k = K;
     pr.nw = cptr<T>(nw);
     pr.inv_w = cptr<T>(cols.cols[0]);
     pr.out = need_dw ? dw.data_ptr() : nullptr;
@@ -556,7 +645,10 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
     for (int64_t qi = 0; qi < plan.n_chunks; ++qi) {
       const int64_t j0 = qi * plan.c, n = std::min(plan.c, S - j0);
       rows.stage<T, X>(call, cols, j0, n, do_b);
-      if (do_w) gemm_nt(dots[0].as_strided({B, n}, {plan.c, 1}), x, rows.rows(call, 0, j0, n));
+      if (do_w) {
+        gemm_nt(sub.w_dots(dots, n), x, rows.rows(call, 0, j0, n));
+        sub.reduce(j0, n);
+      }
       if (do_b) gemm_nt(dots[1].as_strided({B, n}, {plan.c, 1}), x, rows.rows(call, 1, j0, n));
       a.n = n;
       a.col0 = j0;
@@ -564,21 +656,24 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
       const dim3 grid(
           static_cast<unsigned>((B + cuda_sweep::kEpiWarps - 1) / cuda_sweep::kEpiWarps),
           static_cast<unsigned>((n + plan.kw - 1) / plan.kw), parts);
-      launch(&cuda_sweep::uf_bwd_epilogue<T, X>, grid, cuda_sweep::kEpiWarps * cuda_sweep::kWarp, call.stream, a, do_w, do_b);
+      launch(call.family ? &cuda_sweep::uf_bwd_epilogue<T, X, true>
+                         : &cuda_sweep::uf_bwd_epilogue<T, X, false>,
+             grid, cuda_sweep::kEpiWarps * cuda_sweep::kWarp, call.stream, a, do_w, do_b);
+      const at::Tensor tile_w = do_w ? sub.tile(tiles, j0, n) : at::Tensor();
       if (sweep_dx) {  // W part first: it starts the accumulators on the first chunk
-        slice_products(acc, tiles[0], rows.product_rows(call, 0, j0, n), n, plan.kw,
+        slice_products(acc, tile_w, rows.product_rows(call, 0, j0, n), n * K, plan.kw * K,
                        qi == 0 ? 0.0 : 1.0);
         if (do_b) {
           slice_products(acc, tiles[1], rows.product_rows(call, 1, j0, n), n, plan.kw, 1.0);
         }
       }
-      if (need_dw) {  // Q = tileᵀ·x̂ (n × D, fp32), then the projection into ∂W's rows
-        at::Tensor qv = q.narrow(0, 0, n);
-        gemm_nt(qv, tiles[0].as_strided({B, n}, {plan.c, 1}).t(), xh.t());
+      if (need_dw) {  // Q = tileᵀ·x̂ (n·K × D, fp32), then the projection into ∂W's rows
+        at::Tensor qv = q.narrow(0, 0, n * K);
+        gemm_nt(qv, tile_w.as_strided({B, n * K}, {tile_w.stride(0), 1}).t(), xh.t());
         pr.q = cptr<T>(qv);
-        pr.j0 = j0;
-        pr.n = n;
-        launch(&cuda_sweep::uf_project_kernel<T, X>, grid_for(n), cuda_sweep::kRowThreads, call.stream, pr);
+        pr.j0 = j0 * K;
+        pr.n = n * K;
+        launch(&cuda_sweep::uf_project_kernel<T, X>, grid_for(n * K), cuda_sweep::kRowThreads, call.stream, pr);
       }
       if (uss_db && call.vector_bias) {  // (ATen's column sum is deterministic)
         chunking::write_columns(
@@ -602,8 +697,8 @@ Grads backward_cuda(const at::Tensor& grad_rows, const UnitsfaceInputs& in,
                     const UnitsfaceSaved& saved, const UnitsfaceOptions& o,
                     std::array<bool, 3> needs) {
   check_unitsface_args("unitsface_bwd_native", in, o);
-  check_unitsface_saved("unitsface_bwd_native", grad_rows, in, saved);
-  const Call call(in);
+  check_unitsface_saved("unitsface_bwd_native", grad_rows, in, saved, o);
+  const Call call(in, o);
   Grads out;
   dispatch_x(call.xdt, [&](auto t, auto xt) {
     out = backward_typed<decltype(t), decltype(xt)>(
