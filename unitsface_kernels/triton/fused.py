@@ -57,7 +57,8 @@ from .config import Plan, check_dtype, plan
 from .finish import merge_lse, tangent_grad, uss_lse_finish
 from .loads import (TL_DTYPES, as_operand, inv_norm_of, out_dtype, ref_rows_ok, row_block,
                     rows_chunk, to_store, unit_rows, upcast_tiles)
-from .margin_softmax import curricular_rows, row_margins, softmax_grad, softmax_logits
+from .margin_softmax import (curricular_rows, needs_row_terms, row_margins, row_terms,
+                             softmax_grad, softmax_logits)
 from .maths import NEG_BIG, clamp, inv_norm, mma, scaled_cos, softplus_sigmoid
 from .norms import row_norms
 from .uss_terms import uss_grad, uss_pairs_grad, uss_row_stats, uss_terms
@@ -113,53 +114,129 @@ def _col_h(colp_ptr, g, cos, go, rb, S, cols, col_ok):
 
 
 @triton.jit
-def _class_cos(x_ptr, rows, row_ok, inv_x, w_ptr, nw_ptr, cls, cols, col_ok, D, eps,
-               K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BK: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr, ARG: tl.constexpr):
-    """(class cosines, the first arg-max sub-centre r per (row, class) — with ARG) of a class
-    tile: the maximum over the K sub-centre rows cls·K + r (norms nw[j·K + r]); a NaN row is
-    the maximum (the first NaN one), so it reaches the class."""
-    best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), inv_x.dtype)
-    arg = tl.zeros((BLOCK_M, BLOCK_N), tl.int8)
-    for r in tl.static_range(K):
-        cos = scaled_cos(_dots(x_ptr, rows, row_ok, w_ptr, cls * K + r, col_ok, D,
-                               tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype), BK, XT, UPCAST),
-                         inv_x, inv_norm_of(nw_ptr, cols * K + r, col_ok, eps))
-        # strictly greater keeps the first of ties; a NaN takes over a number, never another
-        take = (cos > best) | ((cos != cos) & (best == best))
-        best = tl.where(take, cos, best)
-        if ARG:
-            arg = tl.where(take, r, arg)
-    return best, arg
+def _first_max(v, sub, KP: tl.constexpr):
+    """(max, first arg-max) over the middle axis of v [M, KP, N] (sub [1, KP, 1]: its index):
+    as reference.class_cosines, a NaN is the maximum (the first NaN), the lower index wins
+    ties. Standard reductions only (tl.max alone would drop a NaN)."""
+    nan = v != v
+    has_nan = tl.sum(nan.to(tl.int32), axis=1) > 0
+    top = tl.max(tl.where(nan, float("-inf"), v), axis=1)
+    at = tl.where(has_nan[:, None, :], nan, v == top[:, None, :])
+    return (tl.where(has_nan, float("nan"), top),
+            tl.min(tl.where(at, sub, KP), axis=1))
 
 
 @triton.jit
-def _softmax_part(x_ptr, w_ptr, nw_ptr, go_ptr, lse_ptr, mr_ptr, rowp_ptr, colp_ptr, g_ptr,
+def _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr,
+                     colp_ptr, g_ptr, rows, row_ok, inv_x, y, tile, col0, n_cols, B, S, D,
+                     gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
+                     BACKWARD: tl.constexpr, STORE_G: tl.constexpr, COL_H: tl.constexpr,
+                     HAS_INDEX: tl.constexpr, ARC: tl.constexpr, ST: tl.constexpr,
+                     EASY: tl.constexpr, ROW_MARGINS: tl.constexpr, NO_FALLBACK: tl.constexpr,
+                     ANGLE_CLIP: tl.constexpr, CURRICULAR: tl.constexpr, FILTER: tl.constexpr,
+                     K: tl.constexpr, KP: tl.constexpr, SCALE_G: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
+                     XT: tl.constexpr, UPCAST: tl.constexpr):
+    """A W program with K > 1 sub-centres per class: its BLOCK_N classes as KP sub-tiles of
+    BLOCK_N / KP classes (KP = K rounded up to a power of two), each one BLOCK_M × BLOCK_N
+    GEMM over the slots (class, sub-centre r) — row cls·K + r of W, norm nw[j·K + r]; the
+    slots r ≥ K are empty, −inf — then the class cosine, their maximum, and its first
+    arg-max (:func:`_first_max`, a NaN row is the maximum) as a reduction over each class's
+    KP slots, the epilogue on the class tile (forward: the sub-tiles' statistics merged
+    online; backward: g goes to the arg-max slot, column j·K + r of the g buffer of width
+    K·chunk, zeros in the others). Only one accumulator lives in the K loop over D."""
+    CN: tl.constexpr = BLOCK_N // KP
+    d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2,
+                                                   mm, ROW_MARGINS, ANGLE_CLIP)
+    if CURRICULAR:
+        hard, t = curricular_rows(rt_ptr, rows, row_ok, B)
+    else:
+        hard = inv_x  # (unread)
+        t = inv_x
+    slot = tl.arange(0, BLOCK_N)
+    r = slot // CN
+    tl.static_assert(BLOCK_N >= KP, "more sub-centres per class than columns in a class tile")
+    sub_r = tl.arange(0, KP)[None, :, None]
+    if BACKWARD:
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        if COL_H:
+            go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
+    else:
+        m_run = tl.full((BLOCK_M,), NEG_BIG, inv_x.dtype)
+        se_run = tl.zeros((BLOCK_M,), inv_x.dtype)
+        zt_run = tl.zeros((BLOCK_M,), inv_x.dtype)
+    for part in range(KP):
+        first = tile * BLOCK_N + part * CN  # the sub-tile's first class, chunk-local
+        local_s = first + slot % CN
+        ok_s = (local_s < n_cols) & (r < K)
+        if HAS_INDEX:
+            cls_s = tl.load(idx_ptr + col0 + local_s, mask=ok_s, other=-1).to(tl.int32)
+        else:
+            cls_s = tl.where(ok_s, col0 + local_s, -1)
+        sub_col = (col0 + local_s) * K + r  # the slot's sub-centre column of S
+        cos = scaled_cos(_dots(x_ptr, rows, row_ok, w_ptr, cls_s * K + r, ok_s, D,
+                               tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype), BK, XT, UPCAST),
+                         inv_x, inv_norm_of(nw_ptr, sub_col, ok_s, eps))
+        cos = tl.where((r < K)[None, :], cos, float("-inf"))
+        best, arg = _first_max(tl.reshape(cos, (BLOCK_M, KP, CN)), sub_r, KP)
+        local = first + tl.arange(0, CN)
+        col_ok = local < n_cols
+        if HAS_INDEX:
+            cls = tl.load(idx_ptr + col0 + local, mask=col_ok, other=-1).to(tl.int32)
+        else:
+            cls = tl.where(col_ok, col0 + local, -1)
+        is_target = (y[:, None] == cls[None, :]) & col_ok[None, :]
+        c, z, z_t = softmax_logits(best, is_target, scale, d, cos_a, sin_a, a_sin_a, lo, hi,
+                                   hard, t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP,
+                                   CURRICULAR, FILTER)
+        if not BACKWARD:
+            zm = tl.where(col_ok[None, :], z, NEG_BIG)
+            m = tl.maximum(m_run, tl.max(zm, axis=1))
+            se_run = se_run * tl.exp(m_run - m) + tl.sum(
+                tl.where(col_ok[None, :], tl.exp(zm - m[:, None]), 0.0), axis=1)
+            m_run = m
+            has_t = tl.sum(is_target.to(tl.int32), axis=1) > 0
+            zt_run += tl.where(has_t, z_t, 0.0)
+        else:
+            g = softmax_grad(best, c, z, is_target, row_ok[:, None] & col_ok[None, :], lse,
+                             scale, cos_a, sin_a, lo, hi, hard, t, tau, ARC, ST, EASY,
+                             NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER)
+            hit = sub_r == arg[:, None, :]
+            if COL_H:  # (g·cos on the arg-max slot only: 0·NaN elsewhere would be NaN)
+                gc = tl.reshape(tl.where(hit, (g * best)[:, None, :], 0.0), (BLOCK_M, BLOCK_N))
+                tl.store(colp_ptr + rb * (_N_CP * S) + sub_col,
+                         tl.sum(gc * go[:, None], axis=0), mask=ok_s)
+            if STORE_G:
+                g_s = tl.reshape(tl.where(hit, g[:, None, :], 0.0), (BLOCK_M, BLOCK_N))
+                _store_g(g_ptr, g_s, inv_norm_of(nw_ptr, sub_col, ok_s, eps), rows,
+                         local_s * K + r, row_ok, ok_s, g_stride * K, XT, SCALE_G, UPCAST)
+    if not BACKWARD:
+        out = rowp_ptr + gtile * (_N_FP * B) + rows
+        tl.store(out, m_run, mask=row_ok)
+        tl.store(out + B, se_run, mask=row_ok)
+        tl.store(out + 2 * B, zt_run, mask=row_ok)
+
+
+@triton.jit
+def _softmax_part(x_ptr, w_ptr, nw_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr, g_ptr,
                   rows, row_ok, inv_x, y, cols, local, col_ok, cls, B, S, D, gtile, rb,
-                  g_stride, scale, m2, m3, cos_m2, sin_m2, mm, tau, eps,
+                  g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
                   BACKWARD: tl.constexpr, STORE_G: tl.constexpr, COL_H: tl.constexpr,
                   ARC: tl.constexpr, ST: tl.constexpr, EASY: tl.constexpr,
                   ROW_MARGINS: tl.constexpr, NO_FALLBACK: tl.constexpr,
                   ANGLE_CLIP: tl.constexpr, CURRICULAR: tl.constexpr, FILTER: tl.constexpr,
-                  K: tl.constexpr, SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BK: tl.constexpr, XT: tl.constexpr,
-                  UPCAST: tl.constexpr):
-    """A W program: the margin softmax on one (row block, class tile). With K > 1 sub-centres
-    the class cosine is their maximum, and the backward's g goes to the arg-max sub-centre's
-    column j·K + r of the g buffer (width K·chunk; zeros in the other K − 1 columns), S being
-    cpart's width, |S|·K."""
-    if K == 1:
-        inv_w = inv_norm_of(nw_ptr, cols, col_ok, eps)
-        dots = _dots(x_ptr, rows, row_ok, w_ptr, cls, col_ok, D,
-                     tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype), BK, XT, UPCAST)
-        cos = scaled_cos(dots, inv_x, inv_w)
-    else:
-        cos, arg = _class_cos(x_ptr, rows, row_ok, inv_x, w_ptr, nw_ptr, cls, cols, col_ok, D,
-                              eps, K, BLOCK_M, BLOCK_N, BK, XT, UPCAST, BACKWARD)
-    d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(mr_ptr, rows, row_ok, B, m2, m3, cos_m2,
-                                                   sin_m2, mm, ROW_MARGINS, ANGLE_CLIP)
+                  SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BK: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
+    """A W program: the margin softmax on one (row block, class tile), one row of W per class
+    (K = 1; :func:`_sub_centre_part` otherwise)."""
+    inv_w = inv_norm_of(nw_ptr, cols, col_ok, eps)
+    dots = _dots(x_ptr, rows, row_ok, w_ptr, cls, col_ok, D,
+                 tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype), BK, XT, UPCAST)
+    cos = scaled_cos(dots, inv_x, inv_w)
+    d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2,
+                                                   mm, ROW_MARGINS, ANGLE_CLIP)
     if CURRICULAR:
-        hard, t = curricular_rows(mr_ptr, rows, row_ok, B)
+        hard, t = curricular_rows(rt_ptr, rows, row_ok, B)
     else:
         hard = inv_x  # (unread)
         t = inv_x
@@ -181,25 +258,12 @@ def _softmax_part(x_ptr, w_ptr, nw_ptr, go_ptr, lse_ptr, mr_ptr, rowp_ptr, colp_
         g = softmax_grad(cos, c, z, is_target, row_ok[:, None] & col_ok[None, :], lse, scale,
                          cos_a, sin_a, lo, hi, hard, t, tau, ARC, ST, EASY, NO_FALLBACK,
                          ANGLE_CLIP, CURRICULAR, FILTER)
-        if K == 1:
-            if COL_H:
-                _col_h(colp_ptr, g, cos, tl.load(go_ptr + rows, mask=row_ok, other=0.0), rb,
-                       S, cols, col_ok)
-            if STORE_G:
-                _store_g(g_ptr, g, inv_w, rows, local, row_ok, col_ok, g_stride, XT, SCALE_G,
-                         UPCAST)
-        else:
-            if COL_H:
-                go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
-            for r in tl.static_range(K):
-                hit = arg == r
-                g_r = tl.where(hit, g, 0.0)
-                if COL_H:  # (cos where hit: 0·NaN of another row's cosine would be NaN)
-                    _col_h(colp_ptr, g_r, tl.where(hit, cos, 0.0), go, rb, S, cols * K + r,
-                           col_ok)
-                if STORE_G:
-                    _store_g(g_ptr, g_r, inv_norm_of(nw_ptr, cols * K + r, col_ok, eps), rows,
-                             local * K + r, row_ok, col_ok, g_stride * K, XT, SCALE_G, UPCAST)
+        if COL_H:
+            _col_h(colp_ptr, g, cos, tl.load(go_ptr + rows, mask=row_ok, other=0.0), rb, S,
+                   cols, col_ok)
+        if STORE_G:
+            _store_g(g_ptr, g, inv_w, rows, local, row_ok, col_ok, g_stride, XT, SCALE_G,
+                     UPCAST)
 
 
 @triton.jit
@@ -271,9 +335,9 @@ def _uss_part(x_ptr, bank_ptr, nb_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr, ust
 
 @triton.jit
 def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, lab_ptr,
-                valid_ptr, bias_ptr, go_ptr, lse_ptr, ustats_ptr, mr_ptr, rowp_ptr, colp_ptr,
+                valid_ptr, bias_ptr, go_ptr, lse_ptr, ustats_ptr, rt_ptr, rowp_ptr, colp_ptr,
                 gw_ptr, gb_ptr, B, S, D, col0, n_cols, n_row_blocks, tile0, g_stride,
-                scale, m2, m3, cos_m2, sin_m2, mm, tau, uss_m, uss_w, eps,
+                scale, m3, cos_m2, sin_m2, mm, tau, uss_m, uss_w, eps,
                 BACKWARD: tl.constexpr, W_PROGS: tl.constexpr, BANK_PROGS: tl.constexpr,
                 STORE_GW: tl.constexpr, COL_H: tl.constexpr, STORE_GB: tl.constexpr,
                 ROW_GB: tl.constexpr, COL_GB: tl.constexpr, COL_HB: tl.constexpr,
@@ -281,7 +345,7 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
                 ARC: tl.constexpr, ST: tl.constexpr, EASY: tl.constexpr,
                 ROW_MARGINS: tl.constexpr, NO_FALLBACK: tl.constexpr, ANGLE_CLIP: tl.constexpr,
                 CURRICULAR: tl.constexpr, FILTER: tl.constexpr, K: tl.constexpr,
-                USS_LSE: tl.constexpr, USS_CLAMP: tl.constexpr, HAS_VALID: tl.constexpr,
+                KP: tl.constexpr, USS_LSE: tl.constexpr, USS_CLAMP: tl.constexpr, HAS_VALID: tl.constexpr,
                 VECTOR_BIAS: tl.constexpr, SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BK: tl.constexpr, XT: tl.constexpr,
                 UPCAST: tl.constexpr):
@@ -291,10 +355,10 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
     colp = cpart (CP_HW from W programs with COL_H, or from bank programs with COL_HB when
     there are no W programs; S its width, |S|·K), g tiles into gw / gb (row i, column
     j − col0, row stride g_stride; gw holds K sub-centre columns per class: column
-    K·(j − col0) + r, row stride K·g_stride). The settings are scalars: scale, m2, m3, cos m2,
+    K·(j − col0) + r, row stride K·g_stride). The settings are scalars: scale, m3, cos m2,
     sin m2, m2·sin m2, τ, the USS margin and weight λ, the normalisation eps; the margin
-    family's per-row inputs are margin_rows [4, B] (mr, layouts.MarginRow), read with
-    ROW_MARGINS (a_i, d_i) or CURRICULAR (HARD_i, T_i)."""
+    family's per-row terms [8, B] (rt: margin_softmax.row_terms), read with ROW_MARGINS
+    (d_i, cos a_i, …, the angle clip's bounds) or CURRICULAR (HARD_i, T_i)."""
     pid = tl.program_id(0)
     rb = pid % n_row_blocks
     q = pid // n_row_blocks
@@ -323,11 +387,20 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
     else:
         w_prog = W_PROGS
     if w_prog:
-        _softmax_part(x_ptr, w_ptr, nw_ptr, go_ptr, lse_ptr, mr_ptr, rowp_ptr, colp_ptr,
-                      gw_ptr, rows, row_ok, inv_x, y, cols, local, col_ok, cls, B, S, D, gtile,
-                      rb, g_stride, scale, m2, m3, cos_m2, sin_m2, mm, tau, eps, BACKWARD,
-                      STORE_GW, COL_H, ARC, ST, EASY, ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP,
-                      CURRICULAR, FILTER, K, SCALE_G, BLOCK_M, BLOCK_N, BK, XT, UPCAST)
+        if K == 1:
+            _softmax_part(x_ptr, w_ptr, nw_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr,
+                          gw_ptr, rows, row_ok, inv_x, y, cols, local, col_ok, cls, B, S, D,
+                          gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
+                          BACKWARD, STORE_GW, COL_H, ARC, ST, EASY, ROW_MARGINS, NO_FALLBACK,
+                          ANGLE_CLIP, CURRICULAR, FILTER, SCALE_G, BLOCK_M, BLOCK_N, BK, XT,
+                          UPCAST)
+        else:
+            _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr,
+                             colp_ptr, gw_ptr, rows, row_ok, inv_x, y, tile, col0, n_cols, B,
+                             S, D, gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau,
+                             eps, BACKWARD, STORE_GW, COL_H, HAS_INDEX, ARC, ST, EASY,
+                             ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER, K, KP,
+                             SCALE_G, BLOCK_M, BLOCK_N, BK, XT, UPCAST)
     else:
         _uss_part(x_ptr, bank_ptr, nb_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr, ustats_ptr,
                   rowp_ptr, colp_ptr, gb_ptr, rows, row_ok, inv_x, y, cols, local, col_ok,
@@ -463,22 +536,24 @@ def kernel_scalars(o: UnitsfaceOptions | UssOptions) -> dict:
     under the interpreter, so float64 runs keep them in float64. The USS family is the USS
     part alone (λ = 1, no W programs: the softmax settings are unread)."""
     if isinstance(o, UssOptions):
-        return dict(scale=o.scale, m2=0.0, m3=0.0, cos_m2=1.0, sin_m2=0.0, mm=0.0, tau=0.0,
+        return dict(scale=o.scale, m3=0.0, cos_m2=1.0, sin_m2=0.0, mm=0.0, tau=0.0,
                     uss_m=o.margin, uss_w=1.0, eps=o.eps)
-    return dict(scale=o.scale, m2=o.margin_arc, m3=o.margin_cos, cos_m2=math.cos(o.margin_arc),
+    return dict(scale=o.scale, m3=o.margin_cos, cos_m2=math.cos(o.margin_arc),
                 sin_m2=math.sin(o.margin_arc), mm=o.margin_arc * math.sin(o.margin_arc),
                 tau=o.interclass_threshold, uss_m=o.uss_margin, uss_w=o.uss_weight, eps=o.eps)
 
 
 def margin_flags(o: UnitsfaceOptions | None) -> dict:
     """The margin family's constexprs (docs/design.md §1.5; all off for the USS family, None):
-    ARC with per-row margins too (a_i may be anything), K the sub-centres per class."""
+    ARC with per-row margins too (a_i may be anything), ROW_MARGINS where the target reads
+    the per-row terms (margin_softmax.row_terms), K the sub-centres per class."""
     if o is None:
         return dict(ARC=False, ST=False, EASY=False, ROW_MARGINS=False, NO_FALLBACK=False,
-                    ANGLE_CLIP=False, CURRICULAR=False, FILTER=False, K=1)
+                    ANGLE_CLIP=False, CURRICULAR=False, FILTER=False, K=1, KP=1)
     return dict(ARC=o.arc or o.row_margins, ST=o.arcface_straight_through, EASY=o.easy_margin,
-                ROW_MARGINS=o.row_margins, NO_FALLBACK=o.no_fallback, ANGLE_CLIP=o.angle_clip,
-                CURRICULAR=o.curricular, FILTER=o.interclass_threshold > 0.0, K=o.k)
+                ROW_MARGINS=needs_row_terms(o), NO_FALLBACK=o.no_fallback, ANGLE_CLIP=o.angle_clip,
+                CURRICULAR=o.curricular, FILTER=o.interclass_threshold > 0.0, K=o.k,
+                KP=triton.next_power_of_2(o.k))
 
 
 @dataclass(frozen=True)
@@ -487,8 +562,8 @@ class Sweep:
     (W programs) and bank (bank programs: the objective's bank, or the USS family's reference
     rows) with their norms, column j reading row idx[j] (HAS_INDEX) or row j; the USS
     columns' labels `lab` (HAS_LABELS; else the class ids), validity (HAS_VALID) and
-    thresholds (one, or one per column: VECTOR_BIAS); the margin family's per-row inputs `mr`
-    (margin_rows); the settings (:func:`kernel_scalars`); the flags (constexprs) every launch
+    thresholds (one, or one per column: VECTOR_BIAS); the margin family's per-row terms `rt`
+    (margin_softmax.row_terms); the settings (:func:`kernel_scalars`); the flags (constexprs) every launch
     shares (:func:`margin_flags` among them). An absent tensor is another one of the call (a
     pointer no kernel reads). With K > 1 sub-centres, W's norms are per sub-centre row
     (nw[j·K + r]); the products over them read :meth:`sub_centre_rows`."""
@@ -504,7 +579,7 @@ class Sweep:
     lab: torch.Tensor
     valid: torch.Tensor
     bias: torch.Tensor
-    mr: torch.Tensor
+    rt: torch.Tensor
     columns: int
     scalars: dict
     flags: dict
@@ -539,7 +614,7 @@ def _objective_sweep(x, centres, bank, labels, index, bank_valid, bias, margin_r
         x=x, nx=nx, labels=labels, w=centres, nw=nw, bank=bank if has_uss else centres,
         nb=nb if has_uss else nw, idx=index if index is not None else labels, lab=labels,
         valid=bank_valid if (has_uss and bank_valid is not None) else labels, bias=b,
-        mr=margin_rows.contiguous() if margin_rows is not None else nx,
+        rt=row_terms(margin_rows, o, nx),
         columns=centres.shape[0] // o.k if index is None else index.shape[0],
         scalars=kernel_scalars(o),
         flags=dict(HAS_INDEX=index is not None, HAS_LABELS=False, IN_BATCH=False,
@@ -557,7 +632,7 @@ def cos_launch(p: Plan, s: Sweep, go, lse, ustats, rowp, colp, gw, gb, col0, n_c
     grid = (p.row_blocks * triton.cdiv(n_cols, t.block_n) * (int(w_progs) + int(bank_progs)),)
     _cos_kernel[grid](
         s.x, s.w, s.bank, s.nx, s.nw, s.nb, s.labels, s.idx, s.lab, s.valid, s.bias, go, lse,
-        ustats, s.mr, rowp, colp, gw, gb, p.rows, s.columns * s.flags["K"], p.width, col0,
+        ustats, s.rt, rowp, colp, gw, gb, p.rows, s.columns * s.flags["K"], p.width, col0,
         n_cols, p.row_blocks, col0 // t.block_n, p.chunk, **s.scalars,
         BACKWARD=backward, W_PROGS=w_progs, BANK_PROGS=bank_progs, STORE_GW=store_gw,
         COL_H=col_h, STORE_GB=store_gb, ROW_GB=row_gb, COL_GB=col_gb, COL_HB=col_hb,

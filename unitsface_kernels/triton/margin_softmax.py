@@ -32,56 +32,106 @@ gradients through the softmax and the normalisation.
 from __future__ import annotations
 
 import math
+from enum import IntEnum
 
+import torch
 import triton
 import triton.language as tl
 
 from ..layouts import MarginRow
-from ..options import ANGLE_EPS
+from ..options import ANGLE_EPS, UnitsfaceOptions
 from .maths import clamp, clamp_min
 
 SIN_FLOOR = tl.constexpr(1e-12)
 """The floor of 1 − cos² under sin θ in the exact form (reference.target_logit)."""
-EPS_ANGLE = tl.constexpr(ANGLE_EPS)
 COS_EPS = tl.constexpr(math.cos(ANGLE_EPS))
-SIN_EPS = tl.constexpr(math.sin(ANGLE_EPS))
 COS_LIMIT = tl.constexpr(1.0 - ANGLE_EPS)
 """AdaFace's clamp of every cosine (options.UnitsfaceOptions.cos_limit)."""
-_MR_A = tl.constexpr(int(MarginRow.A))
-_MR_D = tl.constexpr(int(MarginRow.D))
-_MR_HARD = tl.constexpr(int(MarginRow.HARD))
-_MR_T = tl.constexpr(int(MarginRow.T))
+class RowTerm(IntEnum):
+    """Rows of the per-row terms [8, B] (:func:`row_terms`) that the kernels read for the
+    margin family: the target's d_i, cos a_i, sin a_i, a_i·sin a_i, the angle clip's bounds
+    in cosine space, CurricularFace's HARD_i and T_i."""
+
+    D = 0
+    COS_A = 1
+    SIN_A = 2
+    A_SIN_A = 3
+    CLIP_LO = 4
+    CLIP_HI = 5
+    HARD = 6
+    T = 7
+
+
+def needs_row_terms(o: UnitsfaceOptions) -> bool:
+    """Whether the kernels read :func:`row_terms` for their target (ROW_MARGINS: per-row
+    margins, or the angle clip's bounds) — CURRICULAR reads them for its negatives."""
+    return o.row_margins or o.angle_clip
+
+
+def row_terms(margin_rows: torch.Tensor | None, o: UnitsfaceOptions,
+              like: torch.Tensor) -> torch.Tensor:
+    """The per-row terms [8, B] (:class:`RowTerm`, in `like`'s dtype and device) made once per
+    call, O(B) and no host synchronisation, so that the kernels evaluate no trigonometric
+    function: a, d = margin_rows[A], [D] (``row_margins``) or m2, m3; the clip bounds
+    θ + a < ε ⇔ c > cos(min(ε − a, π)) (where a < ε), θ + a > π − ε ⇔
+    c < −cos(min(ε + a, π)) (where a > −ε), ±2 (never) elsewhere; HARD, T of margin_rows.
+    `like` itself (unread) when the options need none."""
+    if not (needs_row_terms(o) or o.curricular):
+        return like
+    out = like.new_zeros(len(RowTerm), like.shape[0])
+    if o.row_margins:
+        a, d = (margin_rows[k].to(like.dtype) for k in (MarginRow.A, MarginRow.D))
+    else:
+        a, d = out[0] + o.margin_arc, out[0] + o.margin_cos
+    out[RowTerm.D], out[RowTerm.COS_A], out[RowTerm.SIN_A] = d, torch.cos(a), torch.sin(a)
+    out[RowTerm.A_SIN_A] = a * out[RowTerm.SIN_A]
+    out[RowTerm.CLIP_LO] = torch.where(a < ANGLE_EPS, torch.cos((ANGLE_EPS - a).clamp(max=math.pi)),
+                                       2.0)
+    out[RowTerm.CLIP_HI] = torch.where(a > -ANGLE_EPS,
+                                       -torch.cos((ANGLE_EPS + a).clamp(max=math.pi)), -2.0)
+    if o.curricular:
+        out[RowTerm.HARD] = margin_rows[MarginRow.HARD]
+        out[RowTerm.T] = margin_rows[MarginRow.T]
+    return out
+
+
+_RT_D = tl.constexpr(int(RowTerm.D))
+_RT_COS_A = tl.constexpr(int(RowTerm.COS_A))
+_RT_SIN_A = tl.constexpr(int(RowTerm.SIN_A))
+_RT_A_SIN_A = tl.constexpr(int(RowTerm.A_SIN_A))
+_RT_CLIP_LO = tl.constexpr(int(RowTerm.CLIP_LO))
+_RT_CLIP_HI = tl.constexpr(int(RowTerm.CLIP_HI))
+_RT_HARD = tl.constexpr(int(RowTerm.HARD))
+_RT_T = tl.constexpr(int(RowTerm.T))
 
 
 @triton.jit
-def margin_row(mr_ptr, k: tl.constexpr, rows, row_ok, B):
-    """Row k (layouts.MarginRow) of margin_rows [4, B] for a block of rows (0 past B)."""
-    return tl.load(mr_ptr + k * B + rows, mask=row_ok, other=0.0)
+def row_term(rt_ptr, k: tl.constexpr, rows, row_ok, B):
+    """Row k (:class:`RowTerm`) of the per-row terms [8, B] for a block of rows (0 past B)."""
+    return tl.load(rt_ptr + k * B + rows, mask=row_ok, other=0.0)
 
 
 @triton.jit
-def curricular_rows(mr_ptr, rows, row_ok, B):
+def curricular_rows(rt_ptr, rows, row_ok, B):
     """(HARD_i, T_i) of a block of rows: CurricularFace's hard-negative threshold and t."""
-    return (margin_row(mr_ptr, _MR_HARD, rows, row_ok, B),
-            margin_row(mr_ptr, _MR_T, rows, row_ok, B))
+    return row_term(rt_ptr, _RT_HARD, rows, row_ok, B), row_term(rt_ptr, _RT_T, rows, row_ok, B)
 
 
 @triton.jit
-def row_margins(mr_ptr, rows, row_ok, B, m2, m3, cos_m2, sin_m2, m2_sin_m2,
+def row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2, m2_sin_m2,
                 ROW_MARGINS: tl.constexpr, ANGLE_CLIP: tl.constexpr):
     """The target's margin constants (d, cos a, sin a, a·sin a, lo, hi): the host's scalars
-    for m2, m3, or with ROW_MARGINS a_i, d_i of the row block and their cos, sin (once per
-    row). lo, hi: the angle clip's bounds in cosine space (θ + a < ε ⇔ c > lo, θ + a > π − ε
-    ⇔ c < hi; ±2 where that side never clips), read only with ANGLE_CLIP."""
+    for m2, m3, or with ROW_MARGINS those of the row block (:func:`row_terms`). lo, hi: the
+    angle clip's bounds (θ + a < ε ⇔ c > lo, θ + a > π − ε ⇔ c < hi), read only with
+    ANGLE_CLIP (which implies ROW_MARGINS: :func:`needs_row_terms`)."""
     if ROW_MARGINS:
-        m2 = margin_row(mr_ptr, _MR_A, rows, row_ok, B)
-        m3 = margin_row(mr_ptr, _MR_D, rows, row_ok, B)
-        cos_m2 = tl.cos(m2)
-        sin_m2 = tl.sin(m2)
-        m2_sin_m2 = m2 * sin_m2
+        m3 = row_term(rt_ptr, _RT_D, rows, row_ok, B)
+        cos_m2 = row_term(rt_ptr, _RT_COS_A, rows, row_ok, B)
+        sin_m2 = row_term(rt_ptr, _RT_SIN_A, rows, row_ok, B)
+        m2_sin_m2 = row_term(rt_ptr, _RT_A_SIN_A, rows, row_ok, B)
     if ANGLE_CLIP:
-        lo = tl.where(m2 < EPS_ANGLE, cos_m2 * COS_EPS + sin_m2 * SIN_EPS, 2.0)  # cos(ε − a)
-        hi = tl.where(m2 > -EPS_ANGLE, sin_m2 * SIN_EPS - cos_m2 * COS_EPS, -2.0)  # −cos(ε + a)
+        lo = row_term(rt_ptr, _RT_CLIP_LO, rows, row_ok, B)
+        hi = row_term(rt_ptr, _RT_CLIP_HI, rows, row_ok, B)
     else:
         lo = 2.0
         hi = -2.0

@@ -35,7 +35,7 @@ def _uss_sweep(x, ref, labels, ref_labels, ref_valid, bias, o: UssOptions, nx, n
     return Sweep(
         x=x, nx=nx, labels=labels, w=ref, nw=nr, bank=ref, nb=nr, idx=ref_labels,
         lab=ref_labels, valid=ref_valid if ref_valid is not None else ref_labels, bias=b,
-        mr=nx, columns=ref.shape[0], scalars=kernel_scalars(o),
+        rt=nx, columns=ref.shape[0], scalars=kernel_scalars(o),
         flags=dict(HAS_INDEX=False, HAS_LABELS=True, IN_BATCH=o.in_batch, USS_LSE=o.lse,
                    USS_CLAMP=o.clamp, HAS_VALID=ref_valid is not None,
                    VECTOR_BIAS=b.numel() > 1, **margin_flags(None), **Sweep.operand_flags(x)))
