@@ -121,9 +121,6 @@ MARGIN_VARIANTS = {
 }
 """The margin family's forms (its cosine kernels only: the products compile as for the
 others, K sub-centres being K columns per class there)."""
-SUB_CENTRE_BWD = ("bwd arc K=3", "bwd everything K=2+lse")
-"""The backward forms with K > 1, whose epilogue spills inside the sub-tile loop (known: see
-docs/design.md §2); only their K loops over D are held to no spills."""
 
 
 def fused_kernels(dtype, d, options, cos_only=False):
@@ -239,13 +236,7 @@ def compile_all(dtype, d, variants=""):
         print(f"{label}: {shared} bytes of shared memory; {report['text']}; {mma}", flush=True)
         assert shared <= SMEM_LIMIT, (label, shared)
         if (dtype, d) in HEADLINE and kernel is not norms._row_norms_kernel:
-            if name.endswith(SUB_CENTRE_BWD):
-                # K > 1: the epilogue runs inside the loop over the KP sub-tiles, where it
-                # spills (docs/design.md §2); the K loops over D must not
-                if report["spills_in_k_loops"]:
-                    problems.append(f"{label}: {report['spills_in_k_loops']} spill "
-                                    "instructions inside the K loops")
-            elif report["spills_in_loops"]:
+            if report["spills_in_loops"]:
                 problems.append(f"{label}: {report['spills_in_loops']} spill instructions "
                                 "inside loops")
             narrow = [m for m in report["mma"] if not _wgmma_n(m) or _wgmma_n(m) < 128]
@@ -283,14 +274,12 @@ def _report(compiled) -> dict:
                              capture_output=True, text=True).stderr
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores", log)
-    inside, total, k_loops = _spills_in_loops(compiled)
+    inside, total = _spills_in_loops(compiled)
     if not (regs and spills):
-        return dict(text="no ptxas report", mma=mma, spills_in_loops=inside,
-                    spills_in_k_loops=k_loops)
+        return dict(text="no ptxas report", mma=mma, spills_in_loops=inside)
     return dict(text=f"{regs.group(1)} registers, {spills.group(1)} bytes of spill stores per "
-                f"thread, {inside} of {total} spill instructions in loops ({k_loops} in the "
-                "matrix products' K loops)",
-                mma=mma, spills_in_loops=inside, spills_in_k_loops=k_loops)
+                f"thread, {inside} of {total} spill instructions in loops",
+                mma=mma, spills_in_loops=inside)
 
 
 def _tool(name: str) -> str:
@@ -299,10 +288,9 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def _spills_in_loops(compiled) -> tuple[int, int, int]:
-    """(local loads/stores inside a loop, all of them, those inside a K loop — an innermost
-    loop that holds matrix instructions) in the kernel's SASS (nvdisasm of the cubin): a loop
-    is the span from a label to a branch back to it."""
+def _spills_in_loops(compiled) -> tuple[int, int]:
+    """(local loads/stores inside a loop, all of them) in the kernel's SASS (nvdisasm of the
+    cubin): a loop is the span from a label to a branch back to it."""
     import re
     import tempfile
 
@@ -329,11 +317,7 @@ def _spills_in_loops(compiled) -> tuple[int, int, int]:
         if branch and labels.get(branch.group(1), addr + 1) < addr:
             loops.append((labels[branch.group(1)], addr))
     spills = [addr for addr, text in insts if re.search(r"\b(STL|LDL)\b", text)]
-    k_loops = [(a, b) for a, b in loops
-               if any(a <= i <= b and re.match(r"(HGMMA|HMMA)\b", t) for i, t in insts)
-               and not any(a <= c < d <= b and (c, d) != (a, b) for c, d in loops)]
-    return (sum(any(a <= s <= b for a, b in loops) for s in spills), len(spills),
-            sum(any(a <= s <= b for a, b in k_loops) for s in spills))
+    return sum(any(a <= s <= b for a, b in loops) for s in spills), len(spills)
 
 
 RUNS = ([(t, d, "") for t, d in CASES] + [(torch.bfloat16, 512, "variants")]

@@ -70,7 +70,9 @@ __all__ = ["fused_forward", "fused_backward", "plan", "Sweep", "kernel_scalars",
 # loss serve class-parallel training.
 # The forward's per-(column tile, row) partials fpart[tile, k, i]: max and sum-exp of z, the
 # target logit (W programs); the USS part (bank programs): pairs Σ softplus and Σ_j g'_ij
-# (the latter with the forward's row gradients); lse (max⁺, sumexp⁺, max⁻, sumexp⁻).
+# (the latter with the forward's row gradients); lse (max⁺, sumexp⁺, max⁻, sumexp⁻). With K
+# sub-centres, KP slots per column tile: fpart[tile·KP + part] (the W programs' sub-tiles;
+# the bank programs' rows in the first).
 FP_MAX, FP_SUMEXP, FP_TARGET, FP_USS, FP_GSUM = 0, 1, 2, 3, 4
 FP_USS_LSE = slice(3, 7)
 N_FP = 7
@@ -128,8 +130,8 @@ def _first_max(v, sub, KP: tl.constexpr):
 
 @triton.jit
 def _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr,
-                     colp_ptr, g_ptr, rows, row_ok, inv_x, y, tile, col0, n_cols, B, S, D,
-                     gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
+                     colp_ptr, g_ptr, rows, row_ok, inv_x, y, tile, part, col0, n_cols, B, S,
+                     D, gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
                      BACKWARD: tl.constexpr, STORE_G: tl.constexpr, COL_H: tl.constexpr,
                      HAS_INDEX: tl.constexpr, ARC: tl.constexpr, ST: tl.constexpr,
                      EASY: tl.constexpr, ROW_MARGINS: tl.constexpr, NO_FALLBACK: tl.constexpr,
@@ -137,15 +139,39 @@ def _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, row
                      K: tl.constexpr, KP: tl.constexpr, SCALE_G: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
                      XT: tl.constexpr, UPCAST: tl.constexpr):
-    """A W program with K > 1 sub-centres per class: its BLOCK_N classes as KP sub-tiles of
-    BLOCK_N / KP classes (KP = K rounded up to a power of two), each one BLOCK_M × BLOCK_N
-    GEMM over the slots (class, sub-centre r) — row cls·K + r of W, norm nw[j·K + r]; the
-    slots r ≥ K are empty, −inf — then the class cosine, their maximum, and its first
-    arg-max (:func:`_first_max`, a NaN row is the maximum) as a reduction over each class's
-    KP slots, the epilogue on the class tile (forward: the sub-tiles' statistics merged
-    online; backward: g goes to the arg-max slot, column j·K + r of the g buffer of width
-    K·chunk, zeros in the others). Only one accumulator lives in the K loop over D."""
+    """A W program with K > 1 sub-centres per class: sub-tile `part` (of KP, K rounded up to
+    a power of two) of the class tile, its CN = BLOCK_N / KP classes as one BLOCK_M × BLOCK_N
+    GEMM over the slots (sub-centre r, class) — slot r·CN + c: row cls_c·K + r of W, norm
+    nw[j·K + r]; the slots r ≥ K are empty, −inf — then the class cosine, their maximum, and
+    its first arg-max (:func:`_first_max`, a NaN row is the maximum) as a reduction over each
+    class's KP slots (in-thread: a wgmma accumulator thread holds columns c and c + CN), the
+    epilogue on the class tile (forward: its statistics into fpart's slot gtile·KP + part;
+    backward: g goes to the arg-max slot, column j·K + r of the g buffer of width K·chunk,
+    zeros in the others). One accumulator, as for K = 1."""
     CN: tl.constexpr = BLOCK_N // KP
+    tl.static_assert(BLOCK_N >= KP, "more sub-centres per class than columns in a class tile")
+    slot = tl.arange(0, BLOCK_N)
+    r = slot // CN
+    first = tile * BLOCK_N + part * CN  # the sub-tile's first class, chunk-local
+    local_s = first + slot % CN
+    ok_s = (local_s < n_cols) & (r < K)
+    if HAS_INDEX:
+        cls_s = tl.load(idx_ptr + col0 + local_s, mask=ok_s, other=-1).to(tl.int32)
+    else:
+        cls_s = tl.where(ok_s, col0 + local_s, -1)
+    sub_col = (col0 + local_s) * K + r  # the slot's sub-centre column of S
+    cos = scaled_cos(_dots(x_ptr, rows, row_ok, w_ptr, cls_s * K + r, ok_s, D,
+                           tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype), BK, XT, UPCAST),
+                     inv_x, inv_norm_of(nw_ptr, sub_col, ok_s, eps))
+    cos = tl.where((r < K)[None, :], cos, float("-inf"))
+    sub_r = tl.arange(0, KP)[None, :, None]
+    best, arg = _first_max(tl.reshape(cos, (BLOCK_M, KP, CN)), sub_r, KP)
+    local = first + tl.arange(0, CN)
+    col_ok = local < n_cols
+    if HAS_INDEX:
+        cls = tl.load(idx_ptr + col0 + local, mask=col_ok, other=-1).to(tl.int32)
+    else:
+        cls = tl.where(col_ok, col0 + local, -1)
     d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2,
                                                    mm, ROW_MARGINS, ANGLE_CLIP)
     if CURRICULAR:
@@ -153,68 +179,42 @@ def _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, row
     else:
         hard = inv_x  # (unread)
         t = inv_x
-    slot = tl.arange(0, BLOCK_N)
-    r = slot // CN
-    tl.static_assert(BLOCK_N >= KP, "more sub-centres per class than columns in a class tile")
-    sub_r = tl.arange(0, KP)[None, :, None]
-    if BACKWARD:
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        if COL_H:
-            go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
-    else:
-        m_run = tl.full((BLOCK_M,), NEG_BIG, inv_x.dtype)
-        se_run = tl.zeros((BLOCK_M,), inv_x.dtype)
-        zt_run = tl.zeros((BLOCK_M,), inv_x.dtype)
-    for part in range(KP):
-        first = tile * BLOCK_N + part * CN  # the sub-tile's first class, chunk-local
-        local_s = first + slot % CN
-        ok_s = (local_s < n_cols) & (r < K)
-        if HAS_INDEX:
-            cls_s = tl.load(idx_ptr + col0 + local_s, mask=ok_s, other=-1).to(tl.int32)
-        else:
-            cls_s = tl.where(ok_s, col0 + local_s, -1)
-        sub_col = (col0 + local_s) * K + r  # the slot's sub-centre column of S
-        cos = scaled_cos(_dots(x_ptr, rows, row_ok, w_ptr, cls_s * K + r, ok_s, D,
-                               tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype), BK, XT, UPCAST),
-                         inv_x, inv_norm_of(nw_ptr, sub_col, ok_s, eps))
-        cos = tl.where((r < K)[None, :], cos, float("-inf"))
-        best, arg = _first_max(tl.reshape(cos, (BLOCK_M, KP, CN)), sub_r, KP)
-        local = first + tl.arange(0, CN)
-        col_ok = local < n_cols
-        if HAS_INDEX:
-            cls = tl.load(idx_ptr + col0 + local, mask=col_ok, other=-1).to(tl.int32)
-        else:
-            cls = tl.where(col_ok, col0 + local, -1)
-        is_target = (y[:, None] == cls[None, :]) & col_ok[None, :]
-        c, z, z_t = softmax_logits(best, is_target, scale, d, cos_a, sin_a, a_sin_a, lo, hi,
-                                   hard, t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP,
-                                   CURRICULAR, FILTER)
-        if not BACKWARD:
-            zm = tl.where(col_ok[None, :], z, NEG_BIG)
-            m = tl.maximum(m_run, tl.max(zm, axis=1))
-            se_run = se_run * tl.exp(m_run - m) + tl.sum(
-                tl.where(col_ok[None, :], tl.exp(zm - m[:, None]), 0.0), axis=1)
-            m_run = m
-            has_t = tl.sum(is_target.to(tl.int32), axis=1) > 0
-            zt_run += tl.where(has_t, z_t, 0.0)
-        else:
-            g = softmax_grad(best, c, z, is_target, row_ok[:, None] & col_ok[None, :], lse,
-                             scale, cos_a, sin_a, lo, hi, hard, t, tau, ARC, ST, EASY,
-                             NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER)
-            hit = sub_r == arg[:, None, :]
-            if COL_H:  # (g·cos on the arg-max slot only: 0·NaN elsewhere would be NaN)
-                gc = tl.reshape(tl.where(hit, (g * best)[:, None, :], 0.0), (BLOCK_M, BLOCK_N))
-                tl.store(colp_ptr + rb * (_N_CP * S) + sub_col,
-                         tl.sum(gc * go[:, None], axis=0), mask=ok_s)
-            if STORE_G:
-                g_s = tl.reshape(tl.where(hit, g[:, None, :], 0.0), (BLOCK_M, BLOCK_N))
-                _store_g(g_ptr, g_s, inv_norm_of(nw_ptr, sub_col, ok_s, eps), rows,
-                         local_s * K + r, row_ok, ok_s, g_stride * K, XT, SCALE_G, UPCAST)
+    is_target = (y[:, None] == cls[None, :]) & col_ok[None, :]
+    c, z, z_t = softmax_logits(best, is_target, scale, d, cos_a, sin_a, a_sin_a, lo, hi, hard,
+                               t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP, CURRICULAR,
+                               FILTER)
     if not BACKWARD:
-        out = rowp_ptr + gtile * (_N_FP * B) + rows
-        tl.store(out, m_run, mask=row_ok)
-        tl.store(out + B, se_run, mask=row_ok)
-        tl.store(out + 2 * B, zt_run, mask=row_ok)
+        _softmax_partials(rowp_ptr, z, z_t, is_target, col_ok, rows, row_ok,
+                          gtile * KP + part, B)
+    else:
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        g = softmax_grad(best, c, z, is_target, row_ok[:, None] & col_ok[None, :], lse, scale,
+                         cos_a, sin_a, lo, hi, hard, t, tau, ARC, ST, EASY, NO_FALLBACK,
+                         ANGLE_CLIP, CURRICULAR, FILTER)
+        hit = sub_r == arg[:, None, :]
+        if COL_H:  # (g·cos on the arg-max slot only: 0·NaN elsewhere would be NaN)
+            gc = tl.reshape(tl.where(hit, (g * best)[:, None, :], 0.0), (BLOCK_M, BLOCK_N))
+            go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
+            tl.store(colp_ptr + rb * (_N_CP * S) + sub_col, tl.sum(gc * go[:, None], axis=0),
+                     mask=ok_s)
+        if STORE_G:
+            g_s = tl.reshape(tl.where(hit, g[:, None, :], 0.0), (BLOCK_M, BLOCK_N))
+            _store_g(g_ptr, g_s, inv_norm_of(nw_ptr, sub_col, ok_s, eps), rows,
+                     local_s * K + r, row_ok, ok_s, g_stride * K, XT, SCALE_G, UPCAST)
+
+
+@triton.jit
+def _softmax_partials(rowp_ptr, z, z_t, is_target, col_ok, rows, row_ok, slot, B):
+    """The forward's partials of a class tile into fpart[slot]: per row the max and sum-exp
+    of z over the tile's columns, and the target logit where the row's target lies in it."""
+    out = rowp_ptr + slot * (_N_FP * B) + rows
+    zm = tl.where(col_ok[None, :], z, NEG_BIG)
+    m = tl.max(zm, axis=1)
+    se = tl.sum(tl.where(col_ok[None, :], tl.exp(zm - m[:, None]), 0.0), axis=1)
+    has_t = tl.sum(is_target.to(tl.int32), axis=1) > 0
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + B, se, mask=row_ok)
+    tl.store(out + 2 * B, tl.where(has_t, z_t, 0.0), mask=row_ok)
 
 
 @triton.jit
@@ -245,14 +245,7 @@ def _softmax_part(x_ptr, w_ptr, nw_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_
                                t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP, CURRICULAR,
                                FILTER)
     if not BACKWARD:
-        out = rowp_ptr + gtile * (_N_FP * B) + rows
-        zm = tl.where(col_ok[None, :], z, NEG_BIG)
-        m = tl.max(zm, axis=1)
-        se = tl.sum(tl.where(col_ok[None, :], tl.exp(zm - m[:, None]), 0.0), axis=1)
-        has_t = tl.sum(is_target.to(tl.int32), axis=1) > 0
-        tl.store(out, m, mask=row_ok)
-        tl.store(out + B, se, mask=row_ok)
-        tl.store(out + 2 * B, tl.where(has_t, z_t, 0.0), mask=row_ok)
+        _softmax_partials(rowp_ptr, z, z_t, is_target, col_ok, rows, row_ok, gtile, B)
     else:
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         g = softmax_grad(cos, c, z, is_target, row_ok[:, None] & col_ok[None, :], lse, scale,
@@ -362,10 +355,23 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
     pid = tl.program_id(0)
     rb = pid % n_row_blocks
     q = pid // n_row_blocks
-    if W_PROGS and BANK_PROGS:
-        tile = q // 2
+    # per column tile: KP W programs (one per sub-tile; KP = 1 without sub-centres), then
+    # the bank's; `part` is the W program's sub-tile, KP for the bank's
+    if KP == 1:
+        part = 0
+        if W_PROGS and BANK_PROGS:
+            tile = q // 2
+        else:
+            tile = q
+    elif W_PROGS and BANK_PROGS:
+        tile = q // (KP + 1)
+        part = q % (KP + 1)
+    elif W_PROGS:
+        tile = q // KP
+        part = q % KP
     else:
         tile = q
+        part = KP
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
     local = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = local < n_cols
@@ -383,7 +389,10 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
     # which matrix this program reads: decided at run time only when one launch holds both
     # kinds (a constexpr otherwise, so a single-kind kernel compiles one part alone)
     if W_PROGS and BANK_PROGS:
-        w_prog = q % 2 == 0
+        if KP == 1:
+            w_prog = q % 2 == 0
+        else:
+            w_prog = part < KP
     else:
         w_prog = W_PROGS
     if w_prog:
@@ -396,8 +405,8 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
                           UPCAST)
         else:
             _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr,
-                             colp_ptr, gw_ptr, rows, row_ok, inv_x, y, tile, col0, n_cols, B,
-                             S, D, gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau,
+                             colp_ptr, gw_ptr, rows, row_ok, inv_x, y, tile, part, col0, n_cols,
+                             B, S, D, gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau,
                              eps, BACKWARD, STORE_GW, COL_H, HAS_INDEX, ARC, ST, EASY,
                              ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER, K, KP,
                              SCALE_G, BLOCK_M, BLOCK_N, BK, XT, UPCAST)
@@ -629,7 +638,8 @@ def cos_launch(p: Plan, s: Sweep, go, lse, ustats, rowp, colp, gw, gb, col0, n_c
                row_gb=False, col_gb=False, col_hb=False):
     """One _cos_kernel launch over the columns [col0, col0 + n_cols) (see its doc)."""
     t = p.config.cos
-    grid = (p.row_blocks * triton.cdiv(n_cols, t.block_n) * (int(w_progs) + int(bank_progs)),)
+    grid = (p.row_blocks * triton.cdiv(n_cols, t.block_n)
+            * (s.flags["KP"] * int(w_progs) + int(bank_progs)),)
     _cos_kernel[grid](
         s.x, s.w, s.bank, s.nx, s.nw, s.nb, s.labels, s.idx, s.lab, s.valid, s.bias, go, lse,
         ustats, s.rt, rowp, colp, gw, gb, p.rows, s.columns * s.flags["K"], p.width, col0,
@@ -705,7 +715,9 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows
     acc = nx.dtype
     uss_rows = bool(row_grads) and has_uss and not o.uss_lse
     p = plan(bsz, s.columns, d, x.dtype, x.device, 1 if uss_rows else 0)
-    fpart = torch.empty(p.class_tiles, N_FP, bsz, dtype=acc, device=x.device)
+    kp = s.flags["KP"]  # the W programs' slots of fpart per column tile (sub-tiles)
+    fpart = torch.empty(p.class_tiles * kp, N_FP, bsz, dtype=acc, device=x.device)
+    upart = fpart[::kp]  # the bank programs' slots
     gb = torch.empty(bsz, p.chunk if uss_rows else 0, dtype=out_dtype(x.dtype), device=x.device)
     part = torch.empty(p.splits if uss_rows else 0, bsz, d, dtype=acc, device=x.device)
     for k, (col0, n_cols) in enumerate(p.chunks()):
@@ -720,13 +732,13 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows
     if has_uss:
         if o.uss_lse:
             stats[UnitsfaceStat.USS_LOSS], stats[USS_STATS] = uss_lse_finish(
-                fpart[:, FP_USS_LSE], o.scale, o.uss_clamp)
+                upart[:, FP_USS_LSE], o.scale, o.uss_clamp)
         else:
-            stats[UnitsfaceStat.USS_LOSS] = fpart[:, FP_USS].sum(dim=0)
+            stats[UnitsfaceStat.USS_LOSS] = upart[:, FP_USS].sum(dim=0)
         rows = rows + o.uss_weight * stats[UnitsfaceStat.USS_LOSS]
     if uss_rows:
         dx_rows = tangent_grad(part.sum(dim=0), x, nx, o.eps)
-        db_rows = fpart[:, FP_GSUM].sum(dim=0) / -o.scale
+        db_rows = upart[:, FP_GSUM].sum(dim=0) / -o.scale
     elif row_grads:  # nothing of the kind here: the backward forms every part
         dx_rows, db_rows = nx.new_zeros(bsz, d), nx.new_zeros(bsz)
     else:
