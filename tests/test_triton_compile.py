@@ -137,8 +137,8 @@ def fused_kernels(dtype, d, options, cos_only=False):
     common = dict(HAS_INDEX=True, HAS_LABELS=False, IN_BATCH=False, HAS_VALID=True,
                   UPCAST=False, XT=TL_DTYPES[dtype], VECTOR_BIAS=False,
                   SCALE_G=dtype != torch.float16)
-    cos = dict(common, **dict(PLAIN_MARGIN, **options), BLOCK_M=cfg.cos.block_m, BLOCK_N=cfg.cos.block_n,
-               BK=cfg.cos.bk)
+    cos = dict(common, **dict(PLAIN_MARGIN, **options), BLOCK_M=cfg.cos.block_m,
+               BLOCK_N=cfg.cos.block_n, BK=cfg.cos.bk)
     fwd = dict(cos, BACKWARD=False, W_PROGS=True, BANK_PROGS=True, STORE_GW=False,
                COL_H=False, STORE_GB=not lse, ROW_GB=False, COL_GB=False, COL_HB=False)
     bwd = dict(cos, BACKWARD=True, W_PROGS=True, BANK_PROGS=lse, STORE_GW=True, COL_H=True,

@@ -69,13 +69,13 @@ def _dev(args):
     return [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def _run(backend, args, needs, go=None):
+def _run(backend, args, needs, go=None, row_grads=False):
     fwd = contract.forward_op("unitsface", backend)
     bwd = contract.backward_op("unitsface", backend)
     if go is None:
         go = torch.linspace(0.5, 1.5, args[0].shape[0], dtype=torch.float64)
     go = go.to(args[0].device, reference.compute_dtype(args[0].dtype))
-    out = fwd(*args, False, False)
+    out = fwd(*args, row_grads, False)
     return out, bwd(go, *args[:8], *out[1:], args[8], needs)
 
 
@@ -85,8 +85,8 @@ def _reference(args, needs):
     return _run("reference", as64, needs)
 
 
-def _compare64(args, needs):
-    (rows, stats, _, nw, *_), grads = _run("triton", _dev(args), needs)
+def _compare64(args, needs, row_grads=False):
+    (rows, stats, _, nw, *_), grads = _run("triton", _dev(args), needs, row_grads=row_grads)
     (rows_r, stats_r, _, nw_r, *_), grads_r = _reference(args, needs)
     close = dict(rtol=1e-10, atol=1e-10, equal_nan=True)
     torch.testing.assert_close(rows.cpu(), rows_r, **close)
@@ -112,13 +112,15 @@ def test_sub_centres_cross_tiles_and_chunks():
         _compare64(_inputs(o, torch.float64, sampled, True), [True, True, True])
 
 
-@pytest.mark.parametrize("uss_form", ["lse", "pairs"])
-def test_everything_at_once_with_a_bank(uss_form):
+@pytest.mark.parametrize("uss_form,row_grads", [("lse", False), ("pairs", False),
+                                                ("pairs", True)])
+def test_everything_at_once_with_a_bank(uss_form, row_grads):
     """Per-row margins, the curricular negatives, the filter and K = 2 with the objective's
-    USS part (its ∂x product runs apart from the sub-centre columns': two launches)."""
+    USS part (its ∂x product runs apart from the sub-centre columns': two launches; with the
+    forward's row gradients of the pairs form, none in the backward)."""
     o = _options(True, uss_form, margin_arc=0.3, row_margins=True, curricular=True,
                  interclass_threshold=0.2, sub_centers=2.0)
-    _compare64(_inputs(o, torch.float64, True, True, seed=2), [True, True, True])
+    _compare64(_inputs(o, torch.float64, True, True, seed=2), [True, True, True], row_grads)
 
 
 def test_sub_centre_ties_go_to_the_first_row():

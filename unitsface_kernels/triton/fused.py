@@ -25,6 +25,19 @@ dtype after the load: no host copy. Three kernels:
     into split-K slices whose fp32 partial sums carry over from chunk to chunk in program
     order (each slice adds to its own buffer); the slices are summed once at the end.
 
+The margin family (docs/design.md §1.5) lives in the W programs' epilogue, each of its
+settings a constexpr (:func:`margin_flags`), so CosFace/ArcFace compile as without it: the
+target's per-row margins and AdaFace's angle clip read per-row terms made once per call
+(margin_softmax.row_terms: no trigonometric function in a kernel), the curricular negatives
+and the inter-class filter are selects on the tile (margin_softmax.py). K sub-centres per
+class: a class tile's W programs are KP = K rounded up to a power of two, one per sub-tile of
+BLOCK_N / KP classes, each one GEMM over the slots (sub-centre r, class) then the class
+maximum and its first arg-max reduced in registers (:func:`_sub_centre_part`); the backward
+writes g to the arg-max slot's column of a g buffer with K columns per class (zeros in the
+others), so the two products run unchanged over the |S|·K sub-centre rows
+(:meth:`Sweep.sub_centre_rows`). The bank programs stay one per column tile (one bank row per
+class).
+
 g̃ is g scaled by the reference rows' inverse norms (g_ij / max(‖r_j‖, eps)), so that both
 products read raw rows: ∂x_i = Σ_j g̃_ij r_j is Σ_j g_ij r̂_j, and in ∂R the factor is the
 output row's. In fp16 that scaling could overflow (1/eps ≥ 1e5), so there g stays unscaled
@@ -174,11 +187,7 @@ def _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, row
         cls = tl.where(col_ok, col0 + local, -1)
     d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2,
                                                    mm, ROW_MARGINS, ANGLE_CLIP)
-    if CURRICULAR:
-        hard, t = curricular_rows(rt_ptr, rows, row_ok, B)
-    else:
-        hard = inv_x  # (unread)
-        t = inv_x
+    hard, t = curricular_rows(rt_ptr, rows, row_ok, B, CURRICULAR)
     is_target = (y[:, None] == cls[None, :]) & col_ok[None, :]
     c, z, z_t = softmax_logits(best, is_target, scale, d, cos_a, sin_a, a_sin_a, lo, hi, hard,
                                t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP, CURRICULAR,
@@ -235,11 +244,7 @@ def _softmax_part(x_ptr, w_ptr, nw_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_
     cos = scaled_cos(dots, inv_x, inv_w)
     d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2,
                                                    mm, ROW_MARGINS, ANGLE_CLIP)
-    if CURRICULAR:
-        hard, t = curricular_rows(rt_ptr, rows, row_ok, B)
-    else:
-        hard = inv_x  # (unread)
-        t = inv_x
+    hard, t = curricular_rows(rt_ptr, rows, row_ok, B, CURRICULAR)
     is_target = (y[:, None] == cls[None, :]) & col_ok[None, :]  # −1: padding, or no target
     c, z, z_t = softmax_logits(cos, is_target, scale, d, cos_a, sin_a, a_sin_a, lo, hi, hard,
                                t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP, CURRICULAR,
@@ -338,10 +343,10 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
                 ARC: tl.constexpr, ST: tl.constexpr, EASY: tl.constexpr,
                 ROW_MARGINS: tl.constexpr, NO_FALLBACK: tl.constexpr, ANGLE_CLIP: tl.constexpr,
                 CURRICULAR: tl.constexpr, FILTER: tl.constexpr, K: tl.constexpr,
-                KP: tl.constexpr, USS_LSE: tl.constexpr, USS_CLAMP: tl.constexpr, HAS_VALID: tl.constexpr,
-                VECTOR_BIAS: tl.constexpr, SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BK: tl.constexpr, XT: tl.constexpr,
-                UPCAST: tl.constexpr):
+                KP: tl.constexpr, USS_LSE: tl.constexpr, USS_CLAMP: tl.constexpr,
+                HAS_VALID: tl.constexpr, VECTOR_BIAS: tl.constexpr, SCALE_G: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
+                XT: tl.constexpr, UPCAST: tl.constexpr):
     """Cosine tiles of the columns [col0, col0 + n_cols) (one chunk, or all): a program per
     (row block, column tile, reference matrix), row blocks fastest, then W before bank.
     Forward: rowp = fpart (N_FP per tile); backward: rowp = gsum (one row per tile),
@@ -411,6 +416,8 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
                              ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER, K, KP,
                              SCALE_G, BLOCK_M, BLOCK_N, BK, XT, UPCAST)
     else:
+        if KP > 1 and not BACKWARD:
+            gtile = gtile * KP  # fpart's slots: the first of the column tile's KP
         _uss_part(x_ptr, bank_ptr, nb_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr, ustats_ptr,
                   rowp_ptr, colp_ptr, gb_ptr, rows, row_ok, inv_x, y, cols, local, col_ok,
                   cls, B, S, D, gtile, rb, g_stride, scale, uss_m, uss_w, eps,
@@ -572,10 +579,10 @@ class Sweep:
     rows) with their norms, column j reading row idx[j] (HAS_INDEX) or row j; the USS
     columns' labels `lab` (HAS_LABELS; else the class ids), validity (HAS_VALID) and
     thresholds (one, or one per column: VECTOR_BIAS); the margin family's per-row terms `rt`
-    (margin_softmax.row_terms); the settings (:func:`kernel_scalars`); the flags (constexprs) every launch
-    shares (:func:`margin_flags` among them). An absent tensor is another one of the call (a
-    pointer no kernel reads). With K > 1 sub-centres, W's norms are per sub-centre row
-    (nw[j·K + r]); the products over them read :meth:`sub_centre_rows`."""
+    (margin_softmax.row_terms); the settings (:func:`kernel_scalars`); the flags (constexprs)
+    every launch shares (:func:`margin_flags` among them). An absent tensor is another one of
+    the call (a pointer no kernel reads). With K > 1 sub-centres, W's norms are per
+    sub-centre row (nw[j·K + r]); the products over them read :meth:`sub_centre_rows`."""
 
     x: torch.Tensor
     nx: torch.Tensor

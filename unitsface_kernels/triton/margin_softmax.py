@@ -23,10 +23,12 @@ device functions (the Python statement: reference.target_logit, reference.negati
 f and f' are evaluated once per row (on the row's target cosine, picked out of the tile by a
 row reduction), never on the whole tile: the tile's only transcendental is the exp of the
 softmax. The trigonometric constants come precomputed: cos a, sin a and a·sin a — scalars
-from the host for m2, or per row (:func:`row_margins`, once per row block) for the margin
-family's a_i; the same functions take either. A NaN cosine stays NaN through the clamp, f
-and n; its own gradient is zero (as the clamp's in the reference), and the NaN reaches the
-gradients through the softmax and the normalisation.
+from the host for m2, or per row for the margin family's a_i (:func:`row_terms`, made once
+per call on the device with the angle clip's bounds, HARD_i and T_i; the kernels read them
+through :func:`row_margins` and :func:`curricular_rows`); the same functions take either. A
+NaN cosine stays NaN through the clamp, f and n; its own gradient is zero (as the clamp's in
+the reference), and the NaN reaches the gradients through the softmax and the
+normalisation.
 """
 
 from __future__ import annotations
@@ -112,9 +114,14 @@ def row_term(rt_ptr, k: tl.constexpr, rows, row_ok, B):
 
 
 @triton.jit
-def curricular_rows(rt_ptr, rows, row_ok, B):
-    """(HARD_i, T_i) of a block of rows: CurricularFace's hard-negative threshold and t."""
-    return row_term(rt_ptr, _RT_HARD, rows, row_ok, B), row_term(rt_ptr, _RT_T, rows, row_ok, B)
+def curricular_rows(rt_ptr, rows, row_ok, B, CURRICULAR: tl.constexpr):
+    """(HARD_i, T_i) of a block of rows: CurricularFace's hard-negative threshold and t (the
+    row ids, unread, without CURRICULAR)."""
+    if CURRICULAR:
+        return (row_term(rt_ptr, _RT_HARD, rows, row_ok, B),
+                row_term(rt_ptr, _RT_T, rows, row_ok, B))
+    else:
+        return rows, rows
 
 
 @triton.jit
