@@ -163,6 +163,24 @@ def test_target_forms_float64(family):
     _compare64(_inputs(o, torch.float64, True, False, seed=6), [True, True, False])
 
 
+def test_angle_clip_active_on_both_sides():
+    """AdaFace's clip of θ + a to [ε, π − ε] where it is active (f = ±cos ε − d, f' = 0):
+    rows whose a_i brings θ + a below ε, and rows opposite their target with θ + a > π − ε."""
+    o = _options(False, row_margins=True, angle_clip=True)
+    args = _inputs(o, torch.float64, False, False, seed=8)
+    x, w, labels, rows = args[0], args[1], args[3], args[7]
+    x[6:9] = -w[labels[6:9]] + 0.01 * x[6:9]
+    lim = 1 - options.ANGLE_EPS
+    theta = torch.acos((reference.normalize(x) * reference.normalize(w[labels])).sum(1)
+                       .clamp(-lim, lim))
+    rows[MarginRow.A, :3] = -theta[:3] - 0.01
+    rows[MarginRow.A, 6:9] = 0.1
+    angle = theta + rows[MarginRow.A]
+    assert (angle[:3] < options.ANGLE_EPS).all()
+    assert (angle[6:9] > math.pi - options.ANGLE_EPS).all()
+    _compare64(args, [True, True, False])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_sub_centres_half_and_single(dtype):
     """K = 3 with the curricular negatives in fp16 (g unscaled: the products normalise the

@@ -81,16 +81,18 @@ def row_terms(margin_rows: torch.Tensor | None, o: UnitsfaceOptions,
     if not (needs_row_terms(o) or o.curricular):
         return like
     out = like.new_zeros(len(RowTerm), like.shape[0])
-    if o.row_margins:
-        a, d = (margin_rows[k].to(like.dtype) for k in (MarginRow.A, MarginRow.D))
-    else:
-        a, d = out[0] + o.margin_arc, out[0] + o.margin_cos
-    out[RowTerm.D], out[RowTerm.COS_A], out[RowTerm.SIN_A] = d, torch.cos(a), torch.sin(a)
-    out[RowTerm.A_SIN_A] = a * out[RowTerm.SIN_A]
-    out[RowTerm.CLIP_LO] = torch.where(a < ANGLE_EPS, torch.cos((ANGLE_EPS - a).clamp(max=math.pi)),
-                                       2.0)
-    out[RowTerm.CLIP_HI] = torch.where(a > -ANGLE_EPS,
-                                       -torch.cos((ANGLE_EPS + a).clamp(max=math.pi)), -2.0)
+    if needs_row_terms(o):
+        if o.row_margins:
+            a, d = (margin_rows[k].to(like.dtype) for k in (MarginRow.A, MarginRow.D))
+        else:
+            a, d = out[0] + o.margin_arc, out[0] + o.margin_cos
+        out[RowTerm.D], out[RowTerm.COS_A], out[RowTerm.SIN_A] = d, torch.cos(a), torch.sin(a)
+        out[RowTerm.A_SIN_A] = a * out[RowTerm.SIN_A]
+    if o.angle_clip:
+        out[RowTerm.CLIP_LO] = torch.where(
+            a < ANGLE_EPS, torch.cos((ANGLE_EPS - a).clamp(max=math.pi)), 2.0)
+        out[RowTerm.CLIP_HI] = torch.where(
+            a > -ANGLE_EPS, -torch.cos((ANGLE_EPS + a).clamp(max=math.pi)), -2.0)
     if o.curricular:
         out[RowTerm.HARD] = margin_rows[MarginRow.HARD]
         out[RowTerm.T] = margin_rows[MarginRow.T]
