@@ -19,9 +19,11 @@ forward with the USS part's row gradients, the backward without bank programs) a
 family (a bank in the lse form with the official clamp, as the benchmarks run it; at the
 headline also in-batch pairs and class centres with per-column thresholds, whose backward
 forms ∂ref). The bf16 D=512 case also compiles the objective's other forms and options
-(`python tests/test_triton_compile.py bf16 512 variants`). At the headline (bf16 and fp16,
-D = 512) every kernel but the row norms must show no spill instruction inside a loop and
-every product on wgmma with N ≥ 128.
+(`python tests/test_triton_compile.py bf16 512 variants`), and the bf16 and fp16 D=512 cases
+the margin family's cosine kernels (`… margins`: curricular negatives with the inter-class
+filter and per-row margins, AdaFace's angle clip, K = 3 sub-centres; docs/design.md §1.5).
+At the headline (bf16 and fp16, D = 512) every kernel but the row norms must show no spill
+instruction inside a loop and every product on wgmma with N ≥ 128.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ _EMBEDDINGS = {"x_ptr", "r_ptr", "w_ptr", "bank_ptr", "t_ptr", "dw_ptr", "gw_ptr
                "g_ptr", "xg_ptr"}
 _LABELS = {"y_ptr", "lab_ptr", "idx_ptr"}
 # the settings: fp32 scalars (the kernels' float arguments)
-_FLOATS = {"scale", "m3", "cos_m2", "sin_m2", "mm", "uss_m", "uss_w", "eps"}
+_FLOATS = {"scale", "m3", "cos_m2", "sin_m2", "mm", "tau", "uss_m", "uss_w", "eps"}
 # integer arguments that are multiples of 16 at the headline (B = 512, D = 512, C = 100k and
 # its chunks): the JIT specializes them so, which lets loads and stores vectorize
 _ALIGNED_INTS = {"D", "B", "S", "g_stride", "col0", "n_cols", "k_split"}
@@ -97,19 +99,35 @@ USS_VARIANTS = {
     "centres pairs+clamp b_j": dict(USS_LSE=False, USS_CLAMP=True, IN_BATCH=False,
                                     HAS_VALID=False, VECTOR_BIAS=True, REF_GRAD=True),
 }
+PLAIN_MARGIN = dict(ROW_MARGINS=False, NO_FALLBACK=False, ANGLE_CLIP=False, CURRICULAR=False,
+                    FILTER=False, K=1, KP=1)
+"""The margin family's constexprs off: CosFace/ArcFace (docs/design.md §1.5)."""
 FUSED_VARIANTS = {
     "cosface+pairs": dict(ARC=False, ST=False, EASY=False, USS_LSE=False, USS_CLAMP=False),
     "arc+lse": dict(ARC=True, ST=False, EASY=False, USS_LSE=True, USS_CLAMP=False),
     "arc-st+pairs+clamp": dict(ARC=True, ST=True, EASY=False, USS_LSE=False, USS_CLAMP=True),
     "arc-easy+lse+clamp": dict(ARC=True, ST=False, EASY=True, USS_LSE=True, USS_CLAMP=True),
 }
+MARGIN_VARIANTS = {
+    "curricular+filter+row margins": dict(ARC=True, ST=False, EASY=False, USS_LSE=False,
+                                          USS_CLAMP=False, ROW_MARGINS=True, CURRICULAR=True,
+                                          FILTER=True),
+    "adaface": dict(ARC=True, ST=False, EASY=False, USS_LSE=False, USS_CLAMP=False,
+                    ROW_MARGINS=True, ANGLE_CLIP=True),
+    "arc K=3": dict(ARC=True, ST=False, EASY=False, USS_LSE=False, USS_CLAMP=False, K=3,
+                    KP=4),
+    "everything K=2+lse": dict(ARC=True, ST=False, EASY=False, USS_LSE=True, USS_CLAMP=False,
+                               ROW_MARGINS=True, CURRICULAR=True, FILTER=True, K=2, KP=2),
+}
+"""The margin family's forms (its cosine kernels only: the products compile as for the
+others, K sub-centres being K columns per class there)."""
 
 
-def fused_kernels(dtype, d, options):
+def fused_kernels(dtype, d, options, cos_only=False):
     """(label, kernel, constexprs, tiles, is_product) of the fused objective's launches in one
     form: the forward's cosine kernel (W and bank programs; the pairs form also stores its
     USS gradient tiles) and its ∂x product (pairs), the backward's cosine kernel (W programs;
-    bank programs for lse), ∂W and ∂x."""
+    bank programs for lse), ∂W and ∂x (not with `cos_only`)."""
     from unitsface_kernels.triton import fused
     from unitsface_kernels.triton.config import fused_config
     from unitsface_kernels.triton.loads import TL_DTYPES
@@ -119,8 +137,8 @@ def fused_kernels(dtype, d, options):
     common = dict(HAS_INDEX=True, HAS_LABELS=False, IN_BATCH=False, HAS_VALID=True,
                   UPCAST=False, XT=TL_DTYPES[dtype], VECTOR_BIAS=False,
                   SCALE_G=dtype != torch.float16)
-    cos = dict(common, **options, BLOCK_M=cfg.cos.block_m, BLOCK_N=cfg.cos.block_n,
-               BK=cfg.cos.bk)
+    cos = dict(common, **dict(PLAIN_MARGIN, **options), BLOCK_M=cfg.cos.block_m,
+               BLOCK_N=cfg.cos.block_n, BK=cfg.cos.bk)
     fwd = dict(cos, BACKWARD=False, W_PROGS=True, BANK_PROGS=True, STORE_GW=False,
                COL_H=False, STORE_GB=not lse, ROW_GB=False, COL_GB=False, COL_HB=False)
     bwd = dict(cos, BACKWARD=True, W_PROGS=True, BANK_PROGS=lse, STORE_GW=True, COL_H=True,
@@ -131,6 +149,8 @@ def fused_kernels(dtype, d, options):
               XT=common["XT"],
               BLOCK_M=cfg.dw.block_m, BLOCK_N=cfg.dw.block_n, BK=cfg.dw.bk)
     out = [("fwd", fused._cos_kernel, fwd, cfg.cos, False)]
+    if cos_only:
+        return out + [("bwd", fused._cos_kernel, bwd, cfg.cos, False)]
     if not lse:
         out.append(("fwd", fused._dx_kernel, dict(dx, HAS_W=False, HAS_BANK=True), cfg.dx,
                     True))
@@ -154,7 +174,7 @@ def uss_kernels(dtype, d, options):
     ref_grad = o.pop("REF_GRAD")
     vector = o["VECTOR_BIAS"]
     common = dict(o, HAS_INDEX=False, HAS_LABELS=True, ARC=False, ST=False, EASY=False,
-                  UPCAST=False, XT=TL_DTYPES[dtype], SCALE_G=dtype != torch.float16)
+                  **PLAIN_MARGIN, UPCAST=False, XT=TL_DTYPES[dtype], SCALE_G=dtype != torch.float16)
     cos = dict(common, W_PROGS=False, BANK_PROGS=True, STORE_GW=False, COL_H=False,
                BLOCK_M=cfg.cos.block_m, BLOCK_N=cfg.cos.block_n, BK=cfg.cos.bk)
     fwd = dict(cos, BACKWARD=False, STORE_GB=False, ROW_GB=False, COL_GB=False, COL_HB=False)
@@ -179,27 +199,33 @@ HEADLINE = {(torch.bfloat16, 512), (torch.float16, 512)}
 their products and cosine tiles."""
 
 
-def compile_all(dtype, d, variants=False):
+def compile_all(dtype, d, variants=""):
     """Compile every kernel in the configuration the launchers pick for width d (the USS
-    family in each of its modes at the headline; with `variants`, the objective in every form
-    and option too)."""
+    family in each of its modes at the headline; with `variants` = "variants", the objective
+    in every form and option too; with "margins", the margin family's cosine kernels
+    alone)."""
     from types import SimpleNamespace
 
     from unitsface_kernels.triton import norms
     from unitsface_kernels.triton.loads import TL_DTYPES
 
     kernels = []
-    n_uss = None if (dtype, d) in HEADLINE else 1
-    for name, options in list(USS_VARIANTS.items())[:n_uss]:
-        for step, kernel, flags, launch, product in uss_kernels(dtype, d, options):
-            kernels.append((f"uss {step} {name}".replace("  ", " "), kernel, flags, launch,
-                            product))
-    for name, options in list(FUSED_VARIANTS.items())[:None if variants else 1]:
-        for step, kernel, flags, launch, product in fused_kernels(dtype, d, options):
-            kernels.append((f"{step} {name}".strip(), kernel, flags, launch, product))
-    kernels.append(("", norms._row_norms_kernel,
-                    dict(HAS_INDEX=True, BLOCK_R=32, BLOCK_D=256, XT=TL_DTYPES[dtype],
-                         UPCAST=False), SimpleNamespace(num_warps=4, num_stages=3), False))
+    if variants == "margins":
+        for name, options in MARGIN_VARIANTS.items():
+            for step, kernel, flags, launch, product in fused_kernels(dtype, d, options, True):
+                kernels.append((f"{step} {name}", kernel, flags, launch, product))
+    else:
+        n_uss = None if (dtype, d) in HEADLINE else 1
+        for name, options in list(USS_VARIANTS.items())[:n_uss]:
+            for step, kernel, flags, launch, product in uss_kernels(dtype, d, options):
+                kernels.append((f"uss {step} {name}".replace("  ", " "), kernel, flags, launch,
+                                product))
+        for name, options in list(FUSED_VARIANTS.items())[:None if variants else 1]:
+            for step, kernel, flags, launch, product in fused_kernels(dtype, d, options):
+                kernels.append((f"{step} {name}".strip(), kernel, flags, launch, product))
+        kernels.append(("", norms._row_norms_kernel,
+                        dict(HAS_INDEX=True, BLOCK_R=32, BLOCK_D=256, XT=TL_DTYPES[dtype],
+                             UPCAST=False), SimpleNamespace(num_warps=4, num_stages=3), False))
     problems = []
     for name, kernel, flags, launch, product in kernels:
         compiled = _compile(kernel, dtype, flags, launch)
@@ -294,19 +320,20 @@ def _spills_in_loops(compiled) -> tuple[int, int]:
     return sum(any(a <= s <= b for a, b in loops) for s in spills), len(spills)
 
 
-RUNS = [(t, d, False) for t, d in CASES] + [(torch.bfloat16, 512, True)]
+RUNS = ([(t, d, "") for t, d in CASES] + [(torch.bfloat16, 512, "variants")]
+        + [(t, 512, "margins") for t in (torch.bfloat16, torch.float16)])
 
 
 @pytest.mark.parametrize("triton_dir", [None, OLDEST_TRITON], ids=["this-triton", "triton-3.6"])
 @pytest.mark.parametrize("dtype,d,variants", RUNS,
-                         ids=[f"{_TL[t]}-D{d}" + ("-variants" if v else "") for t, d, v in RUNS])
+                         ids=[f"{_TL[t]}-D{d}" + (f"-{v}" if v else "") for t, d, v in RUNS])
 def test_kernels_compile_for_sm90(dtype, d, variants, triton_dir):
     pytest.importorskip("triton")
     if triton_dir is not None and not os.path.isdir(triton_dir):
         pytest.fail(f"{triton_dir} is missing: `make test` unpacks triton 3.6.0 there")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [triton_dir, ROOT, env.get("PYTHONPATH")]))
-    args = [_TL[dtype], str(d)] + (["variants"] if variants else [])
+    args = [_TL[dtype], str(d)] + ([variants] if variants else [])
     code = ("import runpy, sys, triton; print('triton', triton.__version__); "
             f"sys.argv = [''] + {args!r}; runpy.run_path({__file__!r}, run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -319,4 +346,4 @@ def test_kernels_compile_for_sm90(dtype, d, variants, triton_dir):
 
 if __name__ == "__main__":
     compile_all({v: k for k, v in _TL.items()}[sys.argv[1]], int(sys.argv[2]),
-                variants=sys.argv[3:] == ["variants"])
+                variants=sys.argv[3] if sys.argv[3:] else "")

@@ -25,6 +25,19 @@ dtype after the load: no host copy. Three kernels:
     into split-K slices whose fp32 partial sums carry over from chunk to chunk in program
     order (each slice adds to its own buffer); the slices are summed once at the end.
 
+The margin family (docs/design.md §1.5) lives in the W programs' epilogue, each of its
+settings a constexpr (:func:`margin_flags`), so CosFace/ArcFace compile as without it: the
+target's per-row margins and AdaFace's angle clip read per-row terms made once per call
+(margin_softmax.row_terms: no trigonometric function in a kernel), the curricular negatives
+and the inter-class filter are selects on the tile (margin_softmax.py). K sub-centres per
+class: a class tile's W programs are KP = K rounded up to a power of two, one per sub-tile of
+BLOCK_N / KP classes, each one GEMM over the slots (sub-centre r, class) then the class
+maximum and its first arg-max reduced in registers (:func:`_sub_centre_part`); the backward
+writes g to the arg-max slot's column of a g buffer with K columns per class (zeros in the
+others), so the two products run unchanged over the |S|·K sub-centre rows
+(:meth:`Sweep.sub_centre_rows`). The bank programs stay one per column tile (one bank row per
+class).
+
 g̃ is g scaled by the reference rows' inverse norms (g_ij / max(‖r_j‖, eps)), so that both
 products read raw rows: ∂x_i = Σ_j g̃_ij r_j is Σ_j g_ij r̂_j, and in ∂R the factor is the
 output row's. In fp16 that scaling could overflow (1/eps ≥ 1e5), so there g stays unscaled
@@ -44,7 +57,7 @@ order: the results are bitwise reproducible.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -52,23 +65,27 @@ import triton.language as tl
 
 from ..layouts import USS_STATS, UnitsfaceStat
 from ..options import UnitsfaceOptions, UssOptions
+from ..reference import class_row_ids
 from .config import Plan, check_dtype, plan
 from .finish import merge_lse, tangent_grad, uss_lse_finish
 from .loads import (TL_DTYPES, as_operand, inv_norm_of, out_dtype, ref_rows_ok, row_block,
                     rows_chunk, to_store, unit_rows, upcast_tiles)
-from .margin_softmax import softmax_grad, softmax_logits
+from .margin_softmax import (curricular_rows, needs_row_terms, row_margins, row_terms,
+                             softmax_grad, softmax_logits)
 from .maths import NEG_BIG, clamp, inv_norm, mma, scaled_cos, softplus_sigmoid
 from .norms import row_norms
 from .uss_terms import uss_grad, uss_pairs_grad, uss_row_stats, uss_terms
 
-__all__ = ["fused_forward", "fused_backward", "plan", "Sweep", "kernel_scalars"]
+__all__ = ["fused_forward", "fused_backward", "plan", "Sweep", "kernel_scalars", "margin_flags"]
 
 # The objective's per-row statistics are the rows of layouts.UnitsfaceStat (stats [7, B]):
 # the kernels read the softmax's lse and the USS part's four; the target logit and the USS
 # loss serve class-parallel training.
 # The forward's per-(column tile, row) partials fpart[tile, k, i]: max and sum-exp of z, the
 # target logit (W programs); the USS part (bank programs): pairs Σ softplus and Σ_j g'_ij
-# (the latter with the forward's row gradients); lse (max⁺, sumexp⁺, max⁻, sumexp⁻).
+# (the latter with the forward's row gradients); lse (max⁺, sumexp⁺, max⁻, sumexp⁻). With K
+# sub-centres, KP slots per column tile: fpart[tile·KP + part] (the W programs' sub-tiles;
+# the bank programs' rows in the first).
 FP_MAX, FP_SUMEXP, FP_TARGET, FP_USS, FP_GSUM = 0, 1, 2, 3, 4
 FP_USS_LSE = slice(3, 7)
 N_FP = 7
@@ -112,33 +129,133 @@ def _col_h(colp_ptr, g, cos, go, rb, S, cols, col_ok):
 
 
 @triton.jit
-def _softmax_part(x_ptr, w_ptr, nw_ptr, go_ptr, lse_ptr, rowp_ptr, colp_ptr, g_ptr,
+def _first_max(v, sub, KP: tl.constexpr):
+    """(max, first arg-max) over the middle axis of v [M, KP, N] (sub [1, KP, 1]: its index):
+    as reference.class_cosines, a NaN is the maximum (the first NaN), the lower index wins
+    ties. Standard reductions only (tl.max alone would drop a NaN)."""
+    nan = v != v
+    has_nan = tl.sum(nan.to(tl.int32), axis=1) > 0
+    top = tl.max(tl.where(nan, float("-inf"), v), axis=1)
+    at = tl.where(has_nan[:, None, :], nan, v == top[:, None, :])
+    return (tl.where(has_nan, float("nan"), top),
+            tl.min(tl.where(at, sub, KP), axis=1))
+
+
+@triton.jit
+def _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr,
+                     colp_ptr, g_ptr, rows, row_ok, inv_x, y, tile, part, col0, n_cols, B, S,
+                     D, gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
+                     BACKWARD: tl.constexpr, STORE_G: tl.constexpr, COL_H: tl.constexpr,
+                     HAS_INDEX: tl.constexpr, ARC: tl.constexpr, ST: tl.constexpr,
+                     EASY: tl.constexpr, ROW_MARGINS: tl.constexpr, NO_FALLBACK: tl.constexpr,
+                     ANGLE_CLIP: tl.constexpr, CURRICULAR: tl.constexpr, FILTER: tl.constexpr,
+                     K: tl.constexpr, KP: tl.constexpr, SCALE_G: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
+                     XT: tl.constexpr, UPCAST: tl.constexpr):
+    """A W program with K > 1 sub-centres per class: sub-tile `part` (of KP, K rounded up to
+    a power of two) of the class tile, its CN = BLOCK_N / KP classes as one BLOCK_M × BLOCK_N
+    GEMM over the slots (sub-centre r, class) — slot r·CN + c: row cls_c·K + r of W, norm
+    nw[j·K + r]; the slots r ≥ K are empty, −inf — then the class cosine, their maximum, and
+    its first arg-max (:func:`_first_max`, a NaN row is the maximum) as a reduction over each
+    class's KP slots (in-thread: a wgmma accumulator thread holds columns c and c + CN), the
+    epilogue on the class tile (forward: its statistics into fpart's slot gtile·KP + part;
+    backward: g goes to the arg-max slot, column j·K + r of the g buffer of width K·chunk,
+    zeros in the others). One accumulator, as for K = 1."""
+    CN: tl.constexpr = BLOCK_N // KP
+    tl.static_assert(BLOCK_N >= KP, "more sub-centres per class than columns in a class tile")
+    slot = tl.arange(0, BLOCK_N)
+    r = slot // CN
+    first = tile * BLOCK_N + part * CN  # the sub-tile's first class, chunk-local
+    local_s = first + slot % CN
+    ok_s = (local_s < n_cols) & (r < K)
+    if HAS_INDEX:
+        cls_s = tl.load(idx_ptr + col0 + local_s, mask=ok_s, other=-1).to(tl.int32)
+    else:
+        cls_s = tl.where(ok_s, col0 + local_s, -1)
+    sub_col = (col0 + local_s) * K + r  # the slot's sub-centre column of S
+    cos = scaled_cos(_dots(x_ptr, rows, row_ok, w_ptr, cls_s * K + r, ok_s, D,
+                           tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype), BK, XT, UPCAST),
+                     inv_x, inv_norm_of(nw_ptr, sub_col, ok_s, eps))
+    cos = tl.where((r < K)[None, :], cos, float("-inf"))
+    sub_r = tl.arange(0, KP)[None, :, None]
+    best, arg = _first_max(tl.reshape(cos, (BLOCK_M, KP, CN)), sub_r, KP)
+    local = first + tl.arange(0, CN)
+    col_ok = local < n_cols
+    if HAS_INDEX:
+        cls = tl.load(idx_ptr + col0 + local, mask=col_ok, other=-1).to(tl.int32)
+    else:
+        cls = tl.where(col_ok, col0 + local, -1)
+    d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2,
+                                                   mm, ROW_MARGINS, ANGLE_CLIP)
+    hard, t = curricular_rows(rt_ptr, rows, row_ok, B, CURRICULAR)
+    is_target = (y[:, None] == cls[None, :]) & col_ok[None, :]
+    c, z, z_t = softmax_logits(best, is_target, scale, d, cos_a, sin_a, a_sin_a, lo, hi, hard,
+                               t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP, CURRICULAR,
+                               FILTER)
+    if not BACKWARD:
+        _softmax_partials(rowp_ptr, z, z_t, is_target, col_ok, rows, row_ok,
+                          gtile * KP + part, B)
+    else:
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        g = softmax_grad(best, c, z, is_target, row_ok[:, None] & col_ok[None, :], lse, scale,
+                         cos_a, sin_a, lo, hi, hard, t, tau, ARC, ST, EASY, NO_FALLBACK,
+                         ANGLE_CLIP, CURRICULAR, FILTER)
+        hit = sub_r == arg[:, None, :]
+        if COL_H:  # (g·cos on the arg-max slot only: 0·NaN elsewhere would be NaN)
+            gc = tl.reshape(tl.where(hit, (g * best)[:, None, :], 0.0), (BLOCK_M, BLOCK_N))
+            go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
+            tl.store(colp_ptr + rb * (_N_CP * S) + sub_col, tl.sum(gc * go[:, None], axis=0),
+                     mask=ok_s)
+        if STORE_G:
+            g_s = tl.reshape(tl.where(hit, g[:, None, :], 0.0), (BLOCK_M, BLOCK_N))
+            _store_g(g_ptr, g_s, inv_norm_of(nw_ptr, sub_col, ok_s, eps), rows,
+                     local_s * K + r, row_ok, ok_s, g_stride * K, XT, SCALE_G, UPCAST)
+
+
+@triton.jit
+def _softmax_partials(rowp_ptr, z, z_t, is_target, col_ok, rows, row_ok, slot, B):
+    """The forward's partials of a class tile into fpart[slot]: per row the max and sum-exp
+    of z over the tile's columns, and the target logit where the row's target lies in it."""
+    out = rowp_ptr + slot * (_N_FP * B) + rows
+    zm = tl.where(col_ok[None, :], z, NEG_BIG)
+    m = tl.max(zm, axis=1)
+    se = tl.sum(tl.where(col_ok[None, :], tl.exp(zm - m[:, None]), 0.0), axis=1)
+    has_t = tl.sum(is_target.to(tl.int32), axis=1) > 0
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + B, se, mask=row_ok)
+    tl.store(out + 2 * B, tl.where(has_t, z_t, 0.0), mask=row_ok)
+
+
+@triton.jit
+def _softmax_part(x_ptr, w_ptr, nw_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr, g_ptr,
                   rows, row_ok, inv_x, y, cols, local, col_ok, cls, B, S, D, gtile, rb,
-                  g_stride, scale, m3, cos_m2, sin_m2, mm, eps,
+                  g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
                   BACKWARD: tl.constexpr, STORE_G: tl.constexpr, COL_H: tl.constexpr,
                   ARC: tl.constexpr, ST: tl.constexpr, EASY: tl.constexpr,
+                  ROW_MARGINS: tl.constexpr, NO_FALLBACK: tl.constexpr,
+                  ANGLE_CLIP: tl.constexpr, CURRICULAR: tl.constexpr, FILTER: tl.constexpr,
                   SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BK: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
-    """A W program: the margin softmax on one (row block, class tile)."""
+    """A W program: the margin softmax on one (row block, class tile), one row of W per class
+    (K = 1; :func:`_sub_centre_part` otherwise)."""
     inv_w = inv_norm_of(nw_ptr, cols, col_ok, eps)
     dots = _dots(x_ptr, rows, row_ok, w_ptr, cls, col_ok, D,
                  tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype), BK, XT, UPCAST)
     cos = scaled_cos(dots, inv_x, inv_w)
+    d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2,
+                                                   mm, ROW_MARGINS, ANGLE_CLIP)
+    hard, t = curricular_rows(rt_ptr, rows, row_ok, B, CURRICULAR)
     is_target = (y[:, None] == cls[None, :]) & col_ok[None, :]  # −1: padding, or no target
-    c, z, z_t = softmax_logits(cos, is_target, scale, m3, cos_m2, sin_m2, mm, ARC, ST, EASY)
+    c, z, z_t = softmax_logits(cos, is_target, scale, d, cos_a, sin_a, a_sin_a, lo, hi, hard,
+                               t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP, CURRICULAR,
+                               FILTER)
     if not BACKWARD:
-        out = rowp_ptr + gtile * (_N_FP * B) + rows
-        zm = tl.where(col_ok[None, :], z, NEG_BIG)
-        m = tl.max(zm, axis=1)
-        se = tl.sum(tl.where(col_ok[None, :], tl.exp(zm - m[:, None]), 0.0), axis=1)
-        has_t = tl.sum(is_target.to(tl.int32), axis=1) > 0
-        tl.store(out, m, mask=row_ok)
-        tl.store(out + B, se, mask=row_ok)
-        tl.store(out + 2 * B, tl.where(has_t, z_t, 0.0), mask=row_ok)
+        _softmax_partials(rowp_ptr, z, z_t, is_target, col_ok, rows, row_ok, gtile, B)
     else:
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         g = softmax_grad(cos, c, z, is_target, row_ok[:, None] & col_ok[None, :], lse, scale,
-                         cos_m2, sin_m2, ARC, ST, EASY)
+                         cos_a, sin_a, lo, hi, hard, t, tau, ARC, ST, EASY, NO_FALLBACK,
+                         ANGLE_CLIP, CURRICULAR, FILTER)
         if COL_H:
             _col_h(colp_ptr, g, cos, tl.load(go_ptr + rows, mask=row_ok, other=0.0), rb, S,
                    cols, col_ok)
@@ -216,32 +333,50 @@ def _uss_part(x_ptr, bank_ptr, nb_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr, ust
 
 @triton.jit
 def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, lab_ptr,
-                valid_ptr, bias_ptr, go_ptr, lse_ptr, ustats_ptr, rowp_ptr, colp_ptr,
+                valid_ptr, bias_ptr, go_ptr, lse_ptr, ustats_ptr, rt_ptr, rowp_ptr, colp_ptr,
                 gw_ptr, gb_ptr, B, S, D, col0, n_cols, n_row_blocks, tile0, g_stride,
-                scale, m3, cos_m2, sin_m2, mm, uss_m, uss_w, eps,
+                scale, m3, cos_m2, sin_m2, mm, tau, uss_m, uss_w, eps,
                 BACKWARD: tl.constexpr, W_PROGS: tl.constexpr, BANK_PROGS: tl.constexpr,
                 STORE_GW: tl.constexpr, COL_H: tl.constexpr, STORE_GB: tl.constexpr,
                 ROW_GB: tl.constexpr, COL_GB: tl.constexpr, COL_HB: tl.constexpr,
                 HAS_INDEX: tl.constexpr, HAS_LABELS: tl.constexpr, IN_BATCH: tl.constexpr,
                 ARC: tl.constexpr, ST: tl.constexpr, EASY: tl.constexpr,
-                USS_LSE: tl.constexpr, USS_CLAMP: tl.constexpr, HAS_VALID: tl.constexpr,
-                VECTOR_BIAS: tl.constexpr, SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BK: tl.constexpr, XT: tl.constexpr,
-                UPCAST: tl.constexpr):
+                ROW_MARGINS: tl.constexpr, NO_FALLBACK: tl.constexpr, ANGLE_CLIP: tl.constexpr,
+                CURRICULAR: tl.constexpr, FILTER: tl.constexpr, K: tl.constexpr,
+                KP: tl.constexpr, USS_LSE: tl.constexpr, USS_CLAMP: tl.constexpr,
+                HAS_VALID: tl.constexpr, VECTOR_BIAS: tl.constexpr, SCALE_G: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
+                XT: tl.constexpr, UPCAST: tl.constexpr):
     """Cosine tiles of the columns [col0, col0 + n_cols) (one chunk, or all): a program per
     (row block, column tile, reference matrix), row blocks fastest, then W before bank.
     Forward: rowp = fpart (N_FP per tile); backward: rowp = gsum (one row per tile),
     colp = cpart (CP_HW from W programs with COL_H, or from bank programs with COL_HB when
-    there are no W programs), g tiles into gw / gb (row i, column j − col0, row stride
-    g_stride). The settings are scalars: scale, m3, cos m2, sin m2, m2·sin m2, the USS margin
-    and weight λ, the normalisation eps."""
+    there are no W programs; S its width, |S|·K), g tiles into gw / gb (row i, column
+    j − col0, row stride g_stride; gw holds K sub-centre columns per class: column
+    K·(j − col0) + r, row stride K·g_stride). The settings are scalars: scale, m3, cos m2,
+    sin m2, m2·sin m2, τ, the USS margin and weight λ, the normalisation eps; the margin
+    family's per-row terms [8, B] (rt: margin_softmax.row_terms), read with ROW_MARGINS
+    (d_i, cos a_i, …, the angle clip's bounds) or CURRICULAR (HARD_i, T_i)."""
     pid = tl.program_id(0)
     rb = pid % n_row_blocks
     q = pid // n_row_blocks
-    if W_PROGS and BANK_PROGS:
-        tile = q // 2
+    # per column tile: KP W programs (one per sub-tile; KP = 1 without sub-centres), then
+    # the bank's; `part` is the W program's sub-tile, KP for the bank's
+    if KP == 1:
+        part = 0
+        if W_PROGS and BANK_PROGS:
+            tile = q // 2
+        else:
+            tile = q
+    elif W_PROGS and BANK_PROGS:
+        tile = q // (KP + 1)
+        part = q % (KP + 1)
+    elif W_PROGS:
+        tile = q // KP
+        part = q % KP
     else:
         tile = q
+        part = KP
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
     local = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = local < n_cols
@@ -259,15 +394,30 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
     # which matrix this program reads: decided at run time only when one launch holds both
     # kinds (a constexpr otherwise, so a single-kind kernel compiles one part alone)
     if W_PROGS and BANK_PROGS:
-        w_prog = q % 2 == 0
+        if KP == 1:
+            w_prog = q % 2 == 0
+        else:
+            w_prog = part < KP
     else:
         w_prog = W_PROGS
     if w_prog:
-        _softmax_part(x_ptr, w_ptr, nw_ptr, go_ptr, lse_ptr, rowp_ptr, colp_ptr, gw_ptr,
-                      rows, row_ok, inv_x, y, cols, local, col_ok, cls, B, S, D, gtile, rb,
-                      g_stride, scale, m3, cos_m2, sin_m2, mm, eps, BACKWARD, STORE_GW, COL_H,
-                      ARC, ST, EASY, SCALE_G, BLOCK_M, BLOCK_N, BK, XT, UPCAST)
+        if K == 1:
+            _softmax_part(x_ptr, w_ptr, nw_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr,
+                          gw_ptr, rows, row_ok, inv_x, y, cols, local, col_ok, cls, B, S, D,
+                          gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
+                          BACKWARD, STORE_GW, COL_H, ARC, ST, EASY, ROW_MARGINS, NO_FALLBACK,
+                          ANGLE_CLIP, CURRICULAR, FILTER, SCALE_G, BLOCK_M, BLOCK_N, BK, XT,
+                          UPCAST)
+        else:
+            _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr,
+                             colp_ptr, gw_ptr, rows, row_ok, inv_x, y, tile, part, col0, n_cols,
+                             B, S, D, gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau,
+                             eps, BACKWARD, STORE_GW, COL_H, HAS_INDEX, ARC, ST, EASY,
+                             ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER, K, KP,
+                             SCALE_G, BLOCK_M, BLOCK_N, BK, XT, UPCAST)
     else:
+        if KP > 1 and not BACKWARD:
+            gtile = gtile * KP  # fpart's slots: the first of the column tile's KP
         _uss_part(x_ptr, bank_ptr, nb_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr, ustats_ptr,
                   rowp_ptr, colp_ptr, gb_ptr, rows, row_ok, inv_x, y, cols, local, col_ok,
                   cls, B, S, D, gtile, rb, g_stride, scale, uss_m, uss_w, eps,
@@ -402,11 +552,24 @@ def kernel_scalars(o: UnitsfaceOptions | UssOptions) -> dict:
     under the interpreter, so float64 runs keep them in float64. The USS family is the USS
     part alone (λ = 1, no W programs: the softmax settings are unread)."""
     if isinstance(o, UssOptions):
-        return dict(scale=o.scale, m3=0.0, cos_m2=1.0, sin_m2=0.0, mm=0.0, uss_m=o.margin,
-                    uss_w=1.0, eps=o.eps)
+        return dict(scale=o.scale, m3=0.0, cos_m2=1.0, sin_m2=0.0, mm=0.0, tau=0.0,
+                    uss_m=o.margin, uss_w=1.0, eps=o.eps)
     return dict(scale=o.scale, m3=o.margin_cos, cos_m2=math.cos(o.margin_arc),
                 sin_m2=math.sin(o.margin_arc), mm=o.margin_arc * math.sin(o.margin_arc),
-                uss_m=o.uss_margin, uss_w=o.uss_weight, eps=o.eps)
+                tau=o.interclass_threshold, uss_m=o.uss_margin, uss_w=o.uss_weight, eps=o.eps)
+
+
+def margin_flags(o: UnitsfaceOptions | None) -> dict:
+    """The margin family's constexprs (docs/design.md §1.5; all off for the USS family, None):
+    ARC with per-row margins too (a_i may be anything), ROW_MARGINS where the target reads
+    the per-row terms (margin_softmax.row_terms), K the sub-centres per class."""
+    if o is None:
+        return dict(ARC=False, ST=False, EASY=False, ROW_MARGINS=False, NO_FALLBACK=False,
+                    ANGLE_CLIP=False, CURRICULAR=False, FILTER=False, K=1, KP=1)
+    return dict(ARC=o.arc or o.row_margins, ST=o.arcface_straight_through, EASY=o.easy_margin,
+                ROW_MARGINS=needs_row_terms(o), NO_FALLBACK=o.no_fallback, ANGLE_CLIP=o.angle_clip,
+                CURRICULAR=o.curricular, FILTER=o.interclass_threshold > 0.0, K=o.k,
+                KP=triton.next_power_of_2(o.k))
 
 
 @dataclass(frozen=True)
@@ -415,9 +578,11 @@ class Sweep:
     (W programs) and bank (bank programs: the objective's bank, or the USS family's reference
     rows) with their norms, column j reading row idx[j] (HAS_INDEX) or row j; the USS
     columns' labels `lab` (HAS_LABELS; else the class ids), validity (HAS_VALID) and
-    thresholds (one, or one per column: VECTOR_BIAS); the settings (:func:`kernel_scalars`);
-    the flags (constexprs) every launch shares. An absent tensor is another one of the call
-    (a pointer no kernel reads)."""
+    thresholds (one, or one per column: VECTOR_BIAS); the margin family's per-row terms `rt`
+    (margin_softmax.row_terms); the settings (:func:`kernel_scalars`); the flags (constexprs)
+    every launch shares (:func:`margin_flags` among them). An absent tensor is another one of
+    the call (a pointer no kernel reads). With K > 1 sub-centres, W's norms are per
+    sub-centre row (nw[j·K + r]); the products over them read :meth:`sub_centre_rows`."""
 
     x: torch.Tensor
     nx: torch.Tensor
@@ -430,6 +595,7 @@ class Sweep:
     lab: torch.Tensor
     valid: torch.Tensor
     bias: torch.Tensor
+    rt: torch.Tensor
     columns: int
     scalars: dict
     flags: dict
@@ -440,25 +606,38 @@ class Sweep:
         return dict(SCALE_G=x.dtype != torch.float16, XT=TL_DTYPES[x.dtype],
                     UPCAST=upcast_tiles(x.dtype))
 
+    def sub_centre_rows(self, index) -> Sweep:
+        """The sweep as the ∂W and ∂x products of W read it with K > 1: a column per sub-centre
+        row (column j·K + r: row idx[j]·K + r, or row j·K + r without an index), an int
+        vector of |S|·K made once per call on the device. The bank's products keep the
+        classes."""
+        k = self.flags["K"]
+        if k == 1:
+            return self
+        return replace(self, idx=self.idx if index is None else class_row_ids(index, k),
+                       columns=self.columns * k)
+
 
 def _thresholds(bias: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     return bias.detach().reshape(-1).to(acc).contiguous()
 
 
-def _objective_sweep(x, centres, bank, labels, index, bank_valid, bias, o: UnitsfaceOptions,
-                     nx, nw, nb) -> Sweep:
+def _objective_sweep(x, centres, bank, labels, index, bank_valid, bias, margin_rows,
+                     o: UnitsfaceOptions, nx, nw, nb) -> Sweep:
     has_uss = bank is not None
     b = _thresholds(bias, nx.dtype) if has_uss else nx
     return Sweep(
         x=x, nx=nx, labels=labels, w=centres, nw=nw, bank=bank if has_uss else centres,
         nb=nb if has_uss else nw, idx=index if index is not None else labels, lab=labels,
         valid=bank_valid if (has_uss and bank_valid is not None) else labels, bias=b,
-        columns=centres.shape[0] if index is None else index.shape[0],
+        rt=row_terms(margin_rows, o, nx),
+        columns=centres.shape[0] // o.k if index is None else index.shape[0],
         scalars=kernel_scalars(o),
-        flags=dict(HAS_INDEX=index is not None, HAS_LABELS=False, IN_BATCH=False, ARC=o.arc,
-                   ST=o.arcface_straight_through, EASY=o.easy_margin, USS_LSE=o.uss_lse,
-                   USS_CLAMP=o.uss_clamp, HAS_VALID=has_uss and bank_valid is not None,
-                   VECTOR_BIAS=has_uss and b.numel() > 1, **Sweep.operand_flags(x)))
+        flags=dict(HAS_INDEX=index is not None, HAS_LABELS=False, IN_BATCH=False,
+                   USS_LSE=o.uss_lse, USS_CLAMP=o.uss_clamp,
+                   HAS_VALID=has_uss and bank_valid is not None,
+                   VECTOR_BIAS=has_uss and b.numel() > 1, **margin_flags(o),
+                   **Sweep.operand_flags(x)))
 
 
 def cos_launch(p: Plan, s: Sweep, go, lse, ustats, rowp, colp, gw, gb, col0, n_cols, *,
@@ -466,39 +645,49 @@ def cos_launch(p: Plan, s: Sweep, go, lse, ustats, rowp, colp, gw, gb, col0, n_c
                row_gb=False, col_gb=False, col_hb=False):
     """One _cos_kernel launch over the columns [col0, col0 + n_cols) (see its doc)."""
     t = p.config.cos
-    grid = (p.row_blocks * triton.cdiv(n_cols, t.block_n) * (int(w_progs) + int(bank_progs)),)
+    grid = (p.row_blocks * triton.cdiv(n_cols, t.block_n)
+            * (s.flags["KP"] * int(w_progs) + int(bank_progs)),)
     _cos_kernel[grid](
         s.x, s.w, s.bank, s.nx, s.nw, s.nb, s.labels, s.idx, s.lab, s.valid, s.bias, go, lse,
-        ustats, rowp, colp, gw, gb, p.rows, s.columns, p.width, col0, n_cols, p.row_blocks,
-        col0 // t.block_n, p.chunk, **s.scalars,
+        ustats, s.rt, rowp, colp, gw, gb, p.rows, s.columns * s.flags["K"], p.width, col0,
+        n_cols, p.row_blocks, col0 // t.block_n, p.chunk, **s.scalars,
         BACKWARD=backward, W_PROGS=w_progs, BANK_PROGS=bank_progs, STORE_GW=store_gw,
         COL_H=col_h, STORE_GB=store_gb, ROW_GB=row_gb, COL_GB=col_gb, COL_HB=col_hb,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BK=t.bk, num_warps=t.num_warps,
         num_stages=t.num_stages, **s.flags)
 
 
-def dw_launch(p: Plan, s: Sweep, g, xg, r, nr, has_valid, cpart, dr, col0, n_cols):
+def dw_launch(p: Plan, s: Sweep, g, xg, r, nr, has_valid, cpart, dr, col0, n_cols,
+              per_class=1):
     """One _dw_kernel launch: the rows of ∂R (R = r, norms nr) of the columns
-    [col0, col0 + n_cols) from the chunk's gradient tile g and x̂' = xg."""
+    [col0, col0 + n_cols) from the chunk's gradient tile g and x̂' = xg; per_class = K with
+    the sweep's sub-centre columns (:meth:`Sweep.sub_centre_rows`: K per class of the chunk)."""
     t = p.config.dw
     n_feat = triton.cdiv(p.width, t.block_n)
     f = s.flags
+    col0, n_cols = col0 * per_class, n_cols * per_class
     _dw_kernel[(triton.cdiv(n_cols, t.block_m) * n_feat,)](
         g, xg, r, nr, s.idx, s.valid, cpart, dr, p.rows, s.columns, p.width, col0, n_cols,
-        p.chunk, n_feat, p.row_blocks, s.scalars["eps"], HAS_INDEX=f["HAS_INDEX"],
+        p.chunk * per_class, n_feat, p.row_blocks, s.scalars["eps"], HAS_INDEX=f["HAS_INDEX"],
         HAS_VALID=has_valid, SCALE_G=f["SCALE_G"], BLOCK_M=t.block_m, BLOCK_N=t.block_n,
         BK=t.bk, XT=f["XT"], UPCAST=f["UPCAST"], num_warps=t.num_warps,
         num_stages=t.num_stages)
 
 
-def dx_launch(p: Plan, s: Sweep, gw, gb, part, col0, n_cols, k, *, has_w, has_bank):
-    """One _dx_kernel launch: chunk k's split-K slices of ∂x (W and / or bank part)."""
+def dx_launch(p: Plan, s: Sweep, gw, gb, part, col0, n_cols, accumulate, *, has_w, has_bank,
+              per_class=1):
+    """One _dx_kernel launch: a chunk's split-K slices of ∂x (W and / or bank part), added to
+    `part` (`accumulate`) or written (the first); per_class = K with the sweep's sub-centre
+    columns (:meth:`Sweep.sub_centre_rows`, W alone: its K columns per class, slices K times
+    as wide)."""
+    assert per_class == 1 or not has_bank, "the bank's g tiles have one column per class"
     t = p.config.dx
     n_feat = triton.cdiv(p.width, t.block_n)
     f = s.flags
     _dx_kernel[(triton.cdiv(p.rows, t.block_m) * n_feat, p.splits)](
-        gw, s.w, s.nw, gb, s.bank, s.nb, s.idx, s.valid, part, p.rows, p.width, col0,
-        n_cols, p.chunk, p.k_split, n_feat, int(k > 0), s.scalars["eps"], HAS_W=has_w,
+        gw, s.w, s.nw, gb, s.bank, s.nb, s.idx, s.valid, part, p.rows, p.width,
+        col0 * per_class, n_cols * per_class, p.chunk * per_class, p.k_split * per_class,
+        n_feat, int(accumulate), s.scalars["eps"], HAS_W=has_w,
         HAS_BANK=has_bank, HAS_INDEX=f["HAS_INDEX"], HAS_VALID=f["HAS_VALID"],
         SCALE_G=f["SCALE_G"], BLOCK_M=t.block_m, BLOCK_N=t.block_n, BK=t.bk, XT=f["XT"],
         UPCAST=f["UPCAST"], num_warps=t.num_warps, num_stages=t.num_stages)
@@ -507,12 +696,6 @@ def dx_launch(p: Plan, s: Sweep, gw, gb, part, col0, n_cols, k, *, has_w, has_ba
 def go_unit_rows(x, go, nx, eps):
     """x̂' = go_i·x_i / max(‖x_i‖, eps) in x's dtype: the ∂R product's operand, made once."""
     return (x.to(nx.dtype) * (go / nx.clamp_min(eps))[:, None]).to(x.dtype)
-
-
-def _no_margin_family(o: UnitsfaceOptions) -> None:
-    # TODO(margins): the Triton kernels of the margin family (docs/design.md §1.5).
-    if o.margin_family:
-        raise NotImplementedError("the margin family is not in the Triton kernels yet")
 
 
 def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows, options,
@@ -524,28 +707,31 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows
     that part's per-row gradients, which need no global statistic: dx_rows = λ·∂USS_i/∂x_i
     [B, D] and db_rows = λ·∂USS_i/∂b [B] (zeros where there is no such part).
 
-    Returns (rows, stats [7, B] (the rows of layouts.UnitsfaceStat), ||x_i||, ||W[S_j]||,
-    ||bank[S_j]|| (empty without USS), dx_rows, db_rows)."""
+    Returns (rows, stats [7, B] (the rows of layouts.UnitsfaceStat), ||x_i||, the norms of
+    W's rows of S (K per class: ||W[S_j·K + r]|| at j·K + r), ||bank[S_j]|| (empty without
+    USS), dx_rows, db_rows)."""
     o = UnitsfaceOptions.unpack(options)
-    _no_margin_family(o)
     bsz, d = x.shape
     check_dtype(x.dtype, x.device)
     has_uss = bank is not None
     nx = row_norms(x)
-    nw = row_norms(centres, index, x.dtype)
+    nw = row_norms(centres, None if index is None else class_row_ids(index, o.k), x.dtype)
     nb = row_norms(bank, index, x.dtype) if has_uss else nx.new_empty(0)
-    s = _objective_sweep(x, centres, bank, labels, index, bank_valid, bias, o, nx, nw, nb)
+    s = _objective_sweep(x, centres, bank, labels, index, bank_valid, bias, margin_rows, o, nx,
+                         nw, nb)
     acc = nx.dtype
     uss_rows = bool(row_grads) and has_uss and not o.uss_lse
     p = plan(bsz, s.columns, d, x.dtype, x.device, 1 if uss_rows else 0)
-    fpart = torch.empty(p.class_tiles, N_FP, bsz, dtype=acc, device=x.device)
+    kp = s.flags["KP"]  # the W programs' slots of fpart per column tile (sub-tiles)
+    fpart = torch.empty(p.class_tiles * kp, N_FP, bsz, dtype=acc, device=x.device)
+    upart = fpart[::kp]  # the bank programs' slots
     gb = torch.empty(bsz, p.chunk if uss_rows else 0, dtype=out_dtype(x.dtype), device=x.device)
     part = torch.empty(p.splits if uss_rows else 0, bsz, d, dtype=acc, device=x.device)
     for k, (col0, n_cols) in enumerate(p.chunks()):
         cos_launch(p, s, nx, nx, nx, fpart, nx, gb, gb, col0, n_cols, backward=False,
                    w_progs=True, bank_progs=has_uss, store_gb=uss_rows)
         if uss_rows:
-            dx_launch(p, s, gb, gb, part, col0, n_cols, k, has_w=False, has_bank=True)
+            dx_launch(p, s, gb, gb, part, col0, n_cols, k > 0, has_w=False, has_bank=True)
     stats = torch.zeros(len(UnitsfaceStat), bsz, dtype=acc, device=x.device)
     stats[UnitsfaceStat.LSE] = merge_lse(fpart[:, FP_MAX], fpart[:, FP_SUMEXP])
     stats[UnitsfaceStat.TARGET] = fpart[:, FP_TARGET].sum(dim=0)
@@ -553,13 +739,13 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows
     if has_uss:
         if o.uss_lse:
             stats[UnitsfaceStat.USS_LOSS], stats[USS_STATS] = uss_lse_finish(
-                fpart[:, FP_USS_LSE], o.scale, o.uss_clamp)
+                upart[:, FP_USS_LSE], o.scale, o.uss_clamp)
         else:
-            stats[UnitsfaceStat.USS_LOSS] = fpart[:, FP_USS].sum(dim=0)
+            stats[UnitsfaceStat.USS_LOSS] = upart[:, FP_USS].sum(dim=0)
         rows = rows + o.uss_weight * stats[UnitsfaceStat.USS_LOSS]
     if uss_rows:
         dx_rows = tangent_grad(part.sum(dim=0), x, nx, o.eps)
-        db_rows = fpart[:, FP_GSUM].sum(dim=0) / -o.scale
+        db_rows = upart[:, FP_GSUM].sum(dim=0) / -o.scale
     elif row_grads:  # nothing of the kind here: the backward forms every part
         dx_rows, db_rows = nx.new_zeros(bsz, d), nx.new_zeros(bsz)
     else:
@@ -570,7 +756,8 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows
 def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias, margin_rows,
                    stats, nx, nw, nb, dx_rows, db_rows, options, needs):
     """(∂x, ∂centres, ∂bias): the unitsface_bwd op of unitsface_kernels.contract; empty where
-    not needed. ∂centres holds the rows of the index's classes (row j: class S_j).
+    not needed. ∂centres holds the rows of the index's classes (row j·K + r: sub-centre r of
+    class S_j).
 
     Per chunk of classes: the cosine kernel (W programs for ∂x and ∂W; bank programs only
     where the forward did not form the USS part's row gradients, or for per-class
@@ -580,7 +767,10 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
     need_dx, need_dw, need_db = (bool(v) for v in needs)
     bsz, d = x.shape
     has_uss = bank is not None
-    s = _objective_sweep(x, centres, bank, labels, index, bank_valid, bias, o, nx, nw, nb)
+    s = _objective_sweep(x, centres, bank, labels, index, bank_valid, bias, margin_rows, o, nx,
+                         nw, nb)
+    sw = s.sub_centre_rows(index)  # W's products: a column per sub-centre row
+    k = o.k
     n_cls = s.columns
     vector_bias = s.flags["VECTOR_BIAS"]
     fwd_rows = has_uss and not o.uss_lse and dx_rows.numel() > 0
@@ -591,26 +781,33 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
     row_gb = has_uss and need_db and not vector_bias and not fwd_rows
     col_gb = has_uss and need_db and vector_bias
     bank_progs = store_gb or row_gb or col_gb
-    p = plan(bsz, n_cls, d, x.dtype, x.device, int(w_progs) + int(store_gb))
+    p = plan(bsz, n_cls, d, x.dtype, x.device, k * int(w_progs) + int(store_gb))
     dev = x.device
-    gw = torch.empty(bsz, p.chunk if w_progs else 0, dtype=out_dtype(x.dtype), device=dev)
+    gw = torch.empty(bsz, p.chunk * k if w_progs else 0, dtype=out_dtype(x.dtype), device=dev)
     gb = torch.empty(bsz, p.chunk if store_gb else 0, dtype=out_dtype(x.dtype), device=dev)
     gsum = torch.empty(p.class_tiles if row_gb else 0, bsz, dtype=acc, device=dev)
-    cpart = torch.empty(p.row_blocks if (need_dw or col_gb) else 0, N_CP, n_cls, dtype=acc,
-                        device=dev)
+    cpart = torch.empty(p.row_blocks if (need_dw or col_gb) else 0, N_CP, n_cls * k,
+                        dtype=acc, device=dev)
     part = torch.empty(p.splits if need_dx else 0, bsz, d, dtype=acc, device=dev)
-    dw = torch.empty(n_cls if need_dw else 0, d, dtype=out_dtype(centres.dtype), device=dev)
+    dw = torch.empty(n_cls * k if need_dw else 0, d, dtype=out_dtype(centres.dtype),
+                     device=dev)
     xg = go_unit_rows(x, go, nx, o.eps) if need_dw else x
     if w_progs or bank_progs:
-        for k, (col0, n_cols) in enumerate(p.chunks()):
+        for chunk, (col0, n_cols) in enumerate(p.chunks()):
             cos_launch(p, s, go, stats[UnitsfaceStat.LSE], stats[USS_STATS], gsum, cpart, gw,
                        gb, col0, n_cols, backward=True, w_progs=w_progs, bank_progs=bank_progs,
                        store_gw=w_progs, col_h=need_dw, store_gb=store_gb, row_gb=row_gb,
                        col_gb=col_gb)
             if need_dw:
-                dw_launch(p, s, gw, xg, centres, nw, False, cpart, dw, col0, n_cols)
+                dw_launch(p, sw, gw, xg, centres, nw, False, cpart, dw, col0, n_cols, k)
             if need_dx:
-                dx_launch(p, s, gw, gb, part, col0, n_cols, k, has_w=True, has_bank=store_gb)
+                # with K > 1 the W and bank tiles differ in width: two launches, W first
+                both = store_gb and k == 1
+                dx_launch(p, sw, gw, gb, part, col0, n_cols, chunk > 0, has_w=True,
+                          has_bank=both, per_class=k)
+                if store_gb and not both:
+                    dx_launch(p, s, gw, gb, part, col0, n_cols, True, has_w=False,
+                              has_bank=True)
     dx = dbias = None
     if need_dx:
         dx = tangent_grad(part.sum(dim=0), x, nx, o.eps)
@@ -621,7 +818,7 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
         if vector_bias:  # one threshold per class: only the classes of S get one
             db = torch.zeros(bias.numel(), dtype=acc, device=dev)
             db[index if index is not None else slice(None)] = \
-                cpart[:, CP_GSUM].sum(dim=0) / -o.scale
+                cpart[:, CP_GSUM, :n_cls].sum(dim=0) / -o.scale
         elif fwd_rows:
             db = (go * db_rows).sum()
         else:

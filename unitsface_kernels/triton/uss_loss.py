@@ -23,7 +23,7 @@ from ..options import UssOptions
 from .config import check_dtype, plan
 from .finish import tangent_grad, uss_lse_finish
 from .fused import (CP_GSUM, FP_USS, FP_USS_LSE, N_CP, N_FP, Sweep, cos_launch, dw_launch,
-                    dx_launch, go_unit_rows, kernel_scalars)
+                    dx_launch, go_unit_rows, kernel_scalars, margin_flags)
 from .loads import out_dtype
 from .norms import row_norms
 
@@ -35,11 +35,10 @@ def _uss_sweep(x, ref, labels, ref_labels, ref_valid, bias, o: UssOptions, nx, n
     return Sweep(
         x=x, nx=nx, labels=labels, w=ref, nw=nr, bank=ref, nb=nr, idx=ref_labels,
         lab=ref_labels, valid=ref_valid if ref_valid is not None else ref_labels, bias=b,
-        columns=ref.shape[0], scalars=kernel_scalars(o),
-        flags=dict(HAS_INDEX=False, HAS_LABELS=True, IN_BATCH=o.in_batch, ARC=False, ST=False,
-                   EASY=False, USS_LSE=o.lse, USS_CLAMP=o.clamp,
-                   HAS_VALID=ref_valid is not None, VECTOR_BIAS=b.numel() > 1,
-                   **Sweep.operand_flags(x)))
+        rt=nx, columns=ref.shape[0], scalars=kernel_scalars(o),
+        flags=dict(HAS_INDEX=False, HAS_LABELS=True, IN_BATCH=o.in_batch, USS_LSE=o.lse,
+                   USS_CLAMP=o.clamp, HAS_VALID=ref_valid is not None,
+                   VECTOR_BIAS=b.numel() > 1, **margin_flags(None), **Sweep.operand_flags(x)))
 
 
 def uss_forward(x, ref, labels, ref_labels, ref_valid, bias, options):
@@ -98,7 +97,7 @@ def uss_backward(grad_rows, x, ref, labels, ref_labels, ref_valid, bias, stats, 
             if need_dr:
                 dw_launch(p, s, g, xg, ref, nr, ref_valid is not None, cpart, dr, col0, n_cols)
             if need_dx:
-                dx_launch(p, s, g, g, part, col0, n_cols, k, has_w=False, has_bank=True)
+                dx_launch(p, s, g, g, part, col0, n_cols, k > 0, has_w=False, has_bank=True)
     dx = dref = dbias = None
     if need_dx:
         dx = (go[:, None] * tangent_grad(part.sum(dim=0), x, nx, o.eps)).to(x.dtype)
