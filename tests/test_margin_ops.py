@@ -91,9 +91,11 @@ def _case(kind, dtype, sampled, with_bank, seed=0):
     # a few rows near their target and near each other, so that the curricular hard negatives,
     # the filter and the fallback all occur
     case["x"][:3] = case["centres"][case["labels"][:3] * k] + 0.3 * case["x"][:3]
-    rows = _margin_rows(kind, o, case["x"], case["centres"], case["labels"], gen)
     for name in ("x", "centres", "bank", "bias"):
         case[name] = case[name].to(dtype)
+    # the per-row inputs of the rounded inputs, as a caller makes them
+    rows = _margin_rows(kind, o, case["x"], case["centres"].to(case["x"].dtype),
+                        case["labels"], gen)
     if not with_bank:
         case.update(bank=None, bank_valid=None, bias=None)
     if rows is not None:
@@ -152,7 +154,11 @@ def test_margin_family_op_low_precision(backend, kind, dtype):
     got, got_g = _run(backend, args, go, needs)
     assert_close_loss(got[0], want[0], torch.float32 if dtype == torch.float32 else dtype)
     assert_close_grad(got_g[0], want_g[0], dtype, "x")
-    assert_close_grad(got_g[1], want_g[1], dtype, "centres")
+    # ∂W of a half-precision call is the product of the gradient tiles stored in x's dtype
+    # (docs/design.md §2) with x̂, then rounded to W's dtype: two roundings, and on 9 rows
+    # little averaging between them (gradient cosine ≥ 0.99999 here, §7 asks ≥ 0.999)
+    assert_close_grad(got_g[1], want_g[1], dtype, "centres",
+                      roundings=3 if dtype == torch.bfloat16 else 2)
 
 
 def test_reference_sub_centre_gradient_reaches_the_arg_max_row_only():

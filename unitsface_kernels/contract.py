@@ -216,21 +216,13 @@ def _fake_backward(family: Family):
     return fake
 
 
-def class_row_ids(index: torch.Tensor, k: int) -> torch.Tensor:
-    """The rows of centres that hold the classes index[j] with K = k sub-centres each:
-    index[j]·k + r in the order (j, r), sorted as index is."""
-    if k == 1:
-        return index
-    return (index[:, None] * k + torch.arange(k, device=index.device)).reshape(-1)
-
-
 def expand_rows(grad: torch.Tensor, index, shape, sparse: bool, k: int = 1) -> torch.Tensor:
     """The gradient of the rows of the classes index[j] (rows j·k … j·k + k − 1 of `grad`) as
     the gradient of the whole tensor of `shape`: a sparse COO tensor of those rows
     (``sparse``), else dense with zero rows elsewhere."""
     if index is None:
         return grad
-    index = class_row_ids(index, k)
+    index = reference.class_row_ids(index, k)
     if sparse:
         return torch.sparse_coo_tensor(index[None], grad, tuple(shape), is_coalesced=True)
     return grad.new_zeros(tuple(shape)).index_copy_(0, index, grad)

@@ -9,7 +9,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .. import contract, margin_calls, margins
+from .. import margin_calls, margins, reference
 from ..margin_calls import MarginCall
 
 
@@ -59,7 +59,7 @@ class MarginHead(nn.Module):
 
     def weight_rows(self, index: Optional[Tensor]) -> Optional[Tensor]:
         """The rows of ``weight`` of the classes of a partial-FC index (all K of each)."""
-        return None if index is None else contract.class_row_ids(index, self.sub_centers)
+        return None if index is None else reference.class_row_ids(index, self.sub_centers)
 
     def margin_repr(self) -> str:
         return "" if self.margin is None else f", margin={self.margin!r}"
