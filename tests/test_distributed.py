@@ -683,9 +683,9 @@ def _margin_worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def margin_run(tmp_path_factory):
-    world = 2
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def margin_run(request, tmp_path_factory):
+    world = request.param
     tmp = tmp_path_factory.mktemp("margin_dist")
     mp.spawn(_margin_worker, args=(world, str(tmp / "init"), str(tmp)), nprocs=world,
              join=True)
@@ -696,7 +696,7 @@ def margin_run(tmp_path_factory):
 @pytest.mark.parametrize("backend", ["triton", "native", "reference"])
 @pytest.mark.parametrize("name", list(MARGIN_SCENARIOS))
 def test_margin_step_matches_single_process(margin_run, name, backend):
-    """A sharded margin step (2 ranks) equals the single-process one over the global batch:
+    """A sharded margin step (2 and 3 ranks) equals the single-process one over the global batch:
     the loss and the moving statistics on every rank, w·∂L/∂x of each rank's rows (MagFace's
     gradient into the norm counted once), ∂W of the shards' K rows per class, ∂b."""
     if backend not in _backends():
