@@ -55,7 +55,8 @@ enum StateRow : int {
   kUh = 10,     //      pairs: Σ g·cos | lse: Σ_N e^{z⁻ − m⁻}·cos, relative to m⁻ (row_grads)
   kUg = 11,     //      pairs: Σ g                                           (row_grads)
   kUcp = 12,    //      lse: the cosine of the positive                      (row_grads)
-  kStateRows = 13,
+  kSo = 13,     // softmax: Σ_{c ≠ y} e^{z − m}, relative to m (row_grads): 1 − p_y = So/S
+  kStateRows = 14,
 };
 
 // The backward's per-split row sums: [kBwdRows, ns, B].

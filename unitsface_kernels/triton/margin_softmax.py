@@ -15,8 +15,10 @@ statement is reference.target_logit).
 f and f' are evaluated once per row (on the row's target cosine, picked out of the tile by a
 row reduction), never on the whole tile: the tile's only transcendental is the exp of the
 softmax. The trigonometric constants come precomputed: cos m2, sin m2 and m2·sin m2. A NaN
-cosine stays NaN through the clamp and f; its own gradient is zero (as the clamp's in the
-reference), and the NaN reaches the gradients through the softmax and the normalisation.
+cosine stays NaN through the clamp and f, and so does its gradient: the clamp's gradient is
+zero only where it is active, 1 at a NaN (reference.clamp_sym), so the NaN reaches ∂W of every
+column the row meets, in every feature, even where ∂W has no projection (a centre below the
+eps), as in the reference (docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -84,9 +86,9 @@ def softmax_logits(cos_raw, is_target, scale, m3, cos_m2, sin_m2, m2_sin_m2, ARC
 @triton.jit
 def softmax_grad(cos_raw, c, z, is_target, ok, lse, scale, cos_m2, sin_m2, ARC: tl.constexpr,
                  ST: tl.constexpr, EASY: tl.constexpr):
-    """∂L_i/∂cos_ic of the tile (zero outside `ok` and where the [−1, 1] clamp is active or the
-    cosine is NaN: the gradient of the reference's clamp); f' is taken per row."""
+    """∂L_i/∂cos_ic of the tile (zero outside `ok` and where the [−1, 1] clamp is active: the
+    gradient of the reference's clamp, NaN at a NaN cosine); f' is taken per row."""
     p = tl.exp(z - lse[:, None])
     slope = target_slope(target_cos(c, is_target), cos_m2, sin_m2, ARC, ST, EASY)
     g = scale * tl.where(is_target, (p - 1.0) * slope[:, None], p)
-    return tl.where(ok & (cos_raw >= -1.0) & (cos_raw <= 1.0), g, 0.0)
+    return tl.where(ok & ~((cos_raw < -1.0) | (cos_raw > 1.0)), g, 0.0)
