@@ -15,6 +15,7 @@
 // Margin softmax (§1.2), per class column:
 //   z = s·clamp(cos, −1, 1) (non-target),  z_iy = s·f(clamp(cos_iy))  (target)
 //   ∂/∂cos = s·p (non-target), s·(p − 1)·f'(c) (target),  0 where the [−1, 1] clamp is active
+//            (NaN at a NaN cosine: it reaches ∂W of every column the row meets)
 // The margin family (§1.5), per class: c = the max of its K sub-centre cosines, clamped to
 //   ±lim; z = s·n(c) (n: curricular, inter-class filter) or s·f(c; a_i, d_i) (per-row margins,
 //   no fallback, angle clip); ∂/∂c = s·p·n'(c) | s·(p − 1)·f'(c) (family_z, family_kappa).
@@ -136,6 +137,16 @@ UF_HOST_DEVICE T clamp_sym(T z, T s) {
 template <typename T>
 UF_HOST_DEVICE T clamp_unit(T c) {
   return c < T(-1) ? T(-1) : (c > T(1) ? T(1) : c);
+}
+// where the clamp to [−lim, lim] passes its gradient: not where it is active, and at a NaN
+// (whose gradient, NaN, must reach ∂W of every column the row meets, reference.clamp_sym)
+template <typename T>
+UF_HOST_DEVICE bool clamp_inactive(T c, T lim) {
+  return !((c < -lim) | (c > lim));
+}
+template <typename T>
+UF_HOST_DEVICE bool clamp_unit_inactive(T c) {
+  return clamp_inactive<T>(c, T(1));
 }
 template <typename T>
 UF_HOST_DEVICE T inv_norm(T norm, T eps) {
@@ -402,18 +413,18 @@ UF_HOST_DEVICE T softmax_z(T cos_raw, bool target, const SoftmaxParams<T>& p) {
   return p.scale * (target ? target_logit<T>(c, p) : c);
 }
 // ∂L_i/∂cos_ic of a non-target class given the row's final lse: s·p (zero where the
-// [−1, 1] clamp is active). The CPU loops call it for every column but the target.
+// [−1, 1] clamp is active; NaN at a NaN cosine). The CPU loops call it for every column but the target.
 template <typename T>
 UF_HOST_DEVICE T softmax_grad_other(T cos_raw, T z, T lse, T scale) {
   const T g = scale * uf_exp<T>(z - lse);
-  return ((cos_raw >= T(-1)) & (cos_raw <= T(1))) ? g : T(0);
+  return clamp_unit_inactive<T>(cos_raw) ? g : T(0);
 }
 // κ = ∂(z_iy / s)/∂cos_raw of the target: f'(clamp(cos)) where the [−1, 1] clamp is
-// inactive, 0 where it is active
+// inactive (a NaN cosine included), 0 where it is active
 template <typename T>
 UF_HOST_DEVICE T target_kappa(T cos_raw, const SoftmaxParams<T>& p) {
   const T slope = target_slope<T>(clamp_unit<T>(cos_raw), p);
-  return ((cos_raw >= T(-1)) & (cos_raw <= T(1))) ? slope : T(0);
+  return clamp_unit_inactive<T>(cos_raw) ? slope : T(0);
 }
 // ∂L_i/∂cos_ic given the row's final lse: s·p (non-target), s·(p − 1)·κ (target)
 template <typename T>
@@ -434,7 +445,7 @@ template <typename T>
 UF_HOST_DEVICE T family_kappa(T cos_raw, bool target, const RowTerms<T>& r) {
   const T c = clamp_sym<T>(cos_raw, r.p.lim);
   const T slope = target ? target_slope<T>(c, r.p) : negative_slope<T>(c, r.hard, r.t, r.p);
-  return ((cos_raw >= -r.p.lim) & (cos_raw <= r.p.lim)) ? slope : T(0);
+  return clamp_inactive<T>(cos_raw, r.p.lim) ? slope : T(0);
 }
 // ∂L_i/∂c of a class given the row's final lse: s·(p − [target])·κ
 template <typename T>

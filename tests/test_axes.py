@@ -17,8 +17,7 @@ the partial-FC index and of invalid reference rows must be exactly zero; an fp32
 half-precision x must not come out rounded to x's dtype. NaN must reach exactly the rows of
 each output that it reaches in the float64 reference (rows too large for a half dtype
 excepted). A bad argument must raise a TypeError or ValueError naming it, on every backend,
-and leave every input unchanged. The emulated CUDA sweep takes half-precision x without its
-forward's per-row gradients (a known bug, test_emulation_row_grads_of_a_confident_row).
+and leave every input unchanged.
 
 The draw count per family is fixed for CI (DRAWS); UNITSFACE_AXES_DRAWS=N runs N per family.
 The coverage — draws per axis value, and the backends that ran on each — is printed once per
@@ -27,7 +26,6 @@ run (pytest -s) and every value must be hit by every backend.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
@@ -38,8 +36,8 @@ import pytest
 import torch
 from helpers import (DTYPES, FORMS, INTERPRETING, LOSS_RTOL, REQUIRE_NATIVE, cuda_emulation,
                      grad_rtol, rel_err)
-from unitsface_kernels import (contract, fused_margin_softmax_loss, fused_unitsface_loss,
-                               fused_uss_loss, native, sample_classes)
+from unitsface_kernels import (fused_margin_softmax_loss, fused_unitsface_loss, fused_uss_loss,
+                               native, sample_classes)
 from unitsface_kernels.options import EPS
 
 FAMILIES = ("uss-bank", "uss-inbatch", "uss-centres", "softmax", "unitsface")
@@ -375,24 +373,12 @@ def _call(family, t, kw, layouts, backend):
     return loss.detach(), dict(zip(names, grads))
 
 
-@contextlib.contextmanager
-def _sweep_dx():
-    """The native forward without per-row gradients (∂x from the backward's sweep)."""
-    saved = contract.ROW_GRADS
-    contract.ROW_GRADS = {k for k in saved if k[1] != "native"}
-    try:
-        yield
-    finally:
-        contract.ROW_GRADS = saved
-
-
 def _run(family, t, kw, layouts, backend):
-    """One backend on the draw. The emulated CUDA sweep takes half-precision x without the
-    forward's per-row gradients: their ∂x is a known bug there
-    (test_emulation_row_grads_of_a_confident_row), the backward's sweep is tested instead."""
+    """One backend on the draw (the emulated CUDA sweep with the forward's per-row gradients,
+    as on a GPU; its backward's ∂x sweep is tested in tests/test_cuda_emu.py)."""
     if backend != EMULATION:
         return _call(family, t, kw, layouts, backend)
-    with cuda_emulation(), (_sweep_dx() if t["x"].dtype in HALF else contextlib.nullcontext()):
+    with cuda_emulation():
         return _call(family, t, kw, layouts, backend)
 
 
@@ -527,9 +513,7 @@ def coverage_report():
         print(f"\naxes coverage, {family}: {sum(counts['kind'].values())} draws on "
               f"{', '.join(backends)}; "
               + ("every value ran on every backend" if everywhere else "NOT every backend ran"
-                 " on every value")
-              + (f" ({EMULATION}: half-precision x without the forward's per-row gradients)"
-                 if EMULATION in backends else ""))
+                 " on every value"))
         for axis, values in _axes(family).items():
             cells = []
             for v in values:
@@ -710,16 +694,57 @@ def test_centres_uss_invalid_rows_get_exactly_zero(form, data):
         assert torch.count_nonzero(grads["ref"][invalid]) == 0, backend
 
 
-@pytest.mark.xfail(strict=True, reason="known bug of the native CUDA sweep's per-row gradients: "
-                   "the softmax part accumulates e^{z−m}·κ·r̂ over every class (the target "
-                   "included) in tiles of x's dtype and subtracts the target's s·κ_t·r̂_y at the "
-                   "end, so the ∂x of a half-precision row whose target probability is near 1 "
-                   "is the rounding of that cancellation (~u·s), not s·(p_y − 1)")
+@pytest.mark.parametrize("family, index", [("softmax", False), ("softmax", True),
+                                           ("unitsface", False), ("unitsface", True),
+                                           ("uss-centres", False)],
+                         ids=["softmax", "softmax-pfc", "unitsface", "unitsface-pfc",
+                              "uss-centres"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("data", ["inf", "nan"])
+def test_inf_embedding_reaches_every_centre_gradient(family, dtype, data, index):
+    """An inf (or NaN) entry in one embedding, beside centres (and bank rows) of norm 0 and
+    below the eps: that row's cosines are NaN with every column, so its loss, its ∂x and the
+    ∂W of every column it meets are NaN in every entry (docs/design.md §5) — a sub-eps centre
+    included, whose ∂W has no projection to spread the NaN across its features: there the NaN
+    must come through the gradient g of the NaN cosine itself (the [−1, 1] clamp's gradient
+    is 1 at a NaN, not 0). The other rows stay finite, and centres outside the partial-FC
+    index exactly zero. Element by element against the float64 reference, on every backend."""
+    t = _case(family, b=7, n=9, d=6, dtype=dtype, seed=6, index=index)
+    name = "ref" if family.startswith("uss") else "centres"
+    if family.startswith("uss"):
+        t.pop("ref_valid")
+    cols = t["index"][[0, 1, 2]].tolist() if index else [2, 4, 5]
+    for rows in ("centres", "bank", "ref"):
+        if rows in t:
+            _tiny(t, rows, cols, [0.0, EPS * 1e-2, 0.0])
+    t["x"][2, 0] = math.inf if data == "inf" else math.nan
+    kw = dict(scale=30.0, reduction="none")
+    if family == "softmax":
+        kw.update(margin_arc=0.3, margin_cos=0.1)
+    touched = torch.zeros(t[name].shape[0], dtype=torch.bool)
+    touched[t["index"] if index else slice(None)] = True
+    for backend in _backends(family):
+        (loss, grads), (_, want) = _agrees(family, t, kw, backend)
+        where = f"{family} on {backend}"
+        assert torch.isnan(loss).tolist() == [i == 2 for i in range(7)], where
+        for k, g in grads.items():
+            assert torch.equal(torch.isnan(g), torch.isnan(want[k])), \
+                f"{where}, ∂{k}: NaN at {torch.isnan(g).nonzero().tolist()}, want " \
+                f"{torch.isnan(want[k]).nonzero().tolist()}"
+        assert torch.isnan(grads["x"][2]).all() and torch.isfinite(grads["x"][[0, 1, 3]]).all()
+        assert torch.isnan(grads[name][touched]).all(), f"{where}: ∂{name} not NaN everywhere"
+        assert torch.count_nonzero(grads[name][~touched]) == 0, where
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_emulation_row_grads_of_a_confident_row(dtype):
     """Half-precision x, two classes, CosFace at s = 64: row 5's target dominates (its float64
     ∂x is ~1e-12); the emulated CUDA sweep's forward per-row gradients, row by row, against the
-    float64 reference (the native CPU kernels, whose tiles are fp32, pass this)."""
+    float64 reference. The sweep once put the target's weight e^{z_t − m} ≈ 1 into its tile of
+    x's dtype and cancelled it against −s·κ_t·ŵ_y at the end (~u·s left); it now keeps the
+    target out of the tile and forms s·(p_y − 1) as −s·So/S from the other columns' sum-exp.
+    (The backends that form p_y − 1 as e^{z_t − lse} − 1 in fp32 — native CPU, Triton, the
+    CUDA backward's sweep — miss this row in bf16 by ~u₃₂·s: docs/mutation.md.)"""
     if EMULATION not in _backends("softmax"):
         pytest.skip("the native extension is not built")
     t = _case("softmax", b=8, n=2, d=10, dtype=dtype, seed=0, index=False)

@@ -119,7 +119,7 @@ void softmax_fwd_grads(const SoftmaxRows<T>& args, int64_t r0, int64_t r1) {
       const T raw = d[j];
       const T e = epi::uf_exp<T>(s * epi::clamp_unit<T>(raw) - m_new);
       const bool other = j != t;
-      const bool use = other & (raw >= T(-1)) & (raw <= T(1));
+      const bool use = other & epi::clamp_unit_inactive<T>(raw);
       se += other ? e : T(0);
       hw += use ? e * raw : T(0);
       g_out[j] = use ? e * a.inv_w[j] : T(0);

@@ -57,7 +57,8 @@ enum StateRow : int {
   kUg = 11,     //      pairs: Σ g                                           (row_grads)
   kUcp = 12,    //      lse: the cosine of the positive                      (row_grads)
   kTArg = 13,   // softmax, K > 1: the target's arg-max sub-centre r          (row_grads)
-  kStateRows = 14,
+  kSo = 14,     // softmax: Σ_{c ≠ y} e^{z − m}, relative to m (row_grads): 1 − p_y = So/S
+  kStateRows = 15,
 };
 
 // The backward's per-split row sums: [kBwdRows, ns, B].

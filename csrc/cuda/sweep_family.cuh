@@ -116,9 +116,6 @@ __device__ __forceinline__ void family_fwd_warp(const ChunkArgs<T, X>& a, const 
   const T m_new = max_keep<T>(m_old, cm);
   T se = 0, hw = 0;
   X* trow = Grads ? a.tiles + s.i * a.ld + s.base : nullptr;
-  const T gt = (Grads && s.tl >= 0)
-                   ? epi::uf_exp<T>(zt - m_new) * kappa_t * family_fold(a, wt)
-                   : T(0);
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {
     if (v * kWarpCols >= a.kw) break;
@@ -133,8 +130,7 @@ __device__ __forceinline__ void family_fwd_warp(const ChunkArgs<T, X>& a, const 
       if (Grads) {
         const T wk = ee * epi::family_kappa<T>(raw[v][e], false, rt);
         hw += other ? wk * raw[v][e] : T(0);  // (selects: a padded column may be garbage)
-        g[e] = other ? wk * family_fold(a, w[e]) : T(0);
-        g[e] = jj == s.tl ? gt : g[e];
+        g[e] = other ? wk * family_fold(a, w[e]) : T(0);  // (the target: 0)
       }
     }
     if (Grads) store4<X, T>(trow + v * kWarpCols + s.lane * 4, g);
@@ -142,11 +138,8 @@ __device__ __forceinline__ void family_fwd_warp(const ChunkArgs<T, X>& a, const 
   se = warp_sum<T>(se);
   if (Grads) hw = warp_sum<T>(hw);
   const T alpha = epi::uf_exp<T>(m_old - m_new);
-  if (s.tl >= 0) {
-    const T et = epi::uf_exp<T>(zt - m_new);
-    se += et;
-    if (Grads) hw += et * kappa_t * raw_t;
-  }
+  const T so = se;  // the other columns' sum-exp (the target stays out: softmax_fwd_warp)
+  if (s.tl >= 0) se += epi::uf_exp<T>(zt - m_new);
   if (s.lane == 0) {
     const T s_old = a.first ? T(0) : state_at(st, kS, s, a.ns, a.B);
     const T zt_old = a.first ? T(0) : state_at(st, kZt, s, a.ns, a.B);
@@ -156,6 +149,8 @@ __device__ __forceinline__ void family_fwd_warp(const ChunkArgs<T, X>& a, const 
     if (Grads) {
       const T hw_old = a.first ? T(0) : state_at(st, kHw, s, a.ns, a.B);
       state_at(st, kHw, s, a.ns, a.B) = hw_old * alpha + hw;
+      const T so_old = a.first ? T(0) : state_at(st, kSo, s, a.ns, a.B);
+      state_at(st, kSo, s, a.ns, a.B) = so_old * alpha + so;
       if (s.tl >= 0 || a.first) {
         state_at(st, kTRaw, s, a.ns, a.B) = raw_t;
         state_at(st, kTKappa, s, a.ns, a.B) = kappa_t;

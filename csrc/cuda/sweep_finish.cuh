@@ -50,13 +50,14 @@ __global__ void __launch_bounds__(kRowThreads) uf_fwd_finish(FinishArgs<T> a) {
   // softmax: (max, Σ) merged, the target logit
   T m = neg_big;
   for (int64_t k = 0; k < ns; ++k) m = max_keep<T>(m, st(kM, k));
-  T S = 0, zt = 0, hw = 0, traw = 0, tkappa = 0, targ = 0;
+  T S = 0, zt = 0, hw = 0, traw = 0, tkappa = 0, targ = 0, so = 0;
   for (int64_t k = 0; k < ns; ++k) {
     const T f = epi::uf_exp<T>(st(kM, k) - m);
     S += f * st(kS, k);
     zt += st(kZt, k);
     if (a.grads) {
       hw += f * st(kHw, k);
+      so += f * st(kSo, k);
       traw += st(kTRaw, k);
       tkappa += st(kTKappa, k);
       if (a.K > 1) targ += st(kTArg, k);
@@ -122,7 +123,8 @@ __global__ void __launch_bounds__(kRowThreads) uf_fwd_finish(FinishArgs<T> a) {
     a.rows[i] = lse - zt + (a.has_bank ? a.weight * uss : T(0));
   }
   if (!a.grads) return;
-  // ∂L_i/∂x_i: softmax: (s/S)·Σ_k f_k·acc_w[k] − s·κ_t·ŵ_t; USS pairs: + Σ_k acc_b[k];
+  // ∂L_i/∂x_i: softmax: (s/S)·Σ_k f_k·acc_w[k] (the other columns) + s·(p_t − 1)·κ_t·ŵ_t
+  // with p_t − 1 = −So/S (no cancellation when p_t ≈ 1); USS pairs: + Σ_k acc_b[k];
   // USS lse: + c_n·Σ_k f⁻_k·acc_b[k] − λ·s·σA'·b̂_t
   const T s = a.scale, lam = a.weight;
   const int64_t t = a.target[i];
@@ -131,7 +133,7 @@ __global__ void __launch_bounds__(kRowThreads) uf_fwd_finish(FinishArgs<T> a) {
   int64_t y = a.labels[i];
   y = y < 0 ? 0 : (y >= a.C ? a.C - 1 : y);
   const T p_norm = s / S;
-  const T coef_t = has_t ? -s * tkappa : T(0);
+  const T coef_t = has_t ? -tkappa * so * p_norm : T(0);
   // the target class's arg-max sub-centre row (K > 1)
   const int64_t t_sub = static_cast<int64_t>(targ);
   const T wt_coef = coef_t * a.inv_w[tcol * a.K + t_sub];

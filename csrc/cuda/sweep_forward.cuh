@@ -12,7 +12,12 @@ namespace cuda_sweep {
 // (max, Σ e^{z − m}) and target logit. With Grads (row_grads) also the weights of the ∂x
 // product, e^{z − m_new}·κ_c (·inv_w_c), written to the tile, the running Σ e^{z − m}·κ·cos,
 // the target's raw cosine and κ_t, and the lazy rescale of the accumulator row
-// (csrc/cpu/unitsface_row_grads.h has the maths; this is its per-split form).
+// (csrc/cpu/unitsface_row_grads.h has the maths; this is its per-split form). Unlike the CPU
+// loops, the target column stays out of the tile and of Σ e^{z − m}·κ·cos: its weight
+// e^{z_t − m} ≈ 1 would be rounded to x's dtype in the tile, and the finish's −s·κ_t·ŵ_y
+// would then cancel against it, leaving that rounding (~u·s) as the ∂x of a row with p_y ≈ 1.
+// The finish adds the target's whole term s·(p_y − 1)·κ_t = −s·κ_t·So/S instead, from the
+// running sum-exp of the other columns So (kSo), without cancellation.
 template <typename T, typename X, bool Grads>
 __device__ __forceinline__ void softmax_fwd_warp(const ChunkArgs<T, X>& a, const Slice& s) {
   const T neg_big = static_cast<T>(epi::kNegBig);
@@ -51,10 +56,6 @@ __device__ __forceinline__ void softmax_fwd_warp(const ChunkArgs<T, X>& a, const
   const T m_new = max_keep<T>(m_old, cm);
   T se = 0, hw = 0;
   X* trow = Grads ? a.tiles + s.i * a.ld + s.base : nullptr;
-  // the target column's weight e^{z_t − m}·κ_t (·inv_w), placed by a select below
-  const T gt = (Grads && s.tl >= 0)
-                   ? epi::uf_exp<T>(zt - m_new) * kappa_t * (a.fold_inv ? inv[s.tl] : T(1))
-                   : T(0);
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {
     if (v * kWarpCols >= a.kw) break;
@@ -67,25 +68,18 @@ __device__ __forceinline__ void softmax_fwd_warp(const ChunkArgs<T, X>& a, const
       const T ee = epi::uf_exp<T>(z[v][e] - m_new);
       se += other ? ee : T(0);
       if (Grads) {
-        const bool use = other & (raw[v][e] >= T(-1)) & (raw[v][e] <= T(1));
+        const bool use = other & epi::clamp_unit_inactive<T>(raw[v][e]);
         hw += use ? ee * raw[v][e] : T(0);
         g[e] = use ? ee * (a.fold_inv ? w[e] : T(1)) : T(0);
       }
     }
-    if (Grads) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) g[e] = col_of(s.lane, v, e) == s.tl ? gt : g[e];
-      store4<X, T>(trow + v * kWarpCols + s.lane * 4, g);
-    }
+    if (Grads) store4<X, T>(trow + v * kWarpCols + s.lane * 4, g);  // (the target: 0)
   }
   se = warp_sum<T>(se);
   if (Grads) hw = warp_sum<T>(hw);
   const T alpha = epi::uf_exp<T>(m_old - m_new);
-  if (s.tl >= 0) {
-    const T et = epi::uf_exp<T>(zt - m_new);
-    se += et;
-    if (Grads) hw += et * kappa_t * raw_t;
-  }
+  const T so = se;  // the other columns' sum-exp
+  if (s.tl >= 0) se += epi::uf_exp<T>(zt - m_new);
   if (s.lane == 0) {
     const T s_old = a.first ? T(0) : state_at(st, kS, s, a.ns, a.B);
     const T zt_old = a.first ? T(0) : state_at(st, kZt, s, a.ns, a.B);
@@ -95,6 +89,8 @@ __device__ __forceinline__ void softmax_fwd_warp(const ChunkArgs<T, X>& a, const
     if (Grads) {
       const T hw_old = a.first ? T(0) : state_at(st, kHw, s, a.ns, a.B);
       state_at(st, kHw, s, a.ns, a.B) = hw_old * alpha + hw;
+      const T so_old = a.first ? T(0) : state_at(st, kSo, s, a.ns, a.B);
+      state_at(st, kSo, s, a.ns, a.B) = so_old * alpha + so;
       if (s.tl >= 0 || a.first) {
         state_at(st, kTRaw, s, a.ns, a.B) = raw_t;
         state_at(st, kTKappa, s, a.ns, a.B) = kappa_t;

@@ -26,9 +26,10 @@ softmax. The trigonometric constants come precomputed: cos a, sin a and a·sin a
 from the host for m2, or per row for the margin family's a_i (:func:`row_terms`, made once
 per call on the device with the angle clip's bounds, HARD_i and T_i; the kernels read them
 through :func:`row_margins` and :func:`curricular_rows`); the same functions take either. A
-NaN cosine stays NaN through the clamp, f and n; its own gradient is zero (as the clamp's in
-the reference), and the NaN reaches the gradients through the softmax and the
-normalisation.
+NaN cosine stays NaN through the clamp, f and n, and so does its gradient: the clamp's
+gradient is zero only where it is active, 1 at a NaN (reference.clamp_sym), so the NaN reaches
+∂W of every column the row meets, in every feature, even where ∂W has no projection (a centre
+below the eps), as in the reference (docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -212,13 +213,13 @@ def negative_grad(p, c, hard, t, tau, CURRICULAR: tl.constexpr, FILTER: tl.const
 
 @triton.jit
 def clamp_cos(cos_raw, ANGLE_CLIP: tl.constexpr):
-    """(the cosines clamped to ±lim, where the clamp passes the gradient: |cos| ≤ lim, false
-    for NaN)."""
+    """(the cosines clamped to ±lim, where the clamp is active: |cos| > lim, false for NaN —
+    the clamp's gradient is zero only there, so a NaN's passes)."""
     if ANGLE_CLIP:
         return (clamp(cos_raw, -COS_LIMIT, COS_LIMIT),
-                (cos_raw >= -COS_LIMIT) & (cos_raw <= COS_LIMIT))
+                (cos_raw < -COS_LIMIT) | (cos_raw > COS_LIMIT))
     else:
-        return clamp(cos_raw, -1.0, 1.0), (cos_raw >= -1.0) & (cos_raw <= 1.0)
+        return clamp(cos_raw, -1.0, 1.0), (cos_raw < -1.0) | (cos_raw > 1.0)
 
 
 @triton.jit
@@ -248,12 +249,12 @@ def softmax_grad(cos_raw, c, z, is_target, ok, lse, scale, cos_m2, sin_m2, lo, h
                  tau, ARC: tl.constexpr, ST: tl.constexpr, EASY: tl.constexpr,
                  NO_FALLBACK: tl.constexpr, ANGLE_CLIP: tl.constexpr,
                  CURRICULAR: tl.constexpr, FILTER: tl.constexpr):
-    """∂L_i/∂cos_ic of the tile (zero outside `ok` and where the ±lim clamp is active or the
-    cosine is NaN: the gradient of the reference's clamp); f' is taken per row."""
+    """∂L_i/∂cos_ic of the tile (zero outside `ok` and where the ±lim clamp is active: the
+    gradient of the reference's clamp, NaN at a NaN cosine); f' is taken per row."""
     p = tl.exp(z - lse[:, None])
     slope = target_slope(target_cos(c, is_target), cos_m2, sin_m2, lo, hi, ARC, ST, EASY,
                          NO_FALLBACK, ANGLE_CLIP)
     g = scale * tl.where(is_target, (p - 1.0) * slope[:, None],
                          negative_grad(p, c, hard, t, tau, CURRICULAR, FILTER))
-    _, inside = clamp_cos(cos_raw, ANGLE_CLIP)
-    return tl.where(ok & inside, g, 0.0)
+    _, active = clamp_cos(cos_raw, ANGLE_CLIP)
+    return tl.where(ok & ~active, g, 0.0)
