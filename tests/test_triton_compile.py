@@ -23,7 +23,10 @@ forms ∂ref). The bf16 D=512 case also compiles the objective's other forms and
 the margin family's cosine kernels (`… margins`: curricular negatives with the inter-class
 filter and per-row margins, AdaFace's angle clip, K = 3 sub-centres; docs/design.md §1.5).
 At the headline (bf16 and fp16, D = 512) every kernel but the row norms must show no spill
-instruction inside a loop and every product on wgmma with N ≥ 128.
+instruction inside a loop and every product on wgmma with N ≥ 128, and the objective's forward
+cosine kernel (W and bank programs in one launch, every form compiled here: the pairs form's
+USS row gradients included, the margin family's forms) no spill at all, under both tritons
+(issue 24: its epilogue runs a column tile's USS part a quarter at a time, fused._uss_part).
 """
 
 from __future__ import annotations
@@ -239,6 +242,9 @@ def compile_all(dtype, d, variants=""):
             if report["spills_in_loops"]:
                 problems.append(f"{label}: {report['spills_in_loops']} spill instructions "
                                 "inside loops")
+            if name.startswith("fwd") and report["spill_bytes"] != 0:
+                problems.append(f"{label}: {report['spill_bytes']} bytes of spill stores "
+                                "(the objective's forward cosine kernel spills nothing)")
             narrow = [m for m in report["mma"] if not _wgmma_n(m) or _wgmma_n(m) < 128]
             if not report["mma"] or narrow:
                 problems.append(f"{label}: matrix instructions {sorted(report['mma'])} "
@@ -276,10 +282,10 @@ def _report(compiled) -> dict:
     spills = re.search(r"(\d+) bytes spill stores", log)
     inside, total = _spills_in_loops(compiled)
     if not (regs and spills):
-        return dict(text="no ptxas report", mma=mma, spills_in_loops=inside)
+        return dict(text="no ptxas report", mma=mma, spills_in_loops=inside, spill_bytes=None)
     return dict(text=f"{regs.group(1)} registers, {spills.group(1)} bytes of spill stores per "
                 f"thread, {inside} of {total} spill instructions in loops",
-                mma=mma, spills_in_loops=inside)
+                mma=mma, spills_in_loops=inside, spill_bytes=int(spills.group(1)))
 
 
 def _tool(name: str) -> str:

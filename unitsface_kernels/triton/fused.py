@@ -74,7 +74,7 @@ from .margin_softmax import (curricular_rows, needs_row_terms, row_margins, row_
                              softmax_grad, softmax_logits)
 from .maths import NEG_BIG, clamp, inv_norm, mma, scaled_cos, softplus_sigmoid
 from .norms import row_norms
-from .uss_terms import uss_grad, uss_pairs_grad, uss_row_stats, uss_terms
+from .uss_terms import uss_grad, uss_pairs_grad_signed, uss_row_stats, uss_terms
 
 __all__ = ["fused_forward", "fused_backward", "plan", "Sweep", "kernel_scalars", "margin_flags"]
 
@@ -265,13 +265,62 @@ def _softmax_part(x_ptr, w_ptr, nw_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_
 
 
 @triton.jit
-def _uss_part(x_ptr, bank_ptr, nb_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr, ustats_ptr,
-              rowp_ptr, colp_ptr, g_ptr, rows, row_ok, inv_x, y, cols, local, col_ok, cls,
-              B, S, D, gtile, rb, g_stride, scale, uss_m, uss_w, eps,
+def _halves(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The column halves [0, BLOCK_N/2) and [BLOCK_N/2, BLOCK_N) of a tile t [BLOCK_M,
+    BLOCK_N] (in the wgmma accumulator's layout both lie in every thread: no data moves)."""
+    return tl.split(tl.permute(tl.reshape(t, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _uss_pairs_fwd_cols(dots, local, rows, row_ok, inv_x, y, col0, n_cols, idx_ptr, lab_ptr,
+                        valid_ptr, nb_ptr, bias_ptr, g_ptr, g_stride, scale, uss_m, uss_w, eps,
+                        HAS_INDEX: tl.constexpr, HAS_LABELS: tl.constexpr,
+                        IN_BATCH: tl.constexpr, USS_CLAMP: tl.constexpr,
+                        HAS_VALID: tl.constexpr, VECTOR_BIAS: tl.constexpr,
+                        SCALE_G: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
+    """The pairs-form forward epilogue with the row gradients (the objective's USS part) on
+    the raw dots of the columns `local` (a quarter of a column tile: :func:`_uss_part`), the
+    columns' terms (class, validity, inverse norm, label, threshold) read for them alone:
+    stores g' = λ·∂USS/∂cos (g̃ with SCALE_G) and returns the per-row Σ softplus and Σ g'.
+    Pairs outside P ∪ N take z = −∞ (softplus 0, σ 0: what the sets' selects gave), so the
+    sign is the one mask the gradient reads."""
+    col_ok = local < n_cols
+    cols = col0 + local
+    if HAS_INDEX:
+        cls = tl.load(idx_ptr + cols, mask=col_ok, other=-1).to(tl.int32)
+    else:
+        cls = tl.where(col_ok, cols, -1)
+    bank_ok = ref_rows_ok(valid_ptr, cls, col_ok, HAS_VALID)
+    inv_b = inv_norm_of(nb_ptr, cols, bank_ok, eps)
+    cos = scaled_cos(dots, inv_x, inv_b)
+    if HAS_LABELS:
+        lj = tl.load(lab_ptr + cols, mask=bank_ok, other=-1).to(y.dtype)
+    else:
+        lj = cls.to(y.dtype)
+    if VECTOR_BIAS:
+        b = tl.load(bias_ptr + cls, mask=bank_ok, other=0.0).to(cos.dtype)[None, :]
+    else:
+        b = tl.load(bias_ptr).to(cos.dtype)
+    pos, neg, z = uss_terms(cos, y, lj, rows, cols, row_ok, bank_ok, b, scale, uss_m,
+                            IN_BATCH)
+    zc = clamp(z, -scale, scale) if USS_CLAMP else z
+    zc = tl.where(pos | neg, zc, float("-inf"))
+    sp, sig = softplus_sigmoid(zc)  # one exponential for the loss and the gradient
+    g = uss_w * uss_pairs_grad_signed(z, sig, pos, scale, USS_CLAMP)
+    _store_g(g_ptr, g, inv_b, rows, local, row_ok, col_ok, g_stride, XT, SCALE_G, UPCAST)
+    return tl.sum(sp, axis=1), tl.sum(g, axis=1)
+
+
+@triton.jit
+def _uss_part(x_ptr, bank_ptr, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr,
+              ustats_ptr, rowp_ptr, colp_ptr, g_ptr, rows, row_ok, inv_x, y, cols, local, col_ok,
+              cls,
+              B, S, D, tile, col0, n_cols, gtile, rb, g_stride, scale, uss_m, uss_w, eps,
               BACKWARD: tl.constexpr, STORE_G: tl.constexpr, ROW_G: tl.constexpr,
-              COL_G: tl.constexpr, COL_H: tl.constexpr, HAS_LABELS: tl.constexpr,
-              IN_BATCH: tl.constexpr, USS_LSE: tl.constexpr, USS_CLAMP: tl.constexpr,
-              HAS_VALID: tl.constexpr, VECTOR_BIAS: tl.constexpr, SCALE_G: tl.constexpr,
+              COL_G: tl.constexpr, COL_H: tl.constexpr, HAS_INDEX: tl.constexpr,
+              HAS_LABELS: tl.constexpr, IN_BATCH: tl.constexpr, USS_LSE: tl.constexpr,
+              USS_CLAMP: tl.constexpr, HAS_VALID: tl.constexpr, VECTOR_BIAS: tl.constexpr,
+              SCALE_G: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
               XT: tl.constexpr, UPCAST: tl.constexpr):
     """A bank program: λ·USS on one (row block, column tile) — the objective's part (column
@@ -280,55 +329,79 @@ def _uss_part(x_ptr, bank_ptr, nb_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr, ust
     g' = λ·∂USS_i/∂cos_ij, without go (the forward forms it for the pairs form: it needs no
     global statistic)."""
     bank_ok = ref_rows_ok(valid_ptr, cls, col_ok, HAS_VALID)
-    inv_b = inv_norm_of(nb_ptr, cols, bank_ok, eps)
+    SPLIT: tl.constexpr = not BACKWARD and not USS_LSE and STORE_G
+    if not SPLIT:
+        inv_b = inv_norm_of(nb_ptr, cols, bank_ok, eps)
     dots = _dots(x_ptr, rows, row_ok, bank_ptr, cls, bank_ok, D,
                  tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype), BK, XT, UPCAST)
-    cos = scaled_cos(dots, inv_x, inv_b)
-    if HAS_LABELS:
-        lj = tl.load(lab_ptr + cols, mask=bank_ok, other=-1).to(y.dtype)
-    else:
-        lj = cls
-    if VECTOR_BIAS:  # one threshold per column: b[c]
-        b = tl.load(bias_ptr + cls, mask=bank_ok, other=0.0).to(cos.dtype)[None, :]
-    else:
-        b = tl.load(bias_ptr).to(cos.dtype)
-    pos, neg, z = uss_terms(cos, y, lj, rows, cols, row_ok, bank_ok, b, scale, uss_m,
-                            IN_BATCH)
-    if not BACKWARD:
+    if SPLIT:
+        # the pairs form with the row gradients (the objective's forward, issue 24): its
+        # epilogue one quarter of the columns at a time, their per-column terms read for it
+        # alone, so that a quarter of the epilogue's tiles is live at once (the whole tile at
+        # once spilled: ~4 live 128 × 128 fp32 tiles, the masks and the columns' terms,
+        # beyond 255 registers). The quarters lie in every thread of the wgmma accumulator's
+        # layout: the split moves no data. The row sums add the quarters' sums in order.
+        QN: tl.constexpr = BLOCK_N // 4
+        h0, h1 = _halves(dots, BLOCK_M, BLOCK_N)
+        first = tile * BLOCK_N
+        sp_sum = tl.zeros((BLOCK_M,), dots.dtype)
+        g_sum = tl.zeros((BLOCK_M,), dots.dtype)
+        for h in tl.static_range(2):
+            q0, q1 = _halves(h0 if h == 0 else h1, BLOCK_M, BLOCK_N // 2)
+            for q in tl.static_range(2):
+                sp_q, g_q = _uss_pairs_fwd_cols(
+                    q0 if q == 0 else q1, first + (2 * h + q) * QN + tl.arange(0, QN), rows,
+                    row_ok, inv_x, y, col0, n_cols, idx_ptr, lab_ptr, valid_ptr, nb_ptr,
+                    bias_ptr, g_ptr, g_stride, scale, uss_m, uss_w, eps, HAS_INDEX,
+                    HAS_LABELS, IN_BATCH, USS_CLAMP, HAS_VALID, VECTOR_BIAS, SCALE_G, XT,
+                    UPCAST)
+                sp_sum += sp_q
+                g_sum += g_q
         out = rowp_ptr + gtile * (_N_FP * B) + 3 * B + rows  # FP_USS
-        if USS_LSE:
-            # one exponential per pair: each shifted by the maximum of its own set
-            m_p = tl.max(tl.where(pos, z, NEG_BIG), axis=1)
-            m_n = tl.max(tl.where(neg, z, NEG_BIG), axis=1)
-            e = tl.exp(z - tl.where(pos, m_p[:, None], m_n[:, None]))
-            tl.store(out, m_p, mask=row_ok)
-            tl.store(out + B, tl.sum(tl.where(pos, e, 0.0), axis=1), mask=row_ok)
-            tl.store(out + 2 * B, m_n, mask=row_ok)
-            tl.store(out + 3 * B, tl.sum(tl.where(neg, e, 0.0), axis=1), mask=row_ok)
+        tl.store(out, sp_sum, mask=row_ok)
+        tl.store(out + B, g_sum, mask=row_ok)  # FP_GSUM
+    else:
+        cos = scaled_cos(dots, inv_x, inv_b)
+        if HAS_LABELS:
+            lj = tl.load(lab_ptr + cols, mask=bank_ok, other=-1).to(y.dtype)
         else:
-            zc = clamp(z, -scale, scale) if USS_CLAMP else z
-            sp, sig = softplus_sigmoid(zc)  # one exponential for the loss and the gradient
-            tl.store(out, tl.sum(tl.where(pos | neg, sp, 0.0), axis=1), mask=row_ok)
+            lj = cls
+        if VECTOR_BIAS:  # one threshold per column: b[c]
+            b = tl.load(bias_ptr + cls, mask=bank_ok, other=0.0).to(cos.dtype)[None, :]
+        else:
+            b = tl.load(bias_ptr).to(cos.dtype)
+        pos, neg, z = uss_terms(cos, y, lj, rows, cols, row_ok, bank_ok, b, scale, uss_m,
+                                IN_BATCH)
+        if not BACKWARD:
+            out = rowp_ptr + gtile * (_N_FP * B) + 3 * B + rows  # FP_USS
+            if USS_LSE:
+                # one exponential per pair: each shifted by the maximum of its own set
+                m_p = tl.max(tl.where(pos, z, NEG_BIG), axis=1)
+                m_n = tl.max(tl.where(neg, z, NEG_BIG), axis=1)
+                e = tl.exp(z - tl.where(pos, m_p[:, None], m_n[:, None]))
+                tl.store(out, m_p, mask=row_ok)
+                tl.store(out + B, tl.sum(tl.where(pos, e, 0.0), axis=1), mask=row_ok)
+                tl.store(out + 2 * B, m_n, mask=row_ok)
+                tl.store(out + 3 * B, tl.sum(tl.where(neg, e, 0.0), axis=1), mask=row_ok)
+            else:
+                zc = clamp(z, -scale, scale) if USS_CLAMP else z
+                sp = softplus_sigmoid(zc)[0]  # (with the row gradients: above)
+                tl.store(out, tl.sum(tl.where(pos | neg, sp, 0.0), axis=1), mask=row_ok)
+        else:
+            a, fa, bn, fb = uss_row_stats(ustats_ptr, rows, row_ok, B)
+            g = uss_w * uss_grad(z, pos, neg, scale, a, fa, bn, fb, USS_LSE, USS_CLAMP)
+            if ROW_G:
+                tl.store(rowp_ptr + gtile * B + rows, tl.sum(g, axis=1), mask=row_ok)
+            if COL_G or COL_H:
+                go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
+                if COL_G:
+                    tl.store(colp_ptr + rb * (_N_CP * S) + S + cols,
+                             tl.sum(g * go[:, None], axis=0), mask=col_ok)  # CP_GSUM
+                if COL_H:
+                    _col_h(colp_ptr, g, cos, go, rb, S, cols, col_ok)
             if STORE_G:
-                g = uss_w * uss_pairs_grad(z, sig, pos, neg, scale, USS_CLAMP)
-                tl.store(out + B, tl.sum(g, axis=1), mask=row_ok)  # FP_GSUM
                 _store_g(g_ptr, g, inv_b, rows, local, row_ok, col_ok, g_stride, XT, SCALE_G,
                          UPCAST)
-    else:
-        a, fa, bn, fb = uss_row_stats(ustats_ptr, rows, row_ok, B)
-        g = uss_w * uss_grad(z, pos, neg, scale, a, fa, bn, fb, USS_LSE, USS_CLAMP)
-        if ROW_G:
-            tl.store(rowp_ptr + gtile * B + rows, tl.sum(g, axis=1), mask=row_ok)
-        if COL_G or COL_H:
-            go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
-            if COL_G:
-                tl.store(colp_ptr + rb * (_N_CP * S) + S + cols,
-                         tl.sum(g * go[:, None], axis=0), mask=col_ok)  # CP_GSUM
-            if COL_H:
-                _col_h(colp_ptr, g, cos, go, rb, S, cols, col_ok)
-        if STORE_G:
-            _store_g(g_ptr, g, inv_b, rows, local, row_ok, col_ok, g_stride, XT, SCALE_G,
-                     UPCAST)
 
 
 @triton.jit
@@ -418,11 +491,12 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
     else:
         if KP > 1 and not BACKWARD:
             gtile = gtile * KP  # fpart's slots: the first of the column tile's KP
-        _uss_part(x_ptr, bank_ptr, nb_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr, ustats_ptr,
-                  rowp_ptr, colp_ptr, gb_ptr, rows, row_ok, inv_x, y, cols, local, col_ok,
-                  cls, B, S, D, gtile, rb, g_stride, scale, uss_m, uss_w, eps,
-                  BACKWARD, STORE_GB, ROW_GB, COL_GB, COL_HB, HAS_LABELS, IN_BATCH, USS_LSE,
-                  USS_CLAMP, HAS_VALID, VECTOR_BIAS, SCALE_G, BLOCK_M, BLOCK_N, BK, XT,
+        _uss_part(x_ptr, bank_ptr, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr,
+                  ustats_ptr, rowp_ptr, colp_ptr, gb_ptr, rows, row_ok, inv_x, y, cols, local,
+                  col_ok, cls, B, S, D, tile, col0, n_cols, gtile, rb, g_stride, scale, uss_m,
+                  uss_w, eps, BACKWARD, STORE_GB, ROW_GB, COL_GB, COL_HB, HAS_INDEX,
+                  HAS_LABELS, IN_BATCH, USS_LSE, USS_CLAMP, HAS_VALID, VECTOR_BIAS, SCALE_G,
+                  BLOCK_M, BLOCK_N, BK, XT,
                   UPCAST)
 
 

@@ -57,6 +57,16 @@ def uss_pairs_grad(z, sig, pos, neg, scale, CLAMP: tl.constexpr):
 
 
 @triton.jit
+def uss_pairs_grad_signed(z, sig, pos, scale, CLAMP: tl.constexpr):
+    """:func:`uss_pairs_grad` where σ is already zero outside P ∪ N (z = −∞ there): −s·σ(z⁺)
+    (P), s·σ elsewhere; one mask instead of two."""
+    g = scale * sig
+    if CLAMP:
+        g = tl.where((z < -scale) | (z > scale), 0.0, g)
+    return tl.where(pos, -g, g)
+
+
+@triton.jit
 def uss_grad(z, pos, neg, scale, a, fa, bn, fb, LSE: tl.constexpr, CLAMP: tl.constexpr):
     """∂L_i/∂cos_ij of USS for the saved statistics, zero outside P ∪ N (for lse, fa = σ(A_i)
     is already zero where the clamp on A_i is active, fb likewise)."""
