@@ -3,6 +3,7 @@
     python -m benchmarks.cost_model                     # headline + partial FC 1M at rate 0.1
     python -m benchmarks.cost_model --classes 10000 --form lse
     python -m benchmarks.cost_model --inputs inputs.json --measure   # on a GPU (gpu_suite.sh)
+    python -m benchmarks.cost_model --sub-centers 3                  # sub-center ArcFace
 
 For the launch configuration that unitsface_kernels/triton/fused.py actually runs with on a
 GPU (its `plan`: class chunks, tiles, grids, split-K slices; valid on any machine, since the
@@ -124,11 +125,21 @@ _MUFU = {"softmax": 1, "uss_pairs_fwd": 4, "uss_pairs_bwd": 2, "uss_lse": 1}
 def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
                     dtype=torch.bfloat16, form: str = "pairs", rate: float = 1.0,
                     total_classes: int | None = None, sparse_grad: bool = False,
-                    g_in_hbm: bool = False, config=None) -> Model:
+                    g_in_hbm: bool = False, config=None, sub_centers: int = 1) -> Model:
     """The counts of one fused_unitsface_loss forward + backward (CosFace + λ·USS on a bank
     with a scalar threshold; x, W and b take gradients) at B = b, width d, |S| = n_classes
     sampled classes (of `total_classes`, when partial FC samples them: rate < 1), as
-    fused.plan lays it out for a GPU (`config`: a FusedConfig instead of the GPU default)."""
+    fused.plan lays it out for a GPU (`config`: a FusedConfig instead of the GPU default).
+
+    ``sub_centers`` K > 1 (sub-center ArcFace, docs/design.md §1.5): the W programs of a
+    class tile are KP = K rounded up to a power of two programs over (sub-centre, class)
+    slots (the cosine tiles of W cost KP× CosFace's, forward and backward), the ∂W and ∂x
+    products run over the |S|·K rows, the bank's stay per class. The maths needs the cosines
+    of all S·K rows, but the gradient of the arg-max row of each class only: useful work
+    counts 2·B·S·K·D for the forward W GEMM and 2·B·S·D for each of ∂x and ∂W. The margin
+    family's other settings add no FLOPs or bytes: per-row terms (O(B), made once per call)
+    and a compare, a select and an FMA per element of the W epilogue, ALU work this model
+    does not count (the measured times beside it do)."""
     from unitsface_kernels.triton.fused import plan
 
     cuda = torch.device("cuda")
@@ -137,8 +148,27 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
     lse = form == "lse"
     indexed = rate < 1.0
     s_cls = n_classes
+    k = sub_centers
+    kp = 1 << (k - 1).bit_length()  # the W programs per class tile
     m = Model()
-    m.useful_flops = 5 * 2 * b * s_cls * d
+    m.useful_flops = (4 + k) * 2 * b * s_cls * d
+
+    def cos_launch(phase, p, n_cols, *, w, bank, bank_g, row_outs, col_outs, mufu):
+        """_cos over a chunk: its W programs (over n_cols·KP slots) and bank programs."""
+        if k == 1 or not w:
+            _cos(m, phase, p, b, n_cols, d, e, acc, mats=int(w) + int(bank),
+                 g_bufs=int(w and phase == "backward") + int(bank_g), row_outs=row_outs,
+                 col_outs=col_outs, indexed=indexed, mufu=mufu, g_in_hbm=g_in_hbm)
+            return
+        _cos(m, phase, p, b, n_cols * kp, d, e, acc, mats=1, g_bufs=0, row_outs=row_outs,
+             col_outs=col_outs, indexed=indexed, mufu=mufu, g_in_hbm=g_in_hbm)
+        if phase == "backward":  # the gradient tile: K columns per class
+            m.add(phase, "_cos_kernel", "cosine tiles + loss epilogue", "cos", launches=0,
+                  l2=b * n_cols * k * e, hbm=b * n_cols * k * e if g_in_hbm else 0)
+        if bank:
+            _cos(m, phase, p, b, n_cols, d, e, acc, mats=1, g_bufs=int(bank_g), row_outs=0,
+                 col_outs=0, indexed=indexed, mufu=0, g_in_hbm=g_in_hbm)
+            m.add(phase, "_cos_kernel", "cosine tiles + loss epilogue", "cos", launches=-1)
 
     # ---- forward (fused.fused_forward): norms, then per chunk the cosine tiles of W and of
     # the bank (+ the bank's ∂x product in the pairs form: the forward forms that part)
@@ -148,10 +178,9 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
               hbm=rows * d * e + rows * acc + (rows * 8 if vec else 0),
               l2=rows * d * e + rows * acc)
     for _, n_cols in fwd.chunks():
-        _cos(m, "forward", fwd, b, n_cols, d, e, acc, mats=2, g_bufs=0 if lse else 1,
-             row_outs=3 + (4 if lse else 2), col_outs=0, indexed=indexed,
-             mufu=_MUFU["softmax"] + (_MUFU["uss_lse"] if lse else _MUFU["uss_pairs_fwd"]),
-             g_in_hbm=g_in_hbm)
+        cos_launch("forward", fwd, n_cols, w=True, bank=True, bank_g=not lse,
+                   row_outs=3 + (4 if lse else 2), col_outs=0,
+                   mufu=_MUFU["softmax"] + (_MUFU["uss_lse"] if lse else _MUFU["uss_pairs_fwd"]))
         if not lse:
             _dx(m, "forward", fwd, b, n_cols, d, e, acc, mats=1, indexed=indexed,
                 g_in_hbm=g_in_hbm)
@@ -172,12 +201,20 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
     pre = 2 * b * d * e + 3 * b * acc
     m.add("backward", "torch", "x̂' = go·x̂", hbm=pre, l2=pre, launches=1 + 5)
     for _, n_cols in bwd.chunks():
-        _cos(m, "backward", bwd, b, n_cols, d, e, acc, mats=2 if lse else 1,
-             g_bufs=2 if lse else 1, row_outs=1 if lse else 0, col_outs=1, indexed=indexed,
-             mufu=_MUFU["softmax"] + (_MUFU["uss_lse"] if lse else 0), g_in_hbm=g_in_hbm)
-        _dw(m, bwd, b, n_cols, d, e, acc, indexed=indexed, g_in_hbm=g_in_hbm)
-        _dx(m, "backward", bwd, b, n_cols, d, e, acc, mats=2 if lse else 1, indexed=indexed,
-            g_in_hbm=g_in_hbm)
+        cos_launch("backward", bwd, n_cols, w=True, bank=lse, bank_g=lse,
+                   row_outs=1 if lse else 0, col_outs=1,
+                   mufu=_MUFU["softmax"] + (_MUFU["uss_lse"] if lse else 0))
+        _dw(m, bwd, b, n_cols * k, d, e, acc, indexed=indexed, g_in_hbm=g_in_hbm)
+        if k == 1:
+            _dx(m, "backward", bwd, b, n_cols, d, e, acc, mats=2 if lse else 1,
+                indexed=indexed, g_in_hbm=g_in_hbm)
+        else:  # the W rows' product over S·K rows, the bank's (lse) over S
+            _dx(m, "backward", bwd, b, n_cols * k, d, e, acc, mats=1, indexed=indexed,
+                g_in_hbm=g_in_hbm)
+            if lse:
+                _dx(m, "backward", bwd, b, n_cols, d, e, acc, mats=1, indexed=indexed,
+                    g_in_hbm=g_in_hbm)
+                m.add("backward", "_dx_kernel", "∂x += g̃·R (split-K)", "dx", launches=-1)
     fin = bwd.splits * b * d * acc + 6 * b * d * acc + b * d * e
     if lse:
         fin += tiles * b * acc
@@ -413,6 +450,8 @@ def main(argv=None) -> None:
     ap.add_argument("--classes", type=int, default=100_000)
     ap.add_argument("--form", choices=["pairs", "lse"], default="pairs")
     ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    ap.add_argument("--sub-centers", type=int, default=1, metavar="K",
+                    help="fused_unitsface_loss with sub-center ArcFace's K rows per class")
     ap.add_argument("--g-in-hbm", action="store_true",
                     help="count the gradient tiles' round trip in HBM (L2 does not keep them)")
     ap.add_argument("--inputs", metavar="JSON",
@@ -445,8 +484,12 @@ def _print_plan(op: str, args, dt, devs) -> None:
         if args.measure:
             measured, step = measure(b, d, c, dtype=dt, form=args.form, rate=rate, op=op)
             title += f"; {torch.cuda.get_device_name()}: a step takes {step:.3f} ms"
+        extra = {}
+        if args.sub_centers > 1 and op == "fused_unitsface_loss":
+            extra = dict(sub_centers=args.sub_centers)
+            title += f", K = {args.sub_centers} sub-centres per class"
         print(report(count(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,
-                           g_in_hbm=args.g_in_hbm), title, devs, measured=measured))
+                           g_in_hbm=args.g_in_hbm, **extra), title, devs, measured=measured))
         if rate < 1.0:
             sparse = count(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,
                            sparse_grad=True, g_in_hbm=args.g_in_hbm)

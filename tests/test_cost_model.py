@@ -89,6 +89,27 @@ def test_uss_plan_counts_its_gemms(in_batch):
     assert cost_model.PLANS["fused_uss_loss_inbatch"](b, d, 7).useful_flops == 3 * 2 * b * b * d
 
 
+@pytest.mark.parametrize("form", ["pairs", "lse"])
+def test_sub_centres_count_their_rows(form):
+    """Sub-center ArcFace (K = 3): the W cosine tiles over KP = 4 slots per class, forward and
+    backward; ∂W and ∂x over the S·K rows; the bank's tiles unchanged; the same launches as
+    K = 1 (one cosine launch carries W and bank programs); useful work (4 + K) GEMMs."""
+    b, d, n, k = 256, 128, 1000, 3
+    one, three = (cost_model.fused_unitsface(b, d, n, dtype=torch.bfloat16, form=form,
+                                             config=CFG, sub_centers=kk) for kk in (1, k))
+    cols = lambda c: -(-c // 128) * 128  # noqa: E731 (whole 128-wide tiles)
+    gemm = lambda c: 2 * b * cols(c) * d  # noqa: E731
+    fwd = _entry(three, "forward", "_cos_kernel")
+    assert fwd.flops == gemm(4 * n) + gemm(n)  # W over 4 slots per class, the bank per class
+    assert _entry(three, "backward", "_cos_kernel").flops == gemm(4 * n) + (
+        gemm(n) if form == "lse" else 0)
+    assert _entry(three, "backward", "_dw_kernel").flops == 2 * b * cols(k * n) * d
+    assert [(x.phase, x.name, x.launches) for x in one.kernels] == [
+        (x.phase, x.name, x.launches) for x in three.kernels]
+    assert three.useful_flops == (4 + k) * 2 * b * n * d
+    assert three.time(device.PESSIMISTIC) > one.time(device.PESSIMISTIC)
+
+
 def test_presets_are_the_issue_s_bracket():
     """The pessimistic inputs are L2 5.5 TB/s and mm 450 TFLOP/s; the optimistic L2 8 TB/s;
     the headline prediction is worse with the pessimistic ones, and a measured file's fields
