@@ -205,14 +205,17 @@ def test_small_and_degenerate_batches(backend, name, shape):
                                   "elastic_cos_plus"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_against_float64(backend, name, dtype):
-    """float32 / bf16 / fp16 inputs against the float64 oracle of the same rounded inputs."""
+    """float32 / bf16 / fp16 inputs against the float64 oracle of the same rounded inputs.
+    Triton forms ∂x and ∂W from gradient tiles stored in x's dtype (docs/design.md §2): in
+    half precision one rounding more than the result's, so three roundings there."""
     c = _cast(_case(_margin(name), sampled=True, with_bank=True, seed=4), dtype)
     loss, grads, _ = _ours(c, backend)
     assert loss.dtype == torch.float32
     want, want_grads, _ = _theirs(_cast(c, torch.float64))
     assert_close_loss(loss, want, dtype)
     for n in ("x", "centres"):
-        assert_close_grad(grads[n], want_grads[n], dtype, n)
+        assert_close_grad(grads[n], want_grads[n], dtype, n,
+                          roundings=3 if backend == "triton" else 2)
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))

@@ -153,12 +153,12 @@ def test_margin_family_op_low_precision(backend, kind, dtype):
     want, want_g = _reference(args, go, needs)
     got, got_g = _run(backend, args, go, needs)
     assert_close_loss(got[0], want[0], torch.float32 if dtype == torch.float32 else dtype)
-    assert_close_grad(got_g[0], want_g[0], dtype, "x")
-    # ∂W of a half-precision call is the product of the gradient tiles stored in x's dtype
-    # (docs/design.md §2) with x̂, then rounded to W's dtype: two roundings, and on 9 rows
-    # little averaging between them (gradient cosine ≥ 0.99999 here, §7 asks ≥ 0.999)
-    assert_close_grad(got_g[1], want_g[1], dtype, "centres",
-                      roundings=3 if dtype == torch.bfloat16 else 2)
+    # Triton's ∂x and ∂W of a half-precision call are products of the gradient tiles stored
+    # in x's dtype (docs/design.md §2), then rounded to their own dtype: two roundings, and on
+    # 9 rows little averaging between them (gradient cosine ≥ 0.99999 here, §7 asks ≥ 0.999)
+    roundings = 3 if backend == "triton" else 2
+    assert_close_grad(got_g[0], want_g[0], dtype, "x", roundings=roundings)
+    assert_close_grad(got_g[1], want_g[1], dtype, "centres", roundings=roundings)
 
 
 def test_reference_sub_centre_gradient_reaches_the_arg_max_row_only():
