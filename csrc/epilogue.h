@@ -413,7 +413,8 @@ UF_HOST_DEVICE T softmax_z(T cos_raw, bool target, const SoftmaxParams<T>& p) {
   return p.scale * (target ? target_logit<T>(c, p) : c);
 }
 // ∂L_i/∂cos_ic of a non-target class given the row's final lse: s·p (zero where the
-// [−1, 1] clamp is active; NaN at a NaN cosine). The CPU loops call it for every column but the target.
+// [−1, 1] clamp is active; NaN at a NaN cosine). The CPU loops call it for every column but
+// the target.
 template <typename T>
 UF_HOST_DEVICE T softmax_grad_other(T cos_raw, T z, T lse, T scale) {
   const T g = scale * uf_exp<T>(z - lse);

@@ -2,16 +2,17 @@
 // plus λ·USS on the memory bank rows of the same classes (§1.3), as chunked ATen GEMMs plus
 // one fused epilogue pass per chunk. Schemas, outputs and statistics: the op contract,
 // unitsface_kernels/contract.py (rows [B], stats [7, B] = (lse_c z_ic, A, σA, B, σB, z_iy,
-// USS loss) (rows named in csrc/stats.h), nx [B], nw [S·K], nb [S] (empty without a bank), dx_rows [B, D] and db_rows [B]
-// with row_grads (else empty)). With K sub-centres (the margin family, docs/design.md §1.5)
-// the GEMMs run over the S·K centre rows of the classes of S (row index[j]·K + r) and the
-// epilogue reduces each class's K columns to their maximum; the bank stays per class. A label that matches no column has no target: z_iy = 0, and
-// no USS positive.
+// USS loss) (rows named in csrc/stats.h), nx [B], nw [S·K], nb [S] (empty without a bank),
+// dx_rows [B, D] and db_rows [B] with row_grads (else empty)). With K sub-centres (the margin
+// family, docs/design.md §1.5) the GEMMs run over the S·K centre rows of the classes of S (row
+// index[j]·K + r) and the epilogue reduces each class's K columns to their maximum; the bank
+// stays per class. A label that matches no column has no target: z_iy = 0, and no USS
+// positive.
 //
 // The CPU drivers (csrc/cpu/unitsface_sweep.cpp) are ATen code around the epilogue of one
 // chunk, the CPU row loops (csrc/cpu/unitsface.cpp, which registers the op kernels below with
-// the drivers). The bank part is the USS loss with column labels = the chunk's classes, and runs the
-// USS family's row code (UssChunk, csrc/uss.h). CUDA tensors go through their own sweep
+// the drivers). The bank part is the USS loss with column labels = the chunk's classes, and
+// runs the USS family's row code (UssChunk, csrc/uss.h). CUDA tensors go through their own sweep
 // (csrc/cuda/unitsface_sweep.cu: a plan sized for L2, split-K ∂x products, one fused ∂W projection,
 // row_grads too), which shares the argument checks below and the maths of csrc/epilogue.h.
 #pragma once

@@ -42,9 +42,10 @@ Op family ``unitsface`` (§1.2–§1.3), ``unitsface::unitsface_{fwd,bwd}_{trito
   the class cosine is the maximum over its K rows, its gradient reaching the first arg-max row.
   With an index the backward's dcentres holds the rows of the classes of S only; the autograd
   rule scatters it into a dense gradient, or passes it on as a sparse COO gradient of those
-  rows when ``sparse_grad`` is set (it is read by the autograd rule only). ``row_grads`` (see :data:`ROW_GRADS`): the forward also forms
-  per-row gradients dx_rows [B, D] and db_rows [B] in its sweep, and the backward then uses
-  them instead of recomputing. The native backend (CPU and CUDA tensors) forms the whole
+  rows when ``sparse_grad`` is set (it is read by the autograd rule only).
+  ``row_grads`` (see :data:`ROW_GRADS`): the forward also forms per-row gradients
+  dx_rows [B, D] and db_rows [B] in its sweep, and the backward then uses them instead of
+  recomputing. The native backend (CPU and CUDA tensors) forms the whole
   ∂L_i/∂x_i and ∂L_i/∂b (scalar b), valid for the statistics of this very call only (never
   class-parallel, whose statistics are global); the triton backend forms those of the USS
   part in the pairs form, λ·∂USS_i/∂x_i and λ·∂USS_i/∂b, which need no statistic (zeros
@@ -56,7 +57,8 @@ gradients come in their own dtype.
 
 ``options`` is the family's settings object, :meth:`~unitsface_kernels.options.UssOptions.pack`
 / :meth:`~unitsface_kernels.options.UnitsfaceOptions.pack`, built once by the caller;
-``needs`` says which of the three differentiable inputs want a gradient. Every output is in the accumulation dtype (float64 for
+``needs`` says which of the three differentiable inputs want a gradient. Every output is in the
+accumulation dtype (float64 for
 float64 inputs, else float32) except the gradients, which come in their inputs' dtypes; a
 gradient that is not needed (or a missing bias) comes back as an empty tensor (custom ops
 return no None).

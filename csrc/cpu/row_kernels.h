@@ -1,11 +1,11 @@
 // The CPU row kernels of the epilogues and the choice of instruction set.
 //
-// The row kernels (csrc/cpu/uss_rows.h, csrc/cpu/softmax_rows.h, csrc/cpu/family_rows.h) are plain loops over a row's chunk
-// of columns, written so that the compiler vectorises them. The extension is built without
-// -march flags, so they are compiled three times: csrc/cpu/rows_avx512.cpp (x86-64-v4),
-// csrc/cpu/rows_avx2.cpp (x86-64-v3: AVX2 + FMA) and csrc/cpu/rows_base.cpp (the baseline), each
-// including the row headers inside its own namespace under `#pragma GCC target`, and
-// row_kernels() picks one table of them at run time. (GCC's target_clones does not do: it
+// The row kernels (csrc/cpu/uss_rows.h, csrc/cpu/softmax_rows.h, csrc/cpu/family_rows.h) are plain
+// loops over a row's chunk of columns, written so that the compiler vectorises them. The extension
+// is built without -march flags, so they are compiled three times: csrc/cpu/rows_avx512.cpp
+// (x86-64-v4), csrc/cpu/rows_avx2.cpp (x86-64-v3: AVX2 + FMA) and csrc/cpu/rows_base.cpp (the
+// baseline), each including the row headers inside its own namespace under `#pragma GCC target`,
+// and row_kernels() picks one table of them at run time. (GCC's target_clones does not do: it
 // lowers the omp simd loops for the baseline before cloning, and the AVX-512 clone then stays
 // scalar.) setup.py compiles with -fno-trapping-math: with trapping maths GCC keeps a float
 // comparison out of the selects that if-conversion needs, and only AVX-512's mask registers

@@ -1,13 +1,14 @@
 // The unitsface family's CPU drivers (csrc/unitsface.h): ATen code around the row kernels'
-// epilogue (csrc/cpu/unitsface.cpp). CUDA tensors have their own sweep (csrc/cuda/unitsface_sweep.cu).
+// epilogue (csrc/cpu/unitsface.cpp). CUDA tensors have their own sweep
+// (csrc/cuda/unitsface_sweep.cu).
 //
-// Forward, per chunk of c classes of S: the W rows (c·K with K sub-centres) and the bank rows of the chunk's classes (a
-// view, or a chunk-sized gather under partial FC; invalid bank rows read as zero rows), their
-// norms, the GEMMs x·W_cᵀ and x·bank_cᵀ (raw; inverse norms applied in the epilogue), one
-// epilogue pass per row: online max / sum-exp of the margin logits and the target logit, and
-// the USS sums or running lse pairs of the bank part. Backward, per chunk: the same GEMMs, one
-// epilogue pass writing g·inv_w (softmax) and g'·inv_b (USS) over the dots and accumulating
-// h_i and Σ g'; then (docs/design.md §2)
+// Forward, per chunk of c classes of S: the W rows (c·K with K sub-centres) and the bank rows of
+// the chunk's classes (a view, or a chunk-sized gather under partial FC; invalid bank rows read as
+// zero rows), their norms, the GEMMs x·W_cᵀ and x·bank_cᵀ (raw; inverse norms applied in the
+// epilogue), one epilogue pass per row: online max / sum-exp of the margin logits and the target
+// logit, and the USS sums or running lse pairs of the bank part. Backward, per chunk: the same
+// GEMMs, one epilogue pass writing g·inv_w (softmax) and g'·inv_b (USS) over the dots and
+// accumulating h_i and Σ g'; then (docs/design.md §2)
 //   G  += g_W · W_c + g_B · bank_c       (∂x)
 //   ∂W rows of the chunk's classes from g_Wᵀ · x̂   (zero elsewhere)
 //   Σ_i g'_ic                            (∂b_c of a per-class threshold)

@@ -7,9 +7,10 @@ namespace unitsface {
 namespace cuda_sweep {
 
 // ------------------------------------------------------------------------ ∂W projection
-// Rows j0 .. j0 + n of the compact ∂centres (rows of S·K: j = column·K + r) from Q = tileᵀ·x̂ (docs/design.md §2): one warp
-// per row j, ∂W_j = f·(Q_j − [‖w_j‖ ≥ eps]·inv_j²·(Q_j·w_j)·w_j), f = 1 when the tile carried
-// inv_j (Q_j is then already scaled by it), else inv_j; w_j read rounded to X.
+// Rows j0 .. j0 + n of the compact ∂centres (rows of S·K: j = column·K + r) from Q = tileᵀ·x̂
+// (docs/design.md §2): one warp per row j, ∂W_j = f·(Q_j − [‖w_j‖ ≥ eps]·inv_j²·(Q_j·w_j)·w_j),
+// f = 1 when the tile carried inv_j (Q_j is then already scaled by it), else inv_j; w_j read
+// rounded to X.
 template <typename T>
 struct ProjectArgs {
   const T* q;             // n × D

@@ -114,11 +114,11 @@ __global__ void __launch_bounds__(kRowThreads) uf_columns_kernel(ColumnArgs<T> a
 }
 
 // ------------------------------------------------------------------------ chunk staging
-// Rows [j0, j0 + n) of S of the W table (part 0: their n·K sub-centre rows) and the bank
-// (part 1) into contiguous n·K × D / n × D buffers in X: `raw` (gathered through the index, converted, invalid bank rows as zero
-// rows) for the GEMMs, and/or `unit` = raw·inv (normalised rows, |entries| ≤ 1) for the ∂x
-// products of fp16, whose gradient tiles do not carry the inverse norms (fp16 overflows where
-// g·inv_r would be stored for a row below the eps).
+// Rows [j0, j0 + n) of S of the W table (part 0: their n·K sub-centre rows) and the bank (part 1)
+// into contiguous n·K × D / n × D buffers in X: `raw` (gathered through the index, converted,
+// invalid bank rows as zero rows) for the GEMMs, and/or `unit` = raw·inv (normalised rows,
+// |entries| ≤ 1) for the ∂x products of fp16, whose gradient tiles do not carry the inverse norms
+// (fp16 overflows where g·inv_r would be stored for a row below the eps).
 template <typename T>
 struct StageArgs {
   const void* table[2];

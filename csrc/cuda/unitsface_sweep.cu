@@ -673,7 +673,8 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
         pr.q = cptr<T>(qv);
         pr.j0 = j0 * K;
         pr.n = n * K;
-        launch(&cuda_sweep::uf_project_kernel<T, X>, grid_for(n * K), cuda_sweep::kRowThreads, call.stream, pr);
+        launch(&cuda_sweep::uf_project_kernel<T, X>, grid_for(n * K), cuda_sweep::kRowThreads,
+               call.stream, pr);
       }
       if (uss_db && call.vector_bias) {  // (ATen's column sum is deterministic)
         chunking::write_columns(
