@@ -541,6 +541,33 @@ def test_module_refuses_margin_with_its_own_margins():
         uk.nn.UniTSFaceHead(D, C, margin="arcface")
 
 
+@pytest.mark.parametrize("head", ["PartialFC", "UniTSFaceHead"])
+def test_module_draws_elastic_margins_from_its_generator(head):
+    """ElasticFace in a module: margin_generator gives reproducible draws (two heads seeded
+    alike agree, another seed differs, the global RNG is not consumed); it is refused for a
+    kind that draws nothing, and when it is not a generator."""
+    g = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(6, D, generator=g), torch.randint(0, C, (6,), generator=g)
+
+    def loss(seed):
+        torch.manual_seed(5)
+        module = getattr(uk.nn, head)(D, C, margin=_margin("elastic_arc"), backend="reference",
+                                      margin_generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            module.weight.copy_(torch.randn(C, D, generator=torch.Generator().manual_seed(9)))
+        before = torch.random.get_rng_state()
+        out = module(x, labels)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        return out.detach()
+
+    assert torch.equal(loss(1), loss(1)) and not torch.equal(loss(1), loss(2))
+    with pytest.raises(ValueError, match="margin_generator applies to the ElasticFace kinds"):
+        getattr(uk.nn, head)(D, C, margin=_margin("curricular"),
+                             margin_generator=torch.Generator())
+    with pytest.raises(TypeError, match="margin_generator must be a torch.Generator"):
+        getattr(uk.nn, head)(D, C, margin=_margin("elastic_arc"), margin_generator=3)
+
+
 class _CombinedMarginLoss:
     """The attributes of arcface_torch's CombinedMarginLoss that PartialFC reads."""
 

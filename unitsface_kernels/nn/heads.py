@@ -70,13 +70,15 @@ class PartialFC(Settings, checkpoint.Official, MarginHead, FreshWeights):
                  arcface_grad: str = "exact", easy_margin: bool = False, fp16: bool = False,
                  sparse_grad: bool = False, eps: float = EPS, backend: str = "auto",
                  class_parallel: Optional[bool] = None, process_group=None,
-                 margin: Optional[margins.Margin] = None):
+                 margin: Optional[margins.Margin] = None,
+                 margin_generator: Optional[torch.Generator] = None):
         super().__init__()
         self.options = options.softmax_options(scale=scale, margin_arc=margin_arc,
                                                margin_cos=margin_cos, arcface_grad=arcface_grad,
                                                easy_margin=easy_margin, eps=eps)
         k = self._init_margin(margin, dict(margin_arc=margin_arc, margin_cos=margin_cos,
-                                           arcface_grad=arcface_grad, easy_margin=easy_margin))
+                                           arcface_grad=arcface_grad, easy_margin=easy_margin),
+                              margin_generator)
         if self.margin is not None:
             self.options = margins.margin_options(self.margin, self.options)
         self.fp16 = check.flag(fp16, "fp16")
@@ -382,14 +384,16 @@ class UniTSFaceHead(Settings, checkpoint.Official, Threshold, MemoryBank, Margin
                  official_clamp: bool = True, sparse_grad: bool = False,
                  bank_dtype: torch.dtype = torch.float32, eps: float = EPS,
                  backend: str = "auto", class_parallel: Optional[bool] = None,
-                 process_group=None, margin: Optional[margins.Margin] = None):
+                 process_group=None, margin: Optional[margins.Margin] = None,
+                 margin_generator: Optional[torch.Generator] = None):
         super().__init__()
         self.options = options.unitsface_options(
             scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
             easy_margin=easy_margin, uss_margin=uss_margin, uss_form=uss_form,
             uss_weight=uss_weight, official_clamp=official_clamp, eps=eps)
         k = self._init_margin(margin, dict(margin_arc=margin_arc, margin_cos=margin_cos,
-                                           arcface_grad=arcface_grad, easy_margin=easy_margin))
+                                           arcface_grad=arcface_grad, easy_margin=easy_margin),
+                              margin_generator)
         if self.margin is not None:
             self.options = margins.margin_options(self.margin, self.options)
         bank_eps(self.options.eps)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from .. import margin_calls, margins, reference
@@ -23,16 +24,27 @@ class MarginHead(nn.Module):
     ``margin_norm_std`` (starting at 20 and 100, the authors' values). A training-mode call
     updates them in place; eval mode reads them frozen — the authors' code updates them in
     eval mode too (its heads have no train/eval switch), which ``train()`` reproduces.
-    ElasticFace draws its margins from torch's default generator."""
+    ElasticFace draws its margins from ``margin_generator`` (a torch.Generator on the batch's
+    device, seeded alike on every rank in class-parallel training), or from torch's default
+    generator when it is None."""
 
     margin: Optional[margins.Margin]
 
-    def _init_margin(self, margin, given: dict) -> int:
+    def _init_margin(self, margin, given: dict, generator=None) -> int:
         """Check and hold ``margin`` (the head's CosFace/ArcFace keywords `given` must keep
-        their defaults beside it), register its statistics; returns K, the sub-centres per
-        class."""
+        their defaults beside it) and its ElasticFace ``generator``, register its statistics;
+        returns K, the sub-centres per class."""
         margin_calls.refuse_softmax_settings(margin, **given)
         self.margin = None if margin is None else margins.checked(margin)
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError("margin_generator must be a torch.Generator, got "
+                                f"{type(generator).__name__}")
+            if self.margin is None or self.margin.kind not in margin_calls.DRAWN:
+                raise ValueError("margin_generator applies to the ElasticFace kinds "
+                                 f"{margin_calls.DRAWN} (their drawn margins), not to "
+                                 f"{None if self.margin is None else self.margin.kind!r}")
+        self.margin_generator = generator
         if self.margin is not None and self.margin.kind in margin_calls.STATEFUL:
             start = margins.MarginState()
             for name in margins.STATISTICS:
@@ -55,7 +67,8 @@ class MarginHead(nn.Module):
         """What a call hands to the margin flow: statistics updated in training mode only."""
         if self.margin is None:
             return None
-        return MarginCall(self.margin, self.margin_state(), training=self.training)
+        return MarginCall(self.margin, self.margin_state(), training=self.training,
+                          generator=self.margin_generator)
 
     def weight_rows(self, index: Optional[Tensor]) -> Optional[Tensor]:
         """The rows of ``weight`` of the classes of a partial-FC index (all K of each)."""
