@@ -141,22 +141,10 @@ __device__ __forceinline__ void family_fwd_warp(const ChunkArgs<T, X>& a, const 
   const T so = se;  // the other columns' sum-exp (the target stays out: softmax_fwd_warp)
   if (s.tl >= 0) se += epi::uf_exp<T>(zt - m_new);
   if (s.lane == 0) {
-    const T s_old = a.first ? T(0) : state_at(st, kS, s, a.ns, a.B);
-    const T zt_old = a.first ? T(0) : state_at(st, kZt, s, a.ns, a.B);
-    state_at(st, kM, s, a.ns, a.B) = m_new;
-    state_at(st, kS, s, a.ns, a.B) = s_old * alpha + se;
-    state_at(st, kZt, s, a.ns, a.B) = zt_old + (s.tl >= 0 ? zt : T(0));
-    if (Grads) {
-      const T hw_old = a.first ? T(0) : state_at(st, kHw, s, a.ns, a.B);
-      state_at(st, kHw, s, a.ns, a.B) = hw_old * alpha + hw;
-      const T so_old = a.first ? T(0) : state_at(st, kSo, s, a.ns, a.B);
-      state_at(st, kSo, s, a.ns, a.B) = so_old * alpha + so;
-      if (s.tl >= 0 || a.first) {
-        state_at(st, kTRaw, s, a.ns, a.B) = raw_t;
-        state_at(st, kTKappa, s, a.ns, a.B) = kappa_t;
-        const int32_t arg_t = (s.tl >= 0 && a.cosines) ? a.arg[s.i * a.ld + s.base + s.tl] : 0;
-        state_at(st, kTArg, s, a.ns, a.B) = static_cast<T>(arg_t);
-      }
+    store_fwd_state<T, X, Grads>(a, s, m_new, alpha, se, so, zt, hw, raw_t, kappa_t);
+    if (Grads && (s.tl >= 0 || a.first)) {  // and the target's arg-max sub-centre (K > 1)
+      const int32_t arg_t = (s.tl >= 0 && a.cosines) ? a.arg[s.i * a.ld + s.base + s.tl] : 0;
+      state_at(st, kTArg, s, a.ns, a.B) = static_cast<T>(arg_t);
     }
   }
   if (Grads && !a.first && alpha != T(1)) rescale_row<T>(a.acc_w, s, a.B, a.D, alpha);

@@ -8,6 +8,32 @@
 namespace unitsface {
 namespace cuda_sweep {
 
+// Lane 0's update of a row's running forward state in its split (the softmax part, plain and
+// margin family alike): max, Σ e^{z − m} and the target logit; with Grads the ∂x weights'
+// Σ e^{z − m}·κ·cos, the other columns' sum-exp So and, where the slice holds the target (or
+// on the first chunk), its raw cosine and κ_t.
+template <typename T, typename X, bool Grads>
+__device__ __forceinline__ void store_fwd_state(const ChunkArgs<T, X>& a, const Slice& s,
+                                                T m_new, T alpha, T se, T so, T zt, T hw,
+                                                T raw_t, T kappa_t) {
+  T* st = a.state;
+  const T s_old = a.first ? T(0) : state_at(st, kS, s, a.ns, a.B);
+  const T zt_old = a.first ? T(0) : state_at(st, kZt, s, a.ns, a.B);
+  state_at(st, kM, s, a.ns, a.B) = m_new;
+  state_at(st, kS, s, a.ns, a.B) = s_old * alpha + se;
+  state_at(st, kZt, s, a.ns, a.B) = zt_old + (s.tl >= 0 ? zt : T(0));
+  if (Grads) {
+    const T hw_old = a.first ? T(0) : state_at(st, kHw, s, a.ns, a.B);
+    state_at(st, kHw, s, a.ns, a.B) = hw_old * alpha + hw;
+    const T so_old = a.first ? T(0) : state_at(st, kSo, s, a.ns, a.B);
+    state_at(st, kSo, s, a.ns, a.B) = so_old * alpha + so;
+    if (s.tl >= 0 || a.first) {
+      state_at(st, kTRaw, s, a.ns, a.B) = raw_t;
+      state_at(st, kTKappa, s, a.ns, a.B) = kappa_t;
+    }
+  }
+}
+
 // Forward, softmax part (docs/design.md §1.2): the slice folded into split k's running
 // (max, Σ e^{z − m}) and target logit. With Grads (row_grads) also the weights of the ∂x
 // product, e^{z − m_new}·κ_c (·inv_w_c), written to the tile, the running Σ e^{z − m}·κ·cos,
@@ -81,21 +107,7 @@ __device__ __forceinline__ void softmax_fwd_warp(const ChunkArgs<T, X>& a, const
   const T so = se;  // the other columns' sum-exp
   if (s.tl >= 0) se += epi::uf_exp<T>(zt - m_new);
   if (s.lane == 0) {
-    const T s_old = a.first ? T(0) : state_at(st, kS, s, a.ns, a.B);
-    const T zt_old = a.first ? T(0) : state_at(st, kZt, s, a.ns, a.B);
-    state_at(st, kM, s, a.ns, a.B) = m_new;
-    state_at(st, kS, s, a.ns, a.B) = s_old * alpha + se;
-    state_at(st, kZt, s, a.ns, a.B) = zt_old + (s.tl >= 0 ? zt : T(0));
-    if (Grads) {
-      const T hw_old = a.first ? T(0) : state_at(st, kHw, s, a.ns, a.B);
-      state_at(st, kHw, s, a.ns, a.B) = hw_old * alpha + hw;
-      const T so_old = a.first ? T(0) : state_at(st, kSo, s, a.ns, a.B);
-      state_at(st, kSo, s, a.ns, a.B) = so_old * alpha + so;
-      if (s.tl >= 0 || a.first) {
-        state_at(st, kTRaw, s, a.ns, a.B) = raw_t;
-        state_at(st, kTKappa, s, a.ns, a.B) = kappa_t;
-      }
-    }
+    store_fwd_state<T, X, Grads>(a, s, m_new, alpha, se, so, zt, hw, raw_t, kappa_t);
   }
   // (read by the lanes above before lane 0 overwrote them: the reads of m_old come first in
   // every lane, and lane 0's writes follow its own reads; no other warp touches this entry)
