@@ -49,20 +49,21 @@ void row_norms_cpu(const T* p, T* out, int64_t n, int64_t d) {
 // ∂W rows of a chunk on the CPU in one pass over Q (see column_grads): out[j0 + j] =
 // Q_j − coef_j·r_j with coef_j = inv_r_j²·(Q_j·r_j). `q` may be those very rows of out (then
 // it is updated in place).
+// (q, r and out have row strides q_ld, r_ld and out_ld.)
 template <typename T, typename O>
-void column_fix_rows(const T* q, const T* r, const T* norms, O* out, int64_t j0, int64_t n,
-                     int64_t D, T eps) {
+void column_fix_rows(const T* q, int64_t q_ld, const T* r, int64_t r_ld, const T* norms, O* out,
+                     int64_t out_ld, int64_t j0, int64_t n, int64_t D, T eps) {
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(D, 1));
   at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
-      const T* qj = q + j * D;
-      const T* rj = r + j * D;
+      const T* qj = q + j * q_ld;
+      const T* rj = r + j * r_ld;
       T h = 0;
 #pragma omp simd reduction(+ : h)
       for (int64_t d = 0; d < D; ++d) h += qj[d] * rj[d];
       const T inv = epi::inv_norm<T>(norms[j], eps);
       const T coef = norms[j] >= eps ? h * inv * inv : T(0);
-      O* oj = out + (j0 + j) * D;
+      O* oj = out + (j0 + j) * out_ld;
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) oj[d] = static_cast<O>(qj[d] - coef * rj[d]);
     }
@@ -87,7 +88,17 @@ at::Tensor row_norms(const at::Tensor& t, at::ScalarType acc) {
 
 void column_grads(at::Tensor& out, const at::Tensor& grads, const at::Tensor& xh,
                   const at::Tensor& r, const at::Tensor& norms, int64_t j0, at::Tensor q,
-                  double eps) {
+                  double eps, int64_t K) {
+  if (K > 1) {  // one pass per sub-centre: its block of the tile, its rows of r and out
+    const int64_t n = r.size(0) / K;
+    const at::Tensor rows = out.narrow(0, j0, n * K);
+    for (int64_t s = 0; s < K; ++s) {
+      at::Tensor o = sub_centre_rows(rows, K, s);
+      column_grads(o, sub_centre_cols(grads, K, s), xh, sub_centre_rows(r, K, s),
+                   norms.view({n, K}).select(1, s).contiguous(), 0, q.narrow(0, 0, n), eps);
+    }
+    return;
+  }
   const int64_t n = r.size(0), D = r.size(1);
   if (out.is_cuda()) {
     gemm_tn(q, grads, xh);
@@ -108,12 +119,13 @@ void column_grads(at::Tensor& out, const at::Tensor& grads, const at::Tensor& xh
     const T* qp = q.const_data_ptr<T>();
     const T* rp = rc.const_data_ptr<T>();
     const T* np = norms.const_data_ptr<T>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "column_out",
-                                    [&] {
-                                      column_fix_rows<T, scalar_t>(
-                                          qp, rp, np, out.data_ptr<scalar_t>(), j0, n, D,
-                                          static_cast<T>(eps));
-                                    });
+    TORCH_INTERNAL_ASSERT(q.stride(1) == 1 && rc.stride(1) == 1 && out.stride(1) == 1);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, out.scalar_type(), "column_out", [&] {
+          column_fix_rows<T, scalar_t>(qp, q.stride(0), rp, rc.stride(0), np,
+                                       out.data_ptr<scalar_t>(), out.stride(0), j0, n, D,
+                                       static_cast<T>(eps));
+        });
   });
 }
 

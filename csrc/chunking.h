@@ -150,6 +150,42 @@ inline void gemm_tn(at::Tensor& out, const at::Tensor& g, const at::Tensor& t) {
   }
 }
 
+// With K > 1 sub-centres a chunk of n classes has n·K centre rows in the centres' own order
+// (class, sub-centre), row j·K + r, while its B × n·K dots and gradient tiles and its inverse
+// norms are in the order (sub-centre, class), column r·n + j: the per-element passes of
+// csrc/cpu/family_rows.h then read a class's K sub-centres from K contiguous blocks instead of
+// at stride K. The products run per sub-centre on strided views (BLAS takes the row stride
+// K·D and the tile's K·n), so nothing is copied to reorder it. Sub-centre r's rows of a chunk
+// (n × D) and its block of a tile (rows × n):
+inline at::Tensor sub_centre_rows(const at::Tensor& rows, int64_t K, int64_t r) {
+  return K == 1 ? rows : rows.view({-1, K, rows.size(1)}).select(1, r);
+}
+inline at::Tensor sub_centre_cols(const at::Tensor& tile, int64_t K, int64_t r) {
+  const int64_t n = tile.size(1) / K;
+  return tile.narrow(1, r * n, n);
+}
+
+// A chunk's per-row vector (j·K + r) in its tiles' order (r·n + j).
+inline at::Tensor sub_centre_major(const at::Tensor& v, int64_t K) {
+  return K == 1 ? v : v.view({-1, K}).t().contiguous().view({-1});
+}
+
+// out (rows × n·K, sub-centre-major) = a · rowsᵀ, rows a chunk's n·K centre rows
+inline void gemm_nt_k(const at::Tensor& out, const at::Tensor& a, const at::Tensor& rows,
+                      int64_t K) {
+  for (int64_t r = 0; r < K; ++r) {
+    at::Tensor o = sub_centre_cols(out, K, r);
+    gemm_nt(o, a, sub_centre_rows(rows, K, r));
+  }
+}
+
+// acc += g (rows × n·K, sub-centre-major) · rows
+inline void gemm_acc_k(at::Tensor& acc, const at::Tensor& g, const at::Tensor& rows, int64_t K) {
+  for (int64_t r = 0; r < K; ++r) {
+    gemm_acc(acc, sub_centre_cols(g, K, r), sub_centre_rows(rows, K, r));
+  }
+}
+
 // ||t_i|| of the rows of a (chunk of a) matrix, in the accumulation dtype.
 at::Tensor row_norms(const at::Tensor& t, at::ScalarType acc);
 
@@ -172,10 +208,12 @@ inline at::Tensor normalised_grad(const at::Tensor& G, const at::Tensor& h, cons
 // norms `norms`: Q = g'ᵀ · x̂ (one GEMM of the chunk's g'_ij = g_ij·inv_r_j with the
 // normalised batch), then ∂L/∂r_j = Q_j − inv_r_j²·(Q_j · r_j)·r_j (h_j = Σ_i g_ij cos_ij
 // = Q_j · r_j; no projection where ||r_j|| < eps), written into rows j0 + k of `out` (r's
-// dtype). `q` is an n × D scratch in the accumulation dtype.
+// dtype). `q` is an n × D scratch in the accumulation dtype. With K > 1 sub-centres the grads
+// tile is sub-centre-major (see sub_centre_rows) and the rows, norms and rows of `out` are in
+// the order (class, sub-centre); out, r and q may have strided rows (their last dim dense).
 void column_grads(at::Tensor& out, const at::Tensor& grads, const at::Tensor& xh,
                   const at::Tensor& r, const at::Tensor& norms, int64_t j0, at::Tensor q,
-                  double eps);
+                  double eps, int64_t K = 1);
 
 // ∂L/∂b_j of a per-column threshold from a chunk's gradient tile, summed in `acc`:
 // ∂z/∂b = ±1 = −(1/s)·∂z/∂cos, so ∂b_j = −(1/s)·Σ_i g_ij. The tile holds g'_ij = g_ij·inv_r_j

@@ -67,7 +67,8 @@ UF_HOST_DEVICE int64_t self_column(const UssRows<T>& a, int64_t i) {
 }
 
 // The margin softmax over one chunk of classes (docs/design.md §1.2, the family §1.5). With K
-// sub-centres per class the dots, grads and inv_w have c·K columns, class j's in j·K + r.
+// sub-centres per class the dots, grads and inv_w have c·K columns, sub-centre-major: class
+// j's sub-centre r in r·c + j (csrc/chunking.h sub_centre_rows says why).
 template <typename T>
 struct SoftmaxRows {
   T* dots;               // B × c·K raw dots x_i · w_r; the forward writes logits over them

@@ -96,13 +96,14 @@ def test_row_grads(kind, sampled, with_bank):
     assert_float64_exact(got, got_g, want, want_g)
 
 
-@pytest.mark.parametrize("budget", ["64", None], indirect=True)
+@pytest.mark.parametrize("budget", ["64", "600", None], indirect=True)
 @pytest.mark.parametrize("row_grads", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sampled", [False, True])
 def test_whole_family_many_chunks(budget, row_grads, dtype, sampled):
     """Row margins + curricular + filter + K = 2 (+ bank, index) over many chunks (budget 64:
-    one class per chunk, several splits) and one."""
+    one class per chunk, several splits; 600: 8 classes per chunk, whose 16 columns are
+    sub-centre-major, csrc/rows.h) and one; bf16 writes ∂centres through the fp32 scratch."""
     o, args = family_case(dtype, sampled=sampled)
     go = go_of(args)
     want, want_g = reference_ops(args, go)

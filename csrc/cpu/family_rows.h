@@ -5,10 +5,11 @@
 // run instead of those kernels only when options.margin_family() (csrc/cpu/unitsface.cpp
 // chooses per chunk), so CosFace/ArcFace pay nothing for the family.
 //
-// Per row: the class cosines c_j = max_r cos_{j·K+r} (first arg-max; NaN wins) into a
-// scratch row, then the loops of csrc/cpu/softmax_rows.h with the family's logits
-// (epi::family_z) and factors κ (epi::family_kappa); the gradient of class j goes to its
-// arg-max column j·K + arg_j, the other K − 1 columns get 0. As there, the loops treat every
+// Per row: the class cosines c_j = max_r cos_{r·c+j} (first arg-max; NaN wins; the chunk's
+// columns are sub-centre-major, csrc/rows.h) into a scratch row, then the loops of
+// csrc/cpu/softmax_rows.h with the family's logits (epi::family_z) and factors κ
+// (epi::family_kappa); the gradient of class j goes to its arg-max column arg_j·c + j, the
+// other K − 1 columns get 0. As there, the loops treat every
 // class as a negative (so that they vectorise) and the target is fixed up after them.
 #pragma once
 
@@ -28,25 +29,16 @@ UF_ALWAYS_INLINE void class_cosines(const SoftmaxRows<T>& a, int64_t i, FamilySc
   const T ix = a.inv_x[i];
   T* cos = sc.cos.data();
   int32_t* arg = sc.arg.data();
-  if (K == 1) {
-#pragma omp simd
-    for (int64_t j = 0; j < c; ++j) {
-      cos[j] = d[j] * ix * a.inv_w[j];
-      arg[j] = 0;
-    }
-    return;
-  }
-  // sub-centre by sub-centre over the classes (strided loads, but the loops vectorise)
 #pragma omp simd
   for (int64_t j = 0; j < c; ++j) {
-    cos[j] = d[j * K] * ix * a.inv_w[j * K];
+    cos[j] = d[j] * ix * a.inv_w[j];
     arg[j] = 0;
   }
-  for (int32_t r = 1; r < K; ++r) {
+  for (int32_t r = 1; r < K; ++r) {  // the next sub-centre's block of c columns
+    const T* dr = d + r * c;
+    const T* iw = a.inv_w + r * c;
 #pragma omp simd
-    for (int64_t j = 0; j < c; ++j) {
-      epi::sub_centre_max<T>(cos[j], arg[j], d[j * K + r] * ix * a.inv_w[j * K + r], r);
-    }
+    for (int64_t j = 0; j < c; ++j) epi::sub_centre_max<T>(cos[j], arg[j], dr[j] * ix * iw[j], r);
   }
 }
 
@@ -63,10 +55,10 @@ UF_ALWAYS_INLINE void scatter_class_grads(const SoftmaxRows<T>& a, int64_t i, co
     return;
   }
   for (int32_t r = 0; r < K; ++r) {
+    T* gr = g_out + r * c;
+    const T* iw = a.inv_w + r * c;
 #pragma omp simd
-    for (int64_t j = 0; j < c; ++j) {
-      g_out[j * K + r] = r == arg[j] ? wt[j] * a.inv_w[j * K + r] : T(0);
-    }
+    for (int64_t j = 0; j < c; ++j) gr[j] = r == arg[j] ? wt[j] * iw[j] : T(0);
   }
 }
 

@@ -29,7 +29,7 @@ void RowGrads::accumulate(const UnitsfaceChunk& ck, int64_t sp, const at::Tensor
                           const at::Tensor& bc) {
   at::Tensor aw = acc_w_[sp];
   aw.mul_(alpha_[sp][0].unsqueeze(1));
-  aw.addmm_(ck.softmax.grads, wc);
+  chunking::gemm_acc_k(aw, ck.softmax.grads, wc, o_.k());
   if (!has_bank_) return;
   at::Tensor ab = acc_b_[sp];
   if (o_.uss_lse) ab.mul_(alpha_[sp][1].unsqueeze(1));

@@ -2,7 +2,8 @@
 // epilogue (csrc/cpu/unitsface.cpp). CUDA tensors have their own sweep
 // (csrc/cuda/unitsface_sweep.cu).
 //
-// Forward, per chunk of c classes of S: the W rows (c·K with K sub-centres) and the bank rows of
+// Forward, per chunk of c classes of S: the W rows (c·K with K sub-centres, whose dots and
+// gradient tiles are sub-centre-major: csrc/chunking.h sub_centre_rows) and the bank rows of
 // the chunk's classes (a view, or a chunk-sized gather under partial FC; invalid bank rows read as
 // zero rows), their norms, the GEMMs x·W_cᵀ and x·bank_cᵀ (raw; inverse norms applied in the
 // epilogue), one epilogue pass per row: online max / sum-exp of the margin logits and the target
@@ -166,9 +167,9 @@ UnitsfaceForward unitsface_forward_cpu(const UnitsfaceInputs& in, const Unitsfac
     const at::Tensor wc = call.centre_rows(j0, n);
     const at::Tensor nwc = chunking::row_norms(wc, call.acc);
     nw.narrow(0, j0 * K, n * K).copy_(nwc);
-    ck.softmax.inv_w = chunking::inv_norms(nwc, o.eps);
+    ck.softmax.inv_w = chunking::sub_centre_major(chunking::inv_norms(nwc, o.eps), K);
     ck.softmax.dots = scratch(flat_w[sp], B, n * K);
-    chunking::gemm_nt(ck.softmax.dots, call.xg, wc);
+    chunking::gemm_nt_k(ck.softmax.dots, call.xg, wc, K);
     at::Tensor bc;
     if (call.has_bank) {
       ck.bank.state = st.narrow(0, kUss, 4);
@@ -293,9 +294,9 @@ Grads unitsface_backward_cpu(const at::Tensor& grad_rows, const UnitsfaceInputs&
     if (do_w) {
       wc = call.centre_rows(j0, n);
       ck.softmax.col0 = j0;
-      ck.softmax.inv_w = inv_w.narrow(0, j0 * K, n * K);
+      ck.softmax.inv_w = chunking::sub_centre_major(inv_w.narrow(0, j0 * K, n * K), K);
       ck.softmax.dots = scratch(flat_w[sp], B, n * K);
-      chunking::gemm_nt(ck.softmax.dots, call.xg, wc);
+      chunking::gemm_nt_k(ck.softmax.dots, call.xg, wc, K);
       ck.softmax.grads = ck.softmax.dots;  // the g' blocks overwrite the dots (fp32 GEMMs)
     }
     if (do_b) {
@@ -309,12 +310,12 @@ Grads unitsface_backward_cpu(const at::Tensor& grad_rows, const UnitsfaceInputs&
     unitsface_epilogue_cpu(ck);
     if (need_dx) {
       at::Tensor g = G[sp];
-      chunking::gemm_acc(g, ck.softmax.grads, wc);
+      chunking::gemm_acc_k(g, ck.softmax.grads, wc, K);
       if (do_b) chunking::gemm_acc(g, ck.bank.grads, bc);
     }
     if (need_dw) {
       chunking::column_grads(dw, ck.softmax.grads, xh, wc, nw.narrow(0, j0 * K, n * K), j0 * K,
-                             scratch(qflat[sp], n * K, D), o.eps);
+                             scratch(qflat[sp], n * K, D), o.eps, K);
     }
     if (uss_db && vector_bias) {
       chunking::write_columns(db_cols, call.index, j0,
