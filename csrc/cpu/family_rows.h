@@ -62,39 +62,41 @@ UF_ALWAYS_INLINE void scatter_class_grads(const SoftmaxRows<T>& a, int64_t i, co
   }
 }
 
+// Row i's family logits z_j of the class cosines cos (z may be cos itself), the target's
+// (column t, or none: −1) added to z_iy in state row 2; returns their chunk max.
+template <typename T>
+UF_ALWAYS_INLINE T family_logits(const SoftmaxRows<T>& a, int64_t i, int64_t t,
+                                 const epi::RowTerms<T>& rt, const T* cos, T* z) {
+  const int64_t c = a.c;
+  const T neg_big = static_cast<T>(epi::kNegBig);
+  const T raw_t = t >= 0 ? cos[t] : T(0);  // read before the loop may overwrite it
+  T cm = neg_big;
+#pragma omp simd reduction(max : cm)
+  for (int64_t j = 0; j < c; ++j) {
+    z[j] = epi::family_z<T>(cos[j], false, rt);
+    const T zm = j != t ? z[j] : neg_big;
+    cm = zm > cm ? zm : cm;
+  }
+  if (t >= 0) {
+    const T zt = epi::family_z<T>(raw_t, true, rt);
+    z[t] = zt;
+    cm = zt > cm ? zt : cm;
+    a.state[2 * a.B + i] += zt;
+  }
+  return cm;
+}
+
 // Forward: the running (max, Σ e^{z − max}) and z_iy of the family's logits.
 template <typename T>
 void family_fwd(const SoftmaxRows<T>& args, int64_t r0, int64_t r1) {
   const SoftmaxRows<T> a = args;
-  const int64_t B = a.B, c = a.c;
-  const T neg_big = static_cast<T>(epi::kNegBig);
-  T* st = a.state;
-  FamilyScratch<T> sc(c);
+  FamilyScratch<T> sc(a.c);
   T* z = sc.cos.data();  // the logits overwrite the cosines
   for (int64_t i = r0; i < r1; ++i) {
-    const epi::RowTerms<T> rt = epi::row_terms<T>(a.p, a.margin_rows, B, i);
+    const epi::RowTerms<T> rt = epi::row_terms<T>(a.p, a.margin_rows, a.B, i);
     class_cosines(a, i, sc);
-    const int64_t t = chunk_target(a, i);
-    const T raw_t = t >= 0 ? z[t] : T(0);
-    T cm = neg_big;
-#pragma omp simd reduction(max : cm)
-    for (int64_t j = 0; j < c; ++j) {
-      z[j] = epi::family_z<T>(z[j], false, rt);
-      const T zm = j != t ? z[j] : neg_big;
-      cm = zm > cm ? zm : cm;
-    }
-    if (t >= 0) {
-      const T zt = epi::family_z<T>(raw_t, true, rt);
-      z[t] = zt;
-      cm = zt > cm ? zt : cm;
-      st[2 * B + i] += zt;
-    }
-    const T m_new = cm > st[i] ? cm : st[i];
-    T se = 0;
-#pragma omp simd reduction(+ : se)
-    for (int64_t j = 0; j < c; ++j) se += epi::uf_exp<T>(z[j] - m_new);
-    st[B + i] = st[B + i] * epi::uf_exp<T>(st[i] - m_new) + se;
-    st[i] = m_new;
+    const T cm = family_logits(a, i, chunk_target(a, i), rt, z, z);
+    fold_chunk_sum(a.state, a.B, i, z, a.c, cm);
   }
 }
 
@@ -138,7 +140,6 @@ template <typename T>
 void family_fwd_grads(const SoftmaxRows<T>& args, int64_t r0, int64_t r1) {
   const SoftmaxRows<T> a = args;
   const int64_t B = a.B, c = a.c;
-  const T neg_big = static_cast<T>(epi::kNegBig);
   T *st = a.state, *ts = a.target_state;
   FamilyScratch<T> sc(c);
   std::vector<T> zs(c);
@@ -147,19 +148,12 @@ void family_fwd_grads(const SoftmaxRows<T>& args, int64_t r0, int64_t r1) {
     const epi::RowTerms<T> rt = epi::row_terms<T>(a.p, a.margin_rows, B, i);
     class_cosines(a, i, sc);
     const int64_t t = chunk_target(a, i);
-    T cm = neg_big, raw_t = 0, zt = 0, kappa_t = 0;
-#pragma omp simd reduction(max : cm)
-    for (int64_t j = 0; j < c; ++j) {
-      z[j] = epi::family_z<T>(cos[j], false, rt);
-      const T zm = j != t ? z[j] : neg_big;
-      cm = zm > cm ? zm : cm;
-    }
+    const T cm = family_logits(a, i, t, rt, cos, z);
+    T raw_t = 0, zt = 0, kappa_t = 0;
     if (t >= 0) {
       raw_t = cos[t];
-      zt = epi::family_z<T>(raw_t, true, rt);
+      zt = z[t];
       kappa_t = epi::family_kappa<T>(raw_t, true, rt);
-      cm = zt > cm ? zt : cm;
-      st[2 * B + i] += zt;
       ts[i] = raw_t;
       ts[B + i] = kappa_t;
       a.target_arg[i] = static_cast<T>(sc.arg[t]);

@@ -8,6 +8,18 @@
 // vectorise and only one column pays for the margin's sqrt.
 #pragma once
 
+// Row i's running (m, Σ e^{z − m}) in state rows 0 and 1 with a chunk's logits z[0, c), whose
+// max is cm: m_new = max(m, cm), Σ ← Σ·e^{m − m_new} + Σ_j e^{z_j − m_new}.
+template <typename T>
+UF_ALWAYS_INLINE void fold_chunk_sum(T* st, int64_t B, int64_t i, const T* z, int64_t c, T cm) {
+  const T m_new = cm > st[i] ? cm : st[i];
+  T se = 0;
+#pragma omp simd reduction(+ : se)
+  for (int64_t j = 0; j < c; ++j) se += epi::uf_exp<T>(z[j] - m_new);
+  st[B + i] = st[B + i] * epi::uf_exp<T>(st[i] - m_new) + se;
+  st[i] = m_new;
+}
+
 // Forward: the chunk's logits over the dots, folded into the running (max, Σ e^{z − max})
 // and the target logit z_iy.
 template <typename T>
@@ -35,12 +47,7 @@ void softmax_fwd(const SoftmaxRows<T>& args, int64_t r0, int64_t r1) {
       cm = zt > cm ? zt : cm;
       st[2 * B + i] += zt;
     }
-    const T m_new = cm > st[i] ? cm : st[i];
-    T se = 0;
-#pragma omp simd reduction(+ : se)
-    for (int64_t j = 0; j < c; ++j) se += epi::uf_exp<T>(d[j] - m_new);
-    st[B + i] = st[B + i] * epi::uf_exp<T>(st[i] - m_new) + se;
-    st[i] = m_new;
+    fold_chunk_sum(st, B, i, d, c, cm);
   }
 }
 
