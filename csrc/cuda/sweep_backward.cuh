@@ -10,47 +10,20 @@ namespace cuda_sweep {
 
 // Backward: g_ij = go_i·∂L_i/∂cos_ij from the forward's statistics (final: no running max),
 // written to the tile (·inv_r when fold_inv); per split the row sums Σ g·cos (∂x) and Σ g of
-// the bank part (a scalar threshold's ∂b).
+// the bank part (a scalar threshold's ∂b). The softmax part's loop: softmax_bwd_slice.
 template <typename T, typename X>
 __device__ __forceinline__ void softmax_bwd_warp(const ChunkArgs<T, X>& a, const Slice& s) {
   const T scale = a.sp.scale;
-  const T* drow = a.dots + s.i * a.ld + s.base;
-  const T* inv = a.inv_w + a.col0 + s.base;
-  const T ix = a.inv_x[s.i], go = a.go[s.i], lse = a.stats[stats::kLse * a.B + s.i];
+  const T go = a.go[s.i], lse = a.stats[stats::kLse * a.B + s.i];
   T raw_t = 0, gt = 0;
   if (s.tl >= 0) {
-    raw_t = drow[s.tl] * ix * inv[s.tl];
+    raw_t = a.dots[s.i * a.ld + s.base + s.tl] * a.inv_x[s.i] * a.inv_w[a.col0 + s.base + s.tl];
     const T zt = epi::softmax_z<T>(raw_t, true, a.sp);
     gt = epi::softmax_grad<T>(raw_t, zt, true, lse, a.sp) * go;
   }
-  X* trow = a.tiles + s.i * a.ld + s.base;
-  T h = 0;
-#pragma unroll
-  for (int v = 0; v < kVecs; ++v) {
-    if (v * kWarpCols >= a.kw) break;
-    T d[4], w[4], g[4];
-    const int64_t off = v * kWarpCols + s.lane * 4;
-    load4<T>(drow + off, d);
-    load4<T>(inv + off, w);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t jj = col_of(s.lane, v, e);
-      const bool other = (jj < s.width) & (jj != s.tl);
-      const T raw = d[e] * ix * w[e];
-      const T zz = scale * epi::clamp_unit<T>(raw);
-      const T gg = other ? epi::softmax_grad_other<T>(raw, zz, lse, scale) * go : T(0);
-      h += other ? gg * raw : T(0);  // (selects: a masked column's values may be garbage)
-      g[e] = other ? gg * (a.fold_inv ? w[e] : T(1)) : T(0);
-      g[e] = jj == s.tl ? gt * (a.fold_inv ? w[e] : T(1)) : g[e];
-    }
-    store4<X, T>(trow + off, g);
-  }
-  h = warp_sum<T>(h);
-  if (s.tl >= 0) h += gt * raw_t;
-  if (s.lane == 0) {
-    T& hh = a.hs[(int64_t(kHW) * a.ns + s.k) * a.B + s.i];
-    hh = (a.first ? T(0) : hh) + h;
-  }
+  softmax_bwd_slice(a, s, raw_t, gt, [&](T raw) {
+    return epi::softmax_grad_other<T>(raw, scale * epi::clamp_unit<T>(raw), lse, scale) * go;
+  });
 }
 
 template <typename T, typename X>

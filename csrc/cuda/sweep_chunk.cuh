@@ -1,6 +1,7 @@
 // What the forward and backward epilogues of the unitsface CUDA sweep share
 // (csrc/cuda/sweep_forward.cuh, csrc/cuda/sweep_backward.cuh): the chunk's arguments, one
-// warp's slice of a row, and the loop over the bank part's elements of a slice.
+// warp's slice of a row, the softmax part's backward loop over a slice and the loop over the
+// bank part's elements of a slice.
 #pragma once
 
 #include "cuda/sweep_common.cuh"
@@ -75,6 +76,58 @@ __device__ __forceinline__ void rescale_row(T* acc, const Slice& s, int64_t B, i
   for (int64_t d = s.lane; d < D; d += kWarp) row[d] *= f;
 }
 
+
+// The raw class cosine of element (v, e) of the slice: the reduced cosine (K > 1: the margin
+// family's sub-centres, csrc/cuda/sweep_family.cuh) or dot·inv_x·inv_w; and the factor its
+// tile entry carries (inv_w when the tiles carry the inverse norms and the tile is per
+// column; 1 for K > 1: uf_expand_kernel folds it).
+template <typename T, typename X>
+__device__ __forceinline__ T class_raw(const ChunkArgs<T, X>& a, T d, T ix, T w) {
+  return a.cosines ? d : d * ix * w;
+}
+template <typename T, typename X>
+__device__ __forceinline__ T class_fold(const ChunkArgs<T, X>& a, T w) {
+  return (a.fold_inv & !a.cosines) ? w : T(1);
+}
+
+// The softmax part's backward over this lane's vectors of the slice, for the plain and the
+// family warps alike: g = grad_of(raw) on every other column (raw: its class cosine), the
+// target's gt (computed by the caller with its margin), written to the tile times class_fold;
+// per split Σ g·raw into the row sums (∂x's h).
+template <typename T, typename X, typename G>
+__device__ __forceinline__ void softmax_bwd_slice(const ChunkArgs<T, X>& a, const Slice& s,
+                                                  T raw_t, T gt, const G& grad_of) {
+  const T* drow = a.dots + s.i * a.ld + s.base;
+  const T* inv = a.inv_w + a.col0 + s.base;
+  const T ix = a.inv_x[s.i];
+  X* trow = a.tiles + s.i * a.ld + s.base;
+  T h = 0;
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    if (v * kWarpCols >= a.kw) break;
+    T d[4], w[4] = {T(1), T(1), T(1), T(1)}, g[4];
+    const int64_t off = v * kWarpCols + s.lane * 4;
+    load4<T>(drow + off, d);
+    if (!a.cosines) load4<T>(inv + off, w);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t jj = col_of(s.lane, v, e);
+      const bool other = (jj < s.width) & (jj != s.tl);
+      const T raw = class_raw(a, d[e], ix, w[e]);
+      const T gg = other ? grad_of(raw) : T(0);
+      h += other ? gg * raw : T(0);  // (selects: a padded column's values may be garbage)
+      g[e] = other ? gg * class_fold(a, w[e]) : T(0);
+      g[e] = jj == s.tl ? gt * class_fold(a, w[e]) : g[e];
+    }
+    store4<X, T>(trow + off, g);
+  }
+  h = warp_sum<T>(h);
+  if (s.tl >= 0) h += gt * raw_t;
+  if (s.lane == 0) {
+    T& hh = a.hs[(int64_t(kHW) * a.ns + s.k) * a.B + s.i];
+    hh = (a.first ? T(0) : hh) + h;
+  }
+}
 
 // The bank part's inputs of one 4-column vector of a lane: raw dots, inverse norms, validity
 // (1 / 0) and thresholds.

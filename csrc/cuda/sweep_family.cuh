@@ -63,18 +63,6 @@ __global__ void __launch_bounds__(kRowThreads) uf_expand_kernel(SubCentreArgs<T,
 }
 
 // ------------------------------------------------------------------------ epilogues
-// The raw class cosine of element (v, e) of the slice: the reduced cosine (K > 1) or
-// dot·inv_x·inv_w; and the factor its tile entry carries (inv_w when the tiles carry the
-// inverse norms and the tile is per column; 1 for K > 1: uf_expand_kernel folds it).
-template <typename T, typename X>
-__device__ __forceinline__ T family_raw(const ChunkArgs<T, X>& a, T d, T ix, T w) {
-  return a.cosines ? d : d * ix * w;
-}
-template <typename T, typename X>
-__device__ __forceinline__ T family_fold(const ChunkArgs<T, X>& a, T w) {
-  return (a.fold_inv & !a.cosines) ? w : T(1);
-}
-
 // Forward, softmax part of the family: softmax_fwd_warp (sweep_forward.cuh) with the row's
 // terms; with Grads the ∂x weights e^{z − m_new}·κ_c (κ_c = n'(c) on the negatives) and the
 // target's arg-max sub-centre.
@@ -88,7 +76,7 @@ __device__ __forceinline__ void family_fwd_warp(const ChunkArgs<T, X>& a, const 
   T raw_t = 0, zt = 0, kappa_t = 0, wt = 1;
   if (s.tl >= 0) {
     wt = a.cosines ? T(1) : inv[s.tl];
-    raw_t = family_raw(a, drow[s.tl], ix, wt);
+    raw_t = class_raw(a, drow[s.tl], ix, wt);
     zt = epi::family_z<T>(raw_t, true, rt);
     kappa_t = epi::family_kappa<T>(raw_t, true, rt);
   }
@@ -104,7 +92,7 @@ __device__ __forceinline__ void family_fwd_warp(const ChunkArgs<T, X>& a, const 
     for (int e = 0; e < 4; ++e) {
       const int64_t jj = col_of(s.lane, v, e);
       const bool other = (jj < s.width) & (jj != s.tl);
-      raw[v][e] = family_raw(a, d[e], ix, w[e]);
+      raw[v][e] = class_raw(a, d[e], ix, w[e]);
       z[v][e] = epi::family_z<T>(raw[v][e], false, rt);
       cm = max_keep<T>(cm, other ? z[v][e] : neg_big);
     }
@@ -130,7 +118,7 @@ __device__ __forceinline__ void family_fwd_warp(const ChunkArgs<T, X>& a, const 
       if (Grads) {
         const T wk = ee * epi::family_kappa<T>(raw[v][e], false, rt);
         hw += other ? wk * raw[v][e] : T(0);  // (selects: a padded column may be garbage)
-        g[e] = other ? wk * family_fold(a, w[e]) : T(0);  // (the target: 0)
+        g[e] = other ? wk * class_fold(a, w[e]) : T(0);  // (the target: 0)
       }
     }
     if (Grads) store4<X, T>(trow + v * kWarpCols + s.lane * 4, g);
@@ -151,46 +139,20 @@ __device__ __forceinline__ void family_fwd_warp(const ChunkArgs<T, X>& a, const 
 }
 
 // Backward, softmax part of the family: g_ic = go_i·s·(p_ic − [c = y_i])·κ_ic from the
-// forward's lse, written to the tile (·inv_w when the tile is per column and carries it);
-// per split Σ g·c.
+// forward's lse (softmax_bwd_slice).
 template <typename T, typename X>
 __device__ __forceinline__ void family_bwd_warp(const ChunkArgs<T, X>& a, const Slice& s) {
   const epi::RowTerms<T> rt = epi::row_terms<T>(a.sp, a.margin_rows, a.B, s.i);
-  const T* drow = a.dots + s.i * a.ld + s.base;
-  const T* inv = a.inv_w + a.col0 + s.base;
-  const T ix = a.inv_x[s.i], go = a.go[s.i], lse = a.stats[stats::kLse * a.B + s.i];
+  const T go = a.go[s.i], lse = a.stats[stats::kLse * a.B + s.i];
   T raw_t = 0, gt = 0;
   if (s.tl >= 0) {
-    raw_t = family_raw(a, drow[s.tl], ix, a.cosines ? T(1) : inv[s.tl]);
+    const T* inv = a.inv_w + a.col0 + s.base;
+    raw_t = class_raw(a, a.dots[s.i * a.ld + s.base + s.tl], a.inv_x[s.i],
+                      a.cosines ? T(1) : inv[s.tl]);
     gt = epi::family_grad<T>(raw_t, true, lse, rt) * go;
   }
-  X* trow = a.tiles + s.i * a.ld + s.base;
-  T h = 0;
-#pragma unroll
-  for (int v = 0; v < kVecs; ++v) {
-    if (v * kWarpCols >= a.kw) break;
-    T d[4], w[4] = {T(1), T(1), T(1), T(1)}, g[4];
-    const int64_t off = v * kWarpCols + s.lane * 4;
-    load4<T>(drow + off, d);
-    if (!a.cosines) load4<T>(inv + off, w);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t jj = col_of(s.lane, v, e);
-      const bool other = (jj < s.width) & (jj != s.tl);
-      const T raw = family_raw(a, d[e], ix, w[e]);
-      const T gg = other ? epi::family_grad<T>(raw, false, lse, rt) * go : T(0);
-      h += other ? gg * raw : T(0);  // (selects: a padded column's values may be garbage)
-      g[e] = other ? gg * family_fold(a, w[e]) : T(0);
-      g[e] = jj == s.tl ? gt * family_fold(a, w[e]) : g[e];
-    }
-    store4<X, T>(trow + off, g);
-  }
-  h = warp_sum<T>(h);
-  if (s.tl >= 0) h += gt * raw_t;
-  if (s.lane == 0) {
-    T& hh = a.hs[(int64_t(kHW) * a.ns + s.k) * a.B + s.i];
-    hh = (a.first ? T(0) : hh) + h;
-  }
+  softmax_bwd_slice(a, s, raw_t, gt,
+                    [&](T raw) { return epi::family_grad<T>(raw, false, lse, rt) * go; });
 }
 
 }  // namespace cuda_sweep
