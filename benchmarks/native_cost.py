@@ -12,20 +12,23 @@ bandwidth), never less than the launch gap; the device's rates are parameters
 ``--inputs``, the ones ``python -m benchmarks.ceilings`` measured.
 
     python -m benchmarks.native_cost              # the H200 headline: bf16, B = D = 512, C = 100k
+    python -m benchmarks.native_cost --index      # the same |S| = 100k through a partial-FC index
     python -m benchmarks.native_cost --inputs inputs.json --measure   # on a GPU: measured too
 
-The model covers the path of the headline (no partial-FC index, reference rows in x's dtype,
-no bank validity mask: no staging; a scalar threshold in fp32). The public function adds a few
-launches of its own around the ops (the mean, its backward). ``--measure`` profiles the same
-step on the benchmark's inputs (:func:`benchmarks.impls.make_inputs`) and prints launches and
-device time per kernel group beside the model's.
+The model covers the path of the headline (reference rows in x's dtype, no bank validity mask;
+a scalar threshold in fp32), with the rows read in place or, with a partial-FC index, staged
+per chunk. Read in place, W and the bank are two allocations: whether one GEMM takes both
+parts depends on where they lie (``Step.layout``, :func:`layout_of`). The public function adds
+a few launches of its own around the ops (the mean, its backward). ``--measure`` profiles the
+same step on the benchmark's inputs (:func:`benchmarks.impls.make_inputs`) and prints launches
+and device time per kernel group beside the model's (for the layout those inputs have).
 """
 
 from __future__ import annotations
 
 import argparse
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .device import OPTIMISTIC, Device, devices
 
@@ -42,6 +45,8 @@ class Step:
     x_bytes: int = 2
     bank: bool = True         # the objective (False: the margin softmax alone)
     row_grads: bool = True    # False: the plain forward, ∂x from the backward's sweep
+    index: bool = False       # a partial-FC index: each chunk's rows staged (gathered) first
+    layout: str = "w_below"   # rows read in place: where the bank's lie from W's (layout_of)
 
     @property
     def gemm_flops(self) -> float:
@@ -93,6 +98,20 @@ class Model:
                    if phase is None or k.phase == phase)
 
 
+LAYOUTS = ("w_below", "bank_below", "apart")
+
+
+def layout_of(w_ptr: int, bank_ptr: int) -> str:
+    """Where the bank's rows lie from W's (their data pointers) as the driver sees it
+    (csrc/cuda/unitsface_sweep.cu, part_offset): "apart" when no batch stride of one GEMM
+    operand can join them (the gap is not a multiple of 16 bytes, or 2^40 bytes or more), else
+    which one lies below."""
+    gap = abs(bank_ptr - w_ptr)
+    if gap % 16 or gap >= 1 << 40:
+        return "apart"
+    return "w_below" if bank_ptr >= w_ptr else "bank_below"
+
+
 def plan(st: Step, parts: int, with_q: bool, l2_bytes: int) -> dict:
     """The driver's chunk plan (csrc/cuda_plan.h through the extension)."""
     from unitsface_kernels import native
@@ -106,19 +125,45 @@ def chunks(p: dict, S: int):
         yield q, min(p["c"], S - q * p["c"])
 
 
-def products(m: Model, phase: str, p: dict, n: int, first: bool) -> None:
-    """One part's ∂x products of a chunk: the full slices in one batched GEMM, a partial last
-    slice in a second; each slice's fp32 accumulator (B × D) written on the first chunk, read
-    and written after it."""
+def staging(m: Model, phase: str, n: int, parts: int) -> None:
+    """uf_stage: a chunk's rows of `parts` tables gathered through the index (one launch),
+    read from HBM and written to the chunk's staging buffer."""
+    st = m.step
+    m.k(phase, "staging").add(m.device, hbm=parts * n * (st.D * st.x_bytes + 8),
+                              l2=parts * n * st.D * st.x_bytes)
+
+
+def dots(m: Model, phase: str, n: int, parts: int) -> None:
+    """The chunk's dots x·Rᵀ: both parts in one batched GEMM (chunk_dots) when their rows are
+    staged or lie at a batch stride from each other (any order), else a GEMM per part."""
+    st = m.step
+    joined = parts == 2 and (st.index or st.layout != "apart")
+    k = m.k(phase, "dots GEMM x·Rᵀ", "cos")
+    for size in ([parts] if joined else [1] * parts):
+        k.add(m.device, 1, size * 2.0 * st.B * n * st.D, hbm=size * n * st.D * st.x_bytes,
+              l2=size * (st.B * st.D * st.x_bytes + st.B * n * F32))
+
+
+def products(m: Model, phase: str, p: dict, n: int, first: bool, parts: int = 1) -> None:
+    """The ∂x products of a chunk: per part the full slices in one batched GEMM, a partial
+    last slice in a second; each slice's fp32 accumulator (B × D) written on the first chunk,
+    read and written after it. With parts = 2 (the forward) each of the two is one GEMM for
+    both parts where slice_products joins them: the chunk's ns full slices when the rows are
+    staged (c rows apart), a single slice when the bank's rows lie above W's."""
     st, dev = m.step, m.device
     full, rem = divmod(n, p["kw"])
     rw = 1 if first else 2
     k = m.k(phase, "∂x products (split-K bmm)", "dx")
     for width, count in ((p["kw"], full), (rem, int(rem > 0))):
-        if count:
-            k.add(dev, 1, 2.0 * st.B * count * width * st.D,
-                  hbm=count * (width * st.D * st.x_bytes + rw * st.B * st.D * F32),
-                  l2=st.B * count * width * st.x_bytes)
+        if not count:
+            continue
+        joined = parts == 2 and (
+            (st.index and (count == 1 or count == p["ns"] == p["ns_used"]))
+            or (not st.index and count == 1 and st.layout == "w_below"))
+        for size in ([parts] if joined else [1] * parts):
+            k.add(dev, 1, size * 2.0 * st.B * count * width * st.D,
+                  hbm=size * count * (width * st.D * st.x_bytes + rw * st.B * st.D * F32),
+                  l2=size * st.B * count * width * st.x_bytes)
 
 
 def model(st: Step = Step(), dev: Device = OPTIMISTIC) -> Model:
@@ -132,15 +177,14 @@ def model(st: Step = Step(), dev: Device = OPTIMISTIC) -> Model:
     m.k("fwd", "norms (uf_columns)").add(dev, hbm=(B + parts * S) * D * xb
                                          + (B + parts * S) * F32 + 4 * s_pad * F32)
     for q, n in chunks(p, S):
-        for _ in range(parts):
-            m.k("fwd", "dots GEMM x·Rᵀ", "cos").add(dev, 1, 2.0 * B * n * D, hbm=n * D * xb,
-                                             l2=B * D * xb + B * n * F32)
+        if st.index:
+            staging(m, "fwd", n, parts)
+        dots(m, "fwd", n, parts)
         tiles = parts * B * n * xb if st.row_grads else 0
         m.k("fwd", "epilogue").add(dev, hbm=n * (4 if st.bank else 1) * F32,
                                    l2=parts * B * n * F32 + tiles)
         if st.row_grads:
-            for _ in range(parts):
-                products(m, "fwd", p, n, q == 0)
+            products(m, "fwd", p, n, q == 0, parts)
     acc = parts * p["ns_used"] * B * D * F32 if st.row_grads else 0
     m.k("fwd", "finish (uf_fwd_finish)").add(
         dev, hbm=acc + B * D * xb * (1 + parts) + (B * D * F32 if st.row_grads else 0))
@@ -152,12 +196,12 @@ def model(st: Step = Step(), dev: Device = OPTIMISTIC) -> Model:
     m.k("bwd", "norms (uf_columns)").add(dev, hbm=parts_b * S * F32 + 4 * s_pad * F32)
     m.k("bwd", "rows (x̂, ∂x)").add(dev, hbm=B * D * (2 * xb + (F32 + xb if st.row_grads else 0)))
     for q, n in chunks(p, S):
-        for _ in range(parts_b):
-            m.k("bwd", "dots GEMM x·Rᵀ", "cos").add(dev, 1, 2.0 * B * n * D, hbm=n * D * xb,
-                                             l2=B * D * xb + B * n * F32)
+        if st.index:
+            staging(m, "bwd", n, parts_b)
+        dots(m, "bwd", n, parts_b)
         m.k("bwd", "epilogue").add(dev, hbm=n * (4 if parts_b == 2 else 1) * F32,
                                    l2=parts_b * B * n * (F32 + xb))
-        if not st.row_grads:
+        if not st.row_grads:  # (one accumulator for both parts: a GEMM each)
             for _ in range(parts_b):
                 products(m, "bwd", p, n, q == 0)
         m.k("bwd", "Q GEMM tileᵀ·x̂", "dw").add(dev, 1, 2.0 * B * n * D,
@@ -177,7 +221,8 @@ def report(m: Model) -> str:
     st, dev = m.step, m.device
     lines = [f"native CUDA sweep, cost model with the {dev.name} inputs ({dev.source})",
              (f"step: B={st.B} D={st.D} S={st.S} x {8 * st.x_bytes}-bit, "
-              f"{'objective' if st.bank else 'softmax'}, row_grads={st.row_grads}")]
+              f"{'objective' if st.bank else 'softmax'}, row_grads={st.row_grads}, "
+              + ("rows staged through an index" if st.index else f"rows in place ({st.layout})"))]
     for phase, p in m.plans.items():
         lines.append(f"  {phase} plan: {p['n_chunks']} chunks of c={p['c']} "
                      f"({p['ns']} slices of {p['kw']}; budget {p['budget']} elements)")
@@ -228,9 +273,9 @@ def _group(kernel: str) -> str:
     return "other"
 
 
-def measure(st: Step, repeats: int = 20) -> tuple[float, OrderedDict]:
-    """The step on the GPU: median ms (CUDA events), and with the profiler the kernels of one
-    step by group ({group: [launches, device µs]})."""
+def measure(st: Step, repeats: int = 20) -> tuple[float, OrderedDict, str]:
+    """The step on the GPU: median ms (CUDA events), with the profiler the kernels of one
+    step by group ({group: [launches, device µs]}), and the layout of its W and bank."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -240,15 +285,19 @@ def measure(st: Step, repeats: int = 20) -> tuple[float, OrderedDict]:
     from .measure import time_steps
     dev = torch.device("cuda")
     dtype = {2: "bfloat16", 4: "float32"}[st.x_bytes]
-    inp = make_inputs(Case("objective" if st.bank else "softmax", st.S, st.B, st.D, dtype, "cuda"))
+    # with an index: |S| = st.S sampled from 10·|S| classes (partial FC at rate 0.1)
+    classes, rate = (10 * st.S, 0.1) if st.index else (st.S, 1.0)
+    inp = make_inputs(Case("objective" if st.bank else "softmax", classes, st.B, st.D, dtype,
+                           "cuda", sample_rate=rate))
 
     def step():
         inp.zero_grad()  # as optimizer.zero_grad() does: no accumulation kernels
         if st.bank:
             loss = fused_unitsface_loss(inp.x, inp.labels, inp.centres, inp.bank, inp.bias,
-                                        backend="native")
+                                        index=inp.index, backend="native")
         else:
-            loss = fused_margin_softmax_loss(inp.x, inp.centres, inp.labels, backend="native")
+            loss = fused_margin_softmax_loss(inp.x, inp.centres, inp.labels, index=inp.index,
+                                             backend="native")
         loss.backward()
 
     for _ in range(3):
@@ -263,7 +312,8 @@ def measure(st: Step, repeats: int = 20) -> tuple[float, OrderedDict]:
             row = groups.setdefault(_group(e.name), [0, 0.0])
             row[0] += 1
             row[1] += e.device_time_total
-    return times[len(times) // 2] * 1e3, groups
+    layout = layout_of(inp.centres.data_ptr(), inp.bank.data_ptr()) if st.bank else st.layout
+    return times[len(times) // 2] * 1e3, groups, layout
 
 
 def compare(models: list[Model], step_ms: float, groups: OrderedDict) -> str:
@@ -291,11 +341,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=Step.B)
     ap.add_argument("--dim", type=int, default=Step.D)
     ap.add_argument("--fp32", action="store_true", help="fp32 inputs (default bf16)")
+    ap.add_argument("--index", action="store_true",
+                    help="the classes through a partial-FC index (rows staged per chunk)")
+    ap.add_argument("--layout", choices=LAYOUTS, default=Step.layout,
+                    help="rows in place: where the bank's lie from W's (default %(default)s)")
     ap.add_argument("--inputs", metavar="JSON",
                     help="measured device inputs (python -m benchmarks.ceilings --json)")
     ap.add_argument("--measure", action="store_true", help="also measure the step (CUDA)")
     args = ap.parse_args(argv)
-    st = Step(args.batch, args.dim, args.classes, 4 if args.fp32 else 2)
+    st = Step(args.batch, args.dim, args.classes, 4 if args.fp32 else 2, index=args.index,
+              layout=args.layout)
     models = [model(st, dev) for dev in devices(args.inputs)]
     print(report(models[0]))
     for m in models[1:]:
@@ -305,7 +360,11 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("--measure: no CUDA device")
             return 1
-        print(compare(models, *measure(st)))
+        step_ms, groups, layout = measure(st)
+        if layout != st.layout and not st.index:
+            print(f"  (the measured inputs' layout: {layout}; the model below is for it)")
+            models = [model(replace(st, layout=layout), m.device) for m in models]
+        print(compare(models, step_ms, groups))
     return 0
 
 

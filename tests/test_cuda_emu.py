@@ -243,32 +243,83 @@ def test_eps_from_the_options(budget, form, row_grads, dtype):
     assert float(grads[0][3].abs().max()) > 1e6  # ∂x of a row at norm 4e-13: of order 1/eps
 
 
+def step_launches(leaves, labels, bank, index=None):
+    """One step (loss and backward) on the emulated sweep: its kernel launches plus the GEMMs
+    the driver calls (ATen's, counted by the profiler), and its loss (the gradients are in the
+    leaves); the margin softmax alone without a bank."""
+    from torch.profiler import ProfilerActivity, profile
+    before = torch.ops.unitsface_emu.kernel_launches()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        if bank is not None:
+            loss = fused_unitsface_loss(leaves["x"], labels, leaves["centres"], bank,
+                                        leaves["bias"], index=index, backend="native")
+        else:
+            loss = fused_margin_softmax_loss(leaves["x"], leaves["centres"], labels,
+                                             index=index, backend="native")
+        loss.backward()
+    kernels = torch.ops.unitsface_emu.kernel_launches() - before
+    return kernels + sum(e.name in ("aten::mm", "aten::baddbmm") for e in prof.events()), loss
+
+
 @pytest.mark.parametrize("budget", ["300", None], indirect=True)
 @pytest.mark.parametrize("row_grads", [True, False])
 @pytest.mark.parametrize("with_bank", [True, False])
-def test_cost_model_launches(budget, row_grads, with_bank, monkeypatch):
+@pytest.mark.parametrize("sampled", [False, True])
+def test_cost_model_launches(budget, row_grads, with_bank, sampled, monkeypatch):
     """benchmarks/native_cost.py walks the driver's chunk loop: its launches for a step (the
-    emulation's kernel launches plus the GEMMs the driver calls) are the driver's."""
-    from torch.profiler import ProfilerActivity, profile
-
+    emulation's kernel launches plus the GEMMs the driver calls) are the driver's, with the
+    rows read in place (where W and the bank happen to lie: native_cost.layout_of) or staged
+    through a partial-FC index."""
     from benchmarks import native_cost
     if not row_grads:
         monkeypatch.setattr(contract, "ROW_GRADS", set())
-    case = case_of(b=37, c=301, d=16, seed=15)
+    case = case_of(b=37, c=301, d=16, sampled=sampled, seed=15)
     leaves = {k: case[k].clone().requires_grad_() for k in ("x", "centres", "bias")}
-    before = torch.ops.unitsface_emu.kernel_launches()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        if with_bank:
-            loss = fused_unitsface_loss(leaves["x"], case["labels"], leaves["centres"],
-                                        case["bank"], leaves["bias"], backend="native")
-        else:
-            loss = fused_margin_softmax_loss(leaves["x"], leaves["centres"], case["labels"],
-                                             backend="native")
-        loss.backward()
-    kernels = torch.ops.unitsface_emu.kernel_launches() - before
-    gemms = sum(e.name in ("aten::mm", "aten::baddbmm") for e in prof.events())
-    m = native_cost.model(native_cost.Step(37, 16, 301, 4, bank=with_bank, row_grads=row_grads))
-    assert kernels + gemms == m.total("launches")
+    got, _ = step_launches(leaves, case["labels"], case["bank"] if with_bank else None,
+                           case["index"])
+    layout = native_cost.layout_of(leaves["centres"].data_ptr(), case["bank"].data_ptr())
+    S = 301 if case["index"] is None else case["index"].numel()
+    m = native_cost.model(native_cost.Step(37, 16, S, 4, bank=with_bank, row_grads=row_grads,
+                                           index=sampled, layout=layout))
+    assert got == m.total("launches")
+
+
+@pytest.mark.parametrize("budget", ["300", None], indirect=True)
+@pytest.mark.parametrize("layout", ["w_below", "bank_below", "apart"])
+@pytest.mark.parametrize("row_grads", [True, False])
+def test_tables_in_place_layouts(budget, layout, row_grads, monkeypatch):
+    """W and the bank read in place (no index, no mask, x's dtype) as two views of one storage:
+    W's rows below the bank's, above them, or 4 bytes off a multiple of 16 bytes from them.
+    Where a batch stride reaches from one table to the other, a chunk's dots are one batched
+    GEMM over both, whichever lies first (the dots' parts in address order), and with W below
+    so are the ∂x products of a single slice per part; apart, a GEMM per table. The loss and
+    gradients are the float64 reference's, the launches the cost model's for that layout."""
+    from benchmarks import native_cost
+    if not row_grads:
+        monkeypatch.setattr(contract, "ROW_GRADS", set())
+    C, D = 301, 16
+    case = case_of(b=37, c=C, d=D, seed=17)
+    gap = 1 if layout == "apart" else 0  # (one fp32 element: 4 bytes)
+    storage = torch.empty(2 * C * D + gap)
+    lower, upper = storage[:C * D].view(C, D), storage[C * D + gap:].view(C, D)
+    centres, bank = (upper, lower) if layout == "bank_below" else (lower, upper)
+    centres.copy_(case["centres"])
+    bank.copy_(case["bank"])
+    assert native_cost.layout_of(centres.data_ptr(), bank.data_ptr()) == layout
+    leaves = {"x": case["x"].clone().requires_grad_(), "centres": centres.requires_grad_(),
+              "bias": case["bias"].clone().requires_grad_()}
+    got, loss = step_launches(leaves, case["labels"], bank)
+    m = native_cost.model(native_cost.Step(37, D, C, 4, row_grads=row_grads, layout=layout))
+    assert got == m.total("launches")
+    names = ("x", "centres", "bias")
+    ref = {k: case[k].double().requires_grad_() for k in names}
+    want = fused_unitsface_loss(ref["x"], case["labels"], ref["centres"], case["bank"].double(),
+                                ref["bias"], backend="reference")
+    want.backward()
+    assert_close_loss(loss.detach(), want.detach(), torch.float32)
+    for k in names:
+        assert_close_grad(leaves[k].grad, ref[k].grad, torch.float32, k,
+                          scalar_scale=float(want.detach().abs()))
 
 
 # ----------------------------------------------------------------------------- the margin family

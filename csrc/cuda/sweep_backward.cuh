@@ -17,7 +17,7 @@ __device__ __forceinline__ void softmax_bwd_warp(const ChunkArgs<T, X>& a, const
   const T go = a.go[s.i], lse = a.stats[stats::kLse * a.B + s.i];
   T raw_t = 0, gt = 0;
   if (s.tl >= 0) {
-    raw_t = a.dots[s.i * a.ld + s.base + s.tl] * a.inv_x[s.i] * a.inv_w[a.col0 + s.base + s.tl];
+    raw_t = dots_row(a, s, 0)[s.tl] * a.inv_x[s.i] * a.inv_w[a.col0 + s.base + s.tl];
     const T zt = epi::softmax_z<T>(raw_t, true, a.sp);
     gt = epi::softmax_grad<T>(raw_t, zt, true, lse, a.sp) * go;
   }
@@ -33,7 +33,7 @@ __device__ __forceinline__ void uss_bwd_warp(const ChunkArgs<T, X>& a, const Sli
   const T* us = a.stats + stats::kUss * B;  // the USS block
   const T sa = us[stats::kA * B + s.i], fa = us[stats::kSigmaA * B + s.i];
   const T sb = us[stats::kB * B + s.i], fb = us[stats::kSigmaB * B + s.i];
-  X* trow = a.tiles + a.part_stride + s.i * a.ld + s.base;
+  X* trow = tile_row(a, s, 1);
   T h = 0, gs = 0;
   for_bank_elems(a, s, ix, trow, [&](int, int, bool pos, bool neg, T cos, T zz) {
     const bool in = pos | neg;

@@ -10,13 +10,19 @@ namespace unitsface {
 namespace cuda_sweep {
 
 // ------------------------------------------------------------------------ epilogues
-// One chunk: columns [col0, col0 + n) of S, slices of kw columns; dots and tiles are
-// [parts][B][ld] (part 1: the bank), per-column arrays indexed by the global column.
+// One chunk: columns [col0, col0 + n) of S, slices of kw columns, per-column arrays indexed by
+// the global column. The dots are [parts][B][ld] (part 1: the bank) in the order in which the
+// chunk's GEMMs wrote them: when one batched GEMM wrote both parts from rows ordered by
+// address, the bank's may come first (dots_part < 0). The tiles are [B][parts][ld] (row
+// stride tld = parts·ld): slice k of part p starts at column p·ld + k·kw of a row, so that
+// the ∂x products of both parts have one batch stride (kw) in the tile (unitsface_sweep.cu).
 template <typename T, typename X>
 struct ChunkArgs {
-  const T* dots;
+  const T* dots;            // the W part's dots
   X* tiles;                 // gradient tiles (row_grads forward, backward), or null
-  int64_t ld, part_stride;  // row stride (the plan's c) and B·ld
+  int64_t ld;               // the dots' row stride (the plan's c), the tiles' part stride
+  int64_t dots_part;        // the bank part's dots from the W part's: B·ld or −B·ld
+  int64_t tld;              // the tiles' row stride: parts·ld
   int64_t B, D, n, col0, kw, ns;
   bool first;               // the sweep's first chunk: the running state starts here
   bool fold_inv;            // tiles carry the inverse norm of their column (not fp16)
@@ -44,6 +50,16 @@ struct Slice {
   int64_t i, base, width, tl;  // row, first column, columns, the row's target column or −1
   int k, lane;
 };
+
+// The first element of a slice's row in part p's dots (0: W, 1: the bank) and tile.
+template <typename T, typename X>
+__device__ __forceinline__ const T* dots_row(const ChunkArgs<T, X>& a, const Slice& s, int p) {
+  return a.dots + (p == 0 ? 0 : a.dots_part) + s.i * a.ld + s.base;
+}
+template <typename T, typename X>
+__device__ __forceinline__ X* tile_row(const ChunkArgs<T, X>& a, const Slice& s, int p) {
+  return a.tiles + s.i * a.tld + p * a.ld + s.base;
+}
 
 template <typename T, typename X>
 __device__ __forceinline__ Slice slice_of(const ChunkArgs<T, X>& a, int64_t i) {
@@ -97,10 +113,10 @@ __device__ __forceinline__ T class_fold(const ChunkArgs<T, X>& a, T w) {
 template <typename T, typename X, typename G>
 __device__ __forceinline__ void softmax_bwd_slice(const ChunkArgs<T, X>& a, const Slice& s,
                                                   T raw_t, T gt, const G& grad_of) {
-  const T* drow = a.dots + s.i * a.ld + s.base;
+  const T* drow = dots_row(a, s, 0);
   const T* inv = a.inv_w + a.col0 + s.base;
   const T ix = a.inv_x[s.i];
-  X* trow = a.tiles + s.i * a.ld + s.base;
+  X* trow = tile_row(a, s, 0);
   T h = 0;
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {
@@ -140,7 +156,7 @@ template <typename T, typename X>
 __device__ __forceinline__ void load_bank_vec(const ChunkArgs<T, X>& a, const Slice& s,
                                               int64_t off, BankVec<T>& q) {
   const int64_t c0 = a.col0 + s.base;
-  load4<T>(a.dots + a.part_stride + s.i * a.ld + s.base + off, q.d);
+  load4<T>(dots_row(a, s, 1) + off, q.d);
   load4<T>(a.inv_b + c0 + off, q.w);
   load4<T>(a.vb + c0 + off, q.val);
   load4<T>(a.cb + c0 + off, q.b);

@@ -26,9 +26,9 @@ struct SubCentreArgs {
   const T* inv_wk;      // padded, per sub-centre row (global: (col0 + j)·K + r)
   T* cos;               // B × ld: the class cosines (the W part's dots)
   int32_t* arg;         // B × ld
-  const X* tile;        // B × ld: the class weights (the W part's tile)
+  const X* tile;        // B × ld at row stride tld: the class weights (the W part's tile)
   X* tile_k;            // B × ld·K
-  int64_t B, n, ld, k, col0;
+  int64_t B, n, ld, tld, k, col0;
   bool fold_inv;        // the product tiles carry the inverse norms (not fp16)
 };
 
@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kRowThreads) uf_expand_kernel(SubCentreArgs<T,
        e += int64_t(gridDim.x) * kRowThreads) {
     const int64_t i = e / (a.n * K), col = e - i * a.n * K, j = col / K;
     const int32_t r = static_cast<int32_t>(col - j * K);
-    const T g = static_cast<T>(a.tile[i * a.ld + j]);
+    const T g = static_cast<T>(a.tile[i * a.tld + j]);
     const T f = a.fold_inv ? a.inv_wk[a.col0 * K + col] : T(1);
     a.tile_k[i * a.ld * K + col] = static_cast<X>(r == a.arg[i * a.ld + j] ? g * f : T(0));
   }
@@ -70,7 +70,7 @@ template <typename T, typename X, bool Grads>
 __device__ __forceinline__ void family_fwd_warp(const ChunkArgs<T, X>& a, const Slice& s) {
   const T neg_big = static_cast<T>(epi::kNegBig);
   const epi::RowTerms<T> rt = epi::row_terms<T>(a.sp, a.margin_rows, a.B, s.i);
-  const T* drow = a.dots + s.i * a.ld + s.base;
+  const T* drow = dots_row(a, s, 0);
   const T* inv = a.inv_w + a.col0 + s.base;  // (not read for K > 1)
   const T ix = a.inv_x[s.i];
   T raw_t = 0, zt = 0, kappa_t = 0, wt = 1;
@@ -103,7 +103,7 @@ __device__ __forceinline__ void family_fwd_warp(const ChunkArgs<T, X>& a, const 
   const T m_old = a.first ? neg_big : state_at(st, kM, s, a.ns, a.B);
   const T m_new = max_keep<T>(m_old, cm);
   T se = 0, hw = 0;
-  X* trow = Grads ? a.tiles + s.i * a.ld + s.base : nullptr;
+  X* trow = Grads ? tile_row(a, s, 0) : nullptr;
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {
     if (v * kWarpCols >= a.kw) break;
@@ -147,7 +147,7 @@ __device__ __forceinline__ void family_bwd_warp(const ChunkArgs<T, X>& a, const 
   T raw_t = 0, gt = 0;
   if (s.tl >= 0) {
     const T* inv = a.inv_w + a.col0 + s.base;
-    raw_t = class_raw(a, a.dots[s.i * a.ld + s.base + s.tl], a.inv_x[s.i],
+    raw_t = class_raw(a, dots_row(a, s, 0)[s.tl], a.inv_x[s.i],
                       a.cosines ? T(1) : inv[s.tl]);
     gt = epi::family_grad<T>(raw_t, true, lse, rt) * go;
   }

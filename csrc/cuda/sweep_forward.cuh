@@ -48,7 +48,7 @@ template <typename T, typename X, bool Grads>
 __device__ __forceinline__ void softmax_fwd_warp(const ChunkArgs<T, X>& a, const Slice& s) {
   const T neg_big = static_cast<T>(epi::kNegBig);
   const T scale = a.sp.scale;
-  const T* drow = a.dots + s.i * a.ld + s.base;
+  const T* drow = dots_row(a, s, 0);
   const T* inv = a.inv_w + a.col0 + s.base;
   const T ix = a.inv_x[s.i];
   T raw_t = 0, zt = 0, kappa_t = 0;
@@ -81,7 +81,7 @@ __device__ __forceinline__ void softmax_fwd_warp(const ChunkArgs<T, X>& a, const
   const T m_old = a.first ? neg_big : state_at(st, kM, s, a.ns, a.B);
   const T m_new = max_keep<T>(m_old, cm);
   T se = 0, hw = 0;
-  X* trow = Grads ? a.tiles + s.i * a.ld + s.base : nullptr;
+  X* trow = Grads ? tile_row(a, s, 0) : nullptr;
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {
     if (v * kWarpCols >= a.kw) break;
@@ -125,7 +125,7 @@ __device__ __forceinline__ void uss_fwd_warp(const ChunkArgs<T, X>& a, const Sli
   const T neg_big = static_cast<T>(epi::kNegBig);
   const int64_t c0 = a.col0 + s.base;
   const T ix = a.inv_x[s.i];
-  X* trow = Grads ? a.tiles + a.part_stride + s.i * a.ld + s.base : nullptr;
+  X* trow = Grads ? tile_row(a, s, 1) : nullptr;
   T* st = a.state;
   T cosv[kVecs][4], z[kVecs][4];
   if (!a.up.lse) {

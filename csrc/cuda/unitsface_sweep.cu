@@ -7,15 +7,27 @@
 // per-column arrays. Per chunk of c columns (csrc/cuda_plan.h: c·B fp32 dots per part fit in
 // L2 with their tiles; c ≈ 8192 at B = 512 for bf16):
 //
-//   forward        [stage]  dots_W = x·W_cᵀ  dots_B = x·bank_cᵀ  epilogue  [∂x products]
-//   backward       [stage]  dots_W  [dots_B]  epilogue  [∂x products]  [Q = tileᵀ·x̂, projection]
+//   forward        [stage]  dots = x·[W_c | bank_c]ᵀ  epilogue  [∂x products]
+//   backward       [stage]  dots = x·[W_c | bank_c]ᵀ or x·W_cᵀ  epilogue  [∂x products]
+//                           [Q = tileᵀ·x̂, projection]
 //
 // "stage" gathers / converts / masks the chunk's rows only when they cannot be read in place
 // (a partial-FC index, reference rows in another dtype than x, a bank validity mask) and, for
-// fp16, writes their normalised copies for the ∂x products. The ∂x products are one split-K
-// batched GEMM per part: slice k of the chunk's gradient tile times slice k of its rows,
-// accumulated into acc[k] (fp32, [ns, B, D]); the epilogue rescales acc[k]'s row when split
-// k's running max moved (only then), and the finish merges the splits in a fixed order.
+// fp16, writes their normalised copies for the ∂x products. The ∂x products are a split-K
+// batched GEMM: slice k of the chunk's gradient tile times slice k of its rows, accumulated
+// into acc[k] (fp32, [ns, B, D] per part); the epilogue rescales acc[k]'s row when split k's
+// running max moved (only then), and the finish merges the splits in a fixed order.
+//
+// W and the bank are two tables, but a GEMM of each part per chunk would double the launches
+// (issue 26): where the two parts' operands lie at one offset from each other, one batched
+// GEMM takes both (cuBLAS's batch stride; "both parts in one GEMM" below). The dots can with
+// one sub-centre: the rows, staged or in place, are two n × D matrices, and the offset between
+// them (a multiple of 16 bytes, else a GEMM each) is the batch stride. The forward's ∂x
+// products can too: a chunk's ns > 1 slices when the rows are staged (the batch (part, slice)
+// needs the bank's rows ns slices after W's, as in the staging buffer; in place they are
+// wherever the tables are), a single slice (the last, partial one) whenever the bank's rows
+// lie above W's.
+//
 // Gradient tiles are in x's dtype (bf16 for bf16 inputs) with fp32 accumulation; they carry
 // the column's inverse norm except for fp16, whose product rows are normalised instead (an
 // fp16 tile g·inv_r overflows for rows below the eps).
@@ -32,8 +44,10 @@
 // glue below (the stream, the L2 size, the launch) and, there, the GEMMs' dtypes.
 #include <algorithm>
 #include <array>
+#include <functional>
 #include <limits>
 #include <optional>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -136,6 +150,9 @@ void gemm_nt(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   chunking::gemm_nt(out, a, b);
 }
 
+// Part p's gradient tile (B × c, row stride parts·c) of a chunk's tiles [B, parts, c].
+at::Tensor tile_part(const at::Tensor& tiles, int64_t p) { return tiles.select(1, p); }
+
 // out = beta·out + b1 @ b2 (batched), fp32 accumulators for 16-bit operands
 void baddbmm_acc(at::Tensor out, const at::Tensor& b1, const at::Tensor& b2, double beta) {
   if (b1.scalar_type() == out.scalar_type()) {
@@ -149,22 +166,100 @@ void baddbmm_acc(at::Tensor out, const at::Tensor& b1, const at::Tensor& b2, dou
 #endif
 }
 
+// ------------------------------------------------------------------ both parts in one GEMM
+// The offset (elements) from a's first element to b's when it lets one batched GEMM operand
+// reach both: a multiple of 16 bytes, so that every batch keeps the alignment of the first
+// (cuBLAS's vectorised kernels need 16 bytes; a GEMM per part is better than a slower
+// unaligned pair), and below 2^40 bytes, the largest stride of a tensor-memory-access
+// descriptor (no allocation is that large, so no single tensor ever gave cuBLAS more).
+std::optional<int64_t> part_offset(const at::Tensor& a, const at::Tensor& b) {
+  const auto pa = reinterpret_cast<uintptr_t>(a.const_data_ptr());
+  const auto pb = reinterpret_cast<uintptr_t>(b.const_data_ptr());
+  const uintptr_t gap = pb >= pa ? pb - pa : pa - pb;
+  if (gap % 16 != 0 || gap >= (uintptr_t(1) << 40)) return std::nullopt;
+  const int64_t elems = static_cast<int64_t>(gap) / a.element_size();
+  return pb >= pa ? elems : -elems;
+}
+
+// The W part's and the bank part's operand of a batched GEMM (w, b: alike in dtype, sizes and
+// strides; batch dim 0) as one operand whose batches are w's then b's: its batch stride must
+// go on from w's last batch to b's first (b lies w.size(0) batch strides above w), or, with
+// one batch per part, b's offset above w is the stride. Within one allocation (a chunk buffer,
+// the staged rows) an as_strided view; across two (W and the bank read in place) a zero-copy
+// at::from_blob over both, which only a GEMM of this call reads, while the tables live (only
+// inputs span two allocations: the outputs are chunk buffers). nullopt when no stride fits.
+std::optional<at::Tensor> parts_batch(const at::Tensor& w, const at::Tensor& b) {
+  if (w.scalar_type() != b.scalar_type() || w.sizes() != b.sizes() ||
+      w.strides() != b.strides()) {
+    return std::nullopt;
+  }
+  const std::optional<int64_t> off = part_offset(w, b);
+  const int64_t nb = w.size(0), step = w.stride(0);
+  if (!off || *off < 0 || (nb > 1 && *off != nb * step)) return std::nullopt;
+  std::vector<int64_t> sizes = w.sizes().vec(), strides = w.strides().vec();
+  sizes[0] = 2 * nb;
+  strides[0] = nb > 1 ? step : *off;
+  if (w.storage().is_alias_of(b.storage())) return w.as_strided(sizes, strides);
+  return at::for_blob(const_cast<void*>(w.const_data_ptr()), sizes)
+      .strides(strides)
+      .options(w.options())
+      .target_device(w.device())  // (no pointer query)
+      .make_tensor();
+}
+
+// One part's operands of a chunk's ∂x products: its gradient tile (B × ≥ n columns, any row
+// stride), its rows (≥ n × D, any row stride) and its accumulators acc ([ns, B, D]); n columns
+// in slices of kw.
+struct SliceOperands {
+  at::Tensor acc, tile, rows;
+  int64_t n, kw;
+};
+
 // acc[k] (beta = 0: =, 1: +=) tile[:, k·kw : (k+1)·kw] · rows[k·kw : (k+1)·kw] for the slices
-// k of one chunk of n columns: the full slices in one batched GEMM (split-K), the last partial
-// slice (the sweep's last chunk only) in a second one. tile: B × ld (X), rows: n × D with row
-// stride rs (X), acc: [ns, B, D] (accumulation dtype).
-void slice_products(at::Tensor& acc, const at::Tensor& tile, const at::Tensor& rows, int64_t n,
-                    int64_t kw, double beta) {
-  const int64_t B = tile.size(0), ld = tile.stride(0), D = rows.size(1), rs = rows.stride(0);
-  const int64_t full = n / kw, rem = n - full * kw;
-  auto batched = [&](int64_t k0, int64_t nb, int64_t kk) {
-    const at::Tensor b1 =
-        tile.as_strided({nb, B, kk}, {kw, ld, 1}, tile.storage_offset() + k0 * kw);
-    const at::Tensor b2 =
-        rows.as_strided({nb, kk, D}, {kw * rs, rs, 1}, rows.storage_offset() + k0 * kw * rs);
-    baddbmm_acc(acc.narrow(0, k0, nb), b1, b2, beta);
+// k of one chunk: the full slices in one batched GEMM (split-K), the last partial slice (the
+// sweep's last chunk only) in a second one. With `bank` (the forward: both parts' accumulators
+// start on the same chunk) each of these is one GEMM for both parts where parts_batch joins
+// every operand: the batch (part, slice) then has one stride per operand — the tiles are
+// [B][parts][c] and the accumulators [parts][ns][B][D], so for a chunk's ns full slices the
+// rows must lie c rows apart (staged rows), for a single slice anywhere above W's.
+void slice_products(const SliceOperands& w, const SliceOperands* bank, double beta) {
+  if (bank != nullptr && (bank->n != w.n || bank->kw != w.kw)) {  // K > 1: W has n·K columns
+    slice_products(w, nullptr, beta);
+    slice_products(*bank, nullptr, beta);
+    return;
+  }
+  // part p's acc, tile and rows operands of the slices [k0, k0 + nb), kk columns each
+  using Operands = std::array<at::Tensor, 3>;
+  auto operands = [](const SliceOperands& p, int64_t k0, int64_t nb, int64_t kk) {
+    const int64_t B = p.tile.size(0), ld = p.tile.stride(0);
+    const int64_t D = p.rows.size(1), rs = p.rows.stride(0);
+    return Operands{
+        p.acc.narrow(0, k0, nb),
+        p.tile.as_strided({nb, B, kk}, {p.kw, ld, 1}, p.tile.storage_offset() + k0 * p.kw),
+        p.rows.as_strided({nb, kk, D}, {p.kw * rs, rs, 1},
+                          p.rows.storage_offset() + k0 * p.kw * rs)};
   };
-  if (full > 0) batched(0, full, kw);
+  auto batched = [&](int64_t k0, int64_t nb, int64_t kk) {
+    const Operands ow = operands(w, k0, nb, kk);
+    if (bank != nullptr) {
+      const Operands ob = operands(*bank, k0, nb, kk);
+      Operands both;
+      size_t o = 0;
+      for (; o < both.size(); ++o) {
+        std::optional<at::Tensor> t = parts_batch(ow[o], ob[o]);
+        if (!t) break;
+        both[o] = std::move(*t);
+      }
+      if (o == both.size()) {
+        baddbmm_acc(both[0], both[1], both[2], beta);
+        return;
+      }
+      baddbmm_acc(ob[0], ob[1], ob[2], beta);
+    }
+    baddbmm_acc(ow[0], ow[1], ow[2], beta);
+  };
+  const int64_t full = w.n / w.kw, rem = w.n - full * w.kw;
+  if (full > 0) batched(0, full, w.kw);
   if (rem > 0) batched(full, 1, rem);
 }
 
@@ -343,8 +438,9 @@ struct SubCentres {
     a.arg = arg.data_ptr<int32_t>();
     if (tiles.defined()) {
       tile_k = at::empty({call.B, c * call.K}, call.x.options());
-      a.tile = tiles[0].const_data_ptr<X>();
+      a.tile = tiles.const_data_ptr<X>();
       a.tile_k = tile_k.data_ptr<X>();
+      a.tld = tiles.stride(0);
     }
     a.B = call.B;
     a.ld = c;
@@ -367,7 +463,7 @@ struct SubCentres {
   }
   // the product tile (B × n·K, row stride tile().stride(0)) after the epilogue
   at::Tensor tile(const at::Tensor& tiles, int64_t j0, int64_t n) {
-    if (call.K == 1) return tiles[0];
+    if (call.K == 1) return tile_part(tiles, 0);
     a.n = n;
     a.col0 = j0;
     launch(&cuda_sweep::uf_expand_kernel<T, X>,
@@ -377,17 +473,47 @@ struct SubCentres {
   }
 };
 
-// The epilogues' arguments common to both passes; dots [parts, B, c] and tiles (or undefined).
+// The chunk's dots into dots [parts, B, c]: W's (where SubCentres wants them) when do_w, the
+// bank's when do_b. With K = 1 and both parts, one batched GEMM x·[W rows | bank rows]ᵀ over x
+// expanded to both parts (batch stride 0) and the two parts' rows as one operand
+// (parts_batch), ordered by address (ATen has no negative stride), so the dots' parts are in
+// that order too; `a` learns where each part's dots are. Else (K > 1: W's n·K dots go
+// elsewhere; rows that no stride joins) a GEMM per part, in part order.
+template <typename T, typename X>
+void chunk_dots(const Call& call, const ChunkRows& rows, const SubCentres<T, X>& sub,
+                const at::Tensor& dots, int64_t j0, int64_t n, bool do_w, bool do_b,
+                cuda_sweep::ChunkArgs<T, X>& a) {
+  const int64_t part = dots.stride(0);
+  a.dots = cptr<T>(dots);
+  a.dots_part = part;
+  if (do_w && do_b && call.K == 1) {
+    const at::Tensor rw = rows.rows(call, 0, j0, n).unsqueeze(0);
+    const at::Tensor rb = rows.rows(call, 1, j0, n).unsqueeze(0);
+    const bool bank_first = std::less<const void*>()(rb.const_data_ptr(), rw.const_data_ptr());
+    if (const auto both = bank_first ? parts_batch(rb, rw) : parts_batch(rw, rb)) {
+      baddbmm_acc(dots.narrow(2, 0, n), call.x.expand({2, call.B, call.D}),
+                  both->transpose(1, 2), 0.0);
+      if (bank_first) {
+        a.dots += part;
+        a.dots_part = -part;
+      }
+      return;
+    }
+  }
+  if (do_w) gemm_nt(sub.w_dots(dots, n), call.x, rows.rows(call, 0, j0, n));
+  if (do_b) gemm_nt(dots[1].narrow(1, 0, n), call.x, rows.rows(call, 1, j0, n));
+}
+
+// The epilogues' arguments common to both passes; dots [parts, B, c] (chunk_dots sets where
+// each part's are) and tiles [B, parts, c] (or undefined).
 template <typename T, typename X>
 cuda_sweep::ChunkArgs<T, X> chunk_args(const Call& call, const Columns& cols,
                                        const cuda_plan::SweepPlan& plan,
-                                       const UnitsfaceOptions& o, const at::Tensor& dots,
-                                       const at::Tensor& tiles) {
+                                       const UnitsfaceOptions& o, const at::Tensor& tiles) {
   cuda_sweep::ChunkArgs<T, X> a{};
-  a.dots = cptr<T>(dots);
   a.tiles = mptr<X>(tiles);
   a.ld = plan.c;
-  a.part_stride = call.B * plan.c;
+  a.tld = tiles.defined() ? tiles.stride(0) : 0;
   a.B = call.B;
   a.D = call.D;
   a.kw = plan.kw;
@@ -426,13 +552,14 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
   at::Tensor state = at::empty({cuda_sweep::kStateRows, std::max<int64_t>(ns, 1), B}, call.opts);
   const at::Tensor dots = at::empty({parts, B, plan.c}, call.opts);
   at::Tensor tiles, acc_w, acc_b;
-  if (row_grads) {
-    tiles = at::empty({parts, B, plan.c}, call.x.options());
-    acc_w = at::empty({std::max<int64_t>(ns, 1), B, D}, call.opts);
-    if (call.has_bank) acc_b = at::empty({std::max<int64_t>(ns, 1), B, D}, call.opts);
+  if (row_grads) {  // (both parts' accumulators in one buffer: slice_products joins them)
+    tiles = at::empty({B, parts, plan.c}, call.x.options());
+    const at::Tensor acc = at::empty({parts, std::max<int64_t>(ns, 1), B, D}, call.opts);
+    acc_w = acc[0];
+    if (call.has_bank) acc_b = acc[1];
   }
   ChunkRows rows(call, plan.c, /*with_w=*/true, call.has_bank, row_grads);
-  cuda_sweep::ChunkArgs<T, X> a = chunk_args<T, X>(call, cols, plan, o, dots, tiles);
+  cuda_sweep::ChunkArgs<T, X> a = chunk_args<T, X>(call, cols, plan, o, tiles);
   SubCentres<T, X> sub(call, cols, plan.c, dots, tiles);
   a.arg = sub.arg_ptr();
   a.state = mptr<T>(state);
@@ -442,10 +569,7 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
   for (int64_t q = 0; q < plan.n_chunks && B > 0; ++q) {
     const int64_t j0 = q * plan.c, n = std::min(plan.c, S - j0);
     rows.stage<T, X>(call, cols, j0, n, call.has_bank);
-    gemm_nt(sub.w_dots(dots, n), call.x, rows.rows(call, 0, j0, n));
-    if (call.has_bank) {
-      gemm_nt(dots[1].as_strided({B, n}, {plan.c, 1}), call.x, rows.rows(call, 1, j0, n));
-    }
+    chunk_dots<T, X>(call, rows, sub, dots, j0, n, /*do_w=*/true, call.has_bank, a);
     sub.reduce(j0, n);
     a.n = n;
     a.col0 = j0;
@@ -463,12 +587,14 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
              grid, dim3(threads), call.stream, a);
     }
     if (row_grads) {
-      const double beta = q == 0 ? 0.0 : 1.0;
-      slice_products(acc_w, sub.tile(tiles, j0, n), rows.product_rows(call, 0, j0, n), n * K,
-                     plan.kw * K, beta);
+      const SliceOperands w{acc_w, sub.tile(tiles, j0, n), rows.product_rows(call, 0, j0, n),
+                            n * K, plan.kw * K};
+      std::optional<SliceOperands> bank;
       if (call.has_bank) {
-        slice_products(acc_b, tiles[1], rows.product_rows(call, 1, j0, n), n, plan.kw, beta);
+        bank = SliceOperands{acc_b, tile_part(tiles, 1), rows.product_rows(call, 1, j0, n), n,
+                             plan.kw};
       }
+      slice_products(w, bank ? &*bank : nullptr, q == 0 ? 0.0 : 1.0);
     }
   }
 
@@ -620,11 +746,11 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
 
   if (sweep) {
     const at::Tensor dots = at::empty({parts, B, plan.c}, call.opts);
-    const at::Tensor tiles = at::empty({parts, B, plan.c}, x.options());
+    const at::Tensor tiles = at::empty({B, parts, plan.c}, x.options());
     const int64_t K = call.K;
     const at::Tensor q = need_dw ? at::empty({plan.c * K, D}, call.opts) : at::Tensor();
     ChunkRows rows(call, plan.c, do_w, do_b, sweep_dx);
-    cuda_sweep::ChunkArgs<T, X> a = chunk_args<T, X>(call, cols, plan, o, dots, tiles);
+    cuda_sweep::ChunkArgs<T, X> a = chunk_args<T, X>(call, cols, plan, o, tiles);
     SubCentres<T, X> sub(call, cols, plan.c, dots, tiles);
     a.arg = sub.arg_ptr();
     a.go = cptr<T>(go);
@@ -645,11 +771,8 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
     for (int64_t qi = 0; qi < plan.n_chunks; ++qi) {
       const int64_t j0 = qi * plan.c, n = std::min(plan.c, S - j0);
       rows.stage<T, X>(call, cols, j0, n, do_b);
-      if (do_w) {
-        gemm_nt(sub.w_dots(dots, n), x, rows.rows(call, 0, j0, n));
-        sub.reduce(j0, n);
-      }
-      if (do_b) gemm_nt(dots[1].as_strided({B, n}, {plan.c, 1}), x, rows.rows(call, 1, j0, n));
+      chunk_dots<T, X>(call, rows, sub, dots, j0, n, do_w, do_b, a);
+      if (do_w) sub.reduce(j0, n);
       a.n = n;
       a.col0 = j0;
       a.first = qi == 0;
@@ -660,16 +783,21 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
                          : &cuda_sweep::uf_bwd_epilogue<T, X, false>,
              grid, cuda_sweep::kEpiWarps * cuda_sweep::kWarp, call.stream, a, do_w, do_b);
       const at::Tensor tile_w = do_w ? sub.tile(tiles, j0, n) : at::Tensor();
-      if (sweep_dx) {  // W part first: it starts the accumulators on the first chunk
-        slice_products(acc, tile_w, rows.product_rows(call, 0, j0, n), n * K, plan.kw * K,
-                       qi == 0 ? 0.0 : 1.0);
+      // W part first: it starts the accumulators on the first chunk. Both parts add into the
+      // same accumulators here, so they stay a GEMM each (one batched GEMM would give two of
+      // its batches one output).
+      if (sweep_dx) {
+        slice_products({acc, tile_w, rows.product_rows(call, 0, j0, n), n * K, plan.kw * K},
+                       nullptr, qi == 0 ? 0.0 : 1.0);
         if (do_b) {
-          slice_products(acc, tiles[1], rows.product_rows(call, 1, j0, n), n, plan.kw, 1.0);
+          slice_products(
+              {acc, tile_part(tiles, 1), rows.product_rows(call, 1, j0, n), n, plan.kw},
+              nullptr, 1.0);
         }
       }
       if (need_dw) {  // Q = tileᵀ·x̂ (n·K × D, fp32), then the projection into ∂W's rows
         at::Tensor qv = q.narrow(0, 0, n * K);
-        gemm_nt(qv, tile_w.as_strided({B, n * K}, {tile_w.stride(0), 1}).t(), xh.t());
+        gemm_nt(qv, tile_w.narrow(1, 0, n * K).t(), xh.t());
         pr.q = cptr<T>(qv);
         pr.j0 = j0 * K;
         pr.n = n * K;
@@ -680,7 +808,7 @@ Grads backward_typed(const at::Tensor& grad_rows, const Call& call, const at::Te
         chunking::write_columns(
             db_cols, call.index, j0,
             chunking::bias_grad_columns(
-                tiles[1].as_strided({B, n}, {plan.c, 1}),
+                tile_part(tiles, 1).narrow(1, 0, n),
                 db_norms.defined() ? db_norms.narrow(0, j0, n) : at::Tensor(), o.scale, o.eps,
                 call.acc));
       }
