@@ -77,11 +77,12 @@ def test_interpreter_plan_crosses_a_chunk():
 
 def test_headline_plan():
     """B = 512, D = 512, C = 100k in bf16 on an H200 (132 SMs): 4 chunks of 25088 classes
-    (25 MB of bf16 gradient tiles each), 8 split-K slices (16 output tiles: one wave)."""
+    (25 MB of bf16 gradient tiles each), 16 split-K slices (8 output tiles of 128 × 256: one
+    wave)."""
     cuda = torch.device("cuda")
     cfg = dataclasses.replace(fused_config(512, cuda, torch.bfloat16), programs=132)
     p = plan(512, 100_000, 512, torch.bfloat16, cuda, 1, config=cfg)
-    assert (p.n_chunks, p.chunk, p.splits, p.dx_tiles) == (4, 25088, 8, 16)
+    assert (p.n_chunks, p.chunk, p.splits, p.dx_tiles) == (4, 25088, 16, 8)
 
 
 def test_override_parses(monkeypatch):

@@ -85,9 +85,11 @@ def fused_config(d: int, device: torch.device, dtype: torch.dtype) -> FusedConfi
     """Tiles of the fused kernels for embedding width d.
 
     GPU defaults (2-byte dtypes) from the sm_90 compile (ptxas's report with triton 3.6 and
-    3.8, tests/test_triton_compile.py; not yet timed on a GPU): 128 × 128 cosine tiles with
-    8 warps (two warpgroups of wgmma m64n128; 128 × 256 leaves the backward's epilogue no
-    registers), 128 × 256 ∂W tiles and 128 × 128 ∂x tiles, K steps of 64, 3 stages.
+    3.8, tests/test_triton_compile.py: no spill in any form; not yet timed on a GPU):
+    128 × 128 cosine tiles with 8 warps (two warpgroups of wgmma m64n128; 128 × 256 leaves the
+    backward's epilogue no registers), 128 × 256 ∂W and ∂x tiles (wgmma m64n256; ∂x stores its
+    carried sums a quarter tile at a time to stay clear of spills: 220 registers in bf16, up
+    to 254 in fp16, whose operand tiles are normalised in registers), K steps of 64, 3 stages.
     fp32 (exact products on the FMA units, no TF32): 64 × 64 tiles, K steps of 32.
     Tuning knobs: :data:`FUSED_KNOBS`, UNITSFACE_TRITON_CHUNK_MB."""
     dp = max(16, triton.next_power_of_2(d))
@@ -102,7 +104,7 @@ def fused_config(d: int, device: torch.device, dtype: torch.dtype) -> FusedConfi
         bk = min(dp, 64)
         cos = GemmTiles(128, 128, bk, 8, 3)
         dw = GemmTiles(128, min(256, dp), 64, 8, 3)
-        dx = GemmTiles(128, min(128, dp), 64, 8, 3)
+        dx = GemmTiles(128, min(256, dp), 64, 8, 3)
     else:
         bk = min(dp, 32)
         cos = GemmTiles(64, 64, bk, 4, 2)

@@ -71,7 +71,7 @@ from .finish import merge_lse, tangent_grad, uss_lse_finish
 from .loads import (TL_DTYPES, as_operand, inv_norm_of, out_dtype, ref_rows_ok, row_block,
                     rows_chunk, to_store, unit_rows, upcast_tiles)
 from .margin_softmax import (curricular_rows, needs_row_terms, row_margins, row_terms,
-                             softmax_grad, softmax_logits)
+                             softmax_grad, softmax_logits, target_cos)
 from .maths import NEG_BIG, clamp, inv_norm, mma, scaled_cos, softplus_sigmoid
 from .norms import row_norms
 from .uss_terms import uss_grad, uss_pairs_grad_signed, uss_row_stats, uss_terms
@@ -142,6 +142,40 @@ def _first_max(v, sub, KP: tl.constexpr):
 
 
 @triton.jit
+def _halves(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The column halves [0, BLOCK_N/2) and [BLOCK_N/2, BLOCK_N) of a tile t [BLOCK_M,
+    BLOCK_N] (in the wgmma accumulator's layout both lie in every thread: no data moves)."""
+    return tl.split(tl.permute(tl.reshape(t, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+
+
+PARTS = tl.constexpr(4)
+"""The epilogues' unit of work (issue 24): a quarter of a column tile (:func:`_part`), in the
+cosine kernel's epilogues and ∂x's carried sums. On a whole 128 × 128 tile at once, an
+epilogue's fp32 tiles, masks and per-column terms outgrew 255 registers and spilled; on a
+quarter, each of them holds a quarter of that. In the wgmma accumulator's layout (2-byte
+dtypes) a quarter lies in every thread, so taking it moves no data (in the fp32 FMA tiles'
+layout it does)."""
+
+
+@triton.jit
+def _part(t, k: tl.constexpr, N_PARTS: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr):
+    """Columns [k·BLOCK_N/N_PARTS, (k + 1)·BLOCK_N/N_PARTS) of a tile t [BLOCK_M, BLOCK_N],
+    N_PARTS 1, 2 or 4 (:func:`_halves`, of a half for quarters: no data moves)."""
+    if N_PARTS == 1:
+        out = t
+    else:
+        h0, h1 = _halves(t, BLOCK_M, BLOCK_N)
+        half = h0 if k < N_PARTS // 2 else h1
+        if N_PARTS == 2:
+            out = half
+        else:
+            q0, q1 = _halves(half, BLOCK_M, BLOCK_N // 2)
+            out = q0 if k % 2 == 0 else q1
+    return out
+
+
+@triton.jit
 def _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr,
                      colp_ptr, g_ptr, rows, row_ok, inv_x, y, tile, part, col0, n_cols, B, S,
                      D, gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
@@ -160,7 +194,9 @@ def _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, row
     class's KP slots (in-thread: a wgmma accumulator thread holds columns c and c + CN), the
     epilogue on the class tile (forward: its statistics into fpart's slot gtile·KP + part;
     backward: g goes to the arg-max slot, column j·K + r of the g buffer of width K·chunk,
-    zeros in the others). One accumulator, as for K = 1."""
+    zeros in the others). One accumulator, as for K = 1. The backward's epilogue runs a
+    quarter of the class tile at a time, after the rows' target cosines, as
+    :func:`_softmax_part`'s does."""
     CN: tl.constexpr = BLOCK_N // KP
     tl.static_assert(BLOCK_N >= KP, "more sub-centres per class than columns in a class tile")
     slot = tl.arange(0, BLOCK_N)
@@ -179,37 +215,51 @@ def _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, row
     cos = tl.where((r < K)[None, :], cos, float("-inf"))
     sub_r = tl.arange(0, KP)[None, :, None]
     best, arg = _first_max(tl.reshape(cos, (BLOCK_M, KP, CN)), sub_r, KP)
-    local = first + tl.arange(0, CN)
-    col_ok = local < n_cols
-    if HAS_INDEX:
-        cls = tl.load(idx_ptr + col0 + local, mask=col_ok, other=-1).to(tl.int32)
-    else:
-        cls = tl.where(col_ok, col0 + local, -1)
+    _, col_ok, cls = _columns(first + tl.arange(0, CN), col0, n_cols, idx_ptr, HAS_INDEX)
     d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2,
                                                    mm, ROW_MARGINS, ANGLE_CLIP)
     hard, t = curricular_rows(rt_ptr, rows, row_ok, B, CURRICULAR)
     is_target = (y[:, None] == cls[None, :]) & col_ok[None, :]
-    c, z, z_t = softmax_logits(best, is_target, scale, d, cos_a, sin_a, a_sin_a, lo, hi, hard,
-                               t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP, CURRICULAR,
-                               FILTER)
+    c_t = target_cos(best, is_target, ANGLE_CLIP)
     if not BACKWARD:
+        _, z, z_t = softmax_logits(best, is_target, c_t, scale, d, cos_a, sin_a, a_sin_a, lo,
+                                   hi, hard, t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP,
+                                   CURRICULAR, FILTER)
         _softmax_partials(rowp_ptr, z, z_t, is_target, col_ok, rows, row_ok,
                           gtile * KP + part, B)
     else:
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        g = softmax_grad(best, c, z, is_target, row_ok[:, None] & col_ok[None, :], lse, scale,
-                         cos_a, sin_a, lo, hi, hard, t, tau, ARC, ST, EASY, NO_FALLBACK,
-                         ANGLE_CLIP, CURRICULAR, FILTER)
-        hit = sub_r == arg[:, None, :]
-        if COL_H:  # (g·cos on the arg-max slot only: 0·NaN elsewhere would be NaN)
-            gc = tl.reshape(tl.where(hit, (g * best)[:, None, :], 0.0), (BLOCK_M, BLOCK_N))
+        if COL_H:
             go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
-            tl.store(colp_ptr + rb * (_N_CP * S) + sub_col, tl.sum(gc * go[:, None], axis=0),
-                     mask=ok_s)
-        if STORE_G:
-            g_s = tl.reshape(tl.where(hit, g[:, None, :], 0.0), (BLOCK_M, BLOCK_N))
-            _store_g(g_ptr, g_s, inv_norm_of(nw_ptr, sub_col, ok_s, eps), rows,
-                     local_s * K + r, row_ok, ok_s, g_stride * K, XT, SCALE_G, UPCAST)
+        N_PARTS: tl.constexpr = PARTS if CN >= PARTS else CN  # (fewer: K > BLOCK_N / 4)
+        PN: tl.constexpr = CN // N_PARTS
+        for k in tl.static_range(N_PARTS):
+            best_q = _part(best, k, N_PARTS, BLOCK_M, CN)
+            arg_q = _part(arg, k, N_PARTS, BLOCK_M, CN)
+            local = first + k * PN + tl.arange(0, PN)
+            _, col_ok_q, cls_q = _columns(local, col0, n_cols, idx_ptr, HAS_INDEX)
+            is_target_q = (y[:, None] == cls_q[None, :]) & col_ok_q[None, :]
+            c, z, _ = softmax_logits(best_q, is_target_q, c_t, scale, d, cos_a, sin_a, a_sin_a,
+                                     lo, hi, hard, t, tau, ARC, ST, EASY, NO_FALLBACK,
+                                     ANGLE_CLIP, CURRICULAR, FILTER)
+            g = softmax_grad(best_q, c, c_t, z, is_target_q,
+                             row_ok[:, None] & col_ok_q[None, :], lse, scale, cos_a, sin_a, lo,
+                             hi, hard, t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP,
+                             CURRICULAR, FILTER)
+            # each sub-centre's slots on the class columns (column j·K + r of the g buffer),
+            # not gathered back into a slot tile (two more BLOCK_M × BLOCK_N tiles)
+            for r_k in tl.static_range(K):
+                hit = arg_q == r_k
+                sub_col_k = (col0 + local) * K + r_k
+                if COL_H:  # (g·cos on the arg-max slot only: 0·NaN elsewhere would be NaN)
+                    tl.store(colp_ptr + rb * (_N_CP * S) + sub_col_k,
+                             tl.sum(tl.where(hit, g * best_q, 0.0) * go[:, None], axis=0),
+                             mask=col_ok_q)
+                if STORE_G:
+                    _store_g(g_ptr, tl.where(hit, g, 0.0),
+                             inv_norm_of(nw_ptr, sub_col_k, col_ok_q, eps), rows,
+                             local * K + r_k, row_ok, col_ok_q, g_stride * K, XT, SCALE_G,
+                             UPCAST)
 
 
 @triton.jit
@@ -227,69 +277,95 @@ def _softmax_partials(rowp_ptr, z, z_t, is_target, col_ok, rows, row_ok, slot, B
 
 
 @triton.jit
-def _softmax_part(x_ptr, w_ptr, nw_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr, g_ptr,
-                  rows, row_ok, inv_x, y, cols, local, col_ok, cls, B, S, D, gtile, rb,
-                  g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
-                  BACKWARD: tl.constexpr, STORE_G: tl.constexpr, COL_H: tl.constexpr,
-                  ARC: tl.constexpr, ST: tl.constexpr, EASY: tl.constexpr,
-                  ROW_MARGINS: tl.constexpr, NO_FALLBACK: tl.constexpr,
-                  ANGLE_CLIP: tl.constexpr, CURRICULAR: tl.constexpr, FILTER: tl.constexpr,
-                  SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BK: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
-    """A W program: the margin softmax on one (row block, class tile), one row of W per class
-    (K = 1; :func:`_sub_centre_part` otherwise)."""
-    inv_w = inv_norm_of(nw_ptr, cols, col_ok, eps)
-    dots = _dots(x_ptr, rows, row_ok, w_ptr, cls, col_ok, D,
-                 tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype), BK, XT, UPCAST)
-    cos = scaled_cos(dots, inv_x, inv_w)
-    d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2,
-                                                   mm, ROW_MARGINS, ANGLE_CLIP)
-    hard, t = curricular_rows(rt_ptr, rows, row_ok, B, CURRICULAR)
-    is_target = (y[:, None] == cls[None, :]) & col_ok[None, :]  # −1: padding, or no target
-    c, z, z_t = softmax_logits(cos, is_target, scale, d, cos_a, sin_a, a_sin_a, lo, hi, hard,
-                               t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP, CURRICULAR,
-                               FILTER)
-    if not BACKWARD:
-        _softmax_partials(rowp_ptr, z, z_t, is_target, col_ok, rows, row_ok, gtile, B)
-    else:
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        g = softmax_grad(cos, c, z, is_target, row_ok[:, None] & col_ok[None, :], lse, scale,
-                         cos_a, sin_a, lo, hi, hard, t, tau, ARC, ST, EASY, NO_FALLBACK,
-                         ANGLE_CLIP, CURRICULAR, FILTER)
-        if COL_H:
-            _col_h(colp_ptr, g, cos, tl.load(go_ptr + rows, mask=row_ok, other=0.0), rb, S,
-                   cols, col_ok)
-        if STORE_G:
-            _store_g(g_ptr, g, inv_w, rows, local, row_ok, col_ok, g_stride, XT, SCALE_G,
-                     UPCAST)
-
-
-@triton.jit
-def _halves(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The column halves [0, BLOCK_N/2) and [BLOCK_N/2, BLOCK_N) of a tile t [BLOCK_M,
-    BLOCK_N] (in the wgmma accumulator's layout both lie in every thread: no data moves)."""
-    return tl.split(tl.permute(tl.reshape(t, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-
-
-@triton.jit
-def _uss_pairs_fwd_cols(dots, local, rows, row_ok, inv_x, y, col0, n_cols, idx_ptr, lab_ptr,
-                        valid_ptr, nb_ptr, bias_ptr, g_ptr, g_stride, scale, uss_m, uss_w, eps,
-                        HAS_INDEX: tl.constexpr, HAS_LABELS: tl.constexpr,
-                        IN_BATCH: tl.constexpr, USS_CLAMP: tl.constexpr,
-                        HAS_VALID: tl.constexpr, VECTOR_BIAS: tl.constexpr,
-                        SCALE_G: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
-    """The pairs-form forward epilogue with the row gradients (the objective's USS part) on
-    the raw dots of the columns `local` (a quarter of a column tile: :func:`_uss_part`), the
-    columns' terms (class, validity, inverse norm, label, threshold) read for them alone:
-    stores g' = λ·∂USS/∂cos (g̃ with SCALE_G) and returns the per-row Σ softplus and Σ g'.
-    Pairs outside P ∪ N take z = −∞ (softplus 0, σ 0: what the sets' selects gave), so the
-    sign is the one mask the gradient reads."""
+def _columns(local, col0, n_cols, idx_ptr, HAS_INDEX: tl.constexpr):
+    """(cols, col_ok, cls) of the chunk-local columns `local`: their columns of S, whether they
+    lie in the chunk, and their classes (through the index; −1 outside the chunk) in 32 bits
+    (< C)."""
     col_ok = local < n_cols
     cols = col0 + local
     if HAS_INDEX:
         cls = tl.load(idx_ptr + cols, mask=col_ok, other=-1).to(tl.int32)
     else:
         cls = tl.where(col_ok, cols, -1)
+    return cols, col_ok, cls
+
+
+@triton.jit
+def _class_cols(dots, local, inv_x, y, col0, n_cols, idx_ptr, nw_ptr, eps,
+                HAS_INDEX: tl.constexpr):
+    """(cos, is_target, cols, col_ok) of the chunk-local class columns `local` (a quarter of a
+    class tile: :func:`_softmax_part`'s backward) from their raw dots, their classes and
+    inverse norms read for them alone."""
+    cols, col_ok, cls = _columns(local, col0, n_cols, idx_ptr, HAS_INDEX)
+    cos = scaled_cos(dots, inv_x, inv_norm_of(nw_ptr, cols, col_ok, eps))
+    return cos, (y[:, None] == cls[None, :]) & col_ok[None, :], cols, col_ok
+
+
+@triton.jit
+def _softmax_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr,
+                  g_ptr, rows, row_ok, inv_x, y, cols, col_ok, cls, B, S, D, tile, col0, n_cols,
+                  gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
+                  BACKWARD: tl.constexpr, STORE_G: tl.constexpr, COL_H: tl.constexpr,
+                  HAS_INDEX: tl.constexpr, ARC: tl.constexpr, ST: tl.constexpr,
+                  EASY: tl.constexpr, ROW_MARGINS: tl.constexpr, NO_FALLBACK: tl.constexpr,
+                  ANGLE_CLIP: tl.constexpr, CURRICULAR: tl.constexpr, FILTER: tl.constexpr,
+                  SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BK: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
+    """A W program: the margin softmax on one (row block, class tile), one row of W per class
+    (K = 1; :func:`_sub_centre_part` otherwise). The rows' target cosines come from the whole
+    tile (a row reduction: nothing else is live yet); then the backward's epilogue runs a
+    quarter of the class tile at a time (:data:`PARTS`), each quarter reading its columns'
+    terms again (:func:`_class_cols`); what it writes is per column, as on the whole tile."""
+    inv_w = inv_norm_of(nw_ptr, cols, col_ok, eps)
+    dots = _dots(x_ptr, rows, row_ok, w_ptr, cls, col_ok, D,
+                 tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype), BK, XT, UPCAST)
+    cos = scaled_cos(dots, inv_x, inv_w)
+    is_target = (y[:, None] == cls[None, :]) & col_ok[None, :]  # −1: padding, or no target
+    c_t = target_cos(cos, is_target, ANGLE_CLIP)
+    d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2,
+                                                   mm, ROW_MARGINS, ANGLE_CLIP)
+    hard, t = curricular_rows(rt_ptr, rows, row_ok, B, CURRICULAR)
+    if not BACKWARD:
+        _, z, z_t = softmax_logits(cos, is_target, c_t, scale, d, cos_a, sin_a, a_sin_a, lo, hi,
+                                   hard, t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP,
+                                   CURRICULAR, FILTER)
+        _softmax_partials(rowp_ptr, z, z_t, is_target, col_ok, rows, row_ok, gtile, B)
+    else:
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        if COL_H:
+            go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
+        PN: tl.constexpr = BLOCK_N // PARTS
+        first = tile * BLOCK_N
+        for k in tl.static_range(PARTS):
+            local = first + k * PN + tl.arange(0, PN)
+            cos, is_target, cols_q, col_ok_q = _class_cols(
+                _part(dots, k, PARTS, BLOCK_M, BLOCK_N), local, inv_x, y, col0, n_cols,
+                idx_ptr, nw_ptr, eps, HAS_INDEX)
+            c, z, _ = softmax_logits(cos, is_target, c_t, scale, d, cos_a, sin_a, a_sin_a, lo,
+                                     hi, hard, t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP,
+                                     CURRICULAR, FILTER)
+            g = softmax_grad(cos, c, c_t, z, is_target, row_ok[:, None] & col_ok_q[None, :],
+                             lse, scale, cos_a, sin_a, lo, hi, hard, t, tau, ARC, ST, EASY,
+                             NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER)
+            if COL_H:
+                _col_h(colp_ptr, g, cos, go, rb, S, cols_q, col_ok_q)
+            if STORE_G:
+                _store_g(g_ptr, g, inv_norm_of(nw_ptr, cols_q, col_ok_q, eps), rows, local,
+                         row_ok, col_ok_q, g_stride, XT, SCALE_G, UPCAST)
+
+
+@triton.jit
+def _uss_cols(dots, local, rows, row_ok, inv_x, y, col0, n_cols, idx_ptr, lab_ptr, valid_ptr,
+              nb_ptr, bias_ptr, scale, uss_m, eps, HAS_INDEX: tl.constexpr,
+              HAS_LABELS: tl.constexpr, IN_BATCH: tl.constexpr, HAS_VALID: tl.constexpr,
+              VECTOR_BIAS: tl.constexpr):
+    """The USS pair terms (cols, col_ok, inv_b, cos, pos, neg, z) of the chunk-local columns
+    `local` (a quarter of a column tile: :func:`_uss_part`) from their raw dots, the columns'
+    own terms (class, validity, inverse norm, label, threshold) read for them alone: an L1 hit
+    again is cheaper than a tile's worth of them kept live. Column j: bank row of class
+    c = S_j, label c (the objective), or reference row j, label l_j = lab[j] (the USS family).
+    Rows not read (invalid, padding) are in neither set."""
+    cols, col_ok, cls = _columns(local, col0, n_cols, idx_ptr, HAS_INDEX)
     bank_ok = ref_rows_ok(valid_ptr, cls, col_ok, HAS_VALID)
     inv_b = inv_norm_of(nb_ptr, cols, bank_ok, eps)
     cos = scaled_cos(dots, inv_x, inv_b)
@@ -297,25 +373,19 @@ def _uss_pairs_fwd_cols(dots, local, rows, row_ok, inv_x, y, col0, n_cols, idx_p
         lj = tl.load(lab_ptr + cols, mask=bank_ok, other=-1).to(y.dtype)
     else:
         lj = cls.to(y.dtype)
-    if VECTOR_BIAS:
+    if VECTOR_BIAS:  # one threshold per column: b[c]
         b = tl.load(bias_ptr + cls, mask=bank_ok, other=0.0).to(cos.dtype)[None, :]
     else:
         b = tl.load(bias_ptr).to(cos.dtype)
     pos, neg, z = uss_terms(cos, y, lj, rows, cols, row_ok, bank_ok, b, scale, uss_m,
                             IN_BATCH)
-    zc = clamp(z, -scale, scale) if USS_CLAMP else z
-    zc = tl.where(pos | neg, zc, float("-inf"))
-    sp, sig = softplus_sigmoid(zc)  # one exponential for the loss and the gradient
-    g = uss_w * uss_pairs_grad_signed(z, sig, pos, scale, USS_CLAMP)
-    _store_g(g_ptr, g, inv_b, rows, local, row_ok, col_ok, g_stride, XT, SCALE_G, UPCAST)
-    return tl.sum(sp, axis=1), tl.sum(g, axis=1)
+    return cols, col_ok, inv_b, cos, pos, neg, z
 
 
 @triton.jit
 def _uss_part(x_ptr, bank_ptr, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr,
-              ustats_ptr, rowp_ptr, colp_ptr, g_ptr, rows, row_ok, inv_x, y, cols, local, col_ok,
-              cls,
-              B, S, D, tile, col0, n_cols, gtile, rb, g_stride, scale, uss_m, uss_w, eps,
+              ustats_ptr, rowp_ptr, colp_ptr, g_ptr, rows, row_ok, inv_x, y, col_ok, cls, B, S,
+              D, tile, col0, n_cols, gtile, rb, g_stride, scale, uss_m, uss_w, eps,
               BACKWARD: tl.constexpr, STORE_G: tl.constexpr, ROW_G: tl.constexpr,
               COL_G: tl.constexpr, COL_H: tl.constexpr, HAS_INDEX: tl.constexpr,
               HAS_LABELS: tl.constexpr, IN_BATCH: tl.constexpr, USS_LSE: tl.constexpr,
@@ -323,85 +393,93 @@ def _uss_part(x_ptr, bank_ptr, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go
               SCALE_G: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
               XT: tl.constexpr, UPCAST: tl.constexpr):
-    """A bank program: λ·USS on one (row block, column tile) — the objective's part (column
-    j: bank row of class c = S_j, label c) or the USS family (column j: reference row j,
-    label l_j = lab[j]). Rows not read (invalid, padding) are zeros and in neither set.
-    g' = λ·∂USS_i/∂cos_ij, without go (the forward forms it for the pairs form: it needs no
-    global statistic)."""
+    """A bank program: λ·USS on one (row block, column tile) — the objective's part or the USS
+    family (:func:`_uss_cols`). g' = λ·∂USS_i/∂cos_ij, without go (the forward forms it for
+    the pairs form with STORE_G, the objective's row gradients: it needs no global statistic).
+    The epilogue runs a quarter of the column tile at a time (:data:`PARTS`), each quarter
+    reading its columns' terms again; per-column results are those of the whole tile, per-row
+    sums add the quarters' sums in order, and the lse form takes its two maxima over the whole
+    tile first (a second pass: still one exponential per pair)."""
     bank_ok = ref_rows_ok(valid_ptr, cls, col_ok, HAS_VALID)
-    SPLIT: tl.constexpr = not BACKWARD and not USS_LSE and STORE_G
-    if not SPLIT:
-        inv_b = inv_norm_of(nb_ptr, cols, bank_ok, eps)
     dots = _dots(x_ptr, rows, row_ok, bank_ptr, cls, bank_ok, D,
                  tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype), BK, XT, UPCAST)
-    if SPLIT:
-        # the pairs form with the row gradients (the objective's forward, issue 24): its
-        # epilogue one quarter of the columns at a time, their per-column terms read for it
-        # alone, so that a quarter of the epilogue's tiles is live at once (the whole tile at
-        # once spilled: ~4 live 128 × 128 fp32 tiles, the masks and the columns' terms,
-        # beyond 255 registers). The quarters lie in every thread of the wgmma accumulator's
-        # layout: the split moves no data. The row sums add the quarters' sums in order.
-        QN: tl.constexpr = BLOCK_N // 4
-        h0, h1 = _halves(dots, BLOCK_M, BLOCK_N)
-        first = tile * BLOCK_N
+    PN: tl.constexpr = BLOCK_N // PARTS
+    first = tile * BLOCK_N
+    out = rowp_ptr + gtile * (_N_FP * B) + 3 * B + rows  # the forward's FP_USS, …
+    if not BACKWARD and USS_LSE:
+        # each pair's exponential shifted by the maximum of its own set over the tile
+        m_p = tl.full((BLOCK_M,), NEG_BIG, dots.dtype)
+        m_n = tl.full((BLOCK_M,), NEG_BIG, dots.dtype)
+        for k in tl.static_range(PARTS):
+            _, _, _, _, pos, neg, z = _uss_cols(
+                _part(dots, k, PARTS, BLOCK_M, BLOCK_N), first + k * PN + tl.arange(0, PN),
+                rows, row_ok, inv_x, y, col0, n_cols, idx_ptr, lab_ptr, valid_ptr, nb_ptr,
+                bias_ptr, scale, uss_m, eps, HAS_INDEX, HAS_LABELS, IN_BATCH, HAS_VALID,
+                VECTOR_BIAS)
+            m_p = tl.maximum(m_p, tl.max(tl.where(pos, z, NEG_BIG), axis=1))
+            m_n = tl.maximum(m_n, tl.max(tl.where(neg, z, NEG_BIG), axis=1))
+        se_p = tl.zeros((BLOCK_M,), dots.dtype)
+        se_n = tl.zeros((BLOCK_M,), dots.dtype)
+        for k in tl.static_range(PARTS):
+            _, _, _, _, pos, neg, z = _uss_cols(
+                _part(dots, k, PARTS, BLOCK_M, BLOCK_N), first + k * PN + tl.arange(0, PN),
+                rows, row_ok, inv_x, y, col0, n_cols, idx_ptr, lab_ptr, valid_ptr, nb_ptr,
+                bias_ptr, scale, uss_m, eps, HAS_INDEX, HAS_LABELS, IN_BATCH, HAS_VALID,
+                VECTOR_BIAS)
+            e = tl.exp(z - tl.where(pos, m_p[:, None], m_n[:, None]))
+            se_p += tl.sum(tl.where(pos, e, 0.0), axis=1)
+            se_n += tl.sum(tl.where(neg, e, 0.0), axis=1)
+        tl.store(out, m_p, mask=row_ok)
+        tl.store(out + B, se_p, mask=row_ok)
+        tl.store(out + 2 * B, m_n, mask=row_ok)
+        tl.store(out + 3 * B, se_n, mask=row_ok)
+    elif not BACKWARD:
         sp_sum = tl.zeros((BLOCK_M,), dots.dtype)
         g_sum = tl.zeros((BLOCK_M,), dots.dtype)
-        for h in tl.static_range(2):
-            q0, q1 = _halves(h0 if h == 0 else h1, BLOCK_M, BLOCK_N // 2)
-            for q in tl.static_range(2):
-                sp_q, g_q = _uss_pairs_fwd_cols(
-                    q0 if q == 0 else q1, first + (2 * h + q) * QN + tl.arange(0, QN), rows,
-                    row_ok, inv_x, y, col0, n_cols, idx_ptr, lab_ptr, valid_ptr, nb_ptr,
-                    bias_ptr, g_ptr, g_stride, scale, uss_m, uss_w, eps, HAS_INDEX,
-                    HAS_LABELS, IN_BATCH, USS_CLAMP, HAS_VALID, VECTOR_BIAS, SCALE_G, XT,
-                    UPCAST)
-                sp_sum += sp_q
-                g_sum += g_q
-        out = rowp_ptr + gtile * (_N_FP * B) + 3 * B + rows  # FP_USS
+        for k in tl.static_range(PARTS):
+            local = first + k * PN + tl.arange(0, PN)
+            cols, col_ok_q, inv_b, cos, pos, neg, z = _uss_cols(
+                _part(dots, k, PARTS, BLOCK_M, BLOCK_N), local, rows, row_ok, inv_x, y, col0,
+                n_cols, idx_ptr, lab_ptr, valid_ptr, nb_ptr, bias_ptr, scale, uss_m, eps,
+                HAS_INDEX, HAS_LABELS, IN_BATCH, HAS_VALID, VECTOR_BIAS)
+            zc = clamp(z, -scale, scale) if USS_CLAMP else z
+            # pairs outside P ∪ N at z = −∞ (softplus 0, σ 0), so that the sign is the one
+            # mask the gradient reads
+            zc = tl.where(pos | neg, zc, float("-inf"))
+            sp, sig = softplus_sigmoid(zc)  # one exponential for the loss and the gradient
+            sp_sum += tl.sum(sp, axis=1)
+            if STORE_G:
+                g = uss_w * uss_pairs_grad_signed(z, sig, pos, scale, USS_CLAMP)
+                _store_g(g_ptr, g, inv_b, rows, local, row_ok, col_ok_q, g_stride, XT,
+                         SCALE_G, UPCAST)
+                g_sum += tl.sum(g, axis=1)
         tl.store(out, sp_sum, mask=row_ok)
-        tl.store(out + B, g_sum, mask=row_ok)  # FP_GSUM
+        if STORE_G:
+            tl.store(out + B, g_sum, mask=row_ok)  # FP_GSUM
     else:
-        cos = scaled_cos(dots, inv_x, inv_b)
-        if HAS_LABELS:
-            lj = tl.load(lab_ptr + cols, mask=bank_ok, other=-1).to(y.dtype)
-        else:
-            lj = cls
-        if VECTOR_BIAS:  # one threshold per column: b[c]
-            b = tl.load(bias_ptr + cls, mask=bank_ok, other=0.0).to(cos.dtype)[None, :]
-        else:
-            b = tl.load(bias_ptr).to(cos.dtype)
-        pos, neg, z = uss_terms(cos, y, lj, rows, cols, row_ok, bank_ok, b, scale, uss_m,
-                                IN_BATCH)
-        if not BACKWARD:
-            out = rowp_ptr + gtile * (_N_FP * B) + 3 * B + rows  # FP_USS
-            if USS_LSE:
-                # one exponential per pair: each shifted by the maximum of its own set
-                m_p = tl.max(tl.where(pos, z, NEG_BIG), axis=1)
-                m_n = tl.max(tl.where(neg, z, NEG_BIG), axis=1)
-                e = tl.exp(z - tl.where(pos, m_p[:, None], m_n[:, None]))
-                tl.store(out, m_p, mask=row_ok)
-                tl.store(out + B, tl.sum(tl.where(pos, e, 0.0), axis=1), mask=row_ok)
-                tl.store(out + 2 * B, m_n, mask=row_ok)
-                tl.store(out + 3 * B, tl.sum(tl.where(neg, e, 0.0), axis=1), mask=row_ok)
-            else:
-                zc = clamp(z, -scale, scale) if USS_CLAMP else z
-                sp = softplus_sigmoid(zc)[0]  # (with the row gradients: above)
-                tl.store(out, tl.sum(tl.where(pos | neg, sp, 0.0), axis=1), mask=row_ok)
-        else:
-            a, fa, bn, fb = uss_row_stats(ustats_ptr, rows, row_ok, B)
+        a, fa, bn, fb = uss_row_stats(ustats_ptr, rows, row_ok, B)
+        if COL_G or COL_H:
+            go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
+        g_sum = tl.zeros((BLOCK_M,), dots.dtype)
+        for k in tl.static_range(PARTS):
+            local = first + k * PN + tl.arange(0, PN)
+            cols, col_ok_q, inv_b, cos, pos, neg, z = _uss_cols(
+                _part(dots, k, PARTS, BLOCK_M, BLOCK_N), local, rows, row_ok, inv_x, y, col0,
+                n_cols, idx_ptr, lab_ptr, valid_ptr, nb_ptr, bias_ptr, scale, uss_m, eps,
+                HAS_INDEX, HAS_LABELS, IN_BATCH, HAS_VALID, VECTOR_BIAS)
             g = uss_w * uss_grad(z, pos, neg, scale, a, fa, bn, fb, USS_LSE, USS_CLAMP)
             if ROW_G:
-                tl.store(rowp_ptr + gtile * B + rows, tl.sum(g, axis=1), mask=row_ok)
-            if COL_G or COL_H:
-                go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
-                if COL_G:
-                    tl.store(colp_ptr + rb * (_N_CP * S) + S + cols,
-                             tl.sum(g * go[:, None], axis=0), mask=col_ok)  # CP_GSUM
-                if COL_H:
-                    _col_h(colp_ptr, g, cos, go, rb, S, cols, col_ok)
+                g_sum += tl.sum(g, axis=1)
+            if COL_G:
+                tl.store(colp_ptr + rb * (_N_CP * S) + S + cols,
+                         tl.sum(g * go[:, None], axis=0), mask=col_ok_q)  # CP_GSUM
+            if COL_H:
+                _col_h(colp_ptr, g, cos, go, rb, S, cols, col_ok_q)
             if STORE_G:
-                _store_g(g_ptr, g, inv_b, rows, local, row_ok, col_ok, g_stride, XT, SCALE_G,
-                         UPCAST)
+                _store_g(g_ptr, g, inv_b, rows, local, row_ok, col_ok_q, g_stride, XT,
+                         SCALE_G, UPCAST)
+        if ROW_G:
+            tl.store(rowp_ptr + gtile * B + rows, g_sum, mask=row_ok)
 
 
 @triton.jit
@@ -451,15 +529,10 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
         tile = q
         part = KP
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-    local = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = local < n_cols
-    cols = col0 + local
-    # class ids and labels in 32 bits (< C): 32 columns of a tile per thread in registers;
-    # the USS family's own labels (HAS_LABELS) may be any int64
-    if HAS_INDEX:
-        cls = tl.load(idx_ptr + cols, mask=col_ok, other=-1).to(tl.int32)
-    else:
-        cls = tl.where(col_ok, cols, -1)
+    # class ids and labels in 32 bits: 32 columns of a tile per thread in registers; the USS
+    # family's own labels (HAS_LABELS) may be any int64
+    cols, col_ok, cls = _columns(tile * BLOCK_N + tl.arange(0, BLOCK_N), col0, n_cols, idx_ptr,
+                                 HAS_INDEX)
     row_ok, inv_x, y = row_block(nx_ptr, y_ptr, rows, B, eps)
     if not HAS_LABELS:
         y = y.to(tl.int32)
@@ -475,12 +548,12 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
         w_prog = W_PROGS
     if w_prog:
         if K == 1:
-            _softmax_part(x_ptr, w_ptr, nw_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr,
-                          gw_ptr, rows, row_ok, inv_x, y, cols, local, col_ok, cls, B, S, D,
-                          gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
-                          BACKWARD, STORE_GW, COL_H, ARC, ST, EASY, ROW_MARGINS, NO_FALLBACK,
-                          ANGLE_CLIP, CURRICULAR, FILTER, SCALE_G, BLOCK_M, BLOCK_N, BK, XT,
-                          UPCAST)
+            _softmax_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr,
+                          colp_ptr, gw_ptr, rows, row_ok, inv_x, y, cols, col_ok, cls, B, S, D,
+                          tile, col0, n_cols, gtile, rb, g_stride, scale, m3, cos_m2, sin_m2,
+                          mm, tau, eps, BACKWARD, STORE_GW, COL_H, HAS_INDEX, ARC, ST, EASY,
+                          ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER, SCALE_G,
+                          BLOCK_M, BLOCK_N, BK, XT, UPCAST)
         else:
             _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr,
                              colp_ptr, gw_ptr, rows, row_ok, inv_x, y, tile, part, col0, n_cols,
@@ -492,11 +565,10 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
         if KP > 1 and not BACKWARD:
             gtile = gtile * KP  # fpart's slots: the first of the column tile's KP
         _uss_part(x_ptr, bank_ptr, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr,
-                  ustats_ptr, rowp_ptr, colp_ptr, gb_ptr, rows, row_ok, inv_x, y, cols, local,
-                  col_ok, cls, B, S, D, tile, col0, n_cols, gtile, rb, g_stride, scale, uss_m,
-                  uss_w, eps, BACKWARD, STORE_GB, ROW_GB, COL_GB, COL_HB, HAS_INDEX,
-                  HAS_LABELS, IN_BATCH, USS_LSE, USS_CLAMP, HAS_VALID, VECTOR_BIAS, SCALE_G,
-                  BLOCK_M, BLOCK_N, BK, XT,
+                  ustats_ptr, rowp_ptr, colp_ptr, gb_ptr, rows, row_ok, inv_x, y, col_ok, cls, B,
+                  S, D, tile, col0, n_cols, gtile, rb, g_stride, scale, uss_m, uss_w, eps,
+                  BACKWARD, STORE_GB, ROW_GB, COL_GB, COL_HB, HAS_INDEX, HAS_LABELS, IN_BATCH,
+                  USS_LSE, USS_CLAMP, HAS_VALID, VECTOR_BIAS, SCALE_G, BLOCK_M, BLOCK_N, BK, XT,
                   UPCAST)
 
 
@@ -597,7 +669,8 @@ def _dx_kernel(gw_ptr, w_ptr, nw_ptr, gb_ptr, bank_ptr, nb_ptr, idx_ptr, valid_p
     pid = tl.program_id(0)
     s = tl.program_id(1)
     rows = (pid // n_feat_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    feats = (pid % n_feat_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    feat0 = (pid % n_feat_tiles) * BLOCK_N
+    feats = feat0 + tl.arange(0, BLOCK_N)
     row_ok = rows < B
     f_ok = feats < D
     k_lo = s * k_split
@@ -611,11 +684,17 @@ def _dx_kernel(gw_ptr, w_ptr, nw_ptr, gb_ptr, bank_ptr, nb_ptr, idx_ptr, valid_p
         acc = _dx_slice(acc, gb_ptr, bank_ptr, nb_ptr, idx_ptr, valid_ptr, rows, row_ok,
                         feats, f_ok, col0, k_lo, k_hi, D, g_stride, eps, HAS_INDEX, HAS_VALID,
                         SCALE_G, BK, XT, UPCAST)
-    ptrs = part_ptr + s * B * D + rows[:, None] * D + feats[None, :]
-    mask = row_ok[:, None] & f_ok[None, :]
-    if accumulate:
-        acc += tl.load(ptrs, mask=mask, other=0.0)
-    tl.store(ptrs, acc, mask=mask)
+    # the carried partial sums a quarter of the feature tile at a time (:data:`PARTS`): a
+    # whole tile of them, as large as the accumulator, spilled beside it at 128 × 256
+    PN: tl.constexpr = BLOCK_N // PARTS
+    for k in tl.static_range(PARTS):
+        feats_k = feat0 + k * PN + tl.arange(0, PN)
+        ptrs = part_ptr + s * B * D + rows[:, None] * D + feats_k[None, :]
+        mask = row_ok[:, None] & (feats_k < D)[None, :]
+        acc_k = _part(acc, k, PARTS, BLOCK_M, BLOCK_N)
+        if accumulate:
+            acc_k += tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, acc_k, mask=mask)
 
 
 # ----------------------------------------------------------------------------- host side

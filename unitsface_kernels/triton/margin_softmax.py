@@ -223,37 +223,40 @@ def clamp_cos(cos_raw, ANGLE_CLIP: tl.constexpr):
 
 
 @triton.jit
-def target_cos(c, is_target):
-    """Per row, the clamped cosine of its target column in the tile (0 when the tile holds
-    none; `is_target` marks at most one column per row, the index being unique)."""
+def target_cos(cos_raw, is_target, ANGLE_CLIP: tl.constexpr):
+    """Per row, the clamped cosine of its target column among the tile's (0 when the tile
+    holds none; `is_target` marks at most one column per row, the index being unique, so
+    over a tile taken in parts the parts' sum is the same)."""
+    c, _ = clamp_cos(cos_raw, ANGLE_CLIP)
     return tl.sum(tl.where(is_target, c, 0.0), axis=1)
 
 
 @triton.jit
-def softmax_logits(cos_raw, is_target, scale, m3, cos_m2, sin_m2, m2_sin_m2, lo, hi, hard, t,
-                   tau, ARC: tl.constexpr, ST: tl.constexpr, EASY: tl.constexpr,
+def softmax_logits(cos_raw, is_target, c_t, scale, m3, cos_m2, sin_m2, m2_sin_m2, lo, hi, hard,
+                   t, tau, ARC: tl.constexpr, ST: tl.constexpr, EASY: tl.constexpr,
                    NO_FALLBACK: tl.constexpr, ANGLE_CLIP: tl.constexpr,
                    CURRICULAR: tl.constexpr, FILTER: tl.constexpr):
-    """(clamped cos, z, the per-row target logit s·f(c_iy) — the row's target cosine taken
-    from this tile, so meaningful only for rows whose target lies in it) of a cosine tile."""
+    """(clamped cos, z, the per-row target logit s·f(c_iy)) of a cosine tile, c_t the rows'
+    target cosines (:func:`target_cos` of the class tile, which may be larger than this
+    part of it; meaningful only for rows whose target lies in it)."""
     c, _ = clamp_cos(cos_raw, ANGLE_CLIP)
-    z_t = scale * target_logit(target_cos(c, is_target), m3, cos_m2, sin_m2, m2_sin_m2, lo, hi,
-                               ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP)
+    z_t = scale * target_logit(c_t, m3, cos_m2, sin_m2, m2_sin_m2, lo, hi, ARC, ST, EASY,
+                               NO_FALLBACK, ANGLE_CLIP)
     z = tl.where(is_target, z_t[:, None],
                  scale * negative_logit(c, hard, t, tau, CURRICULAR, FILTER))
     return c, z, z_t
 
 
 @triton.jit
-def softmax_grad(cos_raw, c, z, is_target, ok, lse, scale, cos_m2, sin_m2, lo, hi, hard, t,
-                 tau, ARC: tl.constexpr, ST: tl.constexpr, EASY: tl.constexpr,
+def softmax_grad(cos_raw, c, c_t, z, is_target, ok, lse, scale, cos_m2, sin_m2, lo, hi, hard,
+                 t, tau, ARC: tl.constexpr, ST: tl.constexpr, EASY: tl.constexpr,
                  NO_FALLBACK: tl.constexpr, ANGLE_CLIP: tl.constexpr,
                  CURRICULAR: tl.constexpr, FILTER: tl.constexpr):
     """∂L_i/∂cos_ic of the tile (zero outside `ok` and where the ±lim clamp is active: the
-    gradient of the reference's clamp, NaN at a NaN cosine); f' is taken per row."""
+    gradient of the reference's clamp, NaN at a NaN cosine); f' is taken per row, at the
+    target cosines c_t (as in :func:`softmax_logits`)."""
     p = tl.exp(z - lse[:, None])
-    slope = target_slope(target_cos(c, is_target), cos_m2, sin_m2, lo, hi, ARC, ST, EASY,
-                         NO_FALLBACK, ANGLE_CLIP)
+    slope = target_slope(c_t, cos_m2, sin_m2, lo, hi, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP)
     g = scale * tl.where(is_target, (p - 1.0) * slope[:, None],
                          negative_grad(p, c, hard, t, tau, CURRICULAR, FILTER))
     _, active = clamp_cos(cos_raw, ANGLE_CLIP)
