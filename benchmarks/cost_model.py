@@ -24,12 +24,10 @@ Predicted time of a kernel = max(FLOPs / mm rate of its product, HBM / HBM bandw
 bandwidth) + transcendentals / MUFU rate + launches × launch gap. Triton's kernels run their
 epilogue after their K loop (no warp specialisation), so the epilogue is added, not
 overlapped; its other ALU work (masks, selects, scaling) is not modelled, which the measured
-times beside the predictions (benchmarks/gpu_suite.sh, ``--measure``) show. The host-side
-finishing (torch ops over O(B·D + tiles·B) numbers: merging statistics, the normalisation
-projection) is one entry per phase, bytes counted; its launches are the tensor ops that
-fused.py's host code runs (counted with a TorchDispatchMode on a small call: the pairs forward
-35, the lse forward 60, the backward 23 or 24), plus the host-to-device copy of each phase's
-settings.
+times beside the predictions (benchmarks/gpu_suite.sh, ``--measure``) show. The finishing over O(B·D + tiles·B) numbers (merging the statistics, the
+normalisation's projection, x̂') runs as finish.py's kernels, one launch each; what is left to
+torch ("torch" rows: ∂b, the lse form's zero row gradients) is the tensor ops that the host
+code dispatches, which tests/test_cost_model.py counts with a TorchDispatchMode.
 
 Every rate is a parameter (:class:`benchmarks.device.Device`): the model prints its
 prediction with the pessimistic inputs (L2 5.5 TB/s, mm 450 TFLOP/s), the optimistic ones
@@ -117,9 +115,9 @@ def _cdiv(a: int, b: int) -> int:
 
 # Transcendentals per element of a tile's epilogue (MUFU instructions). Softmax, lse USS and
 # the backward's probabilities: one exp (ex2). Pairs USS forward (maths.softplus_sigmoid):
-# one exp, the log of log1p and two reciprocals (σ and log1p's u/(w − 1)); its backward: σ,
-# one exp and one reciprocal.
-_MUFU = {"softmax": 1, "uss_pairs_fwd": 4, "uss_pairs_bwd": 2, "uss_lse": 1}
+# one exp, one log and one reciprocal (σ and log1p's correction share 1/(1 + e)); its
+# backward: σ, one exp and one reciprocal.
+_MUFU = {"softmax": 1, "uss_pairs_fwd": 3, "uss_pairs_bwd": 2, "uss_lse": 1}
 
 
 def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
@@ -185,21 +183,18 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
             _dx(m, "forward", fwd, b, n_cols, d, e, acc, mats=1, indexed=indexed,
                 g_in_hbm=g_in_hbm)
     tiles = fwd.class_tiles
-    # merge of the per-tile partials (fpart: tiles × 7 × B, fp32) into per-row statistics,
-    # and in the pairs form the forward's ∂x part: Σ of the split-K slices, the projection
-    fin = tiles * b * acc * (3 + (4 if lse else 2)) + b * acc * 12
-    launches = 1 + (60 if lse else 35)
-    if not lse:
-        fin += fwd.splits * b * d * acc + 4 * b * d * acc
-    m.add("forward", "torch", "finish: statistics" + ("" if lse else ", USS ∂x"), hbm=fin, l2=fin,
-          launches=launches)
+    _merge(m, tiles, kp, b, acc, softmax=True, uss_slots=4 if lse else 2)
+    if lse:  # the pairs part's row gradients, zeros here (the backward forms every part)
+        zeros = b * d * acc + b * acc
+        m.add("forward", "torch", "zero row gradients", hbm=zeros, l2=zeros, launches=2)
+    else:
+        _tangent(m, "forward", fwd.splits, b, d, acc, acc, e, extra=False)
 
     # ---- backward (fused.fused_backward): x̂' = go·x̂ once, then per chunk the cosine tiles
     # of W (+ bank for lse: its statistics are global), ∂W = g̃ᵀ·x̂', ∂x += g̃·W (+ g̃'·bank)
     bwd = plan(b, s_cls, d, dtype, cuda, 2 if lse else 1, config)
     m.chunks = (fwd.n_chunks, bwd.n_chunks)
-    pre = 2 * b * d * e + 3 * b * acc
-    m.add("backward", "torch", "x̂' = go·x̂", hbm=pre, l2=pre, launches=1 + 5)
+    _unit_rows(m, b, d, e, acc)
     for _, n_cols in bwd.chunks():
         cos_launch("backward", bwd, n_cols, w=True, bank=lse, bank_g=lse,
                    row_outs=1 if lse else 0, col_outs=1,
@@ -215,11 +210,10 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
                 _dx(m, "backward", bwd, b, n_cols, d, e, acc, mats=1, indexed=indexed,
                     g_in_hbm=g_in_hbm)
                 m.add("backward", "_dx_kernel", "∂x += g̃·R (split-K)", "dx", launches=-1)
-    fin = bwd.splits * b * d * acc + 6 * b * d * acc + b * d * e
-    if lse:
-        fin += tiles * b * acc
-    m.add("backward", "torch", "finish: Σ slices, projection, ∂b", hbm=fin, l2=fin,
-          launches=19 if lse else 18)
+    _tangent(m, "backward", bwd.splits, b, d, acc, e, e, extra=not lse)
+    # ∂b: lse Σ over the tiles of the row sums, then Σ_i go_i·(·)/−s; pairs Σ_i go_i·db_rows_i
+    db = (tiles * b * acc + 3 * b * acc) if lse else 2 * b * acc
+    m.add("backward", "torch", "∂b", hbm=db, l2=db, launches=4 if lse else 2)
     if indexed and not sparse_grad:
         # autograd's dense C × D gradient of W: zeros, then the |S| rows copied in
         # (contract._scatter_rows); with sparse_grad the |S| rows are passed on as they are
@@ -280,6 +274,31 @@ def _dx(m, phase, p, b, n_cols, d, e, acc, *, mats, indexed, g_in_hbm):
           + (g if g_in_hbm else 0))
 
 
+def _merge(m, tiles, kp, b, acc, *, softmax, uss_slots, uss_stats=0):
+    """finish._merge_kernel: the forward partials it reads (the softmax's max, sum-exp and
+    target of every slot; `uss_slots` of each column tile's first), the statistics and the
+    loss rows it writes (the objective's 7 rows, or `uss_stats`, and the pairs' ∂b rows)."""
+    reads = (3 * tiles * kp if softmax else 0) + uss_slots * tiles
+    writes = (7 + 2 if softmax else uss_stats + 1)
+    n = (reads + writes) * b * acc
+    m.add("forward", "_merge_kernel", "finish: statistics, per-row loss", hbm=n, l2=n)
+
+
+def _tangent(m, phase, splits, b, d, acc, x_e, out_e, *, extra):
+    """finish._tangent_kernel: ∂x's normalisation from the split-K slices, read twice (the
+    second time from L2), as x; dx_rows (`extra`) added, out in out_e bytes per element."""
+    once = splits * b * d * acc + b * d * x_e + (b * d * acc if extra else 0) + b * d * out_e
+    again = splits * b * d * acc + b * d * x_e
+    m.add(phase, "_tangent_kernel", "finish: Σ slices, projection", hbm=once,
+          l2=once + again)
+
+
+def _unit_rows(m, b, d, e, acc):
+    """finish._unit_rows_kernel: x̂' = go·x̂ in x's dtype, the ∂R product's operand."""
+    n = 2 * b * d * e + 2 * b * acc
+    m.add("backward", "_unit_rows_kernel", "x̂' = go·x̂", hbm=n, l2=n)
+
+
 def fused_uss(b: int = 512, d: int = 512, n_classes: int = 100_000, *, dtype=torch.bfloat16,
               form: str = "pairs", rate: float = 1.0, total_classes: int | None = None,
               sparse_grad: bool = False, g_in_hbm: bool = False, config=None,
@@ -287,9 +306,7 @@ def fused_uss(b: int = 512, d: int = 512, n_classes: int = 100_000, *, dtype=tor
     """The counts of one fused_uss_loss forward + backward (a scalar threshold; x and b take
     gradients) as triton/uss_loss.py lays it out: a memory bank of n_classes rows, or with
     ``in_batch`` the batch itself (N = B; the reference rows take a gradient, ∂ref through the
-    ∂W-type product). No partial FC (rate, total_classes, sparse_grad are not used). The
-    host-side finishing's launches are read off uss_loss.py's code, not counted with a
-    dispatch mode as the objective's are."""
+    ∂W-type product). No partial FC (rate, total_classes, sparse_grad are not used)."""
     from unitsface_kernels.triton.fused import plan
 
     cuda = torch.device("cuda")
@@ -310,16 +327,15 @@ def fused_uss(b: int = 512, d: int = 512, n_classes: int = 100_000, *, dtype=tor
         _cos(m, "forward", fwd, b, n_cols, d, e, acc, mats=1, g_bufs=0,
              row_outs=4 if lse else 1, col_outs=0, indexed=False,
              mufu=_MUFU["uss_lse"] if lse else _MUFU["uss_pairs_fwd"], g_in_hbm=g_in_hbm)
-    fin = fwd.class_tiles * b * acc * (4 if lse else 1) + b * acc * 8
-    m.add("forward", "torch", "finish: statistics", hbm=fin, l2=fin, launches=25 if lse else 3)
+    _merge(m, fwd.class_tiles, 1, b, acc, softmax=False, uss_slots=4 if lse else 1,
+           uss_stats=4)
 
     # ---- backward (uss_backward): x̂' = go·x̂ (in-batch), then per chunk the cosine tiles
     # (g, Σ_j g per row for ∂b), ∂ref = gᵀ·x̂' (in-batch), ∂x += g·R
     bwd = plan(b, n, d, dtype, cuda, 1, config)
     m.chunks = (fwd.n_chunks, bwd.n_chunks)
     if in_batch:
-        pre = 2 * b * d * e + 3 * b * acc
-        m.add("backward", "torch", "x̂' = go·x̂", hbm=pre, l2=pre, launches=6)
+        _unit_rows(m, b, d, e, acc)
     for _, n_cols in bwd.chunks():
         _cos(m, "backward", bwd, b, n_cols, d, e, acc, mats=1, g_bufs=1, row_outs=1,
              col_outs=1 if in_batch else 0, indexed=False,
@@ -328,9 +344,9 @@ def fused_uss(b: int = 512, d: int = 512, n_classes: int = 100_000, *, dtype=tor
             _dw(m, bwd, b, n_cols, d, e, acc, indexed=False, g_in_hbm=g_in_hbm)
         _dx(m, "backward", bwd, b, n_cols, d, e, acc, mats=1, indexed=False,
             g_in_hbm=g_in_hbm)
-    fin = bwd.splits * b * d * acc + 6 * b * d * acc + b * d * e + bwd.class_tiles * b * acc
-    m.add("backward", "torch", "finish: Σ slices, projection, ∂b", hbm=fin, l2=fin,
-          launches=14)
+    _tangent(m, "backward", bwd.splits, b, d, acc, e, e, extra=False)
+    db = bwd.class_tiles * b * acc + 3 * b * acc  # Σ over the tiles, Σ_i go_i·(·)/−s
+    m.add("backward", "torch", "∂b", hbm=db, l2=db, launches=4)
     return m
 
 
@@ -428,7 +444,8 @@ def measure(b: int, d: int, n_classes: int, *, dtype=torch.bfloat16, form: str =
     events = prof.events()
     windows = [(e.time_range.start, e.time_range.end, e.name.split(".")[1]) for e in events
                if e.name.startswith("cost_model.") and e.device_type == DeviceType.CPU]
-    kernels = ("_cos_kernel", "_dx_kernel", "_dw_kernel", "_row_norms_kernel")
+    kernels = ("_cos_kernel", "_dx_kernel", "_dw_kernel", "_row_norms_kernel", "_merge_kernel",
+               "_tangent_kernel", "_unit_rows_kernel")
     out: dict = {}
     for e in events:
         if e.device_type != DeviceType.CUDA or e.name.startswith("cost_model."):

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from benchmarks import cost_model, device
 from unitsface_kernels.triton.config import FusedConfig, GemmTiles
@@ -38,7 +39,7 @@ def test_counts_by_hand():
     assert cos.l2 == 32 * (128 + 128) * d * e + b * 1000 * e + 5 * 8 * b * 4
     # x once per chunk, W and bank rows once with their norms, the partials
     assert cos.hbm == 2 * b * d * e + 2 * 1000 * (d * e + 4) + 5 * 8 * b * 4
-    assert cos.mufu == (1 + 4) * b * 1000
+    assert cos.mufu == (1 + 3) * b * 1000  # softmax: exp; pairs: exp, log, reciprocal
     dx = _entry(m, "forward", "_dx_kernel")
     # K = 256 + 256 classes per chunk (the 232-class slice padded to 256), 2 × 1 output tiles
     assert dx.flops == 2 * 2 * (2 * 128 * 128 * 512)
@@ -138,7 +139,8 @@ def test_main_prints_every_input_and_both_predictions(tmp_path, capsys):
 
 
 class _Recorder:
-    """Stands in for a Triton kernel: records each launch's grid and tiles, then runs it."""
+    """Stands in for a Triton kernel: records each launch's grid and tiles, then runs it
+    outside any dispatch mode (the interpreter's own tensor traffic is not the host code's)."""
 
     def __init__(self, kernel, log):
         self.kernel, self.log = kernel, log
@@ -146,33 +148,79 @@ class _Recorder:
     def __getitem__(self, grid):
         def launch(*args, **kw):
             self.log.append((self.kernel.fn.__name__, tuple(grid), kw))
-            return self.kernel[grid](*args, **kw)
+            with _disable_current_modes():
+                return self.kernel[grid](*args, **kw)
         return launch
 
 
-@pytest.mark.parametrize("form", ["pairs", "lse"])
-def test_model_follows_the_launches(form, monkeypatch):
-    """The model's launches and programs of every kernel are those that fused_unitsface_loss
-    makes (here under the interpreter's configuration), forward and backward."""
-    from unitsface_kernels import fused_unitsface_loss
-    from unitsface_kernels.triton import fused, norms
+class _TorchOps(TorchDispatchMode):
+    """Counts the tensor operations that launch a kernel on a GPU, by phase."""
+
+    NO_KERNEL = {"empty", "new_empty", "view", "detach", "select", "slice", "alias",
+                 "as_strided", "expand", "t", "unsqueeze", "_reshape_alias", "reshape"}
+
+    def __init__(self):
+        super().__init__()
+        self.phase, self.counts = "forward", {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.NO_KERNEL:
+            self.counts[self.phase] = self.counts.get(self.phase, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("op,form", [("fused_unitsface_loss", "pairs"),
+                                     ("fused_unitsface_loss", "lse"),
+                                     ("fused_uss_loss", "lse"),
+                                     ("fused_uss_loss_inbatch", "pairs")])
+def test_model_follows_the_launches(op, form, monkeypatch):
+    """The model's launches and programs of every Triton kernel are those that the op makes
+    (here under the interpreter's configuration), forward and backward, and its "torch" rows
+    hold the tensor operations that the host code dispatches (the Triton host functions
+    called as the op's autograd calls them)."""
+    from unitsface_kernels import options
+    from unitsface_kernels.triton import finish, fused, norms, uss_loss
     from unitsface_kernels.triton.config import fused_config
 
     log = []
-    for mod, name in ((fused, "_cos_kernel"), (fused, "_dx_kernel"), (fused, "_dw_kernel"),
-                      (norms, "_row_norms_kernel")):
-        monkeypatch.setattr(mod, name, _Recorder(getattr(mod, name), log))
+    for mod, names in ((fused, ("_cos_kernel", "_dx_kernel", "_dw_kernel")),
+                       (norms, ("_row_norms_kernel",)),
+                       (finish, ("_merge_kernel", "_tangent_kernel", "_unit_rows_kernel"))):
+        for name in names:
+            monkeypatch.setattr(mod, name, _Recorder(getattr(mod, name), log))
     g = torch.Generator().manual_seed(0)
     b, d, c = 37, 70, 301
-    x = torch.randn(b, d, generator=g, requires_grad=True)
-    w = torch.randn(c, d, generator=g, requires_grad=True)
+    x = torch.randn(b, d, generator=g)
+    w = torch.randn(c, d, generator=g)
     bank = torch.randn(c, d, generator=g)
-    bias = torch.tensor([5.0], requires_grad=True)
+    bias = torch.tensor([5.0])
     labels = torch.randint(0, c, (b,), generator=g)
-    fused_unitsface_loss(x, labels, w, bank, bias, uss_form=form,
-                         backend="triton").backward()
+    go = torch.rand(b, generator=g)
+    ops = _TorchOps()
+    if op == "fused_unitsface_loss":
+        o = options.unitsface_options(
+            scale=64.0, margin_arc=0.0, margin_cos=0.4, arcface_grad="exact",
+            easy_margin=False, uss_margin=0.1, uss_form=form, uss_weight=1.0,
+            official_clamp=False).pack()
+        with ops:
+            out = fused.fused_forward(x, w, bank, labels, None, None, bias, None, o, True)
+            ops.phase = "backward"
+            fused.fused_backward(go, x, w, bank, labels, None, None, bias, None, *out[1:], o,
+                                 [True, True, True])
+        plan = cost_model.fused_unitsface
+    else:
+        in_batch = op == "fused_uss_loss_inbatch"
+        ref, ref_labels = (x, labels) if in_batch else (bank, torch.arange(c))
+        o = options.uss_options(scale=64.0, margin=0.1, form=form, official_clamp=True,
+                                in_batch=in_batch).pack()
+        with ops:
+            out = uss_loss.uss_forward(x, ref, labels, ref_labels, None, bias, o)
+            ops.phase = "backward"
+            uss_loss.uss_backward(go, x, ref, labels, ref_labels, None, bias, *out[1:], o,
+                                  [True, in_batch, True])
+        plan = cost_model.PLANS[op]
     cfg = fused_config(d, torch.device("cpu"), torch.float32)
-    m = cost_model.fused_unitsface(b, d, c, dtype=torch.float32, form=form, config=cfg)
+    m = plan(b, d, c, dtype=torch.float32, form=form, config=cfg)
     launched = {}
     for name, grid, kw in log:
         n, progs, flops = launched.get(name, (0, 0, 0))
@@ -187,6 +235,9 @@ def test_model_follows_the_launches(form, monkeypatch):
         if flops:
             assert sum(k.flops for k in kernels) == flops, name
     assert set(launched) == {k.name for k in m.kernels} - {"torch"}
+    modelled = {ph: sum(k.launches for k in m.kernels if (k.phase, k.name) == (ph, "torch"))
+                for ph in ("forward", "backward")}
+    assert {ph: ops.counts.get(ph, 0) for ph in modelled} == modelled
 
 
 @pytest.mark.cuda

@@ -1,40 +1,252 @@
-"""Host-side finishing of the fused kernels' partial results, O(B·D + |S|) torch operations
-after the sweep (docs/design.md §2). The USS lse finish is reference.uss_lse_terms."""
+"""Finishing of the fused kernels' partial results (docs/design.md §2): three small kernels
+over O(B·D + tiles·B) numbers, one launch each where torch needed a few dozen operations
+(each its own launch, on the step's critical path at the headline: 2 µs or more apiece).
+
+``_merge_kernel`` — the per-row statistics from the per-(column tile, row) partials
+    fpart[slot, k, i] of the cosine kernel's forward, merged across the slots in slot order
+    (deterministic): the softmax's lse_i by the online rule
+        (M, S) ⊕ (m, s) = (M', S·e^{M − M'} + s·e^{m − M'}),  M' = max(M, m),
+    lse = M + log S (−∞ for an empty set, S = 0), the target logit and the pairs USS terms
+    by plain sums, the lse USS form's A_i and B_i by the same merge, then its loss and
+    factors (uss_terms.uss_lse_terms), and the per-row loss.
+``_tangent_kernel`` — ∂x's normalisation from the split-K slices of the ∂x product:
+        G_i = Σ_s part[s, i],  out_i = go_i·[(G_i − (x̂_i·G_i)·x̂_i)/max(‖x_i‖, eps) + extra_i]
+    (no projection when ‖x_i‖ < eps). The projection h_i = x̂_i·G_i is taken from G itself, its
+    exact value: it then removes exactly G's own radial part, rounding included (with h summed
+    apart in fp32, the rounding of G's radial part, e.g. from half-precision g tiles, would
+    stay in the result and dominate it where the gradient is nearly radial).
+``_unit_rows_kernel`` — x̂'_i = go_i·x_i/max(‖x_i‖, eps) in x's dtype, the ∂R product's
+    operand.
+
+NaN propagates as in torch (docs/design.md §5): a NaN partial reaches its row's sums and
+its merged lse through e^{m − M'}·s; a NaN norm reaches every output of its row.
+"""
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from .. import reference
+from ..layouts import UnitsfaceStat
+from .loads import TL_DTYPES, out_dtype, to_store, upcast_tiles
+from .maths import NEG_BIG, clamp_min, inv_norm
+from .uss_terms import uss_lse_terms
+
+# The cosine kernel's forward partials fpart[slot, k, i] (fused.py), k: the softmax's max
+# and sum-exp of z over the slot's columns and the target logit (W programs); the USS part
+# (bank programs) from k = 3: pairs Σ softplus and Σ_j g'_ij (with the forward's row
+# gradients), or the lse form's (max⁺, sum-exp⁺, max⁻, sum-exp⁻).
+N_FP = 7
+_N_FP = tl.constexpr(N_FP)
+_FP_MAX, _FP_SUMEXP, _FP_TARGET, _FP_USS, _FP_GSUM = (tl.constexpr(k) for k in range(5))
+# The objective's stats rows that the merge writes (layouts.UnitsfaceStat; the USS family's
+# are layouts.UssStat, rows 0–3).
+_ST_LSE, _ST_USS, _ST_TARGET, _ST_USS_LOSS = (tl.constexpr(int(r)) for r in (
+    UnitsfaceStat.LSE, UnitsfaceStat.USS_A, UnitsfaceStat.TARGET, UnitsfaceStat.USS_LOSS))
+
+_MERGE_ROWS = 16    # rows per program: a slot's partials of them are one 64-byte segment
+_MERGE_SLOTS = 128  # slots per step of the merge loop (its steps wait on their loads: few)
 
 
-def merge_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Merge per-slice (max, sum-exp) pairs [slices, B] into logsumexp per row; −inf if empty."""
-    top = m.max(dim=0).values
-    total = (s * torch.exp(m - top)).sum(dim=0)
-    # total == 0 only for an empty set; a NaN total stays NaN (NaN inputs are never hidden).
-    return torch.where(total == 0, torch.full_like(top, -float("inf")), top + torch.log(total))
+@triton.jit
+def _lse_merge(big_m, big_s, m, s):
+    """(M, S) ⊕ the block's (m, s) [slots, rows], merged over its slots first. A NaN in m or
+    s reaches S through the sum (tl.max may drop it, the exponentials keep it)."""
+    mb = tl.max(m, axis=0)
+    sb = tl.sum(s * tl.exp(m - mb[None, :]), axis=0)
+    top = tl.where(mb > big_m, mb, big_m)
+    return top, big_s * tl.exp(big_m - top) + sb * tl.exp(mb - top)
 
 
-def uss_lse_finish(partial: torch.Tensor, scale: float, clamp: bool):
-    """The lse form's per-row loss and the backward's statistics [4, B] = (A, σA', B, σB')
-    from per-slice partials [slices, 4, B] = (max⁺, sumexp⁺, max⁻, sumexp⁻):
-    :func:`~unitsface_kernels.reference.uss_lse_terms` of the merged A and B."""
-    a = merge_lse(partial[:, 0], partial[:, 1])
-    b = merge_lse(partial[:, 2], partial[:, 3])
-    rows, fa, fb = reference.uss_lse_terms(a, b, scale, clamp)
-    return rows, torch.stack([a, fa, b, fb])
+@triton.jit
+def _lse_of(big_m, big_s):
+    """logsumexp from the merged (M, S): −∞ for an empty set (S = 0), NaN stays NaN."""
+    return tl.where(big_s == 0.0, float("-inf"), big_m + tl.log(big_s))
 
 
-def tangent_grad(acc_g, t, norms, eps: float):
-    """(G − (t̂·G)·t̂) / max(‖t‖, eps), without the projection when ‖t‖ < eps (eps: the
-    options' normalisation eps): the normalisation's gradient with h = Σ_j g_ij cos_ij taken
-    as t̂·G, its exact value, from G itself. The projection then removes exactly G's own
-    radial part, rounding included (with h summed apart in fp32, the rounding of G's radial
-    part, e.g. from half-precision g tiles, would stay in the result and dominate it where
-    the gradient is nearly radial)."""
-    inv = 1.0 / norms.clamp_min(eps)
-    tc = t.to(acc_g.dtype)
-    h = (acc_g * tc).sum(dim=1) * inv
-    proj = torch.where(norms >= eps, h, torch.zeros_like(h))
-    return inv[:, None] * (acc_g - (proj * inv)[:, None] * tc)
+@triton.jit
+def _merge_kernel(fpart_ptr, stats_ptr, rows_ptr, db_ptr, n_tiles, B, scale, uss_w,
+                  SOFTMAX: tl.constexpr, USS: tl.constexpr, LSE: tl.constexpr,
+                  CLAMP: tl.constexpr, DB_ROWS: tl.constexpr, KP: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+    """A program per block of rows. SOFTMAX (the objective; stats [7, B] in the rows of
+    layouts.UnitsfaceStat, every row written): lse and the target logit over the n_tiles·KP
+    slots (the W programs' KP sub-tiles of a column tile each a slot). Else the USS family:
+    stats [4, B] (layouts.UssStat). USS: the USS part over each column tile's first slot
+    (LSE: the lse form, else pairs, with DB_ROWS its Σ_j g'/−s); its statistics are zeros for
+    pairs or without it. The per-row loss: (lse − target) + λ·USS."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < B
+    slots = tl.arange(0, BLOCK_T)
+    acc_t = fpart_ptr.dtype.element_ty
+    zero = tl.zeros((BLOCK_R,), acc_t)
+    loss = zero
+    if SOFTMAX:
+        big_m = tl.full((BLOCK_R,), NEG_BIG, acc_t)
+        big_s = zero
+        tgt = zero
+        for t0 in range(0, n_tiles * KP, BLOCK_T):
+            sl = t0 + slots
+            ok = (sl < n_tiles * KP)[:, None] & row_ok[None, :]
+            at = fpart_ptr + sl[:, None].to(tl.int64) * (_N_FP * B) + rows[None, :]
+            tgt += tl.sum(tl.load(at + _FP_TARGET * B, mask=ok, other=0.0), axis=0)
+            big_m, big_s = _lse_merge(big_m, big_s,
+                                      tl.load(at + _FP_MAX * B, mask=ok, other=NEG_BIG),
+                                      tl.load(at + _FP_SUMEXP * B, mask=ok, other=0.0))
+        lse = _lse_of(big_m, big_s)
+        tl.store(stats_ptr + _ST_LSE * B + rows, lse, mask=row_ok)
+        tl.store(stats_ptr + _ST_TARGET * B + rows, tgt, mask=row_ok)
+        loss = lse - tgt
+    uss = zero
+    stats = (zero, zero, zero, zero)
+    if USS:
+        u0 = zero
+        u1 = zero
+        ma = tl.full((BLOCK_R,), NEG_BIG, acc_t)
+        mb = tl.full((BLOCK_R,), NEG_BIG, acc_t)
+        for t0 in range(0, n_tiles, BLOCK_T):
+            sl = t0 + slots
+            ok = (sl < n_tiles)[:, None] & row_ok[None, :]
+            at = fpart_ptr + (sl * KP)[:, None].to(tl.int64) * (_N_FP * B) + rows[None, :]
+            if LSE:  # (max⁺, sum-exp⁺, max⁻, sum-exp⁻) from k = 3 on
+                ma, u0 = _lse_merge(ma, u0,
+                                    tl.load(at + _FP_USS * B, mask=ok, other=NEG_BIG),
+                                    tl.load(at + (_FP_USS + 1) * B, mask=ok, other=0.0))
+                mb, u1 = _lse_merge(mb, u1,
+                                    tl.load(at + (_FP_USS + 2) * B, mask=ok, other=NEG_BIG),
+                                    tl.load(at + (_FP_USS + 3) * B, mask=ok, other=0.0))
+            else:
+                u0 += tl.sum(tl.load(at + _FP_USS * B, mask=ok, other=0.0), axis=0)
+                if DB_ROWS:
+                    u1 += tl.sum(tl.load(at + _FP_GSUM * B, mask=ok, other=0.0), axis=0)
+        if LSE:
+            a = _lse_of(ma, u0)
+            bn = _lse_of(mb, u1)
+            ta, fa = uss_lse_terms(a, scale, CLAMP)
+            tb, fb = uss_lse_terms(bn, scale, CLAMP)
+            uss = ta + tb
+            stats = (a, fa, bn, fb)
+        else:
+            uss = u0
+            if DB_ROWS:
+                tl.store(db_ptr + rows, u1 / -scale, mask=row_ok)
+        loss = loss + uss_w * uss
+    first = _ST_USS if SOFTMAX else 0
+    tl.store(stats_ptr + first * B + rows, stats[0], mask=row_ok)
+    tl.store(stats_ptr + (first + 1) * B + rows, stats[1], mask=row_ok)
+    tl.store(stats_ptr + (first + 2) * B + rows, stats[2], mask=row_ok)
+    tl.store(stats_ptr + (first + 3) * B + rows, stats[3], mask=row_ok)
+    if SOFTMAX:
+        tl.store(stats_ptr + _ST_USS_LOSS * B + rows, uss, mask=row_ok)
+    tl.store(rows_ptr + rows, loss, mask=row_ok)
+
+
+def merge_partials(fpart: torch.Tensor, n_tiles: int, stats: torch.Tensor, *, uss: bool,
+                   lse_form: bool, clamp: bool, scale: float, uss_weight: float = 1.0,
+                   kp: int = 1, db_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-row loss [B] from the forward partials fpart [n_tiles·kp, N_FP, B] (one
+    launch), the statistics written into ``stats``: the objective's [7, B] (the rows of
+    layouts.UnitsfaceStat, every row) or the USS family's [4, B] (layouts.UssStat). With
+    ``db_rows`` [B]: the pairs USS part's row gradients of b, Σ_j g'_ij/−s."""
+    b = fpart.shape[2]
+    rows = torch.empty(b, dtype=fpart.dtype, device=fpart.device)
+    _merge_kernel[(triton.cdiv(b, _MERGE_ROWS),)](
+        fpart, stats, rows, db_rows if db_rows is not None else rows, n_tiles, b, scale,
+        uss_weight, SOFTMAX=stats.shape[0] == len(UnitsfaceStat), USS=uss, LSE=lse_form,
+        CLAMP=clamp, DB_ROWS=db_rows is not None, KP=kp, BLOCK_R=_MERGE_ROWS,
+        BLOCK_T=_MERGE_SLOTS)
+    return rows
+
+
+@triton.jit
+def _slices(part_ptr, n_parts, row, feats, f_ok, B, D, BLOCK_P: tl.constexpr):
+    """G_i = Σ_s part[s, i] over the features `feats` of row i, the slices summed in order."""
+    acc = tl.zeros(feats.shape, part_ptr.dtype.element_ty)
+    sl = tl.arange(0, BLOCK_P)
+    for s0 in range(0, n_parts, BLOCK_P):
+        s = s0 + sl
+        ptrs = part_ptr + (s[:, None].to(tl.int64) * B + row) * D + feats[None, :]
+        acc += tl.sum(tl.load(ptrs, mask=(s < n_parts)[:, None] & f_ok[None, :], other=0.0),
+                      axis=0)
+    return acc
+
+
+@triton.jit
+def _tangent_kernel(part_ptr, n_parts, x_ptr, nx_ptr, go_ptr, extra_ptr, dx_ptr, B, D, eps,
+                    HAS_GO: tl.constexpr, HAS_EXTRA: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BLOCK_D: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
+    """A program per row i: h = x_i·G_i (pass one), then out_i (pass two, G summed again in
+    the same order: the same values)."""
+    row = tl.program_id(0)
+    acc_t = part_ptr.dtype.element_ty
+    n = tl.load(nx_ptr + row)
+    inv = inv_norm(n, eps)
+    hv = tl.zeros((BLOCK_D,), acc_t)
+    for d0 in range(0, D, BLOCK_D):
+        feats = d0 + tl.arange(0, BLOCK_D)
+        f_ok = feats < D
+        x = tl.load(x_ptr + row * D + feats, mask=f_ok, other=0.0).to(acc_t)
+        hv += _slices(part_ptr, n_parts, row, feats, f_ok, B, D, BLOCK_P) * x
+    # (a NaN norm fails the comparison: no projection, and inv keeps the NaN)
+    proj = tl.where(n >= eps, tl.sum(hv, axis=0) * inv, 0.0) * inv
+    if HAS_GO:
+        go = tl.load(go_ptr + row)
+    for d0 in range(0, D, BLOCK_D):
+        feats = d0 + tl.arange(0, BLOCK_D)
+        f_ok = feats < D
+        x = tl.load(x_ptr + row * D + feats, mask=f_ok, other=0.0).to(acc_t)
+        v = inv * (_slices(part_ptr, n_parts, row, feats, f_ok, B, D, BLOCK_P) - proj * x)
+        if HAS_EXTRA:
+            v += tl.load(extra_ptr + row * D + feats, mask=f_ok, other=0.0)
+        if HAS_GO:
+            v = go * v
+        tl.store(dx_ptr + row * D + feats, to_store(v, XT, UPCAST), mask=f_ok)
+
+
+def tangent_grad(part: torch.Tensor, x: torch.Tensor, nx: torch.Tensor, eps: float, *,
+                 go: torch.Tensor | None = None, extra: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """go_i·[(G_i − (x̂_i·G_i)·x̂_i)/max(‖x_i‖, eps) + extra_i] [B, D] with G = Σ_s part[s]
+    (the split-K slices [splits, B, D] of a ∂x product), in ``dtype`` (part's by default);
+    no projection where ‖x_i‖ < eps (eps: the options' normalisation eps). One launch."""
+    n_parts, b, d = part.shape
+    dtype = dtype or part.dtype
+    out = torch.empty(b, d, dtype=out_dtype(dtype), device=part.device)
+    if b:
+        _tangent_kernel[(b,)](
+            part, n_parts, x, nx, go if go is not None else nx,
+            extra if extra is not None else part, out, b, d, eps, HAS_GO=go is not None,
+            HAS_EXTRA=extra is not None, BLOCK_P=min(16, triton.next_power_of_2(n_parts)),
+            BLOCK_D=min(512, max(16, triton.next_power_of_2(d))), XT=TL_DTYPES[dtype],
+            UPCAST=upcast_tiles(dtype))
+    return out.to(dtype)
+
+
+@triton.jit
+def _unit_rows_kernel(x_ptr, nx_ptr, go_ptr, xg_ptr, B, D, eps, BLOCK_R: tl.constexpr,
+                      BLOCK_D: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < B
+    acc_t = nx_ptr.dtype.element_ty
+    f = tl.load(go_ptr + rows, mask=row_ok, other=0.0) / clamp_min(
+        tl.load(nx_ptr + rows, mask=row_ok, other=1.0), eps)
+    for d0 in range(0, D, BLOCK_D):
+        feats = d0 + tl.arange(0, BLOCK_D)
+        ok = row_ok[:, None] & (feats < D)[None, :]
+        at = rows[:, None].to(tl.int64) * D + feats[None, :]
+        x = tl.load(x_ptr + at, mask=ok, other=0.0).to(acc_t)
+        tl.store(xg_ptr + at, to_store(x * f[:, None], XT, UPCAST), mask=ok)
+
+
+def go_unit_rows(x: torch.Tensor, go: torch.Tensor, nx: torch.Tensor, eps: float):
+    """x̂' = go_i·x_i / max(‖x_i‖, eps) in x's dtype: the ∂R product's operand, made once per
+    backward (one launch)."""
+    b, d = x.shape
+    out = torch.empty(b, d, dtype=out_dtype(x.dtype), device=x.device)
+    block_r = 8
+    _unit_rows_kernel[(triton.cdiv(b, block_r),)](
+        x, nx, go, out, b, d, eps, BLOCK_R=block_r,
+        BLOCK_D=min(256, max(16, triton.next_power_of_2(d))), XT=TL_DTYPES[x.dtype],
+        UPCAST=upcast_tiles(x.dtype))
+    return out.to(x.dtype)

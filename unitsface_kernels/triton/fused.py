@@ -67,7 +67,7 @@ from ..layouts import USS_STATS, UnitsfaceStat
 from ..options import UnitsfaceOptions, UssOptions
 from ..reference import class_row_ids
 from .config import Plan, check_dtype, plan
-from .finish import merge_lse, tangent_grad, uss_lse_finish
+from .finish import N_FP, go_unit_rows, merge_partials, tangent_grad
 from .loads import (TL_DTYPES, as_operand, inv_norm_of, out_dtype, ref_rows_ok, row_block,
                     rows_chunk, to_store, unit_rows, upcast_tiles)
 from .margin_softmax import (curricular_rows, needs_row_terms, row_margins, row_terms,
@@ -81,14 +81,10 @@ __all__ = ["fused_forward", "fused_backward", "plan", "Sweep", "kernel_scalars",
 # The objective's per-row statistics are the rows of layouts.UnitsfaceStat (stats [7, B]):
 # the kernels read the softmax's lse and the USS part's four; the target logit and the USS
 # loss serve class-parallel training.
-# The forward's per-(column tile, row) partials fpart[tile, k, i]: max and sum-exp of z, the
-# target logit (W programs); the USS part (bank programs): pairs Σ softplus and Σ_j g'_ij
-# (the latter with the forward's row gradients); lse (max⁺, sumexp⁺, max⁻, sumexp⁻). With K
-# sub-centres, KP slots per column tile: fpart[tile·KP + part] (the W programs' sub-tiles;
-# the bank programs' rows in the first).
-FP_MAX, FP_SUMEXP, FP_TARGET, FP_USS, FP_GSUM = 0, 1, 2, 3, 4
-FP_USS_LSE = slice(3, 7)
-N_FP = 7
+# The forward's per-(column tile, row) partials fpart[slot, k, i] are laid out as
+# finish.py's merge reads them (FP_*, N_FP there). With K sub-centres, KP slots per column
+# tile: fpart[tile·KP + part] (the W programs' sub-tiles; the bank programs' rows in the
+# first).
 _N_FP = tl.constexpr(N_FP)
 # The backward's per-(column tile, row) partials gsum[tile, i] = Σ_j g'_ij (bank: a scalar
 # threshold's ∂b), and per-(row block, column) partials cpart[block, k, j]: Σ_i go_i·g_ij·cos_ij
@@ -846,11 +842,6 @@ def dx_launch(p: Plan, s: Sweep, gw, gb, part, col0, n_cols, accumulate, *, has_
         UPCAST=f["UPCAST"], num_warps=t.num_warps, num_stages=t.num_stages)
 
 
-def go_unit_rows(x, go, nx, eps):
-    """x̂' = go_i·x_i / max(‖x_i‖, eps) in x's dtype: the ∂R product's operand, made once."""
-    return (x.to(nx.dtype) * (go / nx.clamp_min(eps))[:, None]).to(x.dtype)
-
-
 def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows, options,
                   row_grads=False, sparse_grad=False):
     """Per-row loss (softmax + λ·USS when `bank` is given) and the backward's statistics: the
@@ -877,7 +868,6 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows
     p = plan(bsz, s.columns, d, x.dtype, x.device, 1 if uss_rows else 0)
     kp = s.flags["KP"]  # the W programs' slots of fpart per column tile (sub-tiles)
     fpart = torch.empty(p.class_tiles * kp, N_FP, bsz, dtype=acc, device=x.device)
-    upart = fpart[::kp]  # the bank programs' slots
     gb = torch.empty(bsz, p.chunk if uss_rows else 0, dtype=out_dtype(x.dtype), device=x.device)
     part = torch.empty(p.splits if uss_rows else 0, bsz, d, dtype=acc, device=x.device)
     for k, (col0, n_cols) in enumerate(p.chunks()):
@@ -885,24 +875,17 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows
                    w_progs=True, bank_progs=has_uss, store_gb=uss_rows)
         if uss_rows:
             dx_launch(p, s, gb, gb, part, col0, n_cols, k > 0, has_w=False, has_bank=True)
-    stats = torch.zeros(len(UnitsfaceStat), bsz, dtype=acc, device=x.device)
-    stats[UnitsfaceStat.LSE] = merge_lse(fpart[:, FP_MAX], fpart[:, FP_SUMEXP])
-    stats[UnitsfaceStat.TARGET] = fpart[:, FP_TARGET].sum(dim=0)
-    rows = stats[UnitsfaceStat.LSE] - stats[UnitsfaceStat.TARGET]
-    if has_uss:
-        if o.uss_lse:
-            stats[UnitsfaceStat.USS_LOSS], stats[USS_STATS] = uss_lse_finish(
-                upart[:, FP_USS_LSE], o.scale, o.uss_clamp)
-        else:
-            stats[UnitsfaceStat.USS_LOSS] = upart[:, FP_USS].sum(dim=0)
-        rows = rows + o.uss_weight * stats[UnitsfaceStat.USS_LOSS]
+    stats = torch.empty(len(UnitsfaceStat), bsz, dtype=acc, device=x.device)
+    db_rows = torch.empty(bsz if uss_rows else 0, dtype=acc, device=x.device)
+    rows = merge_partials(fpart, p.class_tiles, stats, uss=has_uss, lse_form=o.uss_lse,
+                          clamp=o.uss_clamp, scale=o.scale, uss_weight=o.uss_weight, kp=kp,
+                          db_rows=db_rows if uss_rows else None)
     if uss_rows:
-        dx_rows = tangent_grad(part.sum(dim=0), x, nx, o.eps)
-        db_rows = upart[:, FP_GSUM].sum(dim=0) / -o.scale
+        dx_rows = tangent_grad(part, x, nx, o.eps)
     elif row_grads:  # nothing of the kind here: the backward forms every part
         dx_rows, db_rows = nx.new_zeros(bsz, d), nx.new_zeros(bsz)
     else:
-        dx_rows, db_rows = nx.new_empty(0), nx.new_empty(0)
+        dx_rows = nx.new_empty(0)
     return rows, stats, nx, nw, nb, dx_rows, db_rows
 
 
@@ -963,10 +946,8 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
                               has_bank=True)
     dx = dbias = None
     if need_dx:
-        dx = tangent_grad(part.sum(dim=0), x, nx, o.eps)
-        if fwd_rows:
-            dx = dx + dx_rows
-        dx = (go[:, None] * dx).to(x.dtype)
+        dx = tangent_grad(part, x, nx, o.eps, go=go, extra=dx_rows if fwd_rows else None,
+                          dtype=x.dtype)
     if need_db:
         if vector_bias:  # one threshold per class: only the classes of S get one
             db = torch.zeros(bias.numel(), dtype=acc, device=dev)

@@ -31,26 +31,24 @@ def clamp_min(z, lo):
 
 
 @triton.jit
-def log1p(u):
-    """log(1 + u), accurate for small u too: fl(1 + u) − 1 is exact, and log(w)·u/(w − 1) is
-    log1p(u) to a few ulps (Goldberg's trick; log(1 + u) alone loses all of a u below the
-    rounding of 1 + u, which a pair term far below the threshold is)."""
-    w = 1.0 + u
-    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
-
-
-@triton.jit
 def sigmoid(z):
     return 1.0 / (1.0 + tl.exp(-z))
 
 
 @triton.jit
 def softplus_sigmoid(z):
-    """(softplus(z), σ(z)) from one exponential e = e^{−|z|}: softplus = max(z, 0) + log1p(e),
-    σ = 1/(1 + e) for z ≥ 0, e/(1 + e) below. NaN stays NaN in both."""
+    """(softplus(z), σ(z)) from one exponential e = e^{−|z|} and one reciprocal r = 1/w of
+    w = fl(1 + e): softplus = max(z, 0) + log1p(e), σ = r for z ≥ 0, e·r below. log1p(e) is
+    log(w) + (e − (w − 1))·r: w − 1 is exact (e ≤ 1), so e − (w − 1) is the rounding error
+    of 1 + e and the correction log(1 + e) − log(w) = log(1 − (w − 1 − e)/w) to first order,
+    its second-order rest far below an ulp (log(w) alone loses all of an e below the rounding
+    of 1 + e, which a pair term far below the threshold is; for w = 1 this is e itself).
+    NaN stays NaN in both."""
     e = tl.exp(-tl.abs(z))
-    pos = z >= 0.0
-    return tl.where(z > 0.0, z, 0.0) + log1p(e), tl.where(pos, 1.0, e) / (1.0 + e)
+    w = 1.0 + e
+    r = 1.0 / w
+    log1p_e = tl.log(w) + (e - (w - 1.0)) * r
+    return tl.where(z > 0.0, z, 0.0) + log1p_e, tl.where(z >= 0.0, 1.0, e) * r
 
 
 @triton.jit

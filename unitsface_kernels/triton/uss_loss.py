@@ -4,8 +4,8 @@ of unitsface_kernels.contract. Column j is reference row j with label l_j = ref_
 kernels run bank programs alone (the objective's λ·USS part with λ = 1), so every USS formula
 has the one home it has in the objective (uss_terms.py, fused._uss_part).
 
-    forward:  _cos_kernel over all columns: per (column tile, row) partials, merged by the
-              host (pairs: Σ softplus; lse: finish.uss_lse_finish).
+    forward:  _cos_kernel over all columns: per (column tile, row) partials, merged by
+              finish.merge_partials (pairs: Σ softplus; lse: the merged A, B and their terms).
     backward: per chunk of columns, _cos_kernel (g tiles; Σ_j g per row for a scalar ∂b,
               Σ_i go·g per column for ∂b_j, Σ_i go·g·cos per column for ∂ref's projection)
               → _dw_kernel (∂ref = gᵀ·x̂' with its projection) → _dx_kernel (∂x = g·R̂,
@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import torch
 
+from ..layouts import UssStat
 from ..options import UssOptions
 from .config import check_dtype, plan
-from .finish import tangent_grad, uss_lse_finish
-from .fused import (CP_GSUM, FP_USS, FP_USS_LSE, N_CP, N_FP, Sweep, cos_launch, dw_launch,
-                    dx_launch, go_unit_rows, kernel_scalars, margin_flags)
+from .finish import N_FP, go_unit_rows, merge_partials, tangent_grad
+from .fused import (CP_GSUM, N_CP, Sweep, cos_launch, dw_launch, dx_launch, kernel_scalars,
+                    margin_flags)
 from .loads import out_dtype
 from .norms import row_norms
 
@@ -58,10 +59,9 @@ def uss_forward(x, ref, labels, ref_labels, ref_valid, bias, options):
     for col0, n_cols in p.chunks():
         cos_launch(p, s, nx, nx, nx, fpart, nx, nx, nx, col0, n_cols, backward=False,
                    w_progs=False, bank_progs=True)
-    if o.lse:
-        rows, stats = uss_lse_finish(fpart[:, FP_USS_LSE], o.scale, o.clamp)
-    else:
-        rows, stats = fpart[:, FP_USS].sum(dim=0), nx.new_zeros(4, bsz)
+    stats = torch.empty(len(UssStat), bsz, dtype=nx.dtype, device=x.device)
+    rows = merge_partials(fpart, p.class_tiles, stats, uss=True, lse_form=o.lse,
+                          clamp=o.clamp, scale=o.scale)
     return rows, stats, nx, nr
 
 
@@ -100,7 +100,7 @@ def uss_backward(grad_rows, x, ref, labels, ref_labels, ref_valid, bias, stats, 
                 dx_launch(p, s, g, g, part, col0, n_cols, k > 0, has_w=False, has_bank=True)
     dx = dref = dbias = None
     if need_dx:
-        dx = (go[:, None] * tangent_grad(part.sum(dim=0), x, nx, o.eps)).to(x.dtype)
+        dx = tangent_grad(part, x, nx, o.eps, go=go, dtype=x.dtype)
     if need_dr:
         dref = dr.to(ref.dtype)
     if need_db:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .maths import sigmoid
+from .maths import clamp, sigmoid, softplus_sigmoid
 
 
 @triton.jit
@@ -75,3 +75,19 @@ def uss_grad(z, pos, neg, scale, a, fa, bn, fb, LSE: tl.constexpr, CLAMP: tl.con
         g = g * tl.where(pos, fa[:, None], fb[:, None])
         return tl.where(pos, -g, tl.where(neg, g, 0.0))
     return uss_pairs_grad(z, sigmoid(z), pos, neg, scale, CLAMP)
+
+
+@triton.jit
+def uss_lse_terms(stat, scale, CLAMP: tl.constexpr):
+    """One lse statistic's part of the per-row loss and its backward factor (the Python
+    statement: reference.uss_lse_terms): softplus(stat), 0 for an empty set (stat = −∞; the
+    official clamp clamps stat to [−s, s] first); σ(stat) where the clamp is inactive, 0
+    where it is active or the set is empty. A NaN statistic gives NaN in both."""
+    empty = stat == float("-inf")
+    arg = clamp(stat, -scale, scale) if CLAMP else stat
+    sp, sig = softplus_sigmoid(arg)
+    if CLAMP:  # (written so that a NaN counts as inside: it reaches the gradient)
+        inside = ~((stat < -scale) | (stat > scale))
+    else:
+        inside = ~empty
+    return tl.where(empty, 0.0, sp), tl.where(inside, sig, 0.0)
