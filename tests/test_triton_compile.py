@@ -23,9 +23,11 @@ forms ∂ref). The D=512 cases also compile the objective's other forms and opti
 the lse form, straight-through with the pairs form and the clamp, the easy margin), and the
 margin family's cosine kernels (`… margins`: curricular negatives with the inter-class filter
 and per-row margins, AdaFace's angle clip, K = 3 and K = 2 sub-centres; docs/design.md §1.5).
-At the headline (bf16 and fp16, D = 512) every kernel but the row norms, in every form
-compiled here, must spill nothing (no spill store, so no spill instruction inside a loop
-either) and run every product on wgmma with N ≥ 128, under both tritons (issue 24: the
+The finishing kernels (triton/finish.py: the statistics' merge, ∂x's projection, x̂') and the
+row norms compile beside them. Every kernel, in every form and case compiled here, must spill
+nothing (no spill store, so no spill instruction inside a loop either), and at the headline
+(bf16 and fp16, D = 512) every kernel with a product must run it on wgmma with N ≥ 128, under
+both tritons (issue 24: the
 cosine kernel's epilogues run a quarter of a column tile at a time, fused.PARTS).
 """
 
@@ -45,7 +47,7 @@ OLDEST_TRITON = os.path.join(ROOT, "build", "triton-3.6.0")
 _TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
        torch.float64: "fp64"}
 _EMBEDDINGS = {"x_ptr", "r_ptr", "w_ptr", "bank_ptr", "t_ptr", "dw_ptr", "gw_ptr", "gb_ptr",
-               "g_ptr", "xg_ptr"}
+               "g_ptr", "xg_ptr", "dx_ptr"}
 _LABELS = {"y_ptr", "lab_ptr", "idx_ptr"}
 # the settings: fp32 scalars (the kernels' float arguments)
 _FLOATS = {"scale", "m3", "cos_m2", "sin_m2", "mm", "tau", "uss_m", "uss_w", "eps"}
@@ -197,9 +199,38 @@ def uss_kernels(dtype, d, options):
     return out
 
 
+def finish_kernels(dtype, d, launch):
+    """(label, kernel, constexprs, tiles, is_product) of the finishing kernels (finish.py)
+    as the objective and the USS family launch them: the merge (the objective's pairs form
+    with its ∂b rows; the USS family's lse form with the clamp), ∂x's projection (the
+    backward's: go, the forward's row gradients, ∂x in x's dtype) and x̂'."""
+    import triton
+
+    from unitsface_kernels.triton import finish
+    from unitsface_kernels.triton.loads import TL_DTYPES
+
+    merge = dict(KP=1, BLOCK_R=finish._MERGE_ROWS, BLOCK_T=finish._MERGE_SLOTS)
+    dp = triton.next_power_of_2(d)
+    return [
+        ("objective pairs", finish._merge_kernel,
+         dict(SOFTMAX=True, USS=True, LSE=False, CLAMP=False, DB_ROWS=True, **merge), launch,
+         False),
+        ("uss lse+clamp", finish._merge_kernel,
+         dict(SOFTMAX=False, USS=True, LSE=True, CLAMP=True, DB_ROWS=False, **merge), launch,
+         False),
+        ("backward", finish._tangent_kernel,
+         dict(HAS_GO=True, HAS_EXTRA=True, BLOCK_P=16, BLOCK_D=min(512, dp),
+              XT=TL_DTYPES[dtype], UPCAST=False), launch, False),
+        ("", finish._unit_rows_kernel,
+         dict(BLOCK_R=8, BLOCK_D=min(256, dp), XT=TL_DTYPES[dtype], UPCAST=False), launch,
+         False)]
+
+
+NO_MMA = {"_row_norms_kernel", "_merge_kernel", "_tangent_kernel", "_unit_rows_kernel"}
+"""The kernels without a matrix product (the norms, the finishing)."""
 HEADLINE = {(torch.bfloat16, 512), (torch.float16, 512)}
-"""Cases whose fused kernels must spill nothing, and run wgmma with N ≥ 128 in their products
-and cosine tiles."""
+"""Cases whose fused kernels must run wgmma with N ≥ 128 in their products and cosine
+tiles."""
 
 
 def compile_all(dtype, d, variants=""):
@@ -226,9 +257,11 @@ def compile_all(dtype, d, variants=""):
         for name, options in list(FUSED_VARIANTS.items())[:None if variants else 1]:
             for step, kernel, flags, launch, product in fused_kernels(dtype, d, options):
                 kernels.append((f"{step} {name}".strip(), kernel, flags, launch, product))
+        small = SimpleNamespace(num_warps=4, num_stages=3)
         kernels.append(("", norms._row_norms_kernel,
                         dict(HAS_INDEX=True, BLOCK_R=32, BLOCK_D=256, XT=TL_DTYPES[dtype],
-                             UPCAST=False), SimpleNamespace(num_warps=4, num_stages=3), False))
+                             UPCAST=False), small, False))
+        kernels += finish_kernels(dtype, d, small)
     problems = []
     for name, kernel, flags, launch, product in kernels:
         compiled = _compile(kernel, dtype, flags, launch)
@@ -238,10 +271,10 @@ def compile_all(dtype, d, variants=""):
         mma = ", ".join(sorted(report["mma"])) or "no MMA"
         print(f"{label}: {shared} bytes of shared memory; {report['text']}; {mma}", flush=True)
         assert shared <= SMEM_LIMIT, (label, shared)
-        if (dtype, d) in HEADLINE and kernel is not norms._row_norms_kernel:
-            if report["spill_bytes"] != 0 or report["spills_in_loops"]:
-                problems.append(f"{label}: {report['spill_bytes']} bytes of spill stores, "
-                                f"{report['spills_in_loops']} spill instructions inside loops")
+        if report["spill_bytes"] != 0 or report["spills_in_loops"]:
+            problems.append(f"{label}: {report['spill_bytes']} bytes of spill stores, "
+                            f"{report['spills_in_loops']} spill instructions inside loops")
+        if (dtype, d) in HEADLINE and kernel.fn.__name__ not in NO_MMA:
             narrow = [m for m in report["mma"] if not _wgmma_n(m) or _wgmma_n(m) < 128]
             if not report["mma"] or narrow:
                 problems.append(f"{label}: matrix instructions {sorted(report['mma'])} "

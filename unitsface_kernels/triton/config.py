@@ -90,7 +90,9 @@ def fused_config(d: int, device: torch.device, dtype: torch.dtype) -> FusedConfi
     backward's epilogue no registers), 128 × 256 ∂W and ∂x tiles (wgmma m64n256; ∂x stores its
     carried sums a quarter tile at a time to stay clear of spills: 220 registers in bf16, up
     to 254 in fp16, whose operand tiles are normalised in registers), K steps of 64, 3 stages.
-    fp32 (exact products on the FMA units, no TF32): 64 × 64 tiles, K steps of 32.
+    fp32 (exact products on the FMA units, no TF32): 64 × 64 tiles, K steps of 32; the
+    cosine tiles with 8 warps and K steps of 16 (the FMA dot holds its operand tiles in
+    registers: with 4 warps, or K steps of 32, the epilogues spilled 8–52 bytes).
     Tuning knobs: :data:`FUSED_KNOBS`, UNITSFACE_TRITON_CHUNK_MB."""
     dp = max(16, triton.next_power_of_2(d))
     if device.type != "cuda":
@@ -107,7 +109,7 @@ def fused_config(d: int, device: torch.device, dtype: torch.dtype) -> FusedConfi
         dx = GemmTiles(128, min(256, dp), 64, 8, 3)
     else:
         bk = min(dp, 32)
-        cos = GemmTiles(64, 64, bk, 4, 2)
+        cos = GemmTiles(64, 64, min(dp, 16), 8, 2)
         dw = GemmTiles(64, min(64, dp), 32, 4, 2)
         dx = GemmTiles(64, min(64, dp), 32, 4, 2)
     tiles = dict(cos=cos, dw=dw, dx=dx)
