@@ -897,7 +897,7 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
 
     Per chunk of classes: the cosine kernel (W programs for ∂x and ∂W; bank programs only
     where the forward did not form the USS part's row gradients, or for per-class
-    thresholds), then the ∂W and ∂x products; then O(B·D + |S|) of host-side finishing:
+    thresholds), then the ∂W and ∂x products; then the finishing (finish.py, O(B·D + |S|)):
     ∂x_i = go_i·[(G_i − h_i·x̂_i)/max(‖x_i‖, eps) + dx_rows_i] and ∂b = −(1/s)·Σ go·g'."""
     o = UnitsfaceOptions.unpack(options)
     need_dx, need_dw, need_db = (bool(v) for v in needs)
