@@ -10,6 +10,7 @@ command shell-quoted, as bash's ``printf %q`` writes it). In this one process:
 - ``python -m pytest ARGS``: pytest parses ARGS (collecting nothing: ``--ignore`` of the
   test folder);
 - ``python setup.py ARGS``: setuptools parses the command line (``--help`` appended);
+- ``python SCRIPT.py ARGS`` (an example): as a module, its parser takes ARGS;
 - ``python -c CODE``: CODE compiles;
 - ``env VAR=value ... command``: the variables are checked for form, then the command;
 - ``bash -c SCRIPT``: bash already checked its syntax (``bash -n``) when it wrote the plan.
@@ -33,7 +34,8 @@ class _Parsed(Exception):
     """Raised by the patched parse_args once a module's arguments parsed."""
 
 
-def _module_args(module: str, args: list[str]) -> str:
+def _module_args(module: str, args: list[str], script: bool = False) -> str:
+    """A module's (or with `script`, a script file's) argument parser on ARGS."""
     real = argparse.ArgumentParser.parse_args
 
     def stop(self, a=None, namespace=None):
@@ -45,7 +47,10 @@ def _module_args(module: str, args: list[str]) -> str:
     sys.argv = [module, *args]
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            runpy.run_module(module, run_name="__main__", alter_sys=False)
+            if script:
+                runpy.run_path(module, run_name="__main__")
+            else:
+                runpy.run_module(module, run_name="__main__", alter_sys=False)
     except _Parsed:
         return "ok"
     except SystemExit as e:
@@ -104,8 +109,10 @@ def check(argv: list[str]) -> str:
         if rest[1] == "pytest":
             return _pytest_args(rest[2:])
         return _module_args(rest[1], rest[2:])
-    if rest and rest[0].endswith(".py"):
+    if rest and os.path.basename(rest[0]) == "setup.py":
         return _setup_args(rest[0], rest[1:])
+    if rest and rest[0].endswith(".py"):
+        return _module_args(rest[0], rest[1:], script=True)
     return f"cannot check {shlex.join(argv)!r}"
 
 

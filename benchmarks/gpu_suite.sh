@@ -17,6 +17,8 @@
 #   cost_triton, cost_native   per-kernel measured times beside both models' predictions
 #   tests      pytest -m cuda
 #   accuracy   worst loss error / gradient cosine vs the float64 reference, every variant
+#   capture_triton, capture_native   a head step captured in a CUDA graph: replayed vs eager
+#              (equal?), both step times, the launches of an eager step (extras.log)
 #   curve      the benchmark's other class counts (10k; 1M at rate 0.1, dense and sparse_grad)
 #   sweep, fusion, head_step   tuning aids, as time allows
 # Each step's limit is its own (the *_S knobs below), cut to what is left of SUITE_SECONDS;
@@ -160,6 +162,17 @@ fi
 run_step tests 90 "$OUT/tests.log" "$PY" -m pytest -q -rfE -m cuda -p no:cacheprovider \
   ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"} tests
 run_step accuracy 30 "$OUT/tests.log" "$PY" -m benchmarks.accuracy
+
+# ---------------------------------------------------------------------------- capture
+# a UniTSFaceHead training step with partial FC (1M classes at rate 0.1: the headline's 100k
+# sampled, bf16 embeddings) captured in a CUDA graph: replayed vs eager (equal?), the step
+# time of each and the launches of an eager step, per backend
+CAPTURE=(examples/capture_step.py --classes 1000000 --batch 512 --dim 512 --sample-rate 0.1
+  --dtype bfloat16 --steps 10 --profile --no-compile)
+run_step capture_triton 35 "$OUT/extras.log" "$PY" "${CAPTURE[@]}" --backend triton
+if have_ext || [ -n "$DRY_RUN" ]; then
+  run_step capture_native 25 "$OUT/extras.log" "$PY" "${CAPTURE[@]}" --backend native
+fi
 
 # ---------------------------------------------------------------------------- as time allows
 run_step curve 60 "$OUT/extras.log" "$PY" -m benchmarks --out "$OUT" --stem bench --resume \

@@ -57,7 +57,8 @@ def batches(args, device, count, seed):
     for _ in range(count):
         labels = torch.randint(0, args.classes, (ids,), generator=g)
         labels = labels[torch.randint(0, ids, (args.batch,), generator=g)]
-        out.append((torch.randn(args.batch, args.dim, generator=g).to(device), labels.to(device)))
+        x = torch.randn(args.batch, args.dim, generator=g).to(device, getattr(torch, args.dtype))
+        out.append((x, labels.to(device)))
     return out
 
 
@@ -108,7 +109,12 @@ def main():
     p.add_argument("--steps", type=int, default=20, help="replayed (and eager) steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backend", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the embeddings' dtype (a mixed-precision backbone's output; the head's "
+                        "weights and bank stay fp32, read rounded to it)")
     p.add_argument("--profile", action="store_true", help="count the launches of an eager step")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip torch.compile(mode='reduce-overhead') (its compile takes a minute)")
     args = p.parse_args()
     uk.checks("async")  # no read-back anywhere: what a captured step needs
 
@@ -170,7 +176,7 @@ def main():
     losses = torch.stack(graph_losses), torch.stack(eager_losses)
     got, want = state(graph_head, graph_opt), state(eager_head, eager_opt)
     print(f"B={args.batch} D={args.dim} C={args.classes} |S|={graph_head.num_sample} "
-          f"backend={args.backend} on {torch.cuda.get_device_name()}")
+          f"{args.dtype} backend={args.backend} on {torch.cuda.get_device_name()}")
     print(f"replayed vs eager over {args.steps} steps: losses equal bit for bit: "
           f"{torch.equal(*losses)} (max |Δ| {float((losses[0] - losses[1]).abs().max()):.3g}); "
           f"threshold, bank, weights max |Δ| {max_diff(got, want):.3g}")
@@ -186,6 +192,8 @@ def main():
         print(f"kernel launches per eager step: {launches(eager_once)} "
               f"(one graph launch when replayed)")
 
+    if args.no_compile:
+        return
     compiled = torch.compile(eager_head, mode="reduce-overhead")
     for x, labels in data[:5]:
         eager_opt.zero_grad(set_to_none=True)

@@ -46,13 +46,13 @@ def _fpart(tiles, kp, b, *, empty_rows=(), gen):
     return f
 
 
-@pytest.mark.parametrize("tiles,kp", [(1, 1), (150, 1), (70, 4)])
+@pytest.mark.parametrize("tiles,kp", [(1, 1), (600, 1), (70, 4)])
 @pytest.mark.parametrize("form", ["pairs", "lse", None])
 @pytest.mark.parametrize("clamp", [False, True])
 def test_merge_objective(tiles, kp, form, clamp):
     """The objective's statistics and per-row loss: lse over every slot (KP per column tile),
-    the target logit summed, the USS part over each column tile's first slot; 150 and 280
-    slots take the merge loop three and five steps; row 2's positive set is empty."""
+    the target logit summed, the USS part over each column tile's first slot; 600 slots take
+    each merge loop three steps, 280 the softmax's two; row 2's positive set is empty."""
     b, scale, lam = 37, 64.0, 0.7
     gen = torch.Generator().manual_seed(tiles + kp)
     f = _fpart(tiles, kp, b, empty_rows=(2,), gen=gen)
@@ -85,7 +85,7 @@ def test_merge_objective(tiles, kp, form, clamp):
 @pytest.mark.parametrize("form", ["pairs", "lse"])
 def test_merge_uss_family(form):
     """The USS family's [4, B] statistics (layouts.UssStat) and its loss rows, no softmax."""
-    b, tiles, scale = 19, 90, 30.0
+    b, tiles, scale = 19, 300, 30.0
     f = _fpart(tiles, 1, b, empty_rows=(0, 5), gen=torch.Generator().manual_seed(3))
     stats = torch.full((len(UssStat), b), float("nan"), dtype=F64)
     rows = finish.merge_partials(f, tiles, stats, uss=True, lse_form=form == "lse",
@@ -104,12 +104,12 @@ def test_merge_uss_family(form):
 def test_merge_all_empty_and_nan():
     """A row whose every slot is empty has lse −∞; a NaN max or sum-exp in one slot makes its
     row's lse NaN (tl.max may drop a NaN: the merged sum keeps it) and no other row's."""
-    b, tiles = 5, 130
+    b, tiles = 5, 530
     f = _fpart(tiles, 1, b, gen=torch.Generator().manual_seed(1))
     f[:, 0, 0], f[:, 1, 0] = NEG_BIG.value, 0.0
-    f[77, 0, 1] = float("nan")
+    f[277, 0, 1] = float("nan")
     f[3, 1, 2] = float("nan")
-    f[100, 3, 3] = float("nan")
+    f[500, 3, 3] = float("nan")
     stats = torch.empty(len(UnitsfaceStat), b, dtype=F64)
     rows = finish.merge_partials(f, tiles, stats, uss=True, lse_form=False, clamp=False,
                                  scale=64.0, uss_weight=1.0)

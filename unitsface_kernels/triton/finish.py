@@ -45,8 +45,11 @@ _FP_MAX, _FP_SUMEXP, _FP_TARGET, _FP_USS, _FP_GSUM = (tl.constexpr(k) for k in r
 _ST_LSE, _ST_USS, _ST_TARGET, _ST_USS_LOSS = (tl.constexpr(int(r)) for r in (
     UnitsfaceStat.LSE, UnitsfaceStat.USS_A, UnitsfaceStat.TARGET, UnitsfaceStat.USS_LOSS))
 
-_MERGE_ROWS = 16    # rows per program: a slot's partials of them are one 64-byte segment
-_MERGE_SLOTS = 128  # slots per step of the merge loop (its steps wait on their loads: few)
+# The merge: 8 rows per program (a slot's partials of them are one 32-byte sector; B = 512
+# gives 64 programs), 256 slots per step of its loops (each step waits on its loads: few
+# steps, 4 per loop at the headline's 782 column tiles).
+_MERGE_ROWS = 8
+_MERGE_SLOTS = 256
 
 
 @triton.jit
