@@ -64,8 +64,10 @@ def _lse_merge(big_m, big_s, m, s):
 
 @triton.jit
 def _lse_of(big_m, big_s):
-    """logsumexp from the merged (M, S): −∞ for an empty set (S = 0), NaN stays NaN."""
-    return tl.where(big_s == 0.0, float("-inf"), big_m + tl.log(big_s))
+    """logsumexp from the merged (M, S): −∞ for an empty set (S = 0, whose log is not taken),
+    NaN stays NaN."""
+    empty = big_s == 0.0
+    return tl.where(empty, float("-inf"), big_m + tl.log(tl.where(empty, 1.0, big_s)))
 
 
 @triton.jit
