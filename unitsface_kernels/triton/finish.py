@@ -183,7 +183,7 @@ def _tangent_kernel(part_ptr, n_parts, x_ptr, nx_ptr, go_ptr, extra_ptr, dx_ptr,
                     BLOCK_D: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
     """A program per row i: h = x_i·G_i (pass one), then out_i (pass two, G summed again in
     the same order: the same values)."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     acc_t = part_ptr.dtype.element_ty
     n = tl.load(nx_ptr + row)
     inv = inv_norm(n, eps)
@@ -218,19 +218,19 @@ def tangent_grad(part: torch.Tensor, x: torch.Tensor, nx: torch.Tensor, eps: flo
     n_parts, b, d = part.shape
     dtype = dtype or part.dtype
     out = torch.empty(b, d, dtype=out_dtype(dtype), device=part.device)
-    if b:
-        _tangent_kernel[(b,)](
-            part, n_parts, x, nx, go if go is not None else nx,
-            extra if extra is not None else part, out, b, d, eps, HAS_GO=go is not None,
-            HAS_EXTRA=extra is not None, BLOCK_P=min(16, triton.next_power_of_2(n_parts)),
-            BLOCK_D=min(512, max(16, triton.next_power_of_2(d))), XT=TL_DTYPES[dtype],
-            UPCAST=upcast_tiles(dtype))
+    _tangent_kernel[(b,)](
+        part, n_parts, x, nx, go if go is not None else nx,
+        extra if extra is not None else part, out, b, d, eps, HAS_GO=go is not None,
+        HAS_EXTRA=extra is not None, BLOCK_P=min(16, triton.next_power_of_2(n_parts)),
+        BLOCK_D=min(512, max(16, triton.next_power_of_2(d))), XT=TL_DTYPES[dtype],
+        UPCAST=upcast_tiles(dtype))
     return out.to(dtype)
 
 
 @triton.jit
 def _unit_rows_kernel(x_ptr, nx_ptr, go_ptr, xg_ptr, B, D, eps, BLOCK_R: tl.constexpr,
                       BLOCK_D: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
+    """A program per block of rows: each row scaled by go_i / max(‖x_i‖, eps)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < B
     acc_t = nx_ptr.dtype.element_ty

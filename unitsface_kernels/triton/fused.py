@@ -82,7 +82,7 @@ __all__ = ["fused_forward", "fused_backward", "plan", "Sweep", "kernel_scalars",
 # the kernels read the softmax's lse and the USS part's four; the target logit and the USS
 # loss serve class-parallel training.
 # The forward's per-(column tile, row) partials fpart[slot, k, i] are laid out as
-# finish.py's merge reads them (FP_*, N_FP there). With K sub-centres, KP slots per column
+# finish.py's merge reads them (N_FP rows of B per slot, in the order described there). With K sub-centres, KP slots per column
 # tile: fpart[tile·KP + part] (the W programs' sub-tiles; the bank programs' rows in the
 # first).
 _N_FP = tl.constexpr(N_FP)
