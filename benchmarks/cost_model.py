@@ -24,10 +24,11 @@ Predicted time of a kernel = max(FLOPs / mm rate of its product, HBM / HBM bandw
 bandwidth) + transcendentals / MUFU rate + launches × launch gap. Triton's kernels run their
 epilogue after their K loop (no warp specialisation), so the epilogue is added, not
 overlapped; its other ALU work (masks, selects, scaling) is not modelled, which the measured
-times beside the predictions (benchmarks/gpu_suite.sh, ``--measure``) show. The finishing over O(B·D + tiles·B) numbers (merging the statistics, the
-normalisation's projection, x̂') runs as finish.py's kernels, one launch each; what is left to
-torch ("torch" rows: ∂b, the lse form's zero row gradients) is the tensor ops that the host
-code dispatches, which tests/test_cost_model.py counts with a TorchDispatchMode.
+times beside the predictions (benchmarks/gpu_suite.sh, ``--measure``) show. The finishing
+over O(B·D + tiles·B) numbers (merging the statistics, the normalisation's projection, x̂')
+runs as finish.py's kernels, one launch each; what is left to torch ("torch" rows: ∂b, the
+lse form's zero row gradients) is the tensor ops that the host code dispatches, which
+tests/test_cost_model.py counts with a TorchDispatchMode.
 
 Every rate is a parameter (:class:`benchmarks.device.Device`): the model prints its
 prediction with the pessimistic inputs (L2 5.5 TB/s, mm 450 TFLOP/s), the optimistic ones

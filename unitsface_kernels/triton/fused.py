@@ -82,9 +82,9 @@ __all__ = ["fused_forward", "fused_backward", "plan", "Sweep", "kernel_scalars",
 # the kernels read the softmax's lse and the USS part's four; the target logit and the USS
 # loss serve class-parallel training.
 # The forward's per-(column tile, row) partials fpart[slot, k, i] are laid out as
-# finish.py's merge reads them (N_FP rows of B per slot, in the order described there). With K sub-centres, KP slots per column
-# tile: fpart[tile·KP + part] (the W programs' sub-tiles; the bank programs' rows in the
-# first).
+# finish.py's merge reads them (N_FP rows of B per slot, in the order described there).
+# With K sub-centres, KP slots per column tile: fpart[tile·KP + part] (the W programs'
+# sub-tiles; the bank programs' rows in the first).
 _N_FP = tl.constexpr(N_FP)
 # The backward's per-(column tile, row) partials gsum[tile, i] = Σ_j g'_ij (bank: a scalar
 # threshold's ∂b), and per-(row block, column) partials cpart[block, k, j]: Σ_i go_i·g_ij·cos_ij
