@@ -219,7 +219,7 @@ def finish_kernels(dtype, d, launch):
          dict(SOFTMAX=False, USS=True, LSE=True, CLAMP=True, DB_ROWS=False, **merge), launch,
          False),
         ("backward", finish._tangent_kernel,
-         dict(HAS_GO=True, HAS_EXTRA=True, BLOCK_P=16, BLOCK_D=min(512, dp),
+         dict(HAS_GO=True, HAS_EXTRA=True, **finish.tangent_blocks(16, d),
               XT=TL_DTYPES[dtype], UPCAST=False), launch, False),
         ("", finish._unit_rows_kernel,
          dict(BLOCK_R=8, BLOCK_D=min(256, dp), XT=TL_DTYPES[dtype], UPCAST=False), launch,

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..layouts import UnitsfaceStat
-from .loads import TL_DTYPES, out_dtype, to_store, upcast_tiles
+from .loads import TL_DTYPES, interpreting, out_dtype, to_store, upcast_tiles
 from .maths import NEG_BIG, clamp_min, inv_norm
 from .uss_terms import uss_lse_terms
 
@@ -165,48 +165,66 @@ def merge_partials(fpart: torch.Tensor, n_tiles: int, stats: torch.Tensor, *, us
 
 
 @triton.jit
-def _slices(part_ptr, n_parts, row, feats, f_ok, B, D, BLOCK_P: tl.constexpr):
-    """G_i = Σ_s part[s, i] over the features `feats` of row i, the slices summed in order."""
-    acc = tl.zeros(feats.shape, part_ptr.dtype.element_ty)
+def _slices(part_ptr, n_parts, rows, row_ok, feats, f_ok, B, D, BLOCK_P: tl.constexpr):
+    """G_i = Σ_s part[s, i] over the features `feats` of the rows `rows` [BLOCK_R, BLOCK_D],
+    the slices summed in order, BLOCK_P of them per load."""
+    acc = tl.zeros((rows.shape[0], feats.shape[0]), part_ptr.dtype.element_ty)
     sl = tl.arange(0, BLOCK_P)
     for s0 in range(0, n_parts, BLOCK_P):
         s = s0 + sl
-        ptrs = part_ptr + (s[:, None].to(tl.int64) * B + row) * D + feats[None, :]
-        acc += tl.sum(tl.load(ptrs, mask=(s < n_parts)[:, None] & f_ok[None, :], other=0.0),
-                      axis=0)
+        ptrs = part_ptr + ((s[:, None, None].to(tl.int64) * B + rows[None, :, None]) * D
+                           + feats[None, None, :])
+        ok = (s < n_parts)[:, None, None] & row_ok[None, :, None] & f_ok[None, None, :]
+        acc += tl.sum(tl.load(ptrs, mask=ok, other=0.0), axis=0)
     return acc
 
 
 @triton.jit
 def _tangent_kernel(part_ptr, n_parts, x_ptr, nx_ptr, go_ptr, extra_ptr, dx_ptr, B, D, eps,
-                    HAS_GO: tl.constexpr, HAS_EXTRA: tl.constexpr, BLOCK_P: tl.constexpr,
-                    BLOCK_D: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
-    """A program per row i: h = x_i·G_i (pass one), then out_i (pass two, G summed again in
-    the same order: the same values)."""
-    row = tl.program_id(0).to(tl.int64)
+                    HAS_GO: tl.constexpr, HAS_EXTRA: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, XT: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """A program per block of rows: h_i = x_i·G_i (pass one), then out_i (pass two, G summed
+    again in the same order: the same values)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < B
     acc_t = part_ptr.dtype.element_ty
-    n = tl.load(nx_ptr + row)
+    n = tl.load(nx_ptr + rows, mask=row_ok, other=1.0)
     inv = inv_norm(n, eps)
-    hv = tl.zeros((BLOCK_D,), acc_t)
+    hv = tl.zeros((BLOCK_R, BLOCK_D), acc_t)
     for d0 in range(0, D, BLOCK_D):
         feats = d0 + tl.arange(0, BLOCK_D)
         f_ok = feats < D
-        x = tl.load(x_ptr + row * D + feats, mask=f_ok, other=0.0).to(acc_t)
-        hv += _slices(part_ptr, n_parts, row, feats, f_ok, B, D, BLOCK_P) * x
+        at = rows[:, None] * D + feats[None, :]
+        ok = row_ok[:, None] & f_ok[None, :]
+        x = tl.load(x_ptr + at, mask=ok, other=0.0).to(acc_t)
+        hv += _slices(part_ptr, n_parts, rows, row_ok, feats, f_ok, B, D, BLOCK_P) * x
     # (a NaN norm fails the comparison: no projection, and inv keeps the NaN)
-    proj = tl.where(n >= eps, tl.sum(hv, axis=0) * inv, 0.0) * inv
+    proj = tl.where(n >= eps, tl.sum(hv, axis=1) * inv, 0.0) * inv
     if HAS_GO:
-        go = tl.load(go_ptr + row)
+        go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
     for d0 in range(0, D, BLOCK_D):
         feats = d0 + tl.arange(0, BLOCK_D)
         f_ok = feats < D
-        x = tl.load(x_ptr + row * D + feats, mask=f_ok, other=0.0).to(acc_t)
-        v = inv * (_slices(part_ptr, n_parts, row, feats, f_ok, B, D, BLOCK_P) - proj * x)
+        at = rows[:, None] * D + feats[None, :]
+        ok = row_ok[:, None] & f_ok[None, :]
+        x = tl.load(x_ptr + at, mask=ok, other=0.0).to(acc_t)
+        g = _slices(part_ptr, n_parts, rows, row_ok, feats, f_ok, B, D, BLOCK_P)
+        v = inv[:, None] * (g - proj[:, None] * x)
         if HAS_EXTRA:
-            v += tl.load(extra_ptr + row * D + feats, mask=f_ok, other=0.0)
+            v += tl.load(extra_ptr + at, mask=ok, other=0.0)
         if HAS_GO:
-            v = go * v
-        tl.store(dx_ptr + row * D + feats, to_store(v, XT, UPCAST), mask=f_ok)
+            v = go[:, None] * v
+        tl.store(dx_ptr + at, to_store(v, XT, UPCAST), mask=ok)
+
+
+def tangent_blocks(n_parts: int, d: int) -> dict:
+    """_tangent_kernel's blocks: on a GPU a row per program (B programs; the slices of a
+    feature block in one load); under the interpreter, which runs programs one after the
+    other in Python, 8 rows per program."""
+    return dict(BLOCK_R=8 if interpreting() else 1,
+                BLOCK_P=min(16, triton.next_power_of_2(n_parts)),
+                BLOCK_D=min(512, max(16, triton.next_power_of_2(d))))
 
 
 def tangent_grad(part: torch.Tensor, x: torch.Tensor, nx: torch.Tensor, eps: float, *,
@@ -218,12 +236,12 @@ def tangent_grad(part: torch.Tensor, x: torch.Tensor, nx: torch.Tensor, eps: flo
     n_parts, b, d = part.shape
     dtype = dtype or part.dtype
     out = torch.empty(b, d, dtype=out_dtype(dtype), device=part.device)
-    _tangent_kernel[(b,)](
+    blocks = tangent_blocks(n_parts, d)
+    _tangent_kernel[(triton.cdiv(b, blocks["BLOCK_R"]),)](
         part, n_parts, x, nx, go if go is not None else nx,
         extra if extra is not None else part, out, b, d, eps, HAS_GO=go is not None,
-        HAS_EXTRA=extra is not None, BLOCK_P=min(16, triton.next_power_of_2(n_parts)),
-        BLOCK_D=min(512, max(16, triton.next_power_of_2(d))), XT=TL_DTYPES[dtype],
-        UPCAST=upcast_tiles(dtype))
+        HAS_EXTRA=extra is not None, XT=TL_DTYPES[dtype], UPCAST=upcast_tiles(dtype),
+        **blocks)
     return out.to(dtype)
 
 
