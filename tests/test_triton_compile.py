@@ -204,13 +204,10 @@ def finish_kernels(dtype, d, launch):
     as the objective and the USS family launch them: the merge (the objective's pairs form
     with its ∂b rows; the USS family's lse form with the clamp), ∂x's projection (the
     backward's: go, the forward's row gradients, ∂x in x's dtype) and x̂'."""
-    import triton
-
     from unitsface_kernels.triton import finish
     from unitsface_kernels.triton.loads import TL_DTYPES
 
     merge = dict(KP=1, BLOCK_R=finish._MERGE_ROWS, BLOCK_T=finish._MERGE_SLOTS)
-    dp = triton.next_power_of_2(d)
     return [
         ("objective pairs", finish._merge_kernel,
          dict(SOFTMAX=True, USS=True, LSE=False, CLAMP=False, DB_ROWS=True, **merge), launch,
@@ -222,7 +219,7 @@ def finish_kernels(dtype, d, launch):
          dict(HAS_GO=True, HAS_EXTRA=True, **finish.tangent_blocks(16, d),
               XT=TL_DTYPES[dtype], UPCAST=False), launch, False),
         ("", finish._unit_rows_kernel,
-         dict(BLOCK_R=8, BLOCK_D=min(256, dp), XT=TL_DTYPES[dtype], UPCAST=False), launch,
+         dict(**finish.unit_rows_blocks(d), XT=TL_DTYPES[dtype], UPCAST=False), launch,
          False)]
 
 

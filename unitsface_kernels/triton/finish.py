@@ -180,6 +180,19 @@ def _slices(part_ptr, n_parts, rows, row_ok, feats, f_ok, B, D, BLOCK_P: tl.cons
 
 
 @triton.jit
+def _feature_step(part_ptr, n_parts, x_ptr, rows, row_ok, d0, B, D, acc_t: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Features [d0, d0 + BLOCK_D) of the rows: their offsets and mask in a B × D matrix, x
+    there in acc_t, and G there (:func:`_slices`); both passes of _tangent_kernel read them."""
+    feats = d0 + tl.arange(0, BLOCK_D)
+    f_ok = feats < D
+    at = rows[:, None] * D + feats[None, :]
+    ok = row_ok[:, None] & f_ok[None, :]
+    x = tl.load(x_ptr + at, mask=ok, other=0.0).to(acc_t)
+    return at, ok, x, _slices(part_ptr, n_parts, rows, row_ok, feats, f_ok, B, D, BLOCK_P)
+
+
+@triton.jit
 def _tangent_kernel(part_ptr, n_parts, x_ptr, nx_ptr, go_ptr, extra_ptr, dx_ptr, B, D, eps,
                     HAS_GO: tl.constexpr, HAS_EXTRA: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, XT: tl.constexpr,
@@ -193,23 +206,16 @@ def _tangent_kernel(part_ptr, n_parts, x_ptr, nx_ptr, go_ptr, extra_ptr, dx_ptr,
     inv = inv_norm(n, eps)
     hv = tl.zeros((BLOCK_R, BLOCK_D), acc_t)
     for d0 in range(0, D, BLOCK_D):
-        feats = d0 + tl.arange(0, BLOCK_D)
-        f_ok = feats < D
-        at = rows[:, None] * D + feats[None, :]
-        ok = row_ok[:, None] & f_ok[None, :]
-        x = tl.load(x_ptr + at, mask=ok, other=0.0).to(acc_t)
-        hv += _slices(part_ptr, n_parts, rows, row_ok, feats, f_ok, B, D, BLOCK_P) * x
+        _, _, x, g = _feature_step(part_ptr, n_parts, x_ptr, rows, row_ok, d0, B, D, acc_t,
+                                   BLOCK_P, BLOCK_D)
+        hv += g * x
     # (a NaN norm fails the comparison: no projection, and inv keeps the NaN)
     proj = tl.where(n >= eps, tl.sum(hv, axis=1) * inv, 0.0) * inv
     if HAS_GO:
         go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
     for d0 in range(0, D, BLOCK_D):
-        feats = d0 + tl.arange(0, BLOCK_D)
-        f_ok = feats < D
-        at = rows[:, None] * D + feats[None, :]
-        ok = row_ok[:, None] & f_ok[None, :]
-        x = tl.load(x_ptr + at, mask=ok, other=0.0).to(acc_t)
-        g = _slices(part_ptr, n_parts, rows, row_ok, feats, f_ok, B, D, BLOCK_P)
+        at, ok, x, g = _feature_step(part_ptr, n_parts, x_ptr, rows, row_ok, d0, B, D, acc_t,
+                                     BLOCK_P, BLOCK_D)
         v = inv[:, None] * (g - proj[:, None] * x)
         if HAS_EXTRA:
             v += tl.load(extra_ptr + at, mask=ok, other=0.0)
@@ -267,9 +273,13 @@ def go_unit_rows(x: torch.Tensor, go: torch.Tensor, nx: torch.Tensor, eps: float
     backward (one launch)."""
     b, d = x.shape
     out = torch.empty(b, d, dtype=out_dtype(x.dtype), device=x.device)
-    block_r = 8
-    _unit_rows_kernel[(triton.cdiv(b, block_r),)](
-        x, nx, go, out, b, d, eps, BLOCK_R=block_r,
-        BLOCK_D=min(256, max(16, triton.next_power_of_2(d))), XT=TL_DTYPES[x.dtype],
-        UPCAST=upcast_tiles(x.dtype))
+    blocks = unit_rows_blocks(d)
+    _unit_rows_kernel[(triton.cdiv(b, blocks["BLOCK_R"]),)](
+        x, nx, go, out, b, d, eps, XT=TL_DTYPES[x.dtype], UPCAST=upcast_tiles(x.dtype),
+        **blocks)
     return out.to(x.dtype)
+
+
+def unit_rows_blocks(d: int) -> dict:
+    """_unit_rows_kernel's blocks: 8 rows per program, up to 256 features per step."""
+    return dict(BLOCK_R=8, BLOCK_D=min(256, max(16, triton.next_power_of_2(d))))
