@@ -23,7 +23,10 @@ plan only needs the GPU's tile table), every kernel launch of one forward + back
 Predicted time of a kernel = max(FLOPs / mm rate of its product, HBM / HBM bandwidth, L2 / L2
 bandwidth) + transcendentals / MUFU rate + launches × launch gap. Triton's kernels run their
 epilogue after their K loop (no warp specialisation), so the epilogue is added, not
-overlapped; its other ALU work (masks, selects, scaling) is not modelled, which the measured
+overlapped — except the persistent cosine launches (``--persistent``), whose next tile's
+loads are in flight during an epilogue: there it counts beside the memory terms, max(FLOPs /
+mm rate + epilogue, HBM, L2). The epilogue's other ALU work (masks, selects, scaling) is not
+modelled, nor is the pipeline's fill at the start of each program's tile, which the measured
 times beside the predictions (benchmarks/gpu_suite.sh, ``--measure``) show. The finishing
 over O(B·D + tiles·B) numbers (merging the statistics, the normalisation's projection, x̂')
 runs as finish.py's kernels, one launch each; what is left to torch ("torch" rows: ∂b, the
@@ -45,8 +48,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -66,15 +70,23 @@ class Kernel:
     hbm: float = 0.0  # bytes
     l2: float = 0.0   # bytes
     mufu: float = 0.0  # transcendental instructions
+    streamed: bool = False  # persistent programs: the epilogue runs under the next loads
 
     def terms(self, dev: Device) -> dict:
         return {"mm": self.flops / dev.mm(self.product), "HBM": self.hbm / dev.hbm_bps,
                 "L2": self.l2 / dev.l2_bps}
 
     def time(self, dev: Device = OPTIMISTIC) -> float:
-        """Predicted seconds on `dev`."""
-        return max(self.terms(dev).values()) + self.mufu / dev.mufu_ops \
-            + self.launches * dev.launch_s
+        """Predicted seconds on `dev`: the epilogue's transcendentals after the main term, or
+        (``streamed``) beside the memory terms, which keep loading the next tile meanwhile,
+        though not beside the program's own MMAs."""
+        terms = self.terms(dev)
+        epilogue = self.mufu / dev.mufu_ops
+        if self.streamed:
+            main = max(terms["mm"] + epilogue, terms["HBM"], terms["L2"])
+        else:
+            main = max(terms.values()) + epilogue
+        return main + self.launches * dev.launch_s
 
     def bound(self, dev: Device = OPTIMISTIC) -> str:
         """Which of FLOPs, HBM and L2 sets the kernel's main term."""
@@ -94,7 +106,7 @@ class Model:
             if (k.phase, k.name, k.what) == (phase, name, what):
                 break
         else:
-            k = Kernel(phase, name, what, product)
+            k = Kernel(phase, name, what, product, streamed=name == _STREAM)
             self.kernels.append(k)
         k.launches += counts.pop("launches", 1)
         for key, v in counts.items():
@@ -157,7 +169,8 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
         if k == 1 or not w:
             _cos(m, phase, p, b, n_cols, d, e, acc, mats=int(w) + int(bank),
                  g_bufs=int(w and phase == "backward") + int(bank_g), row_outs=row_outs,
-                 col_outs=col_outs, indexed=indexed, mufu=mufu, g_in_hbm=g_in_hbm)
+                 col_outs=col_outs, indexed=indexed, mufu=mufu, g_in_hbm=g_in_hbm,
+                 stream=bool(p.config.persistent) and k == 1)
             return
         _cos(m, phase, p, b, n_cols * kp, d, e, acc, mats=1, g_bufs=0, row_outs=row_outs,
              col_outs=col_outs, indexed=indexed, mufu=mufu, g_in_hbm=g_in_hbm)
@@ -224,15 +237,21 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
     return m
 
 
+_STREAM = "_cos_stream_kernel"
+
+
 def _cos(m, phase, p, b, n_cols, d, e, acc, *, mats, g_bufs, row_outs, col_outs, indexed,
-         mufu, g_in_hbm):
-    """fused._cos_kernel on one chunk: a program per (row block, class tile, matrix), K = D."""
+         mufu, g_in_hbm, stream=False):
+    """fused._cos_kernel on one chunk: a program per (row block, class tile, matrix), K = D;
+    with `stream` (FusedConfig.persistent, K = 1) fused._cos_stream_kernel instead, the same
+    tiles from persistent programs, one launch per matrix."""
     t = p.config.cos
     rb, ct = p.row_blocks, _cdiv(n_cols, t.block_n)
     progs = rb * ct * mats
     k = _cdiv(d, t.bk) * t.bk
     g = g_bufs * b * n_cols * e  # the gradient tiles written (forward pairs: the bank's)
-    m.add(phase, "_cos_kernel", "cosine tiles + loss epilogue", "cos",
+    m.add(phase, _STREAM if stream else "_cos_kernel", "cosine tiles + loss epilogue", "cos",
+          launches=mats if stream else 1,
           flops=2 * t.block_m * t.block_n * k * progs,
           # each program: its row block of x and its class tile of W or the bank, all of D
           l2=progs * (t.block_m + t.block_n) * d * e + g
@@ -327,7 +346,8 @@ def fused_uss(b: int = 512, d: int = 512, n_classes: int = 100_000, *, dtype=tor
     for _, n_cols in fwd.chunks():
         _cos(m, "forward", fwd, b, n_cols, d, e, acc, mats=1, g_bufs=0,
              row_outs=4 if lse else 1, col_outs=0, indexed=False,
-             mufu=_MUFU["uss_lse"] if lse else _MUFU["uss_pairs_fwd"], g_in_hbm=g_in_hbm)
+             mufu=_MUFU["uss_lse"] if lse else _MUFU["uss_pairs_fwd"], g_in_hbm=g_in_hbm,
+             stream=bool(fwd.config.persistent))
     _merge(m, fwd.class_tiles, 1, b, acc, softmax=False, uss_slots=4 if lse else 1,
            uss_stats=4)
 
@@ -340,7 +360,8 @@ def fused_uss(b: int = 512, d: int = 512, n_classes: int = 100_000, *, dtype=tor
     for _, n_cols in bwd.chunks():
         _cos(m, "backward", bwd, b, n_cols, d, e, acc, mats=1, g_bufs=1, row_outs=1,
              col_outs=1 if in_batch else 0, indexed=False,
-             mufu=_MUFU["uss_lse"] if lse else _MUFU["uss_pairs_bwd"], g_in_hbm=g_in_hbm)
+             mufu=_MUFU["uss_lse"] if lse else _MUFU["uss_pairs_bwd"], g_in_hbm=g_in_hbm,
+             stream=bool(bwd.config.persistent))
         if in_batch:
             _dw(m, bwd, b, n_cols, d, e, acc, indexed=False, g_in_hbm=g_in_hbm)
         _dx(m, "backward", bwd, b, n_cols, d, e, acc, mats=1, indexed=False,
@@ -445,8 +466,8 @@ def measure(b: int, d: int, n_classes: int, *, dtype=torch.bfloat16, form: str =
     events = prof.events()
     windows = [(e.time_range.start, e.time_range.end, e.name.split(".")[1]) for e in events
                if e.name.startswith("cost_model.") and e.device_type == DeviceType.CPU]
-    kernels = ("_cos_kernel", "_dx_kernel", "_dw_kernel", "_row_norms_kernel", "_merge_kernel",
-               "_tangent_kernel", "_unit_rows_kernel")
+    kernels = ("_cos_kernel", _STREAM, "_dx_kernel", "_dw_kernel", "_row_norms_kernel",
+               "_merge_kernel", "_tangent_kernel", "_unit_rows_kernel")
     out: dict = {}
     for e in events:
         if e.device_type != DeviceType.CUDA or e.name.startswith("cost_model."):
@@ -460,6 +481,8 @@ def measure(b: int, d: int, n_classes: int, *, dtype=torch.bfloat16, form: str =
 
 
 def main(argv=None) -> None:
+    from unitsface_kernels.triton.config import PERSISTENT_KNOB
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--op", choices=sorted(PLANS), nargs="+", default=["fused_unitsface_loss"],
                     help="the launch plans to count, one after the other")
@@ -477,7 +500,12 @@ def main(argv=None) -> None:
                          "predict with them too, beside the pessimistic and optimistic ones")
     ap.add_argument("--measure", action="store_true",
                     help="on a GPU: per-kernel times (torch.profiler) beside the predictions")
+    ap.add_argument("--persistent", action="store_true",
+                    help=f"count (and measure) the persistent cosine launches ({PERSISTENT_KNOB}"
+                         "=1: fused._cos_stream_kernel)")
     args = ap.parse_args(argv)
+    if args.persistent:
+        os.environ[PERSISTENT_KNOB] = "1"  # for the plan and for the op that --measure runs
     dt = getattr(torch, args.dtype)
     devs = devices(args.inputs)
     for dev in devs:
@@ -488,7 +516,10 @@ def main(argv=None) -> None:
 
 
 def _print_plan(op: str, args, dt, devs) -> None:
-    """The report of one plan at the arguments' shape (and at partial FC, where it applies)."""
+    """The report of one plan at the arguments' shape (and at partial FC, where it applies),
+    and beside it with the persistent cosine launches (unless they are what it counts)."""
+    from unitsface_kernels.triton.config import PERSISTENT_KNOB, fused_config
+
     b, d, c = args.batch, args.dim, args.classes
     count = PLANS[op]
     if op == "fused_uss_loss_inbatch":
@@ -508,6 +539,14 @@ def _print_plan(op: str, args, dt, devs) -> None:
             title += f", K = {args.sub_centers} sub-centres per class"
         print(report(count(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,
                            g_in_hbm=args.g_in_hbm, **extra), title, devs, measured=measured))
+        if not args.persistent:
+            cfg = fused_config(d, torch.device("cuda"), dt)
+            streamed = count(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,
+                             g_in_hbm=args.g_in_hbm, config=replace(cfg, persistent=cfg.programs),
+                             **extra)
+            print(f"with persistent cosine launches (--persistent, {PERSISTENT_KNOB}=1): "
+                  + ", ".join(f"{1e3 * streamed.time(dev):.3f} ms ({dev.name})"
+                              for dev in devs))
         if rate < 1.0:
             sparse = count(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,
                            sparse_grad=True, g_in_hbm=args.g_in_hbm)

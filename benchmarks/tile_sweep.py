@@ -6,7 +6,8 @@ The fused kernels (unitsface_kernels/triton/fused.py) have one tuning per GEMM-s
 "block_m,block_n,bk,num_warps,num_stages" each (config.FUSED_KNOBS): UNITSFACE_TRITON_COS_TILES
 (the cosine tiles of the forward and of the backward's recomputation),
 UNITSFACE_TRITON_DW_TILES (∂W = g̃ᵀ·x̂') and UNITSFACE_TRITON_DX_TILES (the split-K ∂x
-product), and UNITSFACE_TRITON_CHUNK_MB (the gradient tiles' L2 budget per class chunk). The
+product), UNITSFACE_TRITON_CHUNK_MB (the gradient tiles' L2 budget per class chunk) and
+UNITSFACE_TRITON_PERSISTENT=1 (the cosine tiles from persistent programs, one per SM). The
 sweep times forward + backward in bf16 for each candidate of one knob, the others at their
 defaults, and prints them next to the time of one torch.mm of the cosine GEMM's shape: the
 objective needs 5 such GEMMs of useful work and the kernels do 6 (docs/design.md §2).
@@ -21,14 +22,17 @@ import torch
 
 from .measure import median_ms
 
-# the defaults first (config.fused_config: the first line times them), then one step away
-# from them per knob
-CANDIDATES = {
-    "UNITSFACE_TRITON_COS_TILES": ["128,128,64,8,3", "128,256,64,8,3", "128,128,64,8,4"],
-    "UNITSFACE_TRITON_DW_TILES": ["128,128,64,8,3"],
-    "UNITSFACE_TRITON_DX_TILES": ["128,256,64,8,3"],
-    "UNITSFACE_TRITON_CHUNK_MB": ["16"],
-}
+# the defaults first (config.fused_config: the first line times them), then the persistent
+# cosine launches, then one step away from the defaults per knob
+CANDIDATES = [
+    ("UNITSFACE_TRITON_COS_TILES", "128,128,64,8,3"),
+    ("UNITSFACE_TRITON_PERSISTENT", "1"),
+    ("UNITSFACE_TRITON_COS_TILES", "128,256,64,8,3"),
+    ("UNITSFACE_TRITON_COS_TILES", "128,128,64,8,4"),
+    ("UNITSFACE_TRITON_DW_TILES", "128,128,64,8,3"),
+    ("UNITSFACE_TRITON_DX_TILES", "128,256,64,8,3"),
+    ("UNITSFACE_TRITON_CHUNK_MB", "16"),
+]
 
 
 def main() -> None:
@@ -61,12 +65,11 @@ def main() -> None:
 
     print(f"{'knob':>27} {'value':>16} {'fwd+bwd ms':>11} {'useful TFLOP/s':>15} "
           f"{'% of mm':>8}")
-    for knob, values in CANDIDATES.items():
-        for value in values:
-            ms = _timed(knob, value, step)
-            if ms is not None:
-                print(f"{knob:>27} {value:>16} {ms:11.3f} {useful / ms / 1e9:15.0f} "
-                      f"{100 * 5 * mm_ms / ms:7.1f}%", flush=True)
+    for knob, value in CANDIDATES:
+        ms = _timed(knob, value, step)
+        if ms is not None:
+            print(f"{knob:>27} {value:>16} {ms:11.3f} {useful / ms / 1e9:15.0f} "
+                  f"{100 * 5 * mm_ms / ms:7.1f}%", flush=True)
 
 
 def _timed(knob: str, tiles: str, fn):

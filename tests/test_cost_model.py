@@ -147,7 +147,8 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kw):
-            self.log.append((self.kernel.fn.__name__, tuple(grid), kw))
+            self.log.append((self.kernel.fn.__name__, tuple(grid),
+                             dict(zip(self.kernel.arg_names, args), **kw)))
             with _disable_current_modes():
                 return self.kernel[grid](*args, **kw)
         return launch
@@ -169,21 +170,26 @@ class _TorchOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("op,form", [("fused_unitsface_loss", "pairs"),
-                                     ("fused_unitsface_loss", "lse"),
-                                     ("fused_uss_loss", "lse"),
-                                     ("fused_uss_loss_inbatch", "pairs")])
-def test_model_follows_the_launches(op, form, monkeypatch):
-    """The model's launches and programs of every Triton kernel are those that the op makes
-    (here under the interpreter's configuration), forward and backward, and its "torch" rows
-    hold the tensor operations that the host code dispatches (the Triton host functions
-    called as the op's autograd calls them)."""
+@pytest.mark.parametrize("op,form,persistent", [("fused_unitsface_loss", "pairs", False),
+                                                ("fused_unitsface_loss", "lse", False),
+                                                ("fused_uss_loss", "lse", False),
+                                                ("fused_uss_loss_inbatch", "pairs", False),
+                                                ("fused_unitsface_loss", "pairs", True),
+                                                ("fused_uss_loss", "lse", True)])
+def test_model_follows_the_launches(op, form, persistent, monkeypatch):
+    """The model's launches and FLOPs of every Triton kernel are those that the op makes
+    (here under the interpreter's configuration, with a program per cosine tile or with
+    persistent programs), forward and backward, and its "torch" rows hold the tensor
+    operations that the host code dispatches (the Triton host functions called as the op's
+    autograd calls them)."""
     from unitsface_kernels import options
     from unitsface_kernels.triton import finish, fused, norms, uss_loss
-    from unitsface_kernels.triton.config import fused_config
+    from unitsface_kernels.triton.config import PERSISTENT_KNOB, fused_config
 
+    monkeypatch.setenv(PERSISTENT_KNOB, str(int(persistent)))
     log = []
-    for mod, names in ((fused, ("_cos_kernel", "_dx_kernel", "_dw_kernel")),
+    for mod, names in ((fused, ("_cos_kernel", "_cos_stream_kernel", "_dx_kernel",
+                                "_dw_kernel")),
                        (norms, ("_row_norms_kernel",)),
                        (finish, ("_merge_kernel", "_tangent_kernel", "_unit_rows_kernel"))):
         for name in names:
@@ -221,15 +227,20 @@ def test_model_follows_the_launches(op, form, monkeypatch):
         plan = cost_model.PLANS[op]
     cfg = fused_config(d, torch.device("cpu"), torch.float32)
     m = plan(b, d, c, dtype=torch.float32, form=form, config=cfg)
-    launched = {}
+    launched, several = {}, False
     for name, grid, kw in log:
-        n, progs, flops = launched.get(name, (0, 0, 0))
-        tile = 0
-        if name in ("_cos_kernel", "_dw_kernel"):
-            k = (d if name == "_cos_kernel" else b)
+        n, flops = launched.get(name, (0, 0))
+        tile, tiles = 0, math.prod(grid)
+        if name in ("_cos_kernel", "_cos_stream_kernel", "_dw_kernel"):
+            k = (b if name == "_dw_kernel" else d)
             tile = 2 * kw["BLOCK_M"] * kw["BLOCK_N"] * math.ceil(k / kw["BK"]) * kw["BK"]
-        launched[name] = (n + 1, progs + math.prod(grid), flops + tile * math.prod(grid))
-    for name, (n, progs, flops) in launched.items():
+        if name == "_cos_stream_kernel":  # every tile of the chunk, whatever the programs
+            tiles = kw["n_row_blocks"] * math.ceil(kw["n_cols"] / kw["BLOCK_N"])
+            assert math.prod(grid) <= tiles
+            several |= math.prod(grid) < tiles  # programs that run more than one tile
+        launched[name] = (n + 1, flops + tile * tiles)
+    assert ("_cos_stream_kernel" in launched) == several == persistent
+    for name, (n, flops) in launched.items():
         kernels = [k for k in m.kernels if k.name == name]
         assert sum(k.launches for k in kernels) == n, (name, n)
         if flops:

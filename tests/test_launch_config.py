@@ -11,11 +11,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from unitsface_kernels.triton.config import (FUSED_KNOBS, GemmTiles,  # noqa: E402
-                                             fused_config, plan)
+from unitsface_kernels.triton.config import (FUSED_KNOBS, PERSISTENT_KNOB,  # noqa: E402
+                                             GemmTiles, fused_config, plan)
 
 DEVICES = [torch.device("cuda"), torch.device("cpu")]  # configs only: no GPU is touched
-KNOBS = ["UNITSFACE_TRITON_CHUNK_MB", *FUSED_KNOBS.values()]
+KNOBS = ["UNITSFACE_TRITON_CHUNK_MB", PERSISTENT_KNOB, *FUSED_KNOBS.values()]
 
 
 @pytest.fixture(autouse=True)
@@ -110,3 +110,16 @@ def test_bad_override_names_the_knob(monkeypatch, value, match):
     with pytest.raises(ValueError, match="UNITSFACE_TRITON_DW_TILES") as err:
         fused_config(512, torch.device("cuda"), torch.bfloat16)
     assert match in str(err.value)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_persistent_knob(monkeypatch, device):
+    """Off by default; on, one program per SM (the interpreter's 4: fewer than the tests'
+    tiles, so that a program runs several); anything else names the knob."""
+    assert fused_config(512, device, torch.bfloat16).persistent == 0
+    monkeypatch.setenv(PERSISTENT_KNOB, "1")
+    cfg = fused_config(512, device, torch.bfloat16)
+    assert cfg.persistent == (cfg.programs if device.type == "cuda" else 4) > 0
+    monkeypatch.setenv(PERSISTENT_KNOB, "yes")
+    with pytest.raises(ValueError, match=f"{PERSISTENT_KNOB}='yes': expected 0 or 1"):
+        fused_config(512, device, torch.bfloat16)

@@ -223,6 +223,19 @@ def finish_kernels(dtype, d, launch):
          False)]
 
 
+def persistent_kernels(kernels):
+    """The persistent launches (FusedConfig.persistent: fused._cos_stream_kernel, one per
+    matrix) of the cosine kernels among `kernels` with K = 1, (label, kernel, constexprs,
+    tiles, is_product) as they are."""
+    from unitsface_kernels.triton import fused
+
+    return [(f"{name} persistent {kind}", fused._cos_stream_kernel,
+             dict(flags, W_PROGS=kind == "W", BANK_PROGS=kind == "bank"), launch, product)
+            for name, kernel, flags, launch, product in kernels
+            if kernel is fused._cos_kernel and flags["K"] == 1
+            for kind, on in (("W", flags["W_PROGS"]), ("bank", flags["BANK_PROGS"])) if on]
+
+
 NO_MMA = {"_row_norms_kernel", "_merge_kernel", "_tangent_kernel", "_unit_rows_kernel"}
 """The kernels without a matrix product (the norms, the finishing)."""
 HEADLINE = {(torch.bfloat16, 512), (torch.float16, 512)}
@@ -233,8 +246,8 @@ tiles."""
 def compile_all(dtype, d, variants=""):
     """Compile every kernel in the configuration the launchers pick for width d (the USS
     family in each of its modes at the headline; with `variants` = "variants", the objective
-    in every form and option too; with "margins", the margin family's cosine kernels
-    alone)."""
+    in every form and option too, and the cosine kernels' persistent launches; with
+    "margins", the margin family's cosine kernels alone)."""
     from types import SimpleNamespace
 
     from unitsface_kernels.triton import norms
@@ -254,6 +267,8 @@ def compile_all(dtype, d, variants=""):
         for name, options in list(FUSED_VARIANTS.items())[:None if variants else 1]:
             for step, kernel, flags, launch, product in fused_kernels(dtype, d, options):
                 kernels.append((f"{step} {name}".strip(), kernel, flags, launch, product))
+        if variants:
+            kernels += persistent_kernels(kernels)
         small = SimpleNamespace(num_warps=4, num_stages=3)
         kernels.append(("", norms._row_norms_kernel,
                         dict(HAS_INDEX=True, BLOCK_R=32, BLOCK_D=256, XT=TL_DTYPES[dtype],

@@ -42,7 +42,9 @@ class FusedConfig:
         two chunks where S holds more than `granule` classes (the interpreter's: the tests'
         small shapes cross a chunk boundary);
     programs: how many programs the split-K ∂x product aims for (one wave); splits: a fixed
-        split count instead (the interpreter's)."""
+        split count instead (the interpreter's);
+    persistent: the cosine tiles from at most this many persistent programs
+        (fused._cos_stream_kernel; K = 1), 0: a program per tile (fused._cos_kernel)."""
 
     cos: GemmTiles
     dw: GemmTiles
@@ -51,6 +53,7 @@ class FusedConfig:
     chunk: int = 0
     programs: int = 0
     splits: int = 0
+    persistent: int = 0
 
     @property
     def granule(self) -> int:
@@ -61,7 +64,17 @@ class FusedConfig:
 FUSED_KNOBS = {"cos": "UNITSFACE_TRITON_COS_TILES", "dw": "UNITSFACE_TRITON_DW_TILES",
                "dx": "UNITSFACE_TRITON_DX_TILES"}
 """Tuning knobs of the fused kernels: "block_m,block_n,bk,num_warps,num_stages" (powers of two
-but num_stages); UNITSFACE_TRITON_CHUNK_MB sets chunk_bytes."""
+but num_stages); UNITSFACE_TRITON_CHUNK_MB sets chunk_bytes; UNITSFACE_TRITON_PERSISTENT=1
+runs the cosine tiles from persistent programs, one per SM (4 under the interpreter, so that
+a program takes several tiles)."""
+PERSISTENT_KNOB = "UNITSFACE_TRITON_PERSISTENT"
+
+
+def _persistent(programs: int) -> int:
+    value = os.environ.get(PERSISTENT_KNOB, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{PERSISTENT_KNOB}={value!r}: expected 0 or 1")
+    return programs if value == "1" else 0
 
 
 def _gemm_override(name: str, dp: int) -> GemmTiles | None:
@@ -93,14 +106,14 @@ def fused_config(d: int, device: torch.device, dtype: torch.dtype) -> FusedConfi
     fp32 (exact products on the FMA units, no TF32): 64 × 64 tiles, K steps of 32; the
     cosine tiles with 8 warps and K steps of 16 (the FMA dot holds its operand tiles in
     registers: with 4 warps, or K steps of 32, the epilogues spilled 8–52 bytes).
-    Tuning knobs: :data:`FUSED_KNOBS`, UNITSFACE_TRITON_CHUNK_MB."""
+    Tuning knobs: :data:`FUSED_KNOBS`, UNITSFACE_TRITON_CHUNK_MB, :data:`PERSISTENT_KNOB`."""
     dp = max(16, triton.next_power_of_2(d))
     if device.type != "cuda":
         # Under the interpreter: small tiles so that the tests' odd shapes (37 rows, 53 or 301
         # classes, D = 70) run the K loops' partial last steps, several chunks (the last one
         # partial), split-K slices that are empty in the last chunk, several feature tiles.
         t = GemmTiles(32, 32, 32, 4, 1)
-        return FusedConfig(t, t, t, chunk=128, splits=2)
+        return FusedConfig(t, t, t, chunk=128, splits=2, persistent=_persistent(4))
     esize = dtype.itemsize
     if esize == 2:
         bk = min(dp, 64)
@@ -119,9 +132,10 @@ def fused_config(d: int, device: torch.device, dtype: torch.dtype) -> FusedConfi
     chunk_bytes = int(float(chunk_mb) * (1 << 20)) if chunk_mb else 32 << 20
     if chunk_bytes < 1:
         raise ValueError(f"UNITSFACE_TRITON_CHUNK_MB={chunk_mb!r} must be positive")
-    return FusedConfig(**tiles, chunk_bytes=chunk_bytes,
-                       programs=torch.cuda.get_device_properties(device).multi_processor_count
-                       if torch.cuda.is_available() else 132)
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if torch.cuda.is_available() else 132)
+    return FusedConfig(**tiles, chunk_bytes=chunk_bytes, programs=sms,
+                       persistent=_persistent(sms))
 
 
 def check_dtype(dtype: torch.dtype, device: torch.device) -> None:

@@ -298,24 +298,22 @@ def _class_cols(dots, local, inv_x, y, col0, n_cols, idx_ptr, nw_ptr, eps,
 
 
 @triton.jit
-def _softmax_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr,
-                  g_ptr, rows, row_ok, inv_x, y, cols, col_ok, cls, B, S, D, tile, col0, n_cols,
-                  gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
+def _softmax_part(dots, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr, g_ptr,
+                  rows, row_ok, inv_x, y, cols, col_ok, cls, B, S, tile, col0, n_cols, gtile,
+                  rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
                   BACKWARD: tl.constexpr, STORE_G: tl.constexpr, COL_H: tl.constexpr,
                   HAS_INDEX: tl.constexpr, ARC: tl.constexpr, ST: tl.constexpr,
                   EASY: tl.constexpr, ROW_MARGINS: tl.constexpr, NO_FALLBACK: tl.constexpr,
                   ANGLE_CLIP: tl.constexpr, CURRICULAR: tl.constexpr, FILTER: tl.constexpr,
                   SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BK: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
-    """A W program: the margin softmax on one (row block, class tile), one row of W per class
-    (K = 1; :func:`_sub_centre_part` otherwise). The rows' target cosines come from the whole
-    tile (a row reduction: nothing else is live yet); then the backward's epilogue runs a
-    quarter of the class tile at a time (:data:`PARTS`), each quarter reading its columns'
-    terms again (:func:`_class_cols`); what it writes is per column, as on the whole tile."""
-    inv_w = inv_norm_of(nw_ptr, cols, col_ok, eps)
-    dots = _dots(x_ptr, rows, row_ok, w_ptr, cls, col_ok, D,
-                 tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype), BK, XT, UPCAST)
-    cos = scaled_cos(dots, inv_x, inv_w)
+                  XT: tl.constexpr, UPCAST: tl.constexpr):
+    """A W program's epilogue: the margin softmax on one (row block, class tile) from its raw
+    dots, one row of W per class (K = 1; :func:`_sub_centre_part` otherwise). The rows'
+    target cosines come from the whole tile (a row reduction: nothing else is live yet); then
+    the backward's epilogue runs a quarter of the class tile at a time (:data:`PARTS`), each
+    quarter reading its columns' terms again (:func:`_class_cols`); what it writes is per
+    column, as on the whole tile."""
+    cos = scaled_cos(dots, inv_x, inv_norm_of(nw_ptr, cols, col_ok, eps))
     is_target = (y[:, None] == cls[None, :]) & col_ok[None, :]  # −1: padding, or no target
     c_t = target_cos(cos, is_target, ANGLE_CLIP)
     d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2,
@@ -379,26 +377,23 @@ def _uss_cols(dots, local, rows, row_ok, inv_x, y, col0, n_cols, idx_ptr, lab_pt
 
 
 @triton.jit
-def _uss_part(x_ptr, bank_ptr, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr,
-              ustats_ptr, rowp_ptr, colp_ptr, g_ptr, rows, row_ok, inv_x, y, col_ok, cls, B, S,
-              D, tile, col0, n_cols, gtile, rb, g_stride, scale, uss_m, uss_w, eps,
+def _uss_part(dots, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr, ustats_ptr,
+              rowp_ptr, colp_ptr, g_ptr, rows, row_ok, inv_x, y, B, S, tile, col0, n_cols,
+              gtile, rb, g_stride, scale, uss_m, uss_w, eps,
               BACKWARD: tl.constexpr, STORE_G: tl.constexpr, ROW_G: tl.constexpr,
               COL_G: tl.constexpr, COL_H: tl.constexpr, HAS_INDEX: tl.constexpr,
               HAS_LABELS: tl.constexpr, IN_BATCH: tl.constexpr, USS_LSE: tl.constexpr,
               USS_CLAMP: tl.constexpr, HAS_VALID: tl.constexpr, VECTOR_BIAS: tl.constexpr,
-              SCALE_G: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
+              SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               XT: tl.constexpr, UPCAST: tl.constexpr):
-    """A bank program: λ·USS on one (row block, column tile) — the objective's part or the USS
-    family (:func:`_uss_cols`). g' = λ·∂USS_i/∂cos_ij, without go (the forward forms it for
-    the pairs form with STORE_G, the objective's row gradients: it needs no global statistic).
-    The epilogue runs a quarter of the column tile at a time (:data:`PARTS`), each quarter
-    reading its columns' terms again; per-column results are those of the whole tile, per-row
-    sums add the quarters' sums in order, and the lse form takes its two maxima over the whole
-    tile first (a second pass: still one exponential per pair)."""
-    bank_ok = ref_rows_ok(valid_ptr, cls, col_ok, HAS_VALID)
-    dots = _dots(x_ptr, rows, row_ok, bank_ptr, cls, bank_ok, D,
-                 tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype), BK, XT, UPCAST)
+    """A bank program's epilogue: λ·USS on one (row block, column tile) from its raw dots —
+    the objective's part or the USS family (:func:`_uss_cols`). g' = λ·∂USS_i/∂cos_ij,
+    without go (the forward forms it for the pairs form with STORE_G, the objective's row
+    gradients: it needs no global statistic). The epilogue runs a quarter of the column tile
+    at a time (:data:`PARTS`), each quarter reading its columns' terms again; per-column
+    results are those of the whole tile, per-row sums add the quarters' sums in order, and
+    the lse form takes its two maxima over the whole tile first (a second pass: still one
+    exponential per pair)."""
     PN: tl.constexpr = BLOCK_N // PARTS
     first = tile * BLOCK_N
     out = rowp_ptr + gtile * (_N_FP * B) + 3 * B + rows  # the forward's FP_USS, …
@@ -542,14 +537,16 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
             w_prog = part < KP
     else:
         w_prog = W_PROGS
+    acc = tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype)
     if w_prog:
         if K == 1:
-            _softmax_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr,
-                          colp_ptr, gw_ptr, rows, row_ok, inv_x, y, cols, col_ok, cls, B, S, D,
-                          tile, col0, n_cols, gtile, rb, g_stride, scale, m3, cos_m2, sin_m2,
-                          mm, tau, eps, BACKWARD, STORE_GW, COL_H, HAS_INDEX, ARC, ST, EASY,
-                          ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER, SCALE_G,
-                          BLOCK_M, BLOCK_N, BK, XT, UPCAST)
+            _softmax_part(_dots(x_ptr, rows, row_ok, w_ptr, cls, col_ok, D, acc, BK, XT, UPCAST),
+                          nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr, gw_ptr,
+                          rows, row_ok, inv_x, y, cols, col_ok, cls, B, S, tile, col0, n_cols,
+                          gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
+                          BACKWARD, STORE_GW, COL_H, HAS_INDEX, ARC, ST, EASY, ROW_MARGINS,
+                          NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER, SCALE_G, BLOCK_M,
+                          BLOCK_N, XT, UPCAST)
         else:
             _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr,
                              colp_ptr, gw_ptr, rows, row_ok, inv_x, y, tile, part, col0, n_cols,
@@ -560,12 +557,80 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
     else:
         if KP > 1 and not BACKWARD:
             gtile = gtile * KP  # fpart's slots: the first of the column tile's KP
-        _uss_part(x_ptr, bank_ptr, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr,
-                  ustats_ptr, rowp_ptr, colp_ptr, gb_ptr, rows, row_ok, inv_x, y, col_ok, cls, B,
-                  S, D, tile, col0, n_cols, gtile, rb, g_stride, scale, uss_m, uss_w, eps,
-                  BACKWARD, STORE_GB, ROW_GB, COL_GB, COL_HB, HAS_INDEX, HAS_LABELS, IN_BATCH,
-                  USS_LSE, USS_CLAMP, HAS_VALID, VECTOR_BIAS, SCALE_G, BLOCK_M, BLOCK_N, BK, XT,
-                  UPCAST)
+        dots = _dots(x_ptr, rows, row_ok, bank_ptr, cls,
+                     ref_rows_ok(valid_ptr, cls, col_ok, HAS_VALID), D, acc, BK, XT, UPCAST)
+        _uss_part(dots, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr, ustats_ptr,
+                  rowp_ptr, colp_ptr, gb_ptr, rows, row_ok, inv_x, y, B, S, tile, col0, n_cols,
+                  gtile, rb, g_stride, scale, uss_m, uss_w, eps, BACKWARD, STORE_GB, ROW_GB,
+                  COL_GB, COL_HB, HAS_INDEX, HAS_LABELS, IN_BATCH, USS_LSE, USS_CLAMP,
+                  HAS_VALID, VECTOR_BIAS, SCALE_G, BLOCK_M, BLOCK_N, XT, UPCAST)
+
+
+@triton.jit
+def _cos_stream_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, lab_ptr,
+                       valid_ptr, bias_ptr, go_ptr, lse_ptr, ustats_ptr, rt_ptr, rowp_ptr,
+                       colp_ptr, gw_ptr, gb_ptr, B, S, D, col0, n_cols, n_row_blocks, tile0,
+                       g_stride, scale, m3, cos_m2, sin_m2, mm, tau, uss_m, uss_w, eps,
+                       BACKWARD: tl.constexpr, W_PROGS: tl.constexpr,
+                       BANK_PROGS: tl.constexpr, STORE_GW: tl.constexpr, COL_H: tl.constexpr,
+                       STORE_GB: tl.constexpr, ROW_GB: tl.constexpr, COL_GB: tl.constexpr,
+                       COL_HB: tl.constexpr, HAS_INDEX: tl.constexpr,
+                       HAS_LABELS: tl.constexpr, IN_BATCH: tl.constexpr, ARC: tl.constexpr,
+                       ST: tl.constexpr, EASY: tl.constexpr, ROW_MARGINS: tl.constexpr,
+                       NO_FALLBACK: tl.constexpr, ANGLE_CLIP: tl.constexpr,
+                       CURRICULAR: tl.constexpr, FILTER: tl.constexpr, K: tl.constexpr,
+                       KP: tl.constexpr, USS_LSE: tl.constexpr, USS_CLAMP: tl.constexpr,
+                       HAS_VALID: tl.constexpr, VECTOR_BIAS: tl.constexpr,
+                       SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BK: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
+    """:func:`_cos_kernel`'s tiles (its arguments, the same epilogues) from persistent
+    programs over ONE reference matrix (W_PROGS or BANK_PROGS; K = 1): program p takes the
+    tiles p, p + P, p + 2P, … (row blocks fastest, so that a wave's programs share column
+    tiles in L2) in one flat loop over (tile, K step), the epilogue in the last K step of
+    each tile. The loop is the compiler's to pipeline as one: the first K steps of a
+    program's next tile are loaded while it runs the epilogue of this one, where a program
+    per tile starts every tile with an empty pipeline (docs/design.md §2)."""
+    tl.static_assert(K == 1, "a persistent launch has no sub-centres")
+    tl.static_assert(W_PROGS != BANK_PROGS, "a persistent launch streams one matrix")
+    pid = tl.program_id(0)
+    n_progs = tl.num_programs(0)
+    k_steps = tl.cdiv(D, BK)
+    n_tiles = n_row_blocks * tl.cdiv(n_cols, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), nx_ptr.dtype.element_ty)
+    for step in range(0, tl.cdiv(n_tiles - pid, n_progs) * k_steps):
+        q = pid + (step // k_steps) * n_progs
+        k0 = (step % k_steps) * BK
+        rb = q % n_row_blocks
+        tile = q // n_row_blocks
+        rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols, col_ok, cls = _columns(tile * BLOCK_N + tl.arange(0, BLOCK_N), col0, n_cols,
+                                     idx_ptr, HAS_INDEX)
+        xk = rows_chunk(x_ptr, rows, rows < B, D, k0, BK, XT, UPCAST)
+        if W_PROGS:
+            rk = rows_chunk(w_ptr, cls, col_ok, D, k0, BK, XT, UPCAST)
+        else:
+            rk = rows_chunk(bank_ptr, cls, ref_rows_ok(valid_ptr, cls, col_ok, HAS_VALID), D,
+                            k0, BK, XT, UPCAST)
+        acc = mma(xk, tl.trans(rk), acc)
+        if k0 + BK >= D:
+            row_ok, inv_x, y = row_block(nx_ptr, y_ptr, rows, B, eps)
+            if not HAS_LABELS:
+                y = y.to(tl.int32)
+            if W_PROGS:
+                _softmax_part(acc, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr,
+                              gw_ptr, rows, row_ok, inv_x, y, cols, col_ok, cls, B, S, tile,
+                              col0, n_cols, tile0 + tile, rb, g_stride, scale, m3, cos_m2,
+                              sin_m2, mm, tau, eps, BACKWARD, STORE_GW, COL_H, HAS_INDEX, ARC,
+                              ST, EASY, ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP, CURRICULAR,
+                              FILTER, SCALE_G, BLOCK_M, BLOCK_N, XT, UPCAST)
+            else:
+                _uss_part(acc, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr,
+                          ustats_ptr, rowp_ptr, colp_ptr, gb_ptr, rows, row_ok, inv_x, y, B, S,
+                          tile, col0, n_cols, tile0 + tile, rb, g_stride, scale, uss_m, uss_w,
+                          eps, BACKWARD, STORE_GB, ROW_GB, COL_GB, COL_HB, HAS_INDEX,
+                          HAS_LABELS, IN_BATCH, USS_LSE, USS_CLAMP, HAS_VALID, VECTOR_BIAS,
+                          SCALE_G, BLOCK_M, BLOCK_N, XT, UPCAST)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), nx_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -792,18 +857,27 @@ def _objective_sweep(x, centres, bank, labels, index, bank_valid, bias, margin_r
 def cos_launch(p: Plan, s: Sweep, go, lse, ustats, rowp, colp, gw, gb, col0, n_cols, *,
                backward, w_progs, bank_progs, store_gw=False, col_h=False, store_gb=False,
                row_gb=False, col_gb=False, col_hb=False):
-    """One _cos_kernel launch over the columns [col0, col0 + n_cols) (see its doc)."""
+    """The cosine tiles of the columns [col0, col0 + n_cols): one _cos_kernel launch (see its
+    doc), or with FusedConfig.persistent (K = 1) a _cos_stream_kernel launch per matrix, W
+    first, of at most that many programs (one kernel streaming both matrices would hold both
+    loops' pipeline buffers: 130 KB of shared memory, and it spilled under triton 3.6)."""
     t = p.config.cos
-    grid = (p.row_blocks * triton.cdiv(n_cols, t.block_n)
-            * (s.flags["KP"] * int(w_progs) + int(bank_progs)),)
-    _cos_kernel[grid](
-        s.x, s.w, s.bank, s.nx, s.nw, s.nb, s.labels, s.idx, s.lab, s.valid, s.bias, go, lse,
-        ustats, s.rt, rowp, colp, gw, gb, p.rows, s.columns * s.flags["K"], p.width, col0,
-        n_cols, p.row_blocks, col0 // t.block_n, p.chunk, **s.scalars,
-        BACKWARD=backward, W_PROGS=w_progs, BANK_PROGS=bank_progs, STORE_GW=store_gw,
-        COL_H=col_h, STORE_GB=store_gb, ROW_GB=row_gb, COL_GB=col_gb, COL_HB=col_hb,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BK=t.bk, num_warps=t.num_warps,
-        num_stages=t.num_stages, **s.flags)
+    tiles = p.row_blocks * triton.cdiv(n_cols, t.block_n)
+    if p.config.persistent and s.flags["K"] == 1:
+        launches = [(_cos_stream_kernel, (min(tiles, p.config.persistent),), w, not w)
+                    for w, on in ((True, w_progs), (False, bank_progs)) if on]
+    else:
+        launches = [(_cos_kernel, (tiles * (s.flags["KP"] * int(w_progs) + int(bank_progs)),),
+                     w_progs, bank_progs)]
+    for kernel, grid, w, bank in launches:
+        kernel[grid](
+            s.x, s.w, s.bank, s.nx, s.nw, s.nb, s.labels, s.idx, s.lab, s.valid, s.bias, go,
+            lse, ustats, s.rt, rowp, colp, gw, gb, p.rows, s.columns * s.flags["K"], p.width,
+            col0, n_cols, p.row_blocks, col0 // t.block_n, p.chunk, **s.scalars,
+            BACKWARD=backward, W_PROGS=w, BANK_PROGS=bank, STORE_GW=store_gw, COL_H=col_h,
+            STORE_GB=store_gb, ROW_GB=row_gb, COL_GB=col_gb, COL_HB=col_hb, BLOCK_M=t.block_m,
+            BLOCK_N=t.block_n, BK=t.bk, num_warps=t.num_warps, num_stages=t.num_stages,
+            **s.flags)
 
 
 def dw_launch(p: Plan, s: Sweep, g, xg, r, nr, has_valid, cpart, dr, col0, n_cols,

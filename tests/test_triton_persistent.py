@@ -1,0 +1,101 @@
+"""The persistent cosine launches (FusedConfig.persistent, UNITSFACE_TRITON_PERSISTENT=1:
+fused._cos_stream_kernel, docs/design.md §2) against the launch of a program per tile: the
+same tiles, K steps and epilogues, so the same numbers — bitwise under the interpreter, and
+to the last bits on a GPU, where the two kernels are compiled apart. Under the interpreter a
+launch has 3 programs, so that every program runs the flat loop over several tiles (the
+shapes below have 8–20 tiles per matrix and chunk), crossing from one tile's epilogue into
+the next tile's K steps; each op family, both USS forms, partial FC, per-class thresholds,
+the margin family's forms and every dtype the kernels take. With K sub-centres the launch
+stays a program per tile (checked too)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unitsface_kernels.triton.config import PERSISTENT_KNOB
+
+from helpers import INTERPRETING, make_case, run
+from test_triton_margins import _inputs, _options, _run
+
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(
+               torch.cuda.is_available(), reason="Triton's interpreter runs where no GPU is")),
+           pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """Bitwise under the interpreter (NaN where NaN); on a GPU within torch's tolerance for
+    the dtype (a rounding of the last bit apart, should the two kernels' epilogues compile to
+    different FMA contractions)."""
+    if INTERPRETING:
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(),
+                                                                   b.nan_to_num()), what
+    else:
+        torch.testing.assert_close(a, b, equal_nan=True, msg=what)
+
+
+def _both(monkeypatch, fn):
+    """fn() with a program per tile, then with persistent programs."""
+    monkeypatch.setenv(PERSISTENT_KNOB, "0")
+    per_tile = fn()
+    monkeypatch.setenv(PERSISTENT_KNOB, "1")
+    return per_tile, fn()
+
+
+CASES = {
+    "objective pairs, sampled": dict(family="unitsface", sampled=True),
+    "objective lse, b_j": dict(family="unitsface", vector_bias=True, uss_form="lse"),
+    "objective pairs b_j, arc": dict(family="unitsface", vector_bias=True, margin_arc=0.5,
+                                     margin_cos=0.0),
+    "softmax arc, sampled": dict(family="softmax", sampled=True, margin_arc=0.5,
+                                 margin_cos=0.0),
+    "uss bank pairs": dict(family="uss", mode="bank"),
+    "uss bank lse, clamp": dict(family="uss", mode="bank", form="lse", official_clamp=True),
+    "uss in-batch": dict(family="uss", mode="inbatch"),
+    "uss centres, b_j": dict(family="uss", mode="centres", vector_bias=True),
+}
+_CASE_KEYS = {"family", "sampled", "vector_bias", "mode"}
+# every case in fp32; the 2-byte dtypes (rounded operand tiles and g tiles; fp16's g unscaled,
+# its products normalising their operands) on the objective and the bank
+RUNS = ([(name, torch.float32) for name in CASES]
+        + [(name, dt) for dt in (torch.bfloat16, torch.float16)
+           for name in ("objective pairs, sampled", "objective lse, b_j", "uss bank pairs")])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,dtype", RUNS, ids=[f"{n}-{str(t)[6:]}" for n, t in RUNS])
+def test_persistent_launch_equals_a_program_per_tile(monkeypatch, device, name, dtype):
+    spec = CASES[name]
+    case = make_case(spec["family"], 37, 301, 70, dtype, device, seed=3,
+                     **{k: v for k, v in spec.items() if k in _CASE_KEYS - {"family"}})
+    kw = {k: v for k, v in spec.items() if k not in _CASE_KEYS}
+    (loss0, grads0), (loss1, grads1) = _both(monkeypatch, lambda: run(case, "triton", **kw))
+    assert loss0.isfinite().all()
+    _same(loss1, loss0, "loss")
+    for k in grads0:
+        _same(grads1[k], grads0[k], f"∂{k}")
+
+
+FAMILY = {
+    "curricular+filter+row margins": dict(margin_arc=0.3, row_margins=True, curricular=True,
+                                          interclass_threshold=0.6),
+    "adaface": dict(row_margins=True, angle_clip=True),
+    "arc K=3 (a program per tile)": dict(margin_arc=0.5, sub_centers=3.0),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_margin_family_persistent(monkeypatch, device, name):
+    """The W programs' epilogues of the margin family, the objective's pairs form with its
+    row gradients (the forward's bank launch stores g tiles for ∂x)."""
+    o = _options(True, uss_form="pairs", **FAMILY[name])
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a
+            for a in _inputs(o, torch.float32, sampled=True, with_bank=True)]
+    needs = [True, True, True]
+    (fwd0, bwd0), (fwd1, bwd1) = _both(monkeypatch,
+                                       lambda: _run("triton", args, needs, row_grads=True))
+    for i, (a, b) in enumerate(zip(fwd0, fwd1)):
+        _same(b, a, f"forward output {i}")
+    for i, (a, b) in enumerate(zip(bwd0, bwd1)):
+        _same(b, a, f"backward output {i}")
