@@ -2,9 +2,9 @@
 fused._cos_stream_kernel, docs/design.md §2) against the launch of a program per tile: the
 same tiles, K steps and epilogues, so the same numbers — bitwise under the interpreter, and
 to the last bits on a GPU, where the two kernels are compiled apart. Under the interpreter a
-launch has 3 programs, so that every program runs the flat loop over several tiles (the
-shapes below have 8–20 tiles per matrix and chunk), crossing from one tile's epilogue into
-the next tile's K steps; each op family, both USS forms, partial FC, per-class thresholds,
+launch has 4 programs, so that the programs run the flat loop over several tiles (the shapes
+below have 8–20 tiles per matrix in a full chunk, 4 in the objective's last one), crossing
+from one tile's epilogue into the next tile's K steps; each op family, both USS forms, partial FC, per-class thresholds,
 the margin family's forms and every dtype the kernels take. With K sub-centres the launch
 stays a program per tile (checked too)."""
 
