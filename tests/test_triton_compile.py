@@ -236,6 +236,11 @@ def persistent_kernels(kernels):
             for kind, on in (("W", flags["W_PROGS"]), ("bank", flags["BANK_PROGS"])) if on]
 
 
+PERSISTENT_FORMS = {"fwd cosface+pairs", "bwd cosface+pairs", "bwd arc-easy+lse+clamp",
+                    "uss fwd bank lse+clamp", "uss bwd in-batch pairs"}
+"""The forms whose persistent launches the compile test keeps (bf16): the headline's and the
+ones with the most registers under either triton (all of them, bf16 and fp16, compiled
+without a spill on 2026-12-07, docs/design.md §2)."""
 NO_MMA = {"_row_norms_kernel", "_merge_kernel", "_tangent_kernel", "_unit_rows_kernel"}
 """The kernels without a matrix product (the norms, the finishing)."""
 HEADLINE = {(torch.bfloat16, 512), (torch.float16, 512)}
@@ -246,8 +251,8 @@ tiles."""
 def compile_all(dtype, d, variants=""):
     """Compile every kernel in the configuration the launchers pick for width d (the USS
     family in each of its modes at the headline; with `variants` = "variants", the objective
-    in every form and option too, and the cosine kernels' persistent launches; with
-    "margins", the margin family's cosine kernels alone)."""
+    in every form and option too, and in bf16 the persistent launches of
+    :data:`PERSISTENT_FORMS`; with "margins", the margin family's cosine kernels alone)."""
     from types import SimpleNamespace
 
     from unitsface_kernels.triton import norms
@@ -267,8 +272,8 @@ def compile_all(dtype, d, variants=""):
         for name, options in list(FUSED_VARIANTS.items())[:None if variants else 1]:
             for step, kernel, flags, launch, product in fused_kernels(dtype, d, options):
                 kernels.append((f"{step} {name}".strip(), kernel, flags, launch, product))
-        if variants:
-            kernels += persistent_kernels(kernels)
+        if variants and dtype == torch.bfloat16:
+            kernels += persistent_kernels([k for k in kernels if k[0] in PERSISTENT_FORMS])
         small = SimpleNamespace(num_warps=4, num_stages=3)
         kernels.append(("", norms._row_norms_kernel,
                         dict(HAS_INDEX=True, BLOCK_R=32, BLOCK_D=256, XT=TL_DTYPES[dtype],

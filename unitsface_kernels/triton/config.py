@@ -65,7 +65,7 @@ FUSED_KNOBS = {"cos": "UNITSFACE_TRITON_COS_TILES", "dw": "UNITSFACE_TRITON_DW_T
                "dx": "UNITSFACE_TRITON_DX_TILES"}
 """Tuning knobs of the fused kernels: "block_m,block_n,bk,num_warps,num_stages" (powers of two
 but num_stages); UNITSFACE_TRITON_CHUNK_MB sets chunk_bytes; UNITSFACE_TRITON_PERSISTENT=1
-runs the cosine tiles from persistent programs, one per SM (4 under the interpreter, so that
+runs the cosine tiles from persistent programs, one per SM (2 under the interpreter, so that
 a program takes several tiles)."""
 PERSISTENT_KNOB = "UNITSFACE_TRITON_PERSISTENT"
 
@@ -113,7 +113,7 @@ def fused_config(d: int, device: torch.device, dtype: torch.dtype) -> FusedConfi
         # classes, D = 70) run the K loops' partial last steps, several chunks (the last one
         # partial), split-K slices that are empty in the last chunk, several feature tiles.
         t = GemmTiles(32, 32, 32, 4, 1)
-        return FusedConfig(t, t, t, chunk=128, splits=2, persistent=_persistent(4))
+        return FusedConfig(t, t, t, chunk=128, splits=2, persistent=_persistent(2))
     esize = dtype.itemsize
     if esize == 2:
         bk = min(dp, 64)

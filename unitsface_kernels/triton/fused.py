@@ -298,9 +298,9 @@ def _class_cols(dots, local, inv_x, y, col0, n_cols, idx_ptr, nw_ptr, eps,
 
 
 @triton.jit
-def _softmax_part(dots, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr, g_ptr,
-                  rows, row_ok, inv_x, y, cols, col_ok, cls, B, S, tile, col0, n_cols, gtile,
-                  rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
+def _softmax_part(dots, inv_w, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr,
+                  g_ptr, rows, row_ok, inv_x, y, cols, col_ok, cls, B, S, tile, col0, n_cols,
+                  gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
                   BACKWARD: tl.constexpr, STORE_G: tl.constexpr, COL_H: tl.constexpr,
                   HAS_INDEX: tl.constexpr, ARC: tl.constexpr, ST: tl.constexpr,
                   EASY: tl.constexpr, ROW_MARGINS: tl.constexpr, NO_FALLBACK: tl.constexpr,
@@ -308,12 +308,13 @@ def _softmax_part(dots, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp
                   SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   XT: tl.constexpr, UPCAST: tl.constexpr):
     """A W program's epilogue: the margin softmax on one (row block, class tile) from its raw
-    dots, one row of W per class (K = 1; :func:`_sub_centre_part` otherwise). The rows'
+    dots and the columns' inverse norms inv_w (loaded before the K loop by a program per
+    tile: after it, the AdaFace forward spilled), one row of W per class (K = 1; :func:`_sub_centre_part` otherwise). The rows'
     target cosines come from the whole tile (a row reduction: nothing else is live yet); then
     the backward's epilogue runs a quarter of the class tile at a time (:data:`PARTS`), each
     quarter reading its columns' terms again (:func:`_class_cols`); what it writes is per
     column, as on the whole tile."""
-    cos = scaled_cos(dots, inv_x, inv_norm_of(nw_ptr, cols, col_ok, eps))
+    cos = scaled_cos(dots, inv_x, inv_w)
     is_target = (y[:, None] == cls[None, :]) & col_ok[None, :]  # −1: padding, or no target
     c_t = target_cos(cos, is_target, ANGLE_CLIP)
     d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2,
@@ -537,16 +538,17 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
             w_prog = part < KP
     else:
         w_prog = W_PROGS
-    acc = tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype)
     if w_prog:
         if K == 1:
-            _softmax_part(_dots(x_ptr, rows, row_ok, w_ptr, cls, col_ok, D, acc, BK, XT, UPCAST),
-                          nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr, gw_ptr,
-                          rows, row_ok, inv_x, y, cols, col_ok, cls, B, S, tile, col0, n_cols,
-                          gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
-                          BACKWARD, STORE_GW, COL_H, HAS_INDEX, ARC, ST, EASY, ROW_MARGINS,
-                          NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER, SCALE_G, BLOCK_M,
-                          BLOCK_N, XT, UPCAST)
+            inv_w = inv_norm_of(nw_ptr, cols, col_ok, eps)
+            dots = _dots(x_ptr, rows, row_ok, w_ptr, cls, col_ok, D,
+                         tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype), BK, XT, UPCAST)
+            _softmax_part(dots, inv_w, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr,
+                          colp_ptr, gw_ptr, rows, row_ok, inv_x, y, cols, col_ok, cls, B, S,
+                          tile, col0, n_cols, gtile, rb, g_stride, scale, m3, cos_m2, sin_m2,
+                          mm, tau, eps, BACKWARD, STORE_GW, COL_H, HAS_INDEX, ARC, ST, EASY,
+                          ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER, SCALE_G,
+                          BLOCK_M, BLOCK_N, XT, UPCAST)
         else:
             _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr,
                              colp_ptr, gw_ptr, rows, row_ok, inv_x, y, tile, part, col0, n_cols,
@@ -558,7 +560,8 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
         if KP > 1 and not BACKWARD:
             gtile = gtile * KP  # fpart's slots: the first of the column tile's KP
         dots = _dots(x_ptr, rows, row_ok, bank_ptr, cls,
-                     ref_rows_ok(valid_ptr, cls, col_ok, HAS_VALID), D, acc, BK, XT, UPCAST)
+                     ref_rows_ok(valid_ptr, cls, col_ok, HAS_VALID), D,
+                     tl.zeros((BLOCK_M, BLOCK_N), inv_x.dtype), BK, XT, UPCAST)
         _uss_part(dots, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr, ustats_ptr,
                   rowp_ptr, colp_ptr, gb_ptr, rows, row_ok, inv_x, y, B, S, tile, col0, n_cols,
                   gtile, rb, g_stride, scale, uss_m, uss_w, eps, BACKWARD, STORE_GB, ROW_GB,
@@ -617,12 +620,13 @@ def _cos_stream_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, id
             if not HAS_LABELS:
                 y = y.to(tl.int32)
             if W_PROGS:
-                _softmax_part(acc, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr,
-                              gw_ptr, rows, row_ok, inv_x, y, cols, col_ok, cls, B, S, tile,
-                              col0, n_cols, tile0 + tile, rb, g_stride, scale, m3, cos_m2,
-                              sin_m2, mm, tau, eps, BACKWARD, STORE_GW, COL_H, HAS_INDEX, ARC,
-                              ST, EASY, ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP, CURRICULAR,
-                              FILTER, SCALE_G, BLOCK_M, BLOCK_N, XT, UPCAST)
+                _softmax_part(acc, inv_norm_of(nw_ptr, cols, col_ok, eps), nw_ptr, idx_ptr,
+                              go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr, gw_ptr, rows, row_ok,
+                              inv_x, y, cols, col_ok, cls, B, S, tile, col0, n_cols,
+                              tile0 + tile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau,
+                              eps, BACKWARD, STORE_GW, COL_H, HAS_INDEX, ARC, ST, EASY,
+                              ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER,
+                              SCALE_G, BLOCK_M, BLOCK_N, XT, UPCAST)
             else:
                 _uss_part(acc, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr,
                           ustats_ptr, rowp_ptr, colp_ptr, gb_ptr, rows, row_ok, inv_x, y, B, S,
