@@ -309,11 +309,11 @@ def _softmax_part(dots, inv_w, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_pt
                   XT: tl.constexpr, UPCAST: tl.constexpr):
     """A W program's epilogue: the margin softmax on one (row block, class tile) from its raw
     dots and the columns' inverse norms inv_w (loaded before the K loop by a program per
-    tile: after it, the AdaFace forward spilled), one row of W per class (K = 1; :func:`_sub_centre_part` otherwise). The rows'
-    target cosines come from the whole tile (a row reduction: nothing else is live yet); then
-    the backward's epilogue runs a quarter of the class tile at a time (:data:`PARTS`), each
-    quarter reading its columns' terms again (:func:`_class_cols`); what it writes is per
-    column, as on the whole tile."""
+    tile: after it, the AdaFace forward spilled), one row of W per class (K = 1;
+    :func:`_sub_centre_part` otherwise). The rows' target cosines come from the whole tile (a
+    row reduction: nothing else is live yet); then the backward's epilogue runs a quarter of
+    the class tile at a time (:data:`PARTS`), each quarter reading its columns' terms again
+    (:func:`_class_cols`); what it writes is per column, as on the whole tile."""
     cos = scaled_cos(dots, inv_x, inv_w)
     is_target = (y[:, None] == cls[None, :]) & col_ok[None, :]  # −1: padding, or no target
     c_t = target_cos(cos, is_target, ANGLE_CLIP)
