@@ -25,11 +25,11 @@ margin family's cosine kernels (`… margins`: curricular negatives with the int
 and per-row margins, AdaFace's angle clip, K = 3 and K = 2 sub-centres; docs/design.md §1.5);
 the bf16 variants also the persistent cosine launches (fused._cos_stream_kernel) of
 :data:`PERSISTENT_FORMS`. The finishing kernels (triton/finish.py: the statistics' merge,
-∂x's projection, x̂') and the row norms compile beside them. Every kernel, in every form and case compiled here, must spill
-nothing (no spill store, so no spill instruction inside a loop either), and at the headline
-(bf16 and fp16, D = 512) every kernel with a product must run it on wgmma with N ≥ 128, under
-both tritons (issue 24: the
-cosine kernel's epilogues run a quarter of a column tile at a time, fused.PARTS).
+∂x's projection, x̂') and the row norms compile beside them. Every kernel, in every form and
+case compiled here, must spill nothing (no spill store, so no spill instruction inside a loop
+either), and at the headline (bf16 and fp16, D = 512) every kernel with a product must run it
+on wgmma with N ≥ 128, under both tritons (issue 24: the cosine kernel's epilogues run a
+quarter of a column tile at a time, fused.PARTS).
 """
 
 from __future__ import annotations
