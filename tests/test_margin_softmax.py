@@ -18,7 +18,10 @@ def case_of(b, c, d, dtype, device, **kw):
     return make_case("softmax", b, c, d, dtype, device, **kw)
 
 
-SHAPES = list(itertools.product([1, 37], [1, 301, 1000], [8, 70, 130]))
+# One case of 1000 classes (8 chunks of the interpreter's 128, K steps of 32 over D = 130
+# with a partial last one); the others stay at ≤ 301 classes (3 chunks), which keeps the
+# interpreted Triton calls within CI's time.
+SHAPES = list(itertools.product([1, 37], [1, 301], [8, 70, 130])) + [(37, 1000, 130)]
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "unitsface"))
@@ -111,7 +114,7 @@ def gradcheck(backend, margin, device, sampled):
 @pytest.mark.parametrize("backend", fused_backends("cpu", "unitsface"))
 @pytest.mark.parametrize("sampled", [False, True])
 def test_no_bxs_allocation(backend, sampled):
-    b, c, d = 64, 4096, 16
+    b, c, d = 64, 1024, 16  # B·|S| ≥ 2·C·D: the largest allocation allowed (∂W) stays below
     case = case_of(b, c, d, torch.float32, "cpu", sampled=sampled, rate=0.5)
     s = c if not sampled else case["index"].numel()
     x = case["x"].requires_grad_()

@@ -164,7 +164,7 @@ def test_bias_init(backend, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_no_bxn_allocation(backend, form, mode):
     """Nothing of B·N elements is created in forward or backward, where B·N ≫ (B+N)·D."""
-    b, n, d = 64, 2048, 16
+    b, n, d = 64, 1024, 16
     case = make_case("uss", b, n, d, torch.float32, "cpu", mode=mode, vector_bias=mode == "centres")
     n_ref = b if mode == "inbatch" else n
     limit = b * n_ref
