@@ -77,6 +77,20 @@ def run_unitsface(o: UnitsfaceOptions, x, labels, centres, bank, bias, *, bank_v
     return reference.reduce_rows(rows.to(reference.compute_dtype(x.dtype)), reduction)
 
 
+def _run_class_loss(o: UnitsfaceOptions, call, x, labels, centres, bank, bias, *, bank_valid,
+                    index, sparse_grad: bool, backend: str, reduction: str):
+    """The checked call of a public class-centre loss: through the margin family's per-row
+    terms and state when it names a margin (`call`, margin_calls.checked_call), else
+    :func:`run_unitsface` with the settings `o` alone."""
+    if call is not None:
+        return margin_calls.run_margin_unitsface(
+            margins.margin_options(call.margin, o), call, x, labels, centres, bank, bias,
+            bank_valid=bank_valid, index=index, sparse_grad=sparse_grad, backend=backend,
+            reduction=reduction)
+    return run_unitsface(o, x, labels, centres, bank, bias, bank_valid=bank_valid, index=index,
+                         sparse_grad=sparse_grad, backend=backend, reduction=reduction)
+
+
 def _reference_set(o: UssOptions, x, labels, ref, ref_labels):
     """The fused ops' explicit reference set: the batch itself (in-batch), or ref with its
     labels (l_j = j for a memory bank)."""
@@ -272,13 +286,9 @@ def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0,
                                      generator, x)
     backend = backends.resolve(backend, x.device, "unitsface")
     values.run()
-    if call is not None:
-        return margin_calls.run_margin_unitsface(
-            margins.margin_options(call.margin, o), call, x, labels, centres, None, None,
-            bank_valid=None, index=index, sparse_grad=sparse_grad, backend=backend,
-            reduction=reduction)
-    return run_unitsface(o, x, labels, centres, None, None, bank_valid=None, index=index,
-                         sparse_grad=sparse_grad, backend=backend, reduction=reduction)
+    return _run_class_loss(o, call, x, labels, centres, None, None, bank_valid=None,
+                           index=index, sparse_grad=sparse_grad, backend=backend,
+                           reduction=reduction)
 
 
 def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, index=None,
@@ -346,10 +356,6 @@ def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, ind
                                      generator, x)
     backend = backends.resolve(backend, x.device, "unitsface")
     values.run()
-    if call is not None:
-        return margin_calls.run_margin_unitsface(
-            margins.margin_options(call.margin, o), call, x, labels, centres, bank, bias,
-            bank_valid=bank_valid, index=index, sparse_grad=sparse_grad, backend=backend,
-            reduction=reduction)
-    return run_unitsface(o, x, labels, centres, bank, bias, bank_valid=bank_valid, index=index,
-                         sparse_grad=sparse_grad, backend=backend, reduction=reduction)
+    return _run_class_loss(o, call, x, labels, centres, bank, bias, bank_valid=bank_valid,
+                           index=index, sparse_grad=sparse_grad, backend=backend,
+                           reduction=reduction)
