@@ -10,6 +10,7 @@ import torch
 from helpers import (DTYPES, FORMS, CountingKernel, LargestAllocation, all_backends, check,
                      fp64_backends, fused_backends, grad_names, make_case, passes_gradcheck, run)
 from unitsface_kernels import fused_uss_loss, reference, uss_bias_init
+from unitsface_kernels.options import UssOptions
 
 MODES = ["bank", "inbatch", "centres"]
 
@@ -178,7 +179,6 @@ def test_no_bxn_allocation(backend, form, mode):
     assert mode_all.largest < min(limit, n * b), (mode_all.largest, mode_all.where)
     # inside the custom ops' bodies too (the mode does not see through a custom op call)
     if backend == "triton":
-        from unitsface_kernels.options import UssOptions
         from unitsface_kernels.triton.uss_loss import uss_backward, uss_forward
 
         ref_t = x.detach() if mode == "inbatch" else ref.detach()
@@ -318,13 +318,11 @@ def test_reference_matches_official_formula():
     torch.testing.assert_close(ours, official)
 
 
-@pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
-@pytest.mark.parametrize("form", FORMS)
-def test_official_clamp_both_bounds_by_value(backend, form):
-    """s = 8, b = 5, m = 0.1: a positive at cos = −0.6 has z⁺ = 5 − 8·(−0.7) = 10.6 > s (the
-    upper bound is active), a negative at cos = −0.6 has z⁻ = −4.8 − 5 = −9.8 < −s (the lower
-    bound), a negative at cos = 0.8 has z⁻ = 1.4 (inside). Loss by value, ∂b of the clamped
-    terms zero: gradchecks cannot see a wrong bound (the loss is flat there)."""
+def _clamp_both_bounds_case(form):
+    """(x, bank, labels, loss, ∂b) at s = 8, b = 5, m = 0.1: a positive at cos = −0.6 has
+    z⁺ = 5 − 8·(−0.7) = 10.6 > s (the upper bound is active), a negative at cos = −0.6 has
+    z⁻ = −4.8 − 5 = −9.8 < −s (the lower bound), a negative at cos = 0.8 has z⁻ = 1.4
+    (inside). By value: gradchecks cannot see a wrong bound (the loss is flat there)."""
     x = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     bank = torch.tensor([[-0.6, 0.8], [-0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)
     labels = torch.tensor([0])
@@ -336,12 +334,36 @@ def test_official_clamp_both_bounds_by_value(backend, form):
         big_b = float(torch.logsumexp(torch.tensor([-9.8, 1.4], dtype=torch.float64), 0))
         want = sp(8.0) + sp(big_b)
         want_db = -torch.sigmoid(torch.tensor(big_b, dtype=torch.float64)).item()
+    return x, bank, labels, want, want_db
+
+
+@pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
+@pytest.mark.parametrize("form", FORMS)
+def test_official_clamp_both_bounds_by_value(backend, form):
+    """The loss by value, ∂b of the clamped terms zero (:func:`_clamp_both_bounds_case`)."""
+    x, bank, labels, want, want_db = _clamp_both_bounds_case(form)
     bias = torch.tensor([5.0], dtype=torch.float64, requires_grad=True)
     loss = fused_uss_loss(x, labels, bias, bank, scale=8.0, margin=0.1, form=form,
                           official_clamp=True, backend=backend)
     loss.backward()
     assert abs(loss.item() - want) <= 1e-9 * want
     assert abs(bias.grad.item() - want_db) <= 1e-9
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_reference_ops_clamp_both_bounds_by_value(form):
+    """The same through the per-op reference that the class-parallel code runs
+    (reference.uss_fwd / uss_bwd): its backward reads the factors σ(A)·[A inside the clamp],
+    σ(B)·[B inside] that the forward saves, where the reference backend's autograd never
+    forms them."""
+    x, bank, labels, want, want_db = _clamp_both_bounds_case(form)
+    opts = UssOptions(8.0, 0.1, form == "lse", True, False, 1e-5).pack()
+    bias, ref_labels = torch.tensor([5.0], dtype=torch.float64), torch.arange(3)
+    rows, stats, nx, nr = reference.uss_fwd(x, bank, labels, ref_labels, None, bias, opts)
+    _, _, db = reference.uss_bwd(torch.ones_like(rows), x, bank, labels, ref_labels, None, bias,
+                                 stats, nx, nr, opts, [False, False, True])
+    assert abs(rows.item() - want) <= 1e-9 * want
+    assert abs(db.item() - want_db) <= 1e-9
 
 
 @pytest.mark.parametrize("backend", all_backends("cpu", "uss"))
