@@ -3,10 +3,11 @@ fused._cos_stream_kernel, docs/design.md §2) against the launch of a program pe
 same tiles, K steps and epilogues, so the same numbers — bitwise under the interpreter, and
 to the last bits on a GPU, where the two kernels are compiled apart. Under the interpreter a
 launch has 2 programs, so that the programs run the flat loop over several tiles (the shapes
-below give a launch 4–12 tiles, the in-batch backward 2),
-crossing from one tile's epilogue into the next tile's K steps; each op family, both USS
-forms, partial FC, per-class thresholds, the margin family's W epilogues and every dtype the
-kernels take."""
+below give a launch 4–12 tiles, the in-batch backward 2), crossing from one tile's epilogue
+into the next tile's K steps; each op family, both USS forms, partial FC, per-class
+thresholds, the margin family's W epilogues and every dtype the kernels take. With K
+sub-centres the launch stays a program per tile (checked too: the persistent kernel has no
+sub-centres)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ FAMILY = {
     "curricular+filter+row margins": dict(margin_arc=0.3, row_margins=True, curricular=True,
                                           interclass_threshold=0.6),
     "adaface": dict(row_margins=True, angle_clip=True),
+    "arc K=3 (a program per tile)": dict(margin_arc=0.5, sub_centers=3.0),
 }
 
 
