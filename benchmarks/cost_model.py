@@ -23,9 +23,13 @@ plan only needs the GPU's tile table), every kernel launch of one forward + back
 Predicted time of a kernel = max(FLOPs / mm rate of its product, HBM / HBM bandwidth, L2 / L2
 bandwidth) + transcendentals / MUFU rate + launches × launch gap. Triton's kernels run their
 epilogue after their K loop (no warp specialisation), so the epilogue is added, not
-overlapped — except the persistent cosine launches (``--persistent``), whose next tile's
-loads are in flight during an epilogue: there it counts beside the memory terms, max(FLOPs /
-mm rate + epilogue, HBM, L2). The epilogue's other ALU work (masks, selects, scaling) is not
+overlapped — except the persistent cosine launches (``--persistent``, ``--persistent
+resident``), whose next tile's loads are in flight during an epilogue: there it counts beside
+the memory terms, max(FLOPs / mm rate + epilogue, HBM, L2). The resident programs' L2 bytes
+are the x row block once per program and each reference tile once per row block; their
+products (wgmma m64n32k16, both operands from shared memory: 21 FLOP per byte of shared
+memory at 128 × 32 in bf16, ≈ 600 TFLOP/s at 128 B per clock per SM) are counted at the
+mm rate like the others. The epilogue's other ALU work (masks, selects, scaling) is not
 modelled, nor is the pipeline's fill at the start of each program's tile, which the measured
 times beside the predictions (benchmarks/gpu_suite.sh, ``--measure``) show. The finishing
 over O(B·D + tiles·B) numbers (merging the statistics, the normalisation's projection, x̂')
@@ -106,7 +110,7 @@ class Model:
             if (k.phase, k.name, k.what) == (phase, name, what):
                 break
         else:
-            k = Kernel(phase, name, what, product, streamed=name == _STREAM)
+            k = Kernel(phase, name, what, product, streamed=name in (_STREAM, _RESIDENT))
             self.kernels.append(k)
         k.launches += counts.pop("launches", 1)
         for key, v in counts.items():
@@ -170,7 +174,7 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
             _cos(m, phase, p, b, n_cols, d, e, acc, mats=int(w) + int(bank),
                  g_bufs=int(w and phase == "backward") + int(bank_g), row_outs=row_outs,
                  col_outs=col_outs, indexed=indexed, mufu=mufu, g_in_hbm=g_in_hbm,
-                 stream=bool(p.config.persistent) and k == 1)
+                 stream=bool(p.config.persistent))
             return
         _cos(m, phase, p, b, n_cols * kp, d, e, acc, mats=1, g_bufs=0, row_outs=row_outs,
              col_outs=col_outs, indexed=indexed, mufu=mufu, g_in_hbm=g_in_hbm)
@@ -184,7 +188,7 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
 
     # ---- forward (fused.fused_forward): norms, then per chunk the cosine tiles of W and of
     # the bank (+ the bank's ∂x product in the pairs form: the forward forms that part)
-    fwd = plan(b, s_cls, d, dtype, cuda, 0 if lse else 1, config)
+    fwd = plan(b, s_cls, d, dtype, cuda, 0 if lse else 1, config, sub_centres=k)
     for rows, vec in ((b, False), (s_cls, indexed), (s_cls, indexed)):
         m.add("forward", "_row_norms_kernel", "‖x‖, ‖W[S]‖, ‖bank[S]‖",
               hbm=rows * d * e + rows * acc + (rows * 8 if vec else 0),
@@ -206,7 +210,7 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
 
     # ---- backward (fused.fused_backward): x̂' = go·x̂ once, then per chunk the cosine tiles
     # of W (+ bank for lse: its statistics are global), ∂W = g̃ᵀ·x̂', ∂x += g̃·W (+ g̃'·bank)
-    bwd = plan(b, s_cls, d, dtype, cuda, 2 if lse else 1, config)
+    bwd = plan(b, s_cls, d, dtype, cuda, 2 if lse else 1, config, sub_centres=k)
     m.chunks = (fwd.n_chunks, bwd.n_chunks)
     _unit_rows(m, b, d, e, acc)
     for _, n_cols in bwd.chunks():
@@ -238,23 +242,32 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
 
 
 _STREAM = "_cos_stream_kernel"
+_RESIDENT = "_cos_resident_kernel"
 
 
 def _cos(m, phase, p, b, n_cols, d, e, acc, *, mats, g_bufs, row_outs, col_outs, indexed,
          mufu, g_in_hbm, stream=False):
     """fused._cos_kernel on one chunk: a program per (row block, class tile, matrix), K = D;
     with `stream` (FusedConfig.persistent, K = 1) fused._cos_stream_kernel instead, the same
-    tiles from persistent programs, one launch per matrix."""
+    tiles from persistent programs, one launch per matrix, or with FusedConfig.resident
+    fused._cos_resident_kernel, whose programs load their x row block once."""
+    from unitsface_kernels.triton.fused import resident_programs
+
     t = p.config.cos
     rb, ct = p.row_blocks, _cdiv(n_cols, t.block_n)
-    progs = rb * ct * mats
+    tiles = rb * ct * mats
     k = _cdiv(d, t.bk) * t.bk
     g = g_bufs * b * n_cols * e  # the gradient tiles written (forward pairs: the bank's)
-    m.add(phase, _STREAM if stream else "_cos_kernel", "cosine tiles + loss epilogue", "cos",
+    resident = stream and p.config.resident
+    if resident:  # each program's row block once, each reference tile once per row block
+        operands = mats * (resident_programs(p, n_cols) * t.block_m + rb * ct * t.block_n)
+    else:  # each tile: its row block of x and its class tile of W or the bank, all of D
+        operands = tiles * (t.block_m + t.block_n)
+    name = _RESIDENT if resident else _STREAM if stream else "_cos_kernel"
+    m.add(phase, name, "cosine tiles + loss epilogue", "cos",
           launches=mats if stream else 1,
-          flops=2 * t.block_m * t.block_n * k * progs,
-          # each program: its row block of x and its class tile of W or the bank, all of D
-          l2=progs * (t.block_m + t.block_n) * d * e + g
+          flops=2 * t.block_m * t.block_n * k * tiles,
+          l2=operands * d * e + g
           + (row_outs * ct * b + col_outs * rb * n_cols) * acc,
           hbm=b * d * e + mats * n_cols * (d * e + acc) + (mats * n_cols * 8 if indexed else 0)
           + (row_outs * ct * b + col_outs * rb * n_cols) * acc + (g if g_in_hbm else 0),
@@ -466,7 +479,7 @@ def measure(b: int, d: int, n_classes: int, *, dtype=torch.bfloat16, form: str =
     events = prof.events()
     windows = [(e.time_range.start, e.time_range.end, e.name.split(".")[1]) for e in events
                if e.name.startswith("cost_model.") and e.device_type == DeviceType.CPU]
-    kernels = ("_cos_kernel", _STREAM, "_dx_kernel", "_dw_kernel", "_row_norms_kernel",
+    kernels = ("_cos_kernel", _STREAM, _RESIDENT, "_dx_kernel", "_dw_kernel", "_row_norms_kernel",
                "_merge_kernel", "_tangent_kernel", "_unit_rows_kernel")
     out: dict = {}
     for e in events:
@@ -500,12 +513,12 @@ def main(argv=None) -> None:
                          "predict with them too, beside the pessimistic and optimistic ones")
     ap.add_argument("--measure", action="store_true",
                     help="on a GPU: per-kernel times (torch.profiler) beside the predictions")
-    ap.add_argument("--persistent", action="store_true",
+    ap.add_argument("--persistent", nargs="?", const="1", choices=["1", "resident"],
                     help=f"count (and measure) the persistent cosine launches ({PERSISTENT_KNOB}"
-                         "=1: fused._cos_stream_kernel)")
+                         "=1: fused._cos_stream_kernel; =resident: fused._cos_resident_kernel)")
     args = ap.parse_args(argv)
     if args.persistent:
-        os.environ[PERSISTENT_KNOB] = "1"  # for the plan and for the op that --measure runs
+        os.environ[PERSISTENT_KNOB] = args.persistent  # the plan's, and the op's (--measure)
     dt = getattr(torch, args.dtype)
     devs = devices(args.inputs)
     for dev in devs:
@@ -515,10 +528,33 @@ def main(argv=None) -> None:
         _print_plan(op, args, dt, devs)
 
 
+def _persistent_configs(d: int, dt) -> dict:
+    """The GPU's FusedConfig at width d with each kind of persistent cosine launch (the
+    knob's value → the configuration), whatever the knob says in this process: "1", and
+    "resident" where the row block fits."""
+    from unitsface_kernels.triton.config import PERSISTENT_KNOB, fused_config
+
+    cuda = torch.device("cuda")
+    before = os.environ.get(PERSISTENT_KNOB)
+    out = {}
+    try:
+        for kind in ("1", "resident"):
+            os.environ[PERSISTENT_KNOB] = kind
+            cfg = fused_config(d, cuda, dt)
+            if kind == "1" or cfg.resident:
+                out[kind] = cfg
+    finally:
+        if before is None:
+            os.environ.pop(PERSISTENT_KNOB)
+        else:
+            os.environ[PERSISTENT_KNOB] = before
+    return out
+
+
 def _print_plan(op: str, args, dt, devs) -> None:
     """The report of one plan at the arguments' shape (and at partial FC, where it applies),
-    and beside it with the persistent cosine launches (unless they are what it counts)."""
-    from unitsface_kernels.triton.config import PERSISTENT_KNOB, fused_config
+    and beside it with the persistent cosine launches of each kind it does not count."""
+    from unitsface_kernels.triton.config import PERSISTENT_KNOB
 
     b, d, c = args.batch, args.dim, args.classes
     count = PLANS[op]
@@ -539,12 +575,13 @@ def _print_plan(op: str, args, dt, devs) -> None:
             title += f", K = {args.sub_centers} sub-centres per class"
         print(report(count(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,
                            g_in_hbm=args.g_in_hbm, **extra), title, devs, measured=measured))
-        if not args.persistent:
-            cfg = fused_config(d, torch.device("cuda"), dt)
+        for kind, config in _persistent_configs(d, dt).items():
+            if kind == args.persistent or args.sub_centers > 1:
+                continue
             streamed = count(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,
-                             g_in_hbm=args.g_in_hbm, config=replace(cfg, persistent=cfg.programs),
-                             **extra)
-            print(f"with persistent cosine launches (--persistent, {PERSISTENT_KNOB}=1): "
+                             g_in_hbm=args.g_in_hbm, config=config, **extra)
+            print(f"with {'x-resident' if kind == 'resident' else 'persistent'} cosine "
+                  f"launches (--persistent {kind}, {PERSISTENT_KNOB}={kind}): "
                   + ", ".join(f"{1e3 * streamed.time(dev):.3f} ms ({dev.name})"
                               for dev in devs))
         if rate < 1.0:

@@ -19,7 +19,8 @@
 #   accuracy   worst loss error / gradient cosine vs the float64 reference, every variant
 #   capture_triton, capture_native   a head step captured in a CUDA graph: replayed vs eager
 #              (equal?), both step times, the launches of an eager step (extras.log)
-#   cost_persistent   cost_triton's table for the cosine tiles from persistent programs
+#   cost_persistent, cost_resident   cost_triton's table for the cosine tiles from persistent
+#              programs (UNITSFACE_TRITON_PERSISTENT=1), and from x-resident ones (=resident)
 #   curve      the benchmark's other class counts (10k; 1M at rate 0.1, dense and sparse_grad)
 #   sweep, fusion, head_step   tuning aids, as time allows
 # Each step's limit is its own (the *_S knobs below), cut to what is left of SUITE_SECONDS;
@@ -176,10 +177,13 @@ if have_ext || [ -n "$DRY_RUN" ]; then
 fi
 
 # ---------------------------------------------------------------------------- as time allows
-# the objective's cosine tiles from persistent programs (UNITSFACE_TRITON_PERSISTENT=1, off by
-# default until this step has timed them): their per-kernel times beside the model's
+# the objective's cosine tiles from persistent programs (UNITSFACE_TRITON_PERSISTENT=1, and
+# =resident: the x row block kept in shared memory; off by default until these steps have
+# timed them): their per-kernel times beside the model's
 run_step cost_persistent 30 "$OUT/cost.log" "$PY" -m benchmarks.cost_model ${INPUTS[@]+"${INPUTS[@]}"} --measure \
   --persistent --op fused_unitsface_loss
+run_step cost_resident 30 "$OUT/cost.log" "$PY" -m benchmarks.cost_model ${INPUTS[@]+"${INPUTS[@]}"} --measure \
+  --persistent resident --op fused_unitsface_loss
 run_step curve 60 "$OUT/extras.log" "$PY" -m benchmarks --out "$OUT" --stem bench --resume \
   --classes 10k 100k 1M --no-check --impl-budget 8 --budget 45
 run_step sweep 40 "$OUT/extras.log" "$PY" -m benchmarks.tile_sweep

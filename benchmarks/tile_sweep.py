@@ -7,7 +7,8 @@ The fused kernels (unitsface_kernels/triton/fused.py) have one tuning per GEMM-s
 (the cosine tiles of the forward and of the backward's recomputation),
 UNITSFACE_TRITON_DW_TILES (∂W = g̃ᵀ·x̂') and UNITSFACE_TRITON_DX_TILES (the split-K ∂x
 product), UNITSFACE_TRITON_CHUNK_MB (the gradient tiles' L2 budget per class chunk) and
-UNITSFACE_TRITON_PERSISTENT=1 (the cosine tiles from persistent programs, one per SM). The
+UNITSFACE_TRITON_PERSISTENT=1 (the cosine tiles from persistent programs, one per SM; =resident
+from persistent programs that keep their x row block in shared memory). The
 sweep times forward + backward in bf16 for each candidate of one knob, the others at their
 defaults, and prints them next to the time of one torch.mm of the cosine GEMM's shape: the
 objective needs 5 such GEMMs of useful work and the kernels do 6 (docs/design.md §2).
@@ -23,10 +24,11 @@ import torch
 from .measure import median_ms
 
 # the defaults first (config.fused_config: the first line times them), then the persistent
-# cosine launches, then one step away from the defaults per knob
+# cosine launches of both kinds, then one step away from the defaults per knob
 CANDIDATES = [
     ("UNITSFACE_TRITON_COS_TILES", "128,128,64,8,3"),
     ("UNITSFACE_TRITON_PERSISTENT", "1"),
+    ("UNITSFACE_TRITON_PERSISTENT", "resident"),
     ("UNITSFACE_TRITON_COS_TILES", "128,256,64,8,3"),
     ("UNITSFACE_TRITON_COS_TILES", "128,128,64,8,4"),
     ("UNITSFACE_TRITON_DW_TILES", "128,128,64,8,3"),

@@ -170,26 +170,28 @@ class _TorchOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("op,form,persistent", [("fused_unitsface_loss", "pairs", False),
-                                                ("fused_unitsface_loss", "lse", False),
-                                                ("fused_uss_loss", "lse", False),
-                                                ("fused_uss_loss_inbatch", "pairs", False),
-                                                ("fused_unitsface_loss", "pairs", True),
-                                                ("fused_uss_loss", "lse", True)])
+@pytest.mark.parametrize("op,form,persistent", [("fused_unitsface_loss", "pairs", "0"),
+                                                ("fused_unitsface_loss", "lse", "0"),
+                                                ("fused_uss_loss", "lse", "0"),
+                                                ("fused_uss_loss_inbatch", "pairs", "0"),
+                                                ("fused_unitsface_loss", "pairs", "1"),
+                                                ("fused_uss_loss", "lse", "1"),
+                                                ("fused_unitsface_loss", "lse", "resident"),
+                                                ("fused_uss_loss", "pairs", "resident")])
 def test_model_follows_the_launches(op, form, persistent, monkeypatch):
     """The model's launches and FLOPs of every Triton kernel are those that the op makes
     (here under the interpreter's configuration, with a program per cosine tile or with
-    persistent programs), forward and backward, and its "torch" rows hold the tensor
-    operations that the host code dispatches (the Triton host functions called as the op's
-    autograd calls them)."""
+    persistent programs of either kind), forward and backward, and its "torch" rows hold the
+    tensor operations that the host code dispatches (the Triton host functions called as the
+    op's autograd calls them)."""
     from unitsface_kernels import options
     from unitsface_kernels.triton import finish, fused, norms, uss_loss
     from unitsface_kernels.triton.config import PERSISTENT_KNOB, fused_config
 
-    monkeypatch.setenv(PERSISTENT_KNOB, str(int(persistent)))
+    monkeypatch.setenv(PERSISTENT_KNOB, persistent)
+    streams = ("_cos_stream_kernel", "_cos_resident_kernel")
     log = []
-    for mod, names in ((fused, ("_cos_kernel", "_cos_stream_kernel", "_dx_kernel",
-                                "_dw_kernel")),
+    for mod, names in ((fused, ("_cos_kernel", *streams, "_dx_kernel", "_dw_kernel")),
                        (norms, ("_row_norms_kernel",)),
                        (finish, ("_merge_kernel", "_tangent_kernel", "_unit_rows_kernel"))):
         for name in names:
@@ -231,15 +233,17 @@ def test_model_follows_the_launches(op, form, persistent, monkeypatch):
     for name, grid, kw in log:
         n, flops = launched.get(name, (0, 0))
         tile, tiles = 0, math.prod(grid)
-        if name in ("_cos_kernel", "_cos_stream_kernel", "_dw_kernel"):
+        if name in ("_cos_kernel", *streams, "_dw_kernel"):
             k = (b if name == "_dw_kernel" else d)
             tile = 2 * kw["BLOCK_M"] * kw["BLOCK_N"] * math.ceil(k / kw["BK"]) * kw["BK"]
-        if name == "_cos_stream_kernel":  # every tile of the chunk, whatever the programs
+        if name in streams:  # every tile of the chunk, whatever the programs
             tiles = kw["n_row_blocks"] * math.ceil(kw["n_cols"] / kw["BLOCK_N"])
             assert math.prod(grid) <= tiles
             several |= math.prod(grid) < tiles  # programs that run more than one tile
         launched[name] = (n + 1, flops + tile * tiles)
-    assert ("_cos_stream_kernel" in launched) == several == persistent
+    kind = {"1": "_cos_stream_kernel", "resident": "_cos_resident_kernel"}.get(persistent)
+    assert [s for s in streams if s in launched] == ([kind] if kind else [])
+    assert several == (kind is not None) and ("_cos_kernel" in launched) == (kind is None)
     for name, (n, flops) in launched.items():
         kernels = [k for k in m.kernels if k.name == name]
         assert sum(k.launches for k in kernels) == n, (name, n)

@@ -9,10 +9,10 @@ import dataclasses
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from unitsface_kernels.triton.config import (FUSED_KNOBS, PERSISTENT_KNOB,  # noqa: E402
-                                             GemmTiles, fused_config, plan)
+                                             RESIDENT_BYTES, GemmTiles, fused_config, plan)
 
 DEVICES = [torch.device("cuda"), torch.device("cpu")]  # configs only: no GPU is touched
 KNOBS = ["UNITSFACE_TRITON_CHUNK_MB", PERSISTENT_KNOB, *FUSED_KNOBS.values()]
@@ -115,11 +115,40 @@ def test_bad_override_names_the_knob(monkeypatch, value, match):
 @pytest.mark.parametrize("device", DEVICES, ids=str)
 def test_persistent_knob(monkeypatch, device):
     """Off by default; on, one program per SM (the interpreter's 2: fewer than the tests'
-    tiles, so that a program runs several); anything else names the knob."""
-    assert fused_config(512, device, torch.bfloat16).persistent == 0
+    tiles, so that a program runs several), the cosine kernel's tiles kept; with K > 1
+    sub-centres a program per tile; anything else names the knob."""
+    default = fused_config(512, device, torch.bfloat16)
+    assert default.persistent == 0 and not default.resident
     monkeypatch.setenv(PERSISTENT_KNOB, "1")
     cfg = fused_config(512, device, torch.bfloat16)
     assert cfg.persistent == (cfg.programs if device.type == "cuda" else 2) > 0
+    assert cfg.cos == default.cos and not cfg.resident
+    assert fused_config(512, device, torch.bfloat16, sub_centres=3) == default
     monkeypatch.setenv(PERSISTENT_KNOB, "yes")
-    with pytest.raises(ValueError, match=f"{PERSISTENT_KNOB}='yes': expected 0 or 1"):
+    with pytest.raises(ValueError, match=f"{PERSISTENT_KNOB}='yes': expected 0, 1 or resident"):
         fused_config(512, device, torch.bfloat16)
+
+
+@pytest.mark.parametrize("d,dtype,fits", [
+    (512, torch.bfloat16, True), (512, torch.float16, True), (130, torch.bfloat16, True),
+    (513, torch.bfloat16, False), (1024, torch.float16, False), (512, torch.float32, False)])
+def test_resident_knob(monkeypatch, d, dtype, fits):
+    """=resident on a GPU: the x-resident tiles (128 rows × 32 columns, one K step over D
+    rounded up to a power of two) where the row block fits in RESIDENT_BYTES and the dtype
+    takes 2 bytes, else the persistent launches of =1 with the cosine kernel's tiles; with
+    K > 1 sub-centres a program per tile. Under the interpreter always (32 × 16 tiles)."""
+    cuda = torch.device("cuda")
+    default = fused_config(d, cuda, dtype)
+    monkeypatch.setenv(PERSISTENT_KNOB, "resident")
+    cfg = fused_config(d, cuda, dtype)
+    assert cfg.persistent == cfg.programs > 0
+    dp = triton.next_power_of_2(d)
+    if fits:
+        assert cfg.resident and cfg.cos == GemmTiles(128, 32, dp, 8, 3)
+        assert 128 * dp * dtype.itemsize <= RESIDENT_BYTES
+    else:
+        assert not cfg.resident and cfg.cos == default.cos
+    assert cfg.dw == default.dw and cfg.dx == default.dx
+    assert fused_config(d, cuda, dtype, sub_centres=2) == default
+    interp = fused_config(d, torch.device("cpu"), dtype)
+    assert interp.resident and interp.cos == GemmTiles(32, 16, max(16, dp), 4, 1)

@@ -23,12 +23,14 @@ forms ∂ref). The D=512 cases also compile the objective's other forms and opti
 the lse form, straight-through with the pairs form and the clamp, the easy margin), and the
 margin family's cosine kernels (`… margins`: curricular negatives with the inter-class filter
 and per-row margins, AdaFace's angle clip, K = 3 and K = 2 sub-centres; docs/design.md §1.5);
-the bf16 variants also the persistent cosine launches (fused._cos_stream_kernel) of
-:data:`PERSISTENT_FORMS`. The finishing kernels (triton/finish.py: the statistics' merge,
+the bf16 variants also the persistent cosine launches of :data:`PERSISTENT_FORMS`
+(fused._cos_stream_kernel, and fused._cos_resident_kernel, whose shared memory must hold the
+resident x row block beside two reference buffers: the compiler kept the block out of the
+loop and pipelines the reference tiles). The finishing kernels (triton/finish.py: the statistics' merge,
 ∂x's projection, x̂') and the row norms compile beside them. Every kernel, in every form and
 case compiled here, must spill nothing (no spill store, so no spill instruction inside a loop
 either), and at the headline (bf16 and fp16, D = 512) every kernel with a product must run it
-on wgmma with N ≥ 128, under both tritons (issue 24: the cosine kernel's epilogues run a
+on wgmma with N ≥ 128 (the resident cosine tiles: N = their 32 columns), under both tritons (issue 24: the cosine kernel's epilogues run a
 quarter of a column tile at a time, fused.PARTS).
 """
 
@@ -224,17 +226,28 @@ def finish_kernels(dtype, d, launch):
          False)]
 
 
-def persistent_kernels(kernels):
-    """The persistent launches (FusedConfig.persistent: fused._cos_stream_kernel, one per
-    matrix) of the cosine kernels among `kernels` with K = 1, (label, kernel, constexprs,
-    tiles, is_product) as they are."""
-    from unitsface_kernels.triton import fused
+def persistent_kernels(kernels, dtype, d):
+    """The persistent launches (FusedConfig.persistent, one per matrix: fused._cos_stream_kernel
+    with the cosine kernel's tiles, and fused._cos_resident_kernel with config.resident_tiles)
+    of the cosine kernels among `kernels` with K = 1, (label, kernel, constexprs, tiles,
+    is_product) as they are."""
+    import triton
 
-    return [(f"{name} persistent {kind}", fused._cos_stream_kernel,
-             dict(flags, W_PROGS=kind == "W", BANK_PROGS=kind == "bank"), launch, product)
+    from unitsface_kernels.triton import fused
+    from unitsface_kernels.triton.config import resident_tiles
+
+    res = resident_tiles(max(16, triton.next_power_of_2(d)), torch.device("cuda"), dtype)
+    forms = [("persistent", fused._cos_stream_kernel, None),
+             ("resident", fused._cos_resident_kernel, res)]
+    return [(f"{name} {form} {kind}", stream,
+             dict(flags, W_PROGS=kind == "W", BANK_PROGS=kind == "bank",
+                  **({} if tiles is None else dict(BLOCK_M=tiles.block_m,
+                                                   BLOCK_N=tiles.block_n, BK=tiles.bk))),
+             tiles or launch, product)
             for name, kernel, flags, launch, product in kernels
             if kernel is fused._cos_kernel and flags["K"] == 1
-            for kind, on in (("W", flags["W_PROGS"]), ("bank", flags["BANK_PROGS"])) if on]
+            for kind, on in (("W", flags["W_PROGS"]), ("bank", flags["BANK_PROGS"])) if on
+            for form, stream, tiles in forms if form == "persistent" or res is not None]
 
 
 PERSISTENT_FORMS = {"fwd cosface+pairs", "bwd cosface+pairs", "bwd arc-easy+lse+clamp",
@@ -274,7 +287,8 @@ def compile_all(dtype, d, variants=""):
             for step, kernel, flags, launch, product in fused_kernels(dtype, d, options):
                 kernels.append((f"{step} {name}".strip(), kernel, flags, launch, product))
         if variants and dtype == torch.bfloat16:
-            kernels += persistent_kernels([k for k in kernels if k[0] in PERSISTENT_FORMS])
+            kernels += persistent_kernels([k for k in kernels if k[0] in PERSISTENT_FORMS],
+                                          dtype, d)
         small = SimpleNamespace(num_warps=4, num_stages=3)
         kernels.append(("", norms._row_norms_kernel,
                         dict(HAS_INDEX=True, BLOCK_R=32, BLOCK_D=256, XT=TL_DTYPES[dtype],
@@ -289,14 +303,21 @@ def compile_all(dtype, d, variants=""):
         mma = ", ".join(sorted(report["mma"])) or "no MMA"
         print(f"{label}: {shared} bytes of shared memory; {report['text']}; {mma}", flush=True)
         assert shared <= SMEM_LIMIT, (label, shared)
+        if kernel.fn.__name__ == "_cos_resident_kernel":
+            e = dtype.itemsize
+            resident = (flags["BLOCK_M"] + 2 * flags["BLOCK_N"]) * flags["BK"] * e
+            if shared < resident:
+                problems.append(f"{label}: {shared} bytes of shared memory, less than the x "
+                                f"row block and two reference buffers ({resident})")
         if report["spill_bytes"] != 0 or report["spills_in_loops"]:
             problems.append(f"{label}: {report['spill_bytes']} bytes of spill stores, "
                             f"{report['spills_in_loops']} spill instructions inside loops")
         if (dtype, d) in HEADLINE and kernel.fn.__name__ not in NO_MMA:
-            narrow = [m for m in report["mma"] if not _wgmma_n(m) or _wgmma_n(m) < 128]
+            n_min = 128 if kernel.fn.__name__ != "_cos_resident_kernel" else flags["BLOCK_N"]
+            narrow = [m for m in report["mma"] if not _wgmma_n(m) or _wgmma_n(m) < n_min]
             if not report["mma"] or narrow:
                 problems.append(f"{label}: matrix instructions {sorted(report['mma'])} "
-                                "(wanted wgmma with N ≥ 128)")
+                                f"(wanted wgmma with N ≥ {n_min})")
     assert not problems, "\n".join(problems)
 
 

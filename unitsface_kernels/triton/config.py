@@ -10,7 +10,7 @@ The three kernels of fused.py have their own tiles: the cosine tiles (K = D), th
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -44,7 +44,10 @@ class FusedConfig:
     programs: how many programs the split-K ∂x product aims for (one wave); splits: a fixed
         split count instead (the interpreter's);
     persistent: the cosine tiles from at most this many persistent programs
-        (fused._cos_stream_kernel; K = 1), 0: a program per tile (fused._cos_kernel)."""
+        (fused._cos_stream_kernel; K = 1), 0: a program per tile (fused._cos_kernel);
+    resident: with `persistent`, programs that keep their x row block resident
+        (fused._cos_resident_kernel; `cos` is then its tiles, bk the width D rounded up to a
+        power of two; about `persistent` programs, a multiple of the row blocks)."""
 
     cos: GemmTiles
     dw: GemmTiles
@@ -54,6 +57,7 @@ class FusedConfig:
     programs: int = 0
     splits: int = 0
     persistent: int = 0
+    resident: bool = False
 
     @property
     def granule(self) -> int:
@@ -66,15 +70,37 @@ FUSED_KNOBS = {"cos": "UNITSFACE_TRITON_COS_TILES", "dw": "UNITSFACE_TRITON_DW_T
 """Tuning knobs of the fused kernels: "block_m,block_n,bk,num_warps,num_stages" (powers of two
 but num_stages); UNITSFACE_TRITON_CHUNK_MB sets chunk_bytes; UNITSFACE_TRITON_PERSISTENT=1
 runs the cosine tiles from persistent programs, one per SM (2 under the interpreter, so that
-a program takes several tiles)."""
+a program takes several tiles), =resident from persistent programs that keep their x row
+block resident in shared memory (where it fits: :func:`resident_tiles`; else as =1)."""
 PERSISTENT_KNOB = "UNITSFACE_TRITON_PERSISTENT"
 
 
-def _persistent(programs: int) -> int:
+RESIDENT_BYTES = 128 << 10
+"""The largest x row block (BLOCK_M × D rounded up, in x's dtype) that a resident program
+keeps in shared memory: with its two or three 32-column reference buffers, 192–224 KB of the
+227 KB a block may take on an H100 or H200."""
+
+
+def _persistent(programs: int) -> tuple[int, bool]:
+    """(FusedConfig.persistent, whether the resident form is asked for) from
+    :data:`PERSISTENT_KNOB`."""
     value = os.environ.get(PERSISTENT_KNOB, "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"{PERSISTENT_KNOB}={value!r}: expected 0 or 1")
-    return programs if value == "1" else 0
+    if value not in ("0", "1", "resident"):
+        raise ValueError(f"{PERSISTENT_KNOB}={value!r}: expected 0, 1 or resident")
+    return (programs if value != "0" else 0), value == "resident"
+
+
+def resident_tiles(dp: int, device: torch.device, dtype: torch.dtype) -> GemmTiles | None:
+    """The tiles of the resident cosine programs at padded width dp, or None where the row
+    block would not fit in :data:`RESIDENT_BYTES` (or the dtype is fp32 on a GPU: its FMA
+    products hold their operands in registers). sm_90, D = 512, bf16 and fp16
+    (tests/test_triton_compile.py): 128 rows × 32 columns with 8 warps (wgmma m64n32k16,
+    both operands from shared memory), 3 stages (two reference buffers in flight)."""
+    if device.type != "cuda":
+        return GemmTiles(32, 16, dp, 4, 1)  # the interpreter's: several tiles per row block
+    if dtype.itemsize != 2 or 128 * dp * dtype.itemsize > RESIDENT_BYTES:
+        return None
+    return GemmTiles(128, 32, dp, 8, 3)
 
 
 def _gemm_override(name: str, dp: int) -> GemmTiles | None:
@@ -94,8 +120,10 @@ def _gemm_override(name: str, dp: int) -> GemmTiles | None:
     return GemmTiles(bm, bn, bk, warps, stages)
 
 
-def fused_config(d: int, device: torch.device, dtype: torch.dtype) -> FusedConfig:
-    """Tiles of the fused kernels for embedding width d.
+def fused_config(d: int, device: torch.device, dtype: torch.dtype,
+                 sub_centres: int = 1) -> FusedConfig:
+    """Tiles of the fused kernels for embedding width d and K = sub_centres rows per class
+    (the persistent cosine launches are for K = 1: with K > 1, a program per tile).
 
     GPU defaults (2-byte dtypes) from the sm_90 compile (ptxas's report with triton 3.6 and
     3.8, tests/test_triton_compile.py: no spill in any form; not yet timed on a GPU):
@@ -106,14 +134,16 @@ def fused_config(d: int, device: torch.device, dtype: torch.dtype) -> FusedConfi
     fp32 (exact products on the FMA units, no TF32): 64 × 64 tiles, K steps of 32; the
     cosine tiles with 8 warps and K steps of 16 (the FMA dot holds its operand tiles in
     registers: with 4 warps, or K steps of 32, the epilogues spilled 8–52 bytes).
-    Tuning knobs: :data:`FUSED_KNOBS`, UNITSFACE_TRITON_CHUNK_MB, :data:`PERSISTENT_KNOB`."""
+    Tuning knobs: :data:`FUSED_KNOBS`, UNITSFACE_TRITON_CHUNK_MB, :data:`PERSISTENT_KNOB`
+    (with =resident the cosine tiles are :func:`resident_tiles`, where the row block fits)."""
     dp = max(16, triton.next_power_of_2(d))
     if device.type != "cuda":
         # Under the interpreter: small tiles so that the tests' odd shapes (37 rows, 53 or 301
         # classes, D = 70) run the K loops' partial last steps, several chunks (the last one
         # partial), split-K slices that are empty in the last chunk, several feature tiles.
         t = GemmTiles(32, 32, 32, 4, 1)
-        return FusedConfig(t, t, t, chunk=128, splits=2, persistent=_persistent(2))
+        return _with_persistent(FusedConfig(t, t, t, chunk=128, splits=2), 2, dp, device,
+                                dtype, sub_centres)
     esize = dtype.itemsize
     if esize == 2:
         bk = min(dp, 64)
@@ -134,8 +164,21 @@ def fused_config(d: int, device: torch.device, dtype: torch.dtype) -> FusedConfi
         raise ValueError(f"UNITSFACE_TRITON_CHUNK_MB={chunk_mb!r} must be positive")
     sms = (torch.cuda.get_device_properties(device).multi_processor_count
            if torch.cuda.is_available() else 132)
-    return FusedConfig(**tiles, chunk_bytes=chunk_bytes, programs=sms,
-                       persistent=_persistent(sms))
+    return _with_persistent(FusedConfig(**tiles, chunk_bytes=chunk_bytes, programs=sms), sms,
+                            dp, device, dtype, sub_centres)
+
+
+def _with_persistent(cfg: FusedConfig, programs: int, dp: int, device: torch.device,
+                     dtype: torch.dtype, sub_centres: int) -> FusedConfig:
+    """cfg with the persistent cosine launches that :data:`PERSISTENT_KNOB` asks for (K = 1):
+    at most `programs` programs, resident ones (with their tiles) where the row block fits."""
+    persistent, resident = _persistent(programs)
+    if sub_centres != 1:
+        return cfg
+    tiles = resident_tiles(dp, device, dtype) if resident else None
+    if tiles is None:
+        return replace(cfg, persistent=persistent)
+    return replace(cfg, cos=tiles, persistent=persistent, resident=True)
 
 
 def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
@@ -182,10 +225,11 @@ class Plan:
 
 
 def plan(b: int, n_cls: int, d: int, dtype: torch.dtype, device: torch.device, g_buffers: int,
-         config: FusedConfig | None = None) -> Plan:
-    """Chunks and split-K slices of a call with B = b rows, |S| = n_cls classes, width d, that
-    keeps `g_buffers` gradient tiles (B × chunk each) per chunk (0: one chunk, all of S)."""
-    cfg = config or fused_config(d, device, dtype)
+         config: FusedConfig | None = None, sub_centres: int = 1) -> Plan:
+    """Chunks and split-K slices of a call with B = b rows, |S| = n_cls classes (K =
+    sub_centres rows each), width d, that keeps `g_buffers` gradient tiles (B × chunk each)
+    per chunk (0: one chunk, all of S)."""
+    cfg = config or fused_config(d, device, dtype, sub_centres)
     n_cls = max(1, n_cls)
     granule = cfg.granule
     if g_buffers == 0:

@@ -570,6 +570,38 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
 
 
 @triton.jit
+def _matrix_epilogue(dots, nw_ptr, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr,
+                     lse_ptr, ustats_ptr, rt_ptr, rowp_ptr, colp_ptr, gw_ptr, gb_ptr, rows,
+                     row_ok, inv_x, y, cols, col_ok, cls, B, S, tile, col0, n_cols, tile0, rb,
+                     g_stride, scale, m3, cos_m2, sin_m2, mm, tau, uss_m, uss_w, eps,
+                     BACKWARD: tl.constexpr, W_PROGS: tl.constexpr, STORE_GW: tl.constexpr,
+                     COL_H: tl.constexpr, STORE_GB: tl.constexpr, ROW_GB: tl.constexpr,
+                     COL_GB: tl.constexpr, COL_HB: tl.constexpr, HAS_INDEX: tl.constexpr,
+                     HAS_LABELS: tl.constexpr, IN_BATCH: tl.constexpr, ARC: tl.constexpr,
+                     ST: tl.constexpr, EASY: tl.constexpr, ROW_MARGINS: tl.constexpr,
+                     NO_FALLBACK: tl.constexpr, ANGLE_CLIP: tl.constexpr,
+                     CURRICULAR: tl.constexpr, FILTER: tl.constexpr, USS_LSE: tl.constexpr,
+                     USS_CLAMP: tl.constexpr, HAS_VALID: tl.constexpr,
+                     VECTOR_BIAS: tl.constexpr, SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
+    """The epilogue of one tile of a persistent launch (one matrix, K = 1: W_PROGS, else the
+    bank's): :func:`_softmax_part` or :func:`_uss_part` on its raw dots."""
+    if W_PROGS:
+        _softmax_part(dots, inv_norm_of(nw_ptr, cols, col_ok, eps), nw_ptr, idx_ptr, go_ptr,
+                      lse_ptr, rt_ptr, rowp_ptr, colp_ptr, gw_ptr, rows, row_ok, inv_x, y,
+                      cols, col_ok, cls, B, S, tile, col0, n_cols, tile0 + tile, rb, g_stride,
+                      scale, m3, cos_m2, sin_m2, mm, tau, eps, BACKWARD, STORE_GW, COL_H,
+                      HAS_INDEX, ARC, ST, EASY, ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP,
+                      CURRICULAR, FILTER, SCALE_G, BLOCK_M, BLOCK_N, XT, UPCAST)
+    else:
+        _uss_part(dots, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr, ustats_ptr,
+                  rowp_ptr, colp_ptr, gb_ptr, rows, row_ok, inv_x, y, B, S, tile, col0, n_cols,
+                  tile0 + tile, rb, g_stride, scale, uss_m, uss_w, eps, BACKWARD, STORE_GB,
+                  ROW_GB, COL_GB, COL_HB, HAS_INDEX, HAS_LABELS, IN_BATCH, USS_LSE, USS_CLAMP,
+                  HAS_VALID, VECTOR_BIAS, SCALE_G, BLOCK_M, BLOCK_N, XT, UPCAST)
+
+
+@triton.jit
 def _cos_stream_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, lab_ptr,
                        valid_ptr, bias_ptr, go_ptr, lse_ptr, ustats_ptr, rt_ptr, rowp_ptr,
                        colp_ptr, gw_ptr, gb_ptr, B, S, D, col0, n_cols, n_row_blocks, tile0,
@@ -619,22 +651,76 @@ def _cos_stream_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, id
             row_ok, inv_x, y = row_block(nx_ptr, y_ptr, rows, B, eps)
             if not HAS_LABELS:
                 y = y.to(tl.int32)
-            if W_PROGS:
-                _softmax_part(acc, inv_norm_of(nw_ptr, cols, col_ok, eps), nw_ptr, idx_ptr,
-                              go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr, gw_ptr, rows, row_ok,
-                              inv_x, y, cols, col_ok, cls, B, S, tile, col0, n_cols,
-                              tile0 + tile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau,
-                              eps, BACKWARD, STORE_GW, COL_H, HAS_INDEX, ARC, ST, EASY,
-                              ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER,
-                              SCALE_G, BLOCK_M, BLOCK_N, XT, UPCAST)
-            else:
-                _uss_part(acc, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr,
-                          ustats_ptr, rowp_ptr, colp_ptr, gb_ptr, rows, row_ok, inv_x, y, B, S,
-                          tile, col0, n_cols, tile0 + tile, rb, g_stride, scale, uss_m, uss_w,
-                          eps, BACKWARD, STORE_GB, ROW_GB, COL_GB, COL_HB, HAS_INDEX,
-                          HAS_LABELS, IN_BATCH, USS_LSE, USS_CLAMP, HAS_VALID, VECTOR_BIAS,
-                          SCALE_G, BLOCK_M, BLOCK_N, XT, UPCAST)
+            _matrix_epilogue(
+                acc, nw_ptr, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr, lse_ptr,
+                ustats_ptr, rt_ptr, rowp_ptr, colp_ptr, gw_ptr, gb_ptr, rows, row_ok, inv_x, y,
+                cols, col_ok, cls, B, S, tile, col0, n_cols, tile0, rb, g_stride, scale, m3,
+                cos_m2, sin_m2, mm, tau, uss_m, uss_w, eps, BACKWARD, W_PROGS, STORE_GW, COL_H,
+                STORE_GB, ROW_GB, COL_GB, COL_HB, HAS_INDEX, HAS_LABELS, IN_BATCH, ARC, ST,
+                EASY, ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER, USS_LSE,
+                USS_CLAMP, HAS_VALID, VECTOR_BIAS, SCALE_G, BLOCK_M, BLOCK_N, XT, UPCAST)
             acc = tl.zeros((BLOCK_M, BLOCK_N), nx_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _cos_resident_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr,
+                         lab_ptr, valid_ptr, bias_ptr, go_ptr, lse_ptr, ustats_ptr, rt_ptr,
+                         rowp_ptr, colp_ptr, gw_ptr, gb_ptr, B, S, D, col0, n_cols,
+                         n_row_blocks, tile0, g_stride, scale, m3, cos_m2, sin_m2, mm, tau,
+                         uss_m, uss_w, eps, BACKWARD: tl.constexpr, W_PROGS: tl.constexpr,
+                         BANK_PROGS: tl.constexpr, STORE_GW: tl.constexpr,
+                         COL_H: tl.constexpr, STORE_GB: tl.constexpr, ROW_GB: tl.constexpr,
+                         COL_GB: tl.constexpr, COL_HB: tl.constexpr, HAS_INDEX: tl.constexpr,
+                         HAS_LABELS: tl.constexpr, IN_BATCH: tl.constexpr,
+                         ARC: tl.constexpr, ST: tl.constexpr, EASY: tl.constexpr,
+                         ROW_MARGINS: tl.constexpr, NO_FALLBACK: tl.constexpr,
+                         ANGLE_CLIP: tl.constexpr, CURRICULAR: tl.constexpr,
+                         FILTER: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                         USS_LSE: tl.constexpr, USS_CLAMP: tl.constexpr,
+                         HAS_VALID: tl.constexpr, VECTOR_BIAS: tl.constexpr,
+                         SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BK: tl.constexpr, XT: tl.constexpr,
+                         UPCAST: tl.constexpr):
+    """:func:`_cos_kernel`'s tiles (its arguments, the same epilogues) from persistent
+    programs that keep their x row block resident while the reference tiles stream past it
+    (ONE matrix, K = 1): the launch is P = n_row_blocks · L programs, program p owns the
+    row block p mod n_row_blocks and takes its column tiles l, l + L, l + 2L, … (l = p div
+    n_row_blocks: a wave's programs read the same column tiles, which stay in L2 while every
+    row block reads them). BK covers all of D (a power of two ≥ D): the row block is loaded
+    once, before the loop, and each tile is ONE product over the whole width, so the
+    compiler keeps the block in shared memory for the whole program and pipelines only the
+    reference tiles (sm_90, BLOCK_M = 128, BLOCK_N = 32, D = 512, bf16: 128 KB resident,
+    two 32 KB reference buffers). L2 then serves each reference tile once per row block and
+    the row block once per program: BLOCK_M FLOP per byte instead of
+    BLOCK_M·BLOCK_N/(BLOCK_M + BLOCK_N) (docs/design.md §2)."""
+    tl.static_assert(K == 1, "a persistent launch has no sub-centres")
+    tl.static_assert(W_PROGS != BANK_PROGS, "a persistent launch streams one matrix")
+    pid = tl.program_id(0)
+    lanes = tl.num_programs(0) // n_row_blocks
+    rb = pid % n_row_blocks
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok, inv_x, y = row_block(nx_ptr, y_ptr, rows, B, eps)
+    if not HAS_LABELS:
+        y = y.to(tl.int32)
+    x_block = rows_chunk(x_ptr, rows, row_ok, D, 0, BK, XT, UPCAST)
+    for tile in range(pid // n_row_blocks, tl.cdiv(n_cols, BLOCK_N), lanes):
+        cols, col_ok, cls = _columns(tile * BLOCK_N + tl.arange(0, BLOCK_N), col0, n_cols,
+                                     idx_ptr, HAS_INDEX)
+        if W_PROGS:
+            r_tile = rows_chunk(w_ptr, cls, col_ok, D, 0, BK, XT, UPCAST)
+        else:
+            r_tile = rows_chunk(bank_ptr, cls, ref_rows_ok(valid_ptr, cls, col_ok, HAS_VALID),
+                                D, 0, BK, XT, UPCAST)
+        dots = mma(x_block, tl.trans(r_tile), tl.zeros((BLOCK_M, BLOCK_N),
+                                                       nx_ptr.dtype.element_ty))
+        _matrix_epilogue(
+            dots, nw_ptr, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr, lse_ptr,
+            ustats_ptr, rt_ptr, rowp_ptr, colp_ptr, gw_ptr, gb_ptr, rows, row_ok, inv_x, y,
+            cols, col_ok, cls, B, S, tile, col0, n_cols, tile0, rb, g_stride, scale, m3,
+            cos_m2, sin_m2, mm, tau, uss_m, uss_w, eps, BACKWARD, W_PROGS, STORE_GW, COL_H,
+            STORE_GB, ROW_GB, COL_GB, COL_HB, HAS_INDEX, HAS_LABELS, IN_BATCH, ARC, ST, EASY,
+            ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER, USS_LSE, USS_CLAMP,
+            HAS_VALID, VECTOR_BIAS, SCALE_G, BLOCK_M, BLOCK_N, XT, UPCAST)
 
 
 @triton.jit
@@ -862,13 +948,18 @@ def cos_launch(p: Plan, s: Sweep, go, lse, ustats, rowp, colp, gw, gb, col0, n_c
                backward, w_progs, bank_progs, store_gw=False, col_h=False, store_gb=False,
                row_gb=False, col_gb=False, col_hb=False):
     """The cosine tiles of the columns [col0, col0 + n_cols): one _cos_kernel launch (see its
-    doc), or with FusedConfig.persistent (K = 1) a _cos_stream_kernel launch per matrix, W
-    first, of at most that many programs (one kernel streaming both matrices would hold both
-    loops' pipeline buffers: 130 KB of shared memory, and it spilled under triton 3.6)."""
+    doc), or with FusedConfig.persistent (K = 1 only: config.fused_config decides) a
+    _cos_stream_kernel launch per matrix, W first, of at most that many programs (one kernel
+    streaming both matrices would hold both loops' pipeline buffers: 130 KB of shared memory,
+    and it spilled under triton 3.6); with FusedConfig.resident a _cos_resident_kernel launch
+    per matrix instead, of :func:`resident_programs`."""
     t = p.config.cos
     tiles = p.row_blocks * triton.cdiv(n_cols, t.block_n)
-    if p.config.persistent and s.flags["K"] == 1:
-        launches = [(_cos_stream_kernel, (min(tiles, p.config.persistent),), w, not w)
+    if p.config.persistent:
+        kernel, progs = ((_cos_resident_kernel, resident_programs(p, n_cols))
+                         if p.config.resident else
+                         (_cos_stream_kernel, min(tiles, p.config.persistent)))
+        launches = [(kernel, (progs,), w, not w)
                     for w, on in ((True, w_progs), (False, bank_progs)) if on]
     else:
         launches = [(_cos_kernel, (tiles * (s.flags["KP"] * int(w_progs) + int(bank_progs)),),
@@ -882,6 +973,14 @@ def cos_launch(p: Plan, s: Sweep, go, lse, ustats, rowp, colp, gw, gb, col0, n_c
             STORE_GB=store_gb, ROW_GB=row_gb, COL_GB=col_gb, COL_HB=col_hb, BLOCK_M=t.block_m,
             BLOCK_N=t.block_n, BK=t.bk, num_warps=t.num_warps, num_stages=t.num_stages,
             **s.flags)
+
+
+def resident_programs(p: Plan, n_cols: int) -> int:
+    """The programs of a resident launch over n_cols columns: L per row block, L the most
+    that keeps the launch within FusedConfig.persistent (at least 1: more row blocks than
+    that run in waves) and no more than the column tiles."""
+    lanes = max(1, p.config.persistent // p.row_blocks)
+    return p.row_blocks * min(lanes, triton.cdiv(n_cols, p.config.cos.block_n))
 
 
 def dw_launch(p: Plan, s: Sweep, g, xg, r, nr, has_valid, cpart, dr, col0, n_cols,
@@ -943,7 +1042,7 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows
                          nw, nb)
     acc = nx.dtype
     uss_rows = bool(row_grads) and has_uss and not o.uss_lse
-    p = plan(bsz, s.columns, d, x.dtype, x.device, 1 if uss_rows else 0)
+    p = plan(bsz, s.columns, d, x.dtype, x.device, 1 if uss_rows else 0, sub_centres=o.k)
     kp = s.flags["KP"]  # the W programs' slots of fpart per column tile (sub-tiles)
     fpart = torch.empty(p.class_tiles * kp, N_FP, bsz, dtype=acc, device=x.device)
     gb = torch.empty(bsz, p.chunk if uss_rows else 0, dtype=out_dtype(x.dtype), device=x.device)
@@ -995,7 +1094,8 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
     row_gb = has_uss and need_db and not vector_bias and not fwd_rows
     col_gb = has_uss and need_db and vector_bias
     bank_progs = store_gb or row_gb or col_gb
-    p = plan(bsz, n_cls, d, x.dtype, x.device, k * int(w_progs) + int(store_gb))
+    p = plan(bsz, n_cls, d, x.dtype, x.device, k * int(w_progs) + int(store_gb),
+             sub_centres=k)
     dev = x.device
     gw = torch.empty(bsz, p.chunk * k if w_progs else 0, dtype=out_dtype(x.dtype), device=dev)
     gb = torch.empty(bsz, p.chunk if store_gb else 0, dtype=out_dtype(x.dtype), device=dev)
