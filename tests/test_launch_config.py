@@ -85,6 +85,25 @@ def test_headline_plan():
     assert (p.n_chunks, p.chunk, p.splits, p.dx_tiles) == (4, 25088, 16, 8)
 
 
+@pytest.mark.parametrize("b,programs", [(512, 132), (100, 132), (4096, 128), (20_000, 157)])
+def test_headline_resident_launch(monkeypatch, b, programs):
+    """The x-resident launch on 132 SMs: L programs per row block of 128 (132 at B = 512, 33
+    per block; 128 at B = 4096, 4 per block; past 132 row blocks one per block, in waves),
+    every one with column tiles to take."""
+    from unitsface_kernels.triton.fused import resident_programs
+
+    cuda = torch.device("cuda")
+    monkeypatch.setenv(PERSISTENT_KNOB, "resident")
+    cfg = dataclasses.replace(fused_config(512, cuda, torch.bfloat16), programs=132,
+                              persistent=132)
+    p = plan(b, 100_000, 512, torch.bfloat16, cuda, 1, config=cfg)
+    assert p.config.resident and p.row_blocks == -(-b // 128)
+    assert resident_programs(p, p.chunk) == programs
+    assert resident_programs(p, p.chunk) % p.row_blocks == 0
+    # 40 columns are 2 tiles of 32: at most 2 programs per row block
+    assert resident_programs(p, 40) == p.row_blocks * min(2, programs // p.row_blocks)
+
+
 def test_override_parses(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setenv("UNITSFACE_TRITON_COS_TILES", "128,256,64,8,4")

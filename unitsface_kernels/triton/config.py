@@ -71,7 +71,8 @@ FUSED_KNOBS = {"cos": "UNITSFACE_TRITON_COS_TILES", "dw": "UNITSFACE_TRITON_DW_T
 but num_stages); UNITSFACE_TRITON_CHUNK_MB sets chunk_bytes; UNITSFACE_TRITON_PERSISTENT=1
 runs the cosine tiles from persistent programs, one per SM (2 under the interpreter, so that
 a program takes several tiles), =resident from persistent programs that keep their x row
-block resident in shared memory (where it fits: :func:`resident_tiles`; else as =1)."""
+block resident in shared memory (where it fits: :func:`resident_tiles`, which then replace
+the cosine tiles, UNITSFACE_TRITON_COS_TILES included; else as =1)."""
 PERSISTENT_KNOB = "UNITSFACE_TRITON_PERSISTENT"
 
 
