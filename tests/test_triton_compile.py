@@ -26,12 +26,13 @@ and per-row margins, AdaFace's angle clip, K = 3 and K = 2 sub-centres; docs/des
 the bf16 variants also the persistent cosine launches of :data:`PERSISTENT_FORMS`
 (fused._cos_stream_kernel, and fused._cos_resident_kernel, whose shared memory must hold the
 resident x row block beside two reference buffers: the compiler kept the block out of the
-loop and pipelines the reference tiles). The finishing kernels (triton/finish.py: the statistics' merge,
-∂x's projection, x̂') and the row norms compile beside them. Every kernel, in every form and
-case compiled here, must spill nothing (no spill store, so no spill instruction inside a loop
-either), and at the headline (bf16 and fp16, D = 512) every kernel with a product must run it
-on wgmma with N ≥ 128 (the resident cosine tiles: N = their 32 columns), under both tritons (issue 24: the cosine kernel's epilogues run a
-quarter of a column tile at a time, fused.PARTS).
+loop and pipelines the reference tiles). The finishing kernels (triton/finish.py: the
+statistics' merge, ∂x's projection, x̂') and the row norms compile beside them. Every kernel,
+in every form and case compiled here, must spill nothing (no spill store, so no spill
+instruction inside a loop either), and at the headline (bf16 and fp16, D = 512) every kernel
+with a product must run it on wgmma with N ≥ 128 (the resident cosine tiles: N = their 32
+columns), under both tritons (issue 24: the cosine kernel's epilogues run a quarter of a
+column tile at a time, fused.PARTS).
 """
 
 from __future__ import annotations
