@@ -400,12 +400,12 @@ def report(m: Model, title: str, devs: list[Device], measured: dict | None = Non
     """A table of the model's kernels with the predicted ms on each device of `devs` (the
     first one's bound column), and the measured ms per (phase, kernel), if given."""
     cols = "".join(f" {_short(dev):>9}" for dev in devs)
-    lines = [title, f"{'phase':9} {'kernel':18} {'launch':>6} {'GFLOP':>8} {'HBM MB':>8} "
+    lines = [title, f"{'phase':9} {'kernel':20} {'launch':>6} {'GFLOP':>8} {'HBM MB':>8} "
              f"{'L2 MB':>8} {'MUFU G':>7} {'bound':>5}{cols}"
              + (f" {'measured':>9}" if measured is not None else "")]
     unmatched = dict(measured or {})
     for k in m.kernels:
-        row = (f"{k.phase:9} {k.name:18} {k.launches:6d} {k.flops / 1e9:8.1f} "
+        row = (f"{k.phase:9} {k.name:20} {k.launches:6d} {k.flops / 1e9:8.1f} "
                f"{k.hbm / 1e6:8.1f} {k.l2 / 1e6:8.1f} {k.mufu / 1e9:7.3f} {k.bound(devs[0]):>5}"
                + "".join(f" {1e3 * k.time(dev):9.3f}" for dev in devs))
         if measured is not None:

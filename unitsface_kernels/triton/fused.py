@@ -17,7 +17,11 @@ dtype after the load: no host copy. Three kernels:
     sum-exp / target logit, USS sums), merged across tiles afterwards in a fixed order (no
     atomics); backward — the gradient tile g = ∂L/∂cos from the merged statistics, stored in
     x's dtype into a B × chunk buffer, with its per-row (Σ_j g) and per-column
-    (Σ_i go·g·cos, Σ_i go·g) partials.
+    (Σ_i go·g·cos, Σ_i go·g) partials. The same tiles' epilogues can run from persistent
+    programs (K = 1, one launch per matrix; FusedConfig.persistent): ``_cos_stream_kernel``
+    (a flat loop over (tile, K step), the next tile's loads during an epilogue) or
+    ``_cos_resident_kernel`` (FusedConfig.resident: the x row block loaded once and kept in
+    shared memory while 32-column reference tiles stream past it).
 ``_dw_kernel`` — ∂R = g̃ᵀ·x̂' per chunk for the reference rows with a gradient (W, or the
     USS family's ref: M = columns, N = features, K = rows), the normalisation's projection as
     its epilogue; each compact row of ∂R is written once.
