@@ -532,23 +532,11 @@ def _persistent_configs(d: int, dt) -> dict:
     """The GPU's FusedConfig at width d with each kind of persistent cosine launch (the
     knob's value → the configuration), whatever the knob says in this process: "1", and
     "resident" where the row block fits."""
-    from unitsface_kernels.triton.config import PERSISTENT_KNOB, fused_config
+    from unitsface_kernels.triton.config import fused_config
 
     cuda = torch.device("cuda")
-    before = os.environ.get(PERSISTENT_KNOB)
-    out = {}
-    try:
-        for kind in ("1", "resident"):
-            os.environ[PERSISTENT_KNOB] = kind
-            cfg = fused_config(d, cuda, dt)
-            if kind == "1" or cfg.resident:
-                out[kind] = cfg
-    finally:
-        if before is None:
-            os.environ.pop(PERSISTENT_KNOB)
-        else:
-            os.environ[PERSISTENT_KNOB] = before
-    return out
+    configs = {kind: fused_config(d, cuda, dt, persistent=kind) for kind in ("1", "resident")}
+    return {kind: cfg for kind, cfg in configs.items() if kind == "1" or cfg.resident}
 
 
 def _print_plan(op: str, args, dt, devs) -> None:

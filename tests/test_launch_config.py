@@ -143,6 +143,8 @@ def test_persistent_knob(monkeypatch, device):
     assert cfg.persistent == (cfg.programs if device.type == "cuda" else 2) > 0
     assert cfg.cos == default.cos and not cfg.resident
     assert fused_config(512, device, torch.bfloat16, sub_centres=3) == default
+    # the knob's value given to fused_config rules over the environment's
+    assert fused_config(512, device, torch.bfloat16, persistent="0") == default
     monkeypatch.setenv(PERSISTENT_KNOB, "yes")
     with pytest.raises(ValueError, match=f"{PERSISTENT_KNOB}='yes': expected 0, 1 or resident"):
         fused_config(512, device, torch.bfloat16)
@@ -168,6 +170,9 @@ def test_resident_knob(monkeypatch, d, dtype, fits):
     else:
         assert not cfg.resident and cfg.cos == default.cos
     assert cfg.dw == default.dw and cfg.dx == default.dx
+    monkeypatch.delenv(PERSISTENT_KNOB)
+    assert fused_config(d, cuda, dtype, persistent="resident") == cfg
+    monkeypatch.setenv(PERSISTENT_KNOB, "resident")
     assert fused_config(d, cuda, dtype, sub_centres=2) == default
     interp = fused_config(d, torch.device("cpu"), dtype)
     assert interp.resident and interp.cos == GemmTiles(32, 16, max(16, dp), 4, 1)

@@ -229,15 +229,14 @@ def finish_kernels(dtype, d, launch):
 
 def persistent_kernels(kernels, dtype, d):
     """The persistent launches (FusedConfig.persistent, one per matrix: fused._cos_stream_kernel
-    with the cosine kernel's tiles, and fused._cos_resident_kernel with config.resident_tiles)
+    with the cosine kernel's tiles, and fused._cos_resident_kernel with the resident tiles)
     of the cosine kernels among `kernels` with K = 1, (label, kernel, constexprs, tiles,
     is_product) as they are."""
-    import triton
-
     from unitsface_kernels.triton import fused
-    from unitsface_kernels.triton.config import resident_tiles
+    from unitsface_kernels.triton.config import fused_config
 
-    res = resident_tiles(max(16, triton.next_power_of_2(d)), torch.device("cuda"), dtype)
+    cfg = fused_config(d, torch.device("cuda"), dtype, persistent="resident")
+    res = cfg.cos if cfg.resident else None
     forms = [("persistent", fused._cos_stream_kernel, None),
              ("resident", fused._cos_resident_kernel, res)]
     return [(f"{name} {form} {kind}", stream,

@@ -82,10 +82,11 @@ keeps in shared memory: with its two or three 32-column reference buffers, 192â€
 227 KB a block may take on an H100 or H200."""
 
 
-def _persistent(programs: int) -> tuple[int, bool]:
-    """(FusedConfig.persistent, whether the resident form is asked for) from
-    :data:`PERSISTENT_KNOB`."""
-    value = os.environ.get(PERSISTENT_KNOB, "0")
+def _persistent(programs: int, value: str | None) -> tuple[int, bool]:
+    """(FusedConfig.persistent, whether the resident form is asked for) from the knob's value
+    (None: :data:`PERSISTENT_KNOB`'s)."""
+    if value is None:
+        value = os.environ.get(PERSISTENT_KNOB, "0")
     if value not in ("0", "1", "resident"):
         raise ValueError(f"{PERSISTENT_KNOB}={value!r}: expected 0, 1 or resident")
     return (programs if value != "0" else 0), value == "resident"
@@ -121,10 +122,12 @@ def _gemm_override(name: str, dp: int) -> GemmTiles | None:
     return GemmTiles(bm, bn, bk, warps, stages)
 
 
-def fused_config(d: int, device: torch.device, dtype: torch.dtype,
-                 sub_centres: int = 1) -> FusedConfig:
+def fused_config(d: int, device: torch.device, dtype: torch.dtype, sub_centres: int = 1,
+                 persistent: str | None = None) -> FusedConfig:
     """Tiles of the fused kernels for embedding width d and K = sub_centres rows per class
-    (the persistent cosine launches are for K = 1: with K > 1, a program per tile).
+    (the persistent cosine launches are for K = 1: with K > 1, a program per tile);
+    `persistent`: :data:`PERSISTENT_KNOB`'s value to use instead of the environment's (the
+    cost model and the compile report compare the forms side by side).
 
     GPU defaults (2-byte dtypes) from the sm_90 compile (ptxas's report with triton 3.6 and
     3.8, tests/test_triton_compile.py: no spill in any form; not yet timed on a GPU):
@@ -144,7 +147,7 @@ def fused_config(d: int, device: torch.device, dtype: torch.dtype,
         # partial), split-K slices that are empty in the last chunk, several feature tiles.
         t = GemmTiles(32, 32, 32, 4, 1)
         return _with_persistent(FusedConfig(t, t, t, chunk=128, splits=2), 2, dp, device,
-                                dtype, sub_centres)
+                                dtype, sub_centres, persistent)
     esize = dtype.itemsize
     if esize == 2:
         bk = min(dp, 64)
@@ -166,14 +169,14 @@ def fused_config(d: int, device: torch.device, dtype: torch.dtype,
     sms = (torch.cuda.get_device_properties(device).multi_processor_count
            if torch.cuda.is_available() else 132)
     return _with_persistent(FusedConfig(**tiles, chunk_bytes=chunk_bytes, programs=sms), sms,
-                            dp, device, dtype, sub_centres)
+                            dp, device, dtype, sub_centres, persistent)
 
 
 def _with_persistent(cfg: FusedConfig, programs: int, dp: int, device: torch.device,
-                     dtype: torch.dtype, sub_centres: int) -> FusedConfig:
-    """cfg with the persistent cosine launches that :data:`PERSISTENT_KNOB` asks for (K = 1):
-    at most `programs` programs, resident ones (with their tiles) where the row block fits."""
-    persistent, resident = _persistent(programs)
+                     dtype: torch.dtype, sub_centres: int, value: str | None) -> FusedConfig:
+    """cfg with the persistent cosine launches that the knob's value asks for (K = 1): at
+    most `programs` programs, resident ones (with their tiles) where the row block fits."""
+    persistent, resident = _persistent(programs, value)
     if sub_centres != 1:
         return cfg
     tiles = resident_tiles(dp, device, dtype) if resident else None
