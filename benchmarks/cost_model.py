@@ -140,7 +140,8 @@ _MUFU = {"softmax": 1, "uss_pairs_fwd": 3, "uss_pairs_bwd": 2, "uss_lse": 1}
 def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
                     dtype=torch.bfloat16, form: str = "pairs", rate: float = 1.0,
                     total_classes: int | None = None, sparse_grad: bool = False,
-                    g_in_hbm: bool = False, config=None, sub_centers: int = 1) -> Model:
+                    g_in_hbm: bool = False, config=None, sub_centers: int = 1,
+                    saved_exps: bool = False) -> Model:
     """The counts of one fused_unitsface_loss forward + backward (CosFace + λ·USS on a bank
     with a scalar threshold; x, W and b take gradients) at B = b, width d, |S| = n_classes
     sampled classes (of `total_classes`, when partial FC samples them: rate < 1), as
@@ -154,8 +155,13 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
     counts 2·B·S·K·D for the forward W GEMM and 2·B·S·D for each of ∂x and ∂W. The margin
     family's other settings add no FLOPs or bytes: per-row terms (O(B), made once per call)
     and a compare, a select and an FMA per element of the W epilogue, ALU work this model
-    does not count (the measured times beside it do)."""
-    from unitsface_kernels.triton.fused import plan
+    does not count (the measured times beside it do).
+
+    ``saved_exps`` (``saved_exp_bytes`` ≥ B·|S| in x's dtype, K = 1): the forward's W
+    programs also write their exponentials e' (B·|S|, to HBM: they outlive the step's L2),
+    and the backward reads them in fused._exps_grad_kernel instead of the W programs'
+    products: 5 GEMM-equivalents instead of 6 in the pairs form."""
+    from unitsface_kernels.triton.fused import EXP_GROUP, plan
 
     cuda = torch.device("cuda")
     e = torch.empty((), dtype=dtype).element_size()
@@ -165,6 +171,7 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
     s_cls = n_classes
     k = sub_centers
     kp = 1 << (k - 1).bit_length()  # the W programs per class tile
+    assert k == 1 or not saved_exps, "sub-centres keep the W products (keeps_exps)"
     m = Model()
     m.useful_flops = (4 + k) * 2 * b * s_cls * d
 
@@ -189,6 +196,7 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
     # ---- forward (fused.fused_forward): norms, then per chunk the cosine tiles of W and of
     # the bank (+ the bank's ∂x product in the pairs form: the forward forms that part)
     fwd = plan(b, s_cls, d, dtype, cuda, 0 if lse else 1, config, sub_centres=k)
+    group = min(fwd.config.cos.block_n, EXP_GROUP)  # columns per stored maximum
     for rows, vec in ((b, False), (s_cls, indexed), (s_cls, indexed)):
         m.add("forward", "_row_norms_kernel", "‖x‖, ‖W[S]‖, ‖bank[S]‖",
               hbm=rows * d * e + rows * acc + (rows * 8 if vec else 0),
@@ -197,11 +205,17 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
         cos_launch("forward", fwd, n_cols, w=True, bank=True, bank_g=not lse,
                    row_outs=3 + (4 if lse else 2), col_outs=0,
                    mufu=_MUFU["softmax"] + (_MUFU["uss_lse"] if lse else _MUFU["uss_pairs_fwd"]))
+        if saved_exps:  # e' of the W tiles, their groups' maxima, the target cosines
+            kept = b * n_cols * e + b * _cdiv(n_cols, group) * acc + b * acc
+            m.add("forward", _cos_name(fwd), "cosine tiles + loss epilogue", "cos",
+                  launches=0 if fwd.config.persistent else 1, l2=kept, hbm=kept)
         if not lse:
             _dx(m, "forward", fwd, b, n_cols, d, e, acc, mats=1, indexed=indexed,
                 g_in_hbm=g_in_hbm)
     tiles = fwd.class_tiles
     _merge(m, tiles, kp, b, acc, softmax=True, uss_slots=4 if lse else 2)
+    if saved_exps:  # exp_rows' target row zeroed (a row's target may lie in no column)
+        m.add("forward", "torch", "exp_rows' target row", hbm=b * acc, l2=b * acc)
     if lse:  # the pairs part's row gradients, zeros here (the backward forms every part)
         zeros = b * d * acc + b * acc
         m.add("forward", "torch", "zero row gradients", hbm=zeros, l2=zeros, launches=2)
@@ -214,9 +228,13 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
     m.chunks = (fwd.n_chunks, bwd.n_chunks)
     _unit_rows(m, b, d, e, acc)
     for _, n_cols in bwd.chunks():
-        cos_launch("backward", bwd, n_cols, w=True, bank=lse, bank_g=lse,
-                   row_outs=1 if lse else 0, col_outs=1,
-                   mufu=_MUFU["softmax"] + (_MUFU["uss_lse"] if lse else 0))
+        if saved_exps:
+            _exps_grad(m, bwd, b, n_cols, e, acc, group, g_in_hbm=g_in_hbm)
+        if lse or not saved_exps:
+            cos_launch("backward", bwd, n_cols, w=not saved_exps, bank=lse, bank_g=lse,
+                       row_outs=1 if lse else 0, col_outs=0 if saved_exps else 1,
+                       mufu=(0 if saved_exps else _MUFU["softmax"])
+                       + (_MUFU["uss_lse"] if lse else 0))
         _dw(m, bwd, b, n_cols * k, d, e, acc, indexed=indexed, g_in_hbm=g_in_hbm)
         if k == 1:
             _dx(m, "backward", bwd, b, n_cols, d, e, acc, mats=2 if lse else 1,
@@ -245,6 +263,26 @@ _STREAM = "_cos_stream_kernel"
 _RESIDENT = "_cos_resident_kernel"
 
 
+def _cos_name(p) -> str:
+    """The cosine kernel that plan p launches (fused.cos_launch)."""
+    if not p.config.persistent:
+        return "_cos_kernel"
+    return _RESIDENT if p.config.resident else _STREAM
+
+
+def _exps_grad(m, p, b, n_cols, e, acc, width, *, g_in_hbm):
+    """fused._exps_grad_kernel on one chunk: a program per (row block, 128 columns) reads
+    the stored e' (HBM) and the maxima of the forward's `width`-column groups, and writes
+    the g̃ tile and the per-column Σ go·g·cos of ∂W's projection, as the W programs would;
+    per element one log (cos from e'), one division by s and one exp (p)."""
+    maxima = b * _cdiv(n_cols, width) * acc
+    cols = p.row_blocks * n_cols * acc
+    g = b * n_cols * e
+    m.add("backward", "_exps_grad_kernel", "W tiles from the stored exponentials",
+          launches=1, l2=b * n_cols * e + maxima + cols + g,
+          hbm=b * n_cols * e + maxima + cols + (g if g_in_hbm else 0), mufu=3 * b * n_cols)
+
+
 def _cos(m, phase, p, b, n_cols, d, e, acc, *, mats, g_bufs, row_outs, col_outs, indexed,
          mufu, g_in_hbm, stream=False):
     """fused._cos_kernel on one chunk: a program per (row block, class tile, matrix), K = D;
@@ -263,8 +301,7 @@ def _cos(m, phase, p, b, n_cols, d, e, acc, *, mats, g_bufs, row_outs, col_outs,
         operands = mats * (resident_programs(p, n_cols) * t.block_m + rb * ct * t.block_n)
     else:  # each tile: its row block of x and its class tile of W or the bank, all of D
         operands = tiles * (t.block_m + t.block_n)
-    name = _RESIDENT if resident else _STREAM if stream else "_cos_kernel"
-    m.add(phase, name, "cosine tiles + loss epilogue", "cos",
+    m.add(phase, _cos_name(p) if stream else "_cos_kernel", "cosine tiles + loss epilogue", "cos",
           launches=mats if stream else 1,
           flops=2 * t.block_m * t.block_n * k * tiles,
           l2=operands * d * e + g
@@ -433,8 +470,8 @@ def _short(dev: Device) -> str:
 
 
 def measure(b: int, d: int, n_classes: int, *, dtype=torch.bfloat16, form: str = "pairs",
-            rate: float = 1.0, repeats: int = 5,
-            op: str = "fused_unitsface_loss") -> tuple[dict, float]:
+            rate: float = 1.0, repeats: int = 5, op: str = "fused_unitsface_loss",
+            saved_exp_bytes: int = 0) -> tuple[dict, float]:
     """On the GPU: ({(phase, kernel): ms per step} from torch.profiler, and the median ms of
     a whole step from CUDA events) for the call that the plan PLANS[op] counts, on the
     benchmark's inputs (:func:`benchmarks.impls.make_inputs`; the USS calls read its bank, or
@@ -455,7 +492,7 @@ def measure(b: int, d: int, n_classes: int, *, dtype=torch.bfloat16, form: str =
     calls = {
         "fused_unitsface_loss": lambda: fused_unitsface_loss(
             inp.x, inp.labels, inp.centres, inp.bank, inp.bias, index=inp.index, uss_form=form,
-            backend="triton"),
+            backend="triton", saved_exp_bytes=saved_exp_bytes),
         "fused_uss_loss": lambda: fused_uss_loss(inp.x, inp.labels, inp.bias, inp.bank,
                                                  form=form, backend="triton"),
         "fused_uss_loss_inbatch": lambda: fused_uss_loss(inp.x, inp.labels, inp.bias,
@@ -479,8 +516,9 @@ def measure(b: int, d: int, n_classes: int, *, dtype=torch.bfloat16, form: str =
     events = prof.events()
     windows = [(e.time_range.start, e.time_range.end, e.name.split(".")[1]) for e in events
                if e.name.startswith("cost_model.") and e.device_type == DeviceType.CPU]
-    kernels = ("_cos_kernel", _STREAM, _RESIDENT, "_dx_kernel", "_dw_kernel",
-               "_row_norms_kernel", "_merge_kernel", "_tangent_kernel", "_unit_rows_kernel")
+    kernels = ("_cos_kernel", _STREAM, _RESIDENT, "_exps_grad_kernel", "_dx_kernel",
+               "_dw_kernel", "_row_norms_kernel", "_merge_kernel", "_tangent_kernel",
+               "_unit_rows_kernel")
     out: dict = {}
     for e in events:
         if e.device_type != DeviceType.CUDA or e.name.startswith("cost_model."):
@@ -513,6 +551,9 @@ def main(argv=None) -> None:
                          "predict with them too, beside the pessimistic and optimistic ones")
     ap.add_argument("--measure", action="store_true",
                     help="on a GPU: per-kernel times (torch.profiler) beside the predictions")
+    ap.add_argument("--saved-exps", action="store_true",
+                    help="fused_unitsface_loss with saved_exp_bytes = B·|S| in x's dtype: the "
+                         "backward reads the forward's stored exponentials")
     ap.add_argument("--persistent", nargs="?", const="1", choices=["1", "resident"],
                     help=f"count (and measure) the persistent cosine launches ({PERSISTENT_KNOB}"
                          "=1: fused._cos_stream_kernel; =resident: fused._cos_resident_kernel)")
@@ -528,14 +569,18 @@ def main(argv=None) -> None:
         _print_plan(op, args, dt, devs)
 
 
-def _persistent_configs(d: int, dt) -> dict:
-    """The GPU's FusedConfig at width d with each kind of persistent cosine launch (the
-    knob's value → the configuration), whatever the knob says in this process: "1", and
-    "resident" where the row block fits."""
+def _config(d: int, dt, kind: str):
+    """The GPU's FusedConfig at width d with the persistent knob's value `kind`, whatever the
+    knob says in this process."""
     from unitsface_kernels.triton.config import fused_config
 
-    cuda = torch.device("cuda")
-    configs = {kind: fused_config(d, cuda, dt, persistent=kind) for kind in ("1", "resident")}
+    return fused_config(d, torch.device("cuda"), dt, persistent=kind)
+
+
+def _persistent_configs(d: int, dt) -> dict:
+    """The GPU's FusedConfig at width d with each kind of persistent cosine launch (the
+    knob's value → the configuration): "1", and "resident" where the row block fits."""
+    configs = {kind: _config(d, dt, kind) for kind in ("1", "resident")}
     return {kind: cfg for kind, cfg in configs.items() if kind == "1" or cfg.resident}
 
 
@@ -555,12 +600,17 @@ def _print_plan(op: str, args, dt, devs) -> None:
                     f"partial FC, C={total} at rate {rate} (|S| = {c})"))
         measured = None
         if args.measure:
-            measured, step = measure(b, d, c, dtype=dt, form=args.form, rate=rate, op=op)
+            budget = b * c * dt.itemsize if "saved_exps" in extra else 0
+            measured, step = measure(b, d, c, dtype=dt, form=args.form, rate=rate, op=op,
+                                     saved_exp_bytes=budget)
             title += f"; {torch.cuda.get_device_name()}: a step takes {step:.3f} ms"
         extra = {}
         if args.sub_centers > 1 and op == "fused_unitsface_loss":
             extra = dict(sub_centers=args.sub_centers)
             title += f", K = {args.sub_centers} sub-centres per class"
+        elif args.saved_exps and op == "fused_unitsface_loss":
+            extra = dict(saved_exps=True)
+            title += ", stored exponentials"
         print(report(count(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,
                            g_in_hbm=args.g_in_hbm, **extra), title, devs, measured=measured))
         for kind, config in _persistent_configs(d, dt).items():
@@ -572,6 +622,15 @@ def _print_plan(op: str, args, dt, devs) -> None:
                   f"launches (--persistent {kind}, {PERSISTENT_KNOB}={kind}): "
                   + ", ".join(f"{1e3 * streamed.time(dev):.3f} ms ({dev.name})"
                               for dev in devs))
+        if op == "fused_unitsface_loss" and not extra:
+            for kind in ("0", *_persistent_configs(d, dt)):
+                kept = count(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,
+                             g_in_hbm=args.g_in_hbm, config=_config(d, dt, kind),
+                             saved_exps=True)
+                print(f"with stored exponentials (--saved-exps, saved_exp_bytes ≥ "
+                      f"{b * c * dt.itemsize / 1e6:.0f} MB; --persistent {kind}): "
+                      + ", ".join(f"{1e3 * kept.time(dev):.3f} ms ({dev.name})"
+                                  for dev in devs))
         if rate < 1.0:
             sparse = count(b, d, c, dtype=dt, form=args.form, rate=rate, total_classes=total,
                            sparse_grad=True, g_in_hbm=args.g_in_hbm)

@@ -21,6 +21,8 @@
 #              (equal?), both step times, the launches of an eager step (extras.log)
 #   cost_persistent, cost_resident   cost_triton's table for the cosine tiles from persistent
 #              programs (UNITSFACE_TRITON_PERSISTENT=1), and from x-resident ones (=resident)
+#   cost_saved_exps   the same with x-resident tiles and the stored exponentials
+#              (saved_exp_bytes: the backward without the W cosines' products)
 #   curve      the benchmark's other class counts (10k; 1M at rate 0.1, dense and sparse_grad)
 #   sweep, fusion, head_step   tuning aids, as time allows
 # Each step's limit is its own (the *_S knobs below), cut to what is left of SUITE_SECONDS;
@@ -184,6 +186,8 @@ run_step cost_persistent 30 "$OUT/cost.log" "$PY" -m benchmarks.cost_model ${INP
   --persistent --op fused_unitsface_loss
 run_step cost_resident 30 "$OUT/cost.log" "$PY" -m benchmarks.cost_model ${INPUTS[@]+"${INPUTS[@]}"} --measure \
   --persistent resident --op fused_unitsface_loss
+run_step cost_saved_exps 30 "$OUT/cost.log" "$PY" -m benchmarks.cost_model ${INPUTS[@]+"${INPUTS[@]}"} --measure \
+  --persistent resident --saved-exps --op fused_unitsface_loss
 run_step curve 60 "$OUT/extras.log" "$PY" -m benchmarks --out "$OUT" --stem bench --resume \
   --classes 10k 100k 1M --no-check --impl-budget 8 --budget 45
 run_step sweep 40 "$OUT/extras.log" "$PY" -m benchmarks.tile_sweep

@@ -114,6 +114,9 @@ struct UnitsfaceOptions {
   bool curricular = false;        // negatives c > HARD_i become c·(T_i + c)
   double interclass_threshold = 0.0;  // τ > 0: negatives with c > τ get logit 0, no gradient
   double sub_centers = 1.0;       // K rows per class in centres (row c·K + k)
+  // The triton forward's budget in bytes for the stored exponentials of the W tiles
+  // (docs/design.md §2); the native backend keeps none and ignores it.
+  double saved_exp_bytes = 0.0;
 
   static constexpr auto fields() {
     using O = UnitsfaceOptions;
@@ -127,7 +130,7 @@ struct UnitsfaceOptions {
         field("row_margins", &O::row_margins), field("no_fallback", &O::no_fallback),
         field("angle_clip", &O::angle_clip), field("curricular", &O::curricular),
         field("interclass_threshold", &O::interclass_threshold),
-        field("sub_centers", &O::sub_centers));
+        field("sub_centers", &O::sub_centers), field("saved_exp_bytes", &O::saved_exp_bytes));
   }
   static UnitsfaceOptions unpack(c10::ArrayRef<double> v) {
     return unpack_options<UnitsfaceOptions>(v);

@@ -3,7 +3,8 @@
 // one fused epilogue pass per chunk. Schemas, outputs and statistics: the op contract,
 // unitsface_kernels/contract.py (rows [B], stats [7, B] = (lse_c z_ic, A, σA, B, σB, z_iy,
 // USS loss) (rows named in csrc/stats.h), nx [B], nw [S·K], nb [S] (empty without a bank),
-// dx_rows [B, D] and db_rows [B] with row_grads (else empty)). With K sub-centres (the margin
+// dx_rows [B, D] and db_rows [B] with row_grads (else empty); exps, exp_rows: empty (the
+// triton backend's stored exponentials; docs/design.md §2)). With K sub-centres (the margin
 // family, docs/design.md §1.5) the GEMMs run over the S·K centre rows of the classes of S (row
 // index[j]·K + r) and the epilogue reduces each class's K columns to their maximum; the bank
 // stays per class. A label that matches no column has no target: z_iy = 0, and no USS
@@ -88,6 +89,7 @@ struct UnitsfaceInputs {
 };
 struct UnitsfaceSaved {
   at::Tensor stats, nx, nw, nb, dx_rows, db_rows;
+  at::Tensor exps, exp_rows;  // empty here: only the triton backend stores exponentials
 };
 
 // Shapes, dtypes and devices of the op's inputs (TORCH_CHECK errors naming `op`), and that
@@ -95,13 +97,15 @@ struct UnitsfaceSaved {
 // CUDA sweep (csrc/cuda/unitsface_sweep.cu), like the next one.
 void check_unitsface_args(const char* op, const UnitsfaceInputs& in, const UnitsfaceOptions& o);
 // The backward's upstream gradient and saved tensors: shaped as unitsface_fwd_native returns
-// them for these inputs (dx_rows / db_rows only when the forward formed them).
+// them for these inputs (dx_rows / db_rows only when the forward formed them; exps / exp_rows
+// always empty).
 void check_unitsface_saved(const char* op, const at::Tensor& grad_rows,
                            const UnitsfaceInputs& in, const UnitsfaceSaved& saved,
                            const UnitsfaceOptions& o);
 
+// (rows, stats, nx, nw, nb, dx_rows, db_rows, exps, exp_rows)
 using UnitsfaceForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                    at::Tensor, at::Tensor>;
+                                    at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The CPU drivers (csrc/cpu/unitsface_sweep.cpp), around the epilogue of one chunk that runs
 // the CPU row kernels (csrc/cpu/unitsface.cpp). CUDA tensors have their own sweep
@@ -145,10 +149,12 @@ Grads unitsface_bwd_op(const at::Tensor& grad_rows, const at::Tensor& x,
                        const std::optional<at::Tensor>& margin_rows, const at::Tensor& stats,
                        const at::Tensor& nx, const at::Tensor& nw, const at::Tensor& nb,
                        const at::Tensor& dx_rows, const at::Tensor& db_rows,
+                       const at::Tensor& exps, const at::Tensor& exp_rows,
                        c10::ArrayRef<double> options, std::array<bool, 3> needs) {
   const at::OptionalDeviceGuard guard(at::device_of(x));
   return Backward(grad_rows, {x, centres, bank, labels, index, bank_valid, bias, margin_rows},
-                  {stats, nx, nw, nb, dx_rows, db_rows}, UnitsfaceOptions::unpack(options), needs);
+                  {stats, nx, nw, nb, dx_rows, db_rows, exps, exp_rows},
+                  UnitsfaceOptions::unpack(options), needs);
 }
 
 }  // namespace unitsface

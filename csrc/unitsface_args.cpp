@@ -94,6 +94,10 @@ void check_unitsface_saved(const char* op, const at::Tensor& grad_rows,
                       op, ": dx_rows and db_rows must come from "
                       "unitsface_fwd_native(row_grads=True) on these inputs");
   }
+  // only unitsface_fwd_triton fills them, and its backward is its own
+  TORCH_CHECK_VALUE(saved.exps.numel() == 0 && saved.exp_rows.numel() == 0, op,
+                    ": exps and exp_rows must be empty: the native backend keeps no stored "
+                    "exponentials");
 }
 
 }  // namespace unitsface

@@ -170,20 +170,20 @@ class _TorchOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("op,form,persistent", [("fused_unitsface_loss", "pairs", "0"),
-                                                ("fused_unitsface_loss", "lse", "0"),
-                                                ("fused_uss_loss", "lse", "0"),
-                                                ("fused_uss_loss_inbatch", "pairs", "0"),
-                                                ("fused_unitsface_loss", "pairs", "1"),
-                                                ("fused_uss_loss", "lse", "1"),
-                                                ("fused_unitsface_loss", "lse", "resident"),
-                                                ("fused_uss_loss", "pairs", "resident")])
-def test_model_follows_the_launches(op, form, persistent, monkeypatch):
+@pytest.mark.parametrize("op,form,persistent,saved", [
+    ("fused_unitsface_loss", "pairs", "0", False), ("fused_unitsface_loss", "lse", "0", False),
+    ("fused_uss_loss", "lse", "0", False), ("fused_uss_loss_inbatch", "pairs", "0", False),
+    ("fused_unitsface_loss", "pairs", "1", False), ("fused_uss_loss", "lse", "1", False),
+    ("fused_unitsface_loss", "lse", "resident", False),
+    ("fused_uss_loss", "pairs", "resident", False),
+    ("fused_unitsface_loss", "pairs", "0", True),
+    ("fused_unitsface_loss", "lse", "resident", True)])
+def test_model_follows_the_launches(op, form, persistent, saved, monkeypatch):
     """The model's launches and FLOPs of every Triton kernel are those that the op makes
     (here under the interpreter's configuration, with a program per cosine tile or with
-    persistent programs of either kind), forward and backward, and its "torch" rows hold the
-    tensor operations that the host code dispatches (the Triton host functions called as the
-    op's autograd calls them)."""
+    persistent programs of either kind, with or without the stored exponentials), forward
+    and backward, and its "torch" rows hold the tensor operations that the host code
+    dispatches (the Triton host functions called as the op's autograd calls them)."""
     from unitsface_kernels import options
     from unitsface_kernels.triton import finish, fused, norms, uss_loss
     from unitsface_kernels.triton.config import PERSISTENT_KNOB, fused_config
@@ -191,7 +191,8 @@ def test_model_follows_the_launches(op, form, persistent, monkeypatch):
     monkeypatch.setenv(PERSISTENT_KNOB, persistent)
     streams = ("_cos_stream_kernel", "_cos_resident_kernel")
     log = []
-    for mod, names in ((fused, ("_cos_kernel", *streams, "_dx_kernel", "_dw_kernel")),
+    for mod, names in ((fused, ("_cos_kernel", *streams, "_exps_grad_kernel", "_dx_kernel",
+                                "_dw_kernel")),
                        (norms, ("_row_norms_kernel",)),
                        (finish, ("_merge_kernel", "_tangent_kernel", "_unit_rows_kernel"))):
         for name in names:
@@ -209,7 +210,7 @@ def test_model_follows_the_launches(op, form, persistent, monkeypatch):
         o = options.unitsface_options(
             scale=64.0, margin_arc=0.0, margin_cos=0.4, arcface_grad="exact",
             easy_margin=False, uss_margin=0.1, uss_form=form, uss_weight=1.0,
-            official_clamp=False).pack()
+            official_clamp=False, saved_exp_bytes=(1 << 40) if saved else 0).pack()
         with ops:
             out = fused.fused_forward(x, w, bank, labels, None, None, bias, None, o, True)
             ops.phase = "backward"
@@ -228,7 +229,8 @@ def test_model_follows_the_launches(op, form, persistent, monkeypatch):
                                   [True, in_batch, True])
         plan = cost_model.PLANS[op]
     cfg = fused_config(d, torch.device("cpu"), torch.float32)
-    m = plan(b, d, c, dtype=torch.float32, form=form, config=cfg)
+    m = plan(b, d, c, dtype=torch.float32, form=form, config=cfg,
+             **(dict(saved_exps=True) if saved else {}))
     launched, several = {}, False
     for name, grid, kw in log:
         n, flops = launched.get(name, (0, 0))
@@ -244,6 +246,7 @@ def test_model_follows_the_launches(op, form, persistent, monkeypatch):
     kind = {"1": "_cos_stream_kernel", "resident": "_cos_resident_kernel"}.get(persistent)
     assert [s for s in streams if s in launched] == ([kind] if kind else [])
     assert several == (kind is not None) and ("_cos_kernel" in launched) == (kind is None)
+    assert ("_exps_grad_kernel" in launched) == saved
     for name, (n, flops) in launched.items():
         kernels = [k for k in m.kernels if k.name == name]
         assert sum(k.launches for k in kernels) == n, (name, n)

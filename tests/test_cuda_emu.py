@@ -261,6 +261,24 @@ def step_launches(leaves, labels, bank, index=None):
     return kernels + sum(e.name in ("aten::mm", "aten::baddbmm") for e in prof.events()), loss
 
 
+@pytest.mark.parametrize("row_grads", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_no_stored_exponentials(row_grads, dtype):
+    """The sweep returns exps and exp_rows empty (x's dtype, the statistics' dtype) whatever
+    saved_exp_bytes says, and its backward refuses non-empty ones."""
+    case = case_of(b=5, c=20, d=8, dtype=dtype)
+    args = (case["x"], case["centres"], case["bank"], case["labels"], None, case["bank_valid"],
+            case["bias"], None, opts(saved_exp_bytes=2**30))
+    out = torch.ops.unitsface_emu.unitsface_fwd(*args, row_grads)
+    exps, exp_rows = out[7:]
+    assert exps.shape == (0,) and exps.dtype == dtype
+    assert exp_rows.shape == (0,) and exp_rows.dtype == out[1].dtype
+    go = torch.rand(5, dtype=dtype)
+    with pytest.raises(ValueError, match="exps and exp_rows must be empty"):
+        torch.ops.unitsface_emu.unitsface_bwd(go, *args[:8], *out[1:7], torch.ones(3, dtype=dtype),
+                                              exp_rows, args[8], [True] * 3)
+
+
 @pytest.mark.parametrize("budget", ["300", None], indirect=True)
 @pytest.mark.parametrize("row_grads", [True, False])
 @pytest.mark.parametrize("with_bank", [True, False])

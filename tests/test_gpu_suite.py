@@ -59,8 +59,8 @@ def test_headline_first_then_cost_models_then_the_rest(dry_run):
     names = [name for name, _ in _steps(dry_run[0].stdout)]
     assert names[:4] == ["env", "build", "extension", "headline"]
     order = ["headline", "ceilings", "cost_triton", "cost_native", "tests", "accuracy",
-             "capture_triton", "capture_native", "cost_persistent", "cost_resident", "curve",
-             "sweep", "fusion", "head_step"]
+             "capture_triton", "capture_native", "cost_persistent", "cost_resident",
+             "cost_saved_exps", "curve", "sweep", "fusion", "head_step"]
     assert [n for n in names if n in order] == order
     # the summary prints the benchmark's table before the step records
     with open(SCRIPT) as f:

@@ -538,7 +538,8 @@ def test_labels_matching_no_column_have_no_target(form, sampled):
         labels[3] = outside[0]
     case = dict(case, labels=labels)
     args = uf_args(case, form, margin_arc=0.2, margin_cos=0.3)
-    rows, stats, nx, nw, nb, dx_rows, db_rows = OPS.unitsface_fwd_native(*args, False)
+    fwd = OPS.unitsface_fwd_native(*args, False)
+    rows, stats = fwd[:2]
     cols = case["index"] if sampled else torch.arange(40)
     xh = reference.normalize(case["x"])
     cw = (xh @ reference.normalize(case["centres"][cols]).T).clamp(-1, 1)
@@ -556,8 +557,8 @@ def test_labels_matching_no_column_have_no_target(form, sampled):
         uss = reference.softplus(torch.logsumexp(z_neg.masked_fill(~valid, -math.inf), dim=1))
     torch.testing.assert_close(rows[missing], (lse + 0.7 * uss)[missing])
     # and the backward runs (no target: the softmax gradient is s·p everywhere)
-    out = OPS.unitsface_bwd_native(torch.ones(9, dtype=torch.float64), *args[:8], stats, nx, nw,
-                                   nb, dx_rows, db_rows, args[8], [True, True, True])
+    out = OPS.unitsface_bwd_native(torch.ones(9, dtype=torch.float64), *args[:8], *fwd[1:],
+                                   args[8], [True, True, True])
     assert all(torch.isfinite(t).all() for t in out)
 
 
@@ -586,6 +587,29 @@ def test_row_grads_match_plain(form, sampled, vector_bias, threads, device, monk
         got = OPS.unitsface_bwd_native(go, *args[:8], *fused[1:], args[8], [True, True, True])
     for a, b in zip(want, got):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("row_grads", [False, True])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_native_keeps_no_exponentials(dtype, row_grads, device):
+    """The native forward ignores saved_exp_bytes and returns exps and exp_rows empty, in x's
+    dtype and the statistics' (the triton backend's stored exponentials, docs/design.md §2);
+    its backward refuses non-empty ones rather than ignore what another backend stored."""
+    case = unitsface_case(5, 30, 8, dtype, device, sampled=True, vector_bias=True)
+    args = uf_args(case)
+    out = OPS.unitsface_fwd_native(*args, row_grads)
+    budget = OPS.unitsface_fwd_native(*args[:8], uf_options(saved_exp_bytes=2**30), row_grads)
+    for a, b in zip(out, budget):
+        torch.testing.assert_close(a, b)
+    exps, exp_rows = out[7:]
+    assert exps.shape == (0,) and exps.dtype == dtype and exps.device == case["x"].device
+    assert exp_rows.shape == (0,) and exp_rows.dtype == out[1].dtype
+    go = torch.rand(5, dtype=dtype, device=device)
+    stored = torch.ones(3, device=device)
+    for bad in ((stored.to(dtype), exp_rows), (exps, stored.to(out[1].dtype))):
+        with pytest.raises(ValueError, match="exps and exp_rows must be empty"):
+            OPS.unitsface_bwd_native(go, *args[:8], *out[1:7], *bad, args[8], [True] * 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -51,7 +51,7 @@ OLDEST_TRITON = os.path.join(ROOT, "build", "triton-3.6.0")
 _TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
        torch.float64: "fp64"}
 _EMBEDDINGS = {"x_ptr", "r_ptr", "w_ptr", "bank_ptr", "t_ptr", "dw_ptr", "gw_ptr", "gb_ptr",
-               "g_ptr", "xg_ptr", "dx_ptr"}
+               "g_ptr", "xg_ptr", "dx_ptr", "e_ptr"}
 _LABELS = {"y_ptr", "lab_ptr", "idx_ptr"}
 # the settings: fp32 scalars (the kernels' float arguments)
 _FLOATS = {"scale", "m3", "cos_m2", "sin_m2", "mm", "tau", "uss_m", "uss_w", "eps"}
@@ -149,9 +149,10 @@ def fused_kernels(dtype, d, options, cos_only=False):
     cos = dict(common, **dict(PLAIN_MARGIN, **options), BLOCK_M=cfg.cos.block_m,
                BLOCK_N=cfg.cos.block_n, BK=cfg.cos.bk)
     fwd = dict(cos, BACKWARD=False, W_PROGS=True, BANK_PROGS=True, STORE_GW=False,
-               COL_H=False, STORE_GB=not lse, ROW_GB=False, COL_GB=False, COL_HB=False)
+               COL_H=False, STORE_GB=not lse, ROW_GB=False, COL_GB=False, COL_HB=False,
+               STORE_E=False)
     bwd = dict(cos, BACKWARD=True, W_PROGS=True, BANK_PROGS=lse, STORE_GW=True, COL_H=True,
-               STORE_GB=lse, ROW_GB=lse, COL_GB=False, COL_HB=False)
+               STORE_GB=lse, ROW_GB=lse, COL_GB=False, COL_HB=False, STORE_E=False)
     dx = dict(HAS_INDEX=True, HAS_VALID=True, SCALE_G=common["SCALE_G"], UPCAST=False,
               XT=common["XT"], BLOCK_M=cfg.dx.block_m, BLOCK_N=cfg.dx.block_n, BK=cfg.dx.bk)
     dw = dict(HAS_INDEX=True, HAS_VALID=False, SCALE_G=common["SCALE_G"], UPCAST=False,
@@ -185,7 +186,7 @@ def uss_kernels(dtype, d, options):
     common = dict(o, HAS_INDEX=False, HAS_LABELS=True, ARC=False, ST=False, EASY=False,
                   **PLAIN_MARGIN, UPCAST=False, XT=TL_DTYPES[dtype], SCALE_G=dtype != torch.float16)
     cos = dict(common, W_PROGS=False, BANK_PROGS=True, STORE_GW=False, COL_H=False,
-               BLOCK_M=cfg.cos.block_m, BLOCK_N=cfg.cos.block_n, BK=cfg.cos.bk)
+               STORE_E=False, BLOCK_M=cfg.cos.block_m, BLOCK_N=cfg.cos.block_n, BK=cfg.cos.bk)
     fwd = dict(cos, BACKWARD=False, STORE_GB=False, ROW_GB=False, COL_GB=False, COL_HB=False)
     bwd = dict(cos, BACKWARD=True, STORE_GB=True, ROW_GB=not vector, COL_GB=vector,
                COL_HB=ref_grad)
@@ -200,6 +201,36 @@ def uss_kernels(dtype, d, options):
     out.append(("bwd", fused._dx_kernel, dict(flags, HAS_W=False, HAS_BANK=True,
                                               BLOCK_M=cfg.dx.block_m, BLOCK_N=cfg.dx.block_n,
                                               BK=cfg.dx.bk), cfg.dx, True))
+    return out
+
+
+STORED_EXPS = ("cosface+pairs", "arc+lse")
+"""The objective's forms whose stored-exponential launches the variants compile
+(``saved_exp_bytes``): the forward's cosine kernel that keeps them and the backward's
+fused._exps_grad_kernel that reads them instead of the W programs' products."""
+
+
+def stored_exps_kernels(dtype, d):
+    """(label, kernel, constexprs, tiles, is_product) of the stored-exponential launches of
+    :data:`STORED_EXPS`."""
+    from types import SimpleNamespace
+
+    from unitsface_kernels.triton import fused
+    from unitsface_kernels.triton.config import fused_config
+
+    cfg = fused_config(d, torch.device("cuda"), dtype)
+    out = []
+    for name in STORED_EXPS:
+        fwd = fused_kernels(dtype, d, FUSED_VARIANTS[name], True)[0]
+        # (as fused.cos_launch launches them: the W programs alone)
+        out.append((f"fwd stored-exps {name}", fwd[1],
+                    dict(fwd[2], STORE_E=True, BANK_PROGS=False, STORE_GB=False), fwd[3],
+                    False))
+        flags = {k: fwd[2][k] for k in ("HAS_INDEX", "ARC", "ST", "EASY", "ROW_MARGINS",
+                                        "NO_FALLBACK", "SCALE_G", "XT", "UPCAST")}
+        out.append((name, fused._exps_grad_kernel,
+                     dict(flags, COL_H=True, BLOCK_M=cfg.cos.block_m, BLOCK_N=fused.EXPS_COLS),
+                     SimpleNamespace(num_warps=8, num_stages=3), False))
     return out
 
 
@@ -251,11 +282,13 @@ def persistent_kernels(kernels, dtype, d):
 
 
 PERSISTENT_FORMS = {"fwd cosface+pairs", "bwd cosface+pairs", "bwd arc-easy+lse+clamp",
-                    "uss fwd bank lse+clamp", "uss bwd in-batch pairs"}
+                    "uss fwd bank lse+clamp", "uss bwd in-batch pairs",
+                    "fwd stored-exps cosface+pairs"}
 """The forms whose persistent launches the compile test keeps (bf16): the headline's and the
 ones with the most registers under either triton (all of them, bf16 and fp16, compiled
 without a spill on 2026-12-07, docs/design.md §2)."""
-NO_MMA = {"_row_norms_kernel", "_merge_kernel", "_tangent_kernel", "_unit_rows_kernel"}
+NO_MMA = {"_row_norms_kernel", "_merge_kernel", "_tangent_kernel", "_unit_rows_kernel",
+          "_exps_grad_kernel"}
 """The kernels without a matrix product (the norms, the finishing)."""
 HEADLINE = {(torch.bfloat16, 512), (torch.float16, 512)}
 """Cases whose fused kernels must run wgmma with N ≥ 128 in their products and cosine
@@ -286,6 +319,8 @@ def compile_all(dtype, d, variants=""):
         for name, options in list(FUSED_VARIANTS.items())[:None if variants else 1]:
             for step, kernel, flags, launch, product in fused_kernels(dtype, d, options):
                 kernels.append((f"{step} {name}".strip(), kernel, flags, launch, product))
+        if variants:
+            kernels += stored_exps_kernels(dtype, d)
         if variants and dtype == torch.bfloat16:
             kernels += persistent_kernels([k for k in kernels if k[0] in PERSISTENT_FORMS],
                                           dtype, d)

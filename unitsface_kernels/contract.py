@@ -24,9 +24,9 @@ Op family ``unitsface`` (§1.2–§1.3), ``unitsface::unitsface_{fwd,bwd}_{trito
     fwd(x, centres, bank?, labels, index?, bank_valid?, bias?, margin_rows?, float[] options,
         bool row_grads=False, bool sparse_grad=False)
         -> (rows [B], stats [7, B], nx [B], nw [S·K], nb [S | 0], dx_rows [B, D | 0],
-            db_rows [B | 0])
+            db_rows [B | 0], exps [B, S | 0], exp_rows [G + 1, B | 0])
     bwd(grad_rows, x, centres, bank?, labels, index?, bank_valid?, bias?, margin_rows?, stats,
-        nx, nw, nb, dx_rows, db_rows, float[] options, bool[3] needs)
+        nx, nw, nb, dx_rows, db_rows, exps, exp_rows, float[] options, bool[3] needs)
         -> (dx, dcentres [S·K, D], dbias)
 
   The margin softmax over the classes S (the partial-FC index, or all), plus λ·USS on the bank
@@ -50,6 +50,13 @@ Op family ``unitsface`` (§1.2–§1.3), ``unitsface::unitsface_{fwd,bwd}_{trito
   class-parallel, whose statistics are global); the triton backend forms those of the USS
   part in the pairs form, λ·∂USS_i/∂x_i and λ·∂USS_i/∂b, which need no statistic (zeros
   where the call has no such part), so that its backward never reads the bank again.
+  ``exps``, ``exp_rows`` (see :data:`SAVED_EXPS`): where the options' budget allows it
+  (``UnitsfaceOptions.keeps_exps``) the forward keeps the W tiles' exponentials
+  e'_ij = exp(z_ij − m_ig) in x's dtype, m_ig the maximum of z over row i of the g-th group
+  of columns (G groups of equal width, a power of two, the backend's), with exp_rows =
+  (m_i0 … m_i,G−1, the row's raw target cosine (0 where its target is not among the
+  columns)); its backward takes the W cosines from them instead of recomputing the
+  products. Empty otherwise.
 
 Reference rows (ref, centres, bank) may come in another 16/32-bit float dtype than x (fp32
 master weights with half embeddings): the kernels read them rounded to x's dtype, and their
@@ -84,6 +91,10 @@ ROW_GRADS = {("unitsface", "native", "cpu"), ("unitsface", "native", "cuda")}
 native backend's objective on CPU and CUDA tensors (6 GEMM-equivalents per step instead of 7:
 the backward recomputes only the W dots, for ∂W)."""
 
+SAVED_EXPS = {"triton"}
+"""The backends whose unitsface forward keeps the W tiles' exponentials where the options'
+budget allows (``exps``, ``exp_rows``; the others return them empty)."""
+
 USS_PAIRS_ROW_GRADS = {("unitsface", "triton")}
 """(family, backend) whose forward forms the per-row gradients of the pairs-form USS part
 (row_grads), asked for when the call has a bank and that form."""
@@ -103,8 +114,10 @@ class Family:
     grads: tuple[str, str, str]              # x, the reference rows with a gradient, bias
     saved: tuple[str, ...]                   # forward outputs after rows
     fwd_extra: tuple[str, ...]               # schema of the arguments after `options`
-    sizes: Callable[..., tuple]              # (inputs..., *extra) -> sizes of `saved`
+    sizes: Callable[..., tuple]              # (backend, inputs..., *extra) -> sizes of `saved`
     indexed: str | None = None
+    in_x_dtype: tuple[str, ...] = ()         # the saved outputs in x's dtype (else the
+    #                                          accumulation dtype)
 
     @property
     def grad_positions(self) -> tuple[int, ...]:
@@ -122,7 +135,7 @@ class Family:
         return fwd, bwd
 
 
-def _uss_sizes(x, ref, *_):
+def _uss_sizes(backend, x, ref, *_):
     b = x.shape[0]
     return (len(UssStat), b), (b,), (ref.shape[0],)
 
@@ -132,13 +145,17 @@ def sub_centers(options) -> int:
     return UnitsfaceOptions.unpack(options).k
 
 
-def _unitsface_sizes(x, centres, bank, labels, index, bank_valid, bias, margin_rows, options,
-                     row_grads=False, sparse_grad=False):
+def _unitsface_sizes(backend, x, centres, bank, labels, index, bank_valid, bias, margin_rows,
+                     options, row_grads=False, sparse_grad=False):
     b = x.shape[0]
-    k = sub_centers(options)
-    s = centres.shape[0] // k if index is None else index.shape[0]
-    return ((len(UnitsfaceStat), b), (b,), (s * k,), (s if bank is not None else 0,),
-            (b, x.shape[1]) if row_grads else (0,), (b,) if row_grads else (0,))
+    o = UnitsfaceOptions.unpack(options)
+    s = centres.shape[0] // o.k if index is None else index.shape[0]
+    exps = ((0,), (0,))
+    if backend in SAVED_EXPS and o.keeps_exps(b, s, x.element_size()):
+        from .triton.fused import exp_groups  # (importing triton is slow: on first use)
+        exps = ((b, s), (exp_groups(o, x, s) + 1, b))
+    return ((len(UnitsfaceStat), b), (b,), (s * o.k,), (s if bank is not None else 0,),
+            (b, x.shape[1]) if row_grads else (0,), (b,) if row_grads else (0,)) + exps
 
 
 FAMILIES = {
@@ -152,9 +169,10 @@ FAMILIES = {
         (("Tensor", "x"), ("Tensor", "centres"), ("Tensor?", "bank"), ("Tensor", "labels"),
          ("Tensor?", "index"), ("Tensor?", "bank_valid"), ("Tensor?", "bias"),
          ("Tensor?", "margin_rows")),
-        ("x", "centres", "bias"), ("stats", "nx", "nw", "nb", "dx_rows", "db_rows"),
+        ("x", "centres", "bias"),
+        ("stats", "nx", "nw", "nb", "dx_rows", "db_rows", "exps", "exp_rows"),
         ("bool row_grads=False", "bool sparse_grad=False"), _unitsface_sizes,
-        indexed="index"),
+        indexed="index", in_x_dtype=("exps",)),
 }
 
 
@@ -188,13 +206,14 @@ def wants_row_grads(family: str, backend: str, x: torch.Tensor,
 
 # ----------------------------------------------------------------------------- fakes
 
-def _fake_forward(family: Family):
+def _fake_forward(family: Family, backend: str):
     def fake(*args):
         x = args[0]
         acc = reference.compute_dtype(x.dtype)
-        sizes = family.sizes(*args)
+        sizes = family.sizes(backend, *args)
         return (x.new_empty(x.shape[0], dtype=acc),) + tuple(
-            x.new_empty(size, dtype=acc) for size in sizes)
+            x.new_empty(size, dtype=x.dtype if name in family.in_x_dtype else acc)
+            for name, size in zip(family.saved, sizes))
     return fake
 
 
@@ -301,7 +320,7 @@ def _register() -> None:
                           "CompositeExplicitAutograd")
                 _LIB.impl(op_name(family.name, backend, "bwd"), bwd_impl,
                           "CompositeExplicitAutograd")
-            torch.library.register_fake(fwd_name, _fake_forward(family), lib=_LIB)
+            torch.library.register_fake(fwd_name, _fake_forward(family, backend), lib=_LIB)
             torch.library.register_fake(bwd_name, _fake_backward(family), lib=_LIB)
             backward, setup = _autograd(family, backward_op(family.name, backend))
             torch.library.register_autograd(fwd_name, backward, setup_context=setup, lib=_LIB)

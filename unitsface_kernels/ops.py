@@ -219,7 +219,7 @@ def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0,
                               arcface_grad="exact", easy_margin=False, index=None,
                               sparse_grad=False, reduction="mean", backend="auto", shard=None,
                               eps=EPS, margin=None, margin_state=None, margin_training=True,
-                              margin_drawn=None, generator=None):
+                              margin_drawn=None, generator=None, saved_exp_bytes=0):
     """CosFace / ArcFace softmax over normalised class centres (docs/design.md §1.2),
     optionally over a partial-FC index S, without a B×C (or B×|S|) matrix:
 
@@ -244,6 +244,11 @@ def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0,
         eps: the normalisation eps of x and W, x̂ = x / max(‖x‖, eps) (see
             :func:`fused_uss_loss`).
         reduction: "mean", "sum" or "none". backend: "auto", "triton", "native", "reference".
+        saved_exp_bytes: a memory budget (bytes, 0: none) for the triton backend's forward to
+            keep its B × |S| exponentials (in x's dtype: 102 MB for B = 512, |S| = 100k in
+            bf16) when they fit, so that its backward skips recomputing the cosines
+            (docs/design.md §2; not with sub-centres, the inter-class filter, CurricularFace
+            or AdaFace). The other backends ignore it.
         shard: a :class:`~unitsface_kernels.distributed.ClassShard` for class-parallel
             training: ``centres`` are this rank's rows [start, stop), ``index`` holds LOCAL
             class ids, and the loss is over the batches of all ranks
@@ -273,13 +278,14 @@ def fused_margin_softmax_loss(x, centres, labels, *, scale=64.0, margin_arc=0.0,
             margin_cos=margin_cos, arcface_grad=arcface_grad, easy_margin=easy_margin,
             index=index, sparse_grad=sparse_grad, reduction=reduction, backend=backend, eps=eps,
             margin=margin, margin_state=margin_state, margin_training=margin_training,
-            margin_drawn=margin_drawn, generator=generator)
+            margin_drawn=margin_drawn, generator=generator, saved_exp_bytes=saved_exp_bytes)
     check.choice(reduction, options.REDUCTIONS, "reduction")
     sparse_grad = check.flag(sparse_grad, "sparse_grad")
     margin_calls.refuse_softmax_settings(margin, margin_arc=margin_arc, margin_cos=margin_cos,
                                          arcface_grad=arcface_grad, easy_margin=easy_margin)
     o = options.softmax_options(scale=scale, margin_arc=margin_arc, margin_cos=margin_cos,
-                                arcface_grad=arcface_grad, easy_margin=easy_margin, eps=eps)
+                                arcface_grad=arcface_grad, easy_margin=easy_margin, eps=eps,
+                                saved_exp_bytes=saved_exp_bytes)
     x, centres, labels, index, values = _class_inputs(x, centres, labels, index,
                                                       margin_calls.sub_centres_of(margin))
     call = margin_calls.checked_call(margin, margin_state, margin_training, margin_drawn,
@@ -296,7 +302,8 @@ def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, ind
                          easy_margin=False, uss_margin=0.1, uss_form="pairs", uss_weight=1.0,
                          official_clamp=False, sparse_grad=False, reduction="mean",
                          backend="auto", shard=None, eps=EPS, margin=None, margin_state=None,
-                         margin_training=True, margin_drawn=None, generator=None):
+                         margin_training=True, margin_drawn=None, generator=None,
+                         saved_exp_bytes=0):
     """The UniTSFace objective in one pass over the classes (docs/design.md §1.3):
 
         L_i = L_softmax,i(x; W[S], m2, m3) + λ·L_uss,i(x; bank[S], b, bank_valid[S])
@@ -325,6 +332,8 @@ def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, ind
         margin, margin_state, margin_training, margin_drawn, generator: a margin of the family
             for the softmax part, as in :func:`fused_margin_softmax_loss`; with K sub-centres
             centres holds C·K rows while bank, bank_valid and a per-class bias keep C.
+        saved_exp_bytes: the memory budget of the softmax part's stored exponentials, as in
+            :func:`fused_margin_softmax_loss`.
     """
     if shard is not None:
         return distributed.unitsface_loss(
@@ -334,7 +343,7 @@ def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, ind
             uss_weight=uss_weight, official_clamp=official_clamp, sparse_grad=sparse_grad,
             reduction=reduction, backend=backend, eps=eps, margin=margin,
             margin_state=margin_state, margin_training=margin_training,
-            margin_drawn=margin_drawn, generator=generator)
+            margin_drawn=margin_drawn, generator=generator, saved_exp_bytes=saved_exp_bytes)
     check.choice(reduction, options.REDUCTIONS, "reduction")
     sparse_grad = check.flag(sparse_grad, "sparse_grad")
     margin_calls.refuse_softmax_settings(margin, margin_arc=margin_arc, margin_cos=margin_cos,
@@ -342,7 +351,8 @@ def fused_unitsface_loss(x, labels, centres, bank, bias, *, bank_valid=None, ind
     o = options.unitsface_options(
         scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
         easy_margin=easy_margin, uss_margin=uss_margin, uss_form=uss_form,
-        uss_weight=uss_weight, official_clamp=official_clamp, eps=eps)
+        uss_weight=uss_weight, official_clamp=official_clamp, eps=eps,
+        saved_exp_bytes=saved_exp_bytes)
     k = margin_calls.sub_centres_of(margin)
     x, centres, labels, index, values = _class_inputs(x, centres, labels, index, k)
     bank = check.reference_rows(bank, x, "bank")

@@ -101,6 +101,8 @@ class UnitsfaceOptions(_Packed):
     interclass_threshold: float = 0.0   # τ > 0: negatives with c > τ get logit 0, no gradient
     sub_centers: float = 1.0        # K rows per class in centres (row c·K + k), the class
     #                                 cosine their maximum (an integer ≥ 1, packed as a float)
+    saved_exp_bytes: float = 0.0    # the memory the forward may keep its W tiles'
+    #                                 exponentials in (bytes; :meth:`keeps_exps`)
 
     @property
     def arc(self) -> bool:
@@ -127,6 +129,19 @@ class UnitsfaceOptions(_Packed):
     def cos_limit(self) -> float:
         """Every cosine is clamped to [−lim, lim] before the logits (AdaFace: 1 − ε)."""
         return 1.0 - ANGLE_EPS if self.angle_clip else 1.0
+
+    def keeps_exps(self, rows: int, columns: int, itemsize: int) -> bool:
+        """Whether a forward over `rows` × `columns` (the classes of S) in a dtype of
+        `itemsize` bytes keeps its W tiles' exponentials e'_ij = exp(z_ij − the tile's max)
+        for the backward, which then reads them instead of recomputing the W cosines
+        (docs/design.md §2, where a backend does it): they fit the caller's budget, and every
+        column but the target has z = s·cos, recovered from e' to 2⁻⁹/s in bf16. The decision
+        margins keep the recompute (the inter-class filter, curricular's hard negatives,
+        AdaFace's angle clip: a cosine that far off can cross their thresholds), as do
+        sub-centres (the class cosine is a maximum over K rows)."""
+        return (0 < rows * columns * itemsize <= self.saved_exp_bytes and self.k == 1
+                and not self.curricular and not self.angle_clip
+                and self.interclass_threshold == 0.0)
 
     @property
     def arcface_grad(self) -> str:
@@ -168,15 +183,17 @@ def uss_options(*, scale, margin, form, official_clamp, in_batch=False,
 
 
 def softmax_options(*, scale, margin_arc, margin_cos, arcface_grad,
-                    easy_margin, eps=EPS) -> UnitsfaceOptions:
+                    easy_margin, eps=EPS, saved_exp_bytes=0) -> UnitsfaceOptions:
     """The margin softmax alone (no bank)."""
     return unitsface_options(scale=scale, margin_arc=margin_arc, margin_cos=margin_cos,
                              arcface_grad=arcface_grad, easy_margin=easy_margin, uss_margin=0.0,
-                             uss_form="pairs", uss_weight=0.0, official_clamp=False, eps=eps)
+                             uss_form="pairs", uss_weight=0.0, official_clamp=False, eps=eps,
+                             saved_exp_bytes=saved_exp_bytes)
 
 
 def unitsface_options(*, scale, margin_arc, margin_cos, arcface_grad, easy_margin, uss_margin,
-                      uss_form, uss_weight, official_clamp, eps=EPS) -> UnitsfaceOptions:
+                      uss_form, uss_weight, official_clamp, eps=EPS,
+                      saved_exp_bytes=0) -> UnitsfaceOptions:
     margin_arc = check.finite(margin_arc, "margin_arc")
     if not 0.0 <= margin_arc < math.pi:
         raise ValueError(f"margin_arc must lie in [0, π), got {margin_arc!r}")
@@ -186,4 +203,5 @@ def unitsface_options(*, scale, margin_arc, margin_cos, arcface_grad, easy_margi
         check.flag(easy_margin, "easy_margin"), check.cos_margin(uss_margin, "uss_margin"),
         check.non_negative(uss_weight, "uss_weight"),
         check.choice(uss_form, FORMS, "uss_form") == "lse",
-        check.flag(official_clamp, "official_clamp"), check.norm_eps(eps))
+        check.flag(official_clamp, "official_clamp"), check.norm_eps(eps),
+        saved_exp_bytes=float(check.byte_budget(saved_exp_bytes, "saved_exp_bytes")))

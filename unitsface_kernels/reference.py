@@ -463,7 +463,7 @@ def _norms(*tensors):
 def unitsface_fwd(x, centres, bank, labels, index, bank_valid, bias, margin_rows, options,
                   row_grads=False, sparse_grad=False):
     """Eager unitsface_fwd: (rows, stats [7, B], ||x||, ||W[S]|| (K rows per class),
-    ||bank[S]||, ∅, ∅)."""
+    ||bank[S]||, ∅, ∅, ∅, ∅): no row gradients, no stored exponentials."""
     o = UnitsfaceOptions.unpack(options)
     z, is_t, uss = _class_tiles(x, centres, bank, labels, index, bank_valid, bias, margin_rows,
                                 o, sparse_grad)
@@ -481,7 +481,8 @@ def unitsface_fwd(x, centres, bank, labels, index, bank_valid, bias, margin_rows
     read = [readable_rows(t[s], None, x.dtype)
             for t, s in zip((centres, bank), sel) if t is not None]
     nb = _norms(read[1])[0] if bank is not None else stats.new_empty(0)
-    return (rows, stats) + _norms(x, read[0]) + (nb, stats.new_empty(0), stats.new_empty(0))
+    return ((rows, stats) + _norms(x, read[0])
+            + (nb, stats.new_empty(0), stats.new_empty(0), x.new_empty(0), stats.new_empty(0)))
 
 
 def _grads_of(row, go, wanted):
@@ -496,7 +497,7 @@ def _leaf(t, need):
 
 
 def unitsface_bwd(grad_rows, x, centres, bank, labels, index, bank_valid, bias, margin_rows,
-                  stats, nx, nw, nb, dx_rows, db_rows, options, needs):
+                  stats, nx, nw, nb, dx_rows, db_rows, exps, exp_rows, options, needs):
     """Eager unitsface_bwd from the (global) statistics: autograd of the surrogate
     Σ_i go_i·[Σ_c e^{z_ic − lse_i} − z_iy + λ·USS'_i]; ∂centres of the rows of the index."""
     o = UnitsfaceOptions.unpack(options)

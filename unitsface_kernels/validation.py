@@ -106,6 +106,16 @@ def count(value, name: str) -> int:
     return int(value)
 
 
+def byte_budget(value, name: str) -> int:
+    """A memory budget in bytes: an integer ≥ 0 (0: none), not a float, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer number of bytes, got "
+                        f"{type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be ≥ 0, got {value!r}")
+    return int(value)
+
+
 # ----------------------------------------------------------------------------- tensors
 
 def tensor(t, name: str) -> torch.Tensor:

@@ -209,7 +209,11 @@ UnitsfaceForward unitsface_forward_cpu(const UnitsfaceInputs& in, const Unitsfac
         chunking::uss_rows_from_state(state, kUss, o.uss(), stats, stats::kUss));
     rows = rows + o.uss_weight * stats[stats::kUssLoss];
   }
-  if (!rg) return {rows, stats, nx, nw, nb, nx.new_empty({0}), nx.new_empty({0})};
+  // exps, exp_rows: empty (the triton backend's stored exponentials; docs/design.md §2)
+  const at::Tensor exps = in.x.new_empty({0}), exp_rows = nx.new_empty({0});
+  if (!rg) {
+    return {rows, stats, nx, nw, nb, nx.new_empty({0}), nx.new_empty({0}), exps, exp_rows};
+  }
 
   rg->merge(merged.second[0], uss_lse ? merged.second[2] : at::Tensor());
   RowGradsInputs rgi;
@@ -225,7 +229,7 @@ UnitsfaceForward unitsface_forward_cpu(const UnitsfaceInputs& in, const Unitsfac
   rgi.nb = nb;
   rgi.read = call.xdt;
   const auto grads = rg->finish(state, stats, rgi);
-  return {rows, stats, nx, nw, nb, grads.first, grads.second};
+  return {rows, stats, nx, nw, nb, grads.first, grads.second, exps, exp_rows};
 }
 
 Grads unitsface_backward_cpu(const at::Tensor& grad_rows, const UnitsfaceInputs& in,

@@ -636,7 +636,9 @@ UnitsfaceForward forward_typed(const Call& call, const UnitsfaceOptions& o, bool
     f.db_rows = mptr<T>(db_rows);
     launch(&cuda_sweep::uf_fwd_finish<T, X>, static_cast<unsigned>(B), cuda_sweep::kRowThreads, call.stream, f);
   }
-  return {out_rows, stats, nx, nw, nb, dx_rows, db_rows};
+  // exps, exp_rows: empty (the triton backend's stored exponentials; docs/design.md §2)
+  return {out_rows, stats, nx, nw, nb, dx_rows, db_rows, call.x.new_empty({0}),
+          nx.new_empty({0})};
 }
 
 UnitsfaceForward forward_cuda(const UnitsfaceInputs& in, const UnitsfaceOptions& o,

@@ -20,12 +20,13 @@ TORCH_LIBRARY(unitsface_emu, m) {
   m.def("unitsface_fwd(Tensor x, Tensor centres, Tensor? bank, Tensor labels, Tensor? index, "
         "Tensor? bank_valid, Tensor? bias, Tensor? margin_rows, float[] options, "
         "bool row_grads=False, "
-        "bool sparse_grad=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool sparse_grad=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor)");
   m.def("unitsface_bwd(Tensor grad_rows, Tensor x, Tensor centres, Tensor? bank, "
         "Tensor labels, Tensor? index, Tensor? bank_valid, Tensor? bias, Tensor? margin_rows, "
         "Tensor stats, "
-        "Tensor nx, Tensor nw, Tensor nb, Tensor dx_rows, Tensor db_rows, float[] options, "
-        "bool[3] needs) -> (Tensor, Tensor, Tensor)");
+        "Tensor nx, Tensor nw, Tensor nb, Tensor dx_rows, Tensor db_rows, Tensor exps, "
+        "Tensor exp_rows, float[] options, bool[3] needs) -> (Tensor, Tensor, Tensor)");
   m.impl("unitsface_fwd", c10::DispatchKey::CPU,
          &unitsface::unitsface_fwd_op<&unitsface::forward_cuda>);
   m.impl("unitsface_bwd", c10::DispatchKey::CPU,

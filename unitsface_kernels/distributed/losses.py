@@ -220,7 +220,7 @@ def margin_softmax_loss(x, centres, labels, shard, *, scale=64.0, margin_arc=0.0
                         margin_cos=0.4, arcface_grad="exact", easy_margin=False, index=None,
                         sparse_grad=False, reduction="mean", backend="auto", gathered=False,
                         eps=EPS, margin=None, margin_state=None, margin_training=True,
-                        margin_drawn=None, generator=None):
+                        margin_drawn=None, generator=None, saved_exp_bytes=0):
     """Class-parallel CosFace/ArcFace softmax (partial FC): ``centres`` are this rank's rows
     [start, stop); ``index`` (optional) is a sorted index of LOCAL class ids that holds every
     class of the global batch falling in the shard (:meth:`ClassShard.sample`).
@@ -238,7 +238,8 @@ def margin_softmax_loss(x, centres, labels, shard, *, scale=64.0, margin_arc=0.0
         check.flag(sparse_grad, "sparse_grad")
         o = _margin_settings(margin, options.softmax_options(
             scale=scale, margin_arc=margin_arc, margin_cos=margin_cos,
-            arcface_grad=arcface_grad, easy_margin=easy_margin, eps=eps),
+            arcface_grad=arcface_grad, easy_margin=easy_margin, eps=eps,
+            saved_exp_bytes=saved_exp_bytes),
             margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
             easy_margin=easy_margin)
         return o, _local_rows(centres, "centres", x, shard, o.k)
@@ -270,7 +271,7 @@ def unitsface_loss(x, labels, centres, bank, bias, shard, *, bank_valid=None, in
                    easy_margin=False, uss_margin=0.1, uss_form="pairs", uss_weight=1.0,
                    official_clamp=False, sparse_grad=False, reduction="mean", backend="auto",
                    gathered=False, eps=EPS, margin=None, margin_state=None,
-                   margin_training=True, margin_drawn=None, generator=None):
+                   margin_training=True, margin_drawn=None, generator=None, saved_exp_bytes=0):
     """Class-parallel UniTSFace objective: ``centres``, ``bank``, ``bank_valid`` (and a
     per-class ``bias``) are this rank's rows; a scalar ``bias`` is the replicated unified
     threshold (it gets the full ∂L/∂b on every rank). ``index``: LOCAL class ids, as in
@@ -281,7 +282,8 @@ def unitsface_loss(x, labels, centres, bank, bias, shard, *, bank_valid=None, in
         o = _margin_settings(margin, options.unitsface_options(
             scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
             easy_margin=easy_margin, uss_margin=uss_margin, uss_form=uss_form,
-            uss_weight=uss_weight, official_clamp=official_clamp, eps=eps),
+            uss_weight=uss_weight, official_clamp=official_clamp, eps=eps,
+            saved_exp_bytes=saved_exp_bytes),
             margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
             easy_margin=easy_margin)
         w = _local_rows(centres, "centres", x, shard, o.k)

@@ -60,6 +60,10 @@ class PartialFC(Settings, checkpoint.Official, MarginHead, FreshWeights):
     updated in training mode only). With K sub-centres ``weight`` is (C·K) × D, class c's rows
     c·K … c·K + K − 1; partial FC samples classes, all K rows of each (the sparse gradient
     holds those rows).
+
+    ``saved_exp_bytes``: the memory the triton backend's forward may keep its B × |S|
+    exponentials in, so that its backward skips recomputing the cosines
+    (:func:`~unitsface_kernels.fused_margin_softmax_loss`; 0: never).
     """
 
     OFFICIAL = (checkpoint.CENTRES,)
@@ -71,11 +75,12 @@ class PartialFC(Settings, checkpoint.Official, MarginHead, FreshWeights):
                  sparse_grad: bool = False, eps: float = EPS, backend: str = "auto",
                  class_parallel: Optional[bool] = None, process_group=None,
                  margin: Optional[margins.Margin] = None,
-                 margin_generator: Optional[torch.Generator] = None):
+                 margin_generator: Optional[torch.Generator] = None, saved_exp_bytes: int = 0):
         super().__init__()
         self.options = options.softmax_options(scale=scale, margin_arc=margin_arc,
                                                margin_cos=margin_cos, arcface_grad=arcface_grad,
-                                               easy_margin=easy_margin, eps=eps)
+                                               easy_margin=easy_margin, eps=eps,
+                                               saved_exp_bytes=saved_exp_bytes)
         k = self._init_margin(margin, dict(margin_arc=margin_arc, margin_cos=margin_cos,
                                            arcface_grad=arcface_grad, easy_margin=easy_margin),
                               margin_generator)
@@ -366,6 +371,8 @@ class UniTSFaceHead(Settings, checkpoint.Official, Threshold, MemoryBank, Margin
             bank, and samples int(sample_rate·num_local) classes of its shard per step.
         margin: a margin of the family for the softmax part, as in :class:`PartialFC`
             (``weight`` is (C·K) × D with K sub-centres; the bank keeps one row per class).
+        saved_exp_bytes: the memory budget of the softmax part's stored exponentials (triton
+            backend; see :class:`PartialFC`).
 
     The settings are checked once, when the module is built, and held in ``options`` (a
     :class:`~unitsface_kernels.options.UnitsfaceOptions`), which every call hands down to the
@@ -385,12 +392,13 @@ class UniTSFaceHead(Settings, checkpoint.Official, Threshold, MemoryBank, Margin
                  bank_dtype: torch.dtype = torch.float32, eps: float = EPS,
                  backend: str = "auto", class_parallel: Optional[bool] = None,
                  process_group=None, margin: Optional[margins.Margin] = None,
-                 margin_generator: Optional[torch.Generator] = None):
+                 margin_generator: Optional[torch.Generator] = None, saved_exp_bytes: int = 0):
         super().__init__()
         self.options = options.unitsface_options(
             scale=scale, margin_arc=margin_arc, margin_cos=margin_cos, arcface_grad=arcface_grad,
             easy_margin=easy_margin, uss_margin=uss_margin, uss_form=uss_form,
-            uss_weight=uss_weight, official_clamp=official_clamp, eps=eps)
+            uss_weight=uss_weight, official_clamp=official_clamp, eps=eps,
+            saved_exp_bytes=saved_exp_bytes)
         k = self._init_margin(margin, dict(margin_arc=margin_arc, margin_cos=margin_cos,
                                            arcface_grad=arcface_grad, easy_margin=easy_margin),
                               margin_generator)

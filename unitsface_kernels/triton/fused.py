@@ -74,8 +74,8 @@ from .config import Plan, check_dtype, plan
 from .finish import N_FP, go_unit_rows, merge_partials, tangent_grad
 from .loads import (TL_DTYPES, as_operand, inv_norm_of, out_dtype, ref_rows_ok, row_block,
                     rows_chunk, to_store, unit_rows, upcast_tiles)
-from .margin_softmax import (curricular_rows, needs_row_terms, row_margins, row_terms,
-                             softmax_grad, softmax_logits, target_cos)
+from .margin_softmax import (clamp_cos, curricular_rows, needs_row_terms, row_margins,
+                             row_terms, softmax_grad, softmax_logits, target_cos)
 from .maths import NEG_BIG, clamp, inv_norm, mma, scaled_cos, softplus_sigmoid
 from .norms import row_norms
 from .uss_terms import uss_grad, uss_pairs_grad_signed, uss_row_stats, uss_terms
@@ -266,11 +266,69 @@ def _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, row
 def _softmax_partials(rowp_ptr, z, z_t, is_target, col_ok, rows, row_ok, slot, B):
     """The forward's partials of a class tile into fpart[slot]: per row the max and sum-exp
     of z over the tile's columns, and the target logit where the row's target lies in it."""
-    out = rowp_ptr + slot * (_N_FP * B) + rows
     zm = tl.where(col_ok[None, :], z, NEG_BIG)
     m = tl.max(zm, axis=1)
     se = tl.sum(tl.where(col_ok[None, :], tl.exp(zm - m[:, None]), 0.0), axis=1)
-    has_t = tl.sum(is_target.to(tl.int32), axis=1) > 0
+    _store_partials(rowp_ptr, m, se, z_t, tl.sum(is_target.to(tl.int32), axis=1) > 0, rows,
+                    row_ok, slot, B)
+
+
+@triton.jit
+def _softmax_kept(dots, nw_ptr, idx_ptr, rowp_ptr, e_ptr, er_ptr, rows, row_ok, inv_x, y,
+                  c_t, d, cos_a, sin_a, a_sin_a, lo, hi, hard, t, B, S, tile, col0,
+                  n_cols, slot, scale, tau, eps, HAS_INDEX: tl.constexpr, ARC: tl.constexpr,
+                  ST: tl.constexpr, EASY: tl.constexpr, NO_FALLBACK: tl.constexpr,
+                  ANGLE_CLIP: tl.constexpr, CURRICULAR: tl.constexpr, FILTER: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, XT: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """:func:`_softmax_partials` of a W tile that also keeps its exponentials (STORE_E), a
+    group of GW columns at a time (32: a quarter of a 128-column tile, which in the
+    accumulator's layout moves no data; the whole tile when narrower), each group's cosines
+    and logits taken from the dots as the backward's quarters take them
+    (:func:`_class_cols`): e'_ij = exp(z_ij − m_ig) into exps [B, S] (e_ptr, at the
+    columns of S) and the group's max m_ig into exp_rows [G + 1, B] (er_ptr; group g =
+    column // GW), the tile's max and sum-exp merged from the groups' (one exponential per
+    element, as without), and the rows' raw target cosines (the backward's clamp rule reads
+    them) into exp_rows' last row where the tile holds the target. On the whole tile, z
+    beside the stores' addresses spilled at 255 registers, and so did the target's
+    reductions over the whole tile beside the dots."""
+    NP: tl.constexpr = BLOCK_N // 32 if BLOCK_N > 32 else 1
+    GW: tl.constexpr = BLOCK_N // NP
+    m = tl.full((BLOCK_M,), NEG_BIG, dots.dtype)
+    se = tl.zeros((BLOCK_M,), dots.dtype)
+    z_t = se
+    cos_t = se
+    n_t = tl.zeros((BLOCK_M,), tl.int32)
+    for k in tl.static_range(NP):
+        local = tile * BLOCK_N + k * GW + tl.arange(0, GW)
+        cos, is_target, cols, col_ok = _class_cols(_part(dots, k, NP, BLOCK_M, BLOCK_N), local,
+                                                   inv_x, y, col0, n_cols, idx_ptr, nw_ptr, eps,
+                                                   HAS_INDEX)
+        _, z, z_t = softmax_logits(cos, is_target, c_t, scale, d, cos_a, sin_a, a_sin_a, lo,
+                                   hi, hard, t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP,
+                                   CURRICULAR, FILTER)
+        cos_t += tl.sum(tl.where(is_target, cos, 0.0), axis=1)
+        n_t += tl.sum(is_target.to(tl.int32), axis=1)
+        zq = tl.where(col_ok[None, :], z, NEG_BIG)
+        mq = tl.max(zq, axis=1)
+        e = tl.where(col_ok[None, :], tl.exp(zq - mq[:, None]), 0.0)
+        tl.store(e_ptr + rows[:, None] * S + cols[None, :], to_store(e, XT, UPCAST),
+                 mask=row_ok[:, None] & col_ok[None, :])
+        if tile * BLOCK_N + k * GW < n_cols:
+            tl.store(er_ptr + ((col0 + tile * BLOCK_N + k * GW) // GW) * B + rows, mq,
+                     mask=row_ok)
+        top = tl.maximum(m, mq)
+        se = se * tl.exp(m - top) + tl.sum(e, axis=1) * tl.exp(mq - top)
+        m = top
+    tl.store(er_ptr + tl.cdiv(S, GW) * B + rows, cos_t, mask=row_ok & (n_t > 0))
+    _store_partials(rowp_ptr, m, se, z_t, n_t > 0, rows, row_ok, slot, B)
+
+
+@triton.jit
+def _store_partials(rowp_ptr, m, se, z_t, has_t, rows, row_ok, slot, B):
+    """fpart[slot]: the rows' max and sum-exp of z and their target logit (0 where has_t is
+    false: the target lies in another tile)."""
+    out = rowp_ptr + slot * (_N_FP * B) + rows
     tl.store(out, m, mask=row_ok)
     tl.store(out + B, se, mask=row_ok)
     tl.store(out + 2 * B, tl.where(has_t, z_t, 0.0), mask=row_ok)
@@ -302,6 +360,31 @@ def _class_cols(dots, local, inv_x, y, col0, n_cols, idx_ptr, nw_ptr, eps,
 
 
 @triton.jit
+def _softmax_grad_cols(cos, cos_h, is_target, c_t, d, cos_a, sin_a, a_sin_a, lo, hi, hard, t,
+                       lse, go, nw_ptr, colp_ptr, g_ptr, rows, row_ok, local, cols, col_ok, rb,
+                       S, g_stride, scale, tau, eps, STORE_G: tl.constexpr,
+                       COL_H: tl.constexpr, ARC: tl.constexpr, ST: tl.constexpr,
+                       EASY: tl.constexpr, NO_FALLBACK: tl.constexpr, ANGLE_CLIP: tl.constexpr,
+                       CURRICULAR: tl.constexpr, FILTER: tl.constexpr, SCALE_G: tl.constexpr,
+                       XT: tl.constexpr, UPCAST: tl.constexpr):
+    """The W programs' backward on some columns of a class tile, from their raw cosines (the
+    target's among them) and the rows' target cosines c_t: g = ∂L/∂cos from the saved lse,
+    Σ_i go_i·g_ij·cos_h_ij into cpart (COL_H; cos_h: the cosines as that sum reads them) and
+    g̃ into the chunk's g buffer at chunk-local columns `local` (STORE_G)."""
+    c, z, _ = softmax_logits(cos, is_target, c_t, scale, d, cos_a, sin_a, a_sin_a, lo, hi,
+                             hard, t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP, CURRICULAR,
+                             FILTER)
+    g = softmax_grad(cos, c, c_t, z, is_target, row_ok[:, None] & col_ok[None, :], lse, scale,
+                     cos_a, sin_a, lo, hi, hard, t, tau, ARC, ST, EASY, NO_FALLBACK,
+                     ANGLE_CLIP, CURRICULAR, FILTER)
+    if COL_H:
+        _col_h(colp_ptr, g, cos_h, go, rb, S, cols, col_ok)
+    if STORE_G:
+        _store_g(g_ptr, g, inv_norm_of(nw_ptr, cols, col_ok, eps), rows, local, row_ok,
+                 col_ok, g_stride, XT, SCALE_G, UPCAST)
+
+
+@triton.jit
 def _softmax_part(dots, inv_w, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr, colp_ptr,
                   g_ptr, rows, row_ok, inv_x, y, cols, col_ok, cls, B, S, tile, col0, n_cols,
                   gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
@@ -310,21 +393,29 @@ def _softmax_part(dots, inv_w, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_pt
                   EASY: tl.constexpr, ROW_MARGINS: tl.constexpr, NO_FALLBACK: tl.constexpr,
                   ANGLE_CLIP: tl.constexpr, CURRICULAR: tl.constexpr, FILTER: tl.constexpr,
                   SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  XT: tl.constexpr, UPCAST: tl.constexpr):
+                  XT: tl.constexpr, UPCAST: tl.constexpr, STORE_E: tl.constexpr):
     """A W program's epilogue: the margin softmax on one (row block, class tile) from its raw
     dots and the columns' inverse norms inv_w (loaded before the K loop by a program per
     tile: after it, the AdaFace forward spilled), one row of W per class (K = 1;
     :func:`_sub_centre_part` otherwise). The rows' target cosines come from the whole tile (a
     row reduction: nothing else is live yet); then the backward's epilogue runs a quarter of
     the class tile at a time (:data:`PARTS`), each quarter reading its columns' terms again
-    (:func:`_class_cols`); what it writes is per column, as on the whole tile."""
+    (:func:`_class_cols`); what it writes is per column, as on the whole tile. The forward
+    with STORE_E also keeps the tile's exponentials (:func:`_softmax_partials`: g_ptr is then
+    exps [B, S] and colp_ptr the rows' raw target cosines [B]), which the backward's
+    :func:`_exps_grad_kernel` reads instead of these dots."""
     cos = scaled_cos(dots, inv_x, inv_w)
     is_target = (y[:, None] == cls[None, :]) & col_ok[None, :]  # −1: padding, or no target
     c_t = target_cos(cos, is_target, ANGLE_CLIP)
     d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2,
                                                    mm, ROW_MARGINS, ANGLE_CLIP)
     hard, t = curricular_rows(rt_ptr, rows, row_ok, B, CURRICULAR)
-    if not BACKWARD:
+    if not BACKWARD and STORE_E:
+        _softmax_kept(dots, nw_ptr, idx_ptr, rowp_ptr, g_ptr, colp_ptr, rows, row_ok, inv_x, y,
+                      c_t, d, cos_a, sin_a, a_sin_a, lo, hi, hard, t, B, S, tile, col0, n_cols,
+                      gtile, scale, tau, eps, HAS_INDEX, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP,
+                      CURRICULAR, FILTER, BLOCK_M, BLOCK_N, XT, UPCAST)
+    elif not BACKWARD:
         _, z, z_t = softmax_logits(cos, is_target, c_t, scale, d, cos_a, sin_a, a_sin_a, lo, hi,
                                    hard, t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP,
                                    CURRICULAR, FILTER)
@@ -333,6 +424,8 @@ def _softmax_part(dots, inv_w, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_pt
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         if COL_H:
             go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
+        else:
+            go = lse
         PN: tl.constexpr = BLOCK_N // PARTS
         first = tile * BLOCK_N
         for k in tl.static_range(PARTS):
@@ -340,17 +433,11 @@ def _softmax_part(dots, inv_w, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_pt
             cos, is_target, cols_q, col_ok_q = _class_cols(
                 _part(dots, k, PARTS, BLOCK_M, BLOCK_N), local, inv_x, y, col0, n_cols,
                 idx_ptr, nw_ptr, eps, HAS_INDEX)
-            c, z, _ = softmax_logits(cos, is_target, c_t, scale, d, cos_a, sin_a, a_sin_a, lo,
-                                     hi, hard, t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP,
-                                     CURRICULAR, FILTER)
-            g = softmax_grad(cos, c, c_t, z, is_target, row_ok[:, None] & col_ok_q[None, :],
-                             lse, scale, cos_a, sin_a, lo, hi, hard, t, tau, ARC, ST, EASY,
-                             NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER)
-            if COL_H:
-                _col_h(colp_ptr, g, cos, go, rb, S, cols_q, col_ok_q)
-            if STORE_G:
-                _store_g(g_ptr, g, inv_norm_of(nw_ptr, cols_q, col_ok_q, eps), rows, local,
-                         row_ok, col_ok_q, g_stride, XT, SCALE_G, UPCAST)
+            _softmax_grad_cols(cos, cos, is_target, c_t, d, cos_a, sin_a, a_sin_a, lo, hi, hard,
+                               t, lse, go, nw_ptr, colp_ptr, g_ptr, rows, row_ok, local, cols_q,
+                               col_ok_q, rb, S, g_stride, scale, tau, eps, STORE_G, COL_H, ARC,
+                               ST, EASY, NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER, SCALE_G,
+                               XT, UPCAST)
 
 
 @triton.jit
@@ -493,7 +580,7 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
                 KP: tl.constexpr, USS_LSE: tl.constexpr, USS_CLAMP: tl.constexpr,
                 HAS_VALID: tl.constexpr, VECTOR_BIAS: tl.constexpr, SCALE_G: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
-                XT: tl.constexpr, UPCAST: tl.constexpr):
+                XT: tl.constexpr, UPCAST: tl.constexpr, STORE_E: tl.constexpr):
     """Cosine tiles of the columns [col0, col0 + n_cols) (one chunk, or all): a program per
     (row block, column tile, reference matrix), row blocks fastest, then W before bank.
     Forward: rowp = fpart (N_FP per tile); backward: rowp = gsum (one row per tile),
@@ -552,7 +639,7 @@ def _cos_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, idx_ptr, 
                           tile, col0, n_cols, gtile, rb, g_stride, scale, m3, cos_m2, sin_m2,
                           mm, tau, eps, BACKWARD, STORE_GW, COL_H, HAS_INDEX, ARC, ST, EASY,
                           ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER, SCALE_G,
-                          BLOCK_M, BLOCK_N, XT, UPCAST)
+                          BLOCK_M, BLOCK_N, XT, UPCAST, STORE_E)
         else:
             _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr,
                              colp_ptr, gw_ptr, rows, row_ok, inv_x, y, tile, part, col0, n_cols,
@@ -587,7 +674,8 @@ def _matrix_epilogue(dots, nw_ptr, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr
                      CURRICULAR: tl.constexpr, FILTER: tl.constexpr, USS_LSE: tl.constexpr,
                      USS_CLAMP: tl.constexpr, HAS_VALID: tl.constexpr,
                      VECTOR_BIAS: tl.constexpr, SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
+                     BLOCK_N: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr,
+                     STORE_E: tl.constexpr):
     """The epilogue of one tile of a persistent launch (one matrix, K = 1: W_PROGS, else the
     bank's): :func:`_softmax_part` or :func:`_uss_part` on its raw dots."""
     if W_PROGS:
@@ -596,7 +684,7 @@ def _matrix_epilogue(dots, nw_ptr, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr
                       cols, col_ok, cls, B, S, tile, col0, n_cols, tile0 + tile, rb, g_stride,
                       scale, m3, cos_m2, sin_m2, mm, tau, eps, BACKWARD, STORE_GW, COL_H,
                       HAS_INDEX, ARC, ST, EASY, ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP,
-                      CURRICULAR, FILTER, SCALE_G, BLOCK_M, BLOCK_N, XT, UPCAST)
+                      CURRICULAR, FILTER, SCALE_G, BLOCK_M, BLOCK_N, XT, UPCAST, STORE_E)
     else:
         _uss_part(dots, nb_ptr, idx_ptr, lab_ptr, valid_ptr, bias_ptr, go_ptr, ustats_ptr,
                   rowp_ptr, colp_ptr, gb_ptr, rows, row_ok, inv_x, y, B, S, tile, col0, n_cols,
@@ -621,7 +709,8 @@ def _cos_stream_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, id
                        KP: tl.constexpr, USS_LSE: tl.constexpr, USS_CLAMP: tl.constexpr,
                        HAS_VALID: tl.constexpr, VECTOR_BIAS: tl.constexpr,
                        SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BK: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
+                       BK: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr,
+                       STORE_E: tl.constexpr):
     """:func:`_cos_kernel`'s tiles (its arguments, the same epilogues) from persistent
     programs over ONE reference matrix (W_PROGS or BANK_PROGS; K = 1): program p takes the
     tiles p, p + P, p + 2P, … (row blocks fastest, so that a wave's programs share column
@@ -662,7 +751,8 @@ def _cos_stream_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, id
                 cos_m2, sin_m2, mm, tau, uss_m, uss_w, eps, BACKWARD, W_PROGS, STORE_GW, COL_H,
                 STORE_GB, ROW_GB, COL_GB, COL_HB, HAS_INDEX, HAS_LABELS, IN_BATCH, ARC, ST,
                 EASY, ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER, USS_LSE,
-                USS_CLAMP, HAS_VALID, VECTOR_BIAS, SCALE_G, BLOCK_M, BLOCK_N, XT, UPCAST)
+                USS_CLAMP, HAS_VALID, VECTOR_BIAS, SCALE_G, BLOCK_M, BLOCK_N, XT, UPCAST,
+                STORE_E)
             acc = tl.zeros((BLOCK_M, BLOCK_N), nx_ptr.dtype.element_ty)
 
 
@@ -684,7 +774,7 @@ def _cos_resident_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, 
                          HAS_VALID: tl.constexpr, VECTOR_BIAS: tl.constexpr,
                          SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BK: tl.constexpr, XT: tl.constexpr,
-                         UPCAST: tl.constexpr):
+                         UPCAST: tl.constexpr, STORE_E: tl.constexpr):
     """:func:`_cos_kernel`'s tiles (its arguments, the same epilogues) from persistent
     programs that keep their x row block resident while the reference tiles stream past it
     (ONE matrix, K = 1): the launch is P = n_row_blocks · L programs, program p owns the
@@ -724,7 +814,63 @@ def _cos_resident_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, 
             cos_m2, sin_m2, mm, tau, uss_m, uss_w, eps, BACKWARD, W_PROGS, STORE_GW, COL_H,
             STORE_GB, ROW_GB, COL_GB, COL_HB, HAS_INDEX, HAS_LABELS, IN_BATCH, ARC, ST, EASY,
             ROW_MARGINS, NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER, USS_LSE, USS_CLAMP,
-            HAS_VALID, VECTOR_BIAS, SCALE_G, BLOCK_M, BLOCK_N, XT, UPCAST)
+            HAS_VALID, VECTOR_BIAS, SCALE_G, BLOCK_M, BLOCK_N, XT, UPCAST, STORE_E)
+
+
+@triton.jit
+def _exps_grad_kernel(e_ptr, er_ptr, nx_ptr, nw_ptr, y_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr,
+                      colp_ptr, g_ptr, B, S, col0, n_cols, n_row_blocks, e_tiles, e_width,
+                      g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps, COL_H: tl.constexpr,
+                      HAS_INDEX: tl.constexpr, ARC: tl.constexpr, ST: tl.constexpr,
+                      EASY: tl.constexpr, ROW_MARGINS: tl.constexpr,
+                      NO_FALLBACK: tl.constexpr, SCALE_G: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, XT: tl.constexpr,
+                      UPCAST: tl.constexpr):
+    """The W programs' backward from the forward's stored exponentials instead of the
+    cosines' product (docs/design.md §2): a program per (row block, BLOCK_N columns of the
+    chunk [col0, col0 + n_cols)), row blocks fastest, the row blocks those of the cosine
+    kernels (cpart's). exps [B, S] (e_ptr) holds e'_ij = exp(z_ij − m_it) and er_ptr
+    [e_tiles + 1, B] the maxima m_it of the forward's column tiles (e_width columns each),
+    then the rows' raw target cosines. Off the target z_ij = s·cos_ij (K = 1, no decision
+    margin: UnitsfaceOptions.keeps_exps), so cos_ij = (m_it + ln e'_ij)/s, within 2⁻⁹/s of
+    the product's in bf16; an e' that underflowed (p_ij < e⁻⁸⁷) gives −∞, which the clamp's
+    gradient rule zeroes as for any cosine past ±1. The target's cosine is the stored one.
+    Then :func:`_softmax_grad_cols` a quarter of the columns at a time, as the cosine
+    kernels' W programs (the same g̃ tile and cpart sums)."""
+    pid = tl.program_id(0)
+    rb = pid % n_row_blocks
+    tile = pid // n_row_blocks
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok, _, y = row_block(nx_ptr, y_ptr, rows, B, eps)
+    y = y.to(tl.int32)
+    ct_raw = tl.load(er_ptr + e_tiles * B + rows, mask=row_ok, other=0.0)
+    c_t, _ = clamp_cos(ct_raw, False)
+    d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2,
+                                                   mm, ROW_MARGINS, False)
+    hard, t = curricular_rows(rt_ptr, rows, row_ok, B, False)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    if COL_H:
+        go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
+    else:
+        go = lse
+    PN: tl.constexpr = BLOCK_N // PARTS
+    for k in tl.static_range(PARTS):
+        local = tile * BLOCK_N + k * PN + tl.arange(0, PN)
+        cols, col_ok, cls = _columns(local, col0, n_cols, idx_ptr, HAS_INDEX)
+        ok = row_ok[:, None] & col_ok[None, :]
+        e = tl.load(e_ptr + rows[:, None] * S + cols[None, :], mask=ok, other=1.0)
+        m = tl.load(er_ptr + (cols // e_width)[None, :] * B + rows[:, None], mask=ok,
+                    other=0.0)
+        is_target = (y[:, None] == cls[None, :]) & col_ok[None, :]
+        e = e.to(m.dtype)
+        cos = tl.where(is_target, ct_raw[:, None], (m + tl.log(e)) / scale)
+        # Σ go·g·cos reads 0 where e' underflowed (g is 0 there; −∞ would make 0·−∞ = NaN),
+        # the target's cosine wherever it is, and a NaN e' as NaN
+        _softmax_grad_cols(cos, tl.where(is_target | (e != 0.0), cos, 0.0), is_target, c_t, d, cos_a, sin_a,
+                           a_sin_a, lo, hi, hard, t, lse, go, nw_ptr, colp_ptr, g_ptr, rows,
+                           row_ok, local, cols, col_ok, rb, S, g_stride, scale, tau, eps, True,
+                           COL_H, ARC, ST, EASY, NO_FALLBACK, False, False, False, SCALE_G, XT,
+                           UPCAST)
 
 
 @triton.jit
@@ -950,13 +1096,16 @@ def _objective_sweep(x, centres, bank, labels, index, bank_valid, bias, margin_r
 
 def cos_launch(p: Plan, s: Sweep, go, lse, ustats, rowp, colp, gw, gb, col0, n_cols, *,
                backward, w_progs, bank_progs, store_gw=False, col_h=False, store_gb=False,
-               row_gb=False, col_gb=False, col_hb=False):
+               row_gb=False, col_gb=False, col_hb=False, store_e=False):
     """The cosine tiles of the columns [col0, col0 + n_cols): one _cos_kernel launch (see its
     doc), or with FusedConfig.persistent (K = 1 only: config.fused_config decides) a
     _cos_stream_kernel launch per matrix, W first, of at most that many programs (one kernel
     streaming both matrices would hold both loops' pipeline buffers: 130 KB of shared memory,
     and it spilled under triton 3.6); with FusedConfig.resident a _cos_resident_kernel launch
-    per matrix instead, of :func:`resident_programs`."""
+    per matrix instead, of :func:`resident_programs`. store_e: the forward's W programs keep
+    their exponentials (gw: exps [B, S]; colp: exp_rows [G + 1, B]; K = 1),
+    a program per tile in a launch of their own (sm_90: the W and bank programs in one kernel
+    spilled 4–8 B per thread with the stores, the W programs alone nothing)."""
     t = p.config.cos
     tiles = p.row_blocks * triton.cdiv(n_cols, t.block_n)
     if p.config.persistent:
@@ -965,6 +1114,9 @@ def cos_launch(p: Plan, s: Sweep, go, lse, ustats, rowp, colp, gw, gb, col0, n_c
                          (_cos_stream_kernel, min(tiles, p.config.persistent)))
         launches = [(kernel, (progs,), w, not w)
                     for w, on in ((True, w_progs), (False, bank_progs)) if on]
+    elif store_e:  # the W programs alone: beside the bank's, their stores spilled (sm_90)
+        launches = [(_cos_kernel, (tiles,), True, False)] + (
+            [(_cos_kernel, (tiles,), False, True)] if bank_progs else [])
     else:
         launches = [(_cos_kernel, (tiles * (s.flags["KP"] * int(w_progs) + int(bank_progs)),),
                      w_progs, bank_progs)]
@@ -976,7 +1128,49 @@ def cos_launch(p: Plan, s: Sweep, go, lse, ustats, rowp, colp, gw, gb, col0, n_c
             BACKWARD=backward, W_PROGS=w, BANK_PROGS=bank, STORE_GW=store_gw, COL_H=col_h,
             STORE_GB=store_gb, ROW_GB=row_gb, COL_GB=col_gb, COL_HB=col_hb, BLOCK_M=t.block_m,
             BLOCK_N=t.block_n, BK=t.bk, num_warps=t.num_warps, num_stages=t.num_stages,
-            **s.flags)
+            STORE_E=store_e, **s.flags)
+
+
+EXPS_COLS = 128
+"""Columns per program of :func:`_exps_grad_kernel` (four quarters of 32: the cosine
+kernels' epilogue unit)."""
+
+
+def exps_grad_launch(p: Plan, s: Sweep, exps, exp_rows, go, lse, cpart, gw, col0, n_cols,
+                     col_h):
+    """The W programs' backward of the columns [col0, col0 + n_cols) from the forward's
+    stored exponentials (:func:`_exps_grad_kernel`): the same g̃ tile into gw and (col_h)
+    cpart sums as the cosine kernel's W programs."""
+    groups = exp_rows.shape[0] - 1
+    f = s.flags
+    _exps_grad_kernel[(p.row_blocks * triton.cdiv(n_cols, EXPS_COLS),)](
+        exps, exp_rows, s.nx, s.nw, s.labels, s.idx, go, lse, s.rt, cpart, gw, p.rows,
+        s.columns, col0, n_cols, p.row_blocks, groups, exp_width(s.columns, groups), p.chunk,
+        **{k: s.scalars[k] for k in ("scale", "m3", "cos_m2", "sin_m2", "mm", "tau", "eps")},
+        COL_H=col_h, HAS_INDEX=f["HAS_INDEX"], ARC=f["ARC"], ST=f["ST"], EASY=f["EASY"],
+        ROW_MARGINS=f["ROW_MARGINS"], NO_FALLBACK=f["NO_FALLBACK"], SCALE_G=f["SCALE_G"],
+        BLOCK_M=p.config.cos.block_m, BLOCK_N=EXPS_COLS, XT=f["XT"], UPCAST=f["UPCAST"],
+        num_warps=8)
+
+
+EXP_GROUP = 32
+"""Columns per stored maximum (:func:`_softmax_kept`; fewer where the cosine tiles are
+narrower)."""
+
+
+def exp_groups(o: UnitsfaceOptions, x: torch.Tensor, columns: int) -> int:
+    """G, the groups of columns of a forward over `columns` classes that keeps its
+    exponentials: exp_rows has G + 1 rows (the contract's fake asks this too)."""
+    cfg = plan(x.shape[0], columns, x.shape[1], x.dtype, x.device, 0, sub_centres=o.k).config
+    return triton.cdiv(columns, min(cfg.cos.block_n, EXP_GROUP))
+
+
+def exp_width(columns: int, groups: int) -> int:
+    """The width of the forward's groups of columns, from their count G over `columns` (a
+    power of two, the only one that gives G groups where G > 1; where G = 1, any ≥ columns
+    does): the backward reads the stored maxima with the forward's tiling, whatever its own
+    (the persistent knob may differ between them)."""
+    return triton.next_power_of_2(triton.cdiv(columns, groups))
 
 
 def resident_programs(p: Plan, n_cols: int) -> int:
@@ -1032,9 +1226,14 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows
     that part's per-row gradients, which need no global statistic: dx_rows = λ·∂USS_i/∂x_i
     [B, D] and db_rows = λ·∂USS_i/∂b [B] (zeros where there is no such part).
 
+    Where ``options.keeps_exps`` allows it, the W programs also keep their tiles'
+    exponentials, exps [B, S] in x's dtype and exp_rows [G + 1, B] (the maxima of the groups
+    of :data:`EXP_GROUP` columns, the rows' raw target cosines), for the backward's
+    :func:`_exps_grad_kernel`.
+
     Returns (rows, stats [7, B] (the rows of layouts.UnitsfaceStat), ||x_i||, the norms of
     W's rows of S (K per class: ||W[S_j·K + r]|| at j·K + r), ||bank[S_j]|| (empty without
-    USS), dx_rows, db_rows)."""
+    USS), dx_rows, db_rows, exps, exp_rows (both empty unless kept))."""
     o = UnitsfaceOptions.unpack(options)
     bsz, d = x.shape
     check_dtype(x.dtype, x.device)
@@ -1051,9 +1250,17 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows
     fpart = torch.empty(p.class_tiles * kp, N_FP, bsz, dtype=acc, device=x.device)
     gb = torch.empty(bsz, p.chunk if uss_rows else 0, dtype=out_dtype(x.dtype), device=x.device)
     part = torch.empty(p.splits if uss_rows else 0, bsz, d, dtype=acc, device=x.device)
+    keep = o.keeps_exps(bsz, s.columns, x.element_size())
+    exps = torch.empty((bsz, s.columns) if keep else (0,), dtype=out_dtype(x.dtype),
+                       device=x.device)
+    groups = triton.cdiv(s.columns, min(p.config.cos.block_n, EXP_GROUP))
+    exp_rows = torch.empty((groups + 1, bsz) if keep else (0,), dtype=acc, device=x.device)
+    if keep:  # a row whose target is not among the columns (another shard's) reads 0
+        exp_rows[-1].zero_()
     for k, (col0, n_cols) in enumerate(p.chunks()):
-        cos_launch(p, s, nx, nx, nx, fpart, nx, gb, gb, col0, n_cols, backward=False,
-                   w_progs=True, bank_progs=has_uss, store_gb=uss_rows)
+        cos_launch(p, s, nx, nx, nx, fpart, exp_rows if keep else nx, exps if keep else gb, gb,
+                   col0, n_cols, backward=False, w_progs=True, bank_progs=has_uss,
+                   store_gb=uss_rows, store_e=keep)
         if uss_rows:
             dx_launch(p, s, gb, gb, part, col0, n_cols, k > 0, has_w=False, has_bank=True)
     stats = torch.empty(len(UnitsfaceStat), bsz, dtype=acc, device=x.device)
@@ -1067,18 +1274,19 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows
         dx_rows, db_rows = nx.new_zeros(bsz, d), nx.new_zeros(bsz)
     else:
         dx_rows = nx.new_empty(0)
-    return rows, stats, nx, nw, nb, dx_rows, db_rows
+    return rows, stats, nx, nw, nb, dx_rows, db_rows, exps.to(x.dtype), exp_rows
 
 
 def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias, margin_rows,
-                   stats, nx, nw, nb, dx_rows, db_rows, options, needs):
+                   stats, nx, nw, nb, dx_rows, db_rows, exps, exp_rows, options, needs):
     """(∂x, ∂centres, ∂bias): the unitsface_bwd op of unitsface_kernels.contract; empty where
     not needed. ∂centres holds the rows of the index's classes (row j·K + r: sub-centre r of
     class S_j).
 
-    Per chunk of classes: the cosine kernel (W programs for ∂x and ∂W; bank programs only
-    where the forward did not form the USS part's row gradients, or for per-class
-    thresholds), then the ∂W and ∂x products; then the finishing (finish.py, O(B·D + |S|)):
+    Per chunk of classes: the cosine kernel (W programs for ∂x and ∂W, or with the forward's
+    stored exponentials :func:`_exps_grad_kernel` instead; bank programs only where the
+    forward did not form the USS part's row gradients, or for per-class thresholds), then
+    the ∂W and ∂x products; then the finishing (finish.py, O(B·D + |S|)):
     ∂x_i = go_i·[(G_i − h_i·x̂_i)/max(‖x_i‖, eps) + dx_rows_i] and ∂b = −(1/s)·Σ go·g'."""
     o = UnitsfaceOptions.unpack(options)
     need_dx, need_dw, need_db = (bool(v) for v in needs)
@@ -1094,6 +1302,7 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
     acc = nx.dtype
     go = grad_rows.to(acc).contiguous()
     w_progs = need_dx or need_dw
+    stored = exps.numel() > 0  # the W tiles come from the forward's exponentials
     store_gb = has_uss and need_dx and not fwd_rows
     row_gb = has_uss and need_db and not vector_bias and not fwd_rows
     col_gb = has_uss and need_db and vector_bias
@@ -1110,12 +1319,18 @@ def fused_backward(grad_rows, x, centres, bank, labels, index, bank_valid, bias,
     dw = torch.empty(n_cls * k if need_dw else 0, d, dtype=out_dtype(centres.dtype),
                      device=dev)
     xg = go_unit_rows(x, go, nx, o.eps) if need_dw else x
+    lse = stats[UnitsfaceStat.LSE]
     if w_progs or bank_progs:
         for chunk, (col0, n_cols) in enumerate(p.chunks()):
-            cos_launch(p, s, go, stats[UnitsfaceStat.LSE], stats[USS_STATS], gsum, cpart, gw,
-                       gb, col0, n_cols, backward=True, w_progs=w_progs, bank_progs=bank_progs,
-                       store_gw=w_progs, col_h=need_dw, store_gb=store_gb, row_gb=row_gb,
-                       col_gb=col_gb)
+            if stored and w_progs:
+                exps_grad_launch(p, s, exps, exp_rows, go, lse, cpart, gw, col0, n_cols,
+                                 need_dw)
+            w_cos = w_progs and not stored
+            if w_cos or bank_progs:
+                cos_launch(p, s, go, lse, stats[USS_STATS], gsum, cpart, gw, gb, col0, n_cols,
+                           backward=True, w_progs=w_cos, bank_progs=bank_progs,
+                           store_gw=w_cos, col_h=need_dw, store_gb=store_gb, row_gb=row_gb,
+                           col_gb=col_gb)
             if need_dw:
                 dw_launch(p, sw, gw, xg, centres, nw, False, cpart, dw, col0, n_cols, k)
             if need_dx:
