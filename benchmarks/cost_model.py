@@ -161,7 +161,7 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
     programs also write their exponentials e' (B·|S|, to HBM: they outlive the step's L2),
     and the backward reads them in fused._exps_grad_kernel instead of the W programs'
     products: 5 GEMM-equivalents instead of 6 in the pairs form."""
-    from unitsface_kernels.triton.fused import EXP_GROUP, plan
+    from unitsface_kernels.triton.fused import exp_group_width, plan
 
     cuda = torch.device("cuda")
     e = torch.empty((), dtype=dtype).element_size()
@@ -196,7 +196,7 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
     # ---- forward (fused.fused_forward): norms, then per chunk the cosine tiles of W and of
     # the bank (+ the bank's ∂x product in the pairs form: the forward forms that part)
     fwd = plan(b, s_cls, d, dtype, cuda, 0 if lse else 1, config, sub_centres=k)
-    group = min(fwd.config.cos.block_n, EXP_GROUP)  # columns per stored maximum
+    group = exp_group_width(fwd)  # columns per stored maximum
     for rows, vec in ((b, False), (s_cls, indexed), (s_cls, indexed)):
         m.add("forward", "_row_norms_kernel", "‖x‖, ‖W[S]‖, ‖bank[S]‖",
               hbm=rows * d * e + rows * acc + (rows * 8 if vec else 0),

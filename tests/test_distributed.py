@@ -108,6 +108,10 @@ SCENARIOS = {
     # backend's kernels read it from the options
     "unitsface_eps_tiny_pfc": ("unitsface", dict(scale=64.0, uss_form="pairs", b=20.0,
                                                  eps=1e-12, tiny=True, pfc=True)),
+    # each rank's forward keeps its shard's exponentials (triton), read with the global lse
+    "unitsface_arc_pfc_saved_exps": ("unitsface", dict(scale=64.0, margin_arc=0.5,
+                                                       margin_cos=0.0, uss_form="pairs",
+                                                       b=20.0, pfc=True, saved_exps=True)),
 }
 _OBJECTIVE_KEYS = ("arcface_grad", "easy_margin", "official_clamp", "eps")
 
@@ -164,7 +168,8 @@ def _run_shard(kind, opts, data, shard, rank, backend):
         b = _bias(opts, data, sl)
         loss = fused_unitsface_loss(x, labels, w, data["bank"][sl], b,
                                     bank_valid=data["valid"][sl], index=index, backend=backend,
-                                    shard=shard, **_objective_options(opts))
+                                    shard=shard, **_objective_options(opts),
+                                    saved_exp_bytes=(1 << 30) if opts.get("saved_exps") else 0)
         loss.backward()
         out.update(dw=w.grad, db=b.grad)
     out.update(loss=loss.detach(), dx=x.grad)

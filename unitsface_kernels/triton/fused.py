@@ -294,6 +294,7 @@ def _softmax_kept(dots, nw_ptr, idx_ptr, rowp_ptr, e_ptr, er_ptr, rows, row_ok, 
     reductions over the whole tile beside the dots."""
     NP: tl.constexpr = BLOCK_N // 32 if BLOCK_N > 32 else 1
     GW: tl.constexpr = BLOCK_N // NP
+    tl.static_assert(NP <= PARTS, "stored exponentials: cosine tiles of at most 128 columns")
     m = tl.full((BLOCK_M,), NEG_BIG, dots.dtype)
     se = tl.zeros((BLOCK_M,), dots.dtype)
     z_t = se
@@ -401,8 +402,8 @@ def _softmax_part(dots, inv_w, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_pt
     row reduction: nothing else is live yet); then the backward's epilogue runs a quarter of
     the class tile at a time (:data:`PARTS`), each quarter reading its columns' terms again
     (:func:`_class_cols`); what it writes is per column, as on the whole tile. The forward
-    with STORE_E also keeps the tile's exponentials (:func:`_softmax_partials`: g_ptr is then
-    exps [B, S] and colp_ptr the rows' raw target cosines [B]), which the backward's
+    with STORE_E also keeps the tile's exponentials (:func:`_softmax_kept`: g_ptr is then
+    exps [B, S] and colp_ptr exp_rows [G + 1, B]), which the backward's
     :func:`_exps_grad_kernel` reads instead of these dots."""
     cos = scaled_cos(dots, inv_x, inv_w)
     is_target = (y[:, None] == cls[None, :]) & col_ok[None, :]  # −1: padding, or no target
@@ -819,7 +820,7 @@ def _cos_resident_kernel(x_ptr, w_ptr, bank_ptr, nx_ptr, nw_ptr, nb_ptr, y_ptr, 
 
 @triton.jit
 def _exps_grad_kernel(e_ptr, er_ptr, nx_ptr, nw_ptr, y_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr,
-                      colp_ptr, g_ptr, B, S, col0, n_cols, n_row_blocks, e_tiles, e_width,
+                      colp_ptr, g_ptr, B, S, col0, n_cols, n_row_blocks, e_groups, e_width,
                       g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps, COL_H: tl.constexpr,
                       HAS_INDEX: tl.constexpr, ARC: tl.constexpr, ST: tl.constexpr,
                       EASY: tl.constexpr, ROW_MARGINS: tl.constexpr,
@@ -829,21 +830,22 @@ def _exps_grad_kernel(e_ptr, er_ptr, nx_ptr, nw_ptr, y_ptr, idx_ptr, go_ptr, lse
     """The W programs' backward from the forward's stored exponentials instead of the
     cosines' product (docs/design.md §2): a program per (row block, BLOCK_N columns of the
     chunk [col0, col0 + n_cols)), row blocks fastest, the row blocks those of the cosine
-    kernels (cpart's). exps [B, S] (e_ptr) holds e'_ij = exp(z_ij − m_it) and er_ptr
-    [e_tiles + 1, B] the maxima m_it of the forward's column tiles (e_width columns each),
-    then the rows' raw target cosines. Off the target z_ij = s·cos_ij (K = 1, no decision
-    margin: UnitsfaceOptions.keeps_exps), so cos_ij = (m_it + ln e'_ij)/s, within 2⁻⁹/s of
-    the product's in bf16; an e' that underflowed (p_ij < e⁻⁸⁷) gives −∞, which the clamp's
-    gradient rule zeroes as for any cosine past ±1. The target's cosine is the stored one.
-    Then :func:`_softmax_grad_cols` a quarter of the columns at a time, as the cosine
-    kernels' W programs (the same g̃ tile and cpart sums)."""
+    kernels (cpart's). exps [B, S] (e_ptr) holds e'_ij = exp(z_ij − m_ig) and er_ptr
+    [e_groups + 1, B] the maxima m_ig of the forward's groups of e_width columns
+    (:func:`_softmax_kept`), then the rows' raw target cosines. Off the target
+    z_ij = s·cos_ij (K = 1, no decision margin: UnitsfaceOptions.keeps_exps), so
+    cos_ij = (m_ig + ln e'_ij)/s, within 2⁻⁹/s of the product's in bf16; an e' that
+    underflowed (p_ij < e⁻⁸⁷) gives −∞, which the clamp's gradient rule zeroes as for any
+    cosine past ±1. The target's cosine is the stored one. Then :func:`_softmax_grad_cols` a
+    quarter of the columns at a time, as the cosine kernels' W programs (the same g̃ tile and
+    cpart sums)."""
     pid = tl.program_id(0)
     rb = pid % n_row_blocks
     tile = pid // n_row_blocks
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok, _, y = row_block(nx_ptr, y_ptr, rows, B, eps)
     y = y.to(tl.int32)
-    ct_raw = tl.load(er_ptr + e_tiles * B + rows, mask=row_ok, other=0.0)
+    ct_raw = tl.load(er_ptr + e_groups * B + rows, mask=row_ok, other=0.0)
     c_t, _ = clamp_cos(ct_raw, False)
     d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2,
                                                    mm, ROW_MARGINS, False)
@@ -866,11 +868,11 @@ def _exps_grad_kernel(e_ptr, er_ptr, nx_ptr, nw_ptr, y_ptr, idx_ptr, go_ptr, lse
         cos = tl.where(is_target, ct_raw[:, None], (m + tl.log(e)) / scale)
         # Σ go·g·cos reads 0 where e' underflowed (g is 0 there; −∞ would make 0·−∞ = NaN),
         # the target's cosine wherever it is, and a NaN e' as NaN
-        _softmax_grad_cols(cos, tl.where(is_target | (e != 0.0), cos, 0.0), is_target, c_t, d, cos_a, sin_a,
-                           a_sin_a, lo, hi, hard, t, lse, go, nw_ptr, colp_ptr, g_ptr, rows,
-                           row_ok, local, cols, col_ok, rb, S, g_stride, scale, tau, eps, True,
-                           COL_H, ARC, ST, EASY, NO_FALLBACK, False, False, False, SCALE_G, XT,
-                           UPCAST)
+        _softmax_grad_cols(cos, tl.where(is_target | (e != 0.0), cos, 0.0), is_target, c_t, d,
+                           cos_a, sin_a, a_sin_a, lo, hi, hard, t, lse, go, nw_ptr, colp_ptr,
+                           g_ptr, rows, row_ok, local, cols, col_ok, rb, S, g_stride, scale,
+                           tau, eps, True, COL_H, ARC, ST, EASY, NO_FALLBACK, False, False,
+                           False, SCALE_G, XT, UPCAST)
 
 
 @triton.jit
@@ -1103,9 +1105,9 @@ def cos_launch(p: Plan, s: Sweep, go, lse, ustats, rowp, colp, gw, gb, col0, n_c
     streaming both matrices would hold both loops' pipeline buffers: 130 KB of shared memory,
     and it spilled under triton 3.6); with FusedConfig.resident a _cos_resident_kernel launch
     per matrix instead, of :func:`resident_programs`. store_e: the forward's W programs keep
-    their exponentials (gw: exps [B, S]; colp: exp_rows [G + 1, B]; K = 1),
-    a program per tile in a launch of their own (sm_90: the W and bank programs in one kernel
-    spilled 4–8 B per thread with the stores, the W programs alone nothing)."""
+    their exponentials (gw: exps [B, S]; colp: exp_rows [G + 1, B]; K = 1), a program per
+    tile in a launch of their own (sm_90: the W and bank programs in one kernel spilled 4–8 B
+    per thread with the stores, the W programs alone nothing)."""
     t = p.config.cos
     tiles = p.row_blocks * triton.cdiv(n_cols, t.block_n)
     if p.config.persistent:
@@ -1153,16 +1155,16 @@ def exps_grad_launch(p: Plan, s: Sweep, exps, exp_rows, go, lse, cpart, gw, col0
         num_warps=8)
 
 
-EXP_GROUP = 32
-"""Columns per stored maximum (:func:`_softmax_kept`; fewer where the cosine tiles are
-narrower)."""
+def exp_group_width(p: Plan) -> int:
+    """Columns per stored maximum: 32 (:func:`_softmax_kept`), or a narrower cosine tile."""
+    return min(p.config.cos.block_n, 32)
 
 
 def exp_groups(o: UnitsfaceOptions, x: torch.Tensor, columns: int) -> int:
     """G, the groups of columns of a forward over `columns` classes that keeps its
     exponentials: exp_rows has G + 1 rows (the contract's fake asks this too)."""
-    cfg = plan(x.shape[0], columns, x.shape[1], x.dtype, x.device, 0, sub_centres=o.k).config
-    return triton.cdiv(columns, min(cfg.cos.block_n, EXP_GROUP))
+    p = plan(x.shape[0], columns, x.shape[1], x.dtype, x.device, 0, sub_centres=o.k)
+    return triton.cdiv(columns, exp_group_width(p))
 
 
 def exp_width(columns: int, groups: int) -> int:
@@ -1228,7 +1230,7 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows
 
     Where ``options.keeps_exps`` allows it, the W programs also keep their tiles'
     exponentials, exps [B, S] in x's dtype and exp_rows [G + 1, B] (the maxima of the groups
-    of :data:`EXP_GROUP` columns, the rows' raw target cosines), for the backward's
+    of 32 columns, :func:`exp_group_width`; the rows' raw target cosines), for the backward's
     :func:`_exps_grad_kernel`.
 
     Returns (rows, stats [7, B] (the rows of layouts.UnitsfaceStat), ||x_i||, the norms of
@@ -1253,7 +1255,7 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows
     keep = o.keeps_exps(bsz, s.columns, x.element_size())
     exps = torch.empty((bsz, s.columns) if keep else (0,), dtype=out_dtype(x.dtype),
                        device=x.device)
-    groups = triton.cdiv(s.columns, min(p.config.cos.block_n, EXP_GROUP))
+    groups = triton.cdiv(s.columns, exp_group_width(p))
     exp_rows = torch.empty((groups + 1, bsz) if keep else (0,), dtype=acc, device=x.device)
     if keep:  # a row whose target is not among the columns (another shard's) reads 0
         exp_rows[-1].zero_()
