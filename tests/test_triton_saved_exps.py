@@ -1,8 +1,9 @@
 """The triton backend's stored exponentials (``saved_exp_bytes``, docs/design.md §2): the
-forward keeps e'_ij = exp(z_ij − its tile's max) of the W tiles and the rows' target
-cosines, and the backward takes the W cosines from them instead of recomputing the products.
-Against the float64 reference and against the recomputing backward, on the cases every
-backend is tested on; the rules that decide when they are kept; the op's outputs and fake."""
+forward keeps e'_ij = exp(z_ij − the max of its group of columns) of the W tiles and the
+rows' target cosines, and the backward takes the W cosines from them instead of recomputing
+the products. Against the float64 reference and against the recomputing backward, on the
+cases every backend is tested on (compiled on a GPU too: the `cuda` cases); the rules that
+decide when they are kept; the op's outputs and fake."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from unitsface_kernels.nn import PartialFC
 from unitsface_kernels.triton import config
 
 BUDGET = 1 << 40
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(
+               torch.cuda.is_available(), reason="Triton's interpreter runs where no GPU is")),
+           pytest.param("cuda", marks=pytest.mark.cuda)]
 
 FORMS = {
     "objective cosface pairs": ("unitsface", dict()),
@@ -49,16 +53,23 @@ def _check(case, **kw):
         if tight is not None:
             assert rel_err(grads[name], plain[name]) <= tight, name
     if case.get("index") is not None:  # partial FC: unsampled rows get exactly zero
-        unsampled = ~torch.isin(torch.arange(case["centres"].shape[0]), case["index"])
+        classes = torch.arange(case["centres"].shape[0], device=case["index"].device)
+        unsampled = ~torch.isin(classes, case["index"])
         assert torch.count_nonzero(grads["centres"][unsampled]) == 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("form", FORMS)
-def test_against_reference(form, dtype):
+def test_against_reference(form, dtype, device):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("the triton backend has no float64 kernels for GPUs")
+    if device == "cpu" and form.startswith("softmax") and dtype in (torch.float16,
+                                                                    torch.float64):
+        pytest.skip("interpreted: the objective's cases run these dtypes (CI time)")
     family, kw = FORMS[form]
-    case = make_case(family, 37, 90, 40, dtype, sampled=True, rate=0.7)
-    _check(case, **kw)
+    rows, classes = (37, 90) if device == "cpu" else (300, 3000)  # GPU: several tiles
+    _check(make_case(family, rows, classes, 40, dtype, device, sampled=True, rate=0.7), **kw)
 
 
 @pytest.mark.parametrize("shape", [(1, 7, 5), (9, 33, 17)])
@@ -72,14 +83,16 @@ def test_same_labels_and_zero_rows():
     _check(case)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("persistent", ["1", "resident"])
-def test_persistent_forwards(persistent, monkeypatch):
+def test_persistent_forwards(persistent, monkeypatch, device):
     """The forward's tiles may be the persistent launches' (resident: 16 columns under the
-    interpreter, not the backward's): the backward reads the maxima with the forward's
-    tiling."""
+    interpreter, 32 on a GPU, not the backward's): the backward reads the maxima with the
+    forward's tiling."""
     monkeypatch.setenv("UNITSFACE_TRITON_PERSISTENT", persistent)
-    _check(make_case("unitsface", 21, 70, 32, torch.bfloat16, sampled=True, rate=0.8),
-           margin_arc=0.5, margin_cos=0.0)
+    rows, classes, d = (21, 70, 32) if device == "cpu" else (300, 3000, 512)
+    _check(make_case("unitsface", rows, classes, d, torch.bfloat16, device, sampled=True,
+                     rate=0.8), margin_arc=0.5, margin_cos=0.0)
 
 
 @pytest.mark.parametrize("width", [128, 64])
