@@ -237,9 +237,10 @@ def passes_gradcheck(f, inputs, backend) -> bool:
     return torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=fast)
 
 
-def check(case, backend, dtype=None, reduction="mean", **kw):
+def check(case, backend, dtype=None, reduction="mean", roundings=2, **kw):
     """One backend against the float64 reference on the same (rounded) inputs: loss and
-    gradients within the tolerances below; partial FC leaves unsampled rows exactly zero."""
+    gradients within the tolerances below (`roundings`: see :func:`grad_rtol`); partial FC
+    leaves unsampled rows exactly zero."""
     dtype = dtype or case["x"].dtype
     loss, grads = run(case, backend, reduction, **kw)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -247,7 +248,7 @@ def check(case, backend, dtype=None, reduction="mean", **kw):
     assert_close_loss(loss, ref_loss, dtype)
     for name in grads:
         assert_close_grad(grads[name], ref_grads[name], dtype, name,
-                          scalar_scale=float(ref_loss.abs().sum()))
+                          scalar_scale=float(ref_loss.abs().sum()), roundings=roundings)
     if case.get("index") is not None:  # partial FC: unsampled rows get exactly zero
         unsampled = ~torch.isin(torch.arange(case["centres"].shape[0], device=loss.device),
                                 case["index"])

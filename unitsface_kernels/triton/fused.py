@@ -176,6 +176,18 @@ def _part(t, k: tl.constexpr, N_PARTS: tl.constexpr, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
+def _backward_rows(lse_ptr, go_ptr, rows, row_ok, COL_H: tl.constexpr):
+    """(lse_i, go_i) of a row block, the W programs' backward inputs: go only where ∂R's
+    projection sums read it (COL_H; else lse stands in, unread)."""
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    if COL_H:
+        go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
+    else:
+        go = lse
+    return lse, go
+
+
+@triton.jit
 def _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_ptr,
                      colp_ptr, g_ptr, rows, row_ok, inv_x, y, tile, part, col0, n_cols, B, S,
                      D, gtile, rb, g_stride, scale, m3, cos_m2, sin_m2, mm, tau, eps,
@@ -228,9 +240,7 @@ def _sub_centre_part(x_ptr, w_ptr, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, row
         _softmax_partials(rowp_ptr, z, z_t, is_target, col_ok, rows, row_ok,
                           gtile * KP + part, B)
     else:
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        if COL_H:
-            go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
+        lse, go = _backward_rows(lse_ptr, go_ptr, rows, row_ok, COL_H)
         N_PARTS: tl.constexpr = PARTS if CN >= PARTS else CN  # (fewer: K > BLOCK_N / 4)
         PN: tl.constexpr = CN // N_PARTS
         for k in tl.static_range(N_PARTS):
@@ -422,11 +432,7 @@ def _softmax_part(dots, inv_w, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_pt
                                    CURRICULAR, FILTER)
         _softmax_partials(rowp_ptr, z, z_t, is_target, col_ok, rows, row_ok, gtile, B)
     else:
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        if COL_H:
-            go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
-        else:
-            go = lse
+        lse, go = _backward_rows(lse_ptr, go_ptr, rows, row_ok, COL_H)
         PN: tl.constexpr = BLOCK_N // PARTS
         first = tile * BLOCK_N
         for k in tl.static_range(PARTS):
@@ -850,11 +856,7 @@ def _exps_grad_kernel(e_ptr, er_ptr, nx_ptr, nw_ptr, y_ptr, idx_ptr, go_ptr, lse
     d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2,
                                                    mm, ROW_MARGINS, False)
     hard, t = curricular_rows(rt_ptr, rows, row_ok, B, False)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    if COL_H:
-        go = tl.load(go_ptr + rows, mask=row_ok, other=0.0)
-    else:
-        go = lse
+    lse, go = _backward_rows(lse_ptr, go_ptr, rows, row_ok, COL_H)
     PN: tl.constexpr = BLOCK_N // PARTS
     for k in tl.static_range(PARTS):
         local = tile * BLOCK_N + k * PN + tl.arange(0, PN)
