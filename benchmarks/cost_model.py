@@ -274,13 +274,15 @@ def _exps_grad(m, p, b, n_cols, e, acc, width, *, g_in_hbm):
     """fused._exps_grad_kernel on one chunk: a program per (row block, 128 columns) reads
     the stored e' (HBM) and the maxima of the forward's `width`-column groups, and writes
     the g̃ tile and the per-column Σ go·g·cos of ∂W's projection, as the W programs would;
-    per element one log (cos from e'), one division by s and one exp (p)."""
+    one log per element (cos from e', for the clamp rule and the projection sums; p is e'
+    times one exponential per row and group)."""
     maxima = b * _cdiv(n_cols, width) * acc
     cols = p.row_blocks * n_cols * acc
     g = b * n_cols * e
     m.add("backward", "_exps_grad_kernel", "W tiles from the stored exponentials",
           launches=1, l2=b * n_cols * e + maxima + cols + g,
-          hbm=b * n_cols * e + maxima + cols + (g if g_in_hbm else 0), mufu=3 * b * n_cols)
+          hbm=b * n_cols * e + maxima + cols + (g if g_in_hbm else 0),
+          mufu=b * n_cols + b * _cdiv(n_cols, width))
 
 
 def _cos(m, phase, p, b, n_cols, d, e, acc, *, mats, g_bufs, row_outs, col_outs, indexed,

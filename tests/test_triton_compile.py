@@ -231,7 +231,8 @@ def stored_exps_kernels(dtype, d):
         flags = {k: fwd[2][k] for k in ("HAS_INDEX", "ARC", "ST", "EASY", "ROW_MARGINS",
                                         "NO_FALLBACK", "SCALE_G", "XT", "UPCAST")}
         out.append((name, fused._exps_grad_kernel,
-                     dict(flags, COL_H=True, BLOCK_M=cfg.cos.block_m, BLOCK_N=fused.EXPS_COLS),
+                     dict(flags, COL_H=True, E_WIDE=True, BLOCK_M=cfg.cos.block_m,
+                          BLOCK_N=fused.EXPS_COLS),
                      SimpleNamespace(num_warps=8, num_stages=3), False))
     return out
 

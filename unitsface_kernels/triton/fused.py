@@ -75,7 +75,8 @@ from .finish import N_FP, go_unit_rows, merge_partials, tangent_grad
 from .loads import (TL_DTYPES, as_operand, inv_norm_of, out_dtype, ref_rows_ok, row_block,
                     rows_chunk, to_store, unit_rows, upcast_tiles)
 from .margin_softmax import (clamp_cos, curricular_rows, needs_row_terms, row_margins,
-                             row_terms, softmax_grad, softmax_logits, target_cos)
+                             row_terms, softmax_grad, softmax_grad_p, softmax_logits,
+                             target_cos)
 from .maths import NEG_BIG, clamp, inv_norm, mma, scaled_cos, softplus_sigmoid
 from .norms import row_norms
 from .uss_terms import uss_grad, uss_pairs_grad_signed, uss_row_stats, uss_terms
@@ -371,23 +372,33 @@ def _class_cols(dots, local, inv_x, y, col0, n_cols, idx_ptr, nw_ptr, eps,
 
 
 @triton.jit
-def _softmax_grad_cols(cos, cos_h, is_target, c_t, d, cos_a, sin_a, a_sin_a, lo, hi, hard, t,
-                       lse, go, nw_ptr, colp_ptr, g_ptr, rows, row_ok, local, cols, col_ok, rb,
-                       S, g_stride, scale, tau, eps, STORE_G: tl.constexpr,
-                       COL_H: tl.constexpr, ARC: tl.constexpr, ST: tl.constexpr,
-                       EASY: tl.constexpr, NO_FALLBACK: tl.constexpr, ANGLE_CLIP: tl.constexpr,
+def _softmax_grad_cols(cos, is_target, c_t, d, cos_a, sin_a, a_sin_a, lo, hi, hard, t, lse, go,
+                       nw_ptr, colp_ptr, g_ptr, rows, row_ok, local, cols, col_ok, rb, S,
+                       g_stride, scale, tau, eps, STORE_G: tl.constexpr, COL_H: tl.constexpr,
+                       ARC: tl.constexpr, ST: tl.constexpr, EASY: tl.constexpr,
+                       NO_FALLBACK: tl.constexpr, ANGLE_CLIP: tl.constexpr,
                        CURRICULAR: tl.constexpr, FILTER: tl.constexpr, SCALE_G: tl.constexpr,
                        XT: tl.constexpr, UPCAST: tl.constexpr):
     """The W programs' backward on some columns of a class tile, from their raw cosines (the
     target's among them) and the rows' target cosines c_t: g = ∂L/∂cos from the saved lse,
-    Σ_i go_i·g_ij·cos_h_ij into cpart (COL_H; cos_h: the cosines as that sum reads them) and
-    g̃ into the chunk's g buffer at chunk-local columns `local` (STORE_G)."""
+    then :func:`_grad_cols_out`."""
     c, z, _ = softmax_logits(cos, is_target, c_t, scale, d, cos_a, sin_a, a_sin_a, lo, hi,
                              hard, t, tau, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP, CURRICULAR,
                              FILTER)
     g = softmax_grad(cos, c, c_t, z, is_target, row_ok[:, None] & col_ok[None, :], lse, scale,
                      cos_a, sin_a, lo, hi, hard, t, tau, ARC, ST, EASY, NO_FALLBACK,
                      ANGLE_CLIP, CURRICULAR, FILTER)
+    _grad_cols_out(g, cos, go, nw_ptr, colp_ptr, g_ptr, rows, row_ok, local, cols, col_ok, rb,
+                   S, g_stride, eps, STORE_G, COL_H, SCALE_G, XT, UPCAST)
+
+
+@triton.jit
+def _grad_cols_out(g, cos_h, go, nw_ptr, colp_ptr, g_ptr, rows, row_ok, local, cols, col_ok, rb,
+                   S, g_stride, eps, STORE_G: tl.constexpr, COL_H: tl.constexpr,
+                   SCALE_G: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
+    """What the W programs' backward writes of some columns of a class tile from their
+    g = ∂L/∂cos: Σ_i go_i·g_ij·cos_h_ij into cpart (COL_H; cos_h: the cosines as that sum
+    reads them) and g̃ into the chunk's g buffer at chunk-local columns `local` (STORE_G)."""
     if COL_H:
         _col_h(colp_ptr, g, cos_h, go, rb, S, cols, col_ok)
     if STORE_G:
@@ -440,8 +451,8 @@ def _softmax_part(dots, inv_w, nw_ptr, idx_ptr, go_ptr, lse_ptr, rt_ptr, rowp_pt
             cos, is_target, cols_q, col_ok_q = _class_cols(
                 _part(dots, k, PARTS, BLOCK_M, BLOCK_N), local, inv_x, y, col0, n_cols,
                 idx_ptr, nw_ptr, eps, HAS_INDEX)
-            _softmax_grad_cols(cos, cos, is_target, c_t, d, cos_a, sin_a, a_sin_a, lo, hi, hard,
-                               t, lse, go, nw_ptr, colp_ptr, g_ptr, rows, row_ok, local, cols_q,
+            _softmax_grad_cols(cos, is_target, c_t, d, cos_a, sin_a, a_sin_a, lo, hi, hard, t,
+                               lse, go, nw_ptr, colp_ptr, g_ptr, rows, row_ok, local, cols_q,
                                col_ok_q, rb, S, g_stride, scale, tau, eps, STORE_G, COL_H, ARC,
                                ST, EASY, NO_FALLBACK, ANGLE_CLIP, CURRICULAR, FILTER, SCALE_G,
                                XT, UPCAST)
@@ -831,20 +842,27 @@ def _exps_grad_kernel(e_ptr, er_ptr, nx_ptr, nw_ptr, y_ptr, idx_ptr, go_ptr, lse
                       HAS_INDEX: tl.constexpr, ARC: tl.constexpr, ST: tl.constexpr,
                       EASY: tl.constexpr, ROW_MARGINS: tl.constexpr,
                       NO_FALLBACK: tl.constexpr, SCALE_G: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, XT: tl.constexpr,
-                      UPCAST: tl.constexpr):
+                      E_WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      XT: tl.constexpr, UPCAST: tl.constexpr):
     """The W programs' backward from the forward's stored exponentials instead of the
     cosines' product (docs/design.md §2): a program per (row block, BLOCK_N columns of the
     chunk [col0, col0 + n_cols)), row blocks fastest, the row blocks those of the cosine
     kernels (cpart's). exps [B, S] (e_ptr) holds e'_ij = exp(z_ij − m_ig) and er_ptr
     [e_groups + 1, B] the maxima m_ig of the forward's groups of e_width columns
     (:func:`_softmax_kept`), then the rows' raw target cosines. Off the target
-    z_ij = s·cos_ij (K = 1, no decision margin: UnitsfaceOptions.keeps_exps), so
-    cos_ij = (m_ig + ln e'_ij)/s, within 2⁻⁹/s of the product's in bf16; an e' that
-    underflowed (p_ij < e⁻⁸⁷) gives −∞, which the clamp's gradient rule zeroes as for any
-    cosine past ±1. The target's cosine is the stored one. Then :func:`_softmax_grad_cols` a
-    quarter of the columns at a time, as the cosine kernels' W programs (the same g̃ tile and
-    cpart sums)."""
+
+        p_ij = e'_ij·exp(m_ig − lse_i)   (one exponential per row and group)
+        cos_ij = (m_ig + ln e'_ij)/s     off the target (z_ij = s·cos_ij: K = 1, no decision
+                                          margin, UnitsfaceOptions.keeps_exps)
+
+    within 2⁻⁹ (relative) and 2⁻⁹/s of the product's in bf16 (a confident target is its
+    group's maximum: e' = 1 exactly); the cosine serves the clamp's gradient rule and ∂W's
+    projection sums. The target's cosine (and the margin's slope, per row) is the stored
+    one. An e' that underflowed (p_ij < e⁻⁸⁷) gives p = 0 and cos = −∞, which the clamp
+    rule zeroes as any cosine past ±1. Then :func:`softmax_grad_p` and :func:`_grad_cols_out` a
+    quarter of the columns at a time (the same g̃ tile and cpart sums as the cosine kernels'
+    W programs). E_WIDE: e_width ≥ a quarter's columns, so a quarter lies in one group (the
+    groups and the quarters are aligned powers of two) and its maxima are one per row."""
     pid = tl.program_id(0)
     rb = pid % n_row_blocks
     tile = pid // n_row_blocks
@@ -853,28 +871,39 @@ def _exps_grad_kernel(e_ptr, er_ptr, nx_ptr, nw_ptr, y_ptr, idx_ptr, go_ptr, lse
     y = y.to(tl.int32)
     ct_raw = tl.load(er_ptr + e_groups * B + rows, mask=row_ok, other=0.0)
     c_t, _ = clamp_cos(ct_raw, False)
-    d, cos_a, sin_a, a_sin_a, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2,
-                                                   mm, ROW_MARGINS, False)
+    _, cos_a, sin_a, _, lo, hi = row_margins(rt_ptr, rows, row_ok, B, m3, cos_m2, sin_m2, mm,
+                                             ROW_MARGINS, False)
     hard, t = curricular_rows(rt_ptr, rows, row_ok, B, False)
     lse, go = _backward_rows(lse_ptr, go_ptr, rows, row_ok, COL_H)
+    inv_s = 1.0 / scale
     PN: tl.constexpr = BLOCK_N // PARTS
     for k in tl.static_range(PARTS):
         local = tile * BLOCK_N + k * PN + tl.arange(0, PN)
         cols, col_ok, cls = _columns(local, col0, n_cols, idx_ptr, HAS_INDEX)
         ok = row_ok[:, None] & col_ok[None, :]
         e = tl.load(e_ptr + rows[:, None] * S + cols[None, :], mask=ok, other=1.0)
-        m = tl.load(er_ptr + (cols // e_width)[None, :] * B + rows[:, None], mask=ok,
-                    other=0.0)
+        first = tile * BLOCK_N + k * PN
+        if E_WIDE:
+            m = tl.load(er_ptr + ((col0 + first) // e_width) * B + rows,
+                        mask=row_ok & (first < n_cols), other=0.0)
+            e = e.to(m.dtype)
+            p = e * tl.exp(m - lse)[:, None]
+            z = m[:, None] + tl.log(e)
+        else:
+            m = tl.load(er_ptr + (cols // e_width)[None, :] * B + rows[:, None], mask=ok,
+                        other=0.0)
+            e = e.to(m.dtype)
+            p = e * tl.exp(m - lse[:, None])
+            z = m + tl.log(e)
         is_target = (y[:, None] == cls[None, :]) & col_ok[None, :]
-        e = e.to(m.dtype)
-        cos = tl.where(is_target, ct_raw[:, None], (m + tl.log(e)) / scale)
+        cos = tl.where(is_target, ct_raw[:, None], z * inv_s)
+        g = softmax_grad_p(p, cos, cos, c_t, is_target, ok, scale, cos_a, sin_a, lo, hi, hard,
+                           t, tau, ARC, ST, EASY, NO_FALLBACK, False, False, False)
         # Σ go·g·cos reads 0 where e' underflowed (g is 0 there; −∞ would make 0·−∞ = NaN),
         # the target's cosine wherever it is, and a NaN e' as NaN
-        _softmax_grad_cols(cos, tl.where(is_target | (e != 0.0), cos, 0.0), is_target, c_t, d,
-                           cos_a, sin_a, a_sin_a, lo, hi, hard, t, lse, go, nw_ptr, colp_ptr,
-                           g_ptr, rows, row_ok, local, cols, col_ok, rb, S, g_stride, scale,
-                           tau, eps, True, COL_H, ARC, ST, EASY, NO_FALLBACK, False, False,
-                           False, SCALE_G, XT, UPCAST)
+        _grad_cols_out(g, tl.where(is_target | (e != 0.0), cos, 0.0), go, nw_ptr, colp_ptr,
+                       g_ptr, rows, row_ok, local, cols, col_ok, rb, S, g_stride, eps, True,
+                       COL_H, SCALE_G, XT, UPCAST)
 
 
 @triton.jit
@@ -1146,15 +1175,16 @@ def exps_grad_launch(p: Plan, s: Sweep, exps, exp_rows, go, lse, cpart, gw, col0
     stored exponentials (:func:`_exps_grad_kernel`): the same g̃ tile into gw and (col_h)
     cpart sums as the cosine kernel's W programs."""
     groups = exp_rows.shape[0] - 1
+    width = exp_width(s.columns, groups)
     f = s.flags
     _exps_grad_kernel[(p.row_blocks * triton.cdiv(n_cols, EXPS_COLS),)](
         exps, exp_rows, s.nx, s.nw, s.labels, s.idx, go, lse, s.rt, cpart, gw, p.rows,
-        s.columns, col0, n_cols, p.row_blocks, groups, exp_width(s.columns, groups), p.chunk,
+        s.columns, col0, n_cols, p.row_blocks, groups, width, p.chunk,
         **{k: s.scalars[k] for k in ("scale", "m3", "cos_m2", "sin_m2", "mm", "tau", "eps")},
         COL_H=col_h, HAS_INDEX=f["HAS_INDEX"], ARC=f["ARC"], ST=f["ST"], EASY=f["EASY"],
         ROW_MARGINS=f["ROW_MARGINS"], NO_FALLBACK=f["NO_FALLBACK"], SCALE_G=f["SCALE_G"],
-        BLOCK_M=p.config.cos.block_m, BLOCK_N=EXPS_COLS, XT=f["XT"], UPCAST=f["UPCAST"],
-        num_warps=8)
+        E_WIDE=width >= EXPS_COLS // PARTS, BLOCK_M=p.config.cos.block_m, BLOCK_N=EXPS_COLS,
+        XT=f["XT"], UPCAST=f["UPCAST"], num_warps=8)
 
 
 def exp_group_width(p: Plan) -> int:

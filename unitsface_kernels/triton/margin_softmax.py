@@ -255,7 +255,18 @@ def softmax_grad(cos_raw, c, c_t, z, is_target, ok, lse, scale, cos_m2, sin_m2, 
     """∂L_i/∂cos_ic of the tile (zero outside `ok` and where the ±lim clamp is active: the
     gradient of the reference's clamp, NaN at a NaN cosine); f' is taken per row, at the
     target cosines c_t (as in :func:`softmax_logits`)."""
-    p = tl.exp(z - lse[:, None])
+    return softmax_grad_p(tl.exp(z - lse[:, None]), cos_raw, c, c_t, is_target, ok, scale,
+                          cos_m2, sin_m2, lo, hi, hard, t, tau, ARC, ST, EASY, NO_FALLBACK,
+                          ANGLE_CLIP, CURRICULAR, FILTER)
+
+
+@triton.jit
+def softmax_grad_p(p, cos_raw, c, c_t, is_target, ok, scale, cos_m2, sin_m2, lo, hi, hard, t,
+                   tau, ARC: tl.constexpr, ST: tl.constexpr, EASY: tl.constexpr,
+                   NO_FALLBACK: tl.constexpr, ANGLE_CLIP: tl.constexpr,
+                   CURRICULAR: tl.constexpr, FILTER: tl.constexpr):
+    """:func:`softmax_grad` from the probabilities p_ic = exp(z_ic − lse_i) (a caller that
+    has them without the logits: fused._exps_grad_kernel)."""
     slope = target_slope(c_t, cos_m2, sin_m2, lo, hi, ARC, ST, EASY, NO_FALLBACK, ANGLE_CLIP)
     g = scale * tl.where(is_target, (p - 1.0) * slope[:, None],
                          negative_grad(p, c, hard, t, tau, CURRICULAR, FILTER))
