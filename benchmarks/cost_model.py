@@ -110,7 +110,8 @@ class Model:
             if (k.phase, k.name, k.what) == (phase, name, what):
                 break
         else:
-            k = Kernel(phase, name, what, product, streamed=name in (_STREAM, _RESIDENT))
+            k = Kernel(phase, name, what, product,
+                       streamed=name in (_STREAM, _RESIDENT, _DW_RESIDENT))
             self.kernels.append(k)
         k.launches += counts.pop("launches", 1)
         for key, v in counts.items():
@@ -201,14 +202,27 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
         m.add("forward", "_row_norms_kernel", "‖x‖, ‖W[S]‖, ‖bank[S]‖",
               hbm=rows * d * e + rows * acc + (rows * 8 if vec else 0),
               l2=rows * d * e + rows * acc)
+    uss_mufu = _MUFU["uss_lse"] if lse else _MUFU["uss_pairs_fwd"]
+    # W's tiles in one launch over all of S where they have one of their own (persistent
+    # programs, stored exponentials: fused_forward), else beside the bank's in each chunk
+    w_alone = bool(fwd.config.persistent) or saved_exps
+    if w_alone:
+        _cos(m, "forward", fwd, b, s_cls, d, e, acc, mats=1, g_bufs=0, row_outs=3, col_outs=0,
+             indexed=indexed, mufu=_MUFU["softmax"], g_in_hbm=g_in_hbm,
+             stream=bool(fwd.config.persistent))
+    if saved_exps:  # e' of the W tiles, their groups' maxima, the target cosines
+        kept = b * s_cls * e + b * _cdiv(s_cls, group) * acc + b * acc
+        m.add("forward", _cos_name(fwd), "cosine tiles + loss epilogue", "cos", launches=0,
+              l2=kept, hbm=kept)
     for _, n_cols in fwd.chunks():
-        cos_launch("forward", fwd, n_cols, w=True, bank=True, bank_g=not lse,
-                   row_outs=3 + (4 if lse else 2), col_outs=0,
-                   mufu=_MUFU["softmax"] + (_MUFU["uss_lse"] if lse else _MUFU["uss_pairs_fwd"]))
-        if saved_exps:  # e' of the W tiles, their groups' maxima, the target cosines
-            kept = b * n_cols * e + b * _cdiv(n_cols, group) * acc + b * acc
-            m.add("forward", _cos_name(fwd), "cosine tiles + loss epilogue", "cos",
-                  launches=0 if fwd.config.persistent else 1, l2=kept, hbm=kept)
+        if w_alone:
+            _cos(m, "forward", fwd, b, n_cols, d, e, acc, mats=1, g_bufs=int(not lse),
+                 row_outs=4 if lse else 2, col_outs=0, indexed=indexed, mufu=uss_mufu,
+                 g_in_hbm=g_in_hbm, stream=bool(fwd.config.persistent))
+        else:
+            cos_launch("forward", fwd, n_cols, w=True, bank=True, bank_g=not lse,
+                       row_outs=3 + (4 if lse else 2), col_outs=0,
+                       mufu=_MUFU["softmax"] + uss_mufu)
         if not lse:
             _dx(m, "forward", fwd, b, n_cols, d, e, acc, mats=1, indexed=indexed,
                 g_in_hbm=g_in_hbm)
@@ -261,6 +275,7 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
 
 _STREAM = "_cos_stream_kernel"
 _RESIDENT = "_cos_resident_kernel"
+_DW_RESIDENT = "_dw_resident_kernel"
 
 
 def _cos_name(p) -> str:
@@ -314,18 +329,29 @@ def _cos(m, phase, p, b, n_cols, d, e, acc, *, mats, g_bufs, row_outs, col_outs,
 
 
 def _dw(m, p, b, n_cols, d, e, acc, *, indexed, g_in_hbm):
-    """fused._dw_kernel on one chunk: a program per (class tile, feature tile), K = B."""
-    t = p.config.dw
+    """fused._dw_kernel on one chunk: a program per (class tile, feature tile), K = B; with
+    Plan.dw_resident fused._dw_resident_kernel, persistent programs that load their x̂'
+    block (all B rows × a feature tile) once and stream the g̃ column tiles (their epilogue
+    beside the next tile's loads, as the persistent cosine programs')."""
+    from unitsface_kernels.triton.fused import resident_dw_programs
+
+    t = p.dw_resident or p.config.dw
     ct, ft = _cdiv(n_cols, t.block_m), _cdiv(d, t.block_n)
     progs = ct * ft
     k = _cdiv(b, t.bk) * t.bk
     g = b * n_cols * e
-    # each program: all B rows of its g̃ columns and of its x̂' features; the epilogue reads
-    # h (one per row block), the norms and the W tile, and writes the ∂W tile
+    # each program: all B rows of its g̃ columns and of its x̂' features (resident: the x̂'
+    # block once per program); the epilogue reads h (one per row block), the norms and the
+    # W tile, and writes the ∂W tile
     epi = p.row_blocks * n_cols * acc * ft + n_cols * acc * ft + 2 * n_cols * d * e
-    m.add("backward", "_dw_kernel", "∂W = g̃ᵀ·x̂' + projection", "dw",
+    if p.dw_resident is not None:
+        x_reads = resident_dw_programs(p, n_cols) * b * t.block_n * e
+        name = _DW_RESIDENT
+    else:
+        x_reads, name = b * d * e * ct, "_dw_kernel"
+    m.add("backward", name, "∂W = g̃ᵀ·x̂' + projection", "dw",
           flops=2 * t.block_m * t.block_n * k * progs,
-          l2=g * ft + b * d * e * ct + epi,
+          l2=g * ft + x_reads + epi,
           hbm=b * d * e + p.row_blocks * n_cols * acc + n_cols * acc + 2 * n_cols * d * e
           + (n_cols * 8 if indexed else 0) + (g if g_in_hbm else 0))
 

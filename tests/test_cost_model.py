@@ -191,8 +191,9 @@ def test_model_follows_the_launches(op, form, persistent, saved, monkeypatch):
     monkeypatch.setenv(PERSISTENT_KNOB, persistent)
     streams = ("_cos_stream_kernel", "_cos_resident_kernel")
     log = []
+    dws = ("_dw_kernel", "_dw_resident_kernel")
     for mod, names in ((fused, ("_cos_kernel", *streams, "_exps_grad_kernel", "_dx_kernel",
-                                "_dw_kernel")),
+                                *dws)),
                        (norms, ("_row_norms_kernel",)),
                        (finish, ("_merge_kernel", "_tangent_kernel", "_unit_rows_kernel"))):
         for name in names:
@@ -235,18 +236,23 @@ def test_model_follows_the_launches(op, form, persistent, saved, monkeypatch):
     for name, grid, kw in log:
         n, flops = launched.get(name, (0, 0))
         tile, tiles = 0, math.prod(grid)
-        if name in ("_cos_kernel", *streams, "_dw_kernel"):
-            k = (b if name == "_dw_kernel" else d)
+        if name in ("_cos_kernel", *streams, *dws):
+            k = (b if name in dws else d)
             tile = 2 * kw["BLOCK_M"] * kw["BLOCK_N"] * math.ceil(k / kw["BK"]) * kw["BK"]
         if name in streams:  # every tile of the chunk, whatever the programs
             tiles = kw["n_row_blocks"] * math.ceil(kw["n_cols"] / kw["BLOCK_N"])
             assert math.prod(grid) <= tiles
             several |= math.prod(grid) < tiles  # programs that run more than one tile
+        if name == "_dw_resident_kernel":
+            tiles = kw["n_feat_tiles"] * math.ceil(kw["n_cols"] / kw["BLOCK_M"])
+            assert math.prod(grid) <= tiles
         launched[name] = (n + 1, flops + tile * tiles)
     kind = {"1": "_cos_stream_kernel", "resident": "_cos_resident_kernel"}.get(persistent)
     assert [s for s in streams if s in launched] == ([kind] if kind else [])
     assert several == (kind is not None) and ("_cos_kernel" in launched) == (kind is None)
     assert ("_exps_grad_kernel" in launched) == saved
+    if op == "fused_unitsface_loss":  # (∂W: x̂' resident with the resident cosine programs)
+        assert [n for n in dws if n in launched] == [dws[persistent == "resident"]]
     for name, (n, flops) in launched.items():
         kernels = [k for k in m.kernels if k.name == name]
         assert sum(k.launches for k in kernels) == n, (name, n)

@@ -104,6 +104,34 @@ def test_headline_resident_launch(monkeypatch, b, programs):
     assert resident_programs(p, 40) == p.row_blocks * min(2, programs // p.row_blocks)
 
 
+@pytest.mark.parametrize("b,d,dtype,bk", [
+    (512, 512, torch.bfloat16, 512), (300, 512, torch.float16, 512), (1, 512, torch.bfloat16, 16),
+    (513, 512, torch.bfloat16, None), (4096, 512, torch.bfloat16, None),
+    (512, 64, torch.bfloat16, None), (512, 130, torch.bfloat16, 512)])
+def test_resident_dw_tiles(monkeypatch, b, d, dtype, bk):
+    """The x̂'-resident ∂W programs come with the resident cosine programs on a GPU: 32
+    columns × 128 features with all B rows (rounded up to a power of two) in one K step,
+    where that block fits in RESIDENT_BYTES (B ≤ 512 in 2-byte dtypes) and D spans a
+    128-feature tile; the launch is L programs per feature tile, each with columns to take."""
+    from unitsface_kernels.triton.fused import resident_dw_programs
+
+    cuda = torch.device("cuda")
+    assert plan(b, 100_000, d, dtype, cuda, 1).dw_resident is None  # (the knob unset)
+    monkeypatch.setenv(PERSISTENT_KNOB, "resident")
+    cfg = dataclasses.replace(fused_config(d, cuda, dtype), programs=132, persistent=132)
+    p = plan(b, 100_000, d, dtype, cuda, 1, config=cfg)
+    if bk is None:
+        assert p.dw_resident is None
+        return
+    assert p.dw_resident == GemmTiles(32, 128, bk, 8, 2)
+    assert bk * 128 * dtype.itemsize <= RESIDENT_BYTES
+    n_feat = -(-d // 128)
+    assert resident_dw_programs(p, p.chunk) == n_feat * (132 // n_feat)
+    assert resident_dw_programs(p, 40) == n_feat * 2  # 40 columns: 2 tiles of 32
+    assert plan(b, 100_000, d, torch.float32, cuda, 1).dw_resident is None
+    assert plan(b, 100_000, d, dtype, cuda, 1, sub_centres=2).dw_resident is None
+
+
 def test_override_parses(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setenv("UNITSFACE_TRITON_COS_TILES", "128,256,64,8,4")

@@ -157,7 +157,7 @@ def fused_kernels(dtype, d, options, cos_only=False):
     dx = dict(HAS_INDEX=True, HAS_VALID=True, SCALE_G=common["SCALE_G"], UPCAST=False,
               XT=common["XT"], BLOCK_M=cfg.dx.block_m, BLOCK_N=cfg.dx.block_n, BK=cfg.dx.bk)
     dw = dict(HAS_INDEX=True, HAS_VALID=False, SCALE_G=common["SCALE_G"], UPCAST=False,
-              XT=common["XT"],
+              XT=common["XT"], H_BLOCKS=H_BLOCKS,
               BLOCK_M=cfg.dw.block_m, BLOCK_N=cfg.dw.block_n, BK=cfg.dw.bk)
     out = [("fwd", fused._cos_kernel, fwd, cfg.cos, False)]
     if cos_only:
@@ -196,13 +196,18 @@ def uss_kernels(dtype, d, options):
     out = [("fwd", fused._cos_kernel, fwd, cfg.cos, False),
            ("bwd", fused._cos_kernel, bwd, cfg.cos, False)]
     if ref_grad:
-        out.append(("", fused._dw_kernel, dict(flags, BLOCK_M=cfg.dw.block_m,
-                                               BLOCK_N=cfg.dw.block_n, BK=cfg.dw.bk), cfg.dw,
-                    True))
+        out.append(("", fused._dw_kernel,
+                    dict(flags, H_BLOCKS=H_BLOCKS, BLOCK_M=cfg.dw.block_m,
+                         BLOCK_N=cfg.dw.block_n, BK=cfg.dw.bk), cfg.dw, True))
     out.append(("bwd", fused._dx_kernel, dict(flags, HAS_W=False, HAS_BANK=True,
                                               BLOCK_M=cfg.dx.block_m, BLOCK_N=cfg.dx.block_n,
                                               BK=cfg.dx.bk), cfg.dx, True))
     return out
+
+
+H_BLOCKS = 4
+"""The cosine programs' row blocks that the ∂W products sum h over: B = 512 in 128-row
+blocks."""
 
 
 STORED_EXPS = ("cosface+pairs", "arc+lse")
@@ -284,6 +289,23 @@ def persistent_kernels(kernels, dtype, d):
             for form, stream, tiles in forms if form == "persistent" or res is not None]
 
 
+def resident_dw_kernels(dtype, d, rows=512):
+    """(label, kernel, constexprs, tiles, is_product) of the x̂'-resident ∂W launch
+    (fused._dw_resident_kernel, with the resident cosine launches) at B = rows: the
+    objective's ∂W and the USS family's ∂ref (rows marked invalid)."""
+    from unitsface_kernels.triton import fused
+    from unitsface_kernels.triton.config import fused_config, resident_dw_tiles
+    from unitsface_kernels.triton.loads import TL_DTYPES
+
+    cuda = torch.device("cuda")
+    tiles = resident_dw_tiles(fused_config(d, cuda, dtype, persistent="resident"), rows, dtype)
+    flags = dict(HAS_INDEX=True, SCALE_G=dtype != torch.float16, UPCAST=False,
+                 XT=TL_DTYPES[dtype], H_BLOCKS=H_BLOCKS, BLOCK_M=tiles.block_m,
+                 BLOCK_N=tiles.block_n, BK=tiles.bk)
+    return [(f"resident {what}", fused._dw_resident_kernel, dict(flags, HAS_VALID=valid),
+             tiles, True) for what, valid in (("∂W", False), ("∂ref", True))]
+
+
 PERSISTENT_FORMS = {"fwd cosface+pairs", "bwd cosface+pairs", "bwd arc-easy+lse+clamp",
                     "uss fwd bank lse+clamp", "uss bwd in-batch pairs",
                     "fwd stored-exps cosface+pairs"}
@@ -294,6 +316,9 @@ NO_MMA = {"_row_norms_kernel", "_merge_kernel", "_tangent_kernel", "_unit_rows_k
           "_exps_grad_kernel"}
 """The kernels without a matrix product (the norms, the finishing, the stored exponentials'
 backward)."""
+RESIDENT = {"_cos_resident_kernel": ("BLOCK_M", "BLOCK_N"),
+            "_dw_resident_kernel": ("BLOCK_N", "BLOCK_M")}
+"""The resident kernels: (the resident block's tile size, the streamed tiles' width)."""
 HEADLINE = {(torch.bfloat16, 512), (torch.float16, 512)}
 """Cases whose fused kernels must run wgmma with N ≥ 128 in their products and cosine
 tiles."""
@@ -328,6 +353,7 @@ def compile_all(dtype, d, variants=""):
         if variants and dtype == torch.bfloat16:
             kernels += persistent_kernels([k for k in kernels if k[0] in PERSISTENT_FORMS],
                                           dtype, d)
+            kernels += resident_dw_kernels(dtype, d)
         small = SimpleNamespace(num_warps=4, num_stages=3)
         kernels.append(("", norms._row_norms_kernel,
                         dict(HAS_INDEX=True, BLOCK_R=32, BLOCK_D=256, XT=TL_DTYPES[dtype],
@@ -342,17 +368,20 @@ def compile_all(dtype, d, variants=""):
         mma = ", ".join(sorted(report["mma"])) or "no MMA"
         print(f"{label}: {shared} bytes of shared memory; {report['text']}; {mma}", flush=True)
         assert shared <= SMEM_LIMIT, (label, shared)
-        if kernel.fn.__name__ == "_cos_resident_kernel":
-            e = dtype.itemsize
-            resident = (flags["BLOCK_M"] + 2 * flags["BLOCK_N"]) * flags["BK"] * e
+        # the resident programs: their block and two buffers of the streamed operand (less
+        # means the compiler stopped loading the next tile while this one is multiplied),
+        # and their products' N (the streamed tile's width)
+        wide, narrow_dim = RESIDENT.get(kernel.fn.__name__, (None, None))
+        if wide is not None:
+            resident = (flags[wide] + 2 * flags[narrow_dim]) * flags["BK"] * dtype.itemsize
             if shared < resident:
-                problems.append(f"{label}: {shared} bytes of shared memory, less than the x "
-                                f"row block and two reference buffers ({resident})")
+                problems.append(f"{label}: {shared} bytes of shared memory, less than the "
+                                f"resident block and two streamed buffers ({resident})")
         if report["spill_bytes"] != 0 or report["spills_in_loops"]:
             problems.append(f"{label}: {report['spill_bytes']} bytes of spill stores, "
                             f"{report['spills_in_loops']} spill instructions inside loops")
         if (dtype, d) in HEADLINE and kernel.fn.__name__ not in NO_MMA:
-            n_min = 128 if kernel.fn.__name__ != "_cos_resident_kernel" else flags["BLOCK_N"]
+            n_min = flags[narrow_dim] if wide is not None else 128
             narrow = [m for m in report["mma"] if not _wgmma_n(m) or _wgmma_n(m) < n_min]
             if not report["mma"] or narrow:
                 problems.append(f"{label}: matrix instructions {sorted(report['mma'])} "

@@ -47,7 +47,11 @@ class FusedConfig:
         (fused._cos_stream_kernel; K = 1), 0: a program per tile (fused._cos_kernel);
     resident: with `persistent`, programs that keep their x row block resident
         (fused._cos_resident_kernel; `cos` is then its tiles, bk the width D rounded up to a
-        power of two; about `persistent` programs, a multiple of the row blocks)."""
+        power of two; about `persistent` programs, a multiple of the row blocks);
+    dw_resident: with `resident`, the tiles of the ∂W programs that keep their block of x̂'
+        resident (fused._dw_resident_kernel; block_m columns × block_n features, bk 0: all
+        the rows, which the plan fills in where they fit, :func:`resident_dw_tiles`), or
+        None."""
 
     cos: GemmTiles
     dw: GemmTiles
@@ -58,6 +62,7 @@ class FusedConfig:
     splits: int = 0
     persistent: int = 0
     resident: bool = False
+    dw_resident: GemmTiles | None = None
 
     @property
     def granule(self) -> int:
@@ -103,6 +108,18 @@ def resident_tiles(dp: int, device: torch.device, dtype: torch.dtype) -> GemmTil
     if dtype.itemsize != 2 or 128 * dp * dtype.itemsize > RESIDENT_BYTES:
         return None
     return GemmTiles(128, 32, dp, 8, 3)
+
+
+def resident_dw_tiles(cfg: FusedConfig, rows: int, dtype: torch.dtype) -> GemmTiles | None:
+    """The tiles of the x̂'-resident ∂W programs (fused._dw_resident_kernel) for B = rows:
+    FusedConfig.dw_resident with bk all the rows, rounded up to a power of two, or None (the
+    ∂W programs of FusedConfig.dw then) where the x̂' block (bk × its features, in x's
+    dtype) would not fit in :data:`RESIDENT_BYTES` (B ≤ 512 in bf16 and fp16 on a GPU)."""
+    t = cfg.dw_resident
+    bk = max(16, triton.next_power_of_2(rows))
+    if t is None or bk * t.block_n * dtype.itemsize > RESIDENT_BYTES:
+        return None
+    return replace(t, bk=bk)
 
 
 def _gemm_override(name: str, dp: int) -> GemmTiles | None:
@@ -182,7 +199,20 @@ def _with_persistent(cfg: FusedConfig, programs: int, dp: int, device: torch.dev
     tiles = resident_tiles(dp, device, dtype) if resident else None
     if tiles is None:
         return replace(cfg, persistent=persistent)
-    return replace(cfg, cos=tiles, persistent=persistent, resident=True)
+    return replace(cfg, cos=tiles, persistent=persistent, resident=True,
+                   dw_resident=_dw_resident(dp, device))
+
+
+def _dw_resident(dp: int, device: torch.device) -> GemmTiles | None:
+    """FusedConfig.dw_resident beside the resident cosine tiles (2-byte dtypes on a GPU),
+    where D spans a 128-feature tile. sm_90: 32 columns × 128 features (the product
+    transposed, the resident block the wide operand: wgmma m64n32k16 as in the resident
+    cosine programs), 8 warps, 2 stages (two g̃ buffers: 208 KB of shared memory with the
+    epilogue's at B = 512; 3 stages took 240 KB, past the 227 KB a block may have).
+    Interpreted: 16 × 16."""
+    if device.type != "cuda":
+        return GemmTiles(16, 16, 0, 4, 1)
+    return GemmTiles(32, 128, 0, 8, 2) if dp >= 128 else None
 
 
 def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
@@ -207,6 +237,7 @@ class Plan:
     n_chunks: int
     splits: int        # split-K slices of the ∂x product
     k_split: int       # classes per slice (a multiple of config.dx.bk)
+    dw_resident: GemmTiles | None = None  # the ∂W product's resident tiles, if it has them
 
     @property
     def row_blocks(self) -> int:
@@ -252,4 +283,5 @@ def plan(b: int, n_cls: int, d: int, dtype: torch.dtype, device: torch.device, g
     splits = cfg.splits or max(1, cfg.programs // out_tiles)
     k_split = triton.cdiv(triton.cdiv(chunk, splits), bk) * bk
     splits = triton.cdiv(chunk, k_split)
-    return Plan(cfg, b, n_cls, d, chunk, n_chunks, splits, k_split)
+    return Plan(cfg, b, n_cls, d, chunk, n_chunks, splits, k_split,
+                resident_dw_tiles(cfg, b, dtype))

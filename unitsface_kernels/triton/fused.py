@@ -910,24 +910,18 @@ def _exps_grad_kernel(e_ptr, er_ptr, nx_ptr, nw_ptr, y_ptr, idx_ptr, go_ptr, lse
 def _dw_kernel(g_ptr, xg_ptr, w_ptr, nw_ptr, idx_ptr, valid_ptr, colp_ptr, dw_ptr, B, S, D,
                col0, n_cols, g_stride, n_feat_tiles, n_h_blocks, eps,
                HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr,
-               SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BK: tl.constexpr, XT: tl.constexpr, UPCAST: tl.constexpr):
+               SCALE_G: tl.constexpr, H_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BK: tl.constexpr, XT: tl.constexpr,
+               UPCAST: tl.constexpr):
     """∂R of the chunk's columns (compact rows col0 + j of dw; R = W, or the USS family's
-    reference rows): acc = Σ_i g̃_ij·x̂'_i (K loop over the rows), then the epilogue
-    (docs/design.md §2)
-
-        ∂R_j = (acc or acc/max(‖r_j‖, eps)) − h_j·r_j / max(‖r_j‖, eps)²
-
-    (no projection below the eps; a NaN norm stays NaN; zero for a row marked invalid,
-    whatever it holds) with h_j = Σ_i go_i g_ij cos_ij summed over the cosine kernel's row
-    blocks in order. A program per (column tile, feature tile), the feature tiles of a
-    column tile next to each other (its g̃ block stays in L2)."""
+    reference rows): acc = Σ_i g̃_ij·x̂'_i (K loop over the rows), then :func:`_dw_out`. A
+    program per (column tile, feature tile), the feature tiles of a column tile next to each
+    other (its g̃ block stays in L2)."""
     pid = tl.program_id(0)
     ct = pid // n_feat_tiles
     ft = pid % n_feat_tiles
     local = ct * BLOCK_M + tl.arange(0, BLOCK_M)
     col_ok = local < n_cols
-    cols = col0 + local
     feats = ft * BLOCK_N + tl.arange(0, BLOCK_N)
     f_ok = feats < D
     acc = tl.zeros((BLOCK_M, BLOCK_N), nw_ptr.dtype.element_ty)
@@ -941,9 +935,67 @@ def _dw_kernel(g_ptr, xg_ptr, w_ptr, nw_ptr, idx_ptr, valid_ptr, colp_ptr, dw_pt
         if UPCAST:
             xt = xt.to(tl.float32)
         acc = mma(tl.trans(gt), xt, acc)
-    h = tl.zeros((BLOCK_M,), acc.dtype)
-    for r in range(n_h_blocks):
-        h += tl.load(colp_ptr + r * (_N_CP * S) + cols, mask=col_ok, other=0.0)  # CP_HW
+    _dw_out(acc, col0 + local, col_ok, feats, f_ok, w_ptr, nw_ptr, idx_ptr, valid_ptr, colp_ptr,
+            dw_ptr, S, D, n_h_blocks, eps, HAS_INDEX, HAS_VALID, SCALE_G, H_BLOCKS, XT, UPCAST)
+
+
+@triton.jit
+def _dw_resident_kernel(g_ptr, xg_ptr, w_ptr, nw_ptr, idx_ptr, valid_ptr, colp_ptr, dw_ptr, B,
+                        S, D, col0, n_cols, g_stride, n_feat_tiles, n_h_blocks, eps,
+                        HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr,
+                        SCALE_G: tl.constexpr, H_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BK: tl.constexpr, XT: tl.constexpr,
+                        UPCAST: tl.constexpr):
+    """:func:`_dw_kernel`'s product from persistent programs that keep their block of x̂'
+    resident (all B rows × BLOCK_N features; BK the rows rounded up to a power of two) while
+    the g̃ column tiles stream past it: the launch is n_feat_tiles · L programs, program p
+    owns the feature tile p mod n_feat_tiles and takes the column tiles l, l + L, … (l = p div
+    n_feat_tiles). Each tile is one product over all the rows, transposed so that the
+    resident block is the wide operand: ∂Rᵀ [BLOCK_N features × BLOCK_M columns] =
+    x̂'ᵀ·g̃ (sm_90, bf16, B = 512: the 128 KB block against 32 KB g̃ tiles, wgmma m64n32k16
+    with both operands in shared memory, the resident cosine programs' shape). L2 then
+    serves x̂' once per program instead of once per column tile, and g̃ once per feature
+    tile (docs/design.md §2). The same epilogue, :func:`_dw_out`, on the tile transposed."""
+    pid = tl.program_id(0)
+    lanes = tl.num_programs(0) // n_feat_tiles
+    ft = pid % n_feat_tiles
+    feats = ft * BLOCK_N + tl.arange(0, BLOCK_N)
+    f_ok = feats < D
+    ks = tl.arange(0, BK)
+    k_ok = ks < B
+    xt = tl.load(xg_ptr + ks[:, None] * D + feats[None, :], mask=k_ok[:, None] & f_ok[None, :],
+                 other=0.0)
+    if UPCAST:
+        xt = xt.to(tl.float32)
+    x_block = tl.trans(xt)
+    for ct in range(pid // n_feat_tiles, tl.cdiv(n_cols, BLOCK_M), lanes):
+        local = ct * BLOCK_M + tl.arange(0, BLOCK_M)
+        col_ok = local < n_cols
+        gt = tl.load(g_ptr + ks[:, None] * g_stride + local[None, :],
+                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(x_block, gt, tl.zeros((BLOCK_N, BLOCK_M), nw_ptr.dtype.element_ty))
+        _dw_out(tl.trans(acc), col0 + local, col_ok, feats, f_ok, w_ptr, nw_ptr, idx_ptr,
+                valid_ptr, colp_ptr, dw_ptr, S, D, n_h_blocks, eps, HAS_INDEX, HAS_VALID,
+                SCALE_G, H_BLOCKS, XT, UPCAST)
+
+
+@triton.jit
+def _dw_out(acc, cols, col_ok, feats, f_ok, w_ptr, nw_ptr, idx_ptr, valid_ptr, colp_ptr, dw_ptr,
+            S, D, n_h_blocks, eps, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr,
+            SCALE_G: tl.constexpr, H_BLOCKS: tl.constexpr, XT: tl.constexpr,
+            UPCAST: tl.constexpr):
+    """The ∂R tile of columns `cols` (of S) and features `feats` from acc = Σ_i g̃_ij·x̂'_i
+    (docs/design.md §2):
+
+        ∂R_j = (acc or acc/max(‖r_j‖, eps)) − h_j·r_j / max(‖r_j‖, eps)²
+
+    (no projection below the eps; a NaN norm stays NaN; zero for a row marked invalid,
+    whatever it holds) with h_j = Σ_i go_i g_ij cos_ij, the sum of the cosine kernel's
+    n_h_blocks row blocks' (H_BLOCKS ≥ n_h_blocks, a power of two: one reduction, not a
+    loop, which would stop the resident programs' loop over tiles from being pipelined)."""
+    hb = tl.arange(0, H_BLOCKS)
+    h = tl.sum(tl.load(colp_ptr + hb[:, None] * (_N_CP * S) + cols[None, :],  # CP_HW
+                       mask=(hb < n_h_blocks)[:, None] & col_ok[None, :], other=0.0), axis=0)
     if HAS_INDEX:
         cls = tl.load(idx_ptr + cols, mask=col_ok, other=0)
     else:
@@ -1136,9 +1188,10 @@ def cos_launch(p: Plan, s: Sweep, go, lse, ustats, rowp, colp, gw, gb, col0, n_c
     streaming both matrices would hold both loops' pipeline buffers: 130 KB of shared memory,
     and it spilled under triton 3.6); with FusedConfig.resident a _cos_resident_kernel launch
     per matrix instead, of :func:`resident_programs`. store_e: the forward's W programs keep
-    their exponentials (gw: exps [B, S]; colp: exp_rows [G + 1, B]; K = 1), a program per
-    tile in a launch of their own (sm_90: the W and bank programs in one kernel spilled 4–8 B
+    their exponentials (gw: exps [B, S]; colp: exp_rows [G + 1, B]; K = 1), in a launch
+    without the bank's programs (sm_90: the W and bank programs in one kernel spilled 4–8 B
     per thread with the stores, the W programs alone nothing)."""
+    assert not (store_e and bank_progs), "the programs that keep e' have a launch of their own"
     t = p.config.cos
     tiles = p.row_blocks * triton.cdiv(n_cols, t.block_n)
     if p.config.persistent:
@@ -1147,9 +1200,6 @@ def cos_launch(p: Plan, s: Sweep, go, lse, ustats, rowp, colp, gw, gb, col0, n_c
                          (_cos_stream_kernel, min(tiles, p.config.persistent)))
         launches = [(kernel, (progs,), w, not w)
                     for w, on in ((True, w_progs), (False, bank_progs)) if on]
-    elif store_e:  # the W programs alone: beside the bank's, their stores spilled (sm_90)
-        launches = [(_cos_kernel, (tiles,), True, False)] + (
-            [(_cos_kernel, (tiles,), False, True)] if bank_progs else [])
     else:
         launches = [(_cos_kernel, (tiles * (s.flags["KP"] * int(w_progs) + int(bank_progs)),),
                      w_progs, bank_progs)]
@@ -1215,19 +1265,36 @@ def resident_programs(p: Plan, n_cols: int) -> int:
     return p.row_blocks * min(lanes, triton.cdiv(n_cols, p.config.cos.block_n))
 
 
+def resident_dw_programs(p: Plan, n_cols: int) -> int:
+    """The programs of a resident ∂W launch over n_cols columns (Plan.dw_resident): L per
+    feature tile, L the most that keeps the launch within FusedConfig.persistent (at least 1)
+    and no more than the column tiles."""
+    t = p.dw_resident
+    n_feat = triton.cdiv(p.width, t.block_n)
+    return n_feat * min(max(1, p.config.persistent // n_feat), triton.cdiv(n_cols, t.block_m))
+
+
 def dw_launch(p: Plan, s: Sweep, g, xg, r, nr, has_valid, cpart, dr, col0, n_cols,
               per_class=1):
     """One _dw_kernel launch: the rows of ∂R (R = r, norms nr) of the columns
     [col0, col0 + n_cols) from the chunk's gradient tile g and x̂' = xg; per_class = K with
-    the sweep's sub-centre columns (:meth:`Sweep.sub_centre_rows`: K per class of the chunk)."""
-    t = p.config.dw
+    the sweep's sub-centre columns (:meth:`Sweep.sub_centre_rows`: K per class of the chunk).
+    With Plan.dw_resident, a _dw_resident_kernel launch instead, of
+    :func:`resident_dw_programs`."""
+    t = p.dw_resident or p.config.dw
     n_feat = triton.cdiv(p.width, t.block_n)
     f = s.flags
     col0, n_cols = col0 * per_class, n_cols * per_class
-    _dw_kernel[(triton.cdiv(n_cols, t.block_m) * n_feat,)](
+    if p.dw_resident is not None:
+        assert per_class == 1, "the resident launches have no sub-centres"
+        kernel, grid = _dw_resident_kernel, resident_dw_programs(p, n_cols)
+    else:
+        kernel, grid = _dw_kernel, triton.cdiv(n_cols, t.block_m) * n_feat
+    kernel[(grid,)](
         g, xg, r, nr, s.idx, s.valid, cpart, dr, p.rows, s.columns, p.width, col0, n_cols,
         p.chunk * per_class, n_feat, p.row_blocks, s.scalars["eps"], HAS_INDEX=f["HAS_INDEX"],
-        HAS_VALID=has_valid, SCALE_G=f["SCALE_G"], BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        HAS_VALID=has_valid, SCALE_G=f["SCALE_G"],
+        H_BLOCKS=triton.next_power_of_2(p.row_blocks), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
         BK=t.bk, XT=f["XT"], UPCAST=f["UPCAST"], num_warps=t.num_warps,
         num_stages=t.num_stages)
 
@@ -1291,10 +1358,16 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows
     exp_rows = torch.empty((groups + 1, bsz) if keep else (0,), dtype=acc, device=x.device)
     if keep:  # a row whose target is not among the columns (another shard's) reads 0
         exp_rows[-1].zero_()
-    for k, (col0, n_cols) in enumerate(p.chunks()):
+    # W's tiles need no chunk (their partials and e' are per column): where they have a launch
+    # of their own anyway (persistent programs, stored exponentials), one over all of S
+    w_alone = bool(p.config.persistent) or keep
+    if w_alone:
         cos_launch(p, s, nx, nx, nx, fpart, exp_rows if keep else nx, exps if keep else gb, gb,
-                   col0, n_cols, backward=False, w_progs=True, bank_progs=has_uss,
-                   store_gb=uss_rows, store_e=keep)
+                   0, s.columns, backward=False, w_progs=True, bank_progs=False, store_e=keep)
+    for k, (col0, n_cols) in enumerate(p.chunks()):
+        if has_uss or not w_alone:
+            cos_launch(p, s, nx, nx, nx, fpart, nx, gb, gb, col0, n_cols, backward=False,
+                       w_progs=not w_alone, bank_progs=has_uss, store_gb=uss_rows)
         if uss_rows:
             dx_launch(p, s, gb, gb, part, col0, n_cols, k > 0, has_w=False, has_bank=True)
     stats = torch.empty(len(UnitsfaceStat), bsz, dtype=acc, device=x.device)
