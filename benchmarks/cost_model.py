@@ -545,8 +545,8 @@ def measure(b: int, d: int, n_classes: int, *, dtype=torch.bfloat16, form: str =
     windows = [(e.time_range.start, e.time_range.end, e.name.split(".")[1]) for e in events
                if e.name.startswith("cost_model.") and e.device_type == DeviceType.CPU]
     kernels = ("_cos_kernel", _STREAM, _RESIDENT, "_exps_grad_kernel", "_dx_kernel",
-               "_dw_kernel", "_row_norms_kernel", "_merge_kernel", "_tangent_kernel",
-               "_unit_rows_kernel")
+               "_dw_kernel", _DW_RESIDENT, "_row_norms_kernel", "_merge_kernel",
+               "_tangent_kernel", "_unit_rows_kernel")
     out: dict = {}
     for e in events:
         if e.device_type != DeviceType.CUDA or e.name.startswith("cost_model."):

@@ -24,7 +24,10 @@ dtype after the load: no host copy. Three kernels:
     shared memory while 32-column reference tiles stream past it).
 ``_dw_kernel`` — ∂R = g̃ᵀ·x̂' per chunk for the reference rows with a gradient (W, or the
     USS family's ref: M = columns, N = features, K = rows), the normalisation's projection as
-    its epilogue; each compact row of ∂R is written once.
+    its epilogue; each compact row of ∂R is written once. With the resident cosine programs
+    and B ≤ 512, ``_dw_resident_kernel`` instead (Plan.dw_resident: persistent programs that
+    keep a block of x̂' — all rows × 128 features — in shared memory while the g̃ column
+    tiles stream past it, the same epilogue).
 ``_dx_kernel`` — ∂x += g̃·R per chunk (M = rows, N = features, K = the chunk's columns), cut
     into split-K slices whose fp32 partial sums carry over from chunk to chunk in program
     order (each slice adds to its own buffer); the slices are summed once at the end.
