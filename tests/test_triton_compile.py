@@ -157,7 +157,7 @@ def fused_kernels(dtype, d, options, cos_only=False):
     dx = dict(HAS_INDEX=True, HAS_VALID=True, SCALE_G=common["SCALE_G"], UPCAST=False,
               XT=common["XT"], BLOCK_M=cfg.dx.block_m, BLOCK_N=cfg.dx.block_n, BK=cfg.dx.bk)
     dw = dict(HAS_INDEX=True, HAS_VALID=False, SCALE_G=common["SCALE_G"], UPCAST=False,
-              XT=common["XT"], H_BLOCKS=H_BLOCKS,
+              XT=common["XT"], H_BLOCKS=0,
               BLOCK_M=cfg.dw.block_m, BLOCK_N=cfg.dw.block_n, BK=cfg.dw.bk)
     out = [("fwd", fused._cos_kernel, fwd, cfg.cos, False)]
     if cos_only:
@@ -197,7 +197,7 @@ def uss_kernels(dtype, d, options):
            ("bwd", fused._cos_kernel, bwd, cfg.cos, False)]
     if ref_grad:
         out.append(("", fused._dw_kernel,
-                    dict(flags, H_BLOCKS=H_BLOCKS, BLOCK_M=cfg.dw.block_m,
+                    dict(flags, H_BLOCKS=0, BLOCK_M=cfg.dw.block_m,
                          BLOCK_N=cfg.dw.block_n, BK=cfg.dw.bk), cfg.dw, True))
     out.append(("bwd", fused._dx_kernel, dict(flags, HAS_W=False, HAS_BANK=True,
                                               BLOCK_M=cfg.dx.block_m, BLOCK_N=cfg.dx.block_n,
@@ -206,8 +206,8 @@ def uss_kernels(dtype, d, options):
 
 
 H_BLOCKS = 4
-"""The cosine programs' row blocks that the ∂W products sum h over: B = 512 in 128-row
-blocks."""
+"""The cosine programs' row blocks that the resident ∂W programs sum h over (unrolled): B =
+512 in 128-row blocks."""
 
 
 STORED_EXPS = ("cosface+pairs", "arc+lse")

@@ -993,12 +993,17 @@ def _dw_out(acc, cols, col_ok, feats, f_ok, w_ptr, nw_ptr, idx_ptr, valid_ptr, c
         ∂R_j = (acc or acc/max(‖r_j‖, eps)) − h_j·r_j / max(‖r_j‖, eps)²
 
     (no projection below the eps; a NaN norm stays NaN; zero for a row marked invalid,
-    whatever it holds) with h_j = Σ_i go_i g_ij cos_ij, the sum of the cosine kernel's
-    n_h_blocks row blocks' (H_BLOCKS ≥ n_h_blocks, a power of two: one reduction, not a
-    loop, which would stop the resident programs' loop over tiles from being pipelined)."""
-    hb = tl.arange(0, H_BLOCKS)
-    h = tl.sum(tl.load(colp_ptr + hb[:, None] * (_N_CP * S) + cols[None, :],  # CP_HW
-                       mask=(hb < n_h_blocks)[:, None] & col_ok[None, :], other=0.0), axis=0)
+    whatever it holds) with h_j = Σ_i go_i g_ij cos_ij, summed over the cosine kernel's
+    n_h_blocks row blocks in order: in a loop (H_BLOCKS = 0), or unrolled (H_BLOCKS =
+    n_h_blocks), where a loop would stop the resident programs' loop over tiles from being
+    pipelined (it would no longer be innermost)."""
+    h = tl.zeros(cols.shape, acc.dtype)
+    if H_BLOCKS == 0:
+        for r in range(n_h_blocks):
+            h += tl.load(colp_ptr + r * (_N_CP * S) + cols, mask=col_ok, other=0.0)  # CP_HW
+    else:
+        for r in tl.static_range(H_BLOCKS):
+            h += tl.load(colp_ptr + r * (_N_CP * S) + cols, mask=col_ok, other=0.0)
     if HAS_INDEX:
         cls = tl.load(idx_ptr + cols, mask=col_ok, other=0)
     else:
@@ -1291,13 +1296,15 @@ def dw_launch(p: Plan, s: Sweep, g, xg, r, nr, has_valid, cpart, dr, col0, n_col
     if p.dw_resident is not None:
         assert per_class == 1, "the resident launches have no sub-centres"
         kernel, grid = _dw_resident_kernel, resident_dw_programs(p, n_cols)
+        h_blocks = p.row_blocks  # (B ≤ 512: at most 4 on a GPU)
     else:
         kernel, grid = _dw_kernel, triton.cdiv(n_cols, t.block_m) * n_feat
+        h_blocks = 0
     kernel[(grid,)](
         g, xg, r, nr, s.idx, s.valid, cpart, dr, p.rows, s.columns, p.width, col0, n_cols,
         p.chunk * per_class, n_feat, p.row_blocks, s.scalars["eps"], HAS_INDEX=f["HAS_INDEX"],
         HAS_VALID=has_valid, SCALE_G=f["SCALE_G"],
-        H_BLOCKS=triton.next_power_of_2(p.row_blocks), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        H_BLOCKS=h_blocks, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
         BK=t.bk, XT=f["XT"], UPCAST=f["UPCAST"], num_warps=t.num_warps,
         num_stages=t.num_stages)
 
