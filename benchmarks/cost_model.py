@@ -162,7 +162,7 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
     programs also write their exponentials e' (B·|S|, to HBM: they outlive the step's L2),
     and the backward reads them in fused._exps_grad_kernel instead of the W programs'
     products: 5 GEMM-equivalents instead of 6 in the pairs form."""
-    from unitsface_kernels.triton.fused import exp_group_width, plan
+    from unitsface_kernels.triton.fused import exp_group_width, forward_w_alone, plan
 
     cuda = torch.device("cuda")
     e = torch.empty((), dtype=dtype).element_size()
@@ -203,9 +203,7 @@ def fused_unitsface(b: int = 512, d: int = 512, n_classes: int = 100_000, *,
               hbm=rows * d * e + rows * acc + (rows * 8 if vec else 0),
               l2=rows * d * e + rows * acc)
     uss_mufu = _MUFU["uss_lse"] if lse else _MUFU["uss_pairs_fwd"]
-    # W's tiles in one launch over all of S where they have one of their own (persistent
-    # programs, stored exponentials: fused_forward), else beside the bank's in each chunk
-    w_alone = bool(fwd.config.persistent) or saved_exps
+    w_alone = forward_w_alone(fwd, saved_exps)  # W's tiles in one launch over all of S
     if w_alone:
         _cos(m, "forward", fwd, b, s_cls, d, e, acc, mats=1, g_bufs=0, row_outs=3, col_outs=0,
              indexed=indexed, mufu=_MUFU["softmax"], g_in_hbm=g_in_hbm,

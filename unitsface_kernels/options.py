@@ -133,12 +133,12 @@ class UnitsfaceOptions(_Packed):
     def keeps_exps(self, rows: int, columns: int, itemsize: int) -> bool:
         """Whether a forward over `rows` × `columns` (the classes of S) in a dtype of
         `itemsize` bytes keeps its W tiles' exponentials e'_ij = exp(z_ij − the max over a
-        group of columns) for the backward, which then reads them instead of recomputing the W cosines
-        (docs/design.md §2, where a backend does it): they fit the caller's budget, and every
-        column but the target has z = s·cos, recovered from e' to 2⁻⁹/s in bf16. The decision
-        margins keep the recompute (the inter-class filter, curricular's hard negatives,
-        AdaFace's angle clip: a cosine that far off can cross their thresholds), as do
-        sub-centres (the class cosine is a maximum over K rows)."""
+        group of columns) for the backward, which then reads them instead of recomputing the
+        W cosines (docs/design.md §2, where a backend does it): they fit the caller's
+        budget, and every column but the target has z = s·cos, recovered from e' to 2⁻⁹/s
+        in bf16. The decision margins keep the recompute (the inter-class filter,
+        curricular's hard negatives, AdaFace's angle clip: a cosine that far off can cross
+        their thresholds), as do sub-centres (the class cosine is a maximum over K rows)."""
         return (0 < rows * columns * itemsize <= self.saved_exp_bytes and self.k == 1
                 and not self.curricular and not self.angle_clip
                 and self.interclass_threshold == 0.0)

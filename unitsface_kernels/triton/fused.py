@@ -1266,20 +1266,32 @@ def exp_width(columns: int, groups: int) -> int:
 
 
 def resident_programs(p: Plan, n_cols: int) -> int:
-    """The programs of a resident launch over n_cols columns: L per row block, L the most
-    that keeps the launch within FusedConfig.persistent (at least 1: more row blocks than
-    that run in waves) and no more than the column tiles."""
-    lanes = max(1, p.config.persistent // p.row_blocks)
-    return p.row_blocks * min(lanes, triton.cdiv(n_cols, p.config.cos.block_n))
+    """The programs of a resident cosine launch over n_cols columns: L per row block
+    (:func:`_lanes`)."""
+    return _lanes(p, p.row_blocks, triton.cdiv(n_cols, p.config.cos.block_n))
 
 
 def resident_dw_programs(p: Plan, n_cols: int) -> int:
     """The programs of a resident ∂W launch over n_cols columns (Plan.dw_resident): L per
-    feature tile, L the most that keeps the launch within FusedConfig.persistent (at least 1)
-    and no more than the column tiles."""
+    feature tile (:func:`_lanes`)."""
     t = p.dw_resident
-    n_feat = triton.cdiv(p.width, t.block_n)
-    return n_feat * min(max(1, p.config.persistent // n_feat), triton.cdiv(n_cols, t.block_m))
+    return _lanes(p, triton.cdiv(p.width, t.block_n), triton.cdiv(n_cols, t.block_m))
+
+
+def _lanes(p: Plan, owners: int, tiles: int) -> int:
+    """The programs of a resident launch whose `owners` (the resident blocks) take `tiles`
+    tiles each: L per owner, L the most that keeps the launch within
+    FusedConfig.persistent (at least 1: more owners than that run in waves) and no more
+    than the tiles."""
+    return owners * min(max(1, p.config.persistent // owners), tiles)
+
+
+def forward_w_alone(p: Plan, keep: bool) -> bool:
+    """Whether the forward's W programs run as one launch over all of S (their partials and
+    e' are per column: they need no chunk), where they have a launch of their own anyway —
+    persistent programs, or (`keep`) the stored exponentials — rather than beside the
+    bank's in each chunk's launch."""
+    return bool(p.config.persistent) or keep
 
 
 def dw_launch(p: Plan, s: Sweep, g, xg, r, nr, has_valid, cpart, dr, col0, n_cols,
@@ -1368,9 +1380,7 @@ def fused_forward(x, centres, bank, labels, index, bank_valid, bias, margin_rows
     exp_rows = torch.empty((groups + 1, bsz) if keep else (0,), dtype=acc, device=x.device)
     if keep:  # a row whose target is not among the columns (another shard's) reads 0
         exp_rows[-1].zero_()
-    # W's tiles need no chunk (their partials and e' are per column): where they have a launch
-    # of their own anyway (persistent programs, stored exponentials), one over all of S
-    w_alone = bool(p.config.persistent) or keep
+    w_alone = forward_w_alone(p, keep)
     if w_alone:
         cos_launch(p, s, nx, nx, nx, fpart, exp_rows if keep else nx, exps if keep else gb, gb,
                    0, s.columns, backward=False, w_progs=True, bank_progs=False, store_e=keep)
